@@ -1,0 +1,190 @@
+//! What an action or trigger receives besides its input: who and what is running, the
+//! connection, a key-value store scoped to the flow, and an HTTP client.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::PieceError;
+use crate::http::HttpClient;
+
+/// Identifies the execution. `idempotency_key` is the same for every attempt of a step, so an
+/// action can pass it to an API that deduplicates (e.g. an `Idempotency-Key` header).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub run_id: String,
+    pub flow_id: String,
+    pub flow_version: u32,
+    pub step: String,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    pub idempotency_key: String,
+}
+
+impl RunInfo {
+    pub fn new(run_id: &str, flow_id: &str, flow_version: u32, step: &str, attempt: u32) -> Self {
+        Self {
+            run_id: run_id.to_owned(),
+            flow_id: flow_id.to_owned(),
+            flow_version,
+            step: step.to_owned(),
+            attempt,
+            idempotency_key: format!("{run_id}:{step}"),
+        }
+    }
+}
+
+/// The flow's owner, for permission checks inside a piece (the guide's role-based access).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Owner {
+    pub id: String,
+}
+
+/// Storage behind [`ScopedStore`]. Implemented by the store adapters (in-memory, Redis).
+#[async_trait]
+pub trait KvStore: Send + Sync + 'static {
+    async fn get(&self, key: &str) -> Result<Option<Value>, PieceError>;
+    async fn put(&self, key: &str, value: Value) -> Result<(), PieceError>;
+    /// Returns whether the key existed.
+    async fn delete(&self, key: &str) -> Result<bool, PieceError>;
+}
+
+/// Where a key lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Private to one flow (all its versions and runs).
+    #[default]
+    Flow,
+    /// Shared by every flow of the installation.
+    Global,
+}
+
+/// A key-value store whose keys are confined to a scope, so flows cannot read each other's
+/// data by accident.
+#[derive(Clone)]
+pub struct ScopedStore {
+    inner: Arc<dyn KvStore>,
+    flow_id: String,
+}
+
+impl ScopedStore {
+    pub fn new(inner: Arc<dyn KvStore>, flow_id: impl Into<String>) -> Self {
+        Self {
+            inner,
+            flow_id: flow_id.into(),
+        }
+    }
+
+    fn key(&self, scope: Scope, key: &str) -> String {
+        match scope {
+            Scope::Flow => format!("flow:{}:{key}", self.flow_id),
+            Scope::Global => format!("global:{key}"),
+        }
+    }
+
+    pub async fn get(&self, scope: Scope, key: &str) -> Result<Option<Value>, PieceError> {
+        self.inner.get(&self.key(scope, key)).await
+    }
+
+    pub async fn put(&self, scope: Scope, key: &str, value: Value) -> Result<(), PieceError> {
+        self.inner.put(&self.key(scope, key), value).await
+    }
+
+    pub async fn delete(&self, scope: Scope, key: &str) -> Result<bool, PieceError> {
+        self.inner.delete(&self.key(scope, key)).await
+    }
+}
+
+/// Everything an action or trigger gets besides its input.
+#[derive(Clone)]
+pub struct Context {
+    pub run: RunInfo,
+    pub owner: Owner,
+    pub store: ScopedStore,
+    pub http: HttpClient,
+    auth: Option<Value>,
+}
+
+impl Context {
+    pub fn new(run: RunInfo, owner: Owner, store: ScopedStore, http: HttpClient) -> Self {
+        Self {
+            run,
+            owner,
+            store,
+            http,
+            auth: None,
+        }
+    }
+
+    /// Attaches the decrypted connection values.
+    pub fn with_auth(mut self, auth: Option<Value>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// The connection values, deserialized into the piece's auth type.
+    pub fn auth<T: DeserializeOwned>(&self) -> Result<T, PieceError> {
+        let value = self
+            .auth
+            .as_ref()
+            .ok_or_else(|| PieceError::fatal("this step needs a connection, and none is set"))?;
+        // The serde error names the field, never echoes the value.
+        T::deserialize(value).map_err(|e| PieceError::fatal(format!("connection values: {e}")))
+    }
+
+    pub fn auth_value(&self) -> Option<&Value> {
+        self.auth.as_ref()
+    }
+}
+
+impl std::fmt::Debug for Context {
+    /// Leaves out the connection values, so a `?ctx` in a log line cannot leak them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("run", &self.run)
+            .field("owner", &self.owner)
+            .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// An in-process [`KvStore`], for unit tests of pieces and the embedded default.
+#[derive(Default)]
+pub struct MemoryKv {
+    map: std::sync::Mutex<std::collections::HashMap<String, Value>>,
+}
+
+#[async_trait]
+impl KvStore for MemoryKv {
+    async fn get(&self, key: &str) -> Result<Option<Value>, PieceError> {
+        Ok(self.map.lock().unwrap().get(key).cloned())
+    }
+
+    async fn put(&self, key: &str, value: Value) -> Result<(), PieceError> {
+        self.map.lock().unwrap().insert(key.to_owned(), value);
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, PieceError> {
+        Ok(self.map.lock().unwrap().remove(key).is_some())
+    }
+}
+
+impl Context {
+    /// A context for unit-testing a piece: in-memory store, unrestricted HTTP client.
+    pub fn for_test(step: &str) -> Self {
+        Context::new(
+            RunInfo::new("test-run", "test-flow", 1, step, 1),
+            Owner {
+                id: "tester".into(),
+            },
+            ScopedStore::new(Arc::new(MemoryKv::default()), "test-flow"),
+            HttpClient::new(crate::http::EgressPolicy::default())
+                .expect("the default HTTP client builds"),
+        )
+    }
+}

@@ -1,0 +1,360 @@
+//! Deduplication for polling triggers.
+//!
+//! A polling trigger returns what the source has now; the framework decides what is new, so
+//! authors do not each reinvent (and get wrong) cursors. State is kept per flow, not per flow
+//! version: re-applying or re-enabling a flow keeps its cursor, so nothing fires twice and
+//! nothing is skipped (Activepieces loses events by resetting it, #13311).
+//!
+//! The first poll of a flow records a baseline and emits nothing: a trigger fires for items
+//! that appear after the flow is enabled.
+
+use std::collections::VecDeque;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::PieceError;
+
+/// How a polling trigger tells new items from seen ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DedupeStrategy {
+    /// Items carry a timestamp; new items are newer than the newest one already emitted.
+    /// Items with the same timestamp are never split across polls.
+    TimeBased,
+    /// Items carry an id and come newest first; new items are those before the last seen one.
+    LastItem,
+}
+
+/// One item a poll returned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolledItem {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<DateTime<Utc>>,
+    pub data: Value,
+}
+
+impl PolledItem {
+    pub fn new(data: Value) -> Self {
+        Self {
+            id: None,
+            timestamp: None,
+            data,
+        }
+    }
+
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    pub fn timestamp(mut self, timestamp: DateTime<Utc>) -> Self {
+        self.timestamp = Some(timestamp);
+        self
+    }
+
+    /// A stable identity for the item, used to derive the run id: the same item always maps
+    /// to the same run, even if a poll job is redelivered.
+    pub fn dedupe_key(&self) -> String {
+        match (&self.id, self.timestamp) {
+            (Some(id), _) => format!("id:{id}"),
+            (None, Some(ts)) => format!("ts:{}:{}", ts.timestamp_millis(), self.data),
+            (None, None) => format!("data:{}", self.data),
+        }
+    }
+}
+
+/// Recently emitted ids kept for `LastItem`, so an item that reappears after its successor was
+/// deleted is still recognised.
+const RECENT_IDS: usize = 500;
+
+/// The cursor of one flow's polling trigger, as stored between polls.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PollState {
+    /// Newest timestamp emitted (`TimeBased`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor_time: Option<DateTime<Utc>>,
+    /// Ids seen most recently, newest last (`LastItem`).
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    pub recent_ids: VecDeque<String>,
+}
+
+/// The result of deduplicating one poll.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PollOutcome {
+    /// New items, oldest first: runs are started in this order.
+    pub new_items: Vec<PolledItem>,
+    pub state: PollState,
+}
+
+/// Decides which of `items` are new given the previous state (`None` on the first poll), and
+/// returns at most `cap` of them, the oldest first; the rest come with the next poll.
+pub fn dedupe(
+    strategy: DedupeStrategy,
+    previous: Option<PollState>,
+    items: Vec<PolledItem>,
+    cap: usize,
+) -> Result<PollOutcome, PieceError> {
+    let cap = cap.max(1);
+    match strategy {
+        DedupeStrategy::TimeBased => time_based(previous, items, cap),
+        DedupeStrategy::LastItem => last_item(previous, items, cap),
+    }
+}
+
+fn time_based(
+    previous: Option<PollState>,
+    items: Vec<PolledItem>,
+    cap: usize,
+) -> Result<PollOutcome, PieceError> {
+    let mut stamped = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let ts = item.timestamp.ok_or_else(|| {
+            PieceError::fatal(format!(
+                "polled item {i} has no timestamp, which the time-based dedupe strategy needs"
+            ))
+        })?;
+        stamped.push((ts, item));
+    }
+    stamped.sort_by_key(|(ts, _)| *ts);
+    let Some(previous) = previous else {
+        let cursor_time = stamped.last().map(|(ts, _)| *ts);
+        return Ok(PollOutcome {
+            new_items: Vec::new(),
+            state: PollState {
+                cursor_time,
+                ..PollState::default()
+            },
+        });
+    };
+    let fresh: Vec<_> = stamped
+        .into_iter()
+        .filter(|(ts, _)| previous.cursor_time.is_none_or(|cursor| *ts > cursor))
+        .collect();
+    // Cut after `cap` items, but never inside a group of equal timestamps: the cursor is a
+    // timestamp, so the rest of such a group would be skipped next time.
+    let mut take = fresh.len().min(cap);
+    while take < fresh.len() && fresh[take].0 == fresh[take - 1].0 {
+        take += 1;
+    }
+    let new_items: Vec<PolledItem> = fresh.into_iter().take(take).map(|(_, item)| item).collect();
+    let cursor_time = new_items
+        .last()
+        .and_then(|i| i.timestamp)
+        .or(previous.cursor_time);
+    Ok(PollOutcome {
+        new_items,
+        state: PollState {
+            cursor_time,
+            ..previous
+        },
+    })
+}
+
+fn last_item(
+    previous: Option<PollState>,
+    items: Vec<PolledItem>,
+    cap: usize,
+) -> Result<PollOutcome, PieceError> {
+    for (i, item) in items.iter().enumerate() {
+        if item.id.is_none() {
+            return Err(PieceError::fatal(format!(
+                "polled item {i} has no id, which the last-item dedupe strategy needs"
+            )));
+        }
+    }
+    let id = |item: &PolledItem| item.id.clone().unwrap_or_default();
+    let Some(mut state) = previous else {
+        let recent_ids = items.iter().take(RECENT_IDS).rev().map(id).collect();
+        return Ok(PollOutcome {
+            new_items: Vec::new(),
+            state: PollState {
+                recent_ids,
+                ..PollState::default()
+            },
+        });
+    };
+    // Newest first: everything before the first item already seen is new.
+    let mut fresh: Vec<PolledItem> = Vec::new();
+    for item in items {
+        let item_id = id(&item);
+        if state.recent_ids.contains(&item_id) {
+            break;
+        }
+        if !fresh
+            .iter()
+            .any(|f| f.id.as_deref() == Some(item_id.as_str()))
+        {
+            fresh.push(item);
+        }
+    }
+    fresh.reverse();
+    fresh.truncate(cap);
+    for item in &fresh {
+        state.recent_ids.push_back(id(item));
+        if state.recent_ids.len() > RECENT_IDS {
+            state.recent_ids.pop_front();
+        }
+    }
+    Ok(PollOutcome {
+        new_items: fresh,
+        state,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(secs, 0).unwrap()
+    }
+
+    fn timed(id: &str, secs: i64) -> PolledItem {
+        PolledItem::new(json!({ "id": id })).timestamp(at(secs))
+    }
+
+    fn ided(id: &str) -> PolledItem {
+        PolledItem::new(json!({ "id": id })).id(id)
+    }
+
+    fn ids(items: &[PolledItem]) -> Vec<String> {
+        items
+            .iter()
+            .map(|i| i.data["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn time_based_first_poll_is_a_baseline() {
+        let out = dedupe(
+            DedupeStrategy::TimeBased,
+            None,
+            vec![timed("a", 10), timed("b", 20)],
+            10,
+        )
+        .unwrap();
+        assert!(out.new_items.is_empty());
+        assert_eq!(out.state.cursor_time, Some(at(20)));
+    }
+
+    #[test]
+    fn time_based_emits_only_newer_items_oldest_first() {
+        let state = PollState {
+            cursor_time: Some(at(20)),
+            ..Default::default()
+        };
+        let items = vec![
+            timed("c", 40),
+            timed("a", 10),
+            timed("b", 20),
+            timed("d", 30),
+        ];
+        let out = dedupe(DedupeStrategy::TimeBased, Some(state), items.clone(), 10).unwrap();
+        assert_eq!(ids(&out.new_items), ["d", "c"]);
+        // The same items again: nothing new.
+        let again = dedupe(DedupeStrategy::TimeBased, Some(out.state), items, 10).unwrap();
+        assert!(again.new_items.is_empty());
+    }
+
+    #[test]
+    fn time_based_cap_never_splits_equal_timestamps() {
+        let state = PollState {
+            cursor_time: Some(at(0)),
+            ..Default::default()
+        };
+        let items = vec![
+            timed("a", 10),
+            timed("b", 20),
+            timed("c", 20),
+            timed("d", 30),
+        ];
+        let out = dedupe(DedupeStrategy::TimeBased, Some(state), items.clone(), 2).unwrap();
+        assert_eq!(ids(&out.new_items), ["a", "b", "c"]);
+        let next = dedupe(DedupeStrategy::TimeBased, Some(out.state), items, 2).unwrap();
+        assert_eq!(ids(&next.new_items), ["d"]);
+    }
+
+    #[test]
+    fn time_based_after_an_empty_baseline_everything_is_new() {
+        let base = dedupe(DedupeStrategy::TimeBased, None, vec![], 10).unwrap();
+        let out = dedupe(
+            DedupeStrategy::TimeBased,
+            Some(base.state),
+            vec![timed("a", 1)],
+            10,
+        )
+        .unwrap();
+        assert_eq!(ids(&out.new_items), ["a"]);
+    }
+
+    #[test]
+    fn time_based_requires_timestamps() {
+        let err = dedupe(DedupeStrategy::TimeBased, None, vec![ided("a")], 10).unwrap_err();
+        assert!(err.to_string().contains("no timestamp"), "{err}");
+    }
+
+    #[test]
+    fn last_item_emits_items_before_the_last_seen_one() {
+        let base = dedupe(
+            DedupeStrategy::LastItem,
+            None,
+            vec![ided("2"), ided("1")],
+            10,
+        )
+        .unwrap();
+        assert!(base.new_items.is_empty());
+        let items = vec![ided("4"), ided("3"), ided("2"), ided("1")];
+        let out = dedupe(
+            DedupeStrategy::LastItem,
+            Some(base.state),
+            items.clone(),
+            10,
+        )
+        .unwrap();
+        assert_eq!(ids(&out.new_items), ["3", "4"]);
+        let again = dedupe(DedupeStrategy::LastItem, Some(out.state), items, 10).unwrap();
+        assert!(again.new_items.is_empty());
+    }
+
+    #[test]
+    fn last_item_cap_leaves_the_newest_for_the_next_poll() {
+        let base = dedupe(DedupeStrategy::LastItem, None, vec![ided("1")], 10).unwrap();
+        let items = vec![ided("5"), ided("4"), ided("3"), ided("2"), ided("1")];
+        let out = dedupe(DedupeStrategy::LastItem, Some(base.state), items.clone(), 2).unwrap();
+        assert_eq!(ids(&out.new_items), ["2", "3"]);
+        let next = dedupe(DedupeStrategy::LastItem, Some(out.state), items, 2).unwrap();
+        assert_eq!(ids(&next.new_items), ["4", "5"]);
+    }
+
+    #[test]
+    fn last_item_survives_deletion_of_the_newest_seen_item() {
+        let base = dedupe(
+            DedupeStrategy::LastItem,
+            None,
+            vec![ided("3"), ided("2"), ided("1")],
+            10,
+        )
+        .unwrap();
+        // "3" was deleted at the source; "2" is still recognised as seen.
+        let out = dedupe(
+            DedupeStrategy::LastItem,
+            Some(base.state),
+            vec![ided("4"), ided("2"), ided("1")],
+            10,
+        )
+        .unwrap();
+        assert_eq!(ids(&out.new_items), ["4"]);
+    }
+
+    #[test]
+    fn dedupe_keys_are_stable() {
+        assert_eq!(ided("7").dedupe_key(), "id:7");
+        assert_eq!(timed("x", 5).dedupe_key(), timed("x", 5).dedupe_key());
+        assert_ne!(timed("x", 5).dedupe_key(), timed("y", 5).dedupe_key());
+    }
+}
