@@ -1,1 +1,20 @@
+//! The core of piecework, free of infrastructure: the flow model and its validation
+//! ([`flow`]), templates in step inputs ([`template`]), the retry policy ([`retry`]), the
+//! registry of pieces ([`registry`]), runs ([`run`]) and the execution of one step attempt
+//! ([`engine`]).
+//!
+//! Services combine these with a bus and a store; everything here is testable without either.
 
+pub mod engine;
+pub mod flow;
+pub mod registry;
+pub mod retry;
+pub mod run;
+pub mod template;
+
+pub use flow::{
+    FlowDefinition, FlowError, FlowVersion, Format, OnFailure, StepDef, TriggerDef, ValidFlow,
+};
+pub use registry::Registry;
+pub use retry::RetryPolicy;
+pub use run::{Run, RunStatus, RunSummary, StepState, StepStatus};

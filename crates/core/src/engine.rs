@@ -1,0 +1,197 @@
+//! Executing one step attempt: render the input, validate it, run the action under a timeout,
+//! and classify the result against the retry policy.
+//!
+//! This is pure with respect to infrastructure: the worker decides what to do with the
+//! [`StepOutcome`] (record, ack, nak with delay, publish the next step).
+
+use std::time::{Duration, Instant};
+
+use piecework_sdk::prop::redact_secrets;
+use piecework_sdk::{Context, DynAction, PieceError};
+use serde_json::Value;
+
+use crate::flow::StepDef;
+use crate::run::Run;
+use crate::template;
+
+/// What happened to one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutcome {
+    Succeeded {
+        output: Value,
+    },
+    /// Failed with a retryable error and the policy allows another attempt after `delay`.
+    Retry {
+        error: String,
+        delay: Duration,
+    },
+    /// Failed for good: a fatal error, or the last attempt.
+    Failed {
+        error: String,
+    },
+}
+
+/// The result of [`execute`]: the outcome plus what to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Execution {
+    pub outcome: StepOutcome,
+    /// The rendered input with secrets redacted (`Null` if rendering failed).
+    pub recorded_input: Value,
+    pub duration: Duration,
+}
+
+/// Renders the step's input against the run so far.
+pub fn render_input(step: &StepDef, run: &Run) -> Result<Value, PieceError> {
+    template::render(&Value::Object(step.input.clone()), &run.template_context())
+        .map_err(|e| PieceError::fatal(format!("template error at {}: {}", e.path, e.message)))
+}
+
+/// Runs attempt number `attempt` (1-based) of `step`.
+pub async fn execute(
+    action: &dyn DynAction,
+    step: &StepDef,
+    run: &Run,
+    ctx: &Context,
+    attempt: u32,
+) -> Execution {
+    let started = Instant::now();
+    let (result, recorded_input) = match render_input(step, run) {
+        Err(err) => (Err(err), Value::Null),
+        Ok(input) => {
+            let mut recorded = input.clone();
+            redact_secrets(&action.spec().props, &mut recorded);
+            let timeout = step.timeout();
+            let result = match tokio::time::timeout(timeout, action.run_json(ctx, input)).await {
+                Ok(result) => result,
+                Err(_) => Err(PieceError::retryable(format!(
+                    "step timed out after {}",
+                    humantime_duration(timeout)
+                ))),
+            };
+            (result, recorded)
+        }
+    };
+    let outcome = classify(result, step, attempt);
+    Execution {
+        outcome,
+        recorded_input,
+        duration: started.elapsed(),
+    }
+}
+
+/// Applies the retry policy to an attempt's result.
+pub fn classify(result: Result<Value, PieceError>, step: &StepDef, attempt: u32) -> StepOutcome {
+    match result {
+        Ok(output) => StepOutcome::Succeeded { output },
+        Err(err) => {
+            let policy = step.retry_policy();
+            if err.is_retryable() && policy.allows_retry_after(attempt) {
+                let delay = policy
+                    .delay_after(attempt)
+                    .max(err.retry_after().unwrap_or_default());
+                StepOutcome::Retry {
+                    error: err.to_string(),
+                    delay,
+                }
+            } else if err.is_retryable() {
+                StepOutcome::Failed {
+                    error: format!("{err} (gave up after {attempt} attempts)"),
+                }
+            } else {
+                StepOutcome::Failed {
+                    error: err.to_string(),
+                }
+            }
+        }
+    }
+}
+
+fn humantime_duration(d: Duration) -> String {
+    let secs = d.as_secs_f64();
+    if secs >= 1.0 {
+        format!("{secs}s")
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::{FlowDefinition, Format};
+    use crate::retry::RetryPolicy;
+    use serde_json::json;
+
+    fn step(max_attempts: u32) -> StepDef {
+        let mut def = FlowDefinition::parse(
+            "apiVersion: piecework/v1\nkind: Flow\nname: f\ntrigger: {piece: p, trigger: t}\nsteps:\n  - {name: s, piece: p, action: a, input: {v: '{{ trigger.n }}'}}\n",
+            Format::Yaml,
+        )
+        .unwrap();
+        let mut step = def.steps.remove(0);
+        step.retry = Some(RetryPolicy {
+            max_attempts,
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        });
+        step
+    }
+
+    #[test]
+    fn retryable_errors_retry_until_attempts_run_out() {
+        let s = step(3);
+        let err = || Err(PieceError::retryable("503"));
+        assert_eq!(
+            classify(err(), &s, 1),
+            StepOutcome::Retry {
+                error: "503".into(),
+                delay: Duration::from_secs(1)
+            }
+        );
+        assert_eq!(
+            classify(err(), &s, 2),
+            StepOutcome::Retry {
+                error: "503".into(),
+                delay: Duration::from_secs(2)
+            }
+        );
+        assert_eq!(
+            classify(err(), &s, 3),
+            StepOutcome::Failed {
+                error: "503 (gave up after 3 attempts)".into()
+            }
+        );
+    }
+
+    #[test]
+    fn fatal_errors_fail_at_once_and_retry_after_is_honoured() {
+        let s = step(3);
+        assert_eq!(
+            classify(Err(PieceError::fatal("400")), &s, 1),
+            StepOutcome::Failed {
+                error: "400".into()
+            }
+        );
+        let slow_down = PieceError::retryable("429").with_retry_after(Duration::from_secs(30));
+        assert_eq!(
+            classify(Err(slow_down), &s, 1),
+            StepOutcome::Retry {
+                error: "429".into(),
+                delay: Duration::from_secs(30)
+            }
+        );
+    }
+
+    #[test]
+    fn inputs_render_against_the_run() {
+        let run = Run::new("r".into(), "f", 1, json!({"n": 7}));
+        assert_eq!(render_input(&step(1), &run).unwrap(), json!({"v": 7}));
+        let run = Run::new("r".into(), "f", 1, json!({}));
+        let err = render_input(&step(1), &run).unwrap_err();
+        assert!(
+            err.to_string().starts_with("template error at input.v"),
+            "{err}"
+        );
+        assert!(!err.is_retryable());
+    }
+}

@@ -1,0 +1,530 @@
+//! Flows: a trigger, then named steps, declared in YAML or JSON.
+//!
+//! ```yaml
+//! apiVersion: piecework/v1
+//! kind: Flow
+//! name: greet
+//! trigger: { piece: webhook, trigger: catch }
+//! steps:
+//!   - name: hello
+//!     piece: data
+//!     version: "^0.1"
+//!     action: set
+//!     input: { value: "hello, {{ trigger.body.name }}" }
+//!     retry: { max_attempts: 5, initial_interval: 1s }
+//!     timeout: 30s
+//!     on_failure: stop
+//! ```
+//!
+//! [`FlowDefinition::parse`] reads a document, [`validate`] checks it against the registry and
+//! returns every problem at once with its location; a valid flow becomes an immutable
+//! [`FlowVersion`] whose piece ranges are resolved to exact versions.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use piecework_sdk::prop::{Check, check_props};
+use piecework_sdk::{TriggerHandle, TriggerKind};
+use semver::{Version, VersionReq};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::registry::Registry;
+use crate::retry::RetryPolicy;
+use crate::template::{self, ROOTS};
+
+pub const API_VERSION: &str = "piecework/v1";
+pub const KIND: &str = "Flow";
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// A flow as written by its author.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowDefinition {
+    #[serde(rename = "apiVersion")]
+    pub api_version: String,
+    pub kind: String,
+    /// The flow's id: lowercase letters, digits, `-` and `_`.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Who owns the flow; pieces see it for permission checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Whether the flow runs once applied. Applying with `enabled: false` pauses it.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    pub trigger: TriggerDef,
+    pub steps: Vec<StepDef>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// What starts the flow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerDef {
+    pub piece: String,
+    /// A semver range; the newest registered version matching it is used. Default: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<VersionReq>,
+    pub trigger: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<String>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub input: Map<String, Value>,
+    /// For polling triggers: how often to poll (default: the trigger's own).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub poll_interval: Option<Duration>,
+    /// The queue poll jobs are routed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+}
+
+/// What to do when a step fails for good.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// The run fails.
+    #[default]
+    Stop,
+    /// The step is marked failed and the run goes on with the next step.
+    Continue,
+}
+
+/// One step: a piece's action with its input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepDef {
+    pub name: String,
+    pub piece: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<VersionReq>,
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<String>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub input: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Per attempt; default 5 minutes.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// Routes the step to workers serving this queue (e.g. workers inside a VPN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+}
+
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl StepDef {
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry.unwrap_or_default()
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout.unwrap_or(DEFAULT_STEP_TIMEOUT)
+    }
+
+    pub fn queue(&self) -> &str {
+        self.queue.as_deref().unwrap_or(DEFAULT_QUEUE)
+    }
+}
+
+impl TriggerDef {
+    pub fn queue(&self) -> &str {
+        self.queue.as_deref().unwrap_or(DEFAULT_QUEUE)
+    }
+}
+
+/// The document format of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Yaml,
+    Json,
+}
+
+/// A flow that cannot be parsed or is not valid; every problem is listed with where it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlowError {
+    #[error("flow is not valid {format}: {message}")]
+    Parse {
+        format: &'static str,
+        message: String,
+    },
+    #[error("flow `{flow}` is invalid:\n{}", issues.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { flow: String, issues: Vec<Issue> },
+}
+
+/// One problem in a flow, located by a path like `steps[1] (assign).input.title`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Issue {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+impl FlowDefinition {
+    /// Parses a YAML or JSON document. Unknown fields are errors, so a typo such as `inptu`
+    /// is reported instead of silently ignored.
+    pub fn parse(text: &str, format: Format) -> Result<Self, FlowError> {
+        match format {
+            Format::Json => serde_json::from_str(text).map_err(|e| FlowError::Parse {
+                format: "JSON",
+                message: e.to_string(),
+            }),
+            Format::Yaml => serde_norway::from_str(text).map_err(|e| FlowError::Parse {
+                format: "YAML",
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    pub fn step(&self, name: &str) -> Option<&StepDef> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// The step after `name`, or the first step when `name` is `None`.
+    pub fn next_step(&self, after: Option<&str>) -> Option<&StepDef> {
+        match after {
+            None => self.steps.first(),
+            Some(name) => {
+                let index = self.steps.iter().position(|s| s.name == name)?;
+                self.steps.get(index + 1)
+            }
+        }
+    }
+}
+
+/// An immutable, validated version of a flow, with piece versions resolved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowVersion {
+    pub flow_id: String,
+    pub version: u32,
+    pub definition: FlowDefinition,
+    /// Exact piece version per step name, and for the trigger under the key `trigger`.
+    pub resolved: BTreeMap<String, Version>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl FlowVersion {
+    pub fn trigger_version(&self) -> Option<&Version> {
+        self.resolved.get("trigger")
+    }
+
+    pub fn step_version(&self, step: &str) -> Option<&Version> {
+        self.resolved.get(step)
+    }
+}
+
+/// A definition that passed validation, with its resolved versions; the store numbers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidFlow {
+    pub definition: FlowDefinition,
+    pub resolved: BTreeMap<String, Version>,
+}
+
+fn is_flow_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && name.len() <= 100
+}
+
+fn is_queue_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+/// Checks a definition against the registry and resolves piece versions. Returns every
+/// problem found, not just the first.
+pub fn validate(definition: FlowDefinition, registry: &Registry) -> Result<ValidFlow, FlowError> {
+    let mut issues = Vec::new();
+    let mut issue = |path: String, message: String| issues.push(Issue { path, message });
+    let mut resolved = BTreeMap::new();
+
+    if definition.api_version != API_VERSION {
+        issue(
+            "apiVersion".into(),
+            format!("must be {API_VERSION:?}, got {:?}", definition.api_version),
+        );
+    }
+    if definition.kind != KIND {
+        issue(
+            "kind".into(),
+            format!("must be {KIND:?}, got {:?}", definition.kind),
+        );
+    }
+    if !is_flow_name(&definition.name) {
+        issue(
+            "name".into(),
+            format!(
+                "{:?} must be 1-100 lowercase letters, digits, '-' or '_'",
+                definition.name
+            ),
+        );
+    }
+
+    // Trigger.
+    let trigger = &definition.trigger;
+    let range = trigger.version.clone().unwrap_or(VersionReq::STAR);
+    match resolve(registry, &trigger.piece, &range) {
+        Err(message) => issue("trigger.piece".into(), message),
+        Ok(piece) => {
+            resolved.insert("trigger".to_owned(), piece.version().clone());
+            match piece.trigger(&trigger.trigger) {
+                None => issue(
+                    "trigger.trigger".into(),
+                    unknown(
+                        "trigger",
+                        &trigger.trigger,
+                        &trigger.piece,
+                        piece.triggers().map(|t| t.spec().name.as_str()),
+                    ),
+                ),
+                Some(handle) => {
+                    let spec = handle.spec();
+                    for err in check_props(&spec.props, &trigger.input, Check::Runtime) {
+                        issue(format!("trigger.input.{}", err.prop), err.problem);
+                    }
+                    if spec.require_auth && trigger.connection.is_none() {
+                        issue(
+                            "trigger.connection".into(),
+                            format!("trigger `{}` needs a connection", spec.name),
+                        );
+                    }
+                    let polling = matches!(spec.kind, TriggerKind::Polling { .. });
+                    match trigger.poll_interval {
+                        Some(_) if !polling => issue(
+                            "trigger.poll_interval".into(),
+                            "only polling triggers take a poll_interval".into(),
+                        ),
+                        Some(interval) if interval < piecework_sdk::schedule::MIN_INTERVAL => {
+                            issue("trigger.poll_interval".into(), "must be at least 1s".into())
+                        }
+                        _ => {}
+                    }
+                    if let TriggerHandle::Schedule(schedule) = handle
+                        && let Err(err) =
+                            schedule.schedule_json(Value::Object(trigger.input.clone()))
+                    {
+                        issue("trigger.input".into(), err.to_string());
+                    }
+                }
+            }
+        }
+    }
+    if let Some(queue) = &trigger.queue
+        && !is_queue_name(queue)
+    {
+        issue(
+            "trigger.queue".into(),
+            format!("{queue:?} must be lowercase letters, digits, '-' or '_'"),
+        );
+    }
+
+    // Steps.
+    if definition.steps.is_empty() {
+        issue("steps".into(), "a flow needs at least one step".into());
+    }
+    let mut earlier: HashSet<&str> = HashSet::new();
+    let all_names: HashSet<&str> = definition.steps.iter().map(|s| s.name.as_str()).collect();
+    for (i, step) in definition.steps.iter().enumerate() {
+        let at = format!("steps[{i}] ({})", step.name);
+        if !piecework_sdk::piece::is_identifier(&step.name) {
+            issue(
+                format!("steps[{i}].name"),
+                format!("{:?} must be snake_case (a-z, 0-9, _)", step.name),
+            );
+        }
+        if step.name == "trigger" {
+            issue(format!("steps[{i}].name"), "`trigger` is reserved".into());
+        }
+        if earlier.contains(step.name.as_str()) {
+            issue(
+                format!("steps[{i}].name"),
+                format!("step `{}` is defined twice", step.name),
+            );
+        }
+        let range = step.version.clone().unwrap_or(VersionReq::STAR);
+        match resolve(registry, &step.piece, &range) {
+            Err(message) => issue(format!("{at}.piece"), message),
+            Ok(piece) => {
+                resolved.insert(step.name.clone(), piece.version().clone());
+                match piece.action(&step.action) {
+                    None => issue(
+                        format!("{at}.action"),
+                        unknown(
+                            "action",
+                            &step.action,
+                            &step.piece,
+                            piece.actions().map(|a| a.spec().name.as_str()),
+                        ),
+                    ),
+                    Some(action) => {
+                        let spec = action.spec();
+                        let check = Check::Static {
+                            deferred: template::is_template,
+                        };
+                        for err in check_props(&spec.props, &step.input, check) {
+                            issue(format!("{at}.input.{}", err.prop), err.problem);
+                        }
+                        if spec.require_auth && step.connection.is_none() {
+                            issue(
+                                format!("{at}.connection"),
+                                format!("action `{}` needs a connection", spec.name),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        check_references(step, &earlier, &all_names, &at, &mut issue);
+        if let Some(policy) = &step.retry
+            && let Err(message) = policy.validate()
+        {
+            issue(format!("{at}.retry"), message);
+        }
+        if step.timeout.is_some_and(|t| t.is_zero()) {
+            issue(format!("{at}.timeout"), "must be greater than zero".into());
+        }
+        if let Some(queue) = &step.queue
+            && !is_queue_name(queue)
+        {
+            issue(
+                format!("{at}.queue"),
+                format!("{queue:?} must be lowercase letters, digits, '-' or '_'"),
+            );
+        }
+        earlier.insert(step.name.as_str());
+    }
+
+    if issues.is_empty() {
+        Ok(ValidFlow {
+            definition,
+            resolved,
+        })
+    } else {
+        Err(FlowError::Invalid {
+            flow: definition.name,
+            issues,
+        })
+    }
+}
+
+fn check_references(
+    step: &StepDef,
+    earlier: &HashSet<&str>,
+    all_names: &HashSet<&str>,
+    at: &str,
+    issue: &mut impl FnMut(String, String),
+) {
+    let refs = match template::analyze(&Value::Object(step.input.clone())) {
+        Ok(refs) => refs,
+        Err(err) => {
+            issue(
+                format!("{at}.{}", err.path),
+                format!("template error: {}", err.message),
+            );
+            return;
+        }
+    };
+    for template_ref in refs {
+        for variable in &template_ref.variables {
+            let mut parts = variable.split('.');
+            let root = parts.next().unwrap_or_default();
+            if !ROOTS.contains(&root) {
+                issue(
+                    format!("{at}.{}", template_ref.path),
+                    format!(
+                        "unknown variable `{root}` (templates can use {})",
+                        ROOTS.join(", ")
+                    ),
+                );
+                continue;
+            }
+            if root != "steps" {
+                continue;
+            }
+            let Some(target) = parts.next() else { continue };
+            if target == step.name {
+                issue(
+                    format!("{at}.{}", template_ref.path),
+                    format!("step `{target}` cannot refer to its own output"),
+                );
+            } else if !earlier.contains(target) {
+                let why = if all_names.contains(target) {
+                    "runs after this step"
+                } else {
+                    "does not exist"
+                };
+                issue(
+                    format!("{at}.{}", template_ref.path),
+                    format!("refers to step `{target}`, which {why}"),
+                );
+            }
+        }
+    }
+}
+
+fn resolve<'r>(
+    registry: &'r Registry,
+    name: &str,
+    range: &VersionReq,
+) -> Result<&'r piecework_sdk::Piece, String> {
+    if !registry.contains(name) {
+        let known: Vec<&str> = registry.names().collect();
+        return Err(format!(
+            "unknown piece `{name}` (registered: {})",
+            known.join(", ")
+        ));
+    }
+    registry.resolve(name, range).ok_or_else(|| {
+        let versions: Vec<String> = registry
+            .versions(name)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        format!(
+            "no registered version of `{name}` matches {range} (registered: {})",
+            versions.join(", ")
+        )
+    })
+}
+
+fn unknown<'a>(
+    what: &str,
+    name: &str,
+    piece: &str,
+    known: impl Iterator<Item = &'a str>,
+) -> String {
+    let known: Vec<&str> = known.collect();
+    format!(
+        "piece `{piece}` has no {what} `{name}` (it has: {})",
+        known.join(", ")
+    )
+}

@@ -1,0 +1,229 @@
+//! Runs: one execution of a flow version, step by step.
+//!
+//! A run pins the flow version it started on. Each step keeps its (redacted) input, output or
+//! error, and every attempt with its timing, so `GET /v1/runs/{id}` can explain what happened.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, RunStatus::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::str::FromStr for RunStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        serde_json::from_value(Value::String(s.to_owned())).map_err(|_| {
+            format!("unknown run status {s:?} (running, succeeded, failed, cancelled)")
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Failed with a retryable error; another attempt is scheduled.
+    Retrying,
+    Succeeded,
+    Failed,
+}
+
+impl StepStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Retrying => "retrying",
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Failed => "failed",
+        }
+    }
+}
+
+/// One attempt of a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub attempt: u32,
+    pub status: StepStatus,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Which worker ran it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub worker: String,
+}
+
+/// The state of one step in a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepState {
+    pub name: String,
+    pub piece: String,
+    pub action: String,
+    pub version: String,
+    pub status: StepStatus,
+    /// The rendered input, secrets replaced by `"***"`.
+    pub input: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub attempts: Vec<Attempt>,
+}
+
+/// One execution of a flow version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    pub id: String,
+    pub flow_id: String,
+    pub flow_version: u32,
+    pub status: RunStatus,
+    /// What the trigger produced: the webhook request, the polled item, the schedule tick.
+    pub trigger: Value,
+    /// Steps in the order they ran.
+    pub steps: Vec<StepState>,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The response for a synchronous webhook call, set by an action that declares
+    /// `webhook_response`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<Value>,
+}
+
+/// Namespace of deterministic run ids (UUID v5).
+const RUN_NAMESPACE: Uuid = Uuid::from_u128(0x6f1d_3c2a_9b7e_4f10_8a55_2c6e_0d4b_91a7);
+
+/// A run id derived from the flow and the item, so the same polled item or schedule tick always
+/// maps to the same run, however often its poll job is delivered.
+pub fn deterministic_run_id(flow_id: &str, item_key: &str) -> String {
+    Uuid::new_v5(&RUN_NAMESPACE, format!("{flow_id}\n{item_key}").as_bytes()).to_string()
+}
+
+/// A fresh, time-ordered run id (UUID v7) for runs started by a request.
+pub fn new_run_id() -> String {
+    Uuid::now_v7().to_string()
+}
+
+impl Run {
+    pub fn new(id: String, flow_id: &str, flow_version: u32, trigger: Value) -> Self {
+        Self {
+            id,
+            flow_id: flow_id.to_owned(),
+            flow_version,
+            status: RunStatus::Running,
+            trigger,
+            steps: Vec::new(),
+            created_at: Utc::now(),
+            finished_at: None,
+            error: None,
+            response: None,
+        }
+    }
+
+    pub fn step(&self, name: &str) -> Option<&StepState> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// Replaces or appends a step's state.
+    pub fn upsert_step(&mut self, state: StepState) {
+        match self.steps.iter_mut().find(|s| s.name == state.name) {
+            Some(existing) => *existing = state,
+            None => self.steps.push(state),
+        }
+    }
+
+    /// What templates see: `trigger`, `steps.<name>.{output,status,error}`, `run`, `flow`.
+    pub fn template_context(&self) -> minijinja::Value {
+        let steps: serde_json::Map<String, Value> = self
+            .steps
+            .iter()
+            .map(|s| {
+                let view = json!({
+                    "output": s.output.clone().unwrap_or(Value::Null),
+                    "status": s.status.as_str(),
+                    "error": s.error,
+                });
+                (s.name.clone(), view)
+            })
+            .collect();
+        minijinja::Value::from(minijinja::value::Serde(json!({
+            "trigger": self.trigger,
+            "steps": steps,
+            "run": { "id": self.id, "created_at": self.created_at },
+            "flow": { "id": self.flow_id, "version": self.flow_version },
+        })))
+    }
+}
+
+/// A summary row for run listings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub id: String,
+    pub flow_id: String,
+    pub flow_version: u32,
+    pub status: RunStatus,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl From<&Run> for RunSummary {
+    fn from(run: &Run) -> Self {
+        Self {
+            id: run.id.clone(),
+            flow_id: run.flow_id.clone(),
+            flow_version: run.flow_version,
+            status: run.status,
+            created_at: run.created_at,
+            finished_at: run.finished_at,
+            error: run.error.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic_ids_depend_on_flow_and_item() {
+        assert_eq!(
+            deterministic_run_id("f", "id:1"),
+            deterministic_run_id("f", "id:1")
+        );
+        assert_ne!(
+            deterministic_run_id("f", "id:1"),
+            deterministic_run_id("g", "id:1")
+        );
+        assert_ne!(
+            deterministic_run_id("f", "id:1"),
+            deterministic_run_id("f", "id:2")
+        );
+    }
+}

@@ -1,0 +1,274 @@
+//! Flow parsing and validation: every problem is reported with its location.
+
+use piecework_core::flow::{FlowDefinition, FlowError, Format, validate};
+use piecework_core::{OnFailure, Registry};
+use piecework_sdk::prelude::*;
+use serde_json::{Value, json};
+
+struct Set;
+
+impl Action for Set {
+    type Input = Value;
+    type Output = Value;
+
+    fn spec(&self) -> ActionSpec {
+        ActionSpec::new("set", "Set")
+            .prop(Prop::json("value", "Value").required())
+            .prop(Prop::number("count", "Count"))
+    }
+
+    async fn run(&self, _ctx: &Context, input: Value) -> Result<Value, PieceError> {
+        Ok(input["value"].clone())
+    }
+}
+
+struct Secure;
+
+impl Action for Secure {
+    type Input = Value;
+    type Output = Value;
+
+    fn spec(&self) -> ActionSpec {
+        ActionSpec::new("secure", "Secure").require_auth()
+    }
+
+    async fn run(&self, _ctx: &Context, _input: Value) -> Result<Value, PieceError> {
+        Ok(Value::Null)
+    }
+}
+
+struct Catch;
+
+impl WebhookTrigger for Catch {
+    type Input = Value;
+
+    fn spec(&self) -> TriggerSpec {
+        TriggerSpec::webhook("catch", "Catch")
+    }
+}
+
+struct Every;
+
+#[derive(serde::Deserialize)]
+struct EveryInput {
+    interval: String,
+}
+
+impl ScheduleTrigger for Every {
+    type Input = EveryInput;
+
+    fn spec(&self) -> TriggerSpec {
+        TriggerSpec::schedule("every", "Every")
+            .prop(Prop::short_text("interval", "Interval").required())
+    }
+
+    fn schedule(&self, input: EveryInput) -> Result<Schedule, PieceError> {
+        Schedule::parse_interval(&input.interval)
+    }
+}
+
+fn registry() -> Registry {
+    let mut registry = Registry::new();
+    for version in ["0.1.0", "0.2.0", "1.0.0"] {
+        registry
+            .register_built(
+                Piece::builder("data", "Data")
+                    .version(version)
+                    .action(Set)
+                    .action(Secure)
+                    .webhook_trigger(Catch)
+                    .schedule_trigger(Every)
+                    .build(),
+            )
+            .unwrap();
+    }
+    registry
+}
+
+const GOOD: &str = r#"
+apiVersion: piecework/v1
+kind: Flow
+name: good
+trigger: { piece: data, trigger: catch }
+steps:
+  - name: first
+    piece: data
+    version: "^0.1"
+    action: set
+    input: { value: "{{ trigger.body }}" }
+  - name: second
+    piece: data
+    action: set
+    input: { value: "{{ steps.first.output.x }}", count: "{{ steps.first.output | length }}" }
+    on_failure: continue
+    retry: { max_attempts: 5, initial_interval: 2s, max_interval: 1m }
+    timeout: 10s
+"#;
+
+fn issues(text: &str) -> Vec<String> {
+    let def = FlowDefinition::parse(text, Format::Yaml).unwrap();
+    match validate(def, &registry()) {
+        Ok(_) => vec![],
+        Err(FlowError::Invalid { issues, .. }) => issues.iter().map(ToString::to_string).collect(),
+        Err(other) => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_valid_flow_resolves_piece_ranges() {
+    let def = FlowDefinition::parse(GOOD, Format::Yaml).unwrap();
+    let valid = validate(def, &registry()).unwrap();
+    assert_eq!(valid.resolved["first"].to_string(), "0.1.0");
+    assert_eq!(valid.resolved["second"].to_string(), "1.0.0");
+    assert_eq!(valid.resolved["trigger"].to_string(), "1.0.0");
+    let second = valid.definition.step("second").unwrap();
+    assert_eq!(second.on_failure, OnFailure::Continue);
+    assert_eq!(second.retry_policy().max_attempts, 5);
+    assert_eq!(second.timeout().as_secs(), 10);
+}
+
+#[test]
+fn json_and_yaml_parse_to_the_same_flow() {
+    let yaml = FlowDefinition::parse(GOOD, Format::Yaml).unwrap();
+    let json = serde_json::to_string(&yaml).unwrap();
+    assert_eq!(FlowDefinition::parse(&json, Format::Json).unwrap(), yaml);
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_their_location() {
+    let text = GOOD.replace(
+        "input: { value: \"{{ trigger.body }}\" }",
+        "inptu: { value: 1 }",
+    );
+    let err = FlowDefinition::parse(&text, Format::Yaml).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("unknown field `inptu`"), "{message}");
+    assert!(message.contains("line"), "{message}");
+}
+
+#[test]
+fn unknown_piece_action_and_prop_are_named() {
+    let text = r#"
+apiVersion: piecework/v1
+kind: Flow
+name: bad
+trigger: { piece: data, trigger: catch }
+steps:
+  - { name: a, piece: nope, action: set }
+  - { name: b, piece: data, action: frobnicate }
+  - { name: c, piece: data, action: set, input: { value: 1, colour: red } }
+  - { name: d, piece: data, action: set }
+  - { name: e, piece: data, version: "^9", action: set, input: { value: 1 } }
+  - { name: f, piece: data, action: secure }
+"#;
+    let found = issues(text);
+    let expect = [
+        "steps[0] (a).piece: unknown piece `nope` (registered: data)",
+        "steps[1] (b).action: piece `data` has no action `frobnicate` (it has: set, secure)",
+        "steps[2] (c).input.colour: unknown prop (known props: value, count)",
+        "steps[3] (d).input.value: is required",
+        "steps[4] (e).piece: no registered version of `data` matches ^9 (registered: 1.0.0, 0.2.0, 0.1.0)",
+        "steps[5] (f).connection: action `secure` needs a connection",
+    ];
+    assert_eq!(found, expect);
+}
+
+#[test]
+fn literal_values_are_type_checked_templates_are_not() {
+    let text = GOOD.replace(
+        "count: \"{{ steps.first.output | length }}\"",
+        "count: many",
+    );
+    assert_eq!(
+        issues(&text),
+        ["steps[1] (second).input.count: expected number, got a string"]
+    );
+}
+
+#[test]
+fn duplicate_step_names_are_rejected() {
+    let text = GOOD
+        .replace("name: second", "name: first")
+        .replace("steps.first.output", "trigger");
+    assert_eq!(
+        issues(&text),
+        ["steps[1].name: step `first` is defined twice"]
+    );
+}
+
+#[test]
+fn templates_may_only_refer_to_earlier_steps() {
+    let text = GOOD.replace("{{ trigger.body }}", "{{ steps.second.output }}");
+    assert_eq!(
+        issues(&text),
+        ["steps[0] (first).input.value: refers to step `second`, which runs after this step"]
+    );
+    let text = GOOD.replace("{{ trigger.body }}", "{{ steps.ghost.output }}");
+    assert_eq!(
+        issues(&text),
+        ["steps[0] (first).input.value: refers to step `ghost`, which does not exist"]
+    );
+    let text = GOOD.replace("{{ trigger.body }}", "{{ steps.first.output }}");
+    assert_eq!(
+        issues(&text),
+        ["steps[0] (first).input.value: step `first` cannot refer to its own output"]
+    );
+    let text = GOOD.replace("{{ trigger.body }}", "{{ trgger.body }}");
+    assert_eq!(
+        issues(&text),
+        [
+            "steps[0] (first).input.value: unknown variable `trgger` (templates can use trigger, steps, run, flow)"
+        ]
+    );
+}
+
+#[test]
+fn template_syntax_errors_are_located() {
+    let text = GOOD.replace("{{ trigger.body }}", "{{ trigger.body ");
+    let found = issues(&text);
+    assert_eq!(found.len(), 1);
+    assert!(
+        found[0].starts_with("steps[0] (first).input.value: template error: syntax error"),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn header_retry_and_schedule_problems_are_all_reported() {
+    let text = r#"
+apiVersion: piecework/v2
+kind: Flo
+name: Bad Name
+trigger: { piece: data, trigger: every, input: { interval: "0s" }, poll_interval: 5s }
+steps:
+  - { name: a, piece: data, action: set, input: { value: 1 }, retry: { max_attempts: 0 }, queue: "VPN!" }
+"#;
+    let found = issues(text);
+    assert_eq!(
+        found,
+        [
+            "apiVersion: must be \"piecework/v1\", got \"piecework/v2\"",
+            "kind: must be \"Flow\", got \"Flo\"",
+            "name: \"Bad Name\" must be 1-100 lowercase letters, digits, '-' or '_'",
+            "trigger.poll_interval: only polling triggers take a poll_interval",
+            "trigger.input: interval 0s is shorter than the minimum of 1s",
+            "steps[0] (a).retry: max_attempts must be at least 1",
+            "steps[0] (a).queue: \"VPN!\" must be lowercase letters, digits, '-' or '_'",
+        ]
+    );
+}
+
+#[test]
+fn empty_flows_are_rejected() {
+    let text = "apiVersion: piecework/v1\nkind: Flow\nname: empty\ntrigger: { piece: data, trigger: catch }\nsteps: []\n";
+    assert_eq!(issues(text), ["steps: a flow needs at least one step"]);
+}
+
+#[test]
+fn next_step_walks_in_order() {
+    let def = FlowDefinition::parse(GOOD, Format::Yaml).unwrap();
+    assert_eq!(def.next_step(None).unwrap().name, "first");
+    assert_eq!(def.next_step(Some("first")).unwrap().name, "second");
+    assert!(def.next_step(Some("second")).is_none());
+    let _ = json!(null);
+}
