@@ -1,1 +1,151 @@
+//! The state store: flows and their versions, runs, trigger cursors, the piece key-value
+//! store, and the two event streams (`pw:results`, one entry per step attempt; `pw:audit`, one
+//! per audited operation).
+//!
+//! [`Store`] is the contract; it is shaped for Redis, the production adapter (one pipelined
+//! round trip per step update, streams with a capped length, blocking reads instead of
+//! polling). [`memory::MemoryStore`] implements it in-process for `piecework dev` and tests.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use piecework_core::{FlowVersion, Run, RunStatus, RunSummary, StepState, ValidFlow};
+use piecework_proto::v1::{AuditEvent, StepResult};
+use piecework_sdk::{KvStore, PollState};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub mod memory;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store is not reachable: {0}")]
+    Unavailable(String),
+    #[error("stored data is corrupt at {key}: {message}")]
+    Corrupt { key: String, message: String },
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// A flow's current state; its definitions live in its versions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    pub id: String,
+    pub latest_version: u32,
+    pub enabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What applying a flow did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub record: FlowRecord,
+    pub version: u32,
+    /// False when the definition equals the latest version's: applying is idempotent.
+    pub created: bool,
+}
+
+/// Filters for listing runs, newest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunQuery {
+    pub flow_id: Option<String>,
+    pub status: Option<RunStatus>,
+    pub limit: usize,
+}
+
+/// A change to a run that ends or alters it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunUpdate {
+    pub status: RunStatus,
+    pub error: Option<String>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Everything one step attempt changes, written in one round trip.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepUpdate {
+    pub run_id: String,
+    pub step: StepState,
+    /// The entry for `pw:results`.
+    pub result: StepResult,
+    /// Set when the attempt produced the flow's webhook response.
+    pub response: Option<Value>,
+    /// Set when the attempt ended the run.
+    pub run: Option<RunUpdate>,
+}
+
+/// An entry read back from a stream, with its stream id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry<T> {
+    pub id: String,
+    pub event: T,
+}
+
+/// The state store.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a validated flow as a new version unless it equals the latest one, and sets
+    /// `enabled` from the definition. Never touches the flow's trigger cursor.
+    async fn apply_flow(&self, flow: ValidFlow) -> Result<Applied, StoreError>;
+    async fn get_flow(&self, id: &str) -> Result<Option<FlowRecord>, StoreError>;
+    async fn list_flows(&self) -> Result<Vec<FlowRecord>, StoreError>;
+    async fn get_flow_version(
+        &self,
+        id: &str,
+        version: u32,
+    ) -> Result<Option<FlowVersion>, StoreError>;
+    /// Returns the updated record, or `None` for an unknown flow.
+    async fn set_flow_enabled(
+        &self,
+        id: &str,
+        enabled: bool,
+    ) -> Result<Option<FlowRecord>, StoreError>;
+
+    /// Creates a run unless one with its id exists; returns whether it was created. This is
+    /// what makes deterministic run ids deduplicate redelivered poll jobs.
+    async fn create_run(&self, run: &Run) -> Result<bool, StoreError>;
+    async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError>;
+    async fn list_runs(&self, query: &RunQuery) -> Result<Vec<RunSummary>, StoreError>;
+    async fn record_step(&self, update: StepUpdate) -> Result<(), StoreError>;
+    /// Ends or alters a run outside a step (cancel, a flow version that vanished).
+    async fn update_run(&self, run_id: &str, update: RunUpdate) -> Result<(), StoreError>;
+    /// Waits until the run is finished, up to `timeout`; returns its state then (finished or
+    /// not), or `None` if there is no such run.
+    async fn wait_run_finished(
+        &self,
+        run_id: &str,
+        timeout: Duration,
+    ) -> Result<Option<Run>, StoreError>;
+
+    async fn trigger_state(&self, flow_id: &str) -> Result<Option<PollState>, StoreError>;
+    async fn put_trigger_state(&self, flow_id: &str, state: &PollState) -> Result<(), StoreError>;
+
+    /// The key-value store behind pieces' `ctx.store`.
+    fn kv(&self) -> Arc<dyn KvStore>;
+
+    async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError>;
+    /// Reads `pw:results` after `after` (from the start if `None`), waiting up to `block` for
+    /// new entries when there are none.
+    async fn read_results(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry<StepResult>>, StoreError>;
+    /// Reads `pw:audit` after `after`, oldest first.
+    async fn read_audit(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Entry<AuditEvent>>, StoreError>;
+
+    /// Whether the store is connected, for `/readyz`.
+    async fn ready(&self) -> Result<(), StoreError>;
+}

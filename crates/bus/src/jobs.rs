@@ -1,0 +1,130 @@
+//! Subjects and message ids of the wire contract, and typed publishing of jobs.
+
+use bytes::Bytes;
+use piecework_proto::Message as _;
+use piecework_proto::v1::{PollJob, StepJob};
+
+use crate::{Bus, BusError, Message, PublishAck};
+
+/// Which job a subject carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    Poll,
+    Step,
+}
+
+/// Subject names: `pw.jobs.<queue>.poll` and `pw.jobs.<queue>.step`.
+pub mod subject {
+    use super::JobKind;
+
+    pub const PREFIX: &str = "pw.jobs";
+
+    pub fn poll(queue: &str) -> String {
+        format!("{PREFIX}.{queue}.poll")
+    }
+
+    pub fn step(queue: &str) -> String {
+        format!("{PREFIX}.{queue}.step")
+    }
+
+    /// All subjects of a queue, as a consumer filter.
+    pub fn queue_filter(queue: &str) -> String {
+        format!("{PREFIX}.{queue}.*")
+    }
+
+    /// Splits a subject into its queue and job kind.
+    pub fn parse(subject: &str) -> Option<(&str, JobKind)> {
+        let rest = subject.strip_prefix(PREFIX)?.strip_prefix('.')?;
+        let (queue, kind) = rest.rsplit_once('.')?;
+        let kind = match kind {
+            "poll" => JobKind::Poll,
+            "step" => JobKind::Step,
+            _ => return None,
+        };
+        (!queue.is_empty() && !queue.contains('.')).then_some((queue, kind))
+    }
+}
+
+/// `<flow>:<tick>`: every scheduler computes the same id for the same tick.
+pub fn poll_msg_id(job: &PollJob) -> String {
+    format!("{}:{}", job.flow_id, job.tick_unix_ms)
+}
+
+/// `<run>:<step>`, plus the retry epoch once a run has been retried by hand.
+pub fn step_msg_id(job: &StepJob) -> String {
+    if job.epoch == 0 {
+        format!("{}:{}", job.run_id, job.step)
+    } else {
+        format!("{}:{}:{}", job.run_id, job.step, job.epoch)
+    }
+}
+
+pub async fn publish_poll(
+    bus: &dyn Bus,
+    queue: &str,
+    job: &PollJob,
+    headers: Vec<(String, String)>,
+) -> Result<PublishAck, BusError> {
+    bus.publish(Message {
+        subject: subject::poll(queue),
+        msg_id: poll_msg_id(job),
+        headers,
+        payload: Bytes::from(job.encode_to_vec()),
+    })
+    .await
+}
+
+pub async fn publish_step(
+    bus: &dyn Bus,
+    queue: &str,
+    job: &StepJob,
+    headers: Vec<(String, String)>,
+) -> Result<PublishAck, BusError> {
+    bus.publish(Message {
+        subject: subject::step(queue),
+        msg_id: step_msg_id(job),
+        headers,
+        payload: Bytes::from(job.encode_to_vec()),
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_round_trip() {
+        assert_eq!(
+            subject::parse(&subject::poll("default")),
+            Some(("default", JobKind::Poll))
+        );
+        assert_eq!(
+            subject::parse(&subject::step("vpn-a")),
+            Some(("vpn-a", JobKind::Step))
+        );
+        assert_eq!(subject::parse("pw.jobs.default.other"), None);
+        assert_eq!(subject::parse("pw.jobs..step"), None);
+        assert_eq!(subject::parse("other.default.step"), None);
+    }
+
+    #[test]
+    fn message_ids_follow_the_contract() {
+        let poll = PollJob {
+            flow_id: "f".into(),
+            flow_version: 3,
+            tick_unix_ms: 1000,
+        };
+        assert_eq!(poll_msg_id(&poll), "f:1000");
+        let mut step = StepJob {
+            run_id: "r".into(),
+            flow_id: "f".into(),
+            flow_version: 1,
+            step: "s".into(),
+            epoch: 0,
+        };
+        assert_eq!(step_msg_id(&step), "r:s");
+        step.epoch = 2;
+        assert_eq!(step_msg_id(&step), "r:s:2");
+    }
+}

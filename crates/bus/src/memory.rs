@@ -1,0 +1,379 @@
+//! The in-memory bus behind `piecework dev` and the in-process tests.
+//!
+//! It keeps JetStream's semantics where the rest of the system relies on them: message ids are
+//! deduplicated within a window, a queue's deliveries are shared by all its consumers, at most
+//! `max_ack_pending` deliveries are out at once, `nak` redelivers after a delay with the delivery
+//! count increased, and a delivery dropped without being settled (a worker task that was
+//! aborted) is redelivered at once. Nothing survives the process.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{self, BoxStream, StreamExt};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::{Bus, BusError, ConsumeOptions, Delivery, Message, PublishAck, Settle, subject};
+
+/// JetStream's default duplicate window.
+pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(120);
+
+#[derive(Clone)]
+struct Envelope {
+    subject: String,
+    headers: Vec<(String, String)>,
+    payload: Bytes,
+    delivered: u32,
+}
+
+#[derive(Default)]
+struct Queue {
+    ready: VecDeque<Envelope>,
+    notify: Arc<Notify>,
+    /// Created by the first consumer, sized by its `max_ack_pending`.
+    pending: Option<Arc<Semaphore>>,
+}
+
+struct Inner {
+    queues: Mutex<HashMap<String, Queue>>,
+    seen: Mutex<Dedupe>,
+}
+
+#[derive(Default)]
+struct Dedupe {
+    window: Duration,
+    ids: HashMap<String, Instant>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Dedupe {
+    /// Records `id`; returns false if it was seen within the window.
+    fn insert(&mut self, id: &str, now: Instant) -> bool {
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < self.window {
+                break;
+            }
+            let (_, old) = self.order.pop_front().expect("front exists");
+            self.ids.remove(&old);
+        }
+        if self.ids.contains_key(id) {
+            return false;
+        }
+        self.ids.insert(id.to_owned(), now);
+        self.order.push_back((now, id.to_owned()));
+        true
+    }
+}
+
+/// An in-process [`Bus`]. Cheap to clone; clones share the queues.
+#[derive(Clone)]
+pub struct MemoryBus {
+    inner: Arc<Inner>,
+}
+
+impl Default for MemoryBus {
+    fn default() -> Self {
+        Self::with_dedupe_window(DEFAULT_DEDUPE_WINDOW)
+    }
+}
+
+impl MemoryBus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_dedupe_window(window: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                queues: Mutex::new(HashMap::new()),
+                seen: Mutex::new(Dedupe {
+                    window,
+                    ..Dedupe::default()
+                }),
+            }),
+        }
+    }
+
+    /// Jobs waiting in a queue (not counting those handed out), for tests and metrics.
+    pub fn queued(&self, queue: &str) -> usize {
+        self.inner
+            .queues
+            .lock()
+            .unwrap()
+            .get(queue)
+            .map_or(0, |q| q.ready.len())
+    }
+}
+
+impl Inner {
+    fn enqueue(&self, queue: &str, envelope: Envelope) {
+        let mut queues = self.queues.lock().unwrap();
+        let q = queues.entry(queue.to_owned()).or_default();
+        q.ready.push_back(envelope);
+        q.notify.notify_one();
+    }
+
+    fn take(&self, queue: &str) -> (Option<Envelope>, Arc<Notify>) {
+        let mut queues = self.queues.lock().unwrap();
+        let q = queues.entry(queue.to_owned()).or_default();
+        (q.ready.pop_front(), q.notify.clone())
+    }
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    async fn publish(&self, message: Message) -> Result<PublishAck, BusError> {
+        let Some((queue, _)) = subject::parse(&message.subject) else {
+            return Err(BusError::Publish {
+                subject: message.subject,
+                message: "not a job subject (pw.jobs.<queue>.poll|step)".into(),
+            });
+        };
+        if !self
+            .inner
+            .seen
+            .lock()
+            .unwrap()
+            .insert(&message.msg_id, Instant::now())
+        {
+            return Ok(PublishAck { duplicate: true });
+        }
+        let envelope = Envelope {
+            subject: message.subject.clone(),
+            headers: message.headers,
+            payload: message.payload,
+            delivered: 0,
+        };
+        self.inner.enqueue(queue, envelope);
+        Ok(PublishAck { duplicate: false })
+    }
+
+    async fn consume(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+    ) -> Result<BoxStream<'static, Result<Delivery, BusError>>, BusError> {
+        let pending = {
+            let mut queues = self.inner.queues.lock().unwrap();
+            let q = queues.entry(queue.to_owned()).or_default();
+            q.pending
+                .get_or_insert_with(|| Arc::new(Semaphore::new(options.max_ack_pending.max(1))))
+                .clone()
+        };
+        let state = (self.inner.clone(), queue.to_owned(), pending);
+        let deliveries = stream::unfold(state, |(inner, queue, pending)| async move {
+            let permit = pending.clone().acquire_owned().await.ok()?;
+            let envelope = loop {
+                let (envelope, notify) = inner.take(&queue);
+                if let Some(envelope) = envelope {
+                    break envelope;
+                }
+                let notified = notify.notified();
+                tokio::pin!(notified);
+                // Register before re-checking, so a publish in between is not missed.
+                notified.as_mut().enable();
+                if let (Some(envelope), _) = inner.take(&queue) {
+                    break envelope;
+                }
+                notified.await;
+            };
+            let delivery = deliver(&inner, &queue, envelope, permit);
+            Some((Ok(delivery), (inner, queue, pending)))
+        });
+        Ok(deliveries.boxed())
+    }
+
+    async fn ready(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+}
+
+fn deliver(
+    inner: &Arc<Inner>,
+    queue: &str,
+    mut envelope: Envelope,
+    permit: OwnedSemaphorePermit,
+) -> Delivery {
+    envelope.delivered += 1;
+    let settle = MemorySettle {
+        inner: inner.clone(),
+        queue: queue.to_owned(),
+        envelope: envelope.clone(),
+        settled: AtomicBool::new(false),
+        _permit: permit,
+    };
+    Delivery::new(
+        envelope.subject,
+        envelope.headers,
+        envelope.payload,
+        envelope.delivered,
+        Box::new(settle),
+    )
+}
+
+struct MemorySettle {
+    inner: Arc<Inner>,
+    queue: String,
+    envelope: Envelope,
+    settled: AtomicBool,
+    /// Released when the delivery is settled or dropped: frees a `max_ack_pending` slot.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl MemorySettle {
+    fn settle_once(&self) -> Result<(), BusError> {
+        if self.settled.swap(true, Ordering::SeqCst) {
+            return Err(BusError::Settle("delivery was already settled".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Settle for MemorySettle {
+    async fn ack(&self) -> Result<(), BusError> {
+        self.settle_once()
+    }
+
+    async fn nak(&self, delay: Duration) -> Result<(), BusError> {
+        self.settle_once()?;
+        let inner = self.inner.clone();
+        let queue = self.queue.clone();
+        let envelope = self.envelope.clone();
+        if delay.is_zero() {
+            inner.enqueue(&queue, envelope);
+        } else {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                inner.enqueue(&queue, envelope);
+            });
+        }
+        Ok(())
+    }
+
+    async fn term(&self) -> Result<(), BusError> {
+        self.settle_once()
+    }
+
+    async fn progress(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+}
+
+impl Drop for MemorySettle {
+    /// A delivery nobody settled (its task was aborted) goes back to the queue, as JetStream
+    /// redelivers after the ack wait.
+    fn drop(&mut self) {
+        if !self.settled.load(Ordering::SeqCst) {
+            self.inner.enqueue(&self.queue, self.envelope.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subject;
+
+    fn message(id: &str, payload: &'static str) -> Message {
+        Message {
+            subject: subject::step("default"),
+            msg_id: id.into(),
+            headers: vec![("traceparent".into(), "00-abc".into())],
+            payload: Bytes::from_static(payload.as_bytes()),
+        }
+    }
+
+    async fn next(stream: &mut BoxStream<'static, Result<Delivery, BusError>>) -> Delivery {
+        tokio::time::timeout(Duration::from_secs(600), stream.next())
+            .await
+            .expect("a delivery in time")
+            .expect("stream open")
+            .expect("no error")
+    }
+
+    #[tokio::test]
+    async fn duplicate_ids_are_stored_once() {
+        let bus = MemoryBus::new();
+        assert!(!bus.publish(message("a", "1")).await.unwrap().duplicate);
+        assert!(bus.publish(message("a", "1")).await.unwrap().duplicate);
+        assert_eq!(bus.queued("default"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dedupe_window_expires() {
+        let bus = MemoryBus::with_dedupe_window(Duration::from_secs(10));
+        bus.publish(message("a", "1")).await.unwrap();
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!bus.publish(message("a", "1")).await.unwrap().duplicate);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nak_redelivers_after_the_delay_with_a_higher_count() {
+        let bus = MemoryBus::new();
+        let mut stream = bus
+            .consume("default", ConsumeOptions::default())
+            .await
+            .unwrap();
+        bus.publish(message("a", "1")).await.unwrap();
+        let first = next(&mut stream).await;
+        assert_eq!(first.delivered, 1);
+        assert_eq!(first.header("TraceParent"), Some("00-abc"));
+        let start = Instant::now();
+        first.nak(Duration::from_secs(5)).await.unwrap();
+        let second = next(&mut stream).await;
+        assert_eq!(second.delivered, 2);
+        assert!(start.elapsed() >= Duration::from_secs(5));
+        second.ack().await.unwrap();
+        assert_eq!(bus.queued("default"), 0);
+    }
+
+    #[tokio::test]
+    async fn dropped_deliveries_come_back_and_term_is_final() {
+        let bus = MemoryBus::new();
+        let mut stream = bus
+            .consume("default", ConsumeOptions::default())
+            .await
+            .unwrap();
+        bus.publish(message("a", "1")).await.unwrap();
+        drop(next(&mut stream).await);
+        let again = next(&mut stream).await;
+        assert_eq!(again.delivered, 2);
+        again.term().await.unwrap();
+        assert_eq!(bus.queued("default"), 0);
+    }
+
+    #[tokio::test]
+    async fn max_ack_pending_bounds_deliveries_in_flight() {
+        let bus = MemoryBus::new();
+        let options = ConsumeOptions {
+            max_ack_pending: 1,
+            ..ConsumeOptions::default()
+        };
+        let mut stream = bus.consume("default", options).await.unwrap();
+        bus.publish(message("a", "1")).await.unwrap();
+        bus.publish(message("b", "2")).await.unwrap();
+        let first = next(&mut stream).await;
+        let blocked = tokio::time::timeout(Duration::from_millis(50), stream.next()).await;
+        assert!(blocked.is_err(), "a second delivery while one is pending");
+        first.ack().await.unwrap();
+        assert_eq!(next(&mut stream).await.payload, Bytes::from_static(b"2"));
+    }
+
+    #[tokio::test]
+    async fn queues_are_separate_and_bad_subjects_are_refused() {
+        let bus = MemoryBus::new();
+        let mut other = message("x", "1");
+        other.subject = subject::poll("vpn");
+        bus.publish(other).await.unwrap();
+        assert_eq!(bus.queued("default"), 0);
+        assert_eq!(bus.queued("vpn"), 1);
+        let mut bad = message("y", "1");
+        bad.subject = "pw.other".into();
+        assert!(bus.publish(bad).await.is_err());
+    }
+}

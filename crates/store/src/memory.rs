@@ -1,0 +1,455 @@
+//! The in-memory store behind `piecework dev` and the in-process tests. Streams are capped like
+//! their Redis counterparts; nothing survives the process.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use piecework_core::{FlowVersion, Run, RunSummary, ValidFlow};
+use piecework_proto::v1::{AuditEvent, StepResult};
+use piecework_sdk::{KvStore, MemoryKv, PollState};
+use tokio::sync::Notify;
+
+use crate::{Applied, Entry, FlowRecord, RunQuery, RunUpdate, StepUpdate, Store, StoreError};
+
+/// Default cap of each stream, as Redis' `MAXLEN ~`.
+pub const DEFAULT_STREAM_MAXLEN: usize = 100_000;
+
+struct Stream<T> {
+    entries: VecDeque<(u64, T)>,
+    next_id: u64,
+    maxlen: usize,
+}
+
+impl<T: Clone> Stream<T> {
+    fn new(maxlen: usize) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            next_id: 1,
+            maxlen,
+        }
+    }
+
+    fn push(&mut self, event: T) {
+        self.entries.push_back((self.next_id, event));
+        self.next_id += 1;
+        while self.entries.len() > self.maxlen {
+            self.entries.pop_front();
+        }
+    }
+
+    fn after(&self, after: Option<&str>, limit: usize) -> Vec<Entry<T>> {
+        let after: u64 = after.and_then(|a| a.parse().ok()).unwrap_or(0);
+        self.entries
+            .iter()
+            .filter(|(id, _)| *id > after)
+            .take(limit)
+            .map(|(id, event)| Entry {
+                id: id.to_string(),
+                event: event.clone(),
+            })
+            .collect()
+    }
+
+    fn last_id(&self) -> String {
+        (self.next_id - 1).to_string()
+    }
+}
+
+struct State {
+    flows: HashMap<String, FlowRecord>,
+    versions: HashMap<(String, u32), FlowVersion>,
+    runs: HashMap<String, Run>,
+    triggers: HashMap<String, PollState>,
+    results: Stream<StepResult>,
+    audit: Stream<AuditEvent>,
+}
+
+/// An in-process [`Store`]. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+    kv: Arc<MemoryKv>,
+    /// Woken whenever a run changes or a result is appended.
+    changed: Arc<Notify>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_stream_maxlen(DEFAULT_STREAM_MAXLEN)
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_stream_maxlen(maxlen: usize) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(State {
+                flows: HashMap::new(),
+                versions: HashMap::new(),
+                runs: HashMap::new(),
+                triggers: HashMap::new(),
+                results: Stream::new(maxlen),
+                audit: Stream::new(maxlen),
+            })),
+            kv: Arc::new(MemoryKv::default()),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The id of the newest `pw:results` entry ("0" if none), to tail from now on.
+    pub fn results_tail(&self) -> String {
+        self.state.lock().unwrap().results.last_id()
+    }
+}
+
+/// Two definitions are the same version if they differ at most in `enabled`, which is state
+/// of the flow rather than part of a version.
+fn same_definition(a: &piecework_core::FlowDefinition, b: &piecework_core::FlowDefinition) -> bool {
+    let mut b = b.clone();
+    b.enabled = a.enabled;
+    *a == b
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn apply_flow(&self, flow: ValidFlow) -> Result<Applied, StoreError> {
+        let now = Utc::now();
+        let mut state = self.state.lock().unwrap();
+        let id = flow.definition.name.clone();
+        let latest = state.flows.get(&id).map(|r| r.latest_version).unwrap_or(0);
+        let unchanged = state.versions.get(&(id.clone(), latest)).is_some_and(|v| {
+            same_definition(&v.definition, &flow.definition) && v.resolved == flow.resolved
+        });
+        let version = if unchanged { latest } else { latest + 1 };
+        if !unchanged {
+            let stored = FlowVersion {
+                flow_id: id.clone(),
+                version,
+                definition: flow.definition.clone(),
+                resolved: flow.resolved,
+                created_at: now,
+            };
+            state.versions.insert((id.clone(), version), stored);
+        }
+        let record = state.flows.entry(id.clone()).or_insert_with(|| FlowRecord {
+            id: id.clone(),
+            latest_version: version,
+            enabled: flow.definition.enabled,
+            owner: None,
+            description: String::new(),
+            created_at: now,
+            updated_at: now,
+        });
+        record.latest_version = version;
+        record.enabled = flow.definition.enabled;
+        record.owner = flow.definition.owner.clone();
+        record.description = flow.definition.description.clone();
+        record.updated_at = now;
+        Ok(Applied {
+            record: record.clone(),
+            version,
+            created: !unchanged,
+        })
+    }
+
+    async fn get_flow(&self, id: &str) -> Result<Option<FlowRecord>, StoreError> {
+        Ok(self.state.lock().unwrap().flows.get(id).cloned())
+    }
+
+    async fn list_flows(&self) -> Result<Vec<FlowRecord>, StoreError> {
+        let mut flows: Vec<FlowRecord> =
+            self.state.lock().unwrap().flows.values().cloned().collect();
+        flows.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(flows)
+    }
+
+    async fn get_flow_version(
+        &self,
+        id: &str,
+        version: u32,
+    ) -> Result<Option<FlowVersion>, StoreError> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .versions
+            .get(&(id.to_owned(), version))
+            .cloned())
+    }
+
+    async fn set_flow_enabled(
+        &self,
+        id: &str,
+        enabled: bool,
+    ) -> Result<Option<FlowRecord>, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        Ok(state.flows.get_mut(id).map(|record| {
+            record.enabled = enabled;
+            record.updated_at = Utc::now();
+            record.clone()
+        }))
+    }
+
+    async fn create_run(&self, run: &Run) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        if state.runs.contains_key(&run.id) {
+            return Ok(false);
+        }
+        state.runs.insert(run.id.clone(), run.clone());
+        Ok(true)
+    }
+
+    async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError> {
+        Ok(self.state.lock().unwrap().runs.get(id).cloned())
+    }
+
+    async fn list_runs(&self, query: &RunQuery) -> Result<Vec<RunSummary>, StoreError> {
+        let state = self.state.lock().unwrap();
+        let mut runs: Vec<RunSummary> = state
+            .runs
+            .values()
+            .filter(|r| query.flow_id.as_deref().is_none_or(|f| r.flow_id == f))
+            .filter(|r| query.status.is_none_or(|s| r.status == s))
+            .map(RunSummary::from)
+            .collect();
+        runs.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| b.id.cmp(&a.id))
+        });
+        runs.truncate(query.limit.max(1));
+        Ok(runs)
+    }
+
+    async fn record_step(&self, update: StepUpdate) -> Result<(), StoreError> {
+        {
+            let mut state = self.state.lock().unwrap();
+            let run = state.runs.get_mut(&update.run_id).ok_or_else(|| {
+                StoreError::Conflict(format!("run {} does not exist", update.run_id))
+            })?;
+            run.upsert_step(update.step);
+            if update.response.is_some() {
+                run.response = update.response;
+            }
+            if let Some(change) = update.run {
+                apply_run_update(run, change);
+            }
+            state.results.push(update.result);
+        }
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn update_run(&self, run_id: &str, update: RunUpdate) -> Result<(), StoreError> {
+        {
+            let mut state = self.state.lock().unwrap();
+            let run = state
+                .runs
+                .get_mut(run_id)
+                .ok_or_else(|| StoreError::Conflict(format!("run {run_id} does not exist")))?;
+            apply_run_update(run, update);
+        }
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn wait_run_finished(
+        &self,
+        run_id: &str,
+        timeout: Duration,
+    ) -> Result<Option<Run>, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let run = self.get_run(run_id).await?;
+            match &run {
+                None => return Ok(None),
+                Some(r) if r.status.is_terminal() => return Ok(run),
+                Some(_) => {}
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(run);
+            }
+        }
+    }
+
+    async fn trigger_state(&self, flow_id: &str) -> Result<Option<PollState>, StoreError> {
+        Ok(self.state.lock().unwrap().triggers.get(flow_id).cloned())
+    }
+
+    async fn put_trigger_state(
+        &self,
+        flow_id: &str,
+        poll_state: &PollState,
+    ) -> Result<(), StoreError> {
+        self.state
+            .lock()
+            .unwrap()
+            .triggers
+            .insert(flow_id.to_owned(), poll_state.clone());
+        Ok(())
+    }
+
+    fn kv(&self) -> Arc<dyn KvStore> {
+        self.kv.clone()
+    }
+
+    async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.state.lock().unwrap().audit.push(event);
+        Ok(())
+    }
+
+    async fn read_results(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry<StepResult>>, StoreError> {
+        let deadline = tokio::time::Instant::now() + block;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let entries = self.state.lock().unwrap().results.after(after, limit);
+            if !entries.is_empty() || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(entries);
+            }
+        }
+    }
+
+    async fn read_audit(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Entry<AuditEvent>>, StoreError> {
+        Ok(self.state.lock().unwrap().audit.after(after, limit))
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+fn apply_run_update(run: &mut Run, update: RunUpdate) {
+    run.status = update.status;
+    run.error = update.error;
+    run.finished_at = update.finished_at;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use piecework_core::{FlowDefinition, Format, RunStatus};
+    use std::collections::BTreeMap;
+
+    fn flow(description: &str, enabled: bool) -> ValidFlow {
+        let text = format!(
+            "apiVersion: piecework/v1\nkind: Flow\nname: f\ndescription: {description}\nenabled: {enabled}\ntrigger: {{piece: p, trigger: t}}\nsteps: []\n"
+        );
+        ValidFlow {
+            definition: FlowDefinition::parse(&text, Format::Yaml).unwrap(),
+            resolved: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn applying_creates_versions_only_for_changes() {
+        let store = MemoryStore::new();
+        let first = store.apply_flow(flow("a", true)).await.unwrap();
+        assert_eq!((first.version, first.created), (1, true));
+        let same = store.apply_flow(flow("a", false)).await.unwrap();
+        assert_eq!(
+            (same.version, same.created, same.record.enabled),
+            (1, false, false)
+        );
+        let changed = store.apply_flow(flow("b", true)).await.unwrap();
+        assert_eq!((changed.version, changed.created), (2, true));
+        let v1 = store.get_flow_version("f", 1).await.unwrap().unwrap();
+        assert_eq!(v1.definition.description, "a", "versions are immutable");
+    }
+
+    #[tokio::test]
+    async fn applying_keeps_the_trigger_cursor() {
+        let store = MemoryStore::new();
+        store.apply_flow(flow("a", true)).await.unwrap();
+        let cursor = PollState {
+            recent_ids: ["7".to_owned()].into(),
+            ..PollState::default()
+        };
+        store.put_trigger_state("f", &cursor).await.unwrap();
+        store.apply_flow(flow("b", true)).await.unwrap();
+        store.set_flow_enabled("f", false).await.unwrap();
+        store.set_flow_enabled("f", true).await.unwrap();
+        assert_eq!(store.trigger_state("f").await.unwrap(), Some(cursor));
+    }
+
+    #[tokio::test]
+    async fn runs_are_created_once() {
+        let store = MemoryStore::new();
+        let run = Run::new("r1".into(), "f", 1, serde_json::json!({}));
+        assert!(store.create_run(&run).await.unwrap());
+        assert!(!store.create_run(&run).await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_run_returns_when_it_finishes_or_times_out() {
+        let store = MemoryStore::new();
+        store
+            .create_run(&Run::new("r1".into(), "f", 1, serde_json::json!({})))
+            .await
+            .unwrap();
+        let pending = store
+            .wait_run_finished("r1", Duration::from_secs(1))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(pending.status, RunStatus::Running);
+        let waiter = {
+            let store = store.clone();
+            tokio::spawn(
+                async move { store.wait_run_finished("r1", Duration::from_secs(60)).await },
+            )
+        };
+        tokio::task::yield_now().await;
+        let done = RunUpdate {
+            status: RunStatus::Succeeded,
+            error: None,
+            finished_at: Some(Utc::now()),
+        };
+        store.update_run("r1", done).await.unwrap();
+        let finished = waiter.await.unwrap().unwrap().unwrap();
+        assert_eq!(finished.status, RunStatus::Succeeded);
+        assert!(
+            store
+                .wait_run_finished("nope", Duration::from_secs(1))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn streams_are_capped_and_read_in_order() {
+        let store = MemoryStore::with_stream_maxlen(3);
+        for i in 0..5 {
+            let event = AuditEvent {
+                action: format!("a{i}"),
+                ..AuditEvent::default()
+            };
+            store.append_audit(event).await.unwrap();
+        }
+        let all = store.read_audit(None, 10).await.unwrap();
+        let actions: Vec<_> = all.iter().map(|e| e.event.action.as_str()).collect();
+        assert_eq!(actions, ["a2", "a3", "a4"]);
+        let after = store.read_audit(Some(&all[0].id), 10).await.unwrap();
+        assert_eq!(after.len(), 2);
+    }
+}
