@@ -1,1 +1,202 @@
+//! What the api, scheduler and worker share: a [`Runtime`] holding the store, the bus and the
+//! piece registry, with the operations more than one service performs — applying a flow,
+//! starting a run, publishing a step, recording an audit event.
+//!
+//! `piecework dev` builds one `Runtime` on the in-memory adapters and hands it to all three
+//! services; the separate processes each build their own on NATS and Redis.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use chrono::Utc;
+use piecework_bus::Bus;
+use piecework_bus::jobs;
+use piecework_core::flow::{self, FlowDefinition, FlowVersion};
+use piecework_core::{FlowError, Registry, Run};
+use piecework_proto::v1::{AuditEvent, StepJob};
+use piecework_sdk::{Context, EgressPolicy, HttpClient, Owner, PieceError, RunInfo, ScopedStore};
+use piecework_store::{Applied, Store, StoreError};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bus(#[from] piecework_bus::BusError),
+    #[error(transparent)]
+    Flow(#[from] FlowError),
+    #[error("cannot build the HTTP client for pieces: {0}")]
+    Http(PieceError),
+}
+
+/// Who did something, for the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor(pub String);
+
+impl Actor {
+    pub fn api(principal: &str) -> Self {
+        Self(format!("api:{principal}"))
+    }
+
+    pub fn worker(id: &str) -> Self {
+        Self(format!("worker:{id}"))
+    }
+}
+
+/// Shared state and operations of the services. Cheap to share behind an `Arc`.
+pub struct Runtime {
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn Bus>,
+    pub registry: Arc<Registry>,
+    http: HttpClient,
+    /// Flow versions are immutable, so they are cached forever (per process).
+    versions: Mutex<HashMap<(String, u32), Arc<FlowVersion>>>,
+}
+
+impl Runtime {
+    pub fn new(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        registry: Arc<Registry>,
+        egress: EgressPolicy,
+    ) -> Result<Self, RuntimeError> {
+        Ok(Self {
+            store,
+            bus,
+            registry,
+            http: HttpClient::new(egress).map_err(RuntimeError::Http)?,
+            versions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A flow version, from the cache or the store.
+    pub async fn flow_version(
+        &self,
+        flow_id: &str,
+        version: u32,
+    ) -> Result<Option<Arc<FlowVersion>>, RuntimeError> {
+        let key = (flow_id.to_owned(), version);
+        if let Some(found) = self.versions.lock().unwrap().get(&key) {
+            return Ok(Some(found.clone()));
+        }
+        let Some(loaded) = self.store.get_flow_version(flow_id, version).await? else {
+            return Ok(None);
+        };
+        let loaded = Arc::new(loaded);
+        self.versions.lock().unwrap().insert(key, loaded.clone());
+        Ok(Some(loaded))
+    }
+
+    /// Validates a flow against this process's registry, stores it, audits it.
+    pub async fn apply_flow(
+        &self,
+        definition: FlowDefinition,
+        actor: &Actor,
+    ) -> Result<Applied, RuntimeError> {
+        let started = Instant::now();
+        let resource = format!("flow/{}", definition.name);
+        let result = match flow::validate(definition, &self.registry) {
+            Ok(valid) => self
+                .store
+                .apply_flow(valid)
+                .await
+                .map_err(RuntimeError::from),
+            Err(err) => Err(err.into()),
+        };
+        self.audit(
+            actor,
+            "flow.apply",
+            &resource,
+            started,
+            result.as_ref().err(),
+        )
+        .await;
+        result
+    }
+
+    /// Creates a run and publishes its first step. Idempotent: for an existing run that has not
+    /// recorded a step yet (its creator died before publishing), the first step is published
+    /// again, and the broker's message-id dedupe keeps it single. Returns whether the run was
+    /// new.
+    pub async fn start_run(
+        &self,
+        flow: &FlowVersion,
+        run_id: String,
+        trigger: Value,
+    ) -> Result<bool, RuntimeError> {
+        let run = Run::new(run_id, &flow.flow_id, flow.version, trigger);
+        let created = self.store.create_run(&run).await?;
+        let needs_first_step = created
+            || self
+                .store
+                .get_run(&run.id)
+                .await?
+                .is_some_and(|r| !r.status.is_terminal() && r.steps.is_empty());
+        if needs_first_step && let Some(first) = flow.definition.next_step(None) {
+            self.publish_step(flow, &run.id, &first.name, 0).await?;
+        }
+        Ok(created)
+    }
+
+    /// Publishes the job for one step of a run to the step's queue.
+    pub async fn publish_step(
+        &self,
+        flow: &FlowVersion,
+        run_id: &str,
+        step: &str,
+        epoch: u32,
+    ) -> Result<(), RuntimeError> {
+        let queue = flow
+            .definition
+            .step(step)
+            .map_or(flow::DEFAULT_QUEUE, |s| s.queue());
+        let job = StepJob {
+            run_id: run_id.to_owned(),
+            flow_id: flow.flow_id.clone(),
+            flow_version: flow.version,
+            step: step.to_owned(),
+            epoch,
+        };
+        jobs::publish_step(self.bus.as_ref(), queue, &job, Vec::new()).await?;
+        Ok(())
+    }
+
+    /// The context handed to an action or trigger.
+    pub fn context(&self, run: RunInfo, flow: &FlowVersion, auth: Option<Value>) -> Context {
+        let owner = Owner {
+            id: flow.definition.owner.clone().unwrap_or_default(),
+        };
+        let store = ScopedStore::new(self.store.kv(), flow.flow_id.clone());
+        Context::new(run, owner, store, self.http.clone()).with_auth(auth)
+    }
+
+    /// Appends to `pw:audit`. A failure to audit is logged, never fails the operation.
+    pub async fn audit(
+        &self,
+        actor: &Actor,
+        action: &str,
+        resource: &str,
+        started: Instant,
+        error: Option<&impl ToString>,
+    ) {
+        let event = AuditEvent {
+            actor: actor.0.clone(),
+            action: action.to_owned(),
+            resource: resource.to_owned(),
+            outcome: if error.is_some() {
+                "failure"
+            } else {
+                "success"
+            }
+            .to_owned(),
+            time_unix_ms: Utc::now().timestamp_millis(),
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            error: error.map(ToString::to_string).unwrap_or_default(),
+        };
+        if let Err(err) = self.store.append_audit(event).await {
+            tracing::warn!(error = %err, action, resource, "could not append to the audit stream");
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! API errors and the one place they become HTTP status codes.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use piecework_core::FlowError;
+use piecework_runtime::RuntimeError;
+use piecework_store::StoreError;
+use serde_json::{Value, json};
+
+/// An error answered as `{"error": {"code", "message", "details"?}}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{message}")]
+    InvalidFlow { message: String, details: Value },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("missing or wrong API key")]
+    Unauthorized,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{message}")]
+    Timeout { message: String, run_id: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::InvalidFlow { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_flow"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let mut error = json!({ "code": code, "message": self.to_string() });
+        match &self {
+            ApiError::InvalidFlow { details, .. } => error["details"] = details.clone(),
+            ApiError::Timeout { run_id, .. } => error["run_id"] = json!(run_id),
+            ApiError::Internal(message) => tracing::error!(error = %message, "request failed"),
+            _ => {}
+        }
+        (status, Json(json!({ "error": error }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Unavailable(message) => ApiError::Unavailable(message),
+            StoreError::Conflict(message) => ApiError::Conflict(message),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<FlowError> for ApiError {
+    fn from(err: FlowError) -> Self {
+        match &err {
+            FlowError::Parse { .. } => ApiError::BadRequest(err.to_string()),
+            FlowError::Invalid { issues, .. } => ApiError::InvalidFlow {
+                details: json!({ "issues": issues }),
+                message: err.to_string(),
+            },
+        }
+    }
+}
+
+impl From<RuntimeError> for ApiError {
+    fn from(err: RuntimeError) -> Self {
+        match err {
+            RuntimeError::Store(err) => err.into(),
+            RuntimeError::Flow(err) => err.into(),
+            RuntimeError::Bus(err) => ApiError::Unavailable(err.to_string()),
+            RuntimeError::Http(err) => ApiError::Internal(err.to_string()),
+        }
+    }
+}

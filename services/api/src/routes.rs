@@ -1,0 +1,498 @@
+//! Route handlers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use piecework_core::RunStatus;
+use piecework_core::flow::{FlowDefinition, Format};
+use piecework_core::run::new_run_id;
+use piecework_runtime::{Actor, Runtime};
+use piecework_sdk::{TriggerHandle, WebhookRequest};
+use piecework_store::RunQuery;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::ApiConfig;
+use crate::error::ApiError;
+
+#[derive(Clone)]
+struct AppState {
+    runtime: Arc<Runtime>,
+    config: Arc<ApiConfig>,
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The API's routes.
+pub fn router(runtime: Arc<Runtime>, config: ApiConfig) -> Router {
+    let state = AppState {
+        runtime,
+        config: Arc::new(config),
+    };
+    let protected = Router::new()
+        .route("/pieces", get(list_pieces))
+        .route("/pieces/{name}", get(get_piece))
+        .route("/flows", get(list_flows).post(apply_flow))
+        .route("/flows/{id}", get(get_flow))
+        .route("/flows/{id}/versions/{version}", get(get_flow_version))
+        .route("/flows/{id}/enable", post(enable_flow))
+        .route("/flows/{id}/disable", post(disable_flow))
+        .route("/runs", get(list_runs))
+        .route("/runs/{id}", get(get_run))
+        .route("/audit", get(list_audit))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    let webhooks = Router::new()
+        .route("/webhooks/{flow}", post(webhook))
+        .route("/webhooks/{flow}/sync", post(webhook_sync));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .nest("/v1", protected.merge(webhooks))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .with_state(state)
+}
+
+async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(expected) = state.config.api_key.as_deref() else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => {
+            next.run(request).await
+        }
+        _ => ApiError::Unauthorized.into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Who made the request, for the audit trail.
+fn actor(state: &AppState) -> Actor {
+    Actor::api(if state.config.api_key.is_some() {
+        "api-key"
+    } else {
+        "anonymous"
+    })
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let store = state
+        .runtime
+        .store
+        .ready()
+        .await
+        .err()
+        .map(|e| e.to_string());
+    let bus = state.runtime.bus.ready().await.err().map(|e| e.to_string());
+    let body = json!({
+        "store": store.as_deref().unwrap_or("ok"),
+        "bus": bus.as_deref().unwrap_or("ok"),
+    });
+    let status = if store.is_none() && bus.is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn list_pieces(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "pieces": state.runtime.registry.catalog() }))
+}
+
+async fn get_piece(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let registry = &state.runtime.registry;
+    let newest = registry
+        .versions(&name)
+        .first()
+        .and_then(|v| registry.get(&name, v))
+        .ok_or_else(|| ApiError::NotFound(format!("no piece `{name}`")))?;
+    let versions: Vec<String> = registry
+        .versions(&name)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    Ok(Json(
+        json!({ "piece": newest.metadata(), "versions": versions }),
+    ))
+}
+
+fn format_of(headers: &HeaderMap) -> Format {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if content_type.starts_with("application/json") {
+        Format::Json
+    } else {
+        Format::Yaml
+    }
+}
+
+/// Applies a flow sent as YAML (default) or JSON (`Content-Type: application/json`).
+async fn apply_flow(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::BadRequest("flow is not UTF-8 text".into()))?;
+    let definition = FlowDefinition::parse(text, format_of(&headers))?;
+    let applied = state.runtime.apply_flow(definition, &actor(&state)).await?;
+    let status = if applied.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let body =
+        json!({ "flow": applied.record, "version": applied.version, "created": applied.created });
+    Ok((status, Json(body)).into_response())
+}
+
+async fn list_flows(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        json!({ "flows": state.runtime.store.list_flows().await? }),
+    ))
+}
+
+async fn get_flow(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let record = state
+        .runtime
+        .store
+        .get_flow(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no flow `{id}`")))?;
+    let latest = state
+        .runtime
+        .flow_version(&id, record.latest_version)
+        .await?;
+    Ok(Json(json!({ "flow": record, "latest": latest.as_deref() })))
+}
+
+async fn get_flow_version(
+    State(state): State<AppState>,
+    Path((id, version)): Path<(String, u32)>,
+) -> ApiResult<Json<Value>> {
+    let found = state
+        .runtime
+        .flow_version(&id, version)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no version {version} of flow `{id}`")))?;
+    Ok(Json(json!({ "version": &*found })))
+}
+
+async fn enable_flow(state: State<AppState>, id: Path<String>) -> ApiResult<Json<Value>> {
+    set_enabled(state, id, true).await
+}
+
+async fn disable_flow(state: State<AppState>, id: Path<String>) -> ApiResult<Json<Value>> {
+    set_enabled(state, id, false).await
+}
+
+async fn set_enabled(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    enabled: bool,
+) -> ApiResult<Json<Value>> {
+    let started = Instant::now();
+    let result = state.runtime.store.set_flow_enabled(&id, enabled).await;
+    let action = if enabled {
+        "flow.enable"
+    } else {
+        "flow.disable"
+    };
+    let error = match &result {
+        Ok(None) => Some(format!("no flow `{id}`")),
+        Ok(Some(_)) => None,
+        Err(err) => Some(err.to_string()),
+    };
+    state
+        .runtime
+        .audit(
+            &actor(&state),
+            action,
+            &format!("flow/{id}"),
+            started,
+            error.as_ref(),
+        )
+        .await;
+    let record = result?.ok_or_else(|| ApiError::NotFound(format!("no flow `{id}`")))?;
+    Ok(Json(json!({ "flow": record })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunsParams {
+    flow: Option<String>,
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_runs(
+    State(state): State<AppState>,
+    Query(params): Query<RunsParams>,
+) -> ApiResult<Json<Value>> {
+    let status = params
+        .status
+        .map(|s| s.parse::<RunStatus>())
+        .transpose()
+        .map_err(ApiError::BadRequest)?;
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest(
+            "limit must be between 1 and 1000".into(),
+        ));
+    }
+    let query = RunQuery {
+        flow_id: params.flow,
+        status,
+        limit,
+    };
+    Ok(Json(
+        json!({ "runs": state.runtime.store.list_runs(&query).await? }),
+    ))
+}
+
+async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let run = state
+        .runtime
+        .store
+        .get_run(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no run `{id}`")))?;
+    Ok(Json(json!({ "run": run })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_audit(
+    State(state): State<AppState>,
+    Query(params): Query<AuditParams>,
+) -> ApiResult<Json<Value>> {
+    let limit = params.limit.unwrap_or(100).clamp(1, 1000);
+    let entries = state
+        .runtime
+        .store
+        .read_audit(params.after.as_deref(), limit)
+        .await?;
+    let entries: Vec<Value> = entries
+        .into_iter()
+        .map(|e| {
+            json!({
+                "id": e.id,
+                "actor": e.event.actor,
+                "action": e.event.action,
+                "resource": e.event.resource,
+                "outcome": e.event.outcome,
+                "time": chrono::DateTime::from_timestamp_millis(e.event.time_unix_ms),
+                "duration_ms": e.event.duration_ms,
+                "error": (!e.event.error.is_empty()).then_some(e.event.error),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "entries": entries })))
+}
+
+/// Turns the request into the flow's trigger items and starts one run per item.
+async fn start_webhook_runs(
+    state: &AppState,
+    flow_id: &str,
+    headers: &HeaderMap,
+    query: BTreeMap<String, String>,
+    body: Bytes,
+) -> ApiResult<(Arc<piecework_core::FlowVersion>, Vec<String>)> {
+    let runtime = &state.runtime;
+    let record = runtime
+        .store
+        .get_flow(flow_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no flow `{flow_id}`")))?;
+    if !record.enabled {
+        return Err(ApiError::Conflict(format!("flow `{flow_id}` is disabled")));
+    }
+    let flow = runtime
+        .flow_version(flow_id, record.latest_version)
+        .await?
+        .ok_or_else(|| {
+            ApiError::Internal(format!(
+                "flow `{flow_id}` has no version {}",
+                record.latest_version
+            ))
+        })?;
+    let trigger = &flow.definition.trigger;
+    let handle = flow
+        .trigger_version()
+        .and_then(|v| runtime.registry.get(&trigger.piece, v))
+        .and_then(|p| p.trigger(&trigger.trigger));
+    let Some(TriggerHandle::Webhook(webhook)) = handle else {
+        return Err(ApiError::Conflict(format!(
+            "flow `{flow_id}` is not triggered by a webhook"
+        )));
+    };
+    let request = WebhookRequest {
+        method: "POST".into(),
+        headers: headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect(),
+        query,
+        body: parse_body(headers, &body)?,
+    };
+    let items = webhook
+        .handle_json(serde_json::Value::Object(trigger.input.clone()), &request)
+        .map_err(|e| ApiError::BadRequest(format!("webhook trigger rejected the request: {e}")))?;
+    let mut run_ids = Vec::with_capacity(items.len());
+    for item in items {
+        let run_id = new_run_id();
+        runtime.start_run(&flow, run_id.clone(), item).await?;
+        run_ids.push(run_id);
+    }
+    Ok((flow, run_ids))
+}
+
+fn parse_body(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
+    if body.is_empty() {
+        return Ok(Value::Null);
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if content_type.contains("json") {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))
+    } else {
+        Ok(Value::String(String::from_utf8_lossy(body).into_owned()))
+    }
+}
+
+async fn webhook(
+    State(state): State<AppState>,
+    Path(flow_id): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (_, run_ids) = start_webhook_runs(&state, &flow_id, &headers, query, body).await?;
+    let run_id = run_ids.first().cloned();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "run_id": run_id, "run_ids": run_ids })),
+    )
+        .into_response())
+}
+
+/// Starts a run and answers with the flow's response once it finishes: the output of a
+/// `webhook_response` action (`{status, headers, body}`), else the last step's output.
+async fn webhook_sync(
+    State(state): State<AppState>,
+    Path(flow_id): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (_, run_ids) = start_webhook_runs(&state, &flow_id, &headers, query, body).await?;
+    let [run_id] = run_ids.as_slice() else {
+        return Err(ApiError::BadRequest(format!(
+            "a synchronous webhook needs exactly one run, the trigger produced {}",
+            run_ids.len()
+        )));
+    };
+    let run = state
+        .runtime
+        .store
+        .wait_run_finished(run_id, state.config.sync_timeout)
+        .await?
+        .ok_or_else(|| ApiError::Internal(format!("run {run_id} vanished")))?;
+    match run.status {
+        RunStatus::Running => Err(ApiError::Timeout {
+            message: format!(
+                "run did not finish within {:?}; it goes on in the background",
+                state.config.sync_timeout
+            ),
+            run_id: run.id,
+        }),
+        RunStatus::Succeeded => Ok(match run.response {
+            Some(response) => flow_response(&response),
+            None => {
+                let output = run
+                    .steps
+                    .last()
+                    .and_then(|s| s.output.clone())
+                    .unwrap_or(Value::Null);
+                let mut response = Json(output).into_response();
+                insert_run_id(&mut response, &run.id);
+                response
+            }
+        }),
+        RunStatus::Failed | RunStatus::Cancelled => {
+            let body = json!({
+                "error": { "code": "run_failed", "message": run.error.unwrap_or_default(), "run_id": run.id }
+            });
+            Ok((StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response())
+        }
+    }
+}
+
+fn insert_run_id(response: &mut Response, run_id: &str) {
+    if let Ok(value) = HeaderValue::from_str(run_id) {
+        response.headers_mut().insert("x-piecework-run-id", value);
+    }
+}
+
+/// Builds the HTTP response a `webhook_response` action described.
+fn flow_response(response: &Value) -> Response {
+    let status = response
+        .get("status")
+        .and_then(Value::as_u64)
+        .and_then(|s| u16::try_from(s).ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let body = response.get("body").cloned().unwrap_or(Value::Null);
+    let mut out = match body {
+        Value::String(text) => (status, text).into_response(),
+        other => (status, Json(other)).into_response(),
+    };
+    if let Some(headers) = response.get("headers").and_then(Value::as_object) {
+        for (name, value) in headers {
+            let (Ok(name), Some(Ok(value))) = (
+                HeaderName::try_from(name.as_str()),
+                value.as_str().map(HeaderValue::from_str),
+            ) else {
+                continue;
+            };
+            out.headers_mut().insert(name, value);
+        }
+    }
+    out
+}

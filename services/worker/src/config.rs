@@ -1,0 +1,87 @@
+//! The worker's configuration.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How a worker consumes and runs jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Name in logs, audit entries and attempt records; defaults to the host name and pid.
+    pub id: String,
+    /// Queues this worker serves: a step with `queue: internal` runs only on workers serving
+    /// `internal`.
+    pub queues: Vec<String>,
+    /// Jobs run at once by this worker; it pulls no more than that.
+    pub concurrency: usize,
+    /// Unsettled jobs allowed per queue across all workers (the broker's `max_ack_pending`).
+    pub max_ack_pending: usize,
+    /// How long the broker waits for an ack before redelivering; long steps send progress.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// On shutdown, how long in-flight jobs may take before they go back to the queue.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Most new items one poll turns into runs; the rest come with the next poll.
+    pub max_items_per_poll: usize,
+    /// Longest a trigger's poll may take.
+    #[serde(with = "humantime_serde")]
+    pub poll_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            id: default_id(),
+            queues: vec!["default".into()],
+            concurrency: 16,
+            max_ack_pending: 1000,
+            ack_wait: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+            max_items_per_poll: 100,
+            poll_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+fn default_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+impl WorkerConfig {
+    /// Checks every value; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.queues.is_empty() {
+            return Err("queues: serve at least one queue".into());
+        }
+        for queue in &self.queues {
+            let ok = !queue.is_empty()
+                && queue
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+            if !ok {
+                return Err(format!(
+                    "queues: {queue:?} must be lowercase letters, digits, '-' or '_'"
+                ));
+            }
+        }
+        if self.concurrency == 0 {
+            return Err("concurrency: must be at least 1".into());
+        }
+        if self.max_ack_pending < self.concurrency {
+            return Err("max_ack_pending: must be at least concurrency".into());
+        }
+        if self.ack_wait < Duration::from_secs(1) {
+            return Err("ack_wait: must be at least 1s".into());
+        }
+        if self.max_items_per_poll == 0 {
+            return Err("max_items_per_poll: must be at least 1".into());
+        }
+        if self.poll_timeout.is_zero() {
+            return Err("poll_timeout: must be greater than zero".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,625 @@
+//! Handling one delivery: decode it, run the poll or the step, settle it.
+//!
+//! Settling follows the wire contract: ack when done, nak with the retry policy's delay for a
+//! retryable failure, term after the last attempt or for a message that can never succeed
+//! (poison). Every outcome is recorded before the delivery is settled, so a worker that dies in
+//! between causes a redelivery that finds the recorded result and only finishes the hand-off.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use piecework_bus::{Delivery, JobKind, subject};
+use piecework_core::engine::{self, StepOutcome};
+use piecework_core::flow::{FlowVersion, OnFailure, StepDef};
+use piecework_core::run::{Attempt, deterministic_run_id};
+use piecework_core::{Run, RunStatus, StepState, StepStatus};
+use piecework_proto::Message as _;
+use piecework_proto::v1::{self, PollJob, StepJob, StepResult};
+use piecework_runtime::{Actor, Runtime, RuntimeError};
+use piecework_sdk::polling::{self, DedupeStrategy};
+use piecework_sdk::{DynAction, Piece, RunInfo, TriggerHandle, TriggerKind};
+use piecework_store::{RunUpdate, StepUpdate};
+use serde_json::json;
+
+use crate::WorkerConfig;
+
+/// Retries of a poll that failed with a retryable error, and the delay between them.
+const POLL_ATTEMPTS: u32 = 3;
+const POLL_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// Delay before retrying a job whose bookkeeping failed (store or bus unreachable).
+const INFRA_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+pub(crate) struct Handler {
+    config: WorkerConfig,
+    runtime: Arc<Runtime>,
+    actor: Actor,
+    /// One poll per flow at a time in this process, so a slow poll and the next tick cannot
+    /// both advance the cursor.
+    poll_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// How a job ended, before the delivery is settled.
+enum Settle {
+    Ack,
+    Nak(Duration),
+    Term,
+}
+
+impl Handler {
+    pub(crate) fn new(config: WorkerConfig, runtime: Arc<Runtime>) -> Self {
+        let actor = Actor::worker(&config.id);
+        Self {
+            config,
+            runtime,
+            actor,
+            poll_locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) async fn handle(&self, delivery: Delivery) {
+        let kind = subject::parse(&delivery.subject).map(|(_, kind)| kind);
+        let settle = match kind {
+            Some(JobKind::Step) => match StepJob::decode(delivery.payload.as_ref()) {
+                Ok(job) => self.step(job, &delivery).await,
+                Err(err) => {
+                    self.poison(&delivery, &format!("not a StepJob: {err}"))
+                        .await
+                }
+            },
+            Some(JobKind::Poll) => match PollJob::decode(delivery.payload.as_ref()) {
+                Ok(job) => self.poll(job, &delivery).await,
+                Err(err) => {
+                    self.poison(&delivery, &format!("not a PollJob: {err}"))
+                        .await
+                }
+            },
+            None => self.poison(&delivery, "not a job subject").await,
+        };
+        let settled = match settle {
+            Ok(Settle::Ack) => delivery.ack().await,
+            Ok(Settle::Nak(delay)) => delivery.nak(delay).await,
+            Ok(Settle::Term) => delivery.term().await,
+            Err(err) => {
+                tracing::warn!(error = %err, subject = %delivery.subject, "job bookkeeping failed; it will be redelivered");
+                delivery.nak(INFRA_RETRY_DELAY).await
+            }
+        };
+        if let Err(err) = settled {
+            tracing::warn!(error = %err, "settling a job failed; the broker will redeliver it");
+        }
+    }
+
+    /// A message that can never be processed: terminate it and record why.
+    async fn poison(&self, delivery: &Delivery, why: &str) -> Result<Settle, RuntimeError> {
+        tracing::warn!(subject = %delivery.subject, bytes = delivery.payload.len(), reason = why, "terminating a malformed job");
+        let error = format!("malformed job on {}: {why}", delivery.subject);
+        self.runtime
+            .audit(
+                &self.actor,
+                "job.reject",
+                &delivery.subject,
+                Instant::now(),
+                Some(&error),
+            )
+            .await;
+        Ok(Settle::Term)
+    }
+
+    async fn step(&self, job: StepJob, delivery: &Delivery) -> Result<Settle, RuntimeError> {
+        let runtime = &self.runtime;
+        let Some(run) = runtime.store.get_run(&job.run_id).await? else {
+            return self
+                .poison(delivery, &format!("run {} does not exist", job.run_id))
+                .await;
+        };
+        if run.status.is_terminal() {
+            tracing::debug!(run_id = %run.id, step = %job.step, status = run.status.as_str(), "run already finished; dropping step");
+            return Ok(Settle::Ack);
+        }
+        let Some(flow) = runtime.flow_version(&job.flow_id, job.flow_version).await? else {
+            let error = format!(
+                "flow {} version {} does not exist",
+                job.flow_id, job.flow_version
+            );
+            self.fail_run(&run, error).await?;
+            return Ok(Settle::Term);
+        };
+        let Some(step) = flow.definition.step(&job.step) else {
+            let error = format!(
+                "flow {} version {} has no step `{}`",
+                flow.flow_id, flow.version, job.step
+            );
+            self.fail_run(&run, error).await?;
+            return Ok(Settle::Term);
+        };
+        // A redelivery after the attempt was recorded (the worker died before settling):
+        // finish the hand-off without running the step again. (A manual retry resets the
+        // failed step before publishing, so it is not mistaken for this.)
+        if let Some(done) = run
+            .step(&step.name)
+            .filter(|s| s.status != StepStatus::Retrying)
+        {
+            return self
+                .hand_off(&flow, &run, step, done.status, job.epoch)
+                .await;
+        }
+
+        let attempt = delivery.delivered.max(1);
+        let (piece, action) = match self.resolve_action(&flow, step) {
+            Ok(found) => found,
+            Err(error) => {
+                let started = Utc::now();
+                let outcome = StepOutcome::Failed { error };
+                return self
+                    .finish_attempt(
+                        &flow,
+                        &run,
+                        step,
+                        &job,
+                        None,
+                        attempt,
+                        started,
+                        Duration::ZERO,
+                        json!(null),
+                        outcome,
+                    )
+                    .await;
+            }
+        };
+        let ctx = runtime.context(
+            RunInfo::new(&run.id, &flow.flow_id, flow.version, &step.name, attempt),
+            &flow,
+            None,
+        );
+        let started = Utc::now();
+        let execution = if let Some(connection) = &step.connection {
+            engine::Execution {
+                outcome: StepOutcome::Failed {
+                    error: format!("connection `{connection}` does not exist"),
+                },
+                recorded_input: json!(null),
+                duration: Duration::ZERO,
+            }
+        } else {
+            self.with_progress(
+                delivery,
+                engine::execute(action.as_ref(), step, &run, &ctx, attempt),
+            )
+            .await
+        };
+        self.finish_attempt(
+            &flow,
+            &run,
+            step,
+            &job,
+            Some((&piece, action.as_ref())),
+            attempt,
+            started,
+            execution.duration,
+            execution.recorded_input,
+            execution.outcome,
+        )
+        .await
+    }
+
+    /// Runs `work` while telling the broker, every third of the ack wait, that the job is alive.
+    async fn with_progress<T>(&self, delivery: &Delivery, work: impl Future<Output = T>) -> T {
+        let mut ticks = tokio::time::interval(self.config.ack_wait / 3);
+        ticks.tick().await;
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = ticks.tick() => {
+                    if let Err(err) = delivery.progress().await {
+                        tracing::debug!(error = %err, "progress ack failed");
+                    }
+                }
+            }
+        }
+    }
+
+    fn resolve_action(
+        &self,
+        flow: &FlowVersion,
+        step: &StepDef,
+    ) -> Result<(Piece, Arc<dyn DynAction>), String> {
+        let piece = self.resolve_piece(flow, &step.name, &step.piece, step.version.as_ref())?;
+        let action = piece.action(&step.action).cloned().ok_or_else(|| {
+            format!(
+                "piece `{}` {} has no action `{}`",
+                piece.name(),
+                piece.version(),
+                step.action
+            )
+        })?;
+        Ok((piece, action))
+    }
+
+    /// The pinned version if registered here, else the newest one in the flow's range; a
+    /// worker that has neither refuses with a clear error (never retried).
+    fn resolve_piece(
+        &self,
+        flow: &FlowVersion,
+        key: &str,
+        name: &str,
+        range: Option<&piecework_sdk::semver::VersionReq>,
+    ) -> Result<Piece, String> {
+        let registry = &self.runtime.registry;
+        if let Some(pinned) = flow.resolved.get(key)
+            && let Some(piece) = registry.get(name, pinned)
+        {
+            return Ok(piece.clone());
+        }
+        let range = range
+            .cloned()
+            .unwrap_or(piecework_sdk::semver::VersionReq::STAR);
+        registry.resolve(name, &range).cloned().ok_or_else(|| {
+            let have: Vec<String> = registry
+                .versions(name)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            format!(
+                "this worker cannot serve piece `{name}` {range} (it has: {})",
+                if have.is_empty() {
+                    "none".to_owned()
+                } else {
+                    have.join(", ")
+                }
+            )
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_attempt(
+        &self,
+        flow: &FlowVersion,
+        run: &Run,
+        step: &StepDef,
+        job: &StepJob,
+        executed: Option<(&Piece, &dyn DynAction)>,
+        attempt: u32,
+        started: DateTime<Utc>,
+        duration: Duration,
+        recorded_input: serde_json::Value,
+        outcome: StepOutcome,
+    ) -> Result<Settle, RuntimeError> {
+        let (status, output, error, settle) = match &outcome {
+            StepOutcome::Succeeded { output } => (
+                StepStatus::Succeeded,
+                Some(output.clone()),
+                None,
+                Settle::Ack,
+            ),
+            StepOutcome::Retry { error, delay } => (
+                StepStatus::Retrying,
+                None,
+                Some(error.clone()),
+                Settle::Nak(*delay),
+            ),
+            StepOutcome::Failed { error } => {
+                (StepStatus::Failed, None, Some(error.clone()), Settle::Term)
+            }
+        };
+        let version = executed
+            .map(|(p, _)| p.version().to_string())
+            .or_else(|| flow.step_version(&step.name).map(ToString::to_string))
+            .unwrap_or_default();
+        let mut attempts = run
+            .step(&step.name)
+            .map(|s| s.attempts.clone())
+            .unwrap_or_default();
+        attempts.push(Attempt {
+            attempt,
+            status,
+            started_at: started,
+            duration_ms: millis(duration),
+            error: error.clone(),
+            worker: self.config.id.clone(),
+        });
+        let state = StepState {
+            name: step.name.clone(),
+            piece: step.piece.clone(),
+            action: step.action.clone(),
+            version: version.clone(),
+            status,
+            input: recorded_input,
+            output: output.clone(),
+            error: error.clone(),
+            attempts,
+        };
+        let next = flow.definition.next_step(Some(&step.name));
+        let continues = status == StepStatus::Succeeded
+            || (status == StepStatus::Failed && step.on_failure == OnFailure::Continue);
+        let run_update = match status {
+            StepStatus::Retrying => None,
+            _ if continues && next.is_some() => None,
+            _ if continues => Some(finished(RunStatus::Succeeded, None)),
+            _ => Some(finished(
+                RunStatus::Failed,
+                Some(format!(
+                    "step `{}` failed: {}",
+                    step.name,
+                    error.clone().unwrap_or_default()
+                )),
+            )),
+        };
+        let run_status = run_update.as_ref().map_or(RunStatus::Running, |u| u.status);
+        let response = match (executed, &output) {
+            (Some((_, action)), Some(output)) if action.spec().webhook_response => {
+                Some(output.clone())
+            }
+            _ => None,
+        };
+        let result = StepResult {
+            run_id: run.id.clone(),
+            flow_id: flow.flow_id.clone(),
+            flow_version: flow.version,
+            step: step.name.clone(),
+            piece: step.piece.clone(),
+            action: step.action.clone(),
+            version,
+            attempt,
+            status: proto_step_status(status) as i32,
+            duration_ms: millis(duration),
+            error: error.clone().unwrap_or_default(),
+            run_status: proto_run_status(run_status) as i32,
+            finished_unix_ms: Utc::now().timestamp_millis(),
+        };
+        log_attempt(run, step, attempt, status, duration, error.as_deref());
+        self.runtime
+            .store
+            .record_step(StepUpdate {
+                run_id: run.id.clone(),
+                step: state,
+                result,
+                response,
+                run: run_update,
+            })
+            .await?;
+        let audit_error =
+            (status != StepStatus::Succeeded).then(|| error.clone().unwrap_or_default());
+        let resource = format!("run/{}/step/{}", run.id, step.name);
+        let audit_start = Instant::now()
+            .checked_sub(duration)
+            .unwrap_or_else(Instant::now);
+        self.runtime
+            .audit(
+                &self.actor,
+                "step.execute",
+                &resource,
+                audit_start,
+                audit_error.as_ref(),
+            )
+            .await;
+        if continues && let Some(next) = next {
+            self.runtime
+                .publish_step(flow, &run.id, &next.name, job.epoch)
+                .await?;
+        }
+        Ok(settle)
+    }
+
+    /// Completes what follows an attempt that was recorded before its worker died.
+    async fn hand_off(
+        &self,
+        flow: &FlowVersion,
+        run: &Run,
+        step: &StepDef,
+        status: StepStatus,
+        epoch: u32,
+    ) -> Result<Settle, RuntimeError> {
+        let continues = status == StepStatus::Succeeded || step.on_failure == OnFailure::Continue;
+        if continues && let Some(next) = flow.definition.next_step(Some(&step.name)) {
+            self.runtime
+                .publish_step(flow, &run.id, &next.name, epoch)
+                .await?;
+        }
+        tracing::debug!(run_id = %run.id, step = %step.name, "step already recorded; handed off");
+        Ok(Settle::Ack)
+    }
+
+    async fn fail_run(&self, run: &Run, error: String) -> Result<(), RuntimeError> {
+        tracing::warn!(run_id = %run.id, error = %error, "run failed");
+        self.runtime
+            .store
+            .update_run(&run.id, finished(RunStatus::Failed, Some(error)))
+            .await?;
+        Ok(())
+    }
+
+    async fn poll(&self, job: PollJob, delivery: &Delivery) -> Result<Settle, RuntimeError> {
+        let runtime = &self.runtime;
+        let Some(flow) = runtime.flow_version(&job.flow_id, job.flow_version).await? else {
+            return self
+                .poison(
+                    delivery,
+                    &format!(
+                        "flow {} version {} does not exist",
+                        job.flow_id, job.flow_version
+                    ),
+                )
+                .await;
+        };
+        let enabled = runtime
+            .store
+            .get_flow(&flow.flow_id)
+            .await?
+            .is_some_and(|f| f.enabled);
+        if !enabled {
+            return Ok(Settle::Ack);
+        }
+        let trigger = &flow.definition.trigger;
+        let handle =
+            match self.resolve_piece(&flow, "trigger", &trigger.piece, trigger.version.as_ref()) {
+                Ok(piece) => piece.trigger(&trigger.trigger).cloned(),
+                Err(error) => return self.poll_failed(&flow, &error).await,
+            };
+        let started = Instant::now();
+        match handle {
+            Some(TriggerHandle::Schedule(_)) => {
+                let tick =
+                    DateTime::from_timestamp_millis(job.tick_unix_ms).unwrap_or_else(Utc::now);
+                let item = json!({ "scheduled_at": tick, "fired_at": Utc::now() });
+                let run_id =
+                    deterministic_run_id(&flow.flow_id, &format!("tick:{}", job.tick_unix_ms));
+                runtime.start_run(&flow, run_id, item).await?;
+                Ok(Settle::Ack)
+            }
+            Some(TriggerHandle::Polling(polling)) => {
+                let strategy = match polling.spec().kind {
+                    TriggerKind::Polling { strategy, .. } => strategy,
+                    _ => DedupeStrategy::TimeBased,
+                };
+                let lock = self.poll_lock(&flow.flow_id);
+                let _one_at_a_time = lock.lock().await;
+                let run_info = RunInfo::new(
+                    &format!("poll:{}", job.tick_unix_ms),
+                    &flow.flow_id,
+                    flow.version,
+                    "trigger",
+                    delivery.delivered,
+                );
+                let ctx = runtime.context(run_info, &flow, None);
+                let input = serde_json::Value::Object(trigger.input.clone());
+                let polled = match tokio::time::timeout(
+                    self.config.poll_timeout,
+                    polling.poll_json(&ctx, input),
+                )
+                .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(piecework_sdk::PieceError::retryable("poll timed out")),
+                };
+                let items = match polled {
+                    Ok(items) => items,
+                    Err(err) if err.is_retryable() && delivery.delivered < POLL_ATTEMPTS => {
+                        tracing::warn!(flow = %flow.flow_id, error = %err, "poll failed; retrying");
+                        return Ok(Settle::Nak(err.retry_after().unwrap_or(POLL_RETRY_DELAY)));
+                    }
+                    Err(err) => return self.poll_failed(&flow, &err.to_string()).await,
+                };
+                let previous = runtime.store.trigger_state(&flow.flow_id).await?;
+                let outcome = match polling::dedupe(
+                    strategy,
+                    previous,
+                    items,
+                    self.config.max_items_per_poll,
+                ) {
+                    Ok(outcome) => outcome,
+                    Err(err) => return self.poll_failed(&flow, &err.to_string()).await,
+                };
+                let new_items = outcome.new_items.len();
+                for item in outcome.new_items {
+                    let run_id = deterministic_run_id(&flow.flow_id, &item.dedupe_key());
+                    runtime.start_run(&flow, run_id, item.data).await?;
+                }
+                // The cursor moves only after every run exists: a crash before this line
+                // repeats the poll, and deterministic run ids keep the runs single.
+                runtime
+                    .store
+                    .put_trigger_state(&flow.flow_id, &outcome.state)
+                    .await?;
+                tracing::debug!(flow = %flow.flow_id, new_items, elapsed = ?started.elapsed(), "polled");
+                Ok(Settle::Ack)
+            }
+            Some(TriggerHandle::Webhook(_)) => {
+                self.poison(
+                    delivery,
+                    &format!(
+                        "flow {} has a webhook trigger, which is not polled",
+                        flow.flow_id
+                    ),
+                )
+                .await
+            }
+            None => {
+                self.poll_failed(
+                    &flow,
+                    &format!(
+                        "piece `{}` has no trigger `{}`",
+                        trigger.piece, trigger.trigger
+                    ),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn poll_failed(&self, flow: &FlowVersion, error: &str) -> Result<Settle, RuntimeError> {
+        tracing::warn!(flow = %flow.flow_id, error, "poll failed");
+        let resource = format!("flow/{}", flow.flow_id);
+        self.runtime
+            .audit(
+                &self.actor,
+                "trigger.poll",
+                &resource,
+                Instant::now(),
+                Some(&error),
+            )
+            .await;
+        Ok(Settle::Term)
+    }
+
+    fn poll_lock(&self, flow_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.poll_locks
+            .lock()
+            .unwrap()
+            .entry(flow_id.to_owned())
+            .or_default()
+            .clone()
+    }
+}
+
+fn finished(status: RunStatus, error: Option<String>) -> RunUpdate {
+    RunUpdate {
+        status,
+        error,
+        finished_at: Some(Utc::now()),
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn log_attempt(
+    run: &Run,
+    step: &StepDef,
+    attempt: u32,
+    status: StepStatus,
+    duration: Duration,
+    error: Option<&str>,
+) {
+    match status {
+        StepStatus::Succeeded => {
+            tracing::info!(run_id = %run.id, flow = %run.flow_id, step = %step.name, attempt, ?duration, "step succeeded")
+        }
+        StepStatus::Retrying => {
+            tracing::warn!(run_id = %run.id, flow = %run.flow_id, step = %step.name, attempt, error, "step failed; will retry")
+        }
+        StepStatus::Failed => {
+            tracing::warn!(run_id = %run.id, flow = %run.flow_id, step = %step.name, attempt, error, "step failed")
+        }
+    }
+}
+
+pub(crate) fn proto_step_status(status: StepStatus) -> v1::StepStatus {
+    match status {
+        StepStatus::Succeeded => v1::StepStatus::Succeeded,
+        StepStatus::Retrying => v1::StepStatus::Retrying,
+        StepStatus::Failed => v1::StepStatus::Failed,
+    }
+}
+
+pub(crate) fn proto_run_status(status: RunStatus) -> v1::RunStatus {
+    match status {
+        RunStatus::Running => v1::RunStatus::Running,
+        RunStatus::Succeeded => v1::RunStatus::Succeeded,
+        RunStatus::Failed => v1::RunStatus::Failed,
+        RunStatus::Cancelled => v1::RunStatus::Cancelled,
+    }
+}
