@@ -1,0 +1,159 @@
+//! The embedded sandbox: api, scheduler and worker in one process on the in-memory bus and
+//! store. `piecework dev` runs it in the foreground; the end-to-end tests start it in-process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use piecework_bus::memory::MemoryBus;
+use piecework_core::FlowDefinition;
+use piecework_runtime::{Actor, Runtime};
+use piecework_store::memory::MemoryStore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DevConfig;
+
+/// A running sandbox.
+pub struct Sandbox {
+    pub api_addr: SocketAddr,
+    pub runtime: Arc<Runtime>,
+    pub store: MemoryStore,
+    pub bus: MemoryBus,
+    shutdown: CancellationToken,
+    tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+}
+
+impl Sandbox {
+    /// Starts every service with `flows` applied. The API listens on `config.api.listen`
+    /// (port 0 picks a free one; see [`Sandbox::api_addr`]).
+    pub async fn start(
+        config: DevConfig,
+        flows: Vec<FlowDefinition>,
+        registry: piecework_core::Registry,
+    ) -> anyhow::Result<Self> {
+        config.validate()?;
+        let store = MemoryStore::new();
+        let bus = MemoryBus::new();
+        let runtime = Arc::new(Runtime::new(
+            Arc::new(store.clone()),
+            Arc::new(bus.clone()),
+            Arc::new(registry),
+            config.egress.clone(),
+        )?);
+        let actor = Actor("dev".into());
+        for flow in flows {
+            let name = flow.name.clone();
+            runtime
+                .apply_flow(flow, &actor)
+                .await
+                .with_context(|| format!("cannot apply flow `{name}`"))?;
+        }
+        let listener = piecework_api::bind(&config.api).await?;
+        let api_addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        {
+            let (runtime, shutdown, api) =
+                (runtime.clone(), shutdown.child_token(), config.api.clone());
+            tasks.spawn(async move {
+                (
+                    "api",
+                    piecework_api::serve(listener, api, runtime, shutdown)
+                        .await
+                        .map_err(Into::into),
+                )
+            });
+        }
+        {
+            let (runtime, shutdown, scheduler) = (
+                runtime.clone(),
+                shutdown.child_token(),
+                config.scheduler.clone(),
+            );
+            tasks.spawn(async move {
+                (
+                    "scheduler",
+                    piecework_scheduler::run(scheduler, runtime, shutdown)
+                        .await
+                        .map_err(Into::into),
+                )
+            });
+        }
+        {
+            let (runtime, shutdown, worker) = (
+                runtime.clone(),
+                shutdown.child_token(),
+                config.worker.clone(),
+            );
+            tasks.spawn(async move {
+                (
+                    "worker",
+                    piecework_worker::run(worker, runtime, shutdown)
+                        .await
+                        .map_err(Into::into),
+                )
+            });
+        }
+        Ok(Self {
+            api_addr,
+            runtime,
+            store,
+            bus,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// A token cancelled when the sandbox shuts down, for tasks that live alongside it.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.child_token()
+    }
+
+    /// Runs until `stop` is cancelled or a service fails; then shuts everything down.
+    pub async fn run_until(mut self, stop: CancellationToken) -> anyhow::Result<()> {
+        let failure = tokio::select! {
+            () = stop.cancelled() => None,
+            Some(joined) = self.tasks.join_next() => Some(joined),
+        };
+        let result = match failure {
+            Some(Ok((service, Err(err)))) => Err(err.context(format!("{service} failed"))),
+            Some(Ok((service, Ok(())))) => Err(anyhow::anyhow!("{service} stopped unexpectedly")),
+            Some(Err(panic)) => Err(anyhow::anyhow!("a service panicked: {panic}")),
+            None => Ok(()),
+        };
+        self.stop().await?;
+        result
+    }
+
+    /// Stops every service, waiting for in-flight work within the worker's grace period.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let deadline = Duration::from_secs(60);
+        let drained = tokio::time::timeout(deadline, async {
+            let mut first_error = None;
+            while let Some(joined) = self.tasks.join_next().await {
+                match joined {
+                    Ok((_, Ok(()))) => {}
+                    Ok((service, Err(err))) => {
+                        first_error.get_or_insert(err.context(format!("{service} failed")));
+                    }
+                    Err(panic) => {
+                        first_error.get_or_insert(anyhow::anyhow!("a service panicked: {panic}"));
+                    }
+                }
+            }
+            first_error
+        })
+        .await;
+        match drained {
+            Ok(None) => Ok(()),
+            Ok(Some(err)) => Err(err),
+            Err(_) => {
+                self.tasks.abort_all();
+                anyhow::bail!("services did not stop within {deadline:?}")
+            }
+        }
+    }
+}
