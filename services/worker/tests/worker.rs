@@ -1,0 +1,463 @@
+//! The worker against the in-memory bus and store, with test pieces and a paused clock, so
+//! retry delays are exact and nothing depends on wall-clock speed.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use piecework_bus::memory::MemoryBus;
+use piecework_bus::{Bus, Message, subject};
+use piecework_core::flow::{FlowDefinition, Format};
+use piecework_core::{Registry, Run, RunStatus, StepStatus};
+use piecework_runtime::{Actor, Runtime};
+use piecework_sdk::EgressPolicy;
+use piecework_sdk::prelude::*;
+use piecework_store::Store;
+use piecework_store::memory::MemoryStore;
+use piecework_worker::WorkerConfig;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Shared between the test and its pieces.
+#[derive(Default)]
+struct Probe {
+    /// When each call of `flaky` happened.
+    calls: Mutex<Vec<Instant>>,
+    /// Items the polling trigger returns, newest first.
+    items: Mutex<Vec<Value>>,
+    polls: Mutex<u32>,
+}
+
+struct Flaky(Arc<Probe>);
+
+#[derive(serde::Deserialize)]
+struct FlakyInput {
+    failures: usize,
+    #[serde(default)]
+    fatal: bool,
+}
+
+impl Action for Flaky {
+    type Input = FlakyInput;
+    type Output = Value;
+
+    fn spec(&self) -> ActionSpec {
+        ActionSpec::new("flaky", "Flaky")
+            .prop(Prop::number("failures", "Failures before success").required())
+            .prop(Prop::checkbox("fatal", "Fail fatally"))
+    }
+
+    async fn run(&self, ctx: &Context, input: FlakyInput) -> Result<Value, PieceError> {
+        let call = {
+            let mut calls = self.0.calls.lock().unwrap();
+            calls.push(Instant::now());
+            calls.len()
+        };
+        if input.fatal {
+            return Err(PieceError::fatal("bad request"));
+        }
+        if call <= input.failures {
+            return Err(PieceError::from_status(503, "service unavailable"));
+        }
+        Ok(json!({ "calls": call, "attempt": ctx.run.attempt }))
+    }
+}
+
+struct Echo;
+
+impl Action for Echo {
+    type Input = Value;
+    type Output = Value;
+
+    fn spec(&self) -> ActionSpec {
+        ActionSpec::new("echo", "Echo")
+            .prop(Prop::json("value", "Value").required())
+            .prop(Prop::secret_text("token", "Token"))
+    }
+
+    async fn run(&self, _ctx: &Context, input: Value) -> Result<Value, PieceError> {
+        Ok(input["value"].clone())
+    }
+}
+
+struct NewThings(Arc<Probe>);
+
+impl PollingTrigger for NewThings {
+    type Input = Value;
+
+    fn spec(&self) -> TriggerSpec {
+        TriggerSpec::polling("new_things", "New things", DedupeStrategy::LastItem)
+    }
+
+    async fn poll(&self, _ctx: &Context, _input: Value) -> Result<Vec<PolledItem>, PieceError> {
+        *self.0.polls.lock().unwrap() += 1;
+        let items = self.0.items.lock().unwrap().clone();
+        Ok(items
+            .into_iter()
+            .map(|item| PolledItem::new(item.clone()).id(item["id"].as_str().unwrap_or_default()))
+            .collect())
+    }
+}
+
+struct Hook;
+
+impl WebhookTrigger for Hook {
+    type Input = Value;
+
+    fn spec(&self) -> TriggerSpec {
+        TriggerSpec::webhook("hook", "Hook")
+    }
+}
+
+fn registry(probe: &Arc<Probe>) -> Registry {
+    let mut registry = Registry::new();
+    let piece = Piece::builder("test", "Test")
+        .action(Flaky(probe.clone()))
+        .action(Echo)
+        .polling_trigger(NewThings(probe.clone()))
+        .webhook_trigger(Hook)
+        .build();
+    registry.register_built(piece).unwrap();
+    registry
+}
+
+struct Harness {
+    runtime: Arc<Runtime>,
+    store: MemoryStore,
+    bus: MemoryBus,
+    shutdown: CancellationToken,
+    worker: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    async fn start(probe: &Arc<Probe>, flow: &str) -> Self {
+        let store = MemoryStore::new();
+        let bus = MemoryBus::new();
+        let runtime = Arc::new(
+            Runtime::new(
+                Arc::new(store.clone()),
+                Arc::new(bus.clone()),
+                Arc::new(registry(probe)),
+                EgressPolicy::default(),
+            )
+            .unwrap(),
+        );
+        let definition = FlowDefinition::parse(flow, Format::Yaml).unwrap();
+        runtime
+            .apply_flow(definition, &Actor("test".into()))
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let config = WorkerConfig {
+            id: "w1".into(),
+            concurrency: 4,
+            ..WorkerConfig::default()
+        };
+        let worker = {
+            let (runtime, shutdown) = (runtime.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                piecework_worker::run(config, runtime, shutdown)
+                    .await
+                    .unwrap()
+            })
+        };
+        Self {
+            runtime,
+            store,
+            bus,
+            shutdown,
+            worker,
+        }
+    }
+
+    async fn start_run(&self, id: &str, trigger: Value) {
+        let flow = self.runtime.flow_version("f", 1).await.unwrap().unwrap();
+        self.runtime
+            .start_run(&flow, id.into(), trigger)
+            .await
+            .unwrap();
+    }
+
+    async fn finished(&self, id: &str) -> Run {
+        let run = self
+            .store
+            .wait_run_finished(id, Duration::from_secs(3600))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(run.status.is_terminal(), "run {id} did not finish: {run:?}");
+        run
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.worker.await.unwrap();
+    }
+}
+
+fn flow(steps: &str) -> String {
+    format!(
+        "apiVersion: piecework/v1\nkind: Flow\nname: f\ntrigger: {{ piece: test, trigger: hook }}\nsteps:\n{steps}"
+    )
+}
+
+const RETRY: &str =
+    "retry: { max_attempts: 3, initial_interval: 2s, multiplier: 3, max_interval: 1m, jitter: 0 }";
+
+#[tokio::test(start_paused = true)]
+async fn retryable_failures_are_retried_with_the_policy_delays_then_succeed() {
+    let probe = Arc::new(Probe::default());
+    let steps = format!(
+        "  - {{ name: call, piece: test, action: flaky, input: {{ failures: 2 }}, {RETRY} }}\n"
+    );
+    let h = Harness::start(&probe, &flow(&steps)).await;
+    h.start_run("r1", json!({})).await;
+    let run = h.finished("r1").await;
+
+    assert_eq!(run.status, RunStatus::Succeeded);
+    let step = run.step("call").unwrap();
+    assert_eq!(step.output, Some(json!({"calls": 3, "attempt": 3})));
+    let statuses: Vec<_> = step
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.status))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            (1, StepStatus::Retrying),
+            (2, StepStatus::Retrying),
+            (3, StepStatus::Succeeded)
+        ]
+    );
+    let calls = probe.calls.lock().unwrap().clone();
+    let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(
+        gaps,
+        [Duration::from_secs(2), Duration::from_secs(6)],
+        "delays follow the policy"
+    );
+
+    let results = h
+        .store
+        .read_results(None, 100, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 3, "one pw:results entry per attempt");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_retries_fail_the_run_and_terminate_the_job() {
+    let probe = Arc::new(Probe::default());
+    let steps = format!(
+        "  - {{ name: call, piece: test, action: flaky, input: {{ failures: 99 }}, {RETRY} }}\n  - {{ name: after, piece: test, action: echo, input: {{ value: 1 }} }}\n"
+    );
+    let h = Harness::start(&probe, &flow(&steps)).await;
+    h.start_run("r1", json!({})).await;
+    let run = h.finished("r1").await;
+
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(
+        run.error.as_deref(),
+        Some("step `call` failed: HTTP 503: service unavailable (gave up after 3 attempts)")
+    );
+    assert_eq!(run.step("call").unwrap().attempts.len(), 3);
+    assert!(
+        run.step("after").is_none(),
+        "no step runs after a failed one"
+    );
+    // Nothing is left to redeliver: the job was terminated, not retried forever.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(probe.calls.lock().unwrap().len(), 3);
+    assert_eq!(h.bus.queued("default"), 0);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn fatal_errors_are_not_retried() {
+    let probe = Arc::new(Probe::default());
+    let steps = format!(
+        "  - {{ name: call, piece: test, action: flaky, input: {{ failures: 0, fatal: true }}, {RETRY} }}\n"
+    );
+    let h = Harness::start(&probe, &flow(&steps)).await;
+    h.start_run("r1", json!({})).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(run.step("call").unwrap().attempts.len(), 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_failure_continue_goes_on_to_the_next_step() {
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: call, piece: test, action: flaky, input: { failures: 0, fatal: true }, on_failure: continue }\n  - { name: after, piece: test, action: echo, input: { value: \"{{ steps.call.status }}\" } }\n";
+    let h = Harness::start(&probe, &flow(steps)).await;
+    h.start_run("r1", json!({})).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert_eq!(run.step("call").unwrap().status, StepStatus::Failed);
+    assert_eq!(run.step("after").unwrap().output, Some(json!("failed")));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn outputs_flow_between_steps_and_secrets_are_redacted() {
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: first, piece: test, action: echo, input: { value: { n: \"{{ trigger.n }}\" }, token: hunter2 } }\n  - { name: second, piece: test, action: echo, input: { value: \"{{ steps.first.output.n * 2 }}\" } }\n";
+    let h = Harness::start(&probe, &flow(steps)).await;
+    h.start_run("r1", json!({"n": 21})).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert_eq!(run.step("second").unwrap().output, Some(json!(42)));
+    let first = run.step("first").unwrap();
+    assert_eq!(first.input["token"], json!("***"));
+    assert!(!serde_json::to_string(&run).unwrap().contains("hunter2"));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_template_fails_the_step_with_its_location() {
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: first, piece: test, action: echo, input: { value: \"{{ trigger.missing.deeper }}\" } }\n";
+    let h = Harness::start(&probe, &flow(steps)).await;
+    h.start_run("r1", json!({})).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Failed);
+    let error = run.step("first").unwrap().error.clone().unwrap();
+    assert!(
+        error.starts_with("template error at input.value"),
+        "{error}"
+    );
+    assert_eq!(
+        run.step("first").unwrap().attempts.len(),
+        1,
+        "template errors are not retried"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_messages_are_terminated_recorded_and_the_worker_keeps_serving() {
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: first, piece: test, action: echo, input: { value: 1 } }\n";
+    let h = Harness::start(&probe, &flow(steps)).await;
+    h.bus
+        .publish(Message {
+            subject: subject::step("default"),
+            msg_id: "garbage".into(),
+            headers: vec![],
+            payload: Bytes::from_static(b"\xff\xff\xff not protobuf"),
+        })
+        .await
+        .unwrap();
+    h.start_run("r1", json!({})).await;
+    assert_eq!(h.finished("r1").await.status, RunStatus::Succeeded);
+    let audit = h.store.read_audit(None, 100).await.unwrap();
+    let rejected: Vec<_> = audit
+        .iter()
+        .filter(|e| e.event.action == "job.reject")
+        .collect();
+    assert_eq!(rejected.len(), 1);
+    assert!(
+        rejected[0].event.error.contains("not a StepJob"),
+        "{:?}",
+        rejected[0].event
+    );
+    assert_eq!(
+        h.bus.queued("default"),
+        0,
+        "the poison message is gone, not requeued"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_redelivered_step_that_was_recorded_is_not_run_again() {
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: call, piece: test, action: flaky, input: { failures: 0 } }\n  - { name: after, piece: test, action: echo, input: { value: 1 } }\n";
+    let h = Harness::start(&probe, &flow(steps)).await;
+    h.start_run("r1", json!({})).await;
+    assert_eq!(h.finished("r1").await.status, RunStatus::Succeeded);
+    // The same step job again, as after a worker died between recording and acking.
+    let job = piecework_proto::v1::StepJob {
+        run_id: "r1".into(),
+        flow_id: "f".into(),
+        flow_version: 1,
+        step: "call".into(),
+        epoch: 0,
+    };
+    let message = Message {
+        subject: subject::step("default"),
+        msg_id: "redelivery".into(),
+        headers: vec![],
+        payload: Bytes::from(piecework_proto::Message::encode_to_vec(&job)),
+    };
+    h.bus.publish(message).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(probe.calls.lock().unwrap().len(), 1, "the action ran once");
+    let run = h.store.get_run("r1").await.unwrap().unwrap();
+    assert_eq!(
+        run.step("call").unwrap().attempts.len(),
+        1,
+        "its result is recorded once"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn polling_starts_one_run_per_new_item_even_when_polls_repeat() {
+    let probe = Arc::new(Probe::default());
+    let text = "apiVersion: piecework/v1\nkind: Flow\nname: f\ntrigger: { piece: test, trigger: new_things }\nsteps:\n  - { name: first, piece: test, action: echo, input: { value: \"{{ trigger.id }}\" } }\n";
+    let h = Harness::start(&probe, text).await;
+    *probe.items.lock().unwrap() = vec![json!({"id": "1"})];
+    let poll = |tick: i64| {
+        let job = piecework_proto::v1::PollJob {
+            flow_id: "f".into(),
+            flow_version: 1,
+            tick_unix_ms: tick,
+        };
+        let bus = h.bus.clone();
+        async move {
+            piecework_bus::jobs::publish_poll(&bus, "default", &job, vec![])
+                .await
+                .unwrap()
+        }
+    };
+    // Baseline: the existing item does not fire.
+    poll(1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        h.store
+            .list_runs(&Default::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Two new items, polled twice (the second poll sees nothing new).
+    *probe.items.lock().unwrap() = vec![json!({"id": "3"}), json!({"id": "2"}), json!({"id": "1"})];
+    poll(2).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    poll(3).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A redelivered poll job (same tick) is deduplicated by its message id.
+    assert!(poll(3).await.duplicate);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let query = piecework_store::RunQuery {
+        limit: 100,
+        ..Default::default()
+    };
+    let runs = h.store.list_runs(&query).await.unwrap();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let mut outputs = Vec::new();
+    for summary in runs {
+        let run = h.finished(&summary.id).await;
+        outputs.push(run.step("first").unwrap().output.clone().unwrap());
+    }
+    outputs.sort_by_key(|v| v.to_string());
+    assert_eq!(outputs, [json!("2"), json!("3")]);
+    assert_eq!(*probe.polls.lock().unwrap(), 3);
+    h.stop().await;
+}
