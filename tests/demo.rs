@@ -1,0 +1,82 @@
+//! The README's demo command, as a user runs it: `piecework dev` as a real process. The shipped
+//! schedule flow must produce successful runs visible in the feed and at `GET /v1/runs`, and
+//! Ctrl-C (SIGINT) must stop it cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+#[test]
+fn piecework_dev_runs_the_demo_flows_and_stops_on_ctrl_c() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_piecework"))
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("piecework starts");
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut addr = None;
+    let mut feed_saw_success = false;
+    while Instant::now() < deadline && !(addr.is_some() && feed_saw_success) {
+        let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        if let Some(rest) = line.trim_start().strip_prefix("api") {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line.contains("heartbeat") && line.contains("run succeeded") {
+            feed_saw_success = true;
+        }
+    }
+    let addr = addr.expect("the api address is printed");
+    assert!(
+        feed_saw_success,
+        "a heartbeat run succeeded in the feed within 30s"
+    );
+
+    let runs: Value =
+        reqwest::blocking_get(&format!("{addr}/v1/runs?flow=heartbeat&status=succeeded"));
+    assert!(!runs["runs"].as_array().unwrap().is_empty(), "{runs}");
+
+    // SIGINT, as Ctrl-C sends it.
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "clean exit on Ctrl-C, got {status}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "piecework did not stop on Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+mod reqwest {
+    /// A tiny blocking GET on a fresh runtime, to keep this test synchronous like a user's shell.
+    pub fn blocking_get(url: &str) -> serde_json::Value {
+        piecework_sdk::http::install_crypto_provider();
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async { ::reqwest::get(url).await.unwrap().json().await.unwrap() })
+    }
+}

@@ -1,0 +1,350 @@
+//! End to end through the in-process sandbox (api + scheduler + worker on the in-memory
+//! adapters), over real HTTP.
+
+use std::time::Duration;
+
+use piecework::config::DevConfig;
+use piecework::dev::Sandbox;
+use serde_json::{Value, json};
+
+async fn sandbox(api_key: Option<&str>) -> (Sandbox, String) {
+    let mut config = DevConfig::default();
+    config.api.listen = "127.0.0.1:0".parse().unwrap();
+    config.api.api_key = api_key.map(str::to_owned);
+    let flows = piecework::flows::examples().unwrap();
+    let sandbox = Sandbox::start(config, flows, piecework::registry::pieces().unwrap())
+        .await
+        .unwrap();
+    let base = format!("http://{}", sandbox.api_addr);
+    (sandbox, base)
+}
+
+fn client() -> reqwest::Client {
+    piecework_sdk::http::install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+const ORDER_FLOW: &str = r#"
+apiVersion: piecework/v1
+kind: Flow
+name: orders
+trigger: { piece: webhook, trigger: catch }
+steps:
+  - name: total
+    piece: data
+    action: set
+    input:
+      value: "{{ trigger.body.items | map(attribute='price') | sum }}"
+  - name: remember
+    piece: store
+    action: put
+    input: { key: last_total, value: "{{ steps.total.output }}" }
+  - name: respond
+    piece: webhook
+    action: return_response
+    input:
+      status: 201
+      body: { total: "{{ steps.total.output }}", stored: "{{ steps.remember.output.key }}" }
+"#;
+
+#[tokio::test]
+async fn a_flow_applied_through_the_api_answers_its_sync_webhook() {
+    let (sandbox, base) = sandbox(None).await;
+    let http = client();
+
+    let applied = http
+        .post(format!("{base}/v1/flows"))
+        .body(ORDER_FLOW)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 201);
+    let applied: Value = applied.json().await.unwrap();
+    assert_eq!(applied["version"], 1);
+    // Applying the same definition again is idempotent.
+    let again = http
+        .post(format!("{base}/v1/flows"))
+        .body(ORDER_FLOW)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+
+    let body = json!({"items": [{"price": 3}, {"price": 4.5}]});
+    let response = http
+        .post(format!("{base}/v1/webhooks/orders/sync"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"total": 7.5, "stored": "last_total"})
+    );
+
+    // The run is listed and shows every step's input, output and attempts.
+    let runs: Value = http
+        .get(format!("{base}/v1/runs?flow=orders"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let run_id = runs["runs"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(runs["runs"][0]["status"], "succeeded");
+    let run: Value = http
+        .get(format!("{base}/v1/runs/{run_id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let steps = run["run"]["steps"].as_array().unwrap();
+    let names: Vec<&str> = steps.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["total", "remember", "respond"]);
+    assert_eq!(steps[0]["output"], json!(7.5));
+    assert_eq!(
+        steps[1]["input"],
+        json!({"key": "last_total", "value": 7.5})
+    );
+    assert_eq!(steps[2]["attempts"][0]["attempt"], 1);
+
+    // Audit: the apply (twice) and every step execution.
+    let audit: Value = http
+        .get(format!("{base}/v1/audit"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.iter().filter(|a| **a == "flow.apply").count() >= 4,
+        "{actions:?}"
+    );
+    assert!(
+        actions.iter().filter(|a| **a == "step.execute").count() >= 3,
+        "{actions:?}"
+    );
+    sandbox.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_invalid_flow_is_rejected_with_every_problem() {
+    let (sandbox, base) = sandbox(None).await;
+    let bad = ORDER_FLOW.replace("action: put", "action: upsert").replace(
+        "steps.total.output }}\", stored",
+        "steps.nothing.output }}\", stored",
+    );
+    let response = client()
+        .post(format!("{base}/v1/flows"))
+        .body(bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_flow");
+    let issues: Vec<String> = body["error"]["details"]["issues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            format!(
+                "{}: {}",
+                i["path"].as_str().unwrap(),
+                i["message"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        issues,
+        [
+            "steps[1] (remember).action: piece `store` has no action `upsert` (it has: get, put, delete)",
+            "steps[2] (respond).input.body.total: refers to step `nothing`, which does not exist",
+        ]
+    );
+    let garbage = client()
+        .post(format!("{base}/v1/flows"))
+        .body("{ not: [yaml")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbage.status(), 400);
+    let body: Value = garbage.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("flow is not valid YAML"),
+        "{body}"
+    );
+    sandbox.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_api_key_guards_everything_but_webhooks_and_health() {
+    let key = "a-long-enough-api-key";
+    let (sandbox, base) = sandbox(Some(key)).await;
+    let http = client();
+    assert_eq!(
+        http.get(format!("{base}/v1/flows"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let wrong = http
+        .get(format!("{base}/v1/flows"))
+        .bearer_auth("a-long-enough-api-kex")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(
+        http.get(format!("{base}/v1/flows"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let echo = http
+        .post(format!("{base}/v1/webhooks/echo/sync"))
+        .json(&json!({"name": "ada"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echo.status(), 200);
+    assert_eq!(echo.headers()["x-greeted-by"], "piecework");
+    assert_eq!(
+        echo.json::<Value>().await.unwrap(),
+        json!({"message": "hello, ada", "length": 3})
+    );
+    sandbox.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn webhooks_refuse_unknown_disabled_and_non_webhook_flows_clearly() {
+    let (sandbox, base) = sandbox(None).await;
+    let http = client();
+    let missing = http
+        .post(format!("{base}/v1/webhooks/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let scheduled = http
+        .post(format!("{base}/v1/webhooks/heartbeat"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scheduled.status(), 409);
+    let bad_json = http
+        .post(format!("{base}/v1/webhooks/echo"))
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_json.status(), 400);
+    assert_eq!(
+        http.post(format!("{base}/v1/flows/echo/disable"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let disabled = http
+        .post(format!("{base}/v1/webhooks/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(disabled.status(), 409);
+    assert_eq!(
+        http.post(format!("{base}/v1/flows/echo/enable"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let accepted = http
+        .post(format!("{base}/v1/webhooks/echo"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 202);
+    let accepted: Value = accepted.json().await.unwrap();
+    assert!(accepted["run_id"].is_string());
+    let bad_query = http
+        .get(format!("{base}/v1/runs?status=sleeping"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_query.status(), 400);
+    sandbox.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_pieces_catalog_lists_metadata() {
+    let (sandbox, base) = sandbox(None).await;
+    let catalog: Value = client()
+        .get(format!("{base}/v1/pieces"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = catalog["pieces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["data", "http", "schedule", "store", "webhook"]);
+    let http_piece: Value = client()
+        .get(format!("{base}/v1/pieces/http"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(http_piece["piece"]["actions"][0]["name"], "send_request");
+    assert_eq!(http_piece["versions"], json!(["0.1.0"]));
+    sandbox.stop().await.unwrap();
+}
