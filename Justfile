@@ -1,0 +1,28 @@
+# piecework tasks. `just` lists them.
+
+default:
+    @just --list
+
+# The demo: api + scheduler + worker on the embedded in-memory bus and store.
+dev *args:
+    cargo run -- dev {{args}}
+
+# Every test (installs nats-server and redis-server from Debian packages if missing).
+test *args:
+    scripts/test {{args}}
+
+# Formatting and clippy, as CI runs them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+    cargo fmt --all
+
+# Check flow files against the built-in pieces.
+validate +files:
+    cargo run -q -- flow validate {{files}}
+
+# What CI runs.
+ci:
+    bash .ci/run
