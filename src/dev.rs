@@ -15,6 +15,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DevConfig;
 
+fn serve_queues_of(config: &mut DevConfig, flows: &[FlowDefinition]) {
+    let used = flows
+        .iter()
+        .flat_map(|f| std::iter::once(f.trigger.queue()).chain(f.steps.iter().map(|s| s.queue())));
+    for queue in used {
+        if !config.worker.queues.iter().any(|q| q == queue) {
+            config.worker.queues.push(queue.to_owned());
+        }
+    }
+}
+
 /// A running sandbox.
 pub struct Sandbox {
     pub api_addr: SocketAddr,
@@ -28,11 +39,15 @@ pub struct Sandbox {
 impl Sandbox {
     /// Starts every service with `flows` applied. The API listens on `config.api.listen`
     /// (port 0 picks a free one; see [`Sandbox::api_addr`]).
+    ///
+    /// The one embedded worker also serves every queue the given flows route to, since no
+    /// other worker exists to serve them.
     pub async fn start(
-        config: DevConfig,
+        mut config: DevConfig,
         flows: Vec<FlowDefinition>,
         registry: piecework_core::Registry,
     ) -> anyhow::Result<Self> {
+        serve_queues_of(&mut config, &flows);
         config.validate()?;
         let store = MemoryStore::new();
         let bus = MemoryBus::new();

@@ -142,6 +142,27 @@ async fn a_flow_applied_through_the_api_answers_its_sync_webhook() {
 }
 
 #[tokio::test]
+async fn steps_routed_to_another_queue_run_in_dev() {
+    let mut config = DevConfig::default();
+    config.api.listen = "127.0.0.1:0".parse().unwrap();
+    let text = ORDER_FLOW.replace("    action: put\n", "    action: put\n    queue: vpn-eu\n");
+    let flow = piecework_core::FlowDefinition::parse(&text, piecework_core::Format::Yaml).unwrap();
+    let sandbox = Sandbox::start(config, vec![flow], piecework::registry::pieces().unwrap())
+        .await
+        .unwrap();
+    let base = format!("http://{}", sandbox.api_addr);
+    let body = json!({"items": [{"price": 1}]});
+    let response = client()
+        .post(format!("{base}/v1/webhooks/orders/sync"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    sandbox.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn an_invalid_flow_is_rejected_with_every_problem() {
     let (sandbox, base) = sandbox(None).await;
     let bad = ORDER_FLOW.replace("action: put", "action: upsert").replace(

@@ -81,6 +81,25 @@ impl Action for Echo {
     }
 }
 
+struct Sleepy;
+
+impl Action for Sleepy {
+    type Input = Value;
+    type Output = Value;
+
+    fn spec(&self) -> ActionSpec {
+        ActionSpec::new("sleepy", "Sleepy").prop(Prop::number("seconds", "Seconds").required())
+    }
+
+    async fn run(&self, _ctx: &Context, input: Value) -> Result<Value, PieceError> {
+        tokio::time::sleep(Duration::from_secs_f64(
+            input["seconds"].as_f64().unwrap_or(0.0),
+        ))
+        .await;
+        Ok(json!("woke up"))
+    }
+}
+
 struct NewThings(Arc<Probe>);
 
 impl PollingTrigger for NewThings {
@@ -115,6 +134,7 @@ fn registry(probe: &Arc<Probe>) -> Registry {
     let piece = Piece::builder("test", "Test")
         .action(Flaky(probe.clone()))
         .action(Echo)
+        .action(Sleepy)
         .polling_trigger(NewThings(probe.clone()))
         .webhook_trigger(Hook)
         .build();
@@ -286,6 +306,28 @@ async fn fatal_errors_are_not_retried() {
     let run = h.finished("r1").await;
     assert_eq!(run.status, RunStatus::Failed);
     assert_eq!(run.step("call").unwrap().attempts.len(), 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_that_outlives_its_timeout_is_retried_then_fails() {
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: nap, piece: test, action: sleepy, input: { seconds: 600 }, timeout: 2s, retry: { max_attempts: 2, initial_interval: 1s, jitter: 0 } }\n";
+    let h = Harness::start(&probe, &flow(steps)).await;
+    let started = Instant::now();
+    h.start_run("r1", json!({})).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Failed);
+    let step = run.step("nap").unwrap();
+    assert_eq!(
+        step.error.as_deref(),
+        Some("step timed out after 2s (gave up after 2 attempts)")
+    );
+    assert_eq!(step.attempts.len(), 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the action was cut off, not awaited"
+    );
     h.stop().await;
 }
 
