@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::BoxStream;
 
 pub mod jobs;
 pub mod memory;
@@ -75,16 +74,26 @@ impl Default for ConsumeOptions {
 pub trait Bus: Send + Sync + 'static {
     async fn publish(&self, message: Message) -> Result<PublishAck, BusError>;
 
-    /// Starts consuming a queue's jobs (both poll and step subjects). Deliveries are pulled
-    /// only as the stream is polled, so a worker that stops polling stops taking work.
+    /// Joins the queue's shared consumer (poll and step subjects), creating it if needed.
     async fn consume(
         &self,
         queue: &str,
         options: ConsumeOptions,
-    ) -> Result<BoxStream<'static, Result<Delivery, BusError>>, BusError>;
+    ) -> Result<Box<dyn Consumer>, BusError>;
 
     /// Whether the bus is connected and serving, for `/readyz`.
     async fn ready(&self) -> Result<(), BusError>;
+}
+
+/// One worker's handle on a queue's shared consumer.
+///
+/// Jobs are pulled, never pushed: a worker asks for as many as it has free slots, so it never
+/// holds more than it can run, and an idle worker costs one long-poll request per `wait`.
+#[async_trait]
+pub trait Consumer: Send {
+    /// Returns up to `max` deliveries as soon as at least one is available, or none once
+    /// `wait` has passed.
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError>;
 }
 
 /// Settles a delivery; implemented by each adapter.
@@ -97,7 +106,7 @@ pub trait Settle: Send + Sync {
     async fn progress(&self) -> Result<(), BusError>;
 }
 
-/// A message handed to a worker.
+/// A message handed to a worker. Dropping it unsettled returns it to the queue.
 pub struct Delivery {
     pub subject: String,
     pub headers: Vec<(String, String)>,

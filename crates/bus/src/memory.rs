@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::{self, BoxStream, StreamExt};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::{Bus, BusError, ConsumeOptions, Delivery, Message, PublishAck, Settle, subject};
+use crate::{
+    Bus, BusError, ConsumeOptions, Consumer, Delivery, Message, PublishAck, Settle, subject,
+};
 
 /// JetStream's default duplicate window.
 pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(120);
@@ -117,10 +118,29 @@ impl Inner {
         q.notify.notify_one();
     }
 
-    fn take(&self, queue: &str) -> (Option<Envelope>, Arc<Notify>) {
-        let mut queues = self.queues.lock().unwrap();
-        let q = queues.entry(queue.to_owned()).or_default();
-        (q.ready.pop_front(), q.notify.clone())
+    fn wake(&self, queue: &str) {
+        if let Some(q) = self.queues.lock().unwrap().get(queue) {
+            q.notify.notify_one();
+        }
+    }
+
+    fn take(&self, queue: &str) -> Option<Envelope> {
+        self.queues
+            .lock()
+            .unwrap()
+            .get_mut(queue)?
+            .ready
+            .pop_front()
+    }
+
+    fn take_notify(&self, queue: &str) -> Arc<Notify> {
+        self.queues
+            .lock()
+            .unwrap()
+            .entry(queue.to_owned())
+            .or_default()
+            .notify
+            .clone()
     }
 }
 
@@ -156,7 +176,7 @@ impl Bus for MemoryBus {
         &self,
         queue: &str,
         options: ConsumeOptions,
-    ) -> Result<BoxStream<'static, Result<Delivery, BusError>>, BusError> {
+    ) -> Result<Box<dyn Consumer>, BusError> {
         let pending = {
             let mut queues = self.inner.queues.lock().unwrap();
             let q = queues.entry(queue.to_owned()).or_default();
@@ -164,31 +184,57 @@ impl Bus for MemoryBus {
                 .get_or_insert_with(|| Arc::new(Semaphore::new(options.max_ack_pending.max(1))))
                 .clone()
         };
-        let state = (self.inner.clone(), queue.to_owned(), pending);
-        let deliveries = stream::unfold(state, |(inner, queue, pending)| async move {
-            let permit = pending.clone().acquire_owned().await.ok()?;
-            let envelope = loop {
-                let (envelope, notify) = inner.take(&queue);
-                if let Some(envelope) = envelope {
-                    break envelope;
-                }
-                let notified = notify.notified();
-                tokio::pin!(notified);
-                // Register before re-checking, so a publish in between is not missed.
-                notified.as_mut().enable();
-                if let (Some(envelope), _) = inner.take(&queue) {
-                    break envelope;
-                }
-                notified.await;
-            };
-            let delivery = deliver(&inner, &queue, envelope, permit);
-            Some((Ok(delivery), (inner, queue, pending)))
-        });
-        Ok(deliveries.boxed())
+        Ok(Box::new(MemoryConsumer {
+            inner: self.inner.clone(),
+            queue: queue.to_owned(),
+            pending,
+        }))
     }
 
     async fn ready(&self) -> Result<(), BusError> {
         Ok(())
+    }
+}
+
+struct MemoryConsumer {
+    inner: Arc<Inner>,
+    queue: String,
+    /// Shared by every consumer of the queue: `max_ack_pending`.
+    pending: Arc<Semaphore>,
+}
+
+impl MemoryConsumer {
+    /// Takes up to `max` ready jobs that `max_ack_pending` allows.
+    fn take_ready(&self, max: usize) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                break;
+            };
+            let Some(envelope) = self.inner.take(&self.queue) else {
+                break;
+            };
+            out.push(deliver(&self.inner, &self.queue, envelope, permit));
+        }
+        out
+    }
+}
+
+#[async_trait]
+impl Consumer for MemoryConsumer {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
+        let deadline = Instant::now() + wait;
+        let notify = self.inner.take_notify(&self.queue);
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a publish or a settle in between is not missed.
+            notified.as_mut().enable();
+            let ready = self.take_ready(max.max(1));
+            if !ready.is_empty() || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(ready);
+            }
+        }
     }
 }
 
@@ -204,7 +250,7 @@ fn deliver(
         queue: queue.to_owned(),
         envelope: envelope.clone(),
         settled: AtomicBool::new(false),
-        _permit: permit,
+        permit: Mutex::new(Some(permit)),
     };
     Delivery::new(
         envelope.subject,
@@ -221,7 +267,7 @@ struct MemorySettle {
     envelope: Envelope,
     settled: AtomicBool,
     /// Released when the delivery is settled or dropped: frees a `max_ack_pending` slot.
-    _permit: OwnedSemaphorePermit,
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 impl MemorySettle {
@@ -229,7 +275,15 @@ impl MemorySettle {
         if self.settled.swap(true, Ordering::SeqCst) {
             return Err(BusError::Settle("delivery was already settled".into()));
         }
+        self.release();
         Ok(())
+    }
+
+    /// Frees the `max_ack_pending` slot and wakes a consumer that may be waiting for it.
+    fn release(&self) {
+        if self.permit.lock().unwrap().take().is_some() {
+            self.inner.wake(&self.queue);
+        }
     }
 }
 
@@ -269,6 +323,7 @@ impl Drop for MemorySettle {
     /// redelivers after the ack wait.
     fn drop(&mut self) {
         if !self.settled.load(Ordering::SeqCst) {
+            self.release();
             self.inner.enqueue(&self.queue, self.envelope.clone());
         }
     }
@@ -288,12 +343,13 @@ mod tests {
         }
     }
 
-    async fn next(stream: &mut BoxStream<'static, Result<Delivery, BusError>>) -> Delivery {
-        tokio::time::timeout(Duration::from_secs(600), stream.next())
+    async fn next(consumer: &mut Box<dyn Consumer>) -> Delivery {
+        let mut batch = consumer
+            .fetch(1, Duration::from_secs(600))
             .await
-            .expect("a delivery in time")
-            .expect("stream open")
-            .expect("no error")
+            .expect("no error");
+        assert_eq!(batch.len(), 1, "a delivery in time");
+        batch.pop().unwrap()
     }
 
     #[tokio::test]
@@ -358,10 +414,35 @@ mod tests {
         bus.publish(message("a", "1")).await.unwrap();
         bus.publish(message("b", "2")).await.unwrap();
         let first = next(&mut stream).await;
-        let blocked = tokio::time::timeout(Duration::from_millis(50), stream.next()).await;
-        assert!(blocked.is_err(), "a second delivery while one is pending");
+        let blocked = stream.fetch(1, Duration::from_millis(50)).await.unwrap();
+        assert!(blocked.is_empty(), "a second delivery while one is pending");
         first.ack().await.unwrap();
         assert_eq!(next(&mut stream).await.payload, Bytes::from_static(b"2"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fetch_returns_up_to_max_at_once_and_nothing_after_the_wait() {
+        let bus = MemoryBus::new();
+        let mut consumer = bus
+            .consume("default", ConsumeOptions::default())
+            .await
+            .unwrap();
+        for id in ["a", "b", "c"] {
+            bus.publish(message(id, "x")).await.unwrap();
+        }
+        let first = consumer.fetch(2, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(first.len(), 2);
+        let second = consumer.fetch(5, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(second.len(), 1);
+        let started = Instant::now();
+        assert!(
+            consumer
+                .fetch(5, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
     }
 
     #[tokio::test]

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use piecework_bus::memory::MemoryBus;
 use piecework_bus::{Bus, ConsumeOptions};
 use piecework_core::Registry;
@@ -61,13 +60,12 @@ async fn apply(store: &MemoryStore, text: &str) {
 
 async fn drain_ticks(bus: &MemoryBus) -> Vec<i64> {
     let count = bus.queued("default");
-    let mut stream = bus
+    let mut consumer = bus
         .consume("default", ConsumeOptions::default())
         .await
         .unwrap();
     let mut ticks = Vec::new();
-    for _ in 0..count {
-        let delivery = stream.next().await.unwrap().unwrap();
+    for delivery in consumer.fetch(count, Duration::from_secs(1)).await.unwrap() {
         let job = PollJob::decode(delivery.payload.as_ref()).unwrap();
         assert_eq!((job.flow_id.as_str(), job.flow_version), ("tick", 1));
         ticks.push(job.tick_unix_ms);

@@ -13,20 +13,20 @@
 
 mod config;
 mod handler;
+mod health;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use futures::stream::select_all;
-use piecework_bus::ConsumeOptions;
+use piecework_bus::{ConsumeOptions, Consumer, Delivery};
 use piecework_runtime::Runtime;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::WorkerConfig;
 use handler::Handler;
+pub use health::Health;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -36,60 +36,134 @@ pub enum WorkerError {
     Bus(#[from] piecework_bus::BusError),
 }
 
+/// How long one fetch waits for a job: an idle worker makes one request per queue this often.
+const FETCH_WAIT: Duration = Duration::from_secs(10);
+/// Most jobs asked for in one fetch.
+const MAX_FETCH: usize = 64;
+
 /// Runs the worker until `shutdown` is cancelled.
 pub async fn run(
     config: WorkerConfig,
     runtime: Arc<Runtime>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
+    run_with_health(config, runtime, shutdown, Health::default()).await
+}
+
+/// [`run`], reporting whether each queue is being consumed to `health` (for `/readyz`).
+pub async fn run_with_health(
+    config: WorkerConfig,
+    runtime: Arc<Runtime>,
+    shutdown: CancellationToken,
+    health: Health,
+) -> Result<(), WorkerError> {
     config.validate().map_err(WorkerError::Config)?;
     let options = ConsumeOptions {
         max_ack_pending: config.max_ack_pending,
         ack_wait: config.ack_wait,
     };
-    let mut streams = Vec::with_capacity(config.queues.len());
-    for queue in &config.queues {
-        streams.push(runtime.bus.consume(queue, options.clone()).await?);
-    }
-    let mut deliveries = select_all(streams);
-    let handler = Arc::new(Handler::new(config.clone(), runtime));
     let slots = Arc::new(Semaphore::new(config.concurrency));
+    let (jobs_tx, mut jobs) = mpsc::channel::<(Delivery, OwnedSemaphorePermit)>(config.concurrency);
+    let stop_pulling = shutdown.child_token();
+    let mut pullers = JoinSet::new();
+    for queue in &config.queues {
+        let consumer = runtime.bus.consume(queue, options.clone()).await?;
+        let puller = Puller {
+            queue: queue.clone(),
+            consumer,
+            slots: slots.clone(),
+            jobs: jobs_tx.clone(),
+            health: health.clone(),
+        };
+        pullers.spawn(puller.run(stop_pulling.clone()));
+    }
+    drop(jobs_tx);
+    let handler = Arc::new(Handler::new(config.clone(), runtime));
     let mut tasks = JoinSet::new();
     tracing::info!(worker = %config.id, queues = ?config.queues, concurrency = config.concurrency, "worker started");
 
     loop {
-        // Take a slot before pulling, so the worker never holds more jobs than it can run.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-            () = shutdown.cancelled() => break,
-        };
-        let next = tokio::select! {
-            next = deliveries.next() => next,
-            () = shutdown.cancelled() => break,
-        };
-        match next {
-            Some(Ok(delivery)) => {
+        tokio::select! {
+            job = jobs.recv() => {
+                let Some((delivery, slot)) = job else { break };
                 let handler = handler.clone();
                 tasks.spawn(async move {
                     handler.handle(delivery).await;
                     drop(slot);
                 });
             }
-            Some(Err(err)) => {
-                tracing::warn!(error = %err, "receiving jobs failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    () = shutdown.cancelled() => break,
-                }
-            }
-            None => break,
+            () = shutdown.cancelled() => break,
         }
         while tasks.try_join_next().is_some() {}
     }
 
+    stop_pulling.cancel();
+    while pullers.join_next().await.is_some() {}
+    // Jobs fetched but not started go straight back to the queue.
+    jobs.close();
+    while let Some((delivery, _)) = jobs.recv().await {
+        if let Err(err) = delivery.nak(Duration::ZERO).await {
+            tracing::debug!(error = %err, "returning an unstarted job failed; it will be redelivered");
+        }
+    }
     drain(&mut tasks, config.shutdown_grace).await;
     tracing::info!(worker = %config.id, "worker stopped");
     Ok(())
+}
+
+/// Pulls one queue: waits for a free slot, fetches as many jobs as there are free slots, and
+/// hands each over with its slot, so the worker never holds more jobs than it can run.
+struct Puller {
+    queue: String,
+    consumer: Box<dyn Consumer>,
+    slots: Arc<Semaphore>,
+    jobs: mpsc::Sender<(Delivery, OwnedSemaphorePermit)>,
+    health: Health,
+}
+
+impl Puller {
+    async fn run(mut self, stop: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            let first = tokio::select! {
+                slot = self.slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                () = stop.cancelled() => return,
+            };
+            let mut slots = vec![first];
+            while slots.len() < MAX_FETCH {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(slot) => slots.push(slot),
+                    Err(_) => break,
+                }
+            }
+            let fetched = tokio::select! {
+                fetched = self.consumer.fetch(slots.len(), FETCH_WAIT) => fetched,
+                () = stop.cancelled() => return,
+            };
+            match fetched {
+                Ok(deliveries) => {
+                    failures = 0;
+                    self.health.consumed(&self.queue);
+                    for (delivery, slot) in deliveries.into_iter().zip(slots) {
+                        if self.jobs.send((delivery, slot)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(err) => {
+                    failures += 1;
+                    self.health.failed(&self.queue);
+                    let delay = Duration::from_millis(250 * 2u64.pow(failures.min(7)));
+                    tracing::warn!(queue = %self.queue, error = %err, retry_in = ?delay, "fetching jobs failed");
+                    drop(slots);
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Lets in-flight jobs finish within `grace`; aborts the rest, whose deliveries go back to
