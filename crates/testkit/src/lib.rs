@@ -1,0 +1,346 @@
+//! Real servers for tests: [`NatsServer`] (`nats-server -js`) and [`RedisServer`]
+//! (`redis-server` with an append-only file), each on a free port in its own temp directory.
+//!
+//! Tests never use the instances on the standard ports: they start their own, and can stop,
+//! kill and restart them (same port, same data directory) to prove what survives. Servers are
+//! killed and their directories removed on drop. A missing binary is a clear error naming the
+//! Debian package to install.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestkitError {
+    #[error(
+        "{binary} was not found on PATH or in /usr/sbin: install the Debian package `{package}` \
+         (apt-get install {package}), or run scripts/test, which installs it"
+    )]
+    Missing {
+        binary: &'static str,
+        package: &'static str,
+    },
+    #[error("cannot start {binary}: {source}")]
+    Spawn {
+        binary: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{binary} did not become ready on port {port} within {timeout:?}; its log:\n{log}")]
+    NotReady {
+        binary: &'static str,
+        port: u16,
+        timeout: Duration,
+        log: String,
+    },
+    #[error("temp dir: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Finds a server binary on PATH, or where Debian installs daemons.
+fn find(binary: &'static str, package: &'static str) -> Result<PathBuf, TestkitError> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let extra = ["/usr/sbin", "/usr/local/sbin", "/usr/bin"].map(PathBuf::from);
+    std::env::split_paths(&path)
+        .chain(extra)
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file())
+        .ok_or(TestkitError::Missing { binary, package })
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("the OS hands out a free port")
+}
+
+/// A server process the kit owns.
+struct Process {
+    binary: &'static str,
+    path: PathBuf,
+    args: Vec<String>,
+    port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl Process {
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("{}.log", self.binary))
+    }
+
+    fn spawn(&mut self) -> Result<(), TestkitError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(&self.path)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| TestkitError::Spawn {
+                binary: self.binary,
+                source,
+            })?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    async fn wait_ready(&self, probe: impl AsyncFn(u16) -> bool) -> Result<(), TestkitError> {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        while tokio::time::Instant::now() < deadline {
+            if probe(self.port).await {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Err(TestkitError::NotReady {
+            binary: self.binary,
+            port: self.port,
+            timeout: READY_TIMEOUT,
+            log: std::fs::read_to_string(self.log_path()).unwrap_or_default(),
+        })
+    }
+
+    /// SIGKILL: the process gets no chance to clean up, like a crashed host.
+    async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// SIGTERM, then waits for the process to exit (SIGKILL after 10s).
+    async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .await;
+            }
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+async fn port_open(port: u16) -> bool {
+    TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        .await
+        .is_ok()
+}
+
+async fn redis_pong(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await else {
+        return false;
+    };
+    if stream.write_all(b"PING\r\n").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await,
+        Ok(Ok(n)) if buf[..n].starts_with(b"+PONG")
+    )
+}
+
+/// `nats-server` with JetStream (file storage in its temp dir).
+pub struct NatsServer {
+    process: Process,
+}
+
+impl NatsServer {
+    pub async fn start() -> Result<Self, TestkitError> {
+        let path = find("nats-server", "nats-server")?;
+        let dir = tempfile::Builder::new().prefix("pw-nats-").tempdir()?;
+        let port = free_port();
+        let store = dir.path().join("jetstream");
+        let args = vec![
+            "-js".into(),
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-sd".into(),
+            store.display().to_string(),
+        ];
+        let mut process = Process {
+            binary: "nats-server",
+            path,
+            args,
+            port,
+            dir,
+            child: None,
+        };
+        process.spawn()?;
+        let server = Self { process };
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    async fn wait_ready(&self) -> Result<(), TestkitError> {
+        self.process
+            .wait_ready(async |port| port_open(port).await)
+            .await
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.process.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.process.dir.path()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.process.is_running()
+    }
+
+    /// Graceful stop (SIGTERM).
+    pub async fn stop(&mut self) {
+        self.process.stop().await;
+    }
+
+    /// SIGKILL.
+    pub async fn kill(&mut self) {
+        self.process.kill().await;
+    }
+
+    /// Starts again on the same port with the same JetStream store.
+    pub async fn restart(&mut self) -> Result<(), TestkitError> {
+        self.process.stop().await;
+        self.process.spawn()?;
+        self.wait_ready().await
+    }
+}
+
+/// `redis-server` with an fsync-always append-only file in its temp dir, so a restart keeps
+/// everything that was acknowledged.
+pub struct RedisServer {
+    process: Process,
+}
+
+impl RedisServer {
+    pub async fn start() -> Result<Self, TestkitError> {
+        let path = find("redis-server", "redis-server")?;
+        let dir = tempfile::Builder::new().prefix("pw-redis-").tempdir()?;
+        let port = free_port();
+        let args = vec![
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--dir".into(),
+            dir.path().display().to_string(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "yes".into(),
+            "--appendfsync".into(),
+            "always".into(),
+            "--daemonize".into(),
+            "no".into(),
+        ];
+        let mut process = Process {
+            binary: "redis-server",
+            path,
+            args,
+            port,
+            dir,
+            child: None,
+        };
+        process.spawn()?;
+        let server = Self { process };
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    async fn wait_ready(&self) -> Result<(), TestkitError> {
+        self.process
+            .wait_ready(async |port| redis_pong(port).await)
+            .await
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.process.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.process.is_running()
+    }
+
+    /// Graceful stop (SIGTERM): the append-only file is complete.
+    pub async fn stop(&mut self) {
+        self.process.stop().await;
+    }
+
+    /// SIGKILL.
+    pub async fn kill(&mut self) {
+        self.process.kill().await;
+    }
+
+    /// Starts again on the same port with the same data directory.
+    pub async fn restart(&mut self) -> Result<(), TestkitError> {
+        self.process.stop().await;
+        self.process.spawn()?;
+        self.wait_ready().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn servers_start_stop_and_restart_on_their_port() {
+        let mut nats = NatsServer::start().await.unwrap();
+        let mut redis = RedisServer::start().await.unwrap();
+        assert!(port_open(nats.port()).await);
+        assert!(redis_pong(redis.port()).await);
+        nats.stop().await;
+        redis.kill().await;
+        assert!(!port_open(nats.port()).await);
+        assert!(!redis_pong(redis.port()).await);
+        nats.restart().await.unwrap();
+        redis.restart().await.unwrap();
+        assert!(port_open(nats.port()).await);
+        assert!(redis_pong(redis.port()).await);
+    }
+
+    #[test]
+    fn a_missing_binary_names_the_package() {
+        let err = find("definitely-not-installed-pw", "some-package").unwrap_err();
+        assert!(
+            err.to_string().contains("apt-get install some-package"),
+            "{err}"
+        );
+    }
+}
