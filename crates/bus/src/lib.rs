@@ -17,6 +17,7 @@ use bytes::Bytes;
 
 pub mod jobs;
 pub mod memory;
+pub mod nats;
 
 pub use jobs::{JobKind, subject};
 
