@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub mod memory;
+pub mod redis;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

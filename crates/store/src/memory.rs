@@ -110,7 +110,10 @@ impl MemoryStore {
 
 /// Two definitions are the same version if they differ at most in `enabled`, which is state
 /// of the flow rather than part of a version.
-fn same_definition(a: &piecework_core::FlowDefinition, b: &piecework_core::FlowDefinition) -> bool {
+pub(crate) fn same_definition(
+    a: &piecework_core::FlowDefinition,
+    b: &piecework_core::FlowDefinition,
+) -> bool {
     let mut b = b.clone();
     b.enabled = a.enabled;
     *a == b

@@ -1,0 +1,855 @@
+//! The Redis adapter: the production store.
+//!
+//! Keys (all under `pw:`):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `pw:flows` | set | flow ids |
+//! | `pw:flow:{id}` | string | the flow record (JSON) |
+//! | `pw:flow:{id}:v:{n}` | string | version `n` (JSON), never changed once written |
+//! | `pw:flow:{id}:lock` | string | held while a flow is applied or enabled (expires) |
+//! | `pw:run:{id}` | hash | `meta` (JSON: ids, trigger, created_at), `status`, `error`, `finished_at`, `response`, `step:{name}` (JSON per step) |
+//! | `pw:runs`, `pw:runs:flow:{id}` | sorted set | run ids by creation time |
+//! | `pw:run-done:{id}` | pub/sub channel | a message when the run finishes |
+//! | `pw:trigger:{flow}` | string | the polling cursor (JSON) |
+//! | `pw:kv:{key}` | string | the piece key-value store (JSON), keys `flow:{id}:…` and `global:…` |
+//! | `pw:results`, `pw:audit` | stream | one entry per step attempt / audited operation, capped with `MAXLEN ~` |
+//!
+//! A step update is one `MULTI` pipeline (step field, run status, `pw:results` entry, done
+//! notification); creating a run is one Lua script, so "create only if new" is atomic. Blocking
+//! stream reads use their own connection so they never hold up the shared one. The connection
+//! manager reconnects by itself; while Redis is away, calls fail with `Unavailable`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use piecework_core::{FlowVersion, Run, RunStatus, RunSummary, StepState, ValidFlow};
+use piecework_proto::v1::{self, AuditEvent, StepResult};
+use piecework_sdk::{KvStore, PieceError, PollState};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+use redis::{AsyncCommands, Script};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use crate::{Applied, Entry, FlowRecord, RunQuery, RunUpdate, StepUpdate, Store, StoreError};
+
+/// How piecework uses Redis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:6379/0` (`rediss://` for TLS is not built in).
+    pub url: String,
+    /// Approximate cap of `pw:results` and `pw:audit` (`XADD MAXLEN ~`).
+    pub stream_maxlen: usize,
+    /// How long to keep trying to reach Redis at start before giving up.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            stream_maxlen: 100_000,
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+const RESULTS: &str = "pw:results";
+const AUDIT: &str = "pw:audit";
+const FLOWS: &str = "pw:flows";
+const RUNS: &str = "pw:runs";
+const LOCK_TTL_MS: u64 = 10_000;
+
+fn flow_key(id: &str) -> String {
+    format!("pw:flow:{id}")
+}
+fn version_key(id: &str, version: u32) -> String {
+    format!("pw:flow:{id}:v:{version}")
+}
+fn run_key(id: &str) -> String {
+    format!("pw:run:{id}")
+}
+fn runs_of_flow_key(id: &str) -> String {
+    format!("pw:runs:flow:{id}")
+}
+fn done_channel(id: &str) -> String {
+    format!("pw:run-done:{id}")
+}
+fn trigger_key(flow: &str) -> String {
+    format!("pw:trigger:{flow}")
+}
+
+/// Creates a run only if its hash does not exist, and indexes it.
+const CREATE_RUN: &str = r#"
+if redis.call('HSETNX', KEYS[1], 'meta', ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'running')
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+return 1
+"#;
+
+/// Deletes a lock only if we still hold it.
+const UNLOCK: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// The Redis [`Store`].
+#[derive(Clone)]
+pub struct RedisStore {
+    client: redis::Client,
+    conn: ConnectionManager,
+    /// For blocking reads only.
+    blocking: Arc<Mutex<ConnectionManager>>,
+    config: RedisConfig,
+    create_run: Arc<Script>,
+    unlock: Arc<Script>,
+}
+
+fn unavailable(err: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {err}"))
+}
+
+fn corrupt(key: &str, err: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        key: key.to_owned(),
+        message: err.to_string(),
+    }
+}
+
+fn to_json(value: &impl Serialize) -> String {
+    serde_json::to_string(value).expect("store records serialize")
+}
+
+fn from_json<T: DeserializeOwned>(key: &str, text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| corrupt(key, e))
+}
+
+/// The immutable part of a run, stored once in `meta`.
+#[derive(Serialize, Deserialize)]
+struct RunMeta {
+    id: String,
+    flow_id: String,
+    flow_version: u32,
+    trigger: Value,
+    created_at: DateTime<Utc>,
+}
+
+impl RedisStore {
+    /// Connects (retrying for up to `connect_timeout`).
+    pub async fn connect(config: RedisConfig) -> Result<Self, StoreError> {
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| {
+            StoreError::Unavailable(format!("invalid Redis URL {:?}: {e}", config.url))
+        })?;
+        let managed = |response_timeout: Option<Duration>| {
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(response_timeout)
+                .set_number_of_retries(2)
+        };
+        let deadline = tokio::time::Instant::now() + config.connect_timeout;
+        let mut delay = Duration::from_millis(100);
+        let conn = loop {
+            match ConnectionManager::new_with_config(
+                client.clone(),
+                managed(Some(Duration::from_secs(10))),
+            )
+            .await
+            {
+                Ok(conn) => break conn,
+                Err(err) if tokio::time::Instant::now() + delay < deadline => {
+                    tracing::warn!(error = %err, retry_in = ?delay, "cannot reach Redis yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(err) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot connect to Redis: {err}"
+                    )));
+                }
+            }
+        };
+        let blocking = ConnectionManager::new_with_config(client.clone(), managed(None))
+            .await
+            .map_err(unavailable)?;
+        Ok(Self {
+            client,
+            conn,
+            blocking: Arc::new(Mutex::new(blocking)),
+            config,
+            create_run: Arc::new(Script::new(CREATE_RUN)),
+            unlock: Arc::new(Script::new(UNLOCK)),
+        })
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Runs `work` holding the flow's lock, so concurrent applies of one flow serialize.
+    async fn with_flow_lock<T>(
+        &self,
+        id: &str,
+        work: impl AsyncFnOnce(&Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let key = format!("{}:lock", flow_key(id));
+        let token = uuid::Uuid::new_v4().to_string();
+        let mut conn = self.conn();
+        let mut acquired = false;
+        for _ in 0..50 {
+            let set: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(LOCK_TTL_MS)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if set.is_some() {
+                acquired = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !acquired {
+            return Err(StoreError::Conflict(format!(
+                "flow `{id}` is being changed by someone else; try again"
+            )));
+        }
+        let result = work(self).await;
+        let _: Result<i64, _> = self
+            .unlock
+            .key(&key)
+            .arg(&token)
+            .invoke_async(&mut conn)
+            .await;
+        result
+    }
+
+    async fn read_flow(&self, id: &str) -> Result<Option<FlowRecord>, StoreError> {
+        let key = flow_key(id);
+        let text: Option<String> = self.conn().get(&key).await.map_err(unavailable)?;
+        text.map(|t| from_json(&key, &t)).transpose()
+    }
+
+    fn run_from_hash(id: &str, fields: HashMap<String, String>) -> Result<Option<Run>, StoreError> {
+        let key = run_key(id);
+        let Some(meta) = fields.get("meta") else {
+            return Ok(None);
+        };
+        let meta: RunMeta = from_json(&key, meta)?;
+        let status = match fields.get("status") {
+            Some(s) => s.parse::<RunStatus>().map_err(|e| corrupt(&key, e))?,
+            None => RunStatus::Running,
+        };
+        let mut steps: Vec<StepState> = fields
+            .iter()
+            .filter(|(k, _)| k.starts_with("step:"))
+            .map(|(_, v)| from_json(&key, v))
+            .collect::<Result<_, _>>()?;
+        steps.sort_by(|a, b| {
+            let first = |s: &StepState| s.attempts.first().map(|a| a.started_at);
+            first(a).cmp(&first(b)).then_with(|| a.name.cmp(&b.name))
+        });
+        Ok(Some(Run {
+            id: meta.id,
+            flow_id: meta.flow_id,
+            flow_version: meta.flow_version,
+            status,
+            trigger: meta.trigger,
+            steps,
+            created_at: meta.created_at,
+            finished_at: fields
+                .get("finished_at")
+                .map(|t| from_json(&key, t))
+                .transpose()?,
+            error: fields.get("error").filter(|e| !e.is_empty()).cloned(),
+            response: fields
+                .get("response")
+                .map(|r| from_json(&key, r))
+                .transpose()?,
+        }))
+    }
+}
+
+/// Adds the fields of a run update to a pipeline.
+fn run_update_fields(pipe: &mut redis::Pipeline, key: &str, update: &RunUpdate) {
+    pipe.cmd("HSET")
+        .arg(key)
+        .arg("status")
+        .arg(update.status.as_str())
+        .arg("error")
+        .arg(update.error.clone().unwrap_or_default())
+        .ignore();
+    if let Some(finished) = update.finished_at {
+        pipe.cmd("HSET")
+            .arg(key)
+            .arg("finished_at")
+            .arg(to_json(&finished))
+            .ignore();
+    }
+}
+
+fn step_status_name(status: i32) -> &'static str {
+    match v1::StepStatus::try_from(status).unwrap_or(v1::StepStatus::Unspecified) {
+        v1::StepStatus::Succeeded => "succeeded",
+        v1::StepStatus::Retrying => "retrying",
+        v1::StepStatus::Failed => "failed",
+        v1::StepStatus::Skipped => "skipped",
+        v1::StepStatus::Unspecified => "unspecified",
+    }
+}
+
+fn step_status_from(name: &str) -> v1::StepStatus {
+    match name {
+        "succeeded" => v1::StepStatus::Succeeded,
+        "retrying" => v1::StepStatus::Retrying,
+        "failed" => v1::StepStatus::Failed,
+        "skipped" => v1::StepStatus::Skipped,
+        _ => v1::StepStatus::Unspecified,
+    }
+}
+
+fn run_status_name(status: i32) -> &'static str {
+    match v1::RunStatus::try_from(status).unwrap_or(v1::RunStatus::Unspecified) {
+        v1::RunStatus::Running => "running",
+        v1::RunStatus::Succeeded => "succeeded",
+        v1::RunStatus::Failed => "failed",
+        v1::RunStatus::Cancelled => "cancelled",
+        v1::RunStatus::Unspecified => "unspecified",
+    }
+}
+
+fn run_status_from(name: &str) -> v1::RunStatus {
+    match name {
+        "running" => v1::RunStatus::Running,
+        "succeeded" => v1::RunStatus::Succeeded,
+        "failed" => v1::RunStatus::Failed,
+        "cancelled" => v1::RunStatus::Cancelled,
+        _ => v1::RunStatus::Unspecified,
+    }
+}
+
+fn result_fields(r: &StepResult) -> Vec<(&'static str, String)> {
+    vec![
+        ("run", r.run_id.clone()),
+        ("flow", r.flow_id.clone()),
+        ("flow_version", r.flow_version.to_string()),
+        ("step", r.step.clone()),
+        ("piece", r.piece.clone()),
+        ("action", r.action.clone()),
+        ("version", r.version.clone()),
+        ("attempt", r.attempt.to_string()),
+        ("status", step_status_name(r.status).to_owned()),
+        ("duration_ms", r.duration_ms.to_string()),
+        ("error", r.error.clone()),
+        ("run_status", run_status_name(r.run_status).to_owned()),
+        ("finished_ms", r.finished_unix_ms.to_string()),
+    ]
+}
+
+fn field<T: std::str::FromStr + Default>(entry: &StreamId, name: &str) -> T {
+    entry
+        .get::<String>(name)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default()
+}
+
+fn result_from(entry: &StreamId) -> StepResult {
+    StepResult {
+        run_id: field(entry, "run"),
+        flow_id: field(entry, "flow"),
+        flow_version: field(entry, "flow_version"),
+        step: field(entry, "step"),
+        piece: field(entry, "piece"),
+        action: field(entry, "action"),
+        version: field(entry, "version"),
+        attempt: field(entry, "attempt"),
+        status: step_status_from(&field::<String>(entry, "status")) as i32,
+        duration_ms: field(entry, "duration_ms"),
+        error: field(entry, "error"),
+        run_status: run_status_from(&field::<String>(entry, "run_status")) as i32,
+        finished_unix_ms: field(entry, "finished_ms"),
+    }
+}
+
+fn audit_fields(e: &AuditEvent) -> Vec<(&'static str, String)> {
+    vec![
+        ("actor", e.actor.clone()),
+        ("action", e.action.clone()),
+        ("resource", e.resource.clone()),
+        ("outcome", e.outcome.clone()),
+        ("time_ms", e.time_unix_ms.to_string()),
+        ("duration_ms", e.duration_ms.to_string()),
+        ("error", e.error.clone()),
+    ]
+}
+
+fn audit_from(entry: &StreamId) -> AuditEvent {
+    AuditEvent {
+        actor: field(entry, "actor"),
+        action: field(entry, "action"),
+        resource: field(entry, "resource"),
+        outcome: field(entry, "outcome"),
+        time_unix_ms: field(entry, "time_ms"),
+        duration_ms: field(entry, "duration_ms"),
+        error: field(entry, "error"),
+    }
+}
+
+/// Stream ids are exclusive lower bounds for XREAD; for XRANGE, `(id` is the exclusive form.
+fn exclusive(after: Option<&str>) -> String {
+    after.map_or_else(|| "-".to_owned(), |id| format!("({id}"))
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn apply_flow(&self, flow: ValidFlow) -> Result<Applied, StoreError> {
+        let id = flow.definition.name.clone();
+        self.with_flow_lock(&id, async |store| {
+            let now = Utc::now();
+            let mut conn = store.conn();
+            let record = store.read_flow(&id).await?;
+            let latest = record.as_ref().map_or(0, |r| r.latest_version);
+            let unchanged = match latest {
+                0 => false,
+                n => match store.get_flow_version(&id, n).await? {
+                    Some(v) => {
+                        crate::memory::same_definition(&v.definition, &flow.definition)
+                            && v.resolved == flow.resolved
+                    }
+                    None => false,
+                },
+            };
+            let version = if unchanged { latest } else { latest + 1 };
+            let record = FlowRecord {
+                id: id.clone(),
+                latest_version: version,
+                enabled: flow.definition.enabled,
+                owner: flow.definition.owner.clone(),
+                description: flow.definition.description.clone(),
+                created_at: record.map_or(now, |r| r.created_at),
+                updated_at: now,
+            };
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            if !unchanged {
+                let stored = FlowVersion {
+                    flow_id: id.clone(),
+                    version,
+                    definition: flow.definition,
+                    resolved: flow.resolved,
+                    created_at: now,
+                };
+                pipe.cmd("SET")
+                    .arg(version_key(&id, version))
+                    .arg(to_json(&stored))
+                    .ignore();
+            }
+            pipe.cmd("SET")
+                .arg(flow_key(&id))
+                .arg(to_json(&record))
+                .ignore();
+            pipe.cmd("SADD").arg(FLOWS).arg(&id).ignore();
+            let () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            Ok(Applied {
+                record,
+                version,
+                created: !unchanged,
+            })
+        })
+        .await
+    }
+
+    async fn get_flow(&self, id: &str) -> Result<Option<FlowRecord>, StoreError> {
+        self.read_flow(id).await
+    }
+
+    async fn list_flows(&self) -> Result<Vec<FlowRecord>, StoreError> {
+        let mut conn = self.conn();
+        let mut ids: Vec<String> = conn.smembers(FLOWS).await.map_err(unavailable)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        ids.sort();
+        let keys: Vec<String> = ids.iter().map(|id| flow_key(id)).collect();
+        let texts: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        keys.iter()
+            .zip(texts)
+            .filter_map(|(key, text)| text.map(|t| from_json(key, &t)))
+            .collect()
+    }
+
+    async fn get_flow_version(
+        &self,
+        id: &str,
+        version: u32,
+    ) -> Result<Option<FlowVersion>, StoreError> {
+        let key = version_key(id, version);
+        let text: Option<String> = self.conn().get(&key).await.map_err(unavailable)?;
+        text.map(|t| from_json(&key, &t)).transpose()
+    }
+
+    async fn set_flow_enabled(
+        &self,
+        id: &str,
+        enabled: bool,
+    ) -> Result<Option<FlowRecord>, StoreError> {
+        self.with_flow_lock(id, async |store| {
+            let Some(mut record) = store.read_flow(id).await? else {
+                return Ok(None);
+            };
+            record.enabled = enabled;
+            record.updated_at = Utc::now();
+            let () = store
+                .conn()
+                .set(flow_key(id), to_json(&record))
+                .await
+                .map_err(unavailable)?;
+            Ok(Some(record))
+        })
+        .await
+    }
+
+    async fn create_run(&self, run: &Run) -> Result<bool, StoreError> {
+        let meta = RunMeta {
+            id: run.id.clone(),
+            flow_id: run.flow_id.clone(),
+            flow_version: run.flow_version,
+            trigger: run.trigger.clone(),
+            created_at: run.created_at,
+        };
+        let created: i64 = self
+            .create_run
+            .key(run_key(&run.id))
+            .key(RUNS)
+            .key(runs_of_flow_key(&run.flow_id))
+            .arg(to_json(&meta))
+            .arg(run.created_at.timestamp_millis())
+            .arg(&run.id)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(created == 1)
+    }
+
+    async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError> {
+        let fields: HashMap<String, String> = self
+            .conn()
+            .hgetall(run_key(id))
+            .await
+            .map_err(unavailable)?;
+        Self::run_from_hash(id, fields)
+    }
+
+    async fn list_runs(&self, query: &RunQuery) -> Result<Vec<RunSummary>, StoreError> {
+        let index = query
+            .flow_id
+            .as_deref()
+            .map_or_else(|| RUNS.to_owned(), runs_of_flow_key);
+        let limit = query.limit.max(1);
+        let mut conn = self.conn();
+        let mut out = Vec::new();
+        let mut offset = 0isize;
+        let page = limit.max(50) as isize;
+        // Newest first, in pages, filtering by status, until `limit` rows or the end.
+        while out.len() < limit {
+            let ids: Vec<String> = conn
+                .zrevrange(&index, offset, offset + page - 1)
+                .await
+                .map_err(unavailable)?;
+            if ids.is_empty() {
+                break;
+            }
+            offset += page;
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("HMGET")
+                    .arg(run_key(id))
+                    .arg("meta")
+                    .arg("status")
+                    .arg("error")
+                    .arg("finished_at");
+            }
+            let rows: Vec<(
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+            )> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            for (id, (meta, status, error, finished)) in ids.iter().zip(rows) {
+                let Some(meta) = meta else { continue };
+                let key = run_key(id);
+                let meta: RunMeta = from_json(&key, &meta)?;
+                let status = status
+                    .as_deref()
+                    .unwrap_or("running")
+                    .parse::<RunStatus>()
+                    .map_err(|e| corrupt(&key, e))?;
+                if query.status.is_some_and(|s| s != status) {
+                    continue;
+                }
+                out.push(RunSummary {
+                    id: meta.id,
+                    flow_id: meta.flow_id,
+                    flow_version: meta.flow_version,
+                    status,
+                    created_at: meta.created_at,
+                    finished_at: finished.map(|f| from_json(&key, &f)).transpose()?,
+                    error: error.filter(|e| !e.is_empty()),
+                });
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn record_step(&self, update: StepUpdate) -> Result<(), StoreError> {
+        let key = run_key(&update.run_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("HSET")
+            .arg(&key)
+            .arg(format!("step:{}", update.step.name))
+            .arg(to_json(&update.step))
+            .ignore();
+        if let Some(response) = &update.response {
+            pipe.cmd("HSET")
+                .arg(&key)
+                .arg("response")
+                .arg(to_json(response))
+                .ignore();
+        }
+        if let Some(run) = &update.run {
+            run_update_fields(&mut pipe, &key, run);
+        }
+        pipe.cmd("XADD")
+            .arg(RESULTS)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.config.stream_maxlen)
+            .arg("*")
+            .arg(result_fields(&update.result))
+            .ignore();
+        if let Some(run) = &update.run {
+            pipe.cmd("PUBLISH")
+                .arg(done_channel(&update.run_id))
+                .arg(run.status.as_str())
+                .ignore();
+        }
+        let () = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn update_run(&self, run_id: &str, update: RunUpdate) -> Result<(), StoreError> {
+        let key = run_key(run_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        run_update_fields(&mut pipe, &key, &update);
+        pipe.cmd("PUBLISH")
+            .arg(done_channel(run_id))
+            .arg(update.status.as_str())
+            .ignore();
+        let () = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn wait_run_finished(
+        &self,
+        run_id: &str,
+        timeout: Duration,
+    ) -> Result<Option<Run>, StoreError> {
+        // Subscribe before reading, so a finish in between is not missed.
+        let mut pubsub = self.client.get_async_pubsub().await.map_err(unavailable)?;
+        pubsub
+            .subscribe(done_channel(run_id))
+            .await
+            .map_err(unavailable)?;
+        let run = self.get_run(run_id).await?;
+        match &run {
+            None => return Ok(None),
+            Some(r) if r.status.is_terminal() => return Ok(run),
+            Some(_) => {}
+        }
+        let _ = tokio::time::timeout(timeout, pubsub.on_message().next()).await;
+        self.get_run(run_id).await
+    }
+
+    async fn trigger_state(&self, flow_id: &str) -> Result<Option<PollState>, StoreError> {
+        let key = trigger_key(flow_id);
+        let text: Option<String> = self.conn().get(&key).await.map_err(unavailable)?;
+        text.map(|t| from_json(&key, &t)).transpose()
+    }
+
+    async fn put_trigger_state(&self, flow_id: &str, state: &PollState) -> Result<(), StoreError> {
+        let () = self
+            .conn()
+            .set(trigger_key(flow_id), to_json(state))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn kv(&self) -> Arc<dyn KvStore> {
+        Arc::new(RedisKv { conn: self.conn() })
+    }
+
+    async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        let () = redis::cmd("XADD")
+            .arg(AUDIT)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.config.stream_maxlen)
+            .arg("*")
+            .arg(audit_fields(&event))
+            .query_async(&mut self.conn())
+            .await
+            .map(|_: String| ())
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn read_results(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry<StepResult>>, StoreError> {
+        let limit = limit.max(1);
+        let entries: Vec<StreamId> = if block.is_zero() {
+            let reply: StreamRangeReply = redis::cmd("XRANGE")
+                .arg(RESULTS)
+                .arg(exclusive(after))
+                .arg("+")
+                .arg("COUNT")
+                .arg(limit)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+            reply.ids
+        } else {
+            let mut conn = self.blocking.lock().await;
+            let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(limit)
+                .arg("BLOCK")
+                .arg(block.as_millis().max(1) as u64)
+                .arg("STREAMS")
+                .arg(RESULTS)
+                .arg(after.unwrap_or("0-0"))
+                .query_async(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            reply
+                .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+                .unwrap_or_default()
+        };
+        Ok(entries
+            .iter()
+            .map(|e| Entry {
+                id: e.id.clone(),
+                event: result_from(e),
+            })
+            .collect())
+    }
+
+    async fn read_audit(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Entry<AuditEvent>>, StoreError> {
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(AUDIT)
+            .arg(exclusive(after))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(reply
+            .ids
+            .iter()
+            .map(|e| Entry {
+                id: e.id.clone(),
+                event: audit_from(e),
+            })
+            .collect())
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        let pong: String = redis::cmd("PING")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(format!(
+                "unexpected PING reply {pong:?}"
+            )))
+        }
+    }
+}
+
+/// The piece key-value store on Redis.
+struct RedisKv {
+    conn: ConnectionManager,
+}
+
+fn kv_key(key: &str) -> String {
+    format!("pw:kv:{key}")
+}
+
+fn kv_error(err: redis::RedisError) -> PieceError {
+    PieceError::retryable(format!("store unavailable: {err}"))
+}
+
+#[async_trait]
+impl KvStore for RedisKv {
+    async fn get(&self, key: &str) -> Result<Option<Value>, PieceError> {
+        let text: Option<String> = self.conn.clone().get(kv_key(key)).await.map_err(kv_error)?;
+        text.map(|t| {
+            serde_json::from_str(&t)
+                .map_err(|e| PieceError::fatal(format!("stored value of {key:?} is not JSON: {e}")))
+        })
+        .transpose()
+    }
+
+    async fn put(&self, key: &str, value: Value) -> Result<(), PieceError> {
+        let () = self
+            .conn
+            .clone()
+            .set(kv_key(key), value.to_string())
+            .await
+            .map_err(kv_error)?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, PieceError> {
+        let removed: i64 = self.conn.clone().del(kv_key(key)).await.map_err(kv_error)?;
+        Ok(removed > 0)
+    }
+}

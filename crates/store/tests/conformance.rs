@@ -1,0 +1,433 @@
+//! One behaviour suite, run against the in-memory store and against Redis (a real
+//! redis-server from the testkit), so the adapters cannot drift apart.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use piecework_core::run::Attempt;
+use piecework_core::{FlowDefinition, Format, Run, RunStatus, StepState, StepStatus, ValidFlow};
+use piecework_proto::v1::{self, AuditEvent, StepResult};
+use piecework_sdk::PollState;
+use piecework_store::memory::MemoryStore;
+use piecework_store::redis::{RedisConfig, RedisStore};
+use piecework_store::{RunQuery, RunUpdate, StepUpdate, Store};
+use piecework_testkit::RedisServer;
+use serde_json::json;
+
+fn flow(name: &str, description: &str, enabled: bool) -> ValidFlow {
+    let text = format!(
+        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ndescription: {description}\nenabled: {enabled}\ntrigger: {{piece: p, trigger: t}}\nsteps: []\n"
+    );
+    ValidFlow {
+        definition: FlowDefinition::parse(&text, Format::Yaml).unwrap(),
+        resolved: BTreeMap::from([("trigger".to_owned(), "1.0.0".parse().unwrap())]),
+    }
+}
+
+fn step(name: &str, status: StepStatus, attempt: u32) -> StepState {
+    StepState {
+        name: name.into(),
+        piece: "p".into(),
+        action: "a".into(),
+        version: "1.0.0".into(),
+        status,
+        input: json!({"x": 1}),
+        output: (status == StepStatus::Succeeded).then(|| json!({"y": 2})),
+        error: (status != StepStatus::Succeeded).then(|| "boom".into()),
+        attempts: (1..=attempt)
+            .map(|n| Attempt {
+                attempt: n,
+                status,
+                started_at: Utc::now(),
+                duration_ms: 3,
+                error: None,
+                worker: "w".into(),
+            })
+            .collect(),
+    }
+}
+
+fn result(run: &str, step: &str, attempt: u32, run_status: v1::RunStatus) -> StepResult {
+    StepResult {
+        run_id: run.into(),
+        flow_id: "f".into(),
+        flow_version: 1,
+        step: step.into(),
+        piece: "p".into(),
+        action: "a".into(),
+        version: "1.0.0".into(),
+        attempt,
+        status: v1::StepStatus::Succeeded as i32,
+        duration_ms: 3,
+        error: String::new(),
+        run_status: run_status as i32,
+        finished_unix_ms: 1_700_000_000_000,
+    }
+}
+
+async fn flows_are_versioned_and_keep_their_cursor(store: Arc<dyn Store>) {
+    let first = store.apply_flow(flow("f", "a", true)).await.unwrap();
+    assert_eq!((first.version, first.created), (1, true));
+    let same = store.apply_flow(flow("f", "a", false)).await.unwrap();
+    assert_eq!(
+        (same.version, same.created, same.record.enabled),
+        (1, false, false)
+    );
+    let cursor = PollState {
+        recent_ids: ["7".to_owned()].into(),
+        ..PollState::default()
+    };
+    store.put_trigger_state("f", &cursor).await.unwrap();
+    let changed = store.apply_flow(flow("f", "b", true)).await.unwrap();
+    assert_eq!((changed.version, changed.created), (2, true));
+    assert_eq!(
+        store
+            .get_flow_version("f", 1)
+            .await
+            .unwrap()
+            .unwrap()
+            .definition
+            .description,
+        "a"
+    );
+    assert_eq!(
+        store
+            .get_flow_version("f", 2)
+            .await
+            .unwrap()
+            .unwrap()
+            .resolved["trigger"]
+            .to_string(),
+        "1.0.0"
+    );
+    assert!(store.get_flow_version("f", 3).await.unwrap().is_none());
+    assert!(
+        !store
+            .set_flow_enabled("f", false)
+            .await
+            .unwrap()
+            .unwrap()
+            .enabled
+    );
+    assert!(
+        store
+            .set_flow_enabled("nope", true)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store.apply_flow(flow("e", "x", true)).await.unwrap();
+    let ids: Vec<String> = store
+        .list_flows()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.id)
+        .collect();
+    assert_eq!(ids, ["e", "f"]);
+    assert_eq!(
+        store.trigger_state("f").await.unwrap(),
+        Some(cursor),
+        "the cursor survives applies"
+    );
+    assert_eq!(store.trigger_state("e").await.unwrap(), None);
+}
+
+async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
+    let run = Run::new("r1".into(), "f", 1, json!({"id": 5}));
+    assert!(store.create_run(&run).await.unwrap());
+    assert!(!store.create_run(&run).await.unwrap());
+    store
+        .record_step(StepUpdate {
+            run_id: "r1".into(),
+            step: step("a", StepStatus::Retrying, 1),
+            result: result("r1", "a", 1, v1::RunStatus::Running),
+            response: None,
+            run: None,
+        })
+        .await
+        .unwrap();
+    store
+        .record_step(StepUpdate {
+            run_id: "r1".into(),
+            step: step("a", StepStatus::Succeeded, 2),
+            result: result("r1", "a", 2, v1::RunStatus::Running),
+            response: None,
+            run: None,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let done = RunUpdate {
+        status: RunStatus::Succeeded,
+        error: None,
+        finished_at: Some(Utc::now()),
+    };
+    store
+        .record_step(StepUpdate {
+            run_id: "r1".into(),
+            step: step("b", StepStatus::Succeeded, 1),
+            result: result("r1", "b", 1, v1::RunStatus::Succeeded),
+            response: Some(json!({"status": 201})),
+            run: Some(done),
+        })
+        .await
+        .unwrap();
+    let stored = store.get_run("r1").await.unwrap().unwrap();
+    assert_eq!(stored.status, RunStatus::Succeeded);
+    assert_eq!(stored.trigger, json!({"id": 5}));
+    assert_eq!(stored.response, Some(json!({"status": 201})));
+    assert!(stored.finished_at.is_some());
+    let names: Vec<&str> = stored.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"], "steps in the order they ran");
+    assert_eq!(stored.step("a").unwrap().attempts.len(), 2);
+    assert_eq!(stored.step("a").unwrap().output, Some(json!({"y": 2})));
+    assert!(store.get_run("nope").await.unwrap().is_none());
+
+    let results = store.read_results(None, 10, Duration::ZERO).await.unwrap();
+    let attempts: Vec<(String, u32)> = results
+        .iter()
+        .map(|e| (e.event.step.clone(), e.event.attempt))
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            ("a".to_owned(), 1),
+            ("a".to_owned(), 2),
+            ("b".to_owned(), 1)
+        ]
+    );
+    assert_eq!(
+        results[2].event,
+        result("r1", "b", 1, v1::RunStatus::Succeeded),
+        "fields round-trip"
+    );
+    let after = store
+        .read_results(Some(&results[1].id), 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 1);
+}
+
+async fn runs_are_listed_newest_first_with_filters(store: Arc<dyn Store>) {
+    for (i, flow_id) in ["f", "g", "f"].iter().enumerate() {
+        let mut run = Run::new(format!("r{i}"), flow_id, 1, json!({}));
+        run.created_at = Utc::now() + chrono::Duration::milliseconds(i as i64);
+        store.create_run(&run).await.unwrap();
+    }
+    let failed = RunUpdate {
+        status: RunStatus::Failed,
+        error: Some("nope".into()),
+        finished_at: Some(Utc::now()),
+    };
+    store.update_run("r2", failed).await.unwrap();
+    let all = store
+        .list_runs(&RunQuery {
+            limit: 10,
+            ..RunQuery::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<&str> = all.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["r2", "r1", "r0"]);
+    let of_f = store
+        .list_runs(&RunQuery {
+            flow_id: Some("f".into()),
+            limit: 10,
+            ..RunQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(of_f.len(), 2);
+    let failed = store
+        .list_runs(&RunQuery {
+            status: Some(RunStatus::Failed),
+            limit: 10,
+            ..RunQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].error.as_deref(), Some("nope"));
+    let one = store
+        .list_runs(&RunQuery {
+            limit: 1,
+            ..RunQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+}
+
+async fn waiting_for_a_run_wakes_on_its_finish(store: Arc<dyn Store>) {
+    store
+        .create_run(&Run::new("w".into(), "f", 1, json!({})))
+        .await
+        .unwrap();
+    let still = store
+        .wait_run_finished("w", Duration::from_millis(200))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(still.status, RunStatus::Running);
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move { store.wait_run_finished("w", Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let done = RunUpdate {
+        status: RunStatus::Cancelled,
+        error: None,
+        finished_at: Some(Utc::now()),
+    };
+    store.update_run("w", done).await.unwrap();
+    let finished = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("woken, not timed out");
+    assert_eq!(
+        finished.unwrap().unwrap().unwrap().status,
+        RunStatus::Cancelled
+    );
+}
+
+async fn streams_and_the_piece_store_work(store: Arc<dyn Store>) {
+    for action in ["flow.apply", "step.execute"] {
+        let event = AuditEvent {
+            actor: "api:x".into(),
+            action: action.into(),
+            outcome: "success".into(),
+            ..AuditEvent::default()
+        };
+        store.append_audit(event).await.unwrap();
+    }
+    let audit = store.read_audit(None, 10).await.unwrap();
+    assert_eq!(
+        audit
+            .iter()
+            .map(|e| e.event.action.as_str())
+            .collect::<Vec<_>>(),
+        ["flow.apply", "step.execute"]
+    );
+    assert_eq!(
+        store
+            .read_audit(Some(&audit[0].id), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A blocking read returns as soon as an entry arrives.
+    let tail = store
+        .read_results(None, 10, Duration::ZERO)
+        .await
+        .unwrap()
+        .last()
+        .map(|e| e.id.clone());
+    let reader = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .read_results(tail.as_deref(), 10, Duration::from_secs(20))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    store
+        .create_run(&Run::new("s".into(), "f", 1, json!({})))
+        .await
+        .unwrap();
+    store
+        .record_step(StepUpdate {
+            run_id: "s".into(),
+            step: step("a", StepStatus::Succeeded, 1),
+            result: result("s", "a", 1, v1::RunStatus::Running),
+            response: None,
+            run: None,
+        })
+        .await
+        .unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("woken by the entry");
+    assert_eq!(read.unwrap().unwrap().len(), 1);
+
+    let kv = store.kv();
+    assert_eq!(kv.get("flow:f:n").await.unwrap(), None);
+    kv.put("flow:f:n", json!({"n": 1})).await.unwrap();
+    assert_eq!(kv.get("flow:f:n").await.unwrap(), Some(json!({"n": 1})));
+    assert!(kv.delete("flow:f:n").await.unwrap());
+    assert!(!kv.delete("flow:f:n").await.unwrap());
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(std::sync::Arc::new(super::MemoryStore::new())).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let server = super::RedisServer::start().await.unwrap();
+                    let config = super::RedisConfig { url: server.url(), ..super::RedisConfig::default() };
+                    let store = super::RedisStore::connect(config).await.unwrap();
+                    super::$name(std::sync::Arc::new(store)).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    flows_are_versioned_and_keep_their_cursor,
+    runs_are_created_once_and_record_steps,
+    runs_are_listed_newest_first_with_filters,
+    waiting_for_a_run_wakes_on_its_finish,
+    streams_and_the_piece_store_work,
+);
+
+#[tokio::test]
+async fn redis_data_survives_a_restart_and_the_store_reconnects() {
+    let mut server = RedisServer::start().await.unwrap();
+    let store = RedisStore::connect(RedisConfig {
+        url: server.url(),
+        ..RedisConfig::default()
+    })
+    .await
+    .unwrap();
+    store.apply_flow(flow("f", "a", true)).await.unwrap();
+    store
+        .create_run(&Run::new("r".into(), "f", 1, json!({})))
+        .await
+        .unwrap();
+    server.restart().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match store.get_run("r").await {
+            Ok(run) => {
+                assert!(run.is_some(), "the run survived");
+                break;
+            }
+            Err(err) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no reconnect: {err}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    store.ready().await.unwrap();
+    assert_eq!(
+        store.get_flow("f").await.unwrap().unwrap().latest_version,
+        1
+    );
+}
