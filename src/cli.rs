@@ -25,9 +25,16 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run api, scheduler and worker in one process on the embedded in-memory bus and store,
-    /// with the example flows loaded and a live feed of runs.
+    /// Run api, scheduler and worker in one process, with the example flows loaded and a live
+    /// feed of runs: on the embedded in-memory bus and store, or on NATS and Redis with
+    /// `--nats` and `--redis`.
     Dev(DevArgs),
+    /// Serve the HTTP API.
+    Api(ApiArgs),
+    /// Publish poll jobs for polling and scheduled flows (several may run at once).
+    Scheduler(SchedulerArgs),
+    /// Pull jobs from queues and run pieces.
+    Worker(WorkerArgs),
     /// Inspect the pieces built into this binary.
     #[command(subcommand)]
     Piece(PieceCommand),
@@ -40,24 +47,42 @@ impl Command {
     pub fn service_name(&self) -> &'static str {
         match self {
             Command::Dev(_) => "piecework-dev",
+            Command::Api(_) => "piecework-api",
+            Command::Scheduler(_) => "piecework-scheduler",
+            Command::Worker(_) => "piecework-worker",
             Command::Piece(_) | Command::Flow(_) => "piecework-cli",
         }
     }
 
-    /// `dev` keeps logs to warnings so the run feed stays readable; `PW_LOG` overrides.
+    /// `dev` and the tooling keep logs to warnings (the feed and the output are the point);
+    /// services log `info`. `PW_LOG` overrides.
     pub fn default_log_filter(&self) -> &'static str {
         match self {
-            Command::Dev(_) => "warn",
-            Command::Piece(_) | Command::Flow(_) => "warn",
+            Command::Dev(_) | Command::Piece(_) | Command::Flow(_) => "warn",
+            Command::Api(_) | Command::Scheduler(_) | Command::Worker(_) => "info",
         }
     }
 }
 
+/// Where configuration and infrastructure come from; shared by every service command.
 #[derive(Debug, Args)]
-pub struct DevArgs {
-    /// TOML file with `[api]`, `[worker]` and `[scheduler]` sections.
+pub struct ConfigArgs {
+    /// TOML file with `[nats]`, `[redis]`, `[api]`, `[worker]`, `[scheduler]`, `[egress]`,
+    /// `[health]` sections; one file can serve the whole fleet.
     #[arg(long, env = "PW_CONFIG")]
     pub config: Option<PathBuf>,
+    /// NATS server URL(s), comma-separated.
+    #[arg(long = "nats", env = "PW_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Redis URL.
+    #[arg(long = "redis", env = "PW_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
     /// Address of the HTTP API.
     #[arg(long, env = "PW_API_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -76,6 +101,46 @@ pub struct DevArgs {
     /// Do not print the live feed of runs and steps.
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// Address to listen on.
+    #[arg(long, env = "PW_API_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Require `Authorization: Bearer <key>` on `/v1/*` (webhooks excepted).
+    #[arg(long, env = "PW_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SchedulerArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// Address of `/healthz` and `/readyz`.
+    #[arg(long, env = "PW_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// Queues to serve, comma-separated (a step with `queue: internal` runs only on workers
+    /// serving `internal`).
+    #[arg(long, env = "PW_WORKER_QUEUES", value_delimiter = ',')]
+    pub queues: Option<Vec<String>>,
+    /// Jobs run at once; the worker pulls no more than that.
+    #[arg(long, env = "PW_WORKER_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Name in logs and attempt records (default: host name and pid).
+    #[arg(long, env = "PW_WORKER_ID")]
+    pub id: Option<String>,
+    /// Address of `/healthz` and `/readyz`.
+    #[arg(long, env = "PW_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]

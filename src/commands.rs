@@ -5,21 +5,40 @@ use std::io::Write;
 use anyhow::{Context as _, bail};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Command, DevArgs, FlowCommand, PieceCommand};
-use crate::config::DevConfig;
+use crate::cli::{ApiArgs, Command, DevArgs, FlowCommand, PieceCommand, SchedulerArgs, WorkerArgs};
+use crate::config::Config;
 use crate::dev::Sandbox;
+use crate::health::{self, ReadyCheck};
+use crate::infra::{self, Infra};
 use crate::{feed, flows, registry};
 
 pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Result<()> {
     match command {
         Command::Dev(args) => dev(args, shutdown).await,
+        Command::Api(args) => api(args, shutdown).await,
+        Command::Scheduler(args) => scheduler(args, shutdown).await,
+        Command::Worker(args) => worker(args, shutdown).await,
         Command::Piece(command) => piece(command),
         Command::Flow(command) => flow(command),
     }
 }
 
 async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let config = DevConfig::load(&args)?;
+    let infra = Infra {
+        nats: args.common.nats_url.is_some(),
+        redis: args.common.redis_url.is_some(),
+    };
+    let config = Config::load(&args.common, |config| {
+        if let Some(listen) = args.listen {
+            config.api.listen = listen;
+        }
+        if let Some(key) = &args.api_key {
+            config.api.api_key = Some(key.clone());
+        }
+        if let Some(concurrency) = args.concurrency {
+            config.worker.concurrency = concurrency;
+        }
+    })?;
     let registry = registry::pieces()?;
     let mut definitions = if args.no_examples {
         Vec::new()
@@ -32,10 +51,16 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         }
     }
     let names: Vec<String> = definitions.iter().map(|f| f.name.clone()).collect();
-    let sandbox = Sandbox::start(config, definitions, registry).await?;
+    let sandbox = Sandbox::start(config, definitions, registry, infra).await?;
     let addr = sandbox.api_addr;
+    let persisted = if infra == Infra::MEMORY {
+        " (nothing is persisted)"
+    } else {
+        ""
+    };
     println!(
-        "piecework dev: api, scheduler and worker on the embedded in-memory bus and store (nothing is persisted)"
+        "piecework dev: api, scheduler and worker on {}{persisted}",
+        infra.describe()
     );
     println!("  api     http://{addr}   (GET /v1/runs, GET /v1/pieces, POST /v1/flows)");
     println!(
@@ -55,9 +80,117 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let _ = std::io::stdout().flush();
     if !args.quiet {
         let store = sandbox.runtime.store.clone();
-        tokio::spawn(feed::run(store, None, sandbox.shutdown_token()));
+        tokio::spawn(feed::run(
+            store,
+            Some("$".to_owned()),
+            sandbox.shutdown_token(),
+        ));
     }
     sandbox.run_until(shutdown).await
+}
+
+async fn api(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = Config::load(&args.common, |config| {
+        if let Some(listen) = args.listen {
+            config.api.listen = listen;
+        }
+        if let Some(key) = &args.api_key {
+            config.api.api_key = Some(key.clone());
+        }
+    })?;
+    let runtime = infra::runtime(&config, registry::pieces()?, Infra::PRODUCTION).await?;
+    piecework_api::run(config.api, runtime, shutdown).await?;
+    Ok(())
+}
+
+/// `/readyz` of a process that needs the bus and the store.
+fn infra_ready(runtime: &std::sync::Arc<piecework_runtime::Runtime>) -> ReadyCheck {
+    let runtime = runtime.clone();
+    std::sync::Arc::new(move || {
+        let runtime = runtime.clone();
+        Box::pin(async move {
+            let mut reasons = Vec::new();
+            if let Err(err) = runtime.bus.ready().await {
+                reasons.push(format!("bus: {err}"));
+            }
+            if let Err(err) = runtime.store.ready().await {
+                reasons.push(format!("store: {err}"));
+            }
+            if reasons.is_empty() {
+                Ok(())
+            } else {
+                Err(reasons.join("; "))
+            }
+        })
+    })
+}
+
+async fn scheduler(args: SchedulerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = Config::load(&args.common, |config| {
+        if let Some(listen) = args.health_listen {
+            config.health.scheduler_listen = listen;
+        }
+    })?;
+    let runtime = infra::runtime(&config, registry::pieces()?, Infra::PRODUCTION).await?;
+    let health = health::serve(
+        config.health.scheduler_listen,
+        infra_ready(&runtime),
+        shutdown.clone(),
+    );
+    let service = async {
+        piecework_scheduler::run(config.scheduler.clone(), runtime.clone(), shutdown.clone())
+            .await?;
+        anyhow::Ok(())
+    };
+    tokio::try_join!(health, service)?;
+    Ok(())
+}
+
+async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = Config::load(&args.common, |config| {
+        if let Some(queues) = &args.queues {
+            config.worker.queues = queues.clone();
+        }
+        if let Some(concurrency) = args.concurrency {
+            config.worker.concurrency = concurrency;
+        }
+        if let Some(id) = &args.id {
+            config.worker.id = id.clone();
+        }
+        if let Some(listen) = args.health_listen {
+            config.health.worker_listen = listen;
+        }
+    })?;
+    let runtime = infra::runtime(&config, registry::pieces()?, Infra::PRODUCTION).await?;
+    let consuming = piecework_worker::Health::default();
+    let ready = {
+        let infra = infra_ready(&runtime);
+        let consuming = consuming.clone();
+        let queues = config.worker.queues.clone();
+        let check: ReadyCheck = std::sync::Arc::new(move || {
+            let (infra, consuming, queues) = (infra.clone(), consuming.clone(), queues.clone());
+            Box::pin(async move {
+                infra().await?;
+                consuming
+                    .ready(&queues)
+                    .map_err(|queues| format!("not consuming queues: {}", queues.join(", ")))
+            })
+        });
+        check
+    };
+    let health = health::serve(config.health.worker_listen, ready, shutdown.clone());
+    let service = async {
+        piecework_worker::run_with_health(
+            config.worker.clone(),
+            runtime.clone(),
+            shutdown.clone(),
+            consuming.clone(),
+        )
+        .await?;
+        anyhow::Ok(())
+    };
+    tokio::try_join!(health, service)?;
+    Ok(())
 }
 
 fn piece(command: PieceCommand) -> anyhow::Result<()> {

@@ -1,44 +1,70 @@
 //! Configuration layering: defaults, then the TOML file, then `PW_*` variables and flags
 //! (clap reads both), then validation with a message that names the bad value.
+//!
+//! One [`Config`] describes the whole fleet; each process reads the sections it needs.
 
+use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use piecework_api::ApiConfig;
+use piecework_bus::nats::NatsConfig;
 use piecework_scheduler::SchedulerConfig;
 use piecework_sdk::EgressPolicy;
+use piecework_store::redis::RedisConfig;
 use piecework_worker::WorkerConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::DevArgs;
+use crate::cli::ConfigArgs;
 
-/// Configuration of `piecework dev`: every service's section, as in the TOML file.
+/// Where the worker and the scheduler serve `/healthz` and `/readyz`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// The worker's health address (`0.0.0.0:9090` in a container).
+    pub worker_listen: SocketAddr,
+    /// The scheduler's health address.
+    pub scheduler_listen: SocketAddr,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            worker_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            scheduler_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
+        }
+    }
+}
+
+/// The configuration of every process, as in the TOML file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct DevConfig {
+pub struct Config {
+    pub nats: NatsConfig,
+    pub redis: RedisConfig,
     pub api: ApiConfig,
     pub worker: WorkerConfig,
     pub scheduler: SchedulerConfig,
     /// Which hosts pieces may call.
     pub egress: EgressPolicy,
+    pub health: HealthConfig,
 }
 
-impl DevConfig {
-    /// Builds the config from defaults, the file (if any) and the flags/environment.
-    pub fn load(args: &DevArgs) -> anyhow::Result<Self> {
-        let mut config = match &args.config {
+impl Config {
+    /// Defaults, then the file (if any), then the infrastructure flags; `overrides` applies
+    /// the command's own flags; then everything is validated.
+    pub fn load(common: &ConfigArgs, overrides: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+        let mut config = match &common.config {
             Some(path) => Self::from_file(path)?,
             None => Self::default(),
         };
-        if let Some(listen) = args.listen {
-            config.api.listen = listen;
+        if let Some(url) = &common.nats_url {
+            config.nats.url = url.clone();
         }
-        if let Some(key) = &args.api_key {
-            config.api.api_key = Some(key.clone());
+        if let Some(url) = &common.redis_url {
+            config.redis.url = url.clone();
         }
-        if let Some(concurrency) = args.concurrency {
-            config.worker.concurrency = concurrency;
-        }
+        overrides(&mut config);
         config.validate()?;
         Ok(config)
     }
@@ -54,6 +80,8 @@ impl DevConfig {
             ("api", self.api.validate()),
             ("worker", self.worker.validate()),
             ("scheduler", self.scheduler.validate()),
+            ("nats", check_url("url", &self.nats.url, &["nats", "tls"])),
+            ("redis", check_url("url", &self.redis.url, &["redis"])),
         ];
         for (section, check) in checks {
             if let Err(message) = check {
@@ -64,35 +92,50 @@ impl DevConfig {
     }
 }
 
+fn check_url(field: &str, value: &str, schemes: &[&str]) -> Result<(), String> {
+    for url in value.split(',') {
+        let scheme = url.trim().split_once("://").map(|(s, _)| s);
+        if !scheme.is_some_and(|s| schemes.contains(&s)) {
+            let expected: Vec<String> = schemes.iter().map(|s| format!("{s}://")).collect();
+            return Err(format!(
+                "{field}: {url:?} must start with {}",
+                expected.join(" or ")
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn file_values_apply_and_unknown_keys_are_named() {
-        let config: DevConfig =
-            toml::from_str("[worker]\nconcurrency = 4\nqueues = [\"default\", \"vpn\"]\n").unwrap();
+        let config: Config =
+            toml::from_str("[worker]\nconcurrency = 4\nqueues = [\"default\", \"vpn\"]\n[nats]\nurl = \"nats://n:4222\"\n").unwrap();
         assert_eq!(config.worker.concurrency, 4);
         assert_eq!(config.worker.queues, ["default", "vpn"]);
-        let err = toml::from_str::<DevConfig>("[worker]\nconcurency = 4\n").unwrap_err();
+        assert_eq!(config.nats.url, "nats://n:4222");
+        let err = toml::from_str::<Config>("[worker]\nconcurency = 4\n").unwrap_err();
         assert!(
             err.to_string().contains("unknown field `concurency`"),
             "{err}"
         );
-        let err = toml::from_str::<DevConfig>("[worker]\nack_wait = \"soon\"\n").unwrap_err();
+        let err = toml::from_str::<Config>("[worker]\nack_wait = \"soon\"\n").unwrap_err();
         assert!(err.to_string().contains("ack_wait"), "{err}");
     }
 
     #[test]
     fn bad_values_name_their_section_and_field() {
-        let mut config = DevConfig::default();
+        let mut config = Config::default();
         config.worker.concurrency = 0;
         let err = config.validate().unwrap_err().to_string();
         assert_eq!(
             err,
             "invalid configuration [worker] concurrency: must be at least 1"
         );
-        let mut config = DevConfig::default();
+        let mut config = Config::default();
         config.api.api_key = Some("short".into());
         assert!(
             config
@@ -100,6 +143,13 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("[api] api_key")
+        );
+        let mut config = Config::default();
+        config.redis.url = "localhost:6379".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid configuration [redis] url: \"localhost:6379\" must start with redis://"
         );
     }
 }

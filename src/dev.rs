@@ -1,21 +1,20 @@
-//! The embedded sandbox: api, scheduler and worker in one process on the in-memory bus and
-//! store. `piecework dev` runs it in the foreground; the end-to-end tests start it in-process.
+//! The embedded sandbox: api, scheduler and worker in one process, on the in-memory bus and
+//! store by default or on NATS and Redis. `piecework dev` runs it in the foreground; the end-to-end tests start it in-process.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use piecework_bus::memory::MemoryBus;
 use piecework_core::FlowDefinition;
 use piecework_runtime::{Actor, Runtime};
-use piecework_store::memory::MemoryStore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::DevConfig;
+use crate::config::Config;
+use crate::infra::{self, Infra};
 
-fn serve_queues_of(config: &mut DevConfig, flows: &[FlowDefinition]) {
+fn serve_queues_of(config: &mut Config, flows: &[FlowDefinition]) {
     let used = flows
         .iter()
         .flat_map(|f| std::iter::once(f.trigger.queue()).chain(f.steps.iter().map(|s| s.queue())));
@@ -30,8 +29,6 @@ fn serve_queues_of(config: &mut DevConfig, flows: &[FlowDefinition]) {
 pub struct Sandbox {
     pub api_addr: SocketAddr,
     pub runtime: Arc<Runtime>,
-    pub store: MemoryStore,
-    pub bus: MemoryBus,
     shutdown: CancellationToken,
     tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
 }
@@ -43,20 +40,14 @@ impl Sandbox {
     /// The one embedded worker also serves every queue the given flows route to, since no
     /// other worker exists to serve them.
     pub async fn start(
-        mut config: DevConfig,
+        mut config: Config,
         flows: Vec<FlowDefinition>,
         registry: piecework_core::Registry,
+        infra: Infra,
     ) -> anyhow::Result<Self> {
         serve_queues_of(&mut config, &flows);
         config.validate()?;
-        let store = MemoryStore::new();
-        let bus = MemoryBus::new();
-        let runtime = Arc::new(Runtime::new(
-            Arc::new(store.clone()),
-            Arc::new(bus.clone()),
-            Arc::new(registry),
-            config.egress.clone(),
-        )?);
+        let runtime = infra::runtime(&config, registry, infra).await?;
         let actor = Actor("dev".into());
         for flow in flows {
             let name = flow.name.clone();
@@ -114,8 +105,6 @@ impl Sandbox {
         Ok(Self {
             api_addr,
             runtime,
-            store,
-            bus,
             shutdown,
             tasks,
         })

@@ -1,7 +1,9 @@
 //! The `piecework` binary's own code: the CLI ([`cli`]), what each command does
 //! ([`commands`]), configuration layering ([`config`]), the built-in piece registry
 //! ([`registry`]), flow files ([`flows`]), and the embedded sandbox behind `piecework dev`
-//! ([`dev`]), which the end-to-end tests in `tests/` drive as well.
+//! ([`dev`]), which the end-to-end tests in `tests/` drive as well; [`infra`] builds the runtime
+//! on the in-memory adapters or on NATS and Redis, [`health`] serves worker and scheduler
+//! health checks.
 
 pub mod cli;
 pub mod commands;
@@ -9,4 +11,6 @@ pub mod config;
 pub mod dev;
 pub mod feed;
 pub mod flows;
+pub mod health;
+pub mod infra;
 pub mod registry;

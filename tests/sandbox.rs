@@ -3,18 +3,23 @@
 
 use std::time::Duration;
 
-use piecework::config::DevConfig;
+use piecework::config::Config;
 use piecework::dev::Sandbox;
 use serde_json::{Value, json};
 
 async fn sandbox(api_key: Option<&str>) -> (Sandbox, String) {
-    let mut config = DevConfig::default();
+    let mut config = Config::default();
     config.api.listen = "127.0.0.1:0".parse().unwrap();
     config.api.api_key = api_key.map(str::to_owned);
     let flows = piecework::flows::examples().unwrap();
-    let sandbox = Sandbox::start(config, flows, piecework::registry::pieces().unwrap())
-        .await
-        .unwrap();
+    let sandbox = Sandbox::start(
+        config,
+        flows,
+        piecework::registry::pieces().unwrap(),
+        piecework::infra::Infra::MEMORY,
+    )
+    .await
+    .unwrap();
     let base = format!("http://{}", sandbox.api_addr);
     (sandbox, base)
 }
@@ -143,13 +148,18 @@ async fn a_flow_applied_through_the_api_answers_its_sync_webhook() {
 
 #[tokio::test]
 async fn steps_routed_to_another_queue_run_in_dev() {
-    let mut config = DevConfig::default();
+    let mut config = Config::default();
     config.api.listen = "127.0.0.1:0".parse().unwrap();
     let text = ORDER_FLOW.replace("    action: put\n", "    action: put\n    queue: vpn-eu\n");
     let flow = piecework_core::FlowDefinition::parse(&text, piecework_core::Format::Yaml).unwrap();
-    let sandbox = Sandbox::start(config, vec![flow], piecework::registry::pieces().unwrap())
-        .await
-        .unwrap();
+    let sandbox = Sandbox::start(
+        config,
+        vec![flow],
+        piecework::registry::pieces().unwrap(),
+        piecework::infra::Infra::MEMORY,
+    )
+    .await
+    .unwrap();
     let base = format!("http://{}", sandbox.api_addr);
     let body = json!({"items": [{"price": 1}]});
     let response = client()

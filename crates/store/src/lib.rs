@@ -128,12 +128,24 @@ pub trait Store: Send + Sync + 'static {
     async fn trigger_state(&self, flow_id: &str) -> Result<Option<PollState>, StoreError>;
     async fn put_trigger_state(&self, flow_id: &str, state: &PollState) -> Result<(), StoreError>;
 
+    /// Takes the lease `name` for `holder` unless another holder has it; it lapses after `ttl`
+    /// if never released (its holder died). Returns whether it was taken.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Gives the lease back if `holder` still has it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+
     /// The key-value store behind pieces' `ctx.store`.
     fn kv(&self) -> Arc<dyn KvStore>;
 
     async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError>;
-    /// Reads `pw:results` after `after` (from the start if `None`), waiting up to `block` for
-    /// new entries when there are none.
+    /// Reads `pw:results` after `after` (from the start if `None`; `"$"` with a `block` means
+    /// only entries appended from now on), waiting up to `block` for new entries when there are
+    /// none.
     async fn read_results(
         &self,
         after: Option<&str>,

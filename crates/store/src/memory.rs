@@ -63,6 +63,7 @@ struct State {
     versions: HashMap<(String, u32), FlowVersion>,
     runs: HashMap<String, Run>,
     triggers: HashMap<String, PollState>,
+    leases: HashMap<String, (String, tokio::time::Instant)>,
     results: Stream<StepResult>,
     audit: Stream<AuditEvent>,
 }
@@ -94,6 +95,7 @@ impl MemoryStore {
                 versions: HashMap::new(),
                 runs: HashMap::new(),
                 triggers: HashMap::new(),
+                leases: HashMap::new(),
                 results: Stream::new(maxlen),
                 audit: Stream::new(maxlen),
             })),
@@ -301,6 +303,33 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = tokio::time::Instant::now();
+        let mut state = self.state.lock().unwrap();
+        match state.leases.get(name) {
+            Some((_, expires)) if *expires > now => Ok(false),
+            _ => {
+                state
+                    .leases
+                    .insert(name.to_owned(), (holder.to_owned(), now + ttl));
+                Ok(true)
+            }
+        }
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let mut state = self.state.lock().unwrap();
+        if state.leases.get(name).is_some_and(|(h, _)| h == holder) {
+            state.leases.remove(name);
+        }
+        Ok(())
+    }
+
     fn kv(&self) -> Arc<dyn KvStore> {
         self.kv.clone()
     }
@@ -317,6 +346,14 @@ impl Store for MemoryStore {
         block: Duration,
     ) -> Result<Vec<Entry<StepResult>>, StoreError> {
         let deadline = tokio::time::Instant::now() + block;
+        let tail;
+        let after = match after {
+            Some("$") => {
+                tail = self.results_tail();
+                Some(tail.as_str())
+            }
+            other => other,
+        };
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);

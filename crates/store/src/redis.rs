@@ -12,6 +12,7 @@
 //! | `pw:runs`, `pw:runs:flow:{id}` | sorted set | run ids by creation time |
 //! | `pw:run-done:{id}` | pub/sub channel | a message when the run finishes |
 //! | `pw:trigger:{flow}` | string | the polling cursor (JSON) |
+//! | `pw:lease:{name}` | string | a lease's holder, expiring (`poll:{flow}`: one poll per flow at a time) |
 //! | `pw:kv:{key}` | string | the piece key-value store (JSON), keys `flow:{id}:…` and `global:…` |
 //! | `pw:results`, `pw:audit` | stream | one entry per step attempt / audited operation, capped with `MAXLEN ~` |
 //!
@@ -707,6 +708,35 @@ impl Store for RedisStore {
         let () = self
             .conn()
             .set(trigger_key(flow_id), to_json(state))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(format!("pw:lease:{name}"))
+            .arg(holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(taken.is_some())
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let _: i64 = self
+            .unlock
+            .key(format!("pw:lease:{name}"))
+            .arg(holder)
+            .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
         Ok(())

@@ -362,6 +362,28 @@ async fn streams_and_the_piece_store_work(store: Arc<dyn Store>) {
     assert!(!kv.delete("flow:f:n").await.unwrap());
 }
 
+async fn leases_exclude_other_holders_until_released_or_lapsed(store: Arc<dyn Store>) {
+    let ttl = Duration::from_millis(300);
+    assert!(store.acquire_lease("poll:f", "a", ttl).await.unwrap());
+    assert!(!store.acquire_lease("poll:f", "b", ttl).await.unwrap());
+    assert!(
+        store.acquire_lease("poll:g", "b", ttl).await.unwrap(),
+        "leases are per name"
+    );
+    store.release_lease("poll:f", "b").await.unwrap();
+    assert!(
+        !store.acquire_lease("poll:f", "b", ttl).await.unwrap(),
+        "only the holder releases"
+    );
+    store.release_lease("poll:f", "a").await.unwrap();
+    assert!(store.acquire_lease("poll:f", "b", ttl).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        store.acquire_lease("poll:f", "c", ttl).await.unwrap(),
+        "a dead holder's lease lapses"
+    );
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -392,6 +414,7 @@ suite!(
     runs_are_listed_newest_first_with_filters,
     waiting_for_a_run_wakes_on_its_finish,
     streams_and_the_piece_store_work,
+    leases_exclude_other_holders_until_released_or_lapsed,
 );
 
 #[tokio::test]

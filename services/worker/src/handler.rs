@@ -5,8 +5,7 @@
 //! (poison). Every outcome is recorded before the delivery is settled, so a worker that dies in
 //! between causes a redelivery that finds the recorded result and only finishes the hand-off.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -30,14 +29,13 @@ const POLL_ATTEMPTS: u32 = 3;
 const POLL_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// Delay before retrying a job whose bookkeeping failed (store or bus unreachable).
 const INFRA_RETRY_DELAY: Duration = Duration::from_secs(2);
+/// A poll lease outlives the poll's timeout by this much before it lapses.
+const POLL_LEASE_MARGIN: Duration = Duration::from_secs(30);
 
 pub(crate) struct Handler {
     config: WorkerConfig,
     runtime: Arc<Runtime>,
     actor: Actor,
-    /// One poll per flow at a time in this process, so a slow poll and the next tick cannot
-    /// both advance the cursor.
-    poll_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// How a job ended, before the delivery is settled.
@@ -54,7 +52,6 @@ impl Handler {
             config,
             runtime,
             actor,
-            poll_locks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -458,7 +455,6 @@ impl Handler {
                 Ok(piece) => piece.trigger(&trigger.trigger).cloned(),
                 Err(error) => return self.poll_failed(&flow, &error).await,
             };
-        let started = Instant::now();
         match handle {
             Some(TriggerHandle::Schedule(_)) => {
                 let tick =
@@ -474,57 +470,23 @@ impl Handler {
                     TriggerKind::Polling { strategy, .. } => strategy,
                     _ => DedupeStrategy::TimeBased,
                 };
-                let lock = self.poll_lock(&flow.flow_id);
-                let _one_at_a_time = lock.lock().await;
-                let run_info = RunInfo::new(
-                    &format!("poll:{}", job.tick_unix_ms),
-                    &flow.flow_id,
-                    flow.version,
-                    "trigger",
-                    delivery.delivered,
-                );
-                let ctx = runtime.context(run_info, &flow, None);
-                let input = serde_json::Value::Object(trigger.input.clone());
-                let polled = match tokio::time::timeout(
-                    self.config.poll_timeout,
-                    polling.poll_json(&ctx, input),
-                )
-                .await
-                {
-                    Ok(result) => result,
-                    Err(_) => Err(piecework_sdk::PieceError::retryable("poll timed out")),
-                };
-                let items = match polled {
-                    Ok(items) => items,
-                    Err(err) if err.is_retryable() && delivery.delivered < POLL_ATTEMPTS => {
-                        tracing::warn!(flow = %flow.flow_id, error = %err, "poll failed; retrying");
-                        return Ok(Settle::Nak(err.retry_after().unwrap_or(POLL_RETRY_DELAY)));
-                    }
-                    Err(err) => return self.poll_failed(&flow, &err.to_string()).await,
-                };
-                let previous = runtime.store.trigger_state(&flow.flow_id).await?;
-                let outcome = match polling::dedupe(
-                    strategy,
-                    previous,
-                    items,
-                    self.config.max_items_per_poll,
-                ) {
-                    Ok(outcome) => outcome,
-                    Err(err) => return self.poll_failed(&flow, &err.to_string()).await,
-                };
-                let new_items = outcome.new_items.len();
-                for item in outcome.new_items {
-                    let run_id = deterministic_run_id(&flow.flow_id, &item.dedupe_key());
-                    runtime.start_run(&flow, run_id, item.data).await?;
+                // One poll of a flow at a time across the fleet: a slow poll and the next tick
+                // must not both advance the cursor. A tick that finds the lease taken is skipped;
+                // the poll in progress will see the same new items.
+                let lease = format!("poll:{}", flow.flow_id);
+                let holder = format!("{}:{}", self.config.id, job.tick_unix_ms);
+                let ttl = self.config.poll_timeout + POLL_LEASE_MARGIN;
+                if !runtime.store.acquire_lease(&lease, &holder, ttl).await? {
+                    tracing::debug!(flow = %flow.flow_id, "another worker is polling this flow; skipping the tick");
+                    return Ok(Settle::Ack);
                 }
-                // The cursor moves only after every run exists: a crash before this line
-                // repeats the poll, and deterministic run ids keep the runs single.
-                runtime
-                    .store
-                    .put_trigger_state(&flow.flow_id, &outcome.state)
-                    .await?;
-                tracing::debug!(flow = %flow.flow_id, new_items, elapsed = ?started.elapsed(), "polled");
-                Ok(Settle::Ack)
+                let polled = self
+                    .poll_once(&flow, polling.as_ref(), strategy, &job, delivery)
+                    .await;
+                if let Err(err) = runtime.store.release_lease(&lease, &holder).await {
+                    tracing::debug!(error = %err, "could not release the poll lease; it will lapse");
+                }
+                polled
             }
             Some(TriggerHandle::Webhook(_)) => {
                 self.poison(
@@ -549,6 +511,63 @@ impl Handler {
         }
     }
 
+    /// Polls once and starts a run per new item; the caller holds the flow's poll lease.
+    async fn poll_once(
+        &self,
+        flow: &FlowVersion,
+        polling: &dyn piecework_sdk::trigger::DynPolling,
+        strategy: DedupeStrategy,
+        job: &PollJob,
+        delivery: &Delivery,
+    ) -> Result<Settle, RuntimeError> {
+        let runtime = &self.runtime;
+        let trigger = &flow.definition.trigger;
+        let started = Instant::now();
+        let run_info = RunInfo::new(
+            &format!("poll:{}", job.tick_unix_ms),
+            &flow.flow_id,
+            flow.version,
+            "trigger",
+            delivery.delivered,
+        );
+        let ctx = runtime.context(run_info, flow, None);
+        let input = serde_json::Value::Object(trigger.input.clone());
+        let polled =
+            match tokio::time::timeout(self.config.poll_timeout, polling.poll_json(&ctx, input))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(piecework_sdk::PieceError::retryable("poll timed out")),
+            };
+        let items = match polled {
+            Ok(items) => items,
+            Err(err) if err.is_retryable() && delivery.delivered < POLL_ATTEMPTS => {
+                tracing::warn!(flow = %flow.flow_id, error = %err, "poll failed; retrying");
+                return Ok(Settle::Nak(err.retry_after().unwrap_or(POLL_RETRY_DELAY)));
+            }
+            Err(err) => return self.poll_failed(flow, &err.to_string()).await,
+        };
+        let previous = runtime.store.trigger_state(&flow.flow_id).await?;
+        let outcome =
+            match polling::dedupe(strategy, previous, items, self.config.max_items_per_poll) {
+                Ok(outcome) => outcome,
+                Err(err) => return self.poll_failed(flow, &err.to_string()).await,
+            };
+        let new_items = outcome.new_items.len();
+        for item in outcome.new_items {
+            let run_id = deterministic_run_id(&flow.flow_id, &item.dedupe_key());
+            runtime.start_run(flow, run_id, item.data).await?;
+        }
+        // The cursor moves only after every run exists: a crash before this line
+        // repeats the poll, and deterministic run ids keep the runs single.
+        runtime
+            .store
+            .put_trigger_state(&flow.flow_id, &outcome.state)
+            .await?;
+        tracing::debug!(flow = %flow.flow_id, new_items, elapsed = ?started.elapsed(), "polled");
+        Ok(Settle::Ack)
+    }
+
     async fn poll_failed(&self, flow: &FlowVersion, error: &str) -> Result<Settle, RuntimeError> {
         tracing::warn!(flow = %flow.flow_id, error, "poll failed");
         let resource = format!("flow/{}", flow.flow_id);
@@ -562,15 +581,6 @@ impl Handler {
             )
             .await;
         Ok(Settle::Term)
-    }
-
-    fn poll_lock(&self, flow_id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.poll_locks
-            .lock()
-            .unwrap()
-            .entry(flow_id.to_owned())
-            .or_default()
-            .clone()
     }
 }
 

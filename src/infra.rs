@@ -1,0 +1,79 @@
+//! Building the runtime a process runs on: the in-memory adapters, or NATS and Redis.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use piecework_bus::Bus;
+use piecework_bus::memory::MemoryBus;
+use piecework_bus::nats::NatsBus;
+use piecework_core::Registry;
+use piecework_runtime::Runtime;
+use piecework_store::Store;
+use piecework_store::memory::MemoryStore;
+use piecework_store::redis::RedisStore;
+
+use crate::config::Config;
+
+/// Which bus and store to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Infra {
+    pub nats: bool,
+    pub redis: bool,
+}
+
+impl Infra {
+    pub const MEMORY: Infra = Infra {
+        nats: false,
+        redis: false,
+    };
+    pub const PRODUCTION: Infra = Infra {
+        nats: true,
+        redis: true,
+    };
+
+    pub fn describe(&self) -> String {
+        let bus = if self.nats {
+            "NATS JetStream"
+        } else {
+            "the in-memory bus"
+        };
+        let store = if self.redis {
+            "Redis"
+        } else {
+            "the in-memory store"
+        };
+        format!("{bus} and {store}")
+    }
+}
+
+/// Connects the adapters `infra` asks for and builds the runtime.
+pub async fn runtime(
+    config: &Config,
+    registry: Registry,
+    infra: Infra,
+) -> anyhow::Result<Arc<Runtime>> {
+    let bus: Arc<dyn Bus> = if infra.nats {
+        Arc::new(
+            NatsBus::connect(config.nats.clone())
+                .await
+                .context("NATS")?,
+        )
+    } else {
+        Arc::new(MemoryBus::new())
+    };
+    let store: Arc<dyn Store> = if infra.redis {
+        Arc::new(
+            RedisStore::connect(config.redis.clone())
+                .await
+                .context("Redis")?,
+        )
+    } else {
+        Arc::new(MemoryStore::new())
+    };
+    Ok(Arc::new(Runtime::new(
+        store,
+        bus,
+        Arc::new(registry),
+        config.egress.clone(),
+    )?))
+}
