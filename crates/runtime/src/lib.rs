@@ -13,7 +13,7 @@ use chrono::Utc;
 use piecework_bus::Bus;
 use piecework_bus::jobs;
 use piecework_core::flow::{self, FlowDefinition, FlowVersion};
-use piecework_core::{FlowError, Registry, Run};
+use piecework_core::{FlowError, Registry, Run, RunStatus, StepStatus};
 use piecework_proto::v1::{AuditEvent, StepJob};
 use piecework_sdk::{Context, EgressPolicy, HttpClient, Owner, PieceError, RunInfo, ScopedStore};
 use piecework_store::{Applied, Store, StoreError};
@@ -29,6 +29,10 @@ pub enum RuntimeError {
     Flow(#[from] FlowError),
     #[error("cannot build the HTTP client for pieces: {0}")]
     Http(PieceError),
+    #[error("no run `{0}`")]
+    NoSuchRun(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Who did something, for the audit trail.
@@ -138,6 +142,98 @@ impl Runtime {
             self.publish_step(flow, &run.id, &first.name, 0).await?;
         }
         Ok(created)
+    }
+
+    /// Cancels a running run. Its current step finishes; nothing after it runs.
+    pub async fn cancel_run(&self, run_id: &str, actor: &Actor) -> Result<Run, RuntimeError> {
+        let started = Instant::now();
+        let result = match self.store.cancel_run(run_id, Utc::now()).await {
+            Ok(None) => Err(RuntimeError::NoSuchRun(run_id.to_owned())),
+            Ok(Some(false)) => Err(RuntimeError::Conflict(format!(
+                "run `{run_id}` is not running"
+            ))),
+            Ok(Some(true)) => Ok(()),
+            Err(err) => Err(err.into()),
+        };
+        self.audit(
+            actor,
+            "run.cancel",
+            &format!("run/{run_id}"),
+            started,
+            result.as_ref().err(),
+        )
+        .await;
+        result?;
+        self.store
+            .get_run(run_id)
+            .await?
+            .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_owned()))
+    }
+
+    /// Resumes a failed run from its failed step, on the flow version it pinned. The retried
+    /// step's attempts are numbered after the earlier ones and get a fresh retry budget.
+    pub async fn retry_run(&self, run_id: &str, actor: &Actor) -> Result<Run, RuntimeError> {
+        let started = Instant::now();
+        let result = self.resume(run_id).await;
+        self.audit(
+            actor,
+            "run.retry",
+            &format!("run/{run_id}"),
+            started,
+            result.as_ref().err(),
+        )
+        .await;
+        result
+    }
+
+    async fn resume(&self, run_id: &str) -> Result<Run, RuntimeError> {
+        let run = self
+            .store
+            .get_run(run_id)
+            .await?
+            .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_owned()))?;
+        if run.status != RunStatus::Failed {
+            return Err(RuntimeError::Conflict(format!(
+                "run `{run_id}` is {}; only failed runs can be retried",
+                run.status.as_str()
+            )));
+        }
+        let failed = run
+            .steps
+            .iter()
+            .rev()
+            .find(|s| s.status == StepStatus::Failed)
+            .ok_or_else(|| {
+                RuntimeError::Conflict(format!(
+                    "run `{run_id}` failed before any step ran; start a new run instead"
+                ))
+            })?;
+        let flow = self
+            .flow_version(&run.flow_id, run.flow_version)
+            .await?
+            .ok_or_else(|| {
+                RuntimeError::Conflict(format!(
+                    "flow `{}` version {} no longer exists",
+                    run.flow_id, run.flow_version
+                ))
+            })?;
+        let mut step = failed.clone();
+        step.status = StepStatus::Retrying;
+        let epoch = u32::try_from(step.attempts.len()).unwrap_or(u32::MAX);
+        match self.store.resume_run(run_id, &step).await? {
+            Some(true) => {}
+            Some(false) => {
+                return Err(RuntimeError::Conflict(format!(
+                    "run `{run_id}` is no longer failed"
+                )));
+            }
+            None => return Err(RuntimeError::NoSuchRun(run_id.to_owned())),
+        }
+        self.publish_step(&flow, run_id, &step.name, epoch).await?;
+        self.store
+            .get_run(run_id)
+            .await?
+            .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_owned()))
     }
 
     /// Publishes the job for one step of a run to the step's queue.

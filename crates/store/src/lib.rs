@@ -78,7 +78,8 @@ pub struct StepUpdate {
     pub result: StepResult,
     /// Set when the attempt produced the flow's webhook response.
     pub response: Option<Value>,
-    /// Set when the attempt ended the run.
+    /// Set when the attempt ended the run; ignored if the run is no longer running (it was
+    /// cancelled meanwhile).
     pub run: Option<RunUpdate>,
 }
 
@@ -117,6 +118,13 @@ pub trait Store: Send + Sync + 'static {
     async fn record_step(&self, update: StepUpdate) -> Result<(), StoreError>;
     /// Ends or alters a run outside a step (cancel, a flow version that vanished).
     async fn update_run(&self, run_id: &str, update: RunUpdate) -> Result<(), StoreError>;
+    /// Cancels a running run: `None` if there is no such run, `Some(false)` if it was not
+    /// running. Steps already executing finish; nothing after them runs.
+    async fn cancel_run(&self, run_id: &str, at: DateTime<Utc>)
+    -> Result<Option<bool>, StoreError>;
+    /// Sets a failed run running again with `step` (its failed step, marked `retrying`) to be
+    /// executed anew: `None` if there is no such run, `Some(false)` if it was not failed.
+    async fn resume_run(&self, run_id: &str, step: &StepState) -> Result<Option<bool>, StoreError>;
     /// Waits until the run is finished, up to `timeout`; returns its state then (finished or
     /// not), or `None` if there is no such run.
     async fn wait_run_finished(

@@ -264,6 +264,46 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn cancel_run(
+        &self,
+        run_id: &str,
+        at: chrono::DateTime<Utc>,
+    ) -> Result<Option<bool>, StoreError> {
+        let changed = {
+            let mut state = self.state.lock().unwrap();
+            let Some(run) = state.runs.get_mut(run_id) else {
+                return Ok(None);
+            };
+            if run.status != piecework_core::RunStatus::Running {
+                return Ok(Some(false));
+            }
+            run.status = piecework_core::RunStatus::Cancelled;
+            run.finished_at = Some(at);
+            true
+        };
+        self.changed.notify_waiters();
+        Ok(Some(changed))
+    }
+
+    async fn resume_run(
+        &self,
+        run_id: &str,
+        step: &piecework_core::StepState,
+    ) -> Result<Option<bool>, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        let Some(run) = state.runs.get_mut(run_id) else {
+            return Ok(None);
+        };
+        if run.status != piecework_core::RunStatus::Failed {
+            return Ok(Some(false));
+        }
+        run.status = piecework_core::RunStatus::Running;
+        run.error = None;
+        run.finished_at = None;
+        run.upsert_step(step.clone());
+        Ok(Some(true))
+    }
+
     async fn wait_run_finished(
         &self,
         run_id: &str,
@@ -378,7 +418,12 @@ impl Store for MemoryStore {
     }
 }
 
+/// Ends a run only while it is running, so a cancel is never overwritten by the step that was
+/// in flight.
 fn apply_run_update(run: &mut Run, update: RunUpdate) {
+    if run.status != piecework_core::RunStatus::Running {
+        return;
+    }
     run.status = update.status;
     run.error = update.error;
     run.finished_at = update.finished_at;

@@ -98,6 +98,26 @@ redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return 1
 "#;
 
+/// Cancels a run only while it is running. 0: no such run, 1: cancelled, 2: not running.
+const CANCEL_RUN: &str = r#"
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 0 end
+if status ~= 'running' then return 2 end
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+redis.call('PUBLISH', ARGV[2], 'cancelled')
+return 1
+"#;
+
+/// Resumes a failed run with its failed step reset. 0: no such run, 1: resumed, 2: not failed.
+const RESUME_RUN: &str = r#"
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 0 end
+if status ~= 'failed' then return 2 end
+redis.call('HSET', KEYS[1], 'status', 'running', 'error', '', ARGV[1], ARGV[2])
+redis.call('HDEL', KEYS[1], 'finished_at')
+return 1
+"#;
+
 /// Deletes a lock only if we still hold it.
 const UNLOCK: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -113,6 +133,8 @@ pub struct RedisStore {
     blocking: Arc<Mutex<ConnectionManager>>,
     config: RedisConfig,
     create_run: Arc<Script>,
+    cancel_run: Arc<Script>,
+    resume_run: Arc<Script>,
     unlock: Arc<Script>,
 }
 
@@ -188,6 +210,8 @@ impl RedisStore {
             blocking: Arc::new(Mutex::new(blocking)),
             config,
             create_run: Arc::new(Script::new(CREATE_RUN)),
+            cancel_run: Arc::new(Script::new(CANCEL_RUN)),
+            resume_run: Arc::new(Script::new(RESUME_RUN)),
             unlock: Arc::new(Script::new(UNLOCK)),
         })
     }
@@ -283,22 +307,25 @@ impl RedisStore {
     }
 }
 
-/// Adds the fields of a run update to a pipeline.
+/// Ends a run only while it is running, so a cancel is never overwritten by the step that was
+/// in flight.
+const FINISH_RUN: &str = r#"
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'finished_at', ARGV[3]) end
+return 1
+"#;
+
+/// Adds a run update to a pipeline (inside its `MULTI`).
 fn run_update_fields(pipe: &mut redis::Pipeline, key: &str, update: &RunUpdate) {
-    pipe.cmd("HSET")
+    pipe.cmd("EVAL")
+        .arg(FINISH_RUN)
+        .arg(1)
         .arg(key)
-        .arg("status")
         .arg(update.status.as_str())
-        .arg("error")
         .arg(update.error.clone().unwrap_or_default())
+        .arg(update.finished_at.map(|f| to_json(&f)).unwrap_or_default())
         .ignore();
-    if let Some(finished) = update.finished_at {
-        pipe.cmd("HSET")
-            .arg(key)
-            .arg("finished_at")
-            .arg(to_json(&finished))
-            .ignore();
-    }
 }
 
 fn step_status_name(status: i32) -> &'static str {
@@ -675,6 +702,42 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn cancel_run(
+        &self,
+        run_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<bool>, StoreError> {
+        let outcome: i64 = self
+            .cancel_run
+            .key(run_key(run_id))
+            .arg(to_json(&at))
+            .arg(done_channel(run_id))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(match outcome {
+            0 => None,
+            1 => Some(true),
+            _ => Some(false),
+        })
+    }
+
+    async fn resume_run(&self, run_id: &str, step: &StepState) -> Result<Option<bool>, StoreError> {
+        let outcome: i64 = self
+            .resume_run
+            .key(run_key(run_id))
+            .arg(format!("step:{}", step.name))
+            .arg(to_json(step))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(match outcome {
+            0 => None,
+            1 => Some(true),
+            _ => Some(false),
+        })
     }
 
     async fn wait_run_finished(

@@ -384,6 +384,89 @@ async fn leases_exclude_other_holders_until_released_or_lapsed(store: Arc<dyn St
     );
 }
 
+async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<dyn Store>) {
+    assert_eq!(store.cancel_run("none", Utc::now()).await.unwrap(), None);
+    store
+        .create_run(&Run::new("c".into(), "f", 1, json!({})))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .resume_run("c", &step("a", StepStatus::Retrying, 1))
+            .await
+            .unwrap(),
+        Some(false)
+    );
+    assert_eq!(store.cancel_run("c", Utc::now()).await.unwrap(), Some(true));
+    assert_eq!(
+        store.cancel_run("c", Utc::now()).await.unwrap(),
+        Some(false)
+    );
+    assert_eq!(
+        store.get_run("c").await.unwrap().unwrap().status,
+        RunStatus::Cancelled
+    );
+    // The step that was in flight finishes and would end the run: the cancel stands.
+    let done = RunUpdate {
+        status: RunStatus::Succeeded,
+        error: None,
+        finished_at: Some(Utc::now()),
+    };
+    store
+        .record_step(StepUpdate {
+            run_id: "c".into(),
+            step: step("a", StepStatus::Succeeded, 1),
+            result: result("c", "a", 1, v1::RunStatus::Succeeded),
+            response: None,
+            run: Some(done),
+        })
+        .await
+        .unwrap();
+    let cancelled = store.get_run("c").await.unwrap().unwrap();
+    assert_eq!(cancelled.status, RunStatus::Cancelled);
+    assert_eq!(
+        cancelled.step("a").unwrap().status,
+        StepStatus::Succeeded,
+        "the step itself is recorded"
+    );
+
+    store
+        .create_run(&Run::new("r".into(), "f", 1, json!({})))
+        .await
+        .unwrap();
+    let failed = RunUpdate {
+        status: RunStatus::Failed,
+        error: Some("step `a` failed".into()),
+        finished_at: Some(Utc::now()),
+    };
+    store
+        .record_step(StepUpdate {
+            run_id: "r".into(),
+            step: step("a", StepStatus::Failed, 2),
+            result: result("r", "a", 2, v1::RunStatus::Failed),
+            response: None,
+            run: Some(failed),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .resume_run("r", &step("a", StepStatus::Retrying, 2))
+            .await
+            .unwrap(),
+        Some(true)
+    );
+    let resumed = store.get_run("r").await.unwrap().unwrap();
+    assert_eq!(resumed.status, RunStatus::Running);
+    assert_eq!((&resumed.error, resumed.finished_at), (&None, None));
+    assert_eq!(resumed.step("a").unwrap().status, StepStatus::Retrying);
+    assert_eq!(
+        resumed.step("a").unwrap().attempts.len(),
+        2,
+        "history is kept"
+    );
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -415,6 +498,7 @@ suite!(
     waiting_for_a_run_wakes_on_its_finish,
     streams_and_the_piece_store_work,
     leases_exclude_other_holders_until_released_or_lapsed,
+    runs_cancel_only_while_running_and_resume_only_when_failed,
 );
 
 #[tokio::test]

@@ -87,6 +87,8 @@ impl From<RuntimeError> for ApiError {
             RuntimeError::Flow(err) => err.into(),
             RuntimeError::Bus(err) => ApiError::Unavailable(err.to_string()),
             RuntimeError::Http(err) => ApiError::Internal(err.to_string()),
+            RuntimeError::NoSuchRun(id) => ApiError::NotFound(format!("no run `{id}`")),
+            RuntimeError::Conflict(message) => ApiError::Conflict(message),
         }
     }
 }

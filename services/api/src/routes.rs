@@ -47,6 +47,8 @@ pub fn router(runtime: Arc<Runtime>, config: ApiConfig) -> Router {
         .route("/flows/{id}/disable", post(disable_flow))
         .route("/runs", get(list_runs))
         .route("/runs/{id}", get(get_run))
+        .route("/runs/{id}/cancel", post(cancel_run))
+        .route("/runs/{id}/retry", post(retry_run))
         .route("/audit", get(list_audit))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -286,6 +288,19 @@ async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no run `{id}`")))?;
     Ok(Json(json!({ "run": run })))
+}
+
+async fn cancel_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let run = state.runtime.cancel_run(&id, &actor(&state)).await?;
+    Ok(Json(json!({ "run": run })))
+}
+
+async fn retry_run(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let run = state.runtime.retry_run(&id, &actor(&state)).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "run": run }))).into_response())
 }
 
 #[derive(Deserialize)]

@@ -143,7 +143,10 @@ impl Handler {
                 .await;
         }
 
+        // Attempts within this epoch drive the retry policy; the recorded number continues
+        // after the attempts of earlier epochs (a manual retry starts a new epoch).
         let attempt = delivery.delivered.max(1);
+        let number = job.epoch + attempt;
         let (piece, action) = match self.resolve_action(&flow, step) {
             Ok(found) => found,
             Err(error) => {
@@ -156,7 +159,7 @@ impl Handler {
                         step,
                         &job,
                         None,
-                        attempt,
+                        number,
                         started,
                         Duration::ZERO,
                         json!(null),
@@ -166,7 +169,7 @@ impl Handler {
             }
         };
         let ctx = runtime.context(
-            RunInfo::new(&run.id, &flow.flow_id, flow.version, &step.name, attempt),
+            RunInfo::new(&run.id, &flow.flow_id, flow.version, &step.name, number),
             &flow,
             None,
         );
@@ -192,7 +195,7 @@ impl Handler {
             step,
             &job,
             Some((&piece, action.as_ref())),
-            attempt,
+            number,
             started,
             execution.duration,
             execution.recorded_input,

@@ -332,6 +332,85 @@ async fn a_step_that_outlives_its_timeout_is_retried_then_fails() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_failed_run_retried_by_hand_resumes_from_its_failed_step() {
+    let probe = Arc::new(Probe::default());
+    let steps = format!(
+        "  - {{ name: first, piece: test, action: echo, input: {{ value: 1 }} }}\n  - {{ name: call, piece: test, action: flaky, input: {{ failures: 3 }}, {RETRY} }}\n  - {{ name: last, piece: test, action: echo, input: {{ value: \"{{{{ steps.call.output.calls }}}}\" }} }}\n"
+    );
+    let h = Harness::start(&probe, &flow(&steps)).await;
+    h.start_run("r1", json!({})).await;
+    let failed = h.finished("r1").await;
+    assert_eq!(failed.status, RunStatus::Failed);
+    assert_eq!(failed.step("call").unwrap().attempts.len(), 3);
+
+    // "The cause is fixed": the fourth call succeeds.
+    let actor = Actor("test".into());
+    let resumed = h.runtime.retry_run("r1", &actor).await.unwrap();
+    assert_eq!(resumed.status, RunStatus::Running);
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    let numbers: Vec<u32> = run
+        .step("call")
+        .unwrap()
+        .attempts
+        .iter()
+        .map(|a| a.attempt)
+        .collect();
+    assert_eq!(
+        numbers,
+        [1, 2, 3, 4],
+        "attempts continue after the earlier ones"
+    );
+    assert_eq!(
+        run.step("first").unwrap().attempts.len(),
+        1,
+        "steps before the failed one are not rerun"
+    );
+    assert_eq!(run.step("last").unwrap().output, Some(json!(4)));
+    let again = h.runtime.retry_run("r1", &actor).await.unwrap_err();
+    assert_eq!(
+        again.to_string(),
+        "run `r1` is succeeded; only failed runs can be retried"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_run_stops_after_its_current_step() {
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: nap, piece: test, action: sleepy, input: { seconds: 10 } }\n  - { name: after, piece: test, action: flaky, input: { failures: 0 } }\n";
+    let h = Harness::start(&probe, &flow(steps)).await;
+    h.start_run("r1", json!({})).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cancelled = h
+        .runtime
+        .cancel_run("r1", &Actor("test".into()))
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status, RunStatus::Cancelled);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let run = h.store.get_run("r1").await.unwrap().unwrap();
+    assert_eq!(
+        run.status,
+        RunStatus::Cancelled,
+        "the finishing step did not overwrite the cancel"
+    );
+    assert_eq!(run.step("nap").unwrap().status, StepStatus::Succeeded);
+    assert!(run.step("after").is_none());
+    assert!(
+        probe.calls.lock().unwrap().is_empty(),
+        "nothing after the cancel ran"
+    );
+    let err = h
+        .runtime
+        .cancel_run("r1", &Actor("test".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "run `r1` is not running");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn on_failure_continue_goes_on_to_the_next_step() {
     let probe = Arc::new(Probe::default());
     let steps = "  - { name: call, piece: test, action: flaky, input: { failures: 0, fatal: true }, on_failure: continue }\n  - { name: after, piece: test, action: echo, input: { value: \"{{ steps.call.status }}\" } }\n";
