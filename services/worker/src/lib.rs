@@ -68,6 +68,7 @@ pub async fn run_with_health(
     let mut pullers = JoinSet::new();
     for queue in &config.queues {
         let consumer = runtime.bus.consume(queue, options.clone()).await?;
+        health.consumed(queue);
         let puller = Puller {
             queue: queue.clone(),
             consumer,

@@ -1,0 +1,362 @@
+//! A fleet of real piecework processes on real nats-server and redis-server (testkit), and an
+//! HTTP target whose behaviour tests control, for the end-to-end tests.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::any;
+use piecework_testkit::{NatsServer, RedisServer, free_port};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+pub fn client() -> reqwest::Client {
+    piecework_sdk::http::install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// Real servers plus the piecework processes a test starts.
+pub struct Fleet {
+    pub nats: NatsServer,
+    pub redis: RedisServer,
+    pub dir: TempDir,
+    config: PathBuf,
+    processes: HashMap<String, Child>,
+    pub api: String,
+}
+
+impl Fleet {
+    /// Starts nats-server and redis-server; `config` is the TOML every process reads.
+    pub async fn start(config: &str) -> Fleet {
+        let nats = NatsServer::start().await.expect("nats-server starts");
+        let redis = RedisServer::start().await.expect("redis-server starts");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("piecework.toml");
+        std::fs::write(&path, config).unwrap();
+        Fleet {
+            nats,
+            redis,
+            dir,
+            config: path,
+            processes: HashMap::new(),
+            api: String::new(),
+        }
+    }
+
+    fn spawn(&mut self, name: &str, args: &[&str]) {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_piecework"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env("PW_NATS_URL", self.nats.url())
+            .env("PW_REDIS_URL", self.redis.url())
+            .env("PW_LOG", "info")
+            .env("PW_LOG_FORMAT", "json")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("piecework starts");
+        self.processes.insert(name.to_owned(), child);
+    }
+
+    /// Starts `piecework api` and waits until it is ready.
+    pub async fn start_api(&mut self) -> String {
+        let port = free_port();
+        self.spawn("api", &["api", "--listen", &format!("127.0.0.1:{port}")]);
+        self.api = format!("http://127.0.0.1:{port}");
+        self.wait_ready("api", &format!("{}/readyz", self.api))
+            .await;
+        self.api.clone()
+    }
+
+    /// Starts `piecework worker --id <id>` and waits until it consumes.
+    pub async fn start_worker(&mut self, id: &str, extra: &[&str]) {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["worker", "--id", id, "--health-listen", &listen];
+        args.extend_from_slice(extra);
+        self.spawn(id, &args);
+        self.wait_ready(id, &format!("http://{listen}/readyz"))
+            .await;
+    }
+
+    pub async fn start_scheduler(&mut self, name: &str) {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        self.spawn(name, &["scheduler", "--health-listen", &listen]);
+        self.wait_ready(name, &format!("http://{listen}/readyz"))
+            .await;
+    }
+
+    async fn wait_ready(&mut self, name: &str, url: &str) {
+        let http = client();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(response) = http.get(url).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            if let Some(status) = self
+                .processes
+                .get_mut(name)
+                .and_then(|c| c.try_wait().unwrap())
+            {
+                panic!("{name} exited with {status}:\n{}", self.logs(name));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} not ready:\n{}",
+                self.logs(name)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL: no cleanup, like a crashed host.
+    pub fn kill(&mut self, name: &str) {
+        if let Some(mut child) = self.processes.remove(name) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait: a graceful stop.
+    pub fn terminate(&mut self, name: &str) -> std::process::ExitStatus {
+        let mut child = self.processes.remove(name).expect("a running process");
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        child.wait().unwrap()
+    }
+
+    pub fn logs(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    pub async fn apply(&self, flow: &str) {
+        let response = client()
+            .post(format!("{}/v1/flows", self.api))
+            .body(flow.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        assert!(
+            status.is_success(),
+            "apply failed: {status} {}",
+            response.text().await.unwrap()
+        );
+    }
+
+    pub async fn webhook(&self, flow: &str, body: Value) -> String {
+        let response = client()
+            .post(format!("{}/v1/webhooks/{flow}", self.api))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+        response.json::<Value>().await.unwrap()["run_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub async fn run(&self, id: &str) -> Value {
+        let response = client()
+            .get(format!("{}/v1/runs/{id}", self.api))
+            .send()
+            .await
+            .unwrap();
+        response.json::<Value>().await.unwrap()["run"].clone()
+    }
+
+    /// Waits until the run is no longer running; returns it.
+    pub async fn finished(&self, id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let run = self.run(id).await;
+            if run["status"].as_str().is_some_and(|s| s != "running") {
+                return run;
+            }
+            assert!(Instant::now() < deadline, "run {id} still running: {run}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(self.redis.url()).unwrap();
+        client.get_multiplexed_async_connection().await.unwrap()
+    }
+
+    /// Every entry of a Redis stream, as field maps.
+    pub async fn stream(&self, key: &str) -> Vec<HashMap<String, String>> {
+        let mut conn = self.redis().await;
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        reply
+            .ids
+            .iter()
+            .map(|entry| {
+                entry
+                    .map
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            redis::from_redis_value_ref::<String>(v).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for (_, mut child) in self.processes.drain() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An HTTP service flows call, with behaviour the test controls.
+#[derive(Clone, Default)]
+pub struct Target {
+    pub url: String,
+    state: Arc<Mutex<TargetState>>,
+}
+
+#[derive(Default)]
+struct TargetState {
+    /// When each key was called.
+    hits: HashMap<String, Vec<Instant>>,
+    broken: HashMap<String, bool>,
+}
+
+impl Target {
+    /// `/ok`: 200. `/flaky/{key}?fail=N`: 503 for the first N calls. `/slow/{key}?ms=M`:
+    /// answers after M ms. `/toggle/{key}`: 500 while broken.
+    pub async fn start() -> Target {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = Target {
+            url: format!("http://{}", listener.local_addr().unwrap()),
+            ..Target::default()
+        };
+        let app = Router::new()
+            .route("/ok", any(|| async { axum::Json(json!({"ok": true})) }))
+            .route("/flaky/{key}", any(flaky))
+            .route("/slow/{key}", any(slow))
+            .route("/toggle/{key}", any(toggle))
+            .with_state(target.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        target
+    }
+
+    fn hit(&self, key: &str) -> usize {
+        let mut state = self.state.lock().unwrap();
+        let hits = state.hits.entry(key.to_owned()).or_default();
+        hits.push(Instant::now());
+        hits.len()
+    }
+
+    pub fn hits(&self, key: &str) -> Vec<Instant> {
+        self.state
+            .lock()
+            .unwrap()
+            .hits
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn set_broken(&self, key: &str, broken: bool) {
+        self.state
+            .lock()
+            .unwrap()
+            .broken
+            .insert(key.to_owned(), broken);
+    }
+
+    pub async fn wait_for_hits(&self, key: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.hits(key).len() < count {
+            assert!(
+                Instant::now() < deadline,
+                "{key} got {} hits, wanted {count}",
+                self.hits(key).len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn flaky(
+    State(target): State<Target>,
+    Path(key): Path<String>,
+    Query(q): Query<HashMap<String, usize>>,
+) -> (StatusCode, axum::Json<Value>) {
+    let calls = target.hit(&key);
+    if calls <= q.get("fail").copied().unwrap_or(0) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"error": "try later"})),
+        )
+    } else {
+        (StatusCode::OK, axum::Json(json!({"calls": calls})))
+    }
+}
+
+async fn slow(
+    State(target): State<Target>,
+    Path(key): Path<String>,
+    Query(q): Query<HashMap<String, u64>>,
+) -> axum::Json<Value> {
+    let calls = target.hit(&key);
+    tokio::time::sleep(Duration::from_millis(q.get("ms").copied().unwrap_or(1000))).await;
+    axum::Json(json!({"calls": calls}))
+}
+
+async fn toggle(
+    State(target): State<Target>,
+    Path(key): Path<String>,
+) -> (StatusCode, axum::Json<Value>) {
+    target.hit(&key);
+    let broken = target
+        .state
+        .lock()
+        .unwrap()
+        .broken
+        .get(&key)
+        .copied()
+        .unwrap_or(false);
+    if broken {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({"error": "broken"})),
+        )
+    } else {
+        (StatusCode::OK, axum::Json(json!({"fixed": true})))
+    }
+}

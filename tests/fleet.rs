@@ -1,0 +1,339 @@
+//! Issue-level guarantees across real processes: `piecework api`, `worker` and `scheduler` as
+//! separate processes on a real nats-server and redis-server (testkit), killed and restarted.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
+
+use common::{Fleet, Target, client};
+use futures::future::join_all;
+use piecework_proto::Message as _;
+use serde_json::{Value, json};
+
+/// No settings beyond the defaults.
+const BASE: &str = "";
+
+fn webhook_flow(name: &str, steps: &str) -> String {
+    format!(
+        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch }}\nsteps:\n{steps}"
+    )
+}
+
+fn workers_of(run: &Value) -> BTreeSet<String> {
+    run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["attempts"].as_array().unwrap().iter())
+        .map(|a| a["worker"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_flow_runs_across_two_worker_processes_and_records_results_and_audit() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start(BASE).await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &["--concurrency", "1"]).await;
+    fleet.start_worker("w2", &["--concurrency", "1"]).await;
+    let steps = format!(
+        "  - {{ name: fetch, piece: http, action: send_request, input: {{ url: \"{url}/ok\" }} }}\n  - {{ name: shape, piece: data, action: set, input: {{ value: {{ ok: \"{{{{ steps.fetch.output.body.ok }}}}\", n: \"{{{{ trigger.body.n }}}}\" }} }} }}\n  - {{ name: notify, piece: http, action: send_request, input: {{ method: POST, url: \"{url}/ok\", body: \"{{{{ steps.shape.output }}}}\" }} }}\n",
+        url = target.url
+    );
+    fleet.apply(&webhook_flow("three", &steps)).await;
+
+    let runs = join_all((0..12).map(|n| fleet.webhook("three", json!({"n": n})))).await;
+    let mut workers = BTreeSet::new();
+    for id in &runs {
+        let run = fleet.finished(id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(run["steps"].as_array().unwrap().len(), 3);
+        assert_eq!(run["steps"][1]["output"]["ok"], true);
+        workers.extend(workers_of(&run));
+    }
+    assert_eq!(
+        workers,
+        BTreeSet::from(["w1".to_owned(), "w2".to_owned()]),
+        "steps spread over both workers"
+    );
+
+    let results = fleet.stream("pw:results").await;
+    let ours: HashSet<&String> = runs.iter().collect();
+    let entries: Vec<_> = results
+        .iter()
+        .filter(|e| ours.contains(&e["run"]))
+        .collect();
+    assert_eq!(entries.len(), 36, "one pw:results entry per step attempt");
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["status"] == "succeeded" && e["flow"] == "three" && e["version"] == "0.1.0")
+    );
+    let finishing = entries
+        .iter()
+        .filter(|e| e["run_status"] == "succeeded")
+        .count();
+    assert_eq!(finishing, 12);
+
+    let audit = fleet.stream("pw:audit").await;
+    assert!(audit.iter().any(|e| e["action"] == "flow.apply"
+        && e["resource"] == "flow/three"
+        && e["outcome"] == "success"));
+    let steps_audited = audit
+        .iter()
+        .filter(|e| e["action"] == "step.execute" && e["outcome"] == "success")
+        .count();
+    assert_eq!(steps_audited, 36, "every step execution is audited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_follow_the_policy_and_a_failed_run_retried_after_the_fix_completes() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start(BASE).await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    let retry = "retry: { max_attempts: 3, initial_interval: 1s, multiplier: 2, jitter: 0 }";
+    let flaky = format!(
+        "  - {{ name: call, piece: http, action: send_request, input: {{ url: \"{}/flaky/a?fail=2\" }}, {retry} }}\n",
+        target.url
+    );
+    fleet.apply(&webhook_flow("flaky", &flaky)).await;
+    let id = fleet.webhook("flaky", json!({})).await;
+    let run = fleet.finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let statuses: Vec<&str> = run["steps"][0]["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["retrying", "retrying", "succeeded"]);
+    let hits = target.hits("a");
+    assert_eq!(hits.len(), 3);
+    assert!(
+        hits[1] - hits[0] >= Duration::from_secs(1),
+        "first retry after the initial interval"
+    );
+    assert!(
+        hits[2] - hits[1] >= Duration::from_secs(2),
+        "second retry after interval × multiplier"
+    );
+
+    target.set_broken("b", true);
+    let broken = format!(
+        "  - {{ name: call, piece: http, action: send_request, input: {{ url: \"{}/toggle/b\" }}, retry: {{ max_attempts: 2, initial_interval: 1s, jitter: 0 }} }}\n  - {{ name: after, piece: data, action: set, input: {{ value: \"{{{{ steps.call.output.body.fixed }}}}\" }} }}\n",
+        target.url
+    );
+    fleet.apply(&webhook_flow("broken", &broken)).await;
+    let id = fleet.webhook("broken", json!({})).await;
+    let run = fleet.finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "failed");
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 2 attempts"),
+        "{run}"
+    );
+    assert_eq!(target.hits("b").len(), 2, "no retry beyond the policy");
+
+    target.set_broken("b", false);
+    let retried = client()
+        .post(format!("{}/v1/runs/{id}/retry", fleet.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 202);
+    let run = fleet.finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["steps"][1]["output"], true);
+    assert_eq!(run["steps"][0]["attempts"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_step_is_replaced_and_the_step_is_recorded_once() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start("[worker]\nack_wait = \"2s\"\n").await;
+    fleet.start_api().await;
+    fleet.start_worker("doomed", &[]).await;
+    let steps = format!(
+        "  - {{ name: before, piece: data, action: set, input: {{ value: 1 }} }}\n  - {{ name: slow, piece: http, action: send_request, input: {{ url: \"{}/slow/k?ms=1500\" }} }}\n  - {{ name: after, piece: data, action: set, input: {{ value: 2 }} }}\n",
+        target.url
+    );
+    fleet.apply(&webhook_flow("slow", &steps)).await;
+    let id = fleet.webhook("slow", json!({})).await;
+    target.wait_for_hits("k", 1, Duration::from_secs(30)).await;
+    fleet.kill("doomed");
+    fleet.start_worker("rescuer", &[]).await;
+
+    let run = fleet.finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let slow = &run["steps"][1];
+    assert_eq!(slow["name"], "slow");
+    let attempts = slow["attempts"].as_array().unwrap();
+    assert_eq!(
+        attempts.len(),
+        1,
+        "the committed result is recorded once: {slow}"
+    );
+    assert_eq!(attempts[0]["worker"], "rescuer");
+    assert_eq!(
+        attempts[0]["attempt"], 2,
+        "the broker counted the lost delivery"
+    );
+    let results = fleet.stream("pw:results").await;
+    let recorded = results
+        .iter()
+        .filter(|e| e["run"] == id && e["step"] == "slow")
+        .count();
+    assert_eq!(recorded, 1);
+    // The action itself ran twice (at least once is the guarantee; see docs/architecture.md).
+    assert_eq!(target.hits("k").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_schedulers_publish_one_poll_per_tick_and_a_redelivered_poll_starts_no_duplicate_run() {
+    let mut fleet = Fleet::start(BASE).await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    let flow = "apiVersion: piecework/v1\nkind: Flow\nname: tick\ntrigger: { piece: schedule, trigger: every, input: { interval: 1s } }\nsteps:\n  - { name: noop, piece: data, action: set, input: { value: \"{{ trigger.scheduled_at }}\" } }\n";
+    fleet.apply(flow).await;
+    fleet.start_scheduler("s1").await;
+    fleet.start_scheduler("s2").await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    fleet.kill("s1");
+    fleet.kill("s2");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let list: Value = client()
+        .get(format!("{}/v1/runs?flow=tick&limit=100", fleet.api))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let runs = list["runs"].as_array().unwrap().clone();
+    assert!(runs.len() >= 3, "about one run per second: {runs:?}");
+    assert!(runs.iter().all(|r| r["status"] == "succeeded"), "{runs:?}");
+    let ticks: HashSet<String> =
+        join_all(runs.iter().map(|r| fleet.run(r["id"].as_str().unwrap())))
+            .await
+            .iter()
+            .map(|run| run["trigger"]["scheduled_at"].as_str().unwrap().to_owned())
+            .collect();
+    assert_eq!(ticks.len(), runs.len(), "one run per tick");
+
+    // Every tick stored exactly one poll job: the stream holds one poll and one step per run.
+    let nats = async_nats::connect(fleet.nats.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(nats);
+    let mut stream = jetstream.get_stream("PW_JOBS").await.unwrap();
+    let stored = stream.info().await.unwrap().state.last_sequence;
+    assert_eq!(
+        stored,
+        2 * runs.len() as u64,
+        "no duplicate poll job was stored"
+    );
+
+    // A poll job delivered again (as after a lost ack) under another message id.
+    let first = fleet.run(runs[0]["id"].as_str().unwrap()).await;
+    let scheduled =
+        chrono::DateTime::parse_from_rfc3339(first["trigger"]["scheduled_at"].as_str().unwrap())
+            .unwrap();
+    let job = piecework_proto::v1::PollJob {
+        flow_id: "tick".into(),
+        flow_version: 1,
+        tick_unix_ms: scheduled.timestamp_millis(),
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "redelivered-poll");
+    jetstream
+        .publish_with_headers("pw.jobs.default.poll", headers, job.encode_to_vec().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again: Value = client()
+        .get(format!("{}/v1/runs?flow=tick&limit=100", fleet.api))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        again["runs"].as_array().unwrap().len(),
+        runs.len(),
+        "the same tick maps to the same run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_job_is_terminated_and_recorded_and_the_worker_keeps_serving() {
+    let mut fleet = Fleet::start(BASE).await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    fleet.apply(&webhook_flow("echo", "  - { name: one, piece: data, action: set, input: { value: \"{{ trigger.body }}\" } }\n")).await;
+
+    let nats = async_nats::connect(fleet.nats.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(nats);
+    jetstream
+        .publish(
+            "pw.jobs.default.step",
+            bytes::Bytes::from_static(b"\x08\x96\x01 definitely not a StepJob \xff"),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let id = fleet.webhook("echo", json!({"still": "serving"})).await;
+    let run = fleet.finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(run["steps"][0]["output"], json!({"still": "serving"}));
+
+    let audit = fleet.stream("pw:audit").await;
+    let rejected: Vec<_> = audit
+        .iter()
+        .filter(|e| e["action"] == "job.reject")
+        .collect();
+    assert_eq!(rejected.len(), 1, "{audit:?}");
+    assert_eq!(rejected[0]["resource"], "pw.jobs.default.step");
+    assert_eq!(rejected[0]["outcome"], "failure");
+    let mut stream = jetstream.get_stream("PW_JOBS").await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        0,
+        "nothing left to redeliver"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_nats_and_redis_during_runs_loses_no_run() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start("[worker]\nack_wait = \"3s\"\n").await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    let steps = format!(
+        "  - {{ name: slow, piece: http, action: send_request, input: {{ url: \"{}/slow/r?ms=400\" }}, retry: {{ max_attempts: 10, initial_interval: 1s, jitter: 0 }} }}\n  - {{ name: after, piece: data, action: set, input: {{ value: \"{{{{ trigger.body.n }}}}\" }}, retry: {{ max_attempts: 10, initial_interval: 1s, jitter: 0 }} }}\n",
+        target.url
+    );
+    fleet.apply(&webhook_flow("steady", &steps)).await;
+    let runs = join_all((0..6).map(|n| fleet.webhook("steady", json!({"n": n})))).await;
+
+    fleet.nats.restart().await.unwrap();
+    fleet.redis.restart().await.unwrap();
+
+    for (n, id) in runs.iter().enumerate() {
+        let run = fleet.finished(id, Duration::from_secs(90)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(run["steps"][1]["output"], json!(n));
+    }
+    // And the fleet keeps working after both restarts.
+    let id = fleet.webhook("steady", json!({"n": 99})).await;
+    assert_eq!(
+        fleet.finished(&id, Duration::from_secs(60)).await["status"],
+        "succeeded"
+    );
+}
