@@ -32,7 +32,7 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         if let Some(listen) = args.listen {
             config.api.listen = listen;
         }
-        if let Some(key) = &args.api_key {
+        if let Some(key) = args.api_key.as_ref().filter(|k| !k.is_empty()) {
             config.api.api_key = Some(key.clone());
         }
         if let Some(concurrency) = args.concurrency {
@@ -94,7 +94,8 @@ async fn api(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         if let Some(listen) = args.listen {
             config.api.listen = listen;
         }
-        if let Some(key) = &args.api_key {
+        // An empty PW_API_KEY (as compose passes when it is unset) means no key.
+        if let Some(key) = args.api_key.as_ref().filter(|k| !k.is_empty()) {
             config.api.api_key = Some(key.clone());
         }
     })?;
