@@ -337,3 +337,107 @@ async fn restarting_nats_and_redis_during_runs_loses_no_run() {
         "succeeded"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_step_in_flight_finish_and_hands_the_rest_on() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start(BASE).await;
+    fleet.start_api().await;
+    fleet.start_worker("leaving", &[]).await;
+    let steps = format!(
+        "  - {{ name: slow, piece: http, action: send_request, input: {{ url: \"{}/slow/g?ms=1500\" }} }}\n  - {{ name: after, piece: data, action: set, input: {{ value: done }} }}\n",
+        target.url
+    );
+    fleet.apply(&webhook_flow("graceful", &steps)).await;
+    let id = fleet.webhook("graceful", json!({})).await;
+    target.wait_for_hits("g", 1, Duration::from_secs(30)).await;
+    let status = fleet.terminate("leaving");
+    assert!(
+        status.success(),
+        "clean exit on SIGTERM: {status}\n{}",
+        fleet.logs("leaving")
+    );
+    let midway = fleet.run(&id).await;
+    assert_eq!(
+        midway["steps"][0]["status"], "succeeded",
+        "the step in flight finished: {midway}"
+    );
+    assert_eq!(midway["steps"][0]["attempts"][0]["worker"], "leaving");
+
+    fleet.start_worker("staying", &[]).await;
+    let run = fleet.finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(run["steps"][1]["attempts"][0]["worker"], "staying");
+    assert_eq!(target.hits("g").len(), 1, "nothing ran twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_fleet_leaves_redis_alone() {
+    let mut fleet = Fleet::start(BASE).await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    fleet.start_scheduler("s1").await;
+    fleet
+        .apply(&webhook_flow(
+            "idle",
+            "  - { name: one, piece: data, action: set, input: { value: 1 } }\n",
+        ))
+        .await;
+    let mut conn = fleet.redis().await;
+    let commands = async |conn: &mut redis::aio::MultiplexedConnection| -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(conn)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = commands(&mut conn).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let spent = commands(&mut conn).await - before - 1;
+    // The scheduler re-reads the flow list every 5s (two commands); nothing else polls.
+    assert!(
+        spent <= 10,
+        "an idle fleet sent {spent} Redis commands in 10s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_is_not_ready_while_nats_is_away_and_ready_again_after() {
+    let mut fleet = Fleet::start(BASE).await;
+    let ready = fleet.start_worker("w1", &[]).await;
+    let status = async || {
+        client()
+            .get(&ready)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    assert_eq!(status().await, 200);
+    fleet.nats.stop().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while status().await != 503 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still ready without NATS"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    fleet.nats.restart().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while status().await != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready again after NATS came back:\n{}",
+            fleet.logs("w1")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

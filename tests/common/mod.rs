@@ -81,15 +81,16 @@ impl Fleet {
         self.api.clone()
     }
 
-    /// Starts `piecework worker --id <id>` and waits until it consumes.
-    pub async fn start_worker(&mut self, id: &str, extra: &[&str]) {
+    /// Starts `piecework worker --id <id>`, waits until it consumes; returns its `/readyz` URL.
+    pub async fn start_worker(&mut self, id: &str, extra: &[&str]) -> String {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut args = vec!["worker", "--id", id, "--health-listen", &listen];
         args.extend_from_slice(extra);
         self.spawn(id, &args);
-        self.wait_ready(id, &format!("http://{listen}/readyz"))
-            .await;
+        let ready = format!("http://{listen}/readyz");
+        self.wait_ready(id, &ready).await;
+        ready
     }
 
     pub async fn start_scheduler(&mut self, name: &str) {
