@@ -11,8 +11,33 @@ use serde_json::Value;
 
 #[test]
 fn piecework_dev_runs_the_demo_flows_and_stops_on_ctrl_c() {
+    demo(&[]);
+}
+
+#[test]
+fn piecework_dev_runs_the_demo_on_real_nats_and_redis() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (nats, redis) = runtime.block_on(async {
+        let nats = piecework_testkit::NatsServer::start().await.unwrap();
+        let redis = piecework_testkit::RedisServer::start().await.unwrap();
+        (nats, redis)
+    });
+    demo(&["--nats", &nats.url(), "--redis", &redis.url()]);
+    // The runs are in Redis, where separate processes would see them.
+    let runs: u64 = runtime.block_on(async {
+        let client = ::redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        ::redis::cmd("ZCARD").arg("pw:runs:flow:heartbeat").query_async(&mut conn).await.unwrap()
+    });
+    assert!(runs >= 1);
+}
+
+/// Runs `piecework dev` with `args`, waits for a successful heartbeat run in the feed and at
+/// `GET /v1/runs`, then stops it with SIGINT.
+fn demo(args: &[&str]) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_piecework"))
         .args(["dev", "--listen", "127.0.0.1:0"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
