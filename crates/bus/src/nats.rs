@@ -252,9 +252,30 @@ impl NatsConsumer {
     }
 }
 
+/// How much longer than its own wait a fetch may take before it is given up: a pull request
+/// lost in a server restart is never answered, and the no-wait fetch has no timer of its own.
+/// async-nats ends a long poll by itself at most 5s after its expiry, so this is longer.
+const FETCH_GRACE: Duration = Duration::from_secs(10);
+
 #[async_trait]
 impl Consumer for NatsConsumer {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
+        match tokio::time::timeout(wait + FETCH_GRACE, self.fetch_unbounded(max, wait)).await {
+            Ok(result) => result,
+            Err(_) => Err(self.fail(format!(
+                "no answer from NATS within {:?}",
+                wait + FETCH_GRACE
+            ))),
+        }
+    }
+}
+
+impl NatsConsumer {
+    async fn fetch_unbounded(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BusError> {
         // What is there now, without waiting...
         let mut ready = self
             .consumer

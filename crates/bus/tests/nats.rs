@@ -243,3 +243,26 @@ async fn jobs_survive_a_server_restart_and_the_client_reconnects() {
             .duplicate
     );
 }
+
+#[tokio::test]
+async fn a_fetch_while_the_server_is_down_fails_instead_of_hanging() {
+    let mut server = NatsServer::start().await.unwrap();
+    let bus = bus(&server).await;
+    let mut consumer = bus
+        .consume("default", options(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    server.stop().await;
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        consumer.fetch(1, Duration::from_secs(1)),
+    )
+    .await
+    .expect("the fetch gave up by itself");
+    assert!(outcome.is_err() || outcome.unwrap().is_empty());
+    assert!(
+        bus.ready().await.is_err(),
+        "not ready while the server is down"
+    );
+    server.restart().await.unwrap();
+}
