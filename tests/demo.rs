@@ -27,7 +27,11 @@ fn piecework_dev_runs_the_demo_on_real_nats_and_redis() {
     let runs: u64 = runtime.block_on(async {
         let client = ::redis::Client::open(redis.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        ::redis::cmd("ZCARD").arg("pw:runs:flow:heartbeat").query_async(&mut conn).await.unwrap()
+        ::redis::cmd("ZCARD")
+            .arg("pw:runs:flow:heartbeat")
+            .query_async(&mut conn)
+            .await
+            .unwrap()
     });
     assert!(runs >= 1);
 }

@@ -148,6 +148,22 @@ impl Fleet {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// The last lines of every process's log, for failure messages.
+    pub fn log_tails(&self) -> String {
+        let mut names: Vec<&String> = self.processes.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|name| {
+                let logs = self.logs(name);
+                let lines: Vec<&str> = logs.lines().collect();
+                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                format!("--- {name} ---\n{tail}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub async fn apply(&self, flow: &str) {
         let response = client()
             .post(format!("{}/v1/flows", self.api))
@@ -194,7 +210,11 @@ impl Fleet {
             if run["status"].as_str().is_some_and(|s| s != "running") {
                 return run;
             }
-            assert!(Instant::now() < deadline, "run {id} still running: {run}");
+            assert!(
+                Instant::now() < deadline,
+                "run {id} still running: {run}\n{}",
+                self.log_tails()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -277,22 +277,33 @@ impl Runtime {
         started: Instant,
         error: Option<&impl ToString>,
     ) {
-        let event = AuditEvent {
-            actor: actor.0.clone(),
-            action: action.to_owned(),
-            resource: resource.to_owned(),
-            outcome: if error.is_some() {
-                "failure"
-            } else {
-                "success"
-            }
-            .to_owned(),
-            time_unix_ms: Utc::now().timestamp_millis(),
-            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            error: error.map(ToString::to_string).unwrap_or_default(),
-        };
+        let event = audit_event(actor, action, resource, started.elapsed(), error);
         if let Err(err) = self.store.append_audit(event).await {
             tracing::warn!(error = %err, action, resource, "could not append to the audit stream");
         }
+    }
+}
+
+/// An audit entry: who did what to which resource, how it went and how long it took.
+pub fn audit_event(
+    actor: &Actor,
+    action: &str,
+    resource: &str,
+    duration: std::time::Duration,
+    error: Option<&impl ToString>,
+) -> AuditEvent {
+    AuditEvent {
+        actor: actor.0.clone(),
+        action: action.to_owned(),
+        resource: resource.to_owned(),
+        outcome: if error.is_some() {
+            "failure"
+        } else {
+            "success"
+        }
+        .to_owned(),
+        time_unix_ms: Utc::now().timestamp_millis(),
+        duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        error: error.map(ToString::to_string).unwrap_or_default(),
     }
 }

@@ -76,6 +76,8 @@ pub struct StepUpdate {
     pub step: StepState,
     /// The entry for `pw:results`.
     pub result: StepResult,
+    /// The entry for `pw:audit` (the step execution), written in the same round trip.
+    pub audit: Option<AuditEvent>,
     /// Set when the attempt produced the flow's webhook response.
     pub response: Option<Value>,
     /// Set when the attempt ended the run; ignored if the run is no longer running (it was

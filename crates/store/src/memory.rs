@@ -246,6 +246,9 @@ impl Store for MemoryStore {
                 apply_run_update(run, change);
             }
             state.results.push(update.result);
+            if let Some(event) = update.audit {
+                state.audit.push(event);
+            }
         }
         self.changed.notify_waiters();
         Ok(())

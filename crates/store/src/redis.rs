@@ -675,6 +675,16 @@ impl Store for RedisStore {
             .arg("*")
             .arg(result_fields(&update.result))
             .ignore();
+        if let Some(event) = &update.audit {
+            pipe.cmd("XADD")
+                .arg(AUDIT)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.config.stream_maxlen)
+                .arg("*")
+                .arg(audit_fields(event))
+                .ignore();
+        }
         if let Some(run) = &update.run {
             pipe.cmd("PUBLISH")
                 .arg(done_channel(&update.run_id))

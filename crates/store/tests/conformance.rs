@@ -144,6 +144,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
             run_id: "r1".into(),
             step: step("a", StepStatus::Retrying, 1),
             result: result("r1", "a", 1, v1::RunStatus::Running),
+            audit: None,
             response: None,
             run: None,
         })
@@ -154,6 +155,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
             run_id: "r1".into(),
             step: step("a", StepStatus::Succeeded, 2),
             result: result("r1", "a", 2, v1::RunStatus::Running),
+            audit: None,
             response: None,
             run: None,
         })
@@ -170,6 +172,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
             run_id: "r1".into(),
             step: step("b", StepStatus::Succeeded, 1),
             result: result("r1", "b", 1, v1::RunStatus::Succeeded),
+            audit: None,
             response: Some(json!({"status": 201})),
             run: Some(done),
         })
@@ -344,6 +347,11 @@ async fn streams_and_the_piece_store_work(store: Arc<dyn Store>) {
             run_id: "s".into(),
             step: step("a", StepStatus::Succeeded, 1),
             result: result("s", "a", 1, v1::RunStatus::Running),
+            audit: Some(AuditEvent {
+                action: "step.execute".into(),
+                resource: "run/s/step/a".into(),
+                ..AuditEvent::default()
+            }),
             response: None,
             run: None,
         })
@@ -353,6 +361,12 @@ async fn streams_and_the_piece_store_work(store: Arc<dyn Store>) {
         .await
         .expect("woken by the entry");
     assert_eq!(read.unwrap().unwrap().len(), 1);
+    let audit = store.read_audit(None, 10).await.unwrap();
+    assert_eq!(
+        audit.last().unwrap().event.resource,
+        "run/s/step/a",
+        "the step's audit entry came with it"
+    );
 
     let kv = store.kv();
     assert_eq!(kv.get("flow:f:n").await.unwrap(), None);
@@ -417,6 +431,7 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
             run_id: "c".into(),
             step: step("a", StepStatus::Succeeded, 1),
             result: result("c", "a", 1, v1::RunStatus::Succeeded),
+            audit: None,
             response: None,
             run: Some(done),
         })
@@ -444,6 +459,7 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
             run_id: "r".into(),
             step: step("a", StepStatus::Failed, 2),
             result: result("r", "a", 2, v1::RunStatus::Failed),
+            audit: None,
             response: None,
             run: Some(failed),
         })

@@ -16,7 +16,7 @@ use piecework_core::run::{Attempt, deterministic_run_id};
 use piecework_core::{Run, RunStatus, StepState, StepStatus};
 use piecework_proto::Message as _;
 use piecework_proto::v1::{self, PollJob, StepJob, StepResult};
-use piecework_runtime::{Actor, Runtime, RuntimeError};
+use piecework_runtime::{Actor, Runtime, RuntimeError, audit_event};
 use piecework_sdk::polling::{self, DedupeStrategy};
 use piecework_sdk::{DynAction, Piece, RunInfo, TriggerHandle, TriggerKind};
 use piecework_store::{RunUpdate, StepUpdate};
@@ -370,6 +370,13 @@ impl Handler {
             finished_unix_ms: Utc::now().timestamp_millis(),
         };
         log_attempt(run, step, attempt, status, duration, error.as_deref());
+        let audit = audit_event(
+            &self.actor,
+            "step.execute",
+            &format!("run/{}/step/{}", run.id, step.name),
+            duration,
+            error.as_ref().filter(|_| status != StepStatus::Succeeded),
+        );
         self.runtime
             .store
             .record_step(StepUpdate {
@@ -378,23 +385,9 @@ impl Handler {
                 result,
                 response,
                 run: run_update,
+                audit: Some(audit),
             })
             .await?;
-        let audit_error =
-            (status != StepStatus::Succeeded).then(|| error.clone().unwrap_or_default());
-        let resource = format!("run/{}/step/{}", run.id, step.name);
-        let audit_start = Instant::now()
-            .checked_sub(duration)
-            .unwrap_or_else(Instant::now);
-        self.runtime
-            .audit(
-                &self.actor,
-                "step.execute",
-                &resource,
-                audit_start,
-                audit_error.as_ref(),
-            )
-            .await;
         if continues && let Some(next) = next {
             self.runtime
                 .publish_step(flow, &run.id, &next.name, job.epoch)
