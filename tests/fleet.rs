@@ -441,3 +441,26 @@ async fn a_worker_is_not_ready_while_nats_is_away_and_ready_again_after() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_longer_than_the_ack_wait_sends_progress_and_runs_once() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start("[worker]\nack_wait = \"2s\"\n").await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    fleet.start_worker("w2", &[]).await;
+    let steps = format!(
+        "  - {{ name: long, piece: http, action: send_request, input: {{ url: \"{}/slow/p?ms=5000\" }} }}\n",
+        target.url
+    );
+    fleet.apply(&webhook_flow("long", &steps)).await;
+    let id = fleet.webhook("long", json!({})).await;
+    let run = fleet.finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["steps"][0]["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        target.hits("p").len(),
+        1,
+        "not redelivered to the other worker mid-step"
+    );
+}
