@@ -25,12 +25,25 @@ fn serve_queues_of(config: &mut Config, flows: &[FlowDefinition]) {
     }
 }
 
+type Services = JoinSet<(&'static str, anyhow::Result<()>)>;
+
+/// Runs a service as a task that reports its name with its result.
+fn spawn_service<E>(
+    tasks: &mut Services,
+    name: &'static str,
+    service: impl Future<Output = Result<(), E>> + Send + 'static,
+) where
+    E: Into<anyhow::Error>,
+{
+    tasks.spawn(async move { (name, service.await.map_err(Into::into)) });
+}
+
 /// A running sandbox.
 pub struct Sandbox {
     pub api_addr: SocketAddr,
     pub runtime: Arc<Runtime>,
     shutdown: CancellationToken,
-    tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+    tasks: Services,
 }
 
 impl Sandbox {
@@ -60,48 +73,25 @@ impl Sandbox {
         let api_addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        {
-            let (runtime, shutdown, api) =
-                (runtime.clone(), shutdown.child_token(), config.api.clone());
-            tasks.spawn(async move {
-                (
-                    "api",
-                    piecework_api::serve(listener, api, runtime, shutdown)
-                        .await
-                        .map_err(Into::into),
-                )
-            });
-        }
-        {
-            let (runtime, shutdown, scheduler) = (
-                runtime.clone(),
-                shutdown.child_token(),
-                config.scheduler.clone(),
-            );
-            tasks.spawn(async move {
-                (
-                    "scheduler",
-                    piecework_scheduler::run(scheduler, runtime, shutdown)
-                        .await
-                        .map_err(Into::into),
-                )
-            });
-        }
-        {
-            let (runtime, shutdown, worker) = (
-                runtime.clone(),
-                shutdown.child_token(),
-                config.worker.clone(),
-            );
-            tasks.spawn(async move {
-                (
-                    "worker",
-                    piecework_worker::run(worker, runtime, shutdown)
-                        .await
-                        .map_err(Into::into),
-                )
-            });
-        }
+        let api = piecework_api::serve(
+            listener,
+            config.api.clone(),
+            runtime.clone(),
+            shutdown.child_token(),
+        );
+        let scheduler = piecework_scheduler::run(
+            config.scheduler.clone(),
+            runtime.clone(),
+            shutdown.child_token(),
+        );
+        let worker = piecework_worker::run(
+            config.worker.clone(),
+            runtime.clone(),
+            shutdown.child_token(),
+        );
+        spawn_service(&mut tasks, "api", api);
+        spawn_service(&mut tasks, "scheduler", scheduler);
+        spawn_service(&mut tasks, "worker", worker);
         Ok(Self {
             api_addr,
             runtime,

@@ -328,44 +328,45 @@ fn run_update_fields(pipe: &mut redis::Pipeline, key: &str, update: &RunUpdate) 
         .ignore();
 }
 
-fn step_status_name(status: i32) -> &'static str {
-    match v1::StepStatus::try_from(status).unwrap_or(v1::StepStatus::Unspecified) {
-        v1::StepStatus::Succeeded => "succeeded",
-        v1::StepStatus::Retrying => "retrying",
-        v1::StepStatus::Failed => "failed",
-        v1::StepStatus::Skipped => "skipped",
-        v1::StepStatus::Unspecified => "unspecified",
-    }
+/// A status as written to the streams: the protobuf name without its prefix, lowercased
+/// (`STEP_STATUS_SUCCEEDED` → `succeeded`).
+fn status_name(proto_name: &str, prefix: &str) -> String {
+    proto_name
+        .strip_prefix(prefix)
+        .unwrap_or(proto_name)
+        .to_ascii_lowercase()
+}
+
+fn step_status_name(status: i32) -> String {
+    let status = v1::StepStatus::try_from(status).unwrap_or(v1::StepStatus::Unspecified);
+    status_name(status.as_str_name(), "STEP_STATUS_")
 }
 
 fn step_status_from(name: &str) -> v1::StepStatus {
-    match name {
-        "succeeded" => v1::StepStatus::Succeeded,
-        "retrying" => v1::StepStatus::Retrying,
-        "failed" => v1::StepStatus::Failed,
-        "skipped" => v1::StepStatus::Skipped,
-        _ => v1::StepStatus::Unspecified,
-    }
+    v1::StepStatus::from_str_name(&format!("STEP_STATUS_{}", name.to_ascii_uppercase()))
+        .unwrap_or_default()
 }
 
-fn run_status_name(status: i32) -> &'static str {
-    match v1::RunStatus::try_from(status).unwrap_or(v1::RunStatus::Unspecified) {
-        v1::RunStatus::Running => "running",
-        v1::RunStatus::Succeeded => "succeeded",
-        v1::RunStatus::Failed => "failed",
-        v1::RunStatus::Cancelled => "cancelled",
-        v1::RunStatus::Unspecified => "unspecified",
-    }
+fn run_status_name(status: i32) -> String {
+    let status = v1::RunStatus::try_from(status).unwrap_or(v1::RunStatus::Unspecified);
+    status_name(status.as_str_name(), "RUN_STATUS_")
 }
 
 fn run_status_from(name: &str) -> v1::RunStatus {
-    match name {
-        "running" => v1::RunStatus::Running,
-        "succeeded" => v1::RunStatus::Succeeded,
-        "failed" => v1::RunStatus::Failed,
-        "cancelled" => v1::RunStatus::Cancelled,
-        _ => v1::RunStatus::Unspecified,
-    }
+    v1::RunStatus::from_str_name(&format!("RUN_STATUS_{}", name.to_ascii_uppercase()))
+        .unwrap_or_default()
+}
+
+/// `XADD <stream> MAXLEN ~ <maxlen> * <fields…>`: appends and caps the stream.
+fn xadd(stream: &str, maxlen: usize, fields: Vec<(&'static str, String)>) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(maxlen)
+        .arg("*")
+        .arg(fields);
+    cmd
 }
 
 fn result_fields(r: &StepResult) -> Vec<(&'static str, String)> {
@@ -378,10 +379,10 @@ fn result_fields(r: &StepResult) -> Vec<(&'static str, String)> {
         ("action", r.action.clone()),
         ("version", r.version.clone()),
         ("attempt", r.attempt.to_string()),
-        ("status", step_status_name(r.status).to_owned()),
+        ("status", step_status_name(r.status)),
         ("duration_ms", r.duration_ms.to_string()),
         ("error", r.error.clone()),
-        ("run_status", run_status_name(r.run_status).to_owned()),
+        ("run_status", run_status_name(r.run_status)),
         ("finished_ms", r.finished_unix_ms.to_string()),
     ]
 }
@@ -667,22 +668,11 @@ impl Store for RedisStore {
         if let Some(run) = &update.run {
             run_update_fields(&mut pipe, &key, run);
         }
-        pipe.cmd("XADD")
-            .arg(RESULTS)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.config.stream_maxlen)
-            .arg("*")
-            .arg(result_fields(&update.result))
+        let maxlen = self.config.stream_maxlen;
+        pipe.add_command(xadd(RESULTS, maxlen, result_fields(&update.result)))
             .ignore();
         if let Some(event) = &update.audit {
-            pipe.cmd("XADD")
-                .arg(AUDIT)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.config.stream_maxlen)
-                .arg("*")
-                .arg(audit_fields(event))
+            pipe.add_command(xadd(AUDIT, maxlen, audit_fields(event)))
                 .ignore();
         }
         if let Some(run) = &update.run {
@@ -820,13 +810,7 @@ impl Store for RedisStore {
     }
 
     async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
-        let () = redis::cmd("XADD")
-            .arg(AUDIT)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.config.stream_maxlen)
-            .arg("*")
-            .arg(audit_fields(&event))
+        let () = xadd(AUDIT, self.config.stream_maxlen, audit_fields(&event))
             .query_async(&mut self.conn())
             .await
             .map(|_: String| ())

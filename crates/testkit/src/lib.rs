@@ -164,28 +164,100 @@ async fn redis_pong(port: u16) -> bool {
     )
 }
 
-/// `nats-server` with JetStream (file storage in its temp dir).
-pub struct NatsServer {
-    process: Process,
+/// What differs between the servers the kit runs.
+pub trait Kind {
+    const BINARY: &'static str;
+    /// The Debian package that installs `BINARY`.
+    const PACKAGE: &'static str;
+    const SCHEME: &'static str;
+    fn args(port: u16, dir: &Path) -> Vec<String>;
+    /// Whether the server on `port` answers.
+    fn ready(port: u16) -> impl Future<Output = bool> + Send;
 }
 
-impl NatsServer {
+/// `nats-server` with JetStream (file storage in its temp dir).
+pub enum Nats {}
+
+impl Kind for Nats {
+    const BINARY: &'static str = "nats-server";
+    const PACKAGE: &'static str = "nats-server";
+    const SCHEME: &'static str = "nats";
+
+    fn args(port: u16, dir: &Path) -> Vec<String> {
+        let store = dir.join("jetstream").display().to_string();
+        [
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-sd",
+            &store,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    fn ready(port: u16) -> impl Future<Output = bool> + Send {
+        port_open(port)
+    }
+}
+
+/// `redis-server` with an fsync-always append-only file in its temp dir, so a restart keeps
+/// everything that was acknowledged.
+pub enum Redis {}
+
+impl Kind for Redis {
+    const BINARY: &'static str = "redis-server";
+    const PACKAGE: &'static str = "redis-server";
+    const SCHEME: &'static str = "redis";
+
+    fn args(port: u16, dir: &Path) -> Vec<String> {
+        let dir = dir.display().to_string();
+        [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            &dir,
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--daemonize",
+            "no",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    fn ready(port: u16) -> impl Future<Output = bool> + Send {
+        redis_pong(port)
+    }
+}
+
+pub type NatsServer = Server<Nats>;
+pub type RedisServer = Server<Redis>;
+
+/// A server on a free port in its own temp dir; killed and removed on drop.
+pub struct Server<K: Kind> {
+    process: Process,
+    kind: std::marker::PhantomData<K>,
+}
+
+impl<K: Kind> Server<K> {
     pub async fn start() -> Result<Self, TestkitError> {
-        let path = find("nats-server", "nats-server")?;
-        let dir = tempfile::Builder::new().prefix("pw-nats-").tempdir()?;
+        let path = find(K::BINARY, K::PACKAGE)?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("pw-{}-", K::BINARY))
+            .tempdir()?;
         let port = free_port();
-        let store = dir.path().join("jetstream");
-        let args = vec![
-            "-js".into(),
-            "-a".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-            "-sd".into(),
-            store.display().to_string(),
-        ];
+        let args = K::args(port, dir.path());
         let mut process = Process {
-            binary: "nats-server",
+            binary: K::BINARY,
             path,
             args,
             port,
@@ -193,19 +265,22 @@ impl NatsServer {
             child: None,
         };
         process.spawn()?;
-        let server = Self { process };
+        let server = Self {
+            process,
+            kind: std::marker::PhantomData,
+        };
         server.wait_ready().await?;
         Ok(server)
     }
 
     async fn wait_ready(&self) -> Result<(), TestkitError> {
         self.process
-            .wait_ready(async |port| port_open(port).await)
+            .wait_ready(async |port| K::ready(port).await)
             .await
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.process.port)
+        format!("{}://127.0.0.1:{}", K::SCHEME, self.process.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -220,84 +295,7 @@ impl NatsServer {
         self.process.is_running()
     }
 
-    /// Graceful stop (SIGTERM).
-    pub async fn stop(&mut self) {
-        self.process.stop().await;
-    }
-
-    /// SIGKILL.
-    pub async fn kill(&mut self) {
-        self.process.kill().await;
-    }
-
-    /// Starts again on the same port with the same JetStream store.
-    pub async fn restart(&mut self) -> Result<(), TestkitError> {
-        self.process.stop().await;
-        self.process.spawn()?;
-        self.wait_ready().await
-    }
-}
-
-/// `redis-server` with an fsync-always append-only file in its temp dir, so a restart keeps
-/// everything that was acknowledged.
-pub struct RedisServer {
-    process: Process,
-}
-
-impl RedisServer {
-    pub async fn start() -> Result<Self, TestkitError> {
-        let path = find("redis-server", "redis-server")?;
-        let dir = tempfile::Builder::new().prefix("pw-redis-").tempdir()?;
-        let port = free_port();
-        let args = vec![
-            "--port".into(),
-            port.to_string(),
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--dir".into(),
-            dir.path().display().to_string(),
-            "--save".into(),
-            String::new(),
-            "--appendonly".into(),
-            "yes".into(),
-            "--appendfsync".into(),
-            "always".into(),
-            "--daemonize".into(),
-            "no".into(),
-        ];
-        let mut process = Process {
-            binary: "redis-server",
-            path,
-            args,
-            port,
-            dir,
-            child: None,
-        };
-        process.spawn()?;
-        let server = Self { process };
-        server.wait_ready().await?;
-        Ok(server)
-    }
-
-    async fn wait_ready(&self) -> Result<(), TestkitError> {
-        self.process
-            .wait_ready(async |port| redis_pong(port).await)
-            .await
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.process.port)
-    }
-
-    pub fn port(&self) -> u16 {
-        self.process.port
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.process.is_running()
-    }
-
-    /// Graceful stop (SIGTERM): the append-only file is complete.
+    /// Graceful stop (SIGTERM); Redis completes its append-only file.
     pub async fn stop(&mut self) {
         self.process.stop().await;
     }
