@@ -40,6 +40,18 @@ pub struct Execution {
     pub duration: Duration,
 }
 
+impl Execution {
+    /// An attempt that failed before the action could run (unknown action, missing
+    /// connection): fatal, nothing recorded as input.
+    pub fn failed(error: String) -> Self {
+        Self {
+            outcome: StepOutcome::Failed { error },
+            recorded_input: Value::Null,
+            duration: Duration::ZERO,
+        }
+    }
+}
+
 /// Renders the step's input against the run so far.
 pub fn render_input(step: &StepDef, run: &Run) -> Result<Value, PieceError> {
     template::render(&Value::Object(step.input.clone()), &run.template_context())

@@ -38,6 +38,16 @@ pub(crate) struct Handler {
     actor: Actor,
 }
 
+/// One attempt as executed, for recording.
+struct Attempted<'a> {
+    /// The recorded attempt number (continuing across manual retries).
+    number: u32,
+    started: DateTime<Utc>,
+    execution: engine::Execution,
+    /// The piece and action that ran; `None` when they could not be resolved.
+    executed: Option<(&'a Piece, &'a Arc<dyn DynAction>)>,
+}
+
 /// How a job ended, before the delivery is settled.
 enum Settle {
     Ack,
@@ -147,61 +157,29 @@ impl Handler {
         // after the attempts of earlier epochs (a manual retry starts a new epoch).
         let attempt = delivery.delivered.max(1);
         let number = job.epoch + attempt;
-        let (piece, action) = match self.resolve_action(&flow, step) {
-            Ok(found) => found,
-            Err(error) => {
-                let started = Utc::now();
-                let outcome = StepOutcome::Failed { error };
-                return self
-                    .finish_attempt(
-                        &flow,
-                        &run,
-                        step,
-                        &job,
-                        None,
-                        number,
-                        started,
-                        Duration::ZERO,
-                        json!(null),
-                        outcome,
-                    )
-                    .await;
-            }
-        };
-        let ctx = runtime.context(
-            RunInfo::new(&run.id, &flow.flow_id, flow.version, &step.name, number),
-            &flow,
-            None,
-        );
+        let resolved = self.resolve_action(&flow, step);
         let started = Utc::now();
-        let execution = if let Some(connection) = &step.connection {
-            engine::Execution {
-                outcome: StepOutcome::Failed {
-                    error: format!("connection `{connection}` does not exist"),
-                },
-                recorded_input: json!(null),
-                duration: Duration::ZERO,
+        let execution = match (&resolved, &step.connection) {
+            (Err(error), _) => engine::Execution::failed(error.clone()),
+            (Ok(_), Some(connection)) => {
+                engine::Execution::failed(format!("connection `{connection}` does not exist"))
             }
-        } else {
-            self.with_progress(
-                delivery,
-                engine::execute(action.as_ref(), step, &run, &ctx, attempt),
-            )
-            .await
+            (Ok((_, action)), None) => {
+                let run_info =
+                    RunInfo::new(&run.id, &flow.flow_id, flow.version, &step.name, number);
+                let ctx = runtime.context(run_info, &flow, None);
+                let work = engine::execute(action.as_ref(), step, &run, &ctx, attempt);
+                self.with_progress(delivery, work).await
+            }
         };
-        self.finish_attempt(
-            &flow,
-            &run,
-            step,
-            &job,
-            Some((&piece, action.as_ref())),
+        let attempted = Attempted {
             number,
             started,
-            execution.duration,
-            execution.recorded_input,
-            execution.outcome,
-        )
-        .await
+            execution,
+            executed: resolved.ok(),
+        };
+        self.finish_attempt(&flow, &run, step, &job, attempted)
+            .await
     }
 
     /// Runs `work` while telling the broker, every third of the ack wait, that the job is alive.
@@ -225,9 +203,9 @@ impl Handler {
         &self,
         flow: &FlowVersion,
         step: &StepDef,
-    ) -> Result<(Piece, Arc<dyn DynAction>), String> {
+    ) -> Result<(&Piece, &Arc<dyn DynAction>), String> {
         let piece = self.resolve_piece(flow, &step.name, &step.piece, step.version.as_ref())?;
-        let action = piece.action(&step.action).cloned().ok_or_else(|| {
+        let action = piece.action(&step.action).ok_or_else(|| {
             format!(
                 "piece `{}` {} has no action `{}`",
                 piece.name(),
@@ -246,17 +224,17 @@ impl Handler {
         key: &str,
         name: &str,
         range: Option<&piecework_sdk::semver::VersionReq>,
-    ) -> Result<Piece, String> {
+    ) -> Result<&Piece, String> {
         let registry = &self.runtime.registry;
         if let Some(pinned) = flow.resolved.get(key)
             && let Some(piece) = registry.get(name, pinned)
         {
-            return Ok(piece.clone());
+            return Ok(piece);
         }
         let range = range
             .cloned()
             .unwrap_or(piecework_sdk::semver::VersionReq::STAR);
-        registry.resolve(name, &range).cloned().ok_or_else(|| {
+        registry.resolve(name, &range).ok_or_else(|| {
             let have: Vec<String> = registry
                 .versions(name)
                 .iter()
@@ -273,20 +251,25 @@ impl Handler {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn finish_attempt(
         &self,
         flow: &FlowVersion,
         run: &Run,
         step: &StepDef,
         job: &StepJob,
-        executed: Option<(&Piece, &dyn DynAction)>,
-        attempt: u32,
-        started: DateTime<Utc>,
-        duration: Duration,
-        recorded_input: serde_json::Value,
-        outcome: StepOutcome,
+        attempted: Attempted<'_>,
     ) -> Result<Settle, RuntimeError> {
+        let Attempted {
+            number: attempt,
+            started,
+            execution,
+            executed,
+        } = attempted;
+        let engine::Execution {
+            outcome,
+            recorded_input,
+            duration,
+        } = execution;
         let (status, output, error, settle) = match &outcome {
             StepOutcome::Succeeded { output } => (
                 StepStatus::Succeeded,
@@ -305,7 +288,7 @@ impl Handler {
             }
         };
         let version = executed
-            .map(|(p, _)| p.version().to_string())
+            .map(|(piece, _)| piece.version().to_string())
             .or_else(|| flow.step_version(&step.name).map(ToString::to_string))
             .unwrap_or_default();
         let mut attempts = run
