@@ -5,6 +5,8 @@
 //! `piecework dev` builds one `Runtime` on the in-memory adapters and hands it to all three
 //! services; the separate processes each build their own on NATS and Redis.
 
+pub mod secrets;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
