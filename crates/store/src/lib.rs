@@ -85,6 +85,19 @@ pub struct StepUpdate {
     pub run: Option<RunUpdate>,
 }
 
+/// A stored connection. `secret` is the sealed value, opaque to the store: only the worker
+/// (and the API, to validate) hold the key to open it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionRecord {
+    pub name: String,
+    pub piece: String,
+    /// Id of the key that sealed it, to find connections a key rotation must re-save.
+    pub key_id: String,
+    pub secret: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// An entry read back from a stream, with its stream id.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry<T> {
@@ -148,6 +161,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
     /// Gives the lease back if `holder` still has it.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+
+    /// Creates or replaces a connection.
+    async fn put_connection(&self, connection: &ConnectionRecord) -> Result<(), StoreError>;
+    async fn get_connection(&self, name: &str) -> Result<Option<ConnectionRecord>, StoreError>;
+    /// Every connection, by name.
+    async fn list_connections(&self) -> Result<Vec<ConnectionRecord>, StoreError>;
+    /// Returns whether it existed.
+    async fn delete_connection(&self, name: &str) -> Result<bool, StoreError>;
 
     /// The key-value store behind pieces' `ctx.store`.
     fn kv(&self) -> Arc<dyn KvStore>;

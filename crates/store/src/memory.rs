@@ -12,7 +12,10 @@ use piecework_proto::v1::{AuditEvent, StepResult};
 use piecework_sdk::{KvStore, MemoryKv, PollState};
 use tokio::sync::Notify;
 
-use crate::{Applied, Entry, FlowRecord, RunQuery, RunUpdate, StepUpdate, Store, StoreError};
+use crate::{
+    Applied, ConnectionRecord, Entry, FlowRecord, RunQuery, RunUpdate, StepUpdate, Store,
+    StoreError,
+};
 
 /// Default cap of each stream, as Redis' `MAXLEN ~`.
 pub const DEFAULT_STREAM_MAXLEN: usize = 100_000;
@@ -64,6 +67,7 @@ struct State {
     runs: HashMap<String, Run>,
     triggers: HashMap<String, PollState>,
     leases: HashMap<String, (String, tokio::time::Instant)>,
+    connections: HashMap<String, ConnectionRecord>,
     results: Stream<StepResult>,
     audit: Stream<AuditEvent>,
 }
@@ -96,6 +100,7 @@ impl MemoryStore {
                 runs: HashMap::new(),
                 triggers: HashMap::new(),
                 leases: HashMap::new(),
+                connections: HashMap::new(),
                 results: Stream::new(maxlen),
                 audit: Stream::new(maxlen),
             })),
@@ -371,6 +376,41 @@ impl Store for MemoryStore {
             state.leases.remove(name);
         }
         Ok(())
+    }
+
+    async fn put_connection(&self, connection: &ConnectionRecord) -> Result<(), StoreError> {
+        let mut state = self.state.lock().unwrap();
+        state
+            .connections
+            .insert(connection.name.clone(), connection.clone());
+        Ok(())
+    }
+
+    async fn get_connection(&self, name: &str) -> Result<Option<ConnectionRecord>, StoreError> {
+        Ok(self.state.lock().unwrap().connections.get(name).cloned())
+    }
+
+    async fn list_connections(&self) -> Result<Vec<ConnectionRecord>, StoreError> {
+        let mut all: Vec<ConnectionRecord> = self
+            .state
+            .lock()
+            .unwrap()
+            .connections
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+
+    async fn delete_connection(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .connections
+            .remove(name)
+            .is_some())
     }
 
     fn kv(&self) -> Arc<dyn KvStore> {

@@ -13,6 +13,8 @@
 //! | `pw:run-done:{id}` | pub/sub channel | a message when the run finishes |
 //! | `pw:trigger:{flow}` | string | the polling cursor (JSON) |
 //! | `pw:lease:{name}` | string | a lease's holder, expiring (`poll:{flow}`: one poll per flow at a time) |
+//! | `pw:connections` | set | connection names |
+//! | `pw:connection:{name}` | string | a connection (JSON) whose values are sealed (AES-256-GCM) |
 //! | `pw:kv:{key}` | string | the piece key-value store (JSON), keys `flow:{id}:…` and `global:…` |
 //! | `pw:results`, `pw:audit` | stream | one entry per step attempt / audited operation, capped with `MAXLEN ~` |
 //!
@@ -39,7 +41,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use crate::{Applied, Entry, FlowRecord, RunQuery, RunUpdate, StepUpdate, Store, StoreError};
+use crate::{
+    Applied, ConnectionRecord, Entry, FlowRecord, RunQuery, RunUpdate, StepUpdate, Store,
+    StoreError,
+};
 
 /// How piecework uses Redis.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +73,7 @@ const RESULTS: &str = "pw:results";
 const AUDIT: &str = "pw:audit";
 const FLOWS: &str = "pw:flows";
 const RUNS: &str = "pw:runs";
+const CONNECTIONS: &str = "pw:connections";
 const LOCK_TTL_MS: u64 = 10_000;
 
 fn flow_key(id: &str) -> String {
@@ -84,6 +90,9 @@ fn runs_of_flow_key(id: &str) -> String {
 }
 fn done_channel(id: &str) -> String {
     format!("pw:run-done:{id}")
+}
+fn connection_key(name: &str) -> String {
+    format!("pw:connection:{name}")
 }
 fn trigger_key(flow: &str) -> String {
     format!("pw:trigger:{flow}")
@@ -803,6 +812,65 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn put_connection(&self, connection: &ConnectionRecord) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(connection_key(&connection.name))
+            .arg(to_json(connection))
+            .ignore()
+            .cmd("SADD")
+            .arg(CONNECTIONS)
+            .arg(&connection.name)
+            .ignore();
+        let () = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn get_connection(&self, name: &str) -> Result<Option<ConnectionRecord>, StoreError> {
+        let key = connection_key(name);
+        let text: Option<String> = self.conn().get(&key).await.map_err(unavailable)?;
+        text.map(|t| from_json(&key, &t)).transpose()
+    }
+
+    async fn list_connections(&self) -> Result<Vec<ConnectionRecord>, StoreError> {
+        let mut conn = self.conn();
+        let mut names: Vec<String> = conn.smembers(CONNECTIONS).await.map_err(unavailable)?;
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        names.sort();
+        let keys: Vec<String> = names.iter().map(|n| connection_key(n)).collect();
+        let texts: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        keys.iter()
+            .zip(texts)
+            .filter_map(|(key, text)| text.map(|t| from_json(key, &t)))
+            .collect()
+    }
+
+    async fn delete_connection(&self, name: &str) -> Result<bool, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("DEL")
+            .arg(connection_key(name))
+            .cmd("SREM")
+            .arg(CONNECTIONS)
+            .arg(name)
+            .ignore();
+        let (deleted,): (i64,) = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(deleted > 0)
     }
 
     fn kv(&self) -> Arc<dyn KvStore> {

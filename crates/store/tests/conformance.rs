@@ -483,6 +483,45 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
     );
 }
 
+async fn connections_are_stored_listed_and_deleted(store: Arc<dyn Store>) {
+    let record = |name: &str, secret: &str| piecework_store::ConnectionRecord {
+        name: name.into(),
+        piece: "my-company-api".into(),
+        key_id: "k1".into(),
+        secret: secret.into(),
+        created_at: Utc::now(),
+        updated_at: Utc::now(),
+    };
+    assert!(store.get_connection("prod").await.unwrap().is_none());
+    store
+        .put_connection(&record("prod", "sealed-1"))
+        .await
+        .unwrap();
+    store
+        .put_connection(&record("dev", "sealed-2"))
+        .await
+        .unwrap();
+    store
+        .put_connection(&record("prod", "sealed-3"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_connection("prod").await.unwrap().unwrap().secret,
+        "sealed-3"
+    );
+    let names: Vec<String> = store
+        .list_connections()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, ["dev", "prod"]);
+    assert!(store.delete_connection("prod").await.unwrap());
+    assert!(!store.delete_connection("prod").await.unwrap());
+    assert_eq!(store.list_connections().await.unwrap().len(), 1);
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -515,6 +554,7 @@ suite!(
     streams_and_the_piece_store_work,
     leases_exclude_other_holders_until_released_or_lapsed,
     runs_cancel_only_while_running_and_resume_only_when_failed,
+    connections_are_stored_listed_and_deleted,
 );
 
 #[tokio::test]
