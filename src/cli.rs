@@ -38,6 +38,9 @@ pub enum Command {
     /// Inspect the pieces built into this binary.
     #[command(subcommand)]
     Piece(PieceCommand),
+    /// Encryption keys for connections.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Work with flow files.
     #[command(subcommand)]
     Flow(FlowCommand),
@@ -50,7 +53,7 @@ impl Command {
             Command::Api(_) => "piecework-api",
             Command::Scheduler(_) => "piecework-scheduler",
             Command::Worker(_) => "piecework-worker",
-            Command::Piece(_) | Command::Flow(_) => "piecework-cli",
+            Command::Piece(_) | Command::Flow(_) | Command::Key(_) => "piecework-cli",
         }
     }
 
@@ -58,7 +61,7 @@ impl Command {
     /// services log `info`. `PW_LOG` overrides.
     pub fn default_log_filter(&self) -> &'static str {
         match self {
-            Command::Dev(_) | Command::Piece(_) | Command::Flow(_) => "warn",
+            Command::Dev(_) | Command::Piece(_) | Command::Flow(_) | Command::Key(_) => "warn",
             Command::Api(_) | Command::Scheduler(_) | Command::Worker(_) => "info",
         }
     }
@@ -77,6 +80,11 @@ pub struct ConfigArgs {
     /// Redis URL.
     #[arg(long = "redis", env = "PW_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Keys that encrypt connection values: `id:base64` pairs, comma-separated, the first
+    /// current (`piecework key generate` makes one). Only from the environment, never a flag,
+    /// so it stays out of process listings.
+    #[arg(skip = std::env::var("PW_ENCRYPTION_KEY").ok().filter(|k| !k.is_empty()))]
+    pub encryption_key: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -154,6 +162,16 @@ pub enum PieceCommand {
         /// Write to this file instead of standard output.
         #[arg(long, short)]
         output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Print a new random key for PW_ENCRYPTION_KEY.
+    Generate {
+        /// The key's id (rotate by prepending a key with a new id).
+        #[arg(long, default_value = "k1")]
+        id: String,
     },
 }
 

@@ -5,7 +5,9 @@ use std::io::Write;
 use anyhow::{Context as _, bail};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{ApiArgs, Command, DevArgs, FlowCommand, PieceCommand, SchedulerArgs, WorkerArgs};
+use crate::cli::{
+    ApiArgs, Command, DevArgs, FlowCommand, KeyCommand, PieceCommand, SchedulerArgs, WorkerArgs,
+};
 use crate::config::Config;
 use crate::dev::Sandbox;
 use crate::health::{self, ReadyCheck};
@@ -19,6 +21,13 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Scheduler(args) => scheduler(args, shutdown).await,
         Command::Worker(args) => worker(args, shutdown).await,
         Command::Piece(command) => piece(command),
+        Command::Key(KeyCommand::Generate { id }) => {
+            println!(
+                "{}",
+                piecework_runtime::secrets::Keyring::generate_spec(&id)
+            );
+            Ok(())
+        }
         Command::Flow(command) => flow(command),
     }
 }
@@ -51,7 +60,16 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         }
     }
     let names: Vec<String> = definitions.iter().map(|f| f.name.clone()).collect();
-    let sandbox = Sandbox::start(config, definitions, registry, infra).await?;
+    let (keyring, ephemeral) = match infra::keyring(&args.common, false)? {
+        Some(keyring) => (keyring, false),
+        None => (
+            piecework_runtime::secrets::Keyring::parse(
+                &piecework_runtime::secrets::Keyring::generate_spec("dev"),
+            )?,
+            true,
+        ),
+    };
+    let sandbox = Sandbox::start(config, definitions, registry, infra, keyring).await?;
     let addr = sandbox.api_addr;
     let persisted = if infra == Infra::MEMORY {
         " (nothing is persisted)"
@@ -74,6 +92,11 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     if names.iter().any(|n| n == "echo") {
         println!(
             "  try     curl -s -X POST http://{addr}/v1/webhooks/echo/sync -H 'content-type: application/json' -d '{{\"name\":\"ada\"}}'"
+        );
+    }
+    if ephemeral {
+        println!(
+            "  keys    PW_ENCRYPTION_KEY is not set: connections are encrypted with a key that lives only as long as this process"
         );
     }
     println!("  stop    Ctrl-C\n");
@@ -99,7 +122,13 @@ async fn api(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
             config.api.api_key = Some(key.clone());
         }
     })?;
-    let runtime = infra::runtime(&config, registry::pieces()?, Infra::PRODUCTION).await?;
+    let runtime = infra::runtime(
+        &config,
+        registry::pieces()?,
+        Infra::PRODUCTION,
+        infra::keyring(&args.common, true)?,
+    )
+    .await?;
     piecework_api::run(config.api, runtime, shutdown).await?;
     Ok(())
 }
@@ -132,7 +161,7 @@ async fn scheduler(args: SchedulerArgs, shutdown: CancellationToken) -> anyhow::
             config.health.scheduler_listen = listen;
         }
     })?;
-    let runtime = infra::runtime(&config, registry::pieces()?, Infra::PRODUCTION).await?;
+    let runtime = infra::runtime(&config, registry::pieces()?, Infra::PRODUCTION, None).await?;
     let health = health::serve(
         config.health.scheduler_listen,
         infra_ready(&runtime),
@@ -162,7 +191,13 @@ async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result
             config.health.worker_listen = listen;
         }
     })?;
-    let runtime = infra::runtime(&config, registry::pieces()?, Infra::PRODUCTION).await?;
+    let runtime = infra::runtime(
+        &config,
+        registry::pieces()?,
+        Infra::PRODUCTION,
+        infra::keyring(&args.common, true)?,
+    )
+    .await?;
     let consuming = piecework_worker::Health::default();
     let ready = {
         let infra = infra_ready(&runtime);

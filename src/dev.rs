@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::infra::{self, Infra};
+use piecework_runtime::secrets::Keyring;
 
 fn serve_queues_of(config: &mut Config, flows: &[FlowDefinition]) {
     let used = flows
@@ -57,10 +58,11 @@ impl Sandbox {
         flows: Vec<FlowDefinition>,
         registry: piecework_core::Registry,
         infra: Infra,
+        keyring: Keyring,
     ) -> anyhow::Result<Self> {
         serve_queues_of(&mut config, &flows);
         config.validate()?;
-        let runtime = infra::runtime(&config, registry, infra).await?;
+        let runtime = infra::runtime(&config, registry, infra, Some(keyring)).await?;
         let actor = Actor("dev".into());
         for flow in flows {
             let name = flow.name.clone();

@@ -12,7 +12,9 @@ use piecework_store::Store;
 use piecework_store::memory::MemoryStore;
 use piecework_store::redis::RedisStore;
 
+use crate::cli::ConfigArgs;
 use crate::config::Config;
+use piecework_runtime::secrets::{Keyring, SecretsError};
 
 /// Which bus and store to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,11 +48,21 @@ impl Infra {
     }
 }
 
+/// The connection keys from `PW_ENCRYPTION_KEY`; a clear error when `required` and unset.
+pub fn keyring(common: &ConfigArgs, required: bool) -> anyhow::Result<Option<Keyring>> {
+    match &common.encryption_key {
+        Some(spec) => Ok(Some(Keyring::parse(spec)?)),
+        None if required => Err(SecretsError::NoKey.into()),
+        None => Ok(None),
+    }
+}
+
 /// Connects the adapters `infra` asks for and builds the runtime.
 pub async fn runtime(
     config: &Config,
     registry: Registry,
     infra: Infra,
+    keyring: Option<Keyring>,
 ) -> anyhow::Result<Arc<Runtime>> {
     let bus: Arc<dyn Bus> = if infra.nats {
         Arc::new(
@@ -70,10 +82,9 @@ pub async fn runtime(
     } else {
         Arc::new(MemoryStore::new())
     };
-    Ok(Arc::new(Runtime::new(
-        store,
-        bus,
-        Arc::new(registry),
-        config.egress.clone(),
-    )?))
+    let runtime = Runtime::new(store, bus, Arc::new(registry), config.egress.clone())?;
+    Ok(Arc::new(match keyring {
+        Some(keyring) => runtime.with_keyring(keyring),
+        None => runtime,
+    }))
 }

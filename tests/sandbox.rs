@@ -17,11 +17,17 @@ async fn sandbox(api_key: Option<&str>) -> (Sandbox, String) {
         flows,
         piecework::registry::pieces().unwrap(),
         piecework::infra::Infra::MEMORY,
+        test_keyring(),
     )
     .await
     .unwrap();
     let base = format!("http://{}", sandbox.api_addr);
     (sandbox, base)
+}
+
+fn test_keyring() -> piecework_runtime::secrets::Keyring {
+    let spec = piecework_runtime::secrets::Keyring::generate_spec("test");
+    piecework_runtime::secrets::Keyring::parse(&spec).unwrap()
 }
 
 fn client() -> reqwest::Client {
@@ -157,6 +163,7 @@ async fn steps_routed_to_another_queue_run_in_dev() {
         vec![flow],
         piecework::registry::pieces().unwrap(),
         piecework::infra::Infra::MEMORY,
+        test_keyring(),
     )
     .await
     .unwrap();
@@ -377,5 +384,156 @@ async fn the_pieces_catalog_lists_metadata() {
         .unwrap();
     assert_eq!(http_piece["piece"]["actions"][0]["name"], "send_request");
     assert_eq!(http_piece["versions"], json!(["0.1.0"]));
+    sandbox.stop().await.unwrap();
+}
+
+/// A piece with custom auth, for the connections API.
+fn registry_with_vault() -> piecework_core::Registry {
+    use piecework_sdk::prelude::*;
+    struct Noop;
+    impl Action for Noop {
+        type Input = Value;
+        type Output = Value;
+        fn spec(&self) -> ActionSpec {
+            ActionSpec::new("noop", "Noop").require_auth()
+        }
+        async fn run(&self, _ctx: &Context, _input: Value) -> Result<Value, PieceError> {
+            Ok(Value::Null)
+        }
+    }
+    let mut registry = piecework::registry::pieces().unwrap();
+    let auth = PieceAuth::custom(
+        "Connection",
+        [
+            Prop::secret_text("api_key", "API key").required(),
+            Prop::static_dropdown(
+                "environment",
+                "Environment",
+                [("Production", "prod"), ("Development", "dev")],
+            )
+            .required(),
+        ],
+    );
+    registry
+        .register_built(
+            Piece::builder("vault", "Vault")
+                .auth(auth)
+                .action(Noop)
+                .build(),
+        )
+        .unwrap();
+    registry
+}
+
+#[tokio::test]
+async fn connections_are_saved_through_the_api_and_never_returned() {
+    let mut config = Config::default();
+    config.api.listen = "127.0.0.1:0".parse().unwrap();
+    let sandbox = Sandbox::start(
+        config,
+        vec![],
+        registry_with_vault(),
+        piecework::infra::Infra::MEMORY,
+        test_keyring(),
+    )
+    .await
+    .unwrap();
+    let base = format!("http://{}", sandbox.api_addr);
+    let http = client();
+    let secret = "sk-live-very-secret-value";
+    let body = json!({"name": "prod", "piece": "vault", "values": {"api_key": secret, "environment": "prod"}});
+    let created = http
+        .post(format!("{base}/v1/connections"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let created = created.text().await.unwrap();
+    assert!(!created.contains(secret), "{created}");
+    let created: Value = serde_json::from_str(&created).unwrap();
+    assert_eq!(created["connection"]["piece"], "vault");
+    assert_eq!(created["connection"]["key_id"], "test");
+    let replaced = http
+        .post(format!("{base}/v1/connections"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replaced.status(), 200);
+
+    let listed = http
+        .get(format!("{base}/v1/connections"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        listed.contains("\"prod\"") && !listed.contains(secret),
+        "{listed}"
+    );
+    let one = http
+        .get(format!("{base}/v1/connections/prod"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!one.contains(secret), "{one}");
+
+    let bad = json!({"name": "x", "piece": "vault", "values": {"api_key": secret, "environment": "moon"}});
+    let refused = http
+        .post(format!("{base}/v1/connections"))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    let refused = refused.text().await.unwrap();
+    assert!(
+        refused.contains("prop `environment`") && !refused.contains(secret),
+        "{refused}"
+    );
+    let malformed = http
+        .post(format!("{base}/v1/connections"))
+        .body(format!("{{\"name\": \"x\", \"values\": \"{secret}\""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
+    assert!(!malformed.text().await.unwrap().contains(secret));
+
+    assert_eq!(
+        http.delete(format!("{base}/v1/connections/prod"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    assert_eq!(
+        http.delete(format!("{base}/v1/connections/prod"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let audit = http
+        .get(format!("{base}/v1/audit"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        audit.contains("connection.save") && audit.contains("connection.delete"),
+        "{audit}"
+    );
+    assert!(!audit.contains(secret));
     sandbox.stop().await.unwrap();
 }

@@ -33,6 +33,8 @@ pub struct Fleet {
     config: PathBuf,
     processes: HashMap<String, Child>,
     pub api: String,
+    /// `PW_ENCRYPTION_KEY` of every process.
+    pub encryption_key: String,
 }
 
 impl Fleet {
@@ -50,6 +52,7 @@ impl Fleet {
             config: path,
             processes: HashMap::new(),
             api: String::new(),
+            encryption_key: piecework_runtime::secrets::Keyring::generate_spec("k1"),
         }
     }
 
@@ -61,6 +64,7 @@ impl Fleet {
             .arg(&self.config)
             .env("PW_NATS_URL", self.nats.url())
             .env("PW_REDIS_URL", self.redis.url())
+            .env("PW_ENCRYPTION_KEY", &self.encryption_key)
             .env("PW_LOG", "info")
             .env("PW_LOG_FORMAT", "json")
             .stdin(Stdio::null())

@@ -18,7 +18,8 @@ use piecework_core::flow::{self, FlowDefinition, FlowVersion};
 use piecework_core::{FlowError, Registry, Run, RunStatus, StepStatus};
 use piecework_proto::v1::{AuditEvent, StepJob};
 use piecework_sdk::{Context, EgressPolicy, HttpClient, Owner, PieceError, RunInfo, ScopedStore};
-use piecework_store::{Applied, Store, StoreError};
+use piecework_store::{Applied, ConnectionRecord, Store, StoreError};
+use serde::Serialize;
 use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +34,44 @@ pub enum RuntimeError {
     Http(PieceError),
     #[error("no run `{0}`")]
     NoSuchRun(String),
+    #[error("no connection `{0}`")]
+    NoSuchConnection(String),
+    #[error("{0}")]
+    InvalidConnection(String),
+    #[error(transparent)]
+    Secrets(#[from] secrets::SecretsError),
     #[error("{0}")]
     Conflict(String),
+}
+
+/// What the API shows of a connection: never its values.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConnectionInfo {
+    pub name: String,
+    pub piece: String,
+    pub key_id: String,
+    pub created_at: chrono::DateTime<Utc>,
+    pub updated_at: chrono::DateTime<Utc>,
+}
+
+impl From<&ConnectionRecord> for ConnectionInfo {
+    fn from(record: &ConnectionRecord) -> Self {
+        Self {
+            name: record.name.clone(),
+            piece: record.piece.clone(),
+            key_id: record.key_id.clone(),
+            created_at: record.created_at,
+            updated_at: record.updated_at,
+        }
+    }
+}
+
+fn is_connection_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
 /// Who did something, for the audit trail.
@@ -57,6 +94,8 @@ pub struct Runtime {
     pub bus: Arc<dyn Bus>,
     pub registry: Arc<Registry>,
     http: HttpClient,
+    /// Seals and opens connection values; `None` in processes that never touch them.
+    keyring: Option<secrets::Keyring>,
     /// Flow versions are immutable, so they are cached forever (per process).
     versions: Mutex<HashMap<(String, u32), Arc<FlowVersion>>>,
 }
@@ -73,8 +112,150 @@ impl Runtime {
             bus,
             registry,
             http: HttpClient::new(egress).map_err(RuntimeError::Http)?,
+            keyring: None,
             versions: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Gives the runtime the keys that seal and open connection values.
+    pub fn with_keyring(mut self, keyring: secrets::Keyring) -> Self {
+        self.keyring = Some(keyring);
+        self
+    }
+
+    fn keyring(&self) -> Result<&secrets::Keyring, RuntimeError> {
+        self.keyring
+            .as_ref()
+            .ok_or(RuntimeError::Secrets(secrets::SecretsError::NoKey))
+    }
+
+    /// Creates or replaces a connection: checks its values against the piece's auth, seals
+    /// them and stores them. The values are never returned, logged or audited.
+    pub async fn save_connection(
+        &self,
+        name: &str,
+        piece: &str,
+        values: Value,
+        actor: &Actor,
+    ) -> Result<ConnectionInfo, RuntimeError> {
+        let started = Instant::now();
+        let result = self.seal_connection(name, piece, values).await;
+        self.audit(
+            actor,
+            "connection.save",
+            &format!("connection/{name}"),
+            started,
+            result.as_ref().err(),
+        )
+        .await;
+        result
+    }
+
+    async fn seal_connection(
+        &self,
+        name: &str,
+        piece: &str,
+        values: Value,
+    ) -> Result<ConnectionInfo, RuntimeError> {
+        if !is_connection_name(name) {
+            return Err(RuntimeError::InvalidConnection(format!(
+                "connection name {name:?} must be 1-100 lowercase letters, digits, '-' or '_'"
+            )));
+        }
+        let newest = self
+            .registry
+            .versions(piece)
+            .first()
+            .and_then(|v| self.registry.get(piece, v));
+        let Some(definition) = newest else {
+            return Err(RuntimeError::InvalidConnection(format!(
+                "unknown piece `{piece}`"
+            )));
+        };
+        let auth = definition.auth();
+        if !auth.is_required() {
+            return Err(RuntimeError::InvalidConnection(format!(
+                "piece `{piece}` takes no connection"
+            )));
+        }
+        auth.check_value(&values).map_err(|e| {
+            RuntimeError::InvalidConnection(format!("connection values for `{piece}`: {e}"))
+        })?;
+        let keyring = self.keyring()?;
+        let plaintext = serde_json::to_vec(&values).expect("JSON values serialize");
+        let sealed = keyring.seal(&plaintext, name);
+        let now = Utc::now();
+        let created_at = self
+            .store
+            .get_connection(name)
+            .await?
+            .map_or(now, |c| c.created_at);
+        let record = ConnectionRecord {
+            name: name.to_owned(),
+            piece: piece.to_owned(),
+            key_id: sealed.key_id.clone(),
+            secret: serde_json::to_string(&sealed).expect("sealed values serialize"),
+            created_at,
+            updated_at: now,
+        };
+        self.store.put_connection(&record).await?;
+        Ok(ConnectionInfo::from(&record))
+    }
+
+    /// The decrypted values of connection `name` for a step of `piece`.
+    pub async fn connection_values(&self, name: &str, piece: &str) -> Result<Value, RuntimeError> {
+        let record = self
+            .store
+            .get_connection(name)
+            .await?
+            .ok_or_else(|| RuntimeError::NoSuchConnection(name.to_owned()))?;
+        if record.piece != piece {
+            return Err(RuntimeError::InvalidConnection(format!(
+                "connection `{name}` belongs to piece `{}`, not `{piece}`",
+                record.piece
+            )));
+        }
+        self.open_connection(&record)
+    }
+
+    /// Decrypts a stored connection (what a worker does before a step, and `doctor` checks).
+    pub fn open_connection(&self, record: &ConnectionRecord) -> Result<Value, RuntimeError> {
+        let what = format!("connection `{}`", record.name);
+        let sealed: secrets::Sealed = serde_json::from_str(&record.secret).map_err(|_| {
+            RuntimeError::InvalidConnection(format!("{what} is stored in an unreadable form"))
+        })?;
+        let plaintext = self.keyring()?.open(&sealed, &record.name, &what)?;
+        serde_json::from_slice(&plaintext).map_err(|_| {
+            RuntimeError::InvalidConnection(format!("{what} does not decrypt to JSON"))
+        })
+    }
+
+    pub async fn list_connections(&self) -> Result<Vec<ConnectionInfo>, RuntimeError> {
+        Ok(self
+            .store
+            .list_connections()
+            .await?
+            .iter()
+            .map(ConnectionInfo::from)
+            .collect())
+    }
+
+    pub async fn delete_connection(&self, name: &str, actor: &Actor) -> Result<(), RuntimeError> {
+        let started = Instant::now();
+        let result = match self.store.delete_connection(name).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(RuntimeError::NoSuchConnection(name.to_owned())),
+            Err(err) => Err(err.into()),
+        };
+        self.audit(
+            actor,
+            "connection.delete",
+            &format!("connection/{name}"),
+            started,
+            result.as_ref().err(),
+        )
+        .await;
+        result
     }
 
     /// A flow version, from the cache or the store.

@@ -18,6 +18,8 @@ pub enum ApiError {
     #[error("{message}")]
     InvalidFlow { message: String, details: Value },
     #[error("{0}")]
+    InvalidConnection(String),
+    #[error("{0}")]
     Conflict(String),
     #[error("missing or wrong API key")]
     Unauthorized,
@@ -35,6 +37,9 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::InvalidFlow { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_flow"),
+            ApiError::InvalidConnection(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_connection")
+            }
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -89,6 +94,11 @@ impl From<RuntimeError> for ApiError {
             RuntimeError::Http(err) => ApiError::Internal(err.to_string()),
             RuntimeError::NoSuchRun(id) => ApiError::NotFound(format!("no run `{id}`")),
             RuntimeError::Conflict(message) => ApiError::Conflict(message),
+            RuntimeError::NoSuchConnection(name) => {
+                ApiError::NotFound(format!("no connection `{name}`"))
+            }
+            RuntimeError::InvalidConnection(message) => ApiError::InvalidConnection(message),
+            RuntimeError::Secrets(err) => ApiError::Unavailable(err.to_string()),
         }
     }
 }

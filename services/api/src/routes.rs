@@ -50,6 +50,11 @@ pub fn router(runtime: Arc<Runtime>, config: ApiConfig) -> Router {
         .route("/runs/{id}/cancel", post(cancel_run))
         .route("/runs/{id}/retry", post(retry_run))
         .route("/audit", get(list_audit))
+        .route("/connections", get(list_connections).post(save_connection))
+        .route(
+            "/connections/{name}",
+            get(get_connection).delete(delete_connection),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -301,6 +306,76 @@ async fn cancel_run(
 async fn retry_run(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let run = state.runtime.retry_run(&id, &actor(&state)).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "run": run }))).into_response())
+}
+
+/// `POST /v1/connections`: `{"name", "piece", "values"}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaveConnection {
+    name: String,
+    piece: String,
+    values: Value,
+}
+
+/// Creates or replaces a connection. The answer never contains the values.
+async fn save_connection(State(state): State<AppState>, body: Bytes) -> ApiResult<Response> {
+    // The body holds secrets: the parse error must not echo it (serde's messages do not).
+    let request: SaveConnection = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!("expected {{\"name\", \"piece\", \"values\"}}: {e}"))
+    })?;
+    let existed = state
+        .runtime
+        .store
+        .get_connection(&request.name)
+        .await?
+        .is_some();
+    let info = state
+        .runtime
+        .save_connection(
+            &request.name,
+            &request.piece,
+            request.values,
+            &actor(&state),
+        )
+        .await?;
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(json!({ "connection": info }))).into_response())
+}
+
+async fn list_connections(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        json!({ "connections": state.runtime.list_connections().await? }),
+    ))
+}
+
+async fn get_connection(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let record = state
+        .runtime
+        .store
+        .get_connection(&name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no connection `{name}`")))?;
+    Ok(Json(
+        json!({ "connection": piecework_runtime::ConnectionInfo::from(&record) }),
+    ))
+}
+
+async fn delete_connection(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    state
+        .runtime
+        .delete_connection(&name, &actor(&state))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]

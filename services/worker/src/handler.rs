@@ -158,16 +158,14 @@ impl Handler {
         let attempt = delivery.delivered.max(1);
         let number = job.epoch + attempt;
         let resolved = self.resolve_action(&flow, step);
+        let auth = self.connection_for(step).await?;
         let started = Utc::now();
-        let execution = match (&resolved, &step.connection) {
-            (Err(error), _) => engine::Execution::failed(error.clone()),
-            (Ok(_), Some(connection)) => {
-                engine::Execution::failed(format!("connection `{connection}` does not exist"))
-            }
-            (Ok((_, action)), None) => {
+        let execution = match (&resolved, &auth) {
+            (Err(error), _) | (Ok(_), Err(error)) => engine::Execution::failed(error.clone()),
+            (Ok((_, action)), Ok(auth)) => {
                 let run_info =
                     RunInfo::new(&run.id, &flow.flow_id, flow.version, &step.name, number);
-                let ctx = runtime.context(run_info, &flow, None);
+                let ctx = runtime.context(run_info, &flow, auth.clone());
                 let work = engine::execute(action.as_ref(), step, &run, &ctx, attempt);
                 self.with_progress(delivery, work).await
             }
@@ -180,6 +178,22 @@ impl Handler {
         };
         self.finish_attempt(&flow, &run, step, &job, attempted)
             .await
+    }
+
+    /// The decrypted values of the step's connection, if it names one. `Err(RuntimeError)` is
+    /// an outage (the job is retried); `Ok(Err(message))` a problem no retry fixes.
+    async fn connection_for(
+        &self,
+        step: &StepDef,
+    ) -> Result<Result<Option<serde_json::Value>, String>, RuntimeError> {
+        let Some(name) = &step.connection else {
+            return Ok(Ok(None));
+        };
+        match self.runtime.connection_values(name, &step.piece).await {
+            Ok(values) => Ok(Ok(Some(values))),
+            Err(RuntimeError::Store(err)) => Err(RuntimeError::Store(err)),
+            Err(err) => Ok(Err(err.to_string())),
+        }
     }
 
     /// Runs `work` while telling the broker, every third of the ack wait, that the job is alive.

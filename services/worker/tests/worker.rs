@@ -9,7 +9,8 @@ use piecework_bus::memory::MemoryBus;
 use piecework_bus::{Bus, Message, subject};
 use piecework_core::flow::{FlowDefinition, Format};
 use piecework_core::{Registry, Run, RunStatus, StepStatus};
-use piecework_runtime::{Actor, Runtime};
+use piecework_runtime::secrets::Keyring;
+use piecework_runtime::{Actor, Runtime, RuntimeError};
 use piecework_sdk::EgressPolicy;
 use piecework_sdk::prelude::*;
 use piecework_store::Store;
@@ -100,6 +101,29 @@ impl Action for Sleepy {
     }
 }
 
+/// Reports what it can see of its connection: never the key itself.
+struct WhoAmI;
+
+#[derive(serde::Deserialize)]
+struct VaultAuth {
+    api_key: String,
+    environment: String,
+}
+
+impl Action for WhoAmI {
+    type Input = Value;
+    type Output = Value;
+
+    fn spec(&self) -> ActionSpec {
+        ActionSpec::new("whoami", "Who am I").require_auth()
+    }
+
+    async fn run(&self, ctx: &Context, _input: Value) -> Result<Value, PieceError> {
+        let auth: VaultAuth = ctx.auth()?;
+        Ok(json!({ "environment": auth.environment, "key_length": auth.api_key.len() }))
+    }
+}
+
 struct NewThings(Arc<Probe>);
 
 impl PollingTrigger for NewThings {
@@ -139,6 +163,22 @@ fn registry(probe: &Arc<Probe>) -> Registry {
         .webhook_trigger(Hook)
         .build();
     registry.register_built(piece).unwrap();
+    let vault = Piece::builder("vault", "Vault")
+        .auth(PieceAuth::custom(
+            "Connection",
+            [
+                Prop::secret_text("api_key", "API key").required(),
+                Prop::static_dropdown(
+                    "environment",
+                    "Environment",
+                    [("Production", "prod"), ("Development", "dev")],
+                )
+                .required(),
+            ],
+        ))
+        .action(WhoAmI)
+        .build();
+    registry.register_built(vault).unwrap();
     registry
 }
 
@@ -161,7 +201,8 @@ impl Harness {
                 Arc::new(registry(probe)),
                 EgressPolicy::default(),
             )
-            .unwrap(),
+            .unwrap()
+            .with_keyring(keyring("k1")),
         );
         let definition = FlowDefinition::parse(flow, Format::Yaml).unwrap();
         runtime
@@ -214,6 +255,10 @@ impl Harness {
         self.shutdown.cancel();
         self.worker.await.unwrap();
     }
+}
+
+fn keyring(id: &str) -> Keyring {
+    Keyring::parse(&Keyring::generate_spec(id)).unwrap()
 }
 
 fn flow(steps: &str) -> String {
@@ -580,5 +625,161 @@ async fn polling_starts_one_run_per_new_item_even_when_polls_repeat() {
     outputs.sort_by_key(|v| v.to_string());
     assert_eq!(outputs, [json!("2"), json!("3")]);
     assert_eq!(*probe.polls.lock().unwrap(), 3);
+    h.stop().await;
+}
+
+const SECRET: &str = "sk-live-0123456789abcdef";
+
+#[tokio::test(start_paused = true)]
+async fn steps_receive_their_connection_decrypted_and_it_is_stored_sealed() {
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: who, piece: vault, action: whoami, connection: prod-vault }\n";
+    let h = Harness::start(&probe, &flow(steps)).await;
+    let actor = Actor("test".into());
+    let info = h
+        .runtime
+        .save_connection(
+            "prod-vault",
+            "vault",
+            json!({"api_key": SECRET, "environment": "prod"}),
+            &actor,
+        )
+        .await
+        .unwrap();
+    assert_eq!((info.piece.as_str(), info.key_id.as_str()), ("vault", "k1"));
+    let stored = h.store.get_connection("prod-vault").await.unwrap().unwrap();
+    assert!(
+        !stored.secret.contains(SECRET) && !stored.secret.contains("prod\""),
+        "sealed at rest: {}",
+        stored.secret
+    );
+
+    h.start_run("r1", json!({})).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(
+        run.step("who").unwrap().output,
+        Some(json!({"environment": "prod", "key_length": SECRET.len()}))
+    );
+    let everything = format!("{run:?}{:?}", h.store.read_audit(None, 100).await.unwrap());
+    assert!(
+        !everything.contains(SECRET),
+        "the secret is in no run state or audit entry"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_connection_values_are_refused_naming_the_field() {
+    let probe = Arc::new(Probe::default());
+    let h = Harness::start(
+        &probe,
+        &flow("  - { name: a, piece: test, action: echo, input: { value: 1 } }\n"),
+    )
+    .await;
+    let actor = Actor("test".into());
+    let refused = async |name: &str, piece: &str, values: Value| {
+        h.runtime
+            .save_connection(name, piece, values, &actor)
+            .await
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        refused(
+            "c",
+            "vault",
+            json!({"api_key": SECRET, "environment": "moon"})
+        )
+        .await,
+        "connection values for `vault`: prop `environment`: \"moon\" is not one of the options (\"prod\", \"dev\")"
+    );
+    assert_eq!(
+        refused("c", "vault", json!({"environment": "dev"})).await,
+        "connection values for `vault`: prop `api_key`: is required"
+    );
+    assert_eq!(
+        refused("c", "test", json!({})).await,
+        "piece `test` takes no connection"
+    );
+    assert_eq!(
+        refused("c", "nope", json!({})).await,
+        "unknown piece `nope`"
+    );
+    assert!(
+        refused("Prod Vault", "vault", json!({}))
+            .await
+            .contains("must be 1-100 lowercase")
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_connection_fails_the_step_without_retries() {
+    let probe = Arc::new(Probe::default());
+    let steps =
+        format!("  - {{ name: who, piece: vault, action: whoami, connection: ghost, {RETRY} }}\n");
+    let h = Harness::start(&probe, &flow(&steps)).await;
+    h.start_run("r1", json!({})).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(
+        run.step("who").unwrap().error.as_deref(),
+        Some("no connection `ghost`")
+    );
+    assert_eq!(run.step("who").unwrap().attempts.len(), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_sealed_with_another_key_or_for_another_piece_fails_clearly() {
+    let probe = Arc::new(Probe::default());
+    let h = Harness::start(
+        &probe,
+        &flow("  - { name: a, piece: test, action: echo, input: { value: 1 } }\n"),
+    )
+    .await;
+    let values = json!({"api_key": SECRET, "environment": "prod"});
+    h.runtime
+        .save_connection("prod-vault", "vault", values, &Actor("t".into()))
+        .await
+        .unwrap();
+    let with_key = |id: &str| {
+        let runtime = Runtime::new(
+            Arc::new(h.store.clone()),
+            Arc::new(h.bus.clone()),
+            h.runtime.registry.clone(),
+            EgressPolicy::default(),
+        );
+        runtime.unwrap().with_keyring(keyring(id))
+    };
+    let err = with_key("k2")
+        .connection_values("prod-vault", "vault")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "connection `prod-vault` was encrypted with key `k1`, which is not configured (configured: k2)"
+    );
+    let err = with_key("k1")
+        .connection_values("prod-vault", "vault")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::Secrets(_)));
+    assert!(
+        err.to_string()
+            .contains("the key is wrong or the data was altered"),
+        "{err}"
+    );
+    assert!(!err.to_string().contains(SECRET));
+    let err = h
+        .runtime
+        .connection_values("prod-vault", "test")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "connection `prod-vault` belongs to piece `vault`, not `test`"
+    );
     h.stop().await;
 }
