@@ -41,6 +41,8 @@ pub enum Command {
     /// Encryption keys for connections.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Manage connections (through the API).
+    Connection(ConnectionArgs),
     /// Work with flow files.
     #[command(subcommand)]
     Flow(FlowCommand),
@@ -53,7 +55,9 @@ impl Command {
             Command::Api(_) => "piecework-api",
             Command::Scheduler(_) => "piecework-scheduler",
             Command::Worker(_) => "piecework-worker",
-            Command::Piece(_) | Command::Flow(_) | Command::Key(_) => "piecework-cli",
+            Command::Piece(_) | Command::Flow(_) | Command::Key(_) | Command::Connection(_) => {
+                "piecework-cli"
+            }
         }
     }
 
@@ -61,7 +65,11 @@ impl Command {
     /// services log `info`. `PW_LOG` overrides.
     pub fn default_log_filter(&self) -> &'static str {
         match self {
-            Command::Dev(_) | Command::Piece(_) | Command::Flow(_) | Command::Key(_) => "warn",
+            Command::Dev(_)
+            | Command::Piece(_)
+            | Command::Flow(_)
+            | Command::Key(_)
+            | Command::Connection(_) => "warn",
             Command::Api(_) | Command::Scheduler(_) | Command::Worker(_) => "info",
         }
     }
@@ -163,6 +171,50 @@ pub enum PieceCommand {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+}
+
+/// Where the API is, for commands that talk to it.
+#[derive(Debug, Args)]
+pub struct ApiClientArgs {
+    /// Base URL of the API.
+    #[arg(
+        long = "api",
+        env = "PW_API_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub url: String,
+    /// The API key, if the API requires one.
+    #[arg(long, env = "PW_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectionArgs {
+    #[command(flatten)]
+    pub api: ApiClientArgs,
+    #[command(subcommand)]
+    pub command: ConnectionCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectionCommand {
+    /// Create or replace a connection. Values are checked against the piece's auth and stored
+    /// encrypted; they are never shown again.
+    Create {
+        /// The connection's name, as flows refer to it.
+        name: String,
+        /// The piece it authenticates.
+        #[arg(long)]
+        piece: String,
+        /// The values as JSON, `@FILE`, or `-` for standard input (keeps secrets out of shell
+        /// history).
+        #[arg(long)]
+        values: String,
+    },
+    /// List connections (names, pieces, key ids; never values).
+    List,
+    /// Delete a connection.
+    Delete { name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,8 +6,10 @@ use anyhow::{Context as _, bail};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{
-    ApiArgs, Command, DevArgs, FlowCommand, KeyCommand, PieceCommand, SchedulerArgs, WorkerArgs,
+    ApiArgs, Command, ConnectionArgs, ConnectionCommand, DevArgs, FlowCommand, KeyCommand,
+    PieceCommand, SchedulerArgs, WorkerArgs,
 };
+use crate::client::ApiClient;
 use crate::config::Config;
 use crate::dev::Sandbox;
 use crate::health::{self, ReadyCheck};
@@ -21,6 +23,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Scheduler(args) => scheduler(args, shutdown).await,
         Command::Worker(args) => worker(args, shutdown).await,
         Command::Piece(command) => piece(command),
+        Command::Connection(args) => connection(args).await,
         Command::Key(KeyCommand::Generate { id }) => {
             println!(
                 "{}",
@@ -227,6 +230,76 @@ async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result
     };
     tokio::try_join!(health, service)?;
     Ok(())
+}
+
+async fn connection(args: ConnectionArgs) -> anyhow::Result<()> {
+    let client = ApiClient::new(&args.api)?;
+    match args.command {
+        ConnectionCommand::Create {
+            name,
+            piece,
+            values,
+        } => {
+            let values = read_values(&values)?;
+            let body = serde_json::json!({ "name": name, "piece": piece, "values": values });
+            let saved = client
+                .send(reqwest::Method::POST, "/v1/connections", Some(&body))
+                .await?;
+            let info = &saved["connection"];
+            let field = |name: &str| info[name].as_str().unwrap_or_default().to_owned();
+            println!(
+                "saved connection `{}` for piece `{}` (encrypted with key `{}`)",
+                field("name"),
+                field("piece"),
+                field("key_id")
+            );
+        }
+        ConnectionCommand::List => {
+            let listed = client
+                .send(reqwest::Method::GET, "/v1/connections", None)
+                .await?;
+            for info in listed["connections"].as_array().into_iter().flatten() {
+                let field = |name: &str| info[name].as_str().unwrap_or_default().to_owned();
+                println!(
+                    "{:<24} {:<24} key {:<8} updated {}",
+                    field("name"),
+                    field("piece"),
+                    field("key_id"),
+                    field("updated_at")
+                );
+            }
+        }
+        ConnectionCommand::Delete { name } => {
+            client
+                .send(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/connections/{name}"),
+                    None,
+                )
+                .await?;
+            println!("deleted connection `{name}`");
+        }
+    }
+    Ok(())
+}
+
+/// Connection values from an argument: JSON, `@FILE` or `-` (standard input).
+fn read_values(source: &str) -> anyhow::Result<serde_json::Value> {
+    let text = match source {
+        "-" => std::io::read_to_string(std::io::stdin())
+            .context("cannot read values from standard input")?,
+        path if path.starts_with('@') => std::fs::read_to_string(&path[1..])
+            .with_context(|| format!("cannot read values from {}", &path[1..]))?,
+        inline => inline.to_owned(),
+    };
+    // The values are secrets: say where the JSON is wrong, never what it contains.
+    serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "--values is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        )
+    })
 }
 
 fn piece(command: PieceCommand) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@
 //! health checks.
 
 pub mod cli;
+pub mod client;
 pub mod commands;
 pub mod config;
 pub mod dev;
