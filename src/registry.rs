@@ -12,6 +12,8 @@ pub fn pieces() -> Result<Registry, RegistryError> {
     registry.register_built(piecework_piece_schedule::piece())?;
     registry.register_built(piecework_piece_store::piece())?;
     registry.register_built(piecework_piece_webhook::piece())?;
+    // Private pieces (pieces/custom/).
+    registry.register_built(piecework_piece_my_company_api::piece())?;
     Ok(registry)
 }
 
@@ -21,6 +23,16 @@ mod tests {
     fn every_built_in_piece_registers() {
         let registry = super::pieces().expect("built-in pieces are valid");
         let names: Vec<&str> = registry.names().collect();
-        assert_eq!(names, ["data", "http", "schedule", "store", "webhook"]);
+        assert_eq!(
+            names,
+            [
+                "data",
+                "http",
+                "my-company-api",
+                "schedule",
+                "store",
+                "webhook"
+            ]
+        );
     }
 }

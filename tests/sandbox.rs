@@ -373,7 +373,17 @@ async fn the_pieces_catalog_lists_metadata() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["data", "http", "schedule", "store", "webhook"]);
+    assert_eq!(
+        names,
+        [
+            "data",
+            "http",
+            "my-company-api",
+            "schedule",
+            "store",
+            "webhook"
+        ]
+    );
     let http_piece: Value = client()
         .get(format!("{base}/v1/pieces/http"))
         .send()

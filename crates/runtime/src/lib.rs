@@ -181,6 +181,18 @@ impl Runtime {
         auth.check_value(&values).map_err(|e| {
             RuntimeError::InvalidConnection(format!("connection values for `{piece}`: {e}"))
         })?;
+        let ctx = Context::new(
+            RunInfo::new("validate", "", 0, "auth", 1),
+            Owner::default(),
+            ScopedStore::new(self.store.kv(), ""),
+            self.http.clone(),
+        )
+        .with_auth(Some(values.clone()));
+        definition.validate_auth(&ctx).await.map_err(|e| {
+            RuntimeError::InvalidConnection(format!(
+                "connection `{name}` was refused by `{piece}`: {e}"
+            ))
+        })?;
         let keyring = self.keyring()?;
         let plaintext = serde_json::to_vec(&values).expect("JSON values serialize");
         let sealed = keyring.seal(&plaintext, name);

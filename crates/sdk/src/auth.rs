@@ -127,6 +127,34 @@ impl PieceAuth {
     }
 }
 
+/// A check of connection values against the real system (e.g. calling `/me` with the key),
+/// run when a connection is saved, after the values matched the auth's shape.
+pub trait ValidateAuth: Send + Sync + 'static {
+    /// `ctx.auth()` holds the values being saved. Return a fatal error whose message says
+    /// what is wrong (never the values).
+    fn validate(
+        &self,
+        ctx: &crate::Context,
+    ) -> impl Future<Output = Result<(), crate::PieceError>> + Send;
+}
+
+/// The object-safe form of [`ValidateAuth`].
+pub(crate) trait DynValidateAuth: Send + Sync {
+    fn validate<'a>(
+        &'a self,
+        ctx: &'a crate::Context,
+    ) -> futures::future::BoxFuture<'a, Result<(), crate::PieceError>>;
+}
+
+impl<T: ValidateAuth> DynValidateAuth for T {
+    fn validate<'a>(
+        &'a self,
+        ctx: &'a crate::Context,
+    ) -> futures::future::BoxFuture<'a, Result<(), crate::PieceError>> {
+        Box::pin(ValidateAuth::validate(self, ctx))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

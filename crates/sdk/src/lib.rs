@@ -22,7 +22,7 @@ pub mod schedule;
 pub mod trigger;
 
 pub use action::{Action, ActionSpec, DynAction};
-pub use auth::PieceAuth;
+pub use auth::{PieceAuth, ValidateAuth};
 pub use context::{Context, KvStore, MemoryKv, Owner, RunInfo, Scope, ScopedStore};
 pub use error::{ErrorKind, PieceError};
 pub use http::{EgressPolicy, HttpClient};
@@ -43,6 +43,6 @@ pub mod prelude {
     pub use crate::{
         Action, ActionSpec, Context, DedupeStrategy, Piece, PieceAuth, PieceError, PolledItem,
         PollingTrigger, Prop, PropKind, Schedule, ScheduleTrigger, Scope, TriggerSpec,
-        WebhookRequest, WebhookTrigger, category,
+        ValidateAuth, WebhookRequest, WebhookTrigger, category,
     };
 }

@@ -7,7 +7,7 @@ use semver::Version;
 use serde::{Deserialize, Serialize};
 
 use crate::action::{Action, ActionHandle, ActionSpec, DynAction};
-use crate::auth::PieceAuth;
+use crate::auth::{DynValidateAuth, PieceAuth, ValidateAuth};
 use crate::trigger::{
     self, PollingTrigger, ScheduleTrigger, TriggerHandle, TriggerSpec, WebhookTrigger,
 };
@@ -57,6 +57,7 @@ pub struct Piece {
     metadata: PieceMetadata,
     actions: Vec<Arc<dyn DynAction>>,
     triggers: Vec<TriggerHandle>,
+    auth_validator: Option<Arc<dyn DynValidateAuth>>,
 }
 
 impl std::fmt::Debug for Piece {
@@ -84,6 +85,7 @@ impl Piece {
             minimum_supported_release: String::from("0.1.0"),
             actions: Vec::new(),
             triggers: Vec::new(),
+            auth_validator: None,
         }
     }
 
@@ -111,6 +113,14 @@ impl Piece {
         self.triggers.iter().find(|t| t.spec().name == name)
     }
 
+    /// Runs the piece's auth check (if it has one) on the values in `ctx.auth()`.
+    pub async fn validate_auth(&self, ctx: &crate::Context) -> Result<(), crate::PieceError> {
+        match &self.auth_validator {
+            Some(validator) => validator.validate(ctx).await,
+            None => Ok(()),
+        }
+    }
+
     pub fn actions(&self) -> impl Iterator<Item = &Arc<dyn DynAction>> {
         self.actions.iter()
     }
@@ -133,6 +143,7 @@ pub struct PieceBuilder {
     minimum_supported_release: String,
     actions: Vec<Arc<dyn DynAction>>,
     triggers: Vec<TriggerHandle>,
+    auth_validator: Option<Arc<dyn DynValidateAuth>>,
 }
 
 impl PieceBuilder {
@@ -169,6 +180,13 @@ impl PieceBuilder {
 
     pub fn minimum_supported_release(mut self, release: impl Into<String>) -> Self {
         self.minimum_supported_release = release.into();
+        self
+    }
+
+    /// Checks connection values against the real system when a connection is saved (the
+    /// guide's auth `validate`).
+    pub fn validate_auth(mut self, validator: impl ValidateAuth) -> Self {
+        self.auth_validator = Some(Arc::new(validator));
         self
     }
 
@@ -239,6 +257,7 @@ impl PieceBuilder {
             metadata,
             actions: self.actions,
             triggers: self.triggers,
+            auth_validator: self.auth_validator,
         })
     }
 }
