@@ -74,6 +74,11 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     };
     let sandbox = Sandbox::start(config, definitions, registry, infra, keyring).await?;
     let addr = sandbox.api_addr;
+    let mock = if names.iter().any(|n| n == "auto-assign") {
+        Some(crate::demo::start(&sandbox.runtime, std::time::Duration::from_secs(7)).await?)
+    } else {
+        None
+    };
     let persisted = if infra == Infra::MEMORY {
         " (nothing is persisted)"
     } else {
@@ -95,6 +100,12 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     if names.iter().any(|n| n == "echo") {
         println!(
             "  try     curl -s -X POST http://{addr}/v1/webhooks/echo/sync -H 'content-type: application/json' -d '{{\"name\":\"ada\"}}'"
+        );
+    }
+    if let Some(mock) = &mock {
+        println!(
+            "  demo    a mock ticketing API at {} files a ticket every 7s; `auto-assign` assigns each once",
+            mock.url
         );
     }
     if ephemeral {

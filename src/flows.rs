@@ -15,6 +15,10 @@ pub const EXAMPLES: &[(&str, &str)] = &[
         "examples/flows/echo.yaml",
         include_str!("../examples/flows/echo.yaml"),
     ),
+    (
+        "examples/flows/auto-assign.yaml",
+        include_str!("../examples/flows/auto-assign.yaml"),
+    ),
 ];
 
 pub fn format_of(path: &Path) -> Format {

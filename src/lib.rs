@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod demo;
 pub mod dev;
 pub mod feed;
 pub mod flows;

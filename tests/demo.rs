@@ -59,7 +59,8 @@ fn demo(args: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut addr = None;
     let mut feed_saw_success = false;
-    while Instant::now() < deadline && !(addr.is_some() && feed_saw_success) {
+    let mut tickets_assigned = false;
+    while Instant::now() < deadline && !(addr.is_some() && feed_saw_success && tickets_assigned) {
         let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) else {
             continue;
         };
@@ -69,11 +70,18 @@ fn demo(args: &[&str]) {
         if line.contains("heartbeat") && line.contains("run succeeded") {
             feed_saw_success = true;
         }
+        if line.contains("auto-assign") && line.contains("run succeeded") {
+            tickets_assigned = true;
+        }
     }
     let addr = addr.expect("the api address is printed");
     assert!(
         feed_saw_success,
         "a heartbeat run succeeded in the feed within 30s"
+    );
+    assert!(
+        tickets_assigned,
+        "the auto-assign demo assigned a ticket within 30s"
     );
 
     let runs: Value =

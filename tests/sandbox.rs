@@ -547,3 +547,73 @@ async fn connections_are_saved_through_the_api_and_never_returned() {
     assert!(!audit.contains(secret));
     sandbox.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_auto_assign_demo_assigns_each_new_ticket_exactly_once() {
+    let mut config = Config::default();
+    config.api.listen = "127.0.0.1:0".parse().unwrap();
+    let flow = piecework::flows::examples()
+        .unwrap()
+        .into_iter()
+        .find(|f| f.name == "auto-assign")
+        .map(|mut f| {
+            f.trigger.poll_interval = Some(Duration::from_secs(1));
+            f
+        })
+        .unwrap();
+    let sandbox = Sandbox::start(
+        config,
+        vec![flow],
+        piecework::registry::pieces().unwrap(),
+        piecework::infra::Infra::MEMORY,
+        test_keyring(),
+    )
+    .await
+    .unwrap();
+    let mock = piecework::demo::start(&sandbox.runtime, Duration::from_millis(300))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let query = piecework_store::RunQuery {
+        flow_id: Some("auto-assign".into()),
+        limit: 1000,
+        ..Default::default()
+    };
+    let summaries = sandbox.runtime.store.list_runs(&query).await.unwrap();
+    assert!(
+        summaries.len() >= 5,
+        "tickets keep coming: {}",
+        summaries.len()
+    );
+    let mut seen = std::collections::HashSet::new();
+    for summary in &summaries {
+        let run = sandbox
+            .runtime
+            .store
+            .wait_run_finished(&summary.id, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(run.status, piecework_core::RunStatus::Succeeded, "{run:?}");
+        let id = run.trigger["id"].as_str().unwrap().to_owned();
+        assert!(seen.insert(id.clone()), "ticket {id} fired twice");
+        let ticket = mock.ticket(&id).unwrap();
+        let expected = if ticket.priority == "critical" {
+            "on-call"
+        } else {
+            "triage"
+        };
+        assert_eq!(
+            (ticket.assignee.as_deref(), ticket.status.as_str()),
+            (Some(expected), "in_progress")
+        );
+    }
+    let patches = mock
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .count();
+    assert_eq!(patches, summaries.len(), "one update per run");
+    sandbox.stop().await.unwrap();
+}

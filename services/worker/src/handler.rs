@@ -158,7 +158,9 @@ impl Handler {
         let attempt = delivery.delivered.max(1);
         let number = job.epoch + attempt;
         let resolved = self.resolve_action(&flow, step);
-        let auth = self.connection_for(step).await?;
+        let auth = self
+            .connection_for(step.connection.as_deref(), &step.piece)
+            .await?;
         let started = Utc::now();
         let execution = match (&resolved, &auth) {
             (Err(error), _) | (Ok(_), Err(error)) => engine::Execution::failed(error.clone()),
@@ -184,12 +186,13 @@ impl Handler {
     /// an outage (the job is retried); `Ok(Err(message))` a problem no retry fixes.
     async fn connection_for(
         &self,
-        step: &StepDef,
+        connection: Option<&str>,
+        piece: &str,
     ) -> Result<Result<Option<serde_json::Value>, String>, RuntimeError> {
-        let Some(name) = &step.connection else {
+        let Some(name) = connection else {
             return Ok(Ok(None));
         };
-        match self.runtime.connection_values(name, &step.piece).await {
+        match self.runtime.connection_values(name, piece).await {
             Ok(values) => Ok(Ok(Some(values))),
             Err(RuntimeError::Store(err)) => Err(RuntimeError::Store(err)),
             Err(err) => Ok(Err(err.to_string())),
@@ -523,7 +526,14 @@ impl Handler {
             "trigger",
             delivery.delivered,
         );
-        let ctx = runtime.context(run_info, flow, None);
+        let auth = match self
+            .connection_for(trigger.connection.as_deref(), &trigger.piece)
+            .await?
+        {
+            Ok(auth) => auth,
+            Err(error) => return self.poll_failed(flow, &error).await,
+        };
+        let ctx = runtime.context(run_info, flow, auth);
         let input = serde_json::Value::Object(trigger.input.clone());
         let polled =
             match tokio::time::timeout(self.config.poll_timeout, polling.poll_json(&ctx, input))

@@ -94,7 +94,14 @@ impl MockTicketing {
 
     /// Adds a ticket, as if someone filed it; returns it.
     pub fn add_ticket(&self, title: &str, priority: &str, team: &str) -> Ticket {
-        new_ticket(&mut self.state.lock().unwrap(), title, "", priority, team, None)
+        new_ticket(
+            &mut self.state.lock().unwrap(),
+            title,
+            "",
+            priority,
+            team,
+            None,
+        )
     }
 
     pub fn tickets(&self) -> Vec<Ticket> {
