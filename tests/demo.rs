@@ -60,6 +60,7 @@ fn demo(args: &[&str]) {
     let mut addr = None;
     let mut feed_saw_success = false;
     let mut tickets_assigned = false;
+    let mut printed = Vec::new();
     while Instant::now() < deadline && !(addr.is_some() && feed_saw_success && tickets_assigned) {
         let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) else {
             continue;
@@ -73,6 +74,7 @@ fn demo(args: &[&str]) {
         if line.contains("auto-assign") && line.contains("run succeeded") {
             tickets_assigned = true;
         }
+        printed.push(line);
     }
     let addr = addr.expect("the api address is printed");
     assert!(
@@ -81,7 +83,8 @@ fn demo(args: &[&str]) {
     );
     assert!(
         tickets_assigned,
-        "the auto-assign demo assigned a ticket within 30s"
+        "the auto-assign demo assigned a ticket within 30s; it printed:\n{}",
+        printed.join("\n")
     );
 
     let runs: Value =

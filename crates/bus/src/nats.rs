@@ -254,7 +254,8 @@ impl NatsConsumer {
 
 /// How much longer than its own wait a fetch may take before it is given up: a pull request
 /// lost in a server restart is never answered, and the no-wait fetch has no timer of its own.
-/// async-nats ends a long poll by itself at most 5s after its expiry, so this is longer.
+/// The server answers an expired long poll itself; async-nats's own timer fires 5s after
+/// the expiry, so this is longer.
 const FETCH_GRACE: Duration = Duration::from_secs(10);
 
 #[async_trait]
@@ -291,13 +292,16 @@ impl NatsConsumer {
         if !out.is_empty() {
             return Ok(out);
         }
-        // ...else one long poll for the next job, answered as soon as it arrives.
+        // ...else one long poll for the next job, answered as soon as it arrives. No idle
+        // heartbeats: async-nats 0.51's batch stream loses its wake-up after consuming one
+        // (`Batch::poll_next` returns `Pending` without re-polling), so a job arriving after a
+        // heartbeat waited for the batch's own timer and then its ack wait (30s). A dead
+        // connection is caught by the fetch deadline instead.
         let mut waiting = self
             .consumer
             .batch()
             .max_messages(1)
             .expires(wait)
-            .heartbeat(heartbeat(wait))
             .messages()
             .await
             .map_err(|e| self.fail(e))?;
@@ -305,16 +309,6 @@ impl NatsConsumer {
             out.push(delivery(message.map_err(|e| self.fail(e))?)?);
         }
         Ok(out)
-    }
-}
-
-/// Idle heartbeats let a long poll notice a dead connection before it expires. The server
-/// wants them under half the expiry; short polls go without.
-fn heartbeat(wait: Duration) -> Duration {
-    if wait < Duration::from_secs(2) {
-        Duration::ZERO
-    } else {
-        (wait / 4).min(Duration::from_secs(5))
     }
 }
 
