@@ -171,6 +171,38 @@ pub enum PieceCommand {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Generate the piece's internal documentation page (Markdown) from its metadata.
+    Docs {
+        piece: String,
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Check that the piece's version number fits its changes since an earlier metadata file
+    /// (from `piece metadata`); exits non-zero when the bump is too small.
+    Check {
+        piece: String,
+        /// Metadata JSON of the released version.
+        #[arg(long)]
+        against: PathBuf,
+    },
+    /// Run one action or trigger locally and print what it returns.
+    Test {
+        piece: String,
+        /// The action or trigger.
+        name: String,
+        /// Input as JSON or `@FILE` (for a webhook trigger: the request body).
+        #[arg(long, default_value = "{}")]
+        input: String,
+        /// Connection values as JSON, `@FILE`, or `-` for standard input.
+        #[arg(long, conflicts_with = "connection")]
+        auth: Option<String>,
+        /// A stored connection (reads Redis at PW_REDIS_URL with PW_ENCRYPTION_KEY).
+        #[arg(long)]
+        connection: Option<String>,
+        /// The flow owner the piece sees (for permission checks).
+        #[arg(long, env = "USER", default_value = "local")]
+        owner: String,
+    },
 }
 
 /// Where the API is, for commands that talk to it.

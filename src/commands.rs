@@ -22,6 +22,24 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Api(args) => api(args, shutdown).await,
         Command::Scheduler(args) => scheduler(args, shutdown).await,
         Command::Worker(args) => worker(args, shutdown).await,
+        Command::Piece(PieceCommand::Test {
+            piece,
+            name,
+            input,
+            auth,
+            connection,
+            owner,
+        }) => {
+            crate::piece_test::run(
+                &piece,
+                &name,
+                &input,
+                auth.as_deref(),
+                connection.as_deref(),
+                &owner,
+            )
+            .await
+        }
         Command::Piece(command) => piece(command),
         Command::Connection(args) => connection(args).await,
         Command::Key(KeyCommand::Generate { id }) => {
@@ -329,6 +347,35 @@ fn piece(command: PieceCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        PieceCommand::Docs { piece, output } => {
+            let markdown = piecework_core::docs::markdown(newest(&registry, &piece)?.metadata());
+            write_output(output.as_deref(), &markdown)
+        }
+        PieceCommand::Check { piece, against } => {
+            let text = std::fs::read_to_string(&against)
+                .with_context(|| format!("cannot read {}", against.display()))?;
+            let old: piecework_sdk::PieceMetadata = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not piece metadata", against.display()))?;
+            let new = newest(&registry, &piece)?.metadata();
+            let report = piecework_core::versioning::check(&old, new);
+            for change in &report.changes {
+                println!("{:<5}  {}", change.bump, change.what);
+            }
+            let made = report
+                .made
+                .map_or("none (the version did not increase)".to_owned(), |b| {
+                    b.to_string()
+                });
+            println!(
+                "{} {} → {}: needs a {} bump, made {made}",
+                piece, old.version, new.version, report.required
+            );
+            if !report.is_ok() {
+                bail!("the version bump of `{piece}` is too small for its changes");
+            }
+            Ok(())
+        }
+        PieceCommand::Test { .. } => unreachable!("handled by piece_test"),
         PieceCommand::Metadata { piece, output } => {
             let versions = registry.versions(&piece);
             let Some(found) = versions.first().and_then(|v| registry.get(&piece, v)) else {
@@ -344,6 +391,32 @@ fn piece(command: PieceCommand) -> anyhow::Result<()> {
                     Ok(())
                 }
             }
+        }
+    }
+}
+
+fn newest<'r>(
+    registry: &'r piecework_core::Registry,
+    piece: &str,
+) -> anyhow::Result<&'r piecework_sdk::Piece> {
+    let versions = registry.versions(piece);
+    versions
+        .first()
+        .and_then(|v| registry.get(piece, v))
+        .ok_or_else(|| {
+            let known: Vec<&str> = registry.names().collect();
+            anyhow::anyhow!("no piece `{piece}` (registered: {})", known.join(", "))
+        })
+}
+
+fn write_output(output: Option<&std::path::Path>, text: &str) -> anyhow::Result<()> {
+    match output {
+        Some(path) => {
+            std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+        }
+        None => {
+            print!("{text}");
+            Ok(())
         }
     }
 }

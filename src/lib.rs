@@ -15,4 +15,5 @@ pub mod feed;
 pub mod flows;
 pub mod health;
 pub mod infra;
+pub mod piece_test;
 pub mod registry;

@@ -5,12 +5,14 @@
 //!
 //! Services combine these with a bus and a store; everything here is testable without either.
 
+pub mod docs;
 pub mod engine;
 pub mod flow;
 pub mod registry;
 pub mod retry;
 pub mod run;
 pub mod template;
+pub mod versioning;
 
 pub use flow::{
     FlowDefinition, FlowError, FlowVersion, Format, OnFailure, StepDef, TriggerDef, ValidFlow,

@@ -27,6 +27,9 @@ pub struct ActionSpec {
     /// Whether a step using this action must name a connection.
     #[serde(default)]
     pub require_auth: bool,
+    /// What the action outputs, for generated documentation.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub output: String,
     /// This action's output (`{status, headers, body}`) is the flow's response to a synchronous
     /// webhook call.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -41,6 +44,7 @@ impl ActionSpec {
             description: String::new(),
             props: Vec::new(),
             require_auth: false,
+            output: String::new(),
             webhook_response: false,
         }
     }
@@ -52,6 +56,12 @@ impl ActionSpec {
 
     pub fn prop(mut self, prop: Prop) -> Self {
         self.props.push(prop);
+        self
+    }
+
+    /// Describes the output (documentation only).
+    pub fn output(mut self, description: impl Into<String>) -> Self {
+        self.output = description.into();
         self
     }
 

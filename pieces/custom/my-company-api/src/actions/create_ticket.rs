@@ -35,7 +35,8 @@ impl Action for CreateTicket {
 
     fn spec(&self) -> ActionSpec {
         ActionSpec::new("create_ticket", "Create Ticket")
-            .description("Create a new support ticket; outputs {id, created_at, url}")
+            .description("Create a new support ticket")
+            .output("Ticket ID (`id`), created timestamp (`created_at`), ticket URL (`url`)")
             .require_auth()
             .prop(
                 Prop::short_text("title", "Title")

@@ -16,7 +16,8 @@ impl Action for HealthCheck {
 
     fn spec(&self) -> ActionSpec {
         ActionSpec::new("health_check", "Health Check")
-            .description("Check API connectivity; outputs {status, latency_ms, api_version} or {status, error, latency_ms}")
+            .description("Check API connectivity")
+            .output("`status` (healthy or unhealthy), `latency_ms`, `api_version`, or `error` when unhealthy")
             .require_auth()
     }
 

@@ -28,7 +28,8 @@ impl Action for UpdateTicket {
             ("Closed", "closed"),
         ];
         ActionSpec::new("update_ticket", "Update Ticket")
-            .description("Assign a ticket or change its status; outputs the ticket")
+            .description("Assign a ticket or change its status")
+            .output("The updated ticket")
             .require_auth()
             .prop(Prop::short_text("ticket_id", "Ticket ID").required())
             .prop(Prop::short_text("assignee", "Assignee"))

@@ -1,0 +1,367 @@
+//! The piece author's and operator's commands, run as a user runs them.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use piecework_mock_ticketing::MockTicketing;
+use serde_json::{Value, json};
+
+fn piecework(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_piecework"))
+        .args(args)
+        .env_remove("PW_ENCRYPTION_KEY")
+        .env_remove("PW_REDIS_URL")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.unwrap_or("").as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn piece_docs_follow_the_guides_layout() {
+    let out = piecework(&["piece", "docs", "my-company-api"], &[], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let docs = text(&out);
+    for expected in [
+        "# My Company API",
+        "## Overview",
+        "## Authentication",
+        "- Environment (`environment`) (required), one of Production/Staging/Development",
+        "### Create Ticket",
+        "- Title (`title`) (required), short text: Ticket title",
+        "**Output:** Ticket ID (`id`), created timestamp (`created_at`), ticket URL (`url`)",
+        "## Triggers",
+        "### New Ticket",
+    ] {
+        assert!(docs.contains(expected), "missing {expected:?} in:\n{docs}");
+    }
+}
+
+#[test]
+fn piece_check_fails_a_bump_too_small_for_the_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("released.json");
+    let out = piecework(
+        &[
+            "piece",
+            "metadata",
+            "my-company-api",
+            "-o",
+            path.to_str().unwrap(),
+        ],
+        &[],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let mut released: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+
+    // The released version had an action that is gone now, and the version did not move.
+    let mut archive = released["actions"][0].clone();
+    archive["name"] = json!("archive_ticket");
+    released["actions"].as_array_mut().unwrap().push(archive);
+    std::fs::write(&path, released.to_string()).unwrap();
+    let out = piecework(
+        &[
+            "piece",
+            "check",
+            "my-company-api",
+            "--against",
+            path.to_str().unwrap(),
+        ],
+        &[],
+        None,
+    );
+    assert!(!out.status.success());
+    let report = text(&out);
+    assert!(
+        report.contains("major  action `archive_ticket` was removed"),
+        "{report}"
+    );
+    assert!(report.contains("needs a major bump, made none"), "{report}");
+
+    // Released as 0.9.0 without health_check: 1.0.0 is a big enough bump.
+    released["actions"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|a| a["name"] != "archive_ticket" && a["name"] != "health_check");
+    released["version"] = json!("0.9.0");
+    std::fs::write(&path, released.to_string()).unwrap();
+    let out = piecework(
+        &[
+            "piece",
+            "check",
+            "my-company-api",
+            "--against",
+            path.to_str().unwrap(),
+        ],
+        &[],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("minor  action `health_check` was added"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn piece_test_runs_actions_locally_against_the_api() {
+    let mock = MockTicketing::start("127.0.0.1:0".parse().unwrap(), "tok")
+        .await
+        .unwrap();
+    mock.deny("mallory", "create_ticket");
+    let auth = json!({"api_key": "tok", "environment": "prod", "base_url": mock.url}).to_string();
+    let health = piecework(
+        &[
+            "piece",
+            "test",
+            "my-company-api",
+            "health_check",
+            "--auth",
+            "-",
+        ],
+        &[],
+        Some(&auth),
+    );
+    assert!(health.status.success(), "{}", text(&health));
+    let out: Value = serde_json::from_slice(&health.stdout).unwrap();
+    assert_eq!(
+        (out["status"].as_str(), out["api_version"].as_str()),
+        (Some("healthy"), Some("v2"))
+    );
+
+    let input = r#"{"title": "Printer on fire", "description": "Third floor", "priority": "high"}"#;
+    let created = piecework(
+        &[
+            "piece",
+            "test",
+            "my-company-api",
+            "create_ticket",
+            "--input",
+            input,
+            "--auth",
+            &auth,
+            "--owner",
+            "ada",
+        ],
+        &[],
+        None,
+    );
+    assert!(created.status.success(), "{}", text(&created));
+    let id = serde_json::from_slice::<Value>(&created.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(mock.ticket(&id).unwrap().priority, "high");
+
+    let denied = piecework(
+        &[
+            "piece",
+            "test",
+            "my-company-api",
+            "create_ticket",
+            "--input",
+            input,
+            "--auth",
+            &auth,
+            "--owner",
+            "mallory",
+        ],
+        &[],
+        None,
+    );
+    assert!(!denied.status.success());
+    assert!(
+        text(&denied)
+            .contains("failed (fatal): insufficient permissions: `mallory` may not create_ticket"),
+        "{}",
+        text(&denied)
+    );
+    assert!(!text(&denied).contains("tok\""), "the key is not echoed");
+
+    let polled = piecework(
+        &[
+            "piece",
+            "test",
+            "my-company-api",
+            "new_ticket",
+            "--auth",
+            &auth,
+        ],
+        &[],
+        None,
+    );
+    assert!(polled.status.success(), "{}", text(&polled));
+    assert!(String::from_utf8_lossy(&polled.stdout).contains("Printer on fire"));
+    let unknown = piecework(
+        &["piece", "test", "my-company-api", "delete_everything"],
+        &[],
+        None,
+    );
+    assert!(text(&unknown).contains("has no action or trigger `delete_everything` (actions: create_ticket, update_ticket, health_check; triggers: new_ticket)"), "{}", text(&unknown));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_managed_through_the_cli_and_used_by_piece_test() {
+    let mock = MockTicketing::start("127.0.0.1:0".parse().unwrap(), "tok")
+        .await
+        .unwrap();
+    let nats = piecework_testkit::NatsServer::start().await.unwrap();
+    let redis = piecework_testkit::RedisServer::start().await.unwrap();
+    let key = piecework_runtime::secrets::Keyring::generate_spec("k1");
+    let port = piecework_testkit::free_port();
+    let api = format!("http://127.0.0.1:{port}");
+    let mut dev = Command::new(env!("CARGO_BIN_EXE_piecework"))
+        .args([
+            "dev",
+            "--no-examples",
+            "--quiet",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--nats", &nats.url(), "--redis", &redis.url()])
+        .env("PW_ENCRYPTION_KEY", &key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    piecework_sdk::http::install_crypto_provider();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("{api}/readyz")).await.is_err() {
+        assert!(Instant::now() < deadline, "dev did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let env = [("PW_API_URL", api.as_str())];
+    let values = json!({"api_key": "tok", "environment": "dev", "base_url": mock.url}).to_string();
+    let created = piecework(
+        &[
+            "connection",
+            "create",
+            "tickets",
+            "--piece",
+            "my-company-api",
+            "--values",
+            "-",
+        ],
+        &env,
+        Some(&values),
+    );
+    assert!(created.status.success(), "{}", text(&created));
+    assert!(text(&created).contains(
+        "saved connection `tickets` for piece `my-company-api` (encrypted with key `k1`)"
+    ));
+    let wrong = json!({"api_key": "nope", "environment": "dev", "base_url": mock.url}).to_string();
+    let refused = piecework(
+        &[
+            "connection",
+            "create",
+            "bad",
+            "--piece",
+            "my-company-api",
+            "--values",
+            &wrong,
+        ],
+        &env,
+        None,
+    );
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("the API key was rejected"),
+        "{}",
+        text(&refused)
+    );
+    let listed = piecework(&["connection", "list"], &env, None);
+    assert!(
+        text(&listed).contains("tickets") && !text(&listed).contains("tok"),
+        "{}",
+        text(&listed)
+    );
+
+    // The stored value is sealed...
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stored: String = redis::cmd("GET")
+        .arg("pw:connection:tickets")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !stored.contains("\"tok\"") && !stored.contains(&mock.url),
+        "{stored}"
+    );
+    // ...and piece test opens it with the key, like a worker.
+    let env_with_store = [
+        ("PW_REDIS_URL", redis.url()),
+        ("PW_ENCRYPTION_KEY", key.clone()),
+    ];
+    let env_with_store: Vec<(&str, &str)> = env_with_store
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
+    let health = piecework(
+        &[
+            "piece",
+            "test",
+            "my-company-api",
+            "health_check",
+            "--connection",
+            "tickets",
+        ],
+        &env_with_store,
+        None,
+    );
+    assert!(health.status.success(), "{}", text(&health));
+    assert!(text(&health).contains("\"healthy\""));
+    let other_key = [
+        ("PW_REDIS_URL", redis.url()),
+        (
+            "PW_ENCRYPTION_KEY",
+            piecework_runtime::secrets::Keyring::generate_spec("k2"),
+        ),
+    ];
+    let other_key: Vec<(&str, &str)> = other_key.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let locked = piecework(
+        &[
+            "piece",
+            "test",
+            "my-company-api",
+            "health_check",
+            "--connection",
+            "tickets",
+        ],
+        &other_key,
+        None,
+    );
+    assert!(!locked.status.success());
+    assert!(
+        text(&locked)
+            .contains("was encrypted with key `k1`, which is not configured (configured: k2)"),
+        "{}",
+        text(&locked)
+    );
+
+    let deleted = piecework(&["connection", "delete", "tickets"], &env, None);
+    assert!(deleted.status.success(), "{}", text(&deleted));
+    dev.kill().unwrap();
+    dev.wait().unwrap();
+}
