@@ -43,6 +43,8 @@ pub enum Command {
     Key(KeyCommand),
     /// Manage connections (through the API).
     Connection(ConnectionArgs),
+    /// Check pieces, NATS, Redis, queues and every connection; say what to fix.
+    Doctor(DoctorArgs),
     /// Work with flow files.
     #[command(subcommand)]
     Flow(FlowCommand),
@@ -55,22 +57,16 @@ impl Command {
             Command::Api(_) => "piecework-api",
             Command::Scheduler(_) => "piecework-scheduler",
             Command::Worker(_) => "piecework-worker",
-            Command::Piece(_) | Command::Flow(_) | Command::Key(_) | Command::Connection(_) => {
-                "piecework-cli"
-            }
+            _ => "piecework-cli",
         }
     }
 
-    /// `dev` and the tooling keep logs to warnings (the feed and the output are the point);
-    /// services log `info`. `PW_LOG` overrides.
+    /// Services log `info`; `dev` and the tools keep to warnings (the feed and the output are
+    /// the point). `PW_LOG` overrides.
     pub fn default_log_filter(&self) -> &'static str {
         match self {
-            Command::Dev(_)
-            | Command::Piece(_)
-            | Command::Flow(_)
-            | Command::Key(_)
-            | Command::Connection(_) => "warn",
             Command::Api(_) | Command::Scheduler(_) | Command::Worker(_) => "info",
+            _ => "warn",
         }
     }
 }
@@ -117,6 +113,12 @@ pub struct DevArgs {
     /// Do not print the live feed of runs and steps.
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
 }
 
 #[derive(Debug, Args)]

@@ -42,6 +42,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         }
         Command::Piece(command) => piece(command),
         Command::Connection(args) => connection(args).await,
+        Command::Doctor(args) => crate::doctor::run(&args.common).await,
         Command::Key(KeyCommand::Generate { id }) => {
             println!(
                 "{}",

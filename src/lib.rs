@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod dev;
+pub mod doctor;
 pub mod feed;
 pub mod flows;
 pub mod health;

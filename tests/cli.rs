@@ -365,3 +365,119 @@ async fn connections_are_managed_through_the_cli_and_used_by_piece_test() {
     dev.kill().unwrap();
     dev.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_reports_unreachable_endpoints_bad_connections_and_missing_servers() {
+    let good = MockTicketing::start("127.0.0.1:0".parse().unwrap(), "tok")
+        .await
+        .unwrap();
+    let revoked = MockTicketing::start("127.0.0.1:0".parse().unwrap(), "tok")
+        .await
+        .unwrap();
+    let gone = MockTicketing::start("127.0.0.1:0".parse().unwrap(), "tok")
+        .await
+        .unwrap();
+    let nats = piecework_testkit::NatsServer::start().await.unwrap();
+    let redis = piecework_testkit::RedisServer::start().await.unwrap();
+    let key = piecework_runtime::secrets::Keyring::generate_spec("k1");
+    let port = piecework_testkit::free_port();
+    let api = format!("http://127.0.0.1:{port}");
+    let mut dev = Command::new(env!("CARGO_BIN_EXE_piecework"))
+        .args([
+            "dev",
+            "--no-examples",
+            "--quiet",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--nats", &nats.url(), "--redis", &redis.url()])
+        .env("PW_ENCRYPTION_KEY", &key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    piecework_sdk::http::install_crypto_provider();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("{api}/readyz")).await.is_err() {
+        assert!(Instant::now() < deadline, "dev did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (name, mock) in [("tickets", &good), ("revoked", &revoked), ("gone", &gone)] {
+        let values =
+            json!({"api_key": "tok", "environment": "dev", "base_url": mock.url}).to_string();
+        let out = piecework(
+            &[
+                "connection",
+                "create",
+                name,
+                "--piece",
+                "my-company-api",
+                "--values",
+                &values,
+            ],
+            &[("PW_API_URL", &api)],
+            None,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    revoked.revoke("tok");
+    gone.stop();
+
+    let env = [
+        ("PW_NATS_URL", nats.url()),
+        ("PW_REDIS_URL", redis.url()),
+        ("PW_ENCRYPTION_KEY", key.clone()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = piecework(&["doctor"], &env, None);
+    let report = text(&out);
+    assert!(!out.status.success(), "{report}");
+    for expected in [
+        "✓ my-company-api 1.0.0 (3 actions, 1 triggers)",
+        "✓ encryption keys: k1",
+        "✓ NATS at",
+        "✓ Redis at",
+        "✓ queue default: 0 waiting",
+        "✗ connection `tickets` (my-company-api) works, but over plain HTTP",
+        "✗ connection `revoked` (my-company-api): the API key was rejected",
+        "✗ connection `gone` (my-company-api): cannot reach",
+        "fix: verify the API key, the environment, that the endpoint is reachable",
+        "3 check(s) failed",
+    ] {
+        assert!(
+            report.contains(expected),
+            "missing {expected:?} in:\n{report}"
+        );
+    }
+
+    let other_key = piecework_runtime::secrets::Keyring::generate_spec("k2");
+    let env = [
+        ("PW_NATS_URL", nats.url()),
+        ("PW_REDIS_URL", redis.url()),
+        ("PW_ENCRYPTION_KEY", other_key),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let report = text(&piecework(&["doctor"], &env, None));
+    assert!(report.contains("✗ connection `tickets` was encrypted with key `k1`, which is not configured (configured: k2)"), "{report}");
+    dev.kill().unwrap();
+    dev.wait().unwrap();
+
+    let nowhere = [
+        ("PW_NATS_URL", "nats://127.0.0.1:1"),
+        ("PW_REDIS_URL", "redis://127.0.0.1:1"),
+        ("PW_ENCRYPTION_KEY", key.as_str()),
+    ];
+    let out = piecework(&["doctor"], &nowhere, None);
+    let report = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        report.contains("✗ bus is not reachable: cannot connect to NATS at nats://127.0.0.1:1"),
+        "{report}"
+    );
+    assert!(
+        report
+            .contains("fix: check PW_NATS_URL, that nats-server runs with -js, and firewall rules"),
+        "{report}"
+    );
+    assert!(report.contains("✗ Redis"), "{report}");
+}

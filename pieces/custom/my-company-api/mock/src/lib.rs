@@ -72,6 +72,7 @@ struct State_ {
 pub struct MockTicketing {
     pub url: String,
     state: Arc<Mutex<State_>>,
+    stop: Arc<tokio::sync::Notify>,
 }
 
 impl MockTicketing {
@@ -84,10 +85,17 @@ impl MockTicketing {
             ..State_::default()
         }));
         state.lock().unwrap().tokens.insert(token.to_owned());
-        let mock = Self { url, state };
+        let mock = Self {
+            url,
+            state,
+            stop: Arc::new(tokio::sync::Notify::new()),
+        };
         let app = router(mock.clone());
+        let stop = mock.stop.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.notified().await })
+                .await;
         });
         Ok(mock)
     }
@@ -121,6 +129,16 @@ impl MockTicketing {
     /// Answers the next request with `fault` (several calls queue several faults).
     pub fn inject(&self, fault: Fault) {
         self.state.lock().unwrap().faults.push_back(fault);
+    }
+
+    /// Stops accepting connections, as an API that went away.
+    pub fn stop(&self) {
+        self.stop.notify_one();
+    }
+
+    /// Stops accepting `token`, as a revoked key.
+    pub fn revoke(&self, token: &str) {
+        self.state.lock().unwrap().tokens.remove(token);
     }
 
     pub fn deny(&self, user: &str, action: &str) {

@@ -1,0 +1,247 @@
+//! `piecework doctor`: the guide's troubleshooting lists, automated. Each check prints ✓ or ✗
+//! with what to do about it; the command fails if any check fails.
+//!
+//! - pieces: registered, metadata valid (the guide's "check piece is exported properly");
+//! - infrastructure: NATS and Redis reachable, the job stream and each queue's consumer;
+//! - connections: each decrypts with the current key, and its piece's check against the real
+//!   system passes (reachable, certificate valid, key accepted — "verify API key, check the
+//!   environment, confirm the endpoint, review firewall rules, check SSL certificates").
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use anyhow::bail;
+use piecework_bus::nats::NatsBus;
+use piecework_runtime::Runtime;
+use piecework_sdk::{Context, Owner, RunInfo, ScopedStore};
+
+use crate::cli::ConfigArgs;
+use crate::config::Config;
+use crate::infra::{self, Infra};
+
+struct Report {
+    failures: usize,
+}
+
+impl Report {
+    fn ok(&mut self, what: impl std::fmt::Display) {
+        println!("✓ {what}");
+    }
+
+    fn fail(&mut self, what: impl std::fmt::Display, fix: &str) {
+        self.failures += 1;
+        println!("✗ {what}\n    fix: {fix}");
+    }
+}
+
+pub async fn run(common: &ConfigArgs) -> anyhow::Result<()> {
+    let mut report = Report { failures: 0 };
+    let config = Config::load(common, |_| {})?;
+
+    println!("pieces");
+    let registry = match crate::registry::pieces() {
+        Ok(registry) => registry,
+        Err(err) => {
+            report.fail(
+                format!("a piece does not register: {err}"),
+                "fix the definition named in the error, then rebuild",
+            );
+            bail!("1 check failed");
+        }
+    };
+    for piece in registry.pieces() {
+        let meta = piece.metadata();
+        match serde_json::to_value(meta) {
+            Ok(_) => report.ok(format!(
+                "{} {} ({} actions, {} triggers)",
+                meta.name,
+                meta.version,
+                meta.actions.len(),
+                meta.triggers.len()
+            )),
+            Err(err) => report.fail(
+                format!("{}: metadata does not serialize: {err}", meta.name),
+                "check its props",
+            ),
+        }
+    }
+
+    println!("\ninfrastructure");
+    let keyring = match infra::keyring(common, true) {
+        Ok(keyring) => {
+            report.ok(format!(
+                "encryption keys: {}",
+                keyring
+                    .as_ref()
+                    .map(|k| k.key_ids().join(", "))
+                    .unwrap_or_default()
+            ));
+            keyring
+        }
+        Err(err) => {
+            report.fail(
+                err,
+                "set PW_ENCRYPTION_KEY to the key the api and workers use",
+            );
+            None
+        }
+    };
+    let bus = match NatsBus::connect(piecework_bus::nats::NatsConfig {
+        connect_timeout: std::time::Duration::from_secs(3),
+        ..config.nats.clone()
+    })
+    .await
+    {
+        Ok(bus) => {
+            report.ok(format!(
+                "NATS at {} (stream {})",
+                config.nats.url, config.nats.stream
+            ));
+            Some(bus)
+        }
+        Err(err) => {
+            report.fail(
+                err,
+                "check PW_NATS_URL, that nats-server runs with -js, and firewall rules",
+            );
+            None
+        }
+    };
+    let mut quick = config.clone();
+    quick.redis.connect_timeout = std::time::Duration::from_secs(3);
+    let runtime = match infra::runtime(
+        &quick,
+        registry,
+        Infra {
+            nats: false,
+            redis: true,
+        },
+        keyring.clone(),
+    )
+    .await
+    {
+        Ok(runtime) => {
+            report.ok(format!("Redis at {}", redacted_url(&config.redis.url)));
+            Some(runtime)
+        }
+        Err(err) => {
+            report.fail(
+                format!("{err:#}"),
+                "check PW_REDIS_URL and that redis-server is reachable",
+            );
+            None
+        }
+    };
+    if let (Some(bus), Some(runtime)) = (&bus, &runtime) {
+        check_queues(&mut report, bus, runtime, &config).await;
+    }
+
+    println!("\nconnections");
+    if let (Some(runtime), Some(_)) = (&runtime, &keyring) {
+        check_connections(&mut report, runtime).await;
+    } else {
+        println!("  (skipped: needs Redis and the encryption key)");
+    }
+
+    println!();
+    if report.failures > 0 {
+        bail!("{} check(s) failed", report.failures);
+    }
+    println!("all checks passed");
+    Ok(())
+}
+
+/// Every queue a worker serves or a flow routes to: its consumer's backlog and redeliveries.
+async fn check_queues(report: &mut Report, bus: &NatsBus, runtime: &Runtime, config: &Config) {
+    let mut queues: BTreeSet<String> = config.worker.queues.iter().cloned().collect();
+    for flow in runtime.store.list_flows().await.unwrap_or_default() {
+        if let Ok(Some(version)) = runtime.flow_version(&flow.id, flow.latest_version).await {
+            queues.insert(version.definition.trigger.queue().to_owned());
+            queues.extend(
+                version
+                    .definition
+                    .steps
+                    .iter()
+                    .map(|s| s.queue().to_owned()),
+            );
+        }
+    }
+    for queue in queues {
+        match bus.queue_info(&queue).await {
+            Ok((pending, ack_pending, redelivered)) => report.ok(format!(
+                "queue {queue}: {pending} waiting, {ack_pending} in progress, {redelivered} redelivered"
+            )),
+            Err(_) => report.fail(
+                format!("queue {queue}: no consumer `pw-{queue}`"),
+                &format!("start a worker with --queues {queue} (it creates the consumer)"),
+            ),
+        }
+    }
+}
+
+async fn check_connections(report: &mut Report, runtime: &Arc<Runtime>) {
+    let records = match runtime.store.list_connections().await {
+        Ok(records) => records,
+        Err(err) => return report.fail(err, "check Redis"),
+    };
+    if records.is_empty() {
+        println!("  (none)");
+    }
+    for record in records {
+        let name = &record.name;
+        let values = match runtime.open_connection(&record) {
+            Ok(values) => values,
+            Err(err) => {
+                report.fail(err, "use the key it was saved with (list it first in PW_ENCRYPTION_KEY), or save the connection again");
+                continue;
+            }
+        };
+        let versions = runtime.registry.versions(&record.piece);
+        let Some(piece) = versions
+            .first()
+            .and_then(|v| runtime.registry.get(&record.piece, v))
+        else {
+            report.fail(
+                format!(
+                    "connection `{name}`: piece `{}` is not registered",
+                    record.piece
+                ),
+                "register the piece or delete the connection",
+            );
+            continue;
+        };
+        let ctx = Context::new(
+            RunInfo::new("doctor", "", 0, "auth", 1),
+            Owner::default(),
+            ScopedStore::new(runtime.store.kv(), ""),
+            piecework_sdk::HttpClient::new(piecework_sdk::EgressPolicy::default())
+                .expect("the default client builds"),
+        )
+        .with_auth(Some(values.clone()));
+        let plain_http = ["base_url", "url", "endpoint"]
+            .iter()
+            .filter_map(|k| values.get(*k).and_then(|v| v.as_str()))
+            .any(|url| url.starts_with("http://"));
+        match piece.validate_auth(&ctx).await {
+            Ok(()) if plain_http => report.fail(
+                format!("connection `{name}` ({}) works, but over plain HTTP", record.piece),
+                "use an https:// endpoint: the guide asks for HTTPS on every API call",
+            ),
+            Ok(()) => report.ok(format!("connection `{name}` ({}): reachable, key accepted", record.piece)),
+            Err(err) => report.fail(
+                format!("connection `{name}` ({}): {err}", record.piece),
+                "verify the API key, the environment, that the endpoint is reachable from here (firewall, VPN), and its TLS certificate",
+            ),
+        }
+    }
+}
+
+/// A Redis URL without its password.
+fn redacted_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
