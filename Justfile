@@ -19,6 +19,10 @@ lint:
 fmt:
     cargo fmt --all
 
+# Scaffold a private piece under pieces/custom/ and register it.
+new-piece name:
+    cargo run -q -- piece new {{name}}
+
 # Check flow files against the built-in pieces.
 validate +files:
     cargo run -q -- flow validate {{files}}

@@ -165,6 +165,14 @@ pub struct WorkerArgs {
 pub enum PieceCommand {
     /// List the registered pieces with their versions, actions and triggers.
     List,
+    /// Create a new private piece under pieces/custom/ and register it (rebuild to use it).
+    New {
+        /// Lowercase letters, digits and '-', e.g. `acme-crm`.
+        name: String,
+        /// The piecework checkout (default: the one around the current directory).
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
     /// Print a piece's metadata as JSON (what the catalog, docs and version checks read).
     Metadata {
         /// The piece's name.

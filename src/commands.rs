@@ -377,6 +377,23 @@ fn piece(command: PieceCommand) -> anyhow::Result<()> {
             Ok(())
         }
         PieceCommand::Test { .. } => unreachable!("handled by piece_test"),
+        PieceCommand::New { name, root } => {
+            let root = match root {
+                Some(root) => root,
+                None => crate::scaffold::find_root(&std::env::current_dir()?)?,
+            };
+            let made = crate::scaffold::create(&root, &name)?;
+            println!(
+                "created {} ({}) and registered it",
+                made.dir.display(),
+                made.crate_name
+            );
+            println!(
+                "next: cargo test -p {} && cargo run -- piece test {name} hello --input '{{\"name\": \"ada\"}}'",
+                made.crate_name
+            );
+            Ok(())
+        }
         PieceCommand::Metadata { piece, output } => {
             let versions = registry.versions(&piece);
             let Some(found) = versions.first().and_then(|v| registry.get(&piece, v)) else {

@@ -18,3 +18,4 @@ pub mod health;
 pub mod infra;
 pub mod piece_test;
 pub mod registry;
+pub mod scaffold;
