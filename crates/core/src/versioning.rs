@@ -403,6 +403,43 @@ mod tests {
         assert!(!same.is_ok());
     }
 
+    struct Hook;
+
+    impl WebhookTrigger for Hook {
+        type Input = Value;
+        fn spec(&self) -> TriggerSpec {
+            TriggerSpec::webhook("hook", "Hook")
+        }
+    }
+
+    #[test]
+    fn removing_a_trigger_or_changing_the_auth_is_breaking() {
+        let with_trigger = Piece::builder("p", "P")
+            .version("1.0.0")
+            .webhook_trigger(Hook)
+            .build()
+            .unwrap();
+        let without = Piece::builder("p", "P").version("1.1.0").build().unwrap();
+        let report = check(with_trigger.metadata(), without.metadata());
+        assert_eq!(report.required, Bump::Major);
+        assert!(
+            report
+                .changes
+                .iter()
+                .any(|c| c.what == "trigger `hook` was removed"),
+            "{:?}",
+            report.changes
+        );
+        let keyed = Piece::builder("p", "P")
+            .version("1.1.0")
+            .auth(PieceAuth::secret_text("Key"))
+            .build()
+            .unwrap();
+        let plain = Piece::builder("p", "P").version("1.0.0").build().unwrap();
+        let report = check(plain.metadata(), keyed.metadata());
+        assert_eq!((report.required, report.is_ok()), (Bump::Major, false));
+    }
+
     #[test]
     fn before_one_a_minor_bump_may_break() {
         let old = meta("0.3.0", vec![create(base_props())]);

@@ -783,3 +783,53 @@ async fn a_connection_sealed_with_another_key_or_for_another_piece_fails_clearly
     );
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_without_the_pinned_piece_version_refuses_the_step_without_retries() {
+    let probe = Arc::new(Probe::default());
+    let steps = format!(
+        "  - {{ name: a, piece: test, version: \"^0.1\", action: echo, input: {{ value: 1 }}, {RETRY} }}\n"
+    );
+    // The flow is applied where `test` 0.1.0 exists...
+    let h = Harness::start(&probe, &flow(&steps)).await;
+    let mut h = h;
+    h.shutdown.cancel();
+    (&mut h.worker).await.unwrap();
+    // ...and run by a worker built with `test` 2.0.0 only.
+    let mut newer = Registry::new();
+    newer
+        .register_built(
+            Piece::builder("test", "Test")
+                .version("2.0.0")
+                .action(Echo)
+                .webhook_trigger(Hook)
+                .build(),
+        )
+        .unwrap();
+    let runtime = Arc::new(
+        Runtime::new(
+            Arc::new(h.store.clone()),
+            Arc::new(h.bus.clone()),
+            Arc::new(newer),
+            EgressPolicy::default(),
+        )
+        .unwrap(),
+    );
+    let shutdown = CancellationToken::new();
+    let config = WorkerConfig {
+        id: "w2".into(),
+        ..WorkerConfig::default()
+    };
+    let worker = tokio::spawn(piecework_worker::run(config, runtime, shutdown.clone()));
+    h.start_run("r1", json!({})).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Failed);
+    let step = run.step("a").unwrap();
+    assert_eq!(
+        step.error.as_deref(),
+        Some("this worker cannot serve piece `test` ^0.1 (it has: 2.0.0)")
+    );
+    assert_eq!(step.attempts.len(), 1, "not retried");
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+}
