@@ -35,6 +35,52 @@ fn text(output: &Output) -> String {
     )
 }
 
+/// `piecework dev` on real NATS and Redis with a known encryption key.
+struct Installation {
+    nats: piecework_testkit::NatsServer,
+    redis: piecework_testkit::RedisServer,
+    key: String,
+    api: String,
+    dev: std::process::Child,
+}
+
+impl Installation {
+    async fn start() -> Self {
+        let nats = piecework_testkit::NatsServer::start().await.unwrap();
+        let redis = piecework_testkit::RedisServer::start().await.unwrap();
+        let key = piecework_runtime::secrets::Keyring::generate_spec("k1");
+        let port = piecework_testkit::free_port();
+        let api = format!("http://127.0.0.1:{port}");
+        let dev = Command::new(env!("CARGO_BIN_EXE_piecework"))
+            .args([
+                "dev",
+                "--no-examples",
+                "--quiet",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(["--nats", &nats.url(), "--redis", &redis.url()])
+            .env("PW_ENCRYPTION_KEY", &key)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        piecework_sdk::http::install_crypto_provider();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reqwest::get(format!("{api}/readyz")).await.is_err() {
+            assert!(Instant::now() < deadline, "dev did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Self {
+            nats,
+            redis,
+            key,
+            api,
+            dev,
+        }
+    }
+}
+
 #[test]
 fn piece_docs_follow_the_guides_layout() {
     let out = piecework(&["piece", "docs", "my-company-api"], &[], None);
@@ -226,31 +272,13 @@ async fn connections_are_managed_through_the_cli_and_used_by_piece_test() {
     let mock = MockTicketing::start("127.0.0.1:0".parse().unwrap(), "tok")
         .await
         .unwrap();
-    let nats = piecework_testkit::NatsServer::start().await.unwrap();
-    let redis = piecework_testkit::RedisServer::start().await.unwrap();
-    let key = piecework_runtime::secrets::Keyring::generate_spec("k1");
-    let port = piecework_testkit::free_port();
-    let api = format!("http://127.0.0.1:{port}");
-    let mut dev = Command::new(env!("CARGO_BIN_EXE_piecework"))
-        .args([
-            "dev",
-            "--no-examples",
-            "--quiet",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(["--nats", &nats.url(), "--redis", &redis.url()])
-        .env("PW_ENCRYPTION_KEY", &key)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    piecework_sdk::http::install_crypto_provider();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reqwest::get(format!("{api}/readyz")).await.is_err() {
-        assert!(Instant::now() < deadline, "dev did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let Installation {
+        nats: _nats,
+        redis,
+        key,
+        api,
+        mut dev,
+    } = Installation::start().await;
     let env = [("PW_API_URL", api.as_str())];
     let values = json!({"api_key": "tok", "environment": "dev", "base_url": mock.url}).to_string();
     let created = piecework(
@@ -377,31 +405,13 @@ async fn doctor_reports_unreachable_endpoints_bad_connections_and_missing_server
     let gone = MockTicketing::start("127.0.0.1:0".parse().unwrap(), "tok")
         .await
         .unwrap();
-    let nats = piecework_testkit::NatsServer::start().await.unwrap();
-    let redis = piecework_testkit::RedisServer::start().await.unwrap();
-    let key = piecework_runtime::secrets::Keyring::generate_spec("k1");
-    let port = piecework_testkit::free_port();
-    let api = format!("http://127.0.0.1:{port}");
-    let mut dev = Command::new(env!("CARGO_BIN_EXE_piecework"))
-        .args([
-            "dev",
-            "--no-examples",
-            "--quiet",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(["--nats", &nats.url(), "--redis", &redis.url()])
-        .env("PW_ENCRYPTION_KEY", &key)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    piecework_sdk::http::install_crypto_provider();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reqwest::get(format!("{api}/readyz")).await.is_err() {
-        assert!(Instant::now() < deadline, "dev did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let Installation {
+        nats,
+        redis,
+        key,
+        api,
+        mut dev,
+    } = Installation::start().await;
     for (name, mock) in [("tickets", &good), ("revoked", &revoked), ("gone", &gone)] {
         let values =
             json!({"api_key": "tok", "environment": "dev", "base_url": mock.url}).to_string();

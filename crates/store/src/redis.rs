@@ -276,6 +276,30 @@ impl RedisStore {
         text.map(|t| from_json(&key, &t)).transpose()
     }
 
+    /// Every record whose name is in the set `index`, sorted by name, in two round trips.
+    async fn read_indexed<T: DeserializeOwned>(
+        &self,
+        index: &str,
+        key_of: fn(&str) -> String,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut conn = self.conn();
+        let mut names: Vec<String> = conn.smembers(index).await.map_err(unavailable)?;
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        names.sort();
+        let keys: Vec<String> = names.iter().map(|name| key_of(name)).collect();
+        let texts: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        keys.iter()
+            .zip(texts)
+            .filter_map(|(key, text)| text.map(|t| from_json(key, &t)))
+            .collect()
+    }
+
     fn run_from_hash(id: &str, fields: HashMap<String, String>) -> Result<Option<Run>, StoreError> {
         let key = run_key(id);
         let Some(meta) = fields.get("meta") else {
@@ -514,22 +538,7 @@ impl Store for RedisStore {
     }
 
     async fn list_flows(&self) -> Result<Vec<FlowRecord>, StoreError> {
-        let mut conn = self.conn();
-        let mut ids: Vec<String> = conn.smembers(FLOWS).await.map_err(unavailable)?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        ids.sort();
-        let keys: Vec<String> = ids.iter().map(|id| flow_key(id)).collect();
-        let texts: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        keys.iter()
-            .zip(texts)
-            .filter_map(|(key, text)| text.map(|t| from_json(key, &t)))
-            .collect()
+        self.read_indexed(FLOWS, flow_key).await
     }
 
     async fn get_flow_version(
@@ -839,22 +848,7 @@ impl Store for RedisStore {
     }
 
     async fn list_connections(&self) -> Result<Vec<ConnectionRecord>, StoreError> {
-        let mut conn = self.conn();
-        let mut names: Vec<String> = conn.smembers(CONNECTIONS).await.map_err(unavailable)?;
-        if names.is_empty() {
-            return Ok(Vec::new());
-        }
-        names.sort();
-        let keys: Vec<String> = names.iter().map(|n| connection_key(n)).collect();
-        let texts: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        keys.iter()
-            .zip(texts)
-            .filter_map(|(key, text)| text.map(|t| from_json(key, &t)))
-            .collect()
+        self.read_indexed(CONNECTIONS, connection_key).await
     }
 
     async fn delete_connection(&self, name: &str) -> Result<bool, StoreError> {
