@@ -323,12 +323,6 @@ async fn save_connection(State(state): State<AppState>, body: Bytes) -> ApiResul
     let request: SaveConnection = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!("expected {{\"name\", \"piece\", \"values\"}}: {e}"))
     })?;
-    let existed = state
-        .runtime
-        .store
-        .get_connection(&request.name)
-        .await?
-        .is_some();
     let info = state
         .runtime
         .save_connection(
@@ -338,10 +332,11 @@ async fn save_connection(State(state): State<AppState>, body: Bytes) -> ApiResul
             &actor(&state),
         )
         .await?;
-    let status = if existed {
-        StatusCode::OK
-    } else {
+    // A new connection was created and updated at the same instant.
+    let status = if info.created_at == info.updated_at {
         StatusCode::CREATED
+    } else {
+        StatusCode::OK
     };
     Ok((status, Json(json!({ "connection": info }))).into_response())
 }
