@@ -1,6 +1,7 @@
 //! What the api, scheduler and worker share: a [`Runtime`] holding the store, the bus and the
 //! piece registry, with the operations more than one service performs — applying a flow,
-//! starting a run, publishing a step, recording an audit event.
+//! starting a run, publishing a step, cancelling or retrying a run, saving and opening
+//! connections (sealed by the keyring in [`secrets`]), recording an audit event.
 //!
 //! `piecework dev` builds one `Runtime` on the in-memory adapters and hands it to all three
 //! services; the separate processes each build their own on NATS and Redis.
