@@ -126,7 +126,71 @@ async fn a_flow_applied_through_the_api_answers_its_sync_webhook() {
     );
     assert_eq!(steps[2]["attempts"][0]["attempt"], 1);
 
-    // Audit: the apply (twice) and every step execution.
+    // The flow and its version read back.
+    let flow: Value = http
+        .get(format!("{base}/v1/flows/orders"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            flow["flow"]["latest_version"].as_u64(),
+            flow["latest"]["definition"]["name"].as_str()
+        ),
+        (Some(1), Some("orders"))
+    );
+    let version: Value = http
+        .get(format!("{base}/v1/flows/orders/versions/1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(version["version"]["resolved"]["total"], "0.1.0");
+    let missing = http
+        .get(format!("{base}/v1/flows/orders/versions/9"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    // Audit: the apply (twice) and every step execution; paged with `after`.
+    let first: Value = http
+        .get(format!("{base}/v1/audit?limit=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cursor = first["entries"][0]["id"].as_str().unwrap().to_owned();
+    let rest: Value = http
+        .get(format!("{base}/v1/audit?after={cursor}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        rest["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["id"] != cursor.as_str())
+    );
+    assert_eq!(
+        http.get(format!("{base}/v1/audit?limit=0"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
     let audit: Value = http
         .get(format!("{base}/v1/audit"))
         .send()

@@ -269,12 +269,7 @@ async fn list_runs(
         .map(|s| s.parse::<RunStatus>())
         .transpose()
         .map_err(ApiError::BadRequest)?;
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest(
-            "limit must be between 1 and 1000".into(),
-        ));
-    }
+    let limit = page_limit(params.limit, 50)?;
     let query = RunQuery {
         flow_id: params.flow,
         status,
@@ -293,6 +288,16 @@ async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no run `{id}`")))?;
     Ok(Json(json!({ "run": run })))
+}
+
+/// A listing's `limit`: 1 to 1000, `default` when absent.
+fn page_limit(limit: Option<usize>, default: usize) -> ApiResult<usize> {
+    match limit.unwrap_or(default) {
+        limit @ 1..=1000 => Ok(limit),
+        _ => Err(ApiError::BadRequest(
+            "limit must be between 1 and 1000".into(),
+        )),
+    }
 }
 
 async fn cancel_run(
@@ -384,7 +389,7 @@ async fn list_audit(
     State(state): State<AppState>,
     Query(params): Query<AuditParams>,
 ) -> ApiResult<Json<Value>> {
-    let limit = params.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = page_limit(params.limit, 100)?;
     let entries = state
         .runtime
         .store
