@@ -30,3 +30,11 @@ validate +files:
 # What CI runs.
 ci:
     bash .ci/run
+
+# The whole installation with Jaeger, Prometheus and Grafana (needs Docker and PW_ENCRYPTION_KEY).
+compose-up:
+    docker compose up -d --build
+
+# Follow the audit trail of the API at PW_API_URL (default http://127.0.0.1:8080).
+audit *args:
+    cargo run -q -- audit tail {{args}}

@@ -43,6 +43,8 @@ pub enum Command {
     Key(KeyCommand),
     /// Manage connections (through the API).
     Connection(ConnectionArgs),
+    /// Read the audit trail (through the API).
+    Audit(AuditArgs),
     /// Check pieces, NATS, Redis, queues and every connection; say what to fix.
     Doctor(DoctorArgs),
     /// Work with flow files.
@@ -257,6 +259,46 @@ pub enum ConnectionCommand {
     List,
     /// Delete a connection.
     Delete { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub api: ApiClientArgs,
+    #[command(subcommand)]
+    pub command: AuditCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print audit entries as they are recorded: every API mutation, webhook call and step
+    /// execution. Filters match hierarchically (`--action run` matches `run.cancel`).
+    Tail(AuditTailArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditTailArgs {
+    /// Start with the entries since this time: RFC 3339 or a duration back (`15m`, `2h`).
+    #[arg(long, default_value = "10m")]
+    pub since: String,
+    /// Only this actor (`api:api-key`, `webhook`, `worker`, `worker:w1`).
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Only this action (`flow.apply`, `step.execute`, `run`, …).
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Only this resource or what lies under it (`flow/echo`, `run/<id>`).
+    #[arg(long)]
+    pub resource: Option<String>,
+    /// Only `success` or `failure`.
+    #[arg(long)]
+    pub outcome: Option<String>,
+    /// Print what is there and exit instead of following.
+    #[arg(long)]
+    pub no_follow: bool,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

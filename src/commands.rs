@@ -12,7 +12,7 @@ use crate::cli::{
 use crate::client::ApiClient;
 use crate::config::Config;
 use crate::dev::Sandbox;
-use crate::health::{self, ReadyCheck};
+use crate::health::{self, MetricsSource, ReadyCheck};
 use crate::infra::{self, Infra};
 use crate::{feed, flows, registry};
 
@@ -42,6 +42,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         }
         Command::Piece(command) => piece(command),
         Command::Connection(args) => connection(args).await,
+        Command::Audit(args) => crate::audit::run(args, shutdown).await,
         Command::Doctor(args) => crate::doctor::run(&args.common).await,
         Command::Key(KeyCommand::Generate { id }) => {
             println!(
@@ -93,7 +94,10 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     };
     let sandbox = Sandbox::start(config, definitions, registry, infra, keyring).await?;
     let addr = sandbox.api_addr;
-    let mock = if names.iter().any(|n| n == "auto-assign") {
+    let mock = if names
+        .iter()
+        .any(|n| n == "auto-assign" || n == "api-health")
+    {
         Some(crate::demo::start(&sandbox.runtime, std::time::Duration::from_secs(7)).await?)
     } else {
         None
@@ -166,6 +170,15 @@ async fn api(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `/metrics` of a process with nothing to refresh before a scrape.
+fn plain_metrics(runtime: &std::sync::Arc<piecework_runtime::Runtime>) -> MetricsSource {
+    let runtime = runtime.clone();
+    std::sync::Arc::new(move || {
+        let runtime = runtime.clone();
+        Box::pin(async move { runtime.metrics.encode() })
+    })
+}
+
 /// `/readyz` of a process that needs the bus and the store.
 fn infra_ready(runtime: &std::sync::Arc<piecework_runtime::Runtime>) -> ReadyCheck {
     let runtime = runtime.clone();
@@ -198,6 +211,7 @@ async fn scheduler(args: SchedulerArgs, shutdown: CancellationToken) -> anyhow::
     let health = health::serve(
         config.health.scheduler_listen,
         infra_ready(&runtime),
+        plain_metrics(&runtime),
         shutdown.clone(),
     );
     let service = async {
@@ -247,7 +261,23 @@ async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result
         });
         check
     };
-    let health = health::serve(config.health.worker_listen, ready, shutdown.clone());
+    let metrics: MetricsSource = {
+        let runtime = runtime.clone();
+        let queues = config.worker.queues.clone();
+        std::sync::Arc::new(move || {
+            let (runtime, queues) = (runtime.clone(), queues.clone());
+            Box::pin(async move {
+                piecework_worker::refresh_queue_metrics(&runtime, &queues).await;
+                runtime.metrics.encode()
+            })
+        })
+    };
+    let health = health::serve(
+        config.health.worker_listen,
+        ready,
+        metrics,
+        shutdown.clone(),
+    );
     let service = async {
         piecework_worker::run_with_health(
             config.worker.clone(),

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use anyhow::bail;
 use piecework_bus::nats::NatsBus;
+use piecework_bus::{Bus as _, QueueStats};
 use piecework_runtime::Runtime;
 use piecework_sdk::{Context, Owner, RunInfo, ScopedStore};
 
@@ -167,8 +168,12 @@ async fn check_queues(report: &mut Report, bus: &NatsBus, runtime: &Runtime, con
         }
     }
     for queue in queues {
-        match bus.queue_info(&queue).await {
-            Ok((pending, ack_pending, redelivered)) => report.ok(format!(
+        match bus.queue_stats(&queue).await {
+            Ok(QueueStats {
+                pending,
+                ack_pending,
+                redelivered,
+            }) => report.ok(format!(
                 "queue {queue}: {pending} waiting, {ack_pending} in progress, {redelivered} redelivered"
             )),
             Err(_) => report.fail(

@@ -19,6 +19,10 @@ pub const EXAMPLES: &[(&str, &str)] = &[
         "examples/flows/auto-assign.yaml",
         include_str!("../examples/flows/auto-assign.yaml"),
     ),
+    (
+        "examples/flows/api-health.yaml",
+        include_str!("../examples/flows/api-health.yaml"),
+    ),
 ];
 
 pub fn format_of(path: &Path) -> Format {

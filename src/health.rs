@@ -1,8 +1,9 @@
-//! `/healthz` and `/readyz` for the worker and the scheduler, on their own small port.
+//! `/healthz`, `/readyz` and `/metrics` for the worker and the scheduler, on their own small
+//! port (the API serves the same paths on its own).
 //!
 //! `/healthz` answers while the process runs; `/readyz` only while its dependencies answer
 //! and (for a worker) every queue is being consumed, so an orchestrator restarts or stops
-//! routing to a process that is up but useless.
+//! routing to a process that is up but useless. `/metrics` is the Prometheus scrape.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,10 +18,14 @@ use tokio_util::sync::CancellationToken;
 /// What `/readyz` checks: `Err` with the reasons when not ready.
 pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
+/// What `/metrics` answers: the exposition, refreshed as the process needs.
+pub type MetricsSource = Arc<dyn Fn() -> BoxFuture<'static, String> + Send + Sync>;
+
 /// Binds `addr` and serves until `shutdown`.
 pub async fn serve(
     addr: SocketAddr,
     ready: ReadyCheck,
+    metrics: MetricsSource,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
@@ -38,6 +43,21 @@ pub async fn serve(
                         Ok(()) => (StatusCode::OK, "ready".to_owned()),
                         Err(reasons) => (StatusCode::SERVICE_UNAVAILABLE, reasons),
                     }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            piecework_telemetry::metrics::CONTENT_TYPE,
+                        )],
+                        metrics().await,
+                    )
                 }
             }),
         );

@@ -3,8 +3,9 @@
 //! ([`registry`]), flow files ([`flows`]), and the embedded sandbox behind `piecework dev`
 //! ([`dev`]), which the end-to-end tests in `tests/` drive as well; [`infra`] builds the runtime
 //! on the in-memory adapters or on NATS and Redis, [`health`] serves worker and scheduler
-//! health checks.
+//! health checks and metrics, [`audit`] follows the audit trail.
 
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod commands;

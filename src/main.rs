@@ -9,11 +9,17 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = piecework::cli::Cli::parse();
-    let _telemetry = piecework_telemetry::init(piecework_telemetry::Options {
+    let _telemetry = match piecework_telemetry::init(piecework_telemetry::Options {
         service: cli.command.service_name(),
         format: cli.log_format,
         default_filter: cli.command.default_log_filter(),
-    });
+    }) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -35,6 +35,8 @@ pub struct Fleet {
     pub api: String,
     /// `PW_ENCRYPTION_KEY` of every process.
     pub encryption_key: String,
+    /// More environment for every process started from now on.
+    pub env: Vec<(String, String)>,
 }
 
 impl Fleet {
@@ -53,6 +55,7 @@ impl Fleet {
             processes: HashMap::new(),
             api: String::new(),
             encryption_key: piecework_runtime::secrets::Keyring::generate_spec("k1"),
+            env: Vec::new(),
         }
     }
 
@@ -67,6 +70,7 @@ impl Fleet {
             .env("PW_ENCRYPTION_KEY", &self.encryption_key)
             .env("PW_LOG", "info")
             .env("PW_LOG_FORMAT", "json")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -97,12 +101,37 @@ impl Fleet {
         ready
     }
 
-    pub async fn start_scheduler(&mut self, name: &str) {
+    /// Starts `piecework scheduler`, waits until it is ready; returns its `/readyz` URL.
+    pub async fn start_scheduler(&mut self, name: &str) -> String {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         self.spawn(name, &["scheduler", "--health-listen", &listen]);
-        self.wait_ready(name, &format!("http://{listen}/readyz"))
-            .await;
+        let ready = format!("http://{listen}/readyz");
+        self.wait_ready(name, &ready).await;
+        ready
+    }
+
+    /// Saves a connection through the API.
+    pub async fn save_connection(&self, name: &str, piece: &str, values: Value) {
+        let response = client()
+            .post(format!("{}/v1/connections", self.api))
+            .json(&json!({ "name": name, "piece": piece, "values": values }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        assert!(
+            status.is_success(),
+            "saving connection {name} failed: {status} {}",
+            response.text().await.unwrap()
+        );
+    }
+
+    /// Every process's log, concatenated.
+    pub fn all_logs(&self) -> String {
+        let mut names: Vec<&String> = self.processes.keys().collect();
+        names.sort();
+        names.into_iter().map(|name| self.logs(name)).collect()
     }
 
     async fn wait_ready(&mut self, name: &str, url: &str) {

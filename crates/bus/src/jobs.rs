@@ -1,8 +1,14 @@
 //! Subjects and message ids of the wire contract, and typed publishing of jobs.
+//!
+//! Every publish runs in a `publish <subject>` producer span (OpenTelemetry `messaging.*`
+//! conventions) whose trace context travels in the message headers, so the worker that
+//! receives the job can link to it.
 
 use bytes::Bytes;
 use piecework_proto::Message as _;
 use piecework_proto::v1::{PollJob, StepJob};
+use piecework_telemetry::propagation;
+use tracing::Instrument as _;
 
 use crate::{Bus, BusError, Message, PublishAck};
 
@@ -63,14 +69,13 @@ pub async fn publish_poll(
     bus: &dyn Bus,
     queue: &str,
     job: &PollJob,
-    headers: Vec<(String, String)>,
 ) -> Result<PublishAck, BusError> {
-    bus.publish(Message {
-        subject: subject::poll(queue),
-        msg_id: poll_msg_id(job),
-        headers,
-        payload: Bytes::from(job.encode_to_vec()),
-    })
+    publish(
+        bus,
+        subject::poll(queue),
+        poll_msg_id(job),
+        job.encode_to_vec(),
+    )
     .await
 }
 
@@ -78,15 +83,46 @@ pub async fn publish_step(
     bus: &dyn Bus,
     queue: &str,
     job: &StepJob,
-    headers: Vec<(String, String)>,
 ) -> Result<PublishAck, BusError> {
-    bus.publish(Message {
-        subject: subject::step(queue),
-        msg_id: step_msg_id(job),
-        headers,
-        payload: Bytes::from(job.encode_to_vec()),
-    })
+    publish(
+        bus,
+        subject::step(queue),
+        step_msg_id(job),
+        job.encode_to_vec(),
+    )
     .await
+}
+
+/// Publishes in a producer span whose context rides along in the headers.
+async fn publish(
+    bus: &dyn Bus,
+    subject: String,
+    msg_id: String,
+    payload: Vec<u8>,
+) -> Result<PublishAck, BusError> {
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = %format_args!("publish {subject}"),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = bus.system(),
+        messaging.operation.type = "send",
+        messaging.operation.name = "publish",
+        messaging.destination.name = %subject,
+        messaging.message.id = %msg_id,
+        messaging.message.body.size = payload.len(),
+    );
+    let message = Message {
+        headers: propagation::headers_of(&span),
+        subject,
+        msg_id,
+        payload: Bytes::from(payload),
+    };
+    let published = bus.publish(message).instrument(span.clone()).await;
+    if published.is_err() {
+        span.record("otel.status_code", "ERROR");
+    }
+    published
 }
 
 #[cfg(test)]

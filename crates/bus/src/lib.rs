@@ -51,6 +51,17 @@ pub enum BusError {
     Settle(String),
 }
 
+/// What the broker knows of a queue's shared consumer, for metrics and `doctor`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Jobs stored and not yet delivered.
+    pub pending: u64,
+    /// Jobs delivered and not yet settled, across all workers.
+    pub ack_pending: u64,
+    /// Jobs currently redelivered at least once.
+    pub redelivered: u64,
+}
+
 /// How a worker consumes a queue.
 #[derive(Debug, Clone)]
 pub struct ConsumeOptions {
@@ -84,6 +95,12 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Whether the bus is connected and serving, for `/readyz`.
     async fn ready(&self) -> Result<(), BusError>;
+
+    /// The queue's backlog, from its shared consumer.
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BusError>;
+
+    /// `messaging.system` of publish and receive spans.
+    fn system(&self) -> &'static str;
 }
 
 /// One worker's handle on a queue's shared consumer.

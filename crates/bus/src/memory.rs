@@ -17,7 +17,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::{
-    Bus, BusError, ConsumeOptions, Consumer, Delivery, Message, PublishAck, Settle, subject,
+    Bus, BusError, ConsumeOptions, Consumer, Delivery, Message, PublishAck, QueueStats, Settle,
+    subject,
 };
 
 /// JetStream's default duplicate window.
@@ -193,6 +194,18 @@ impl Bus for MemoryBus {
 
     async fn ready(&self) -> Result<(), BusError> {
         Ok(())
+    }
+
+    /// Only `pending` is tracked in memory.
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BusError> {
+        Ok(QueueStats {
+            pending: u64::try_from(self.queued(queue)).unwrap_or(u64::MAX),
+            ..QueueStats::default()
+        })
+    }
+
+    fn system(&self) -> &'static str {
+        "piecework-memory"
     }
 }
 

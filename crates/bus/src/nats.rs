@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::{
-    Bus, BusError, ConsumeOptions, Consumer, Delivery, Message, PublishAck, Settle, subject,
+    Bus, BusError, ConsumeOptions, Consumer, Delivery, Message, PublishAck, QueueStats, Settle,
+    subject,
 };
 
 /// How piecework uses NATS.
@@ -131,9 +132,7 @@ impl NatsBus {
         &self.client
     }
 
-    /// Messages waiting and unacknowledged for a queue's consumer: `(pending, ack_pending,
-    /// redelivered)`.
-    pub async fn queue_info(&self, queue: &str) -> Result<(u64, usize, usize), BusError> {
+    async fn consumer_info(&self, queue: &str) -> Result<QueueStats, BusError> {
         let stream = self
             .jetstream
             .get_stream(&self.config.stream)
@@ -147,7 +146,12 @@ impl NatsBus {
             .info()
             .await
             .map_err(|e| unavailable("consumer info", e))?;
-        Ok((info.num_pending, info.num_ack_pending, info.num_redelivered))
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        Ok(QueueStats {
+            pending: info.num_pending,
+            ack_pending: count(info.num_ack_pending),
+            redelivered: count(info.num_redelivered),
+        })
     }
 }
 
@@ -235,6 +239,14 @@ impl Bus for NatsBus {
             .await
             .map_err(|e| unavailable(&format!("stream {}", self.config.stream), e))?;
         Ok(())
+    }
+
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BusError> {
+        self.consumer_info(queue).await
+    }
+
+    fn system(&self) -> &'static str {
+        "nats"
     }
 }
 

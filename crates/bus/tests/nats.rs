@@ -84,7 +84,10 @@ async fn publishes_are_deduplicated_and_acks_remove_the_job() {
             .is_none(),
         "only one copy was stored"
     );
-    assert_eq!(bus.queue_info("default").await.unwrap(), (0, 0, 0));
+    assert_eq!(
+        bus.queue_stats("default").await.unwrap(),
+        piecework_bus::QueueStats::default()
+    );
 }
 
 #[tokio::test]

@@ -112,6 +112,10 @@ pub struct Run {
     /// `webhook_response`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response: Option<Value>,
+    /// W3C `traceparent` of the run's span when traces are exported: every step's span is its
+    /// child, wherever it runs, and operators find the run's trace by its trace id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// Namespace of deterministic run ids (UUID v5).
@@ -141,7 +145,13 @@ impl Run {
             finished_at: None,
             error: None,
             response: None,
+            trace: None,
         }
+    }
+
+    /// The run's trace id, from [`Run::trace`].
+    pub fn trace_id(&self) -> Option<&str> {
+        self.trace.as_deref()?.split('-').nth(1)
     }
 
     pub fn step(&self, name: &str) -> Option<&StepState> {

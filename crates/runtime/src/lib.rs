@@ -20,8 +20,12 @@ use piecework_core::{FlowError, Registry, Run, RunStatus, StepStatus};
 use piecework_proto::v1::{AuditEvent, StepJob};
 use piecework_sdk::{Context, EgressPolicy, HttpClient, Owner, PieceError, RunInfo, ScopedStore};
 use piecework_store::{Applied, ConnectionRecord, Store, StoreError};
+use piecework_telemetry::Metrics;
+use piecework_telemetry::metrics::TriggerKind;
+use piecework_telemetry::propagation;
 use serde::Serialize;
 use serde_json::Value;
+use tracing::Instrument as _;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -87,6 +91,11 @@ impl Actor {
     pub fn worker(id: &str) -> Self {
         Self(format!("worker:{id}"))
     }
+
+    /// A webhook call: unauthenticated, addressed by flow.
+    pub fn webhook() -> Self {
+        Self("webhook".to_owned())
+    }
 }
 
 /// Shared state and operations of the services. Cheap to share behind an `Arc`.
@@ -94,6 +103,8 @@ pub struct Runtime {
     pub store: Arc<dyn Store>,
     pub bus: Arc<dyn Bus>,
     pub registry: Arc<Registry>,
+    /// This process's metrics, served at `/metrics`.
+    pub metrics: Arc<Metrics>,
     http: HttpClient,
     /// Seals and opens connection values; `None` in processes that never touch them.
     keyring: Option<secrets::Keyring>,
@@ -112,6 +123,7 @@ impl Runtime {
             store,
             bus,
             registry,
+            metrics: Arc::new(Metrics::new()),
             http: HttpClient::new(egress).map_err(RuntimeError::Http)?,
             keyring: None,
             versions: Mutex::new(HashMap::new()),
@@ -320,14 +332,45 @@ impl Runtime {
     /// recorded a step yet (its creator died before publishing), the first step is published
     /// again, and the broker's message-id dedupe keeps it single. Returns whether the run was
     /// new.
+    ///
+    /// The run gets a span (a child of the caller's: the webhook request or the poll) whose
+    /// `traceparent` is stored with it; every step's span becomes its child.
     pub async fn start_run(
         &self,
         flow: &FlowVersion,
         run_id: String,
         trigger: Value,
+        kind: TriggerKind,
     ) -> Result<bool, RuntimeError> {
-        let run = Run::new(run_id, &flow.flow_id, flow.version, trigger);
+        let span = tracing::info_span!(
+            "run",
+            otel.name = %format_args!("run {}", flow.flow_id),
+            piecework.run.id = %run_id,
+            piecework.flow.id = %flow.flow_id,
+            piecework.flow.version = flow.version,
+            piecework.trigger = ?kind,
+            piecework.run.created = tracing::field::Empty,
+        );
+        let mut run = Run::new(run_id, &flow.flow_id, flow.version, trigger);
+        run.trace = propagation::traceparent_of(&span);
+        self.create_run(flow, run, kind)
+            .instrument(span.clone())
+            .await
+            .inspect(|created| {
+                span.record("piecework.run.created", created);
+            })
+    }
+
+    async fn create_run(
+        &self,
+        flow: &FlowVersion,
+        run: Run,
+        kind: TriggerKind,
+    ) -> Result<bool, RuntimeError> {
         let created = self.store.create_run(&run).await?;
+        if created {
+            self.metrics.run_started(&flow.flow_id, kind);
+        }
         let needs_first_step = created
             || self
                 .store
@@ -451,7 +494,34 @@ impl Runtime {
             step: step.to_owned(),
             epoch,
         };
-        jobs::publish_step(self.bus.as_ref(), queue, &job, Vec::new()).await?;
+        jobs::publish_step(self.bus.as_ref(), queue, &job).await?;
+        Ok(())
+    }
+
+    /// Sets the adoption metric: how many enabled flows use each piece (as trigger or step).
+    pub async fn refresh_adoption(&self) -> Result<(), RuntimeError> {
+        let mut counts: std::collections::BTreeMap<String, i64> = Default::default();
+        for record in self.store.list_flows().await?.iter().filter(|f| f.enabled) {
+            let Some(flow) = self.flow_version(&record.id, record.latest_version).await? else {
+                continue;
+            };
+            let definition = &flow.definition;
+            let mut pieces: Vec<&str> = std::iter::once(definition.trigger.piece.as_str())
+                .chain(definition.steps.iter().map(|s| s.piece.as_str()))
+                .collect();
+            pieces.sort_unstable();
+            pieces.dedup();
+            for piece in pieces {
+                *counts.entry(piece.to_owned()).or_default() += 1;
+            }
+        }
+        let gauge = &self.metrics.flows_enabled;
+        gauge.clear();
+        for (piece, count) in counts {
+            gauge
+                .get_or_create(&piecework_telemetry::metrics::PieceLabels { piece })
+                .set(count);
+        }
         Ok(())
     }
 

@@ -34,6 +34,11 @@ pub struct ActionSpec {
     /// webhook call.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub webhook_response: bool,
+    /// This action checks the health of the system behind the piece: its output's `status`
+    /// (`healthy` or anything else) is exported as the `piecework_piece_healthy` metric when a
+    /// flow runs it, e.g. on a schedule. Set with the builder method of the same name.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub health_check: bool,
 }
 
 impl ActionSpec {
@@ -46,7 +51,14 @@ impl ActionSpec {
             require_auth: false,
             output: String::new(),
             webhook_response: false,
+            health_check: false,
         }
+    }
+
+    /// Marks the action as the piece's health check: its `status` output becomes a metric.
+    pub fn health_check(mut self) -> Self {
+        self.health_check = true;
+        self
     }
 
     pub fn description(mut self, description: impl Into<String>) -> Self {

@@ -87,6 +87,9 @@ pub struct PollState {
 pub struct PollOutcome {
     /// New items, oldest first: runs are started in this order.
     pub new_items: Vec<PolledItem>,
+    /// New items beyond the per-poll cap, left for the next poll. The rest of the polled items
+    /// were already seen (on a flow's first poll: every item, which only sets the cursor).
+    pub deferred: usize,
     pub state: PollState,
 }
 
@@ -124,6 +127,7 @@ fn time_based(
         let cursor_time = stamped.last().map(|(ts, _)| *ts);
         return Ok(PollOutcome {
             new_items: Vec::new(),
+            deferred: 0,
             state: PollState {
                 cursor_time,
                 ..PollState::default()
@@ -140,6 +144,7 @@ fn time_based(
     while take < fresh.len() && fresh[take].0 == fresh[take - 1].0 {
         take += 1;
     }
+    let deferred = fresh.len() - take;
     let new_items: Vec<PolledItem> = fresh.into_iter().take(take).map(|(_, item)| item).collect();
     let cursor_time = new_items
         .last()
@@ -147,6 +152,7 @@ fn time_based(
         .or(previous.cursor_time);
     Ok(PollOutcome {
         new_items,
+        deferred,
         state: PollState {
             cursor_time,
             ..previous
@@ -171,6 +177,7 @@ fn last_item(
         let recent_ids = items.iter().take(RECENT_IDS).rev().map(id).collect();
         return Ok(PollOutcome {
             new_items: Vec::new(),
+            deferred: 0,
             state: PollState {
                 recent_ids,
                 ..PollState::default()
@@ -192,6 +199,7 @@ fn last_item(
         }
     }
     fresh.reverse();
+    let deferred = fresh.len().saturating_sub(cap);
     fresh.truncate(cap);
     for item in &fresh {
         state.recent_ids.push_back(id(item));
@@ -201,6 +209,7 @@ fn last_item(
     }
     Ok(PollOutcome {
         new_items: fresh,
+        deferred,
         state,
     })
 }

@@ -17,6 +17,7 @@ use piecework_sdk::{KvStore, PollState};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod audit;
 pub mod memory;
 pub mod redis;
 
@@ -183,12 +184,15 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         block: Duration,
     ) -> Result<Vec<Entry<StepResult>>, StoreError>;
-    /// Reads `pw:audit` after `after`, oldest first.
+    /// Reads `pw:audit` after `after`, oldest first. [`audit::query`] filters it.
     async fn read_audit(
         &self,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Entry<AuditEvent>>, StoreError>;
+    /// A `pw:audit` cursor just before the entries recorded at or after `time_ms` (`None`:
+    /// the start of the stream).
+    async fn audit_cursor_at(&self, time_ms: i64) -> Result<Option<String>, StoreError>;
 
     /// Whether the store is connected, for `/readyz`.
     async fn ready(&self) -> Result<(), StoreError>;

@@ -456,6 +456,17 @@ impl Store for MemoryStore {
         Ok(self.state.lock().unwrap().audit.after(after, limit))
     }
 
+    async fn audit_cursor_at(&self, time_ms: i64) -> Result<Option<String>, StoreError> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .audit
+            .entries
+            .iter()
+            .take_while(|(_, event)| event.time_unix_ms < time_ms)
+            .last()
+            .map(|(id, _)| id.to_string()))
+    }
+
     async fn ready(&self) -> Result<(), StoreError> {
         Ok(())
     }

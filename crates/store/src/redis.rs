@@ -8,7 +8,7 @@
 //! | `pw:flow:{id}` | string | the flow record (JSON) |
 //! | `pw:flow:{id}:v:{n}` | string | version `n` (JSON), never changed once written |
 //! | `pw:flow:{id}:lock` | string | held while a flow is applied or enabled (expires) |
-//! | `pw:run:{id}` | hash | `meta` (JSON: ids, trigger, created_at), `status`, `error`, `finished_at`, `response`, `step:{name}` (JSON per step) |
+//! | `pw:run:{id}` | hash | `meta` (JSON: ids, trigger, created_at, trace), `status`, `error`, `finished_at`, `response`, `step:{name}` (JSON per step) |
 //! | `pw:runs`, `pw:runs:flow:{id}` | sorted set | run ids by creation time |
 //! | `pw:run-done:{id}` | pub/sub channel | a message when the run finishes |
 //! | `pw:trigger:{flow}` | string | the polling cursor (JSON) |
@@ -174,6 +174,8 @@ struct RunMeta {
     flow_version: u32,
     trigger: Value,
     created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    trace: Option<String>,
 }
 
 impl RedisStore {
@@ -327,6 +329,7 @@ impl RedisStore {
             trigger: meta.trigger,
             steps,
             created_at: meta.created_at,
+            trace: meta.trace,
             finished_at: fields
                 .get("finished_at")
                 .map(|t| from_json(&key, t))
@@ -579,6 +582,7 @@ impl Store for RedisStore {
             flow_version: run.flow_version,
             trigger: run.trigger.clone(),
             created_at: run.created_at,
+            trace: run.trace.clone(),
         };
         let created: i64 = self
             .create_run
@@ -946,6 +950,11 @@ impl Store for RedisStore {
                 event: audit_from(e),
             })
             .collect())
+    }
+
+    /// Stream ids start with their entry's time in ms, so no round trip is needed.
+    async fn audit_cursor_at(&self, time_ms: i64) -> Result<Option<String>, StoreError> {
+        Ok((time_ms > 0).then(|| format!("{}-{}", time_ms - 1, u64::MAX)))
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

@@ -10,6 +10,7 @@ use piecework_core::run::Attempt;
 use piecework_core::{FlowDefinition, Format, Run, RunStatus, StepState, StepStatus, ValidFlow};
 use piecework_proto::v1::{self, AuditEvent, StepResult};
 use piecework_sdk::PollState;
+use piecework_store::audit::{self, AuditQuery};
 use piecework_store::memory::MemoryStore;
 use piecework_store::redis::{RedisConfig, RedisStore};
 use piecework_store::{RunQuery, RunUpdate, StepUpdate, Store};
@@ -522,6 +523,114 @@ async fn connections_are_stored_listed_and_deleted(store: Arc<dyn Store>) {
     assert_eq!(store.list_connections().await.unwrap().len(), 1);
 }
 
+async fn audit_queries_filter_page_and_bound_time(store: Arc<dyn Store>) {
+    let before = Utc::now().timestamp_millis() - 1;
+    // More than one read chunk, so filtering continues across chunks.
+    for i in 0..1200 {
+        let (actor, action, resource) = if i % 3 == 0 {
+            ("worker:w1", "step.execute", format!("run/r{i}/step/a"))
+        } else {
+            ("api:key", "flow.apply", format!("flow/f{i}"))
+        };
+        let event = AuditEvent {
+            actor: actor.into(),
+            action: action.into(),
+            resource,
+            outcome: if i == 600 { "failure" } else { "success" }.into(),
+            time_unix_ms: Utc::now().timestamp_millis(),
+            ..AuditEvent::default()
+        };
+        store.append_audit(event).await.unwrap();
+    }
+    let query = |edit: fn(&mut AuditQuery)| {
+        let mut query = AuditQuery {
+            limit: 1000,
+            ..AuditQuery::default()
+        };
+        edit(&mut query);
+        let store = store.clone();
+        async move { audit::query(store.as_ref(), &query).await.unwrap() }
+    };
+    let workers = query(|q| q.actor = Some("worker".into())).await;
+    assert_eq!(workers.entries.len(), 400);
+    assert_eq!(workers.next, None, "the whole stream was read");
+    assert!(workers.cursor.is_some());
+    assert!(
+        workers
+            .entries
+            .iter()
+            .all(|e| e.event.action == "step.execute")
+    );
+    let one_run = query(|q| q.resource = Some("run/r3".into())).await;
+    assert_eq!(one_run.entries.len(), 1, "run/r3 is not run/r30");
+    assert_eq!(one_run.entries[0].event.resource, "run/r3/step/a");
+    let failures = query(|q| q.outcome = Some("failure".into())).await;
+    assert_eq!(failures.entries.len(), 1);
+    let capped = query(|q| q.action = Some("flow".into())).await;
+    assert_eq!(capped.entries.len(), 800);
+
+    // Paging follows `next` without gaps or repeats.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page_query = AuditQuery {
+            actor: Some("worker:w1".into()),
+            limit: 150,
+            after: after.clone(),
+            ..AuditQuery::default()
+        };
+        let page = audit::query(store.as_ref(), &page_query).await.unwrap();
+        seen.extend(page.entries.into_iter().map(|e| e.event.resource));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..1200)
+        .filter(|i| i % 3 == 0)
+        .map(|i| format!("run/r{i}/step/a"))
+        .collect();
+    assert_eq!(seen, expected);
+
+    // Time bounds.
+    let all = query(|q| q.limit = 1000).await;
+    assert_eq!(all.entries.len(), 1000);
+    assert!(all.next.is_some(), "the limit stopped it");
+    let since_before = AuditQuery {
+        since_ms: Some(before),
+        limit: 5,
+        ..AuditQuery::default()
+    };
+    assert_eq!(
+        audit::query(store.as_ref(), &since_before)
+            .await
+            .unwrap()
+            .entries
+            .len(),
+        5
+    );
+    let future = AuditQuery {
+        since_ms: Some(Utc::now().timestamp_millis() + 3_600_000),
+        limit: 5,
+        ..AuditQuery::default()
+    };
+    assert!(
+        audit::query(store.as_ref(), &future)
+            .await
+            .unwrap()
+            .entries
+            .is_empty()
+    );
+    let past = AuditQuery {
+        until_ms: Some(before),
+        limit: 5,
+        ..AuditQuery::default()
+    };
+    let page = audit::query(store.as_ref(), &past).await.unwrap();
+    assert!(page.entries.is_empty());
+    assert_eq!(page.next, None);
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -555,6 +664,7 @@ suite!(
     leases_exclude_other_holders_until_released_or_lapsed,
     runs_cancel_only_while_running_and_resume_only_when_failed,
     connections_are_stored_listed_and_deleted,
+    audit_queries_filter_page_and_bound_time,
 );
 
 #[tokio::test]

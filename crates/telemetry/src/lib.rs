@@ -1,14 +1,32 @@
-//! Telemetry setup for every piecework process: one call at start ([`init`]) and one guard
-//! dropped at shutdown.
+//! Telemetry for every piecework process: one call at start ([`init`]), one guard dropped at
+//! shutdown, and the pieces the services use while they run.
 //!
-//! Logs are human-readable on a terminal and JSON lines otherwise (what log collectors want).
-//! The filter comes from `PW_LOG` or `RUST_LOG` (e.g. `info,piecework_worker=debug`), else the
-//! process's default. The OTLP exporter joins here; the guard will flush it.
+//! - **Logs** are human-readable on a terminal and JSON lines otherwise (what log collectors
+//!   want). The filter comes from `PW_LOG` or `RUST_LOG` (e.g. `info,piecework_worker=debug`),
+//!   else the process's default.
+//! - **Traces** go to an OTLP collector over HTTP/protobuf when an endpoint is configured
+//!   ([`otlp`]: `PW_OTLP_ENDPOINT` or the standard `OTEL_EXPORTER_OTLP_*` variables). Without
+//!   one no exporter or OpenTelemetry layer is installed, so spans cost what a log line's
+//!   context costs and nothing is injected into messages. The guard flushes pending spans.
+//! - **Propagation** ([`propagation`]) carries W3C `traceparent`/`tracestate` through NATS
+//!   headers and HTTP requests, so a run is one trace across processes.
+//! - **Metrics** ([`metrics`]) are defined in one module, with bounded labels, and served in the
+//!   Prometheus/OpenMetrics text format by every process.
+
+mod fields;
+pub mod metrics;
+pub mod otlp;
+pub mod propagation;
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+pub use metrics::Metrics;
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -43,20 +61,53 @@ pub struct Options {
     pub default_filter: &'static str,
 }
 
-/// Flushes telemetry when dropped at shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("invalid {variable}: {message}")]
+    Config {
+        variable: &'static str,
+        message: String,
+    },
+    #[error("cannot start the OTLP exporter: {0}")]
+    Exporter(String),
+}
+
+/// Flushes telemetry when dropped at shutdown. Drop it outside the async runtime: the
+/// exporter's last flush blocks.
 #[must_use = "telemetry is flushed when the guard is dropped"]
 pub struct Guard {
     service: &'static str,
+    tracer: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Guard {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.tracer.is_some()
+    }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        tracing::debug!(service = self.service, "telemetry flushed");
+        if let Some(tracer) = self.tracer.take()
+            && let Err(err) = tracer.shutdown()
+        {
+            eprintln!("{}: flushing traces failed: {err}", self.service);
+        }
     }
 }
 
-/// Installs the global subscriber. Call once, at the start of `main`.
-pub fn init(options: Options) -> Guard {
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports spans: when not, trace context is neither injected nor
+/// extracted.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Installs the global subscriber (and the OTLP exporter when configured). Call once, at the
+/// start of `main`, before the async runtime exists.
+pub fn init(options: Options) -> Result<Guard, TelemetryError> {
     let filter = std::env::var("PW_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
@@ -67,17 +118,42 @@ pub fn init(options: Options) -> Guard {
         LogFormat::Pretty => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_span_events(FmtSpan::NONE);
-    // A second init (tests running several processes in one binary) keeps the first.
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Span context in logs shows the piecework fields of spans, not the OpenTelemetry ones
+    // (`otel.*`, `messaging.*`); events carry their own fields.
+    let logs = if json {
+        fmt.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_filter(filter)
+            .boxed()
     } else {
-        builder.compact().try_init()
+        fmt.compact()
+            .fmt_fields(fields::LogFields)
+            .with_filter(filter)
+            .boxed()
     };
-    Guard {
-        service: options.service,
+    let exporter = otlp::Settings::from_env()?;
+    let mut layers = vec![logs];
+    let tracer = match exporter {
+        Some(settings) => {
+            let (provider, layer) = otlp::start(&settings, options.service)?;
+            layers.push(layer);
+            Some(provider)
+        }
+        None => None,
+    };
+    // A second init (tests running several services in one binary) keeps the first.
+    if tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .is_ok()
+    {
+        EXPORTING.store(tracer.is_some(), Ordering::Relaxed);
     }
+    Ok(Guard {
+        service: options.service,
+        tracer,
+    })
 }

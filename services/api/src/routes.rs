@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -17,8 +18,13 @@ use piecework_core::run::new_run_id;
 use piecework_runtime::{Actor, Runtime};
 use piecework_sdk::{TriggerHandle, WebhookRequest};
 use piecework_store::RunQuery;
+use piecework_store::audit::{self, AuditQuery};
+use piecework_telemetry::metrics::{self, HttpLabels, HttpRouteLabels, TriggerKind};
+use piecework_telemetry::propagation;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 use crate::ApiConfig;
 use crate::error::ApiError;
@@ -30,6 +36,34 @@ struct AppState {
 }
 
 type ApiResult<T> = Result<T, ApiError>;
+
+/// axum's `Query`, answering a bad query string with the API's JSON error.
+struct Query<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| Query(value))
+            .map_err(|e| ApiError::BadRequest(e.body_text()))
+    }
+}
+
+/// axum's `Path`, answering a malformed path parameter with the API's JSON error.
+struct Path<T>(T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| Path(value))
+            .map_err(|e| ApiError::BadRequest(e.body_text()))
+    }
+}
 
 /// The API's routes.
 pub fn router(runtime: Arc<Runtime>, config: ApiConfig) -> Router {
@@ -65,9 +99,80 @@ pub fn router(runtime: Arc<Runtime>, config: ApiConfig) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .nest("/v1", protected.merge(webhooks))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// Runs every request in a server span (a child of the caller's `traceparent`, if any) and
+/// counts it by method, route pattern and status.
+async fn observe(
+    State(state): State<AppState>,
+    matched: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = matched
+        .as_ref()
+        .map_or("unmatched", |m| m.as_str())
+        .to_owned();
+    let method = request.method().as_str().to_owned();
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = %method,
+        http.route = %route,
+        url.path = %request.uri().path(),
+        http.response.status_code = Empty,
+    );
+    let incoming: Vec<(String, String)> = [propagation::TRACEPARENT, propagation::TRACESTATE]
+        .into_iter()
+        .filter_map(|name| {
+            let value = request.headers().get(name)?.to_str().ok()?;
+            Some((name.to_owned(), value.to_owned()))
+        })
+        .collect();
+    propagation::set_parent(&span, &incoming);
+    let started = Instant::now();
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    let metrics = &state.runtime.metrics;
+    metrics
+        .http_request_duration
+        .get_or_create(&HttpRouteLabels {
+            method: method.clone(),
+            route: route.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            method,
+            route,
+            status: status.as_u16(),
+        })
+        .inc();
+    response
+}
+
+/// Prometheus scrape: adoption is counted from the enabled flows at scrape time.
+async fn metrics(State(state): State<AppState>) -> Response {
+    if let Err(err) = state.runtime.refresh_adoption().await {
+        tracing::warn!(error = %err, "could not count enabled flows per piece for /metrics");
+    }
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        state.runtime.metrics.encode(),
+    )
+        .into_response()
 }
 
 async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -378,11 +483,37 @@ async fn delete_connection(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `GET /v1/audit` filters: see [`AuditQuery`] for how they match.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AuditParams {
     after: Option<String>,
     limit: Option<usize>,
+    /// RFC 3339 time, or a duration back from now (`15m`, `2h`).
+    since: Option<String>,
+    until: Option<String>,
+    actor: Option<String>,
+    action: Option<String>,
+    resource: Option<String>,
+    outcome: Option<String>,
+}
+
+/// Parses `since`/`until`: an RFC 3339 time or a duration back from now.
+fn time_param(name: &str, value: Option<&str>) -> ApiResult<Option<i64>> {
+    let Some(value) = value.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    if let Ok(time) = chrono::DateTime::parse_from_rfc3339(value) {
+        return Ok(Some(time.timestamp_millis()));
+    }
+    let ago = humantime::parse_duration(value).map_err(|_| {
+        ApiError::BadRequest(format!(
+            "{name} must be an RFC 3339 time (2026-11-25T10:00:00Z) or a duration back from now (15m), not {value:?}"
+        ))
+    })?;
+    let ago = chrono::Duration::from_std(ago)
+        .map_err(|_| ApiError::BadRequest(format!("{name} is too far back")))?;
+    Ok(Some((chrono::Utc::now() - ago).timestamp_millis()))
 }
 
 async fn list_audit(
@@ -390,12 +521,26 @@ async fn list_audit(
     Query(params): Query<AuditParams>,
 ) -> ApiResult<Json<Value>> {
     let limit = page_limit(params.limit, 100)?;
-    let entries = state
-        .runtime
-        .store
-        .read_audit(params.after.as_deref(), limit)
-        .await?;
-    let entries: Vec<Value> = entries
+    if let Some(outcome) = params.outcome.as_deref()
+        && !matches!(outcome, "success" | "failure")
+    {
+        return Err(ApiError::BadRequest(format!(
+            "outcome must be success or failure, not {outcome:?}"
+        )));
+    }
+    let query = AuditQuery {
+        since_ms: time_param("since", params.since.as_deref())?,
+        until_ms: time_param("until", params.until.as_deref())?,
+        after: params.after,
+        actor: params.actor,
+        action: params.action,
+        resource: params.resource,
+        outcome: params.outcome,
+        limit,
+    };
+    let page = audit::query(state.runtime.store.as_ref(), &query).await?;
+    let entries: Vec<Value> = page
+        .entries
         .into_iter()
         .map(|e| {
             json!({
@@ -410,7 +555,9 @@ async fn list_audit(
             })
         })
         .collect();
-    Ok(Json(json!({ "entries": entries })))
+    Ok(Json(
+        json!({ "entries": entries, "next": page.next, "cursor": page.cursor }),
+    ))
 }
 
 /// Turns the request into the flow's trigger items and starts one run per item.
@@ -464,7 +611,9 @@ async fn start_webhook_runs(
     let mut run_ids = Vec::with_capacity(items.len());
     for item in items {
         let run_id = new_run_id();
-        runtime.start_run(&flow, run_id.clone(), item).await?;
+        runtime
+            .start_run(&flow, run_id.clone(), item, TriggerKind::webhook)
+            .await?;
         run_ids.push(run_id);
     }
     Ok((flow, run_ids))
@@ -493,13 +642,37 @@ async fn webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let (_, run_ids) = start_webhook_runs(&state, &flow_id, &headers, query, body).await?;
+    let run_ids = audited_webhook(&state, &flow_id, &headers, query, body).await?;
     let run_id = run_ids.first().cloned();
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "run_id": run_id, "run_ids": run_ids })),
-    )
-        .into_response())
+    let mut answer = json!({ "run_id": run_id, "run_ids": run_ids });
+    if let Some(trace_id) = propagation::trace_id_of(&tracing::Span::current()) {
+        answer["trace_id"] = json!(trace_id);
+    }
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+/// Starts the webhook's runs and audits the call (who called is unknown: the actor is
+/// `webhook`).
+async fn audited_webhook(
+    state: &AppState,
+    flow_id: &str,
+    headers: &HeaderMap,
+    query: BTreeMap<String, String>,
+    body: Bytes,
+) -> ApiResult<Vec<String>> {
+    let started = Instant::now();
+    let result = start_webhook_runs(state, flow_id, headers, query, body).await;
+    state
+        .runtime
+        .audit(
+            &Actor::webhook(),
+            "webhook.receive",
+            &format!("flow/{flow_id}"),
+            started,
+            result.as_ref().err(),
+        )
+        .await;
+    result.map(|(_, run_ids)| run_ids)
 }
 
 /// Starts a run and answers with the flow's response once it finishes: the output of a
@@ -511,7 +684,7 @@ async fn webhook_sync(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let (_, run_ids) = start_webhook_runs(&state, &flow_id, &headers, query, body).await?;
+    let run_ids = audited_webhook(&state, &flow_id, &headers, query, body).await?;
     let [run_id] = run_ids.as_slice() else {
         return Err(ApiError::BadRequest(format!(
             "a synchronous webhook needs exactly one run, the trigger produced {}",

@@ -21,8 +21,10 @@ use piecework_core::FlowVersion;
 use piecework_proto::v1::PollJob;
 use piecework_runtime::{Runtime, RuntimeError};
 use piecework_sdk::{Schedule, TriggerHandle, TriggerKind};
+use piecework_telemetry::metrics::{TickLabels, TickOutcome};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub use clock::Clock;
 
@@ -106,20 +108,45 @@ pub async fn run(
     Ok(())
 }
 
+/// Publishes one tick's poll job, in a span that starts the tick's trace.
 async fn publish_tick(runtime: &Runtime, flow_id: &str, entry: &Entry) {
     let job = PollJob {
         flow_id: flow_id.to_owned(),
         flow_version: entry.version,
         tick_unix_ms: entry.next.timestamp_millis(),
     };
-    match jobs::publish_poll(runtime.bus.as_ref(), &entry.queue, &job, Vec::new()).await {
+    let span = tracing::info_span!(
+        parent: None,
+        "tick",
+        otel.name = %format_args!("tick {flow_id}"),
+        piecework.flow.id = flow_id,
+        piecework.flow.version = entry.version,
+        piecework.tick_unix_ms = job.tick_unix_ms,
+        piecework.duplicate = tracing::field::Empty,
+    );
+    let published = jobs::publish_poll(runtime.bus.as_ref(), &entry.queue, &job)
+        .instrument(span.clone())
+        .await;
+    let outcome = match published {
         Ok(ack) => {
-            tracing::debug!(flow = flow_id, tick = %entry.next, duplicate = ack.duplicate, "published poll job")
+            span.record("piecework.duplicate", ack.duplicate);
+            tracing::debug!(flow = flow_id, tick = %entry.next, duplicate = ack.duplicate, "published poll job");
+            if ack.duplicate {
+                TickOutcome::duplicate
+            } else {
+                TickOutcome::published
+            }
         }
         Err(err) => {
-            tracing::warn!(flow = flow_id, tick = %entry.next, error = %err, "could not publish poll job")
+            tracing::warn!(flow = flow_id, tick = %entry.next, error = %err, "could not publish poll job");
+            TickOutcome::failed
         }
-    }
+    };
+    runtime
+        .metrics
+        .scheduler_ticks
+        .get_or_create(&TickLabels { outcome })
+        .inc();
 }
 
 /// Brings `entries` in line with the enabled flows, keeping the next tick of flows whose
@@ -167,6 +194,10 @@ async fn refresh(
         }
     }
     *entries = wanted;
+    runtime
+        .metrics
+        .scheduled_flows
+        .set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
     Ok(())
 }
 

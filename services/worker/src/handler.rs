@@ -20,7 +20,14 @@ use piecework_runtime::{Actor, Runtime, RuntimeError, audit_event};
 use piecework_sdk::polling::{self, DedupeStrategy};
 use piecework_sdk::{DynAction, Piece, RunInfo, TriggerHandle, TriggerKind};
 use piecework_store::{RunUpdate, StepUpdate};
+use piecework_telemetry::metrics::{
+    self, FlowLabels, HealthCheckLabels, HealthLabels, JobLabels, PollLabels, PollOutcome,
+    QueueLabels, RunOutcome, TermLabels, TermReason,
+};
+use piecework_telemetry::propagation;
 use serde_json::json;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 use crate::WorkerConfig;
 
@@ -52,7 +59,7 @@ struct Attempted<'a> {
 enum Settle {
     Ack,
     Nak(Duration),
-    Term,
+    Term(TermReason),
 }
 
 impl Handler {
@@ -66,7 +73,28 @@ impl Handler {
     }
 
     pub(crate) async fn handle(&self, delivery: Delivery) {
-        let kind = subject::parse(&delivery.subject).map(|(_, kind)| kind);
+        let parsed = subject::parse(&delivery.subject);
+        let kind = parsed.map(|(_, kind)| kind);
+        let queue = parsed.map_or("unknown", |(queue, _)| queue).to_owned();
+        let metrics = &self.runtime.metrics;
+        metrics
+            .jobs_received
+            .get_or_create(&JobLabels {
+                queue: queue.clone(),
+                kind: match kind {
+                    Some(JobKind::Step) => metrics::JobKind::step,
+                    Some(JobKind::Poll) => metrics::JobKind::poll,
+                    None => metrics::JobKind::unknown,
+                },
+            })
+            .inc();
+        let in_flight = metrics
+            .jobs_in_flight
+            .get_or_create(&QueueLabels {
+                queue: queue.clone(),
+            })
+            .clone();
+        in_flight.inc();
         let settle = match kind {
             Some(JobKind::Step) => match StepJob::decode(delivery.payload.as_ref()) {
                 Ok(job) => self.step(job, &delivery).await,
@@ -87,12 +115,19 @@ impl Handler {
         let settled = match settle {
             Ok(Settle::Ack) => delivery.ack().await,
             Ok(Settle::Nak(delay)) => delivery.nak(delay).await,
-            Ok(Settle::Term) => delivery.term().await,
+            Ok(Settle::Term(reason)) => {
+                metrics
+                    .jobs_terminated
+                    .get_or_create(&TermLabels { queue, reason })
+                    .inc();
+                delivery.term().await
+            }
             Err(err) => {
                 tracing::warn!(error = %err, subject = %delivery.subject, "job bookkeeping failed; it will be redelivered");
                 delivery.nak(INFRA_RETRY_DELAY).await
             }
         };
+        in_flight.dec();
         if let Err(err) = settled {
             tracing::warn!(error = %err, "settling a job failed; the broker will redeliver it");
         }
@@ -111,16 +146,65 @@ impl Handler {
                 Some(&error),
             )
             .await;
-        Ok(Settle::Term)
+        Ok(Settle::Term(TermReason::poison))
     }
 
     async fn step(&self, job: StepJob, delivery: &Delivery) -> Result<Settle, RuntimeError> {
-        let runtime = &self.runtime;
-        let Some(run) = runtime.store.get_run(&job.run_id).await? else {
+        let Some(run) = self.runtime.store.get_run(&job.run_id).await? else {
             return self
                 .poison(delivery, &format!("run {} does not exist", job.run_id))
                 .await;
         };
+        let span = self.step_span(&job, delivery, &run);
+        self.run_step(job, delivery, run).instrument(span).await
+    }
+
+    /// The span of one step delivery: a child of the run's span (wherever the run started),
+    /// linked to the `publish` span that sent the job.
+    fn step_span(&self, job: &StepJob, delivery: &Delivery, run: &Run) -> tracing::Span {
+        let queue = subject::parse(&delivery.subject).map_or("", |(queue, _)| queue);
+        let span = tracing::info_span!(
+            "step",
+            otel.name = %format_args!("step {}", job.step),
+            otel.kind = "consumer",
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+            messaging.system = self.runtime.bus.system(),
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.destination.name = %delivery.subject,
+            messaging.consumer.group.name = %format_args!("pw-{queue}"),
+            messaging.message.id = delivery.header("Nats-Msg-Id").unwrap_or_default(),
+            piecework.run.id = %run.id,
+            piecework.flow.id = %job.flow_id,
+            piecework.flow.version = job.flow_version,
+            piecework.step = %job.step,
+            piecework.piece = Empty,
+            piecework.action = Empty,
+            piecework.piece.version = Empty,
+            piecework.attempt = Empty,
+            piecework.outcome = Empty,
+            piecework.delivery = delivery.delivered,
+            piecework.worker = %self.config.id,
+        );
+        let under_run = run
+            .trace
+            .as_deref()
+            .is_some_and(|traceparent| propagation::set_parent_traceparent(&span, traceparent));
+        if !under_run {
+            propagation::set_parent(&span, &delivery.headers);
+        }
+        propagation::add_link(&span, &delivery.headers);
+        span
+    }
+
+    async fn run_step(
+        &self,
+        job: StepJob,
+        delivery: &Delivery,
+        run: Run,
+    ) -> Result<Settle, RuntimeError> {
+        let runtime = &self.runtime;
         if run.status.is_terminal() {
             tracing::debug!(run_id = %run.id, step = %job.step, status = run.status.as_str(), "run already finished; dropping step");
             return Ok(Settle::Ack);
@@ -131,7 +215,7 @@ impl Handler {
                 job.flow_id, job.flow_version
             );
             self.fail_run(&run, error).await?;
-            return Ok(Settle::Term);
+            return Ok(Settle::Term(TermReason::poison));
         };
         let Some(step) = flow.definition.step(&job.step) else {
             let error = format!(
@@ -139,8 +223,11 @@ impl Handler {
                 flow.flow_id, flow.version, job.step
             );
             self.fail_run(&run, error).await?;
-            return Ok(Settle::Term);
+            return Ok(Settle::Term(TermReason::poison));
         };
+        let span = tracing::Span::current();
+        span.record("piecework.piece", step.piece.as_str());
+        span.record("piecework.action", step.action.as_str());
         // A redelivery after the attempt was recorded (the worker died before settling):
         // finish the hand-off without running the step again. (A manual retry resets the
         // failed step before publishing, so it is not mistaken for this.)
@@ -300,9 +387,12 @@ impl Handler {
                 Some(error.clone()),
                 Settle::Nak(*delay),
             ),
-            StepOutcome::Failed { error } => {
-                (StepStatus::Failed, None, Some(error.clone()), Settle::Term)
-            }
+            StepOutcome::Failed { error } => (
+                StepStatus::Failed,
+                None,
+                Some(error.clone()),
+                Settle::Term(TermReason::failed),
+            ),
         };
         let version = executed
             .map(|(piece, _)| piece.version().to_string())
@@ -354,6 +444,8 @@ impl Handler {
             }
             _ => None,
         };
+        log_attempt(run, step, attempt, status, duration, error.as_deref());
+        self.observe_attempt(step, &version, attempt, status, duration, error.as_deref());
         let result = StepResult {
             run_id: run.id.clone(),
             flow_id: flow.flow_id.clone(),
@@ -369,7 +461,16 @@ impl Handler {
             run_status: proto_run_status(run_status) as i32,
             finished_unix_ms: Utc::now().timestamp_millis(),
         };
-        log_attempt(run, step, attempt, status, duration, error.as_deref());
+        if let (Some((piece, action)), Some(output)) = (executed, &output)
+            && action.spec().health_check
+        {
+            self.observe_health(piece.name(), &flow.flow_id, output);
+        }
+        if let Some(update) = &run_update {
+            self.runtime
+                .metrics
+                .run_finished(&flow.flow_id, run_outcome(update.status));
+        }
         let audit = audit_event(
             &self.actor,
             "step.execute",
@@ -421,10 +522,91 @@ impl Handler {
             .store
             .update_run(&run.id, finished(RunStatus::Failed, Some(error)))
             .await?;
+        self.runtime
+            .metrics
+            .run_finished(&run.flow_id, RunOutcome::failed);
         Ok(())
     }
 
+    /// Puts an attempt on the step's span and into the step metrics.
+    fn observe_attempt(
+        &self,
+        step: &StepDef,
+        version: &str,
+        attempt: u32,
+        status: StepStatus,
+        duration: Duration,
+        error: Option<&str>,
+    ) {
+        let outcome = match status {
+            StepStatus::Succeeded => metrics::StepOutcome::succeeded,
+            StepStatus::Retrying => metrics::StepOutcome::retrying,
+            StepStatus::Failed => metrics::StepOutcome::failed,
+        };
+        let span = tracing::Span::current();
+        span.record("piecework.piece.version", version);
+        span.record("piecework.attempt", attempt);
+        span.record("piecework.outcome", status.as_str());
+        if let Some(error) = error {
+            // The recorded error: connection values are already redacted from it.
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", error);
+        }
+        self.runtime.metrics.step_attempted(
+            &step.piece,
+            &step.action,
+            version,
+            outcome,
+            duration.as_secs_f64(),
+        );
+    }
+
+    /// Exports a health check action's verdict: `status: healthy` (or `healthy: true`) is
+    /// healthy, anything else is not.
+    fn observe_health(&self, piece: &str, flow: &str, output: &serde_json::Value) {
+        let healthy = output.get("status").and_then(|s| s.as_str()) == Some("healthy")
+            || output.get("healthy").and_then(serde_json::Value::as_bool) == Some(true);
+        let metrics = &self.runtime.metrics;
+        metrics
+            .piece_healthy
+            .get_or_create(&HealthLabels {
+                piece: piece.to_owned(),
+                flow: flow.to_owned(),
+            })
+            .set(i64::from(healthy));
+        metrics
+            .health_checks
+            .get_or_create(&HealthCheckLabels {
+                piece: piece.to_owned(),
+                healthy,
+            })
+            .inc();
+    }
+
     async fn poll(&self, job: PollJob, delivery: &Delivery) -> Result<Settle, RuntimeError> {
+        let span = tracing::info_span!(
+            "poll",
+            otel.name = %format_args!("poll {}", job.flow_id),
+            otel.kind = "consumer",
+            otel.status_code = Empty,
+            messaging.system = self.runtime.bus.system(),
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.destination.name = %delivery.subject,
+            messaging.message.id = delivery.header("Nats-Msg-Id").unwrap_or_default(),
+            piecework.flow.id = %job.flow_id,
+            piecework.flow.version = job.flow_version,
+            piecework.tick_unix_ms = job.tick_unix_ms,
+            piecework.items = Empty,
+            piecework.new_items = Empty,
+            piecework.delivery = delivery.delivered,
+            piecework.worker = %self.config.id,
+        );
+        propagation::set_parent(&span, &delivery.headers);
+        self.run_poll(job, delivery).instrument(span).await
+    }
+
+    async fn run_poll(&self, job: PollJob, delivery: &Delivery) -> Result<Settle, RuntimeError> {
         let runtime = &self.runtime;
         let Some(flow) = runtime.flow_version(&job.flow_id, job.flow_version).await? else {
             return self
@@ -458,7 +640,9 @@ impl Handler {
                 let item = json!({ "scheduled_at": tick, "fired_at": Utc::now() });
                 let run_id =
                     deterministic_run_id(&flow.flow_id, &format!("tick:{}", job.tick_unix_ms));
-                runtime.start_run(&flow, run_id, item).await?;
+                runtime
+                    .start_run(&flow, run_id, item, metrics::TriggerKind::schedule)
+                    .await?;
                 Ok(Settle::Ack)
             }
             Some(TriggerHandle::Polling(polling)) => {
@@ -474,6 +658,7 @@ impl Handler {
                 let ttl = self.config.poll_timeout + POLL_LEASE_MARGIN;
                 if !runtime.store.acquire_lease(&lease, &holder, ttl).await? {
                     tracing::debug!(flow = %flow.flow_id, "another worker is polling this flow; skipping the tick");
+                    self.count_poll(&flow.flow_id, PollOutcome::skipped);
                     return Ok(Settle::Ack);
                 }
                 let polled = self
@@ -546,10 +731,12 @@ impl Handler {
             Ok(items) => items,
             Err(err) if err.is_retryable() && delivery.delivered < POLL_ATTEMPTS => {
                 tracing::warn!(flow = %flow.flow_id, error = %err, "poll failed; retrying");
+                self.count_poll(&flow.flow_id, PollOutcome::retrying);
                 return Ok(Settle::Nak(err.retry_after().unwrap_or(POLL_RETRY_DELAY)));
             }
             Err(err) => return self.poll_failed(flow, &err.to_string()).await,
         };
+        let polled_items = items.len();
         let previous = runtime.store.trigger_state(&flow.flow_id).await?;
         let outcome =
             match polling::dedupe(strategy, previous, items, self.config.max_items_per_poll) {
@@ -559,7 +746,9 @@ impl Handler {
         let new_items = outcome.new_items.len();
         for item in outcome.new_items {
             let run_id = deterministic_run_id(&flow.flow_id, &item.dedupe_key());
-            runtime.start_run(flow, run_id, item.data).await?;
+            runtime
+                .start_run(flow, run_id, item.data, metrics::TriggerKind::polling)
+                .await?;
         }
         // The cursor moves only after every run exists: a crash before this line
         // repeats the poll, and deterministic run ids keep the runs single.
@@ -568,11 +757,43 @@ impl Handler {
             .put_trigger_state(&flow.flow_id, &outcome.state)
             .await?;
         tracing::debug!(flow = %flow.flow_id, new_items, elapsed = ?started.elapsed(), "polled");
+        let span = tracing::Span::current();
+        span.record("piecework.items", polled_items);
+        span.record("piecework.new_items", new_items);
+        self.count_poll(&flow.flow_id, PollOutcome::succeeded);
+        let metrics = &runtime.metrics;
+        let labels = FlowLabels {
+            flow: flow.flow_id.clone(),
+        };
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        metrics
+            .poll_items
+            .get_or_create(&labels)
+            .inc_by(count(polled_items));
+        metrics
+            .poll_dedupe_dropped
+            .get_or_create(&labels)
+            .inc_by(count(
+                polled_items.saturating_sub(new_items + outcome.deferred),
+            ));
         Ok(Settle::Ack)
+    }
+
+    fn count_poll(&self, flow: &str, outcome: PollOutcome) {
+        self.runtime
+            .metrics
+            .polls
+            .get_or_create(&PollLabels {
+                flow: flow.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     async fn poll_failed(&self, flow: &FlowVersion, error: &str) -> Result<Settle, RuntimeError> {
         tracing::warn!(flow = %flow.flow_id, error, "poll failed");
+        self.count_poll(&flow.flow_id, PollOutcome::failed);
+        tracing::Span::current().record("otel.status_code", "ERROR");
         let resource = format!("flow/{}", flow.flow_id);
         self.runtime
             .audit(
@@ -583,7 +804,15 @@ impl Handler {
                 Some(&error),
             )
             .await;
-        Ok(Settle::Term)
+        Ok(Settle::Term(TermReason::failed))
+    }
+}
+
+fn run_outcome(status: RunStatus) -> RunOutcome {
+    match status {
+        RunStatus::Failed => RunOutcome::failed,
+        RunStatus::Cancelled => RunOutcome::cancelled,
+        RunStatus::Running | RunStatus::Succeeded => RunOutcome::succeeded,
     }
 }
 

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use piecework_bus::{ConsumeOptions, Consumer, Delivery};
 use piecework_runtime::Runtime;
+use piecework_telemetry::metrics::QueueLabels;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -162,6 +163,37 @@ impl Puller {
                         () = stop.cancelled() => return,
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Copies each queue's backlog from the broker into the queue gauges; called before a scrape.
+/// A queue whose consumer cannot be read keeps its last values (and the failure is logged).
+pub async fn refresh_queue_metrics(runtime: &Runtime, queues: &[String]) {
+    let metrics = &runtime.metrics;
+    for queue in queues {
+        match runtime.bus.queue_stats(queue).await {
+            Ok(stats) => {
+                let labels = QueueLabels {
+                    queue: queue.clone(),
+                };
+                let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                metrics
+                    .queue_pending
+                    .get_or_create(&labels)
+                    .set(gauge(stats.pending));
+                metrics
+                    .queue_ack_pending
+                    .get_or_create(&labels)
+                    .set(gauge(stats.ack_pending));
+                metrics
+                    .queue_redelivered
+                    .get_or_create(&labels)
+                    .set(gauge(stats.redelivered));
+            }
+            Err(err) => {
+                tracing::warn!(queue = %queue, error = %err, "could not read the queue's consumer for /metrics");
             }
         }
     }

@@ -15,6 +15,7 @@ use piecework_sdk::EgressPolicy;
 use piecework_sdk::prelude::*;
 use piecework_store::Store;
 use piecework_store::memory::MemoryStore;
+use piecework_telemetry::metrics::TriggerKind;
 use piecework_worker::WorkerConfig;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -235,7 +236,7 @@ impl Harness {
     async fn start_run(&self, id: &str, trigger: Value) {
         let flow = self.runtime.flow_version("f", 1).await.unwrap().unwrap();
         self.runtime
-            .start_run(&flow, id.into(), trigger)
+            .start_run(&flow, id.into(), trigger, TriggerKind::webhook)
             .await
             .unwrap();
     }
@@ -586,7 +587,7 @@ async fn polling_starts_one_run_per_new_item_even_when_polls_repeat() {
         };
         let bus = h.bus.clone();
         async move {
-            piecework_bus::jobs::publish_poll(&bus, "default", &job, vec![])
+            piecework_bus::jobs::publish_poll(&bus, "default", &job)
                 .await
                 .unwrap()
         }

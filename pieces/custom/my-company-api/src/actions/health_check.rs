@@ -19,6 +19,7 @@ impl Action for HealthCheck {
             .description("Check API connectivity")
             .output("`status` (healthy or unhealthy), `latency_ms`, `api_version`, or `error` when unhealthy")
             .require_auth()
+            .health_check()
     }
 
     async fn run(&self, ctx: &Context, _input: Value) -> Result<Value, PieceError> {
