@@ -112,6 +112,7 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         infra.describe()
     );
     println!("  api     http://{addr}   (GET /v1/runs, GET /v1/pieces, POST /v1/flows)");
+    println!("  watch   http://{addr}/metrics, GET /v1/audit, PW_OTLP_ENDPOINT for traces");
     println!(
         "  flows   {}",
         if names.is_empty() {

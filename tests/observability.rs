@@ -963,3 +963,59 @@ async fn the_audit_trail_records_mutations_and_steps_and_filters_by_actor_action
     assert_eq!(entry["resource"], "flow/audited");
     follow.kill().await.unwrap();
 }
+
+/// The HTTP status of `url`, 0 when it does not answer.
+async fn status_of(url: &str) -> u16 {
+    client()
+        .get(url)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+async fn wait_for_status(fleet: &Fleet, url: &str, wanted: u16, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while status_of(url).await != wanted {
+        assert!(
+            Instant::now() < deadline,
+            "{url} never answered {wanted} ({why}):\n{}",
+            fleet.log_tails()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_and_scheduler_are_alive_but_not_ready_while_redis_is_away() {
+    let mut fleet = Fleet::start("").await;
+    let api = fleet.start_api().await;
+    let scheduler = fleet.start_scheduler("s1").await;
+    let api_ready = format!("{api}/readyz");
+    assert_eq!(status_of(&api_ready).await, 200);
+    assert_eq!(status_of(&scheduler).await, 200);
+
+    fleet.redis.stop().await;
+    wait_for_status(&fleet, &api_ready, 503, "Redis is down").await;
+    wait_for_status(&fleet, &scheduler, 503, "Redis is down").await;
+    let body: Value = client()
+        .get(&api_ready)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["bus"], "ok");
+    assert_ne!(body["store"], "ok", "{body}");
+    // Alive all the while: an orchestrator must not restart them for a dependency's outage.
+    assert_eq!(status_of(&format!("{api}/healthz")).await, 200);
+    assert_eq!(
+        status_of(&scheduler.replace("/readyz", "/healthz")).await,
+        200
+    );
+
+    fleet.redis.restart().await.unwrap();
+    wait_for_status(&fleet, &api_ready, 200, "Redis is back").await;
+    wait_for_status(&fleet, &scheduler, 200, "Redis is back").await;
+}
