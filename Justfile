@@ -11,6 +11,13 @@ dev *args:
 test *args:
     scripts/test {{args}}
 
+# The benchmarks on a release build: piecework against raw JetStream and BullMQ, figures and
+# ratios in the terminal and target/bench/latest.json (see BENCHMARKS.md). `just bench --smoke`
+# is the quick check CI runs.
+bench *args:
+    cargo build --release --locked --bins
+    target/release/piecework-bench {{args}}
+
 # Formatting and clippy, as CI runs them.
 lint:
     cargo fmt --all -- --check

@@ -1,0 +1,149 @@
+//! piecework processes started by the harness, the way an installation runs them.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use piecework_testkit::free_port;
+
+/// Where the infrastructure is, for every process.
+#[derive(Debug, Clone)]
+pub struct Infra {
+    pub nats: String,
+    pub redis: String,
+    pub key: String,
+}
+
+/// One running `piecework` process; killed when dropped.
+pub struct Process {
+    pub name: String,
+    child: Child,
+    /// Its `/readyz`.
+    pub ready: String,
+    log: PathBuf,
+}
+
+/// The `piecework` binary next to this one (`cargo build --bins` builds both).
+pub fn binary() -> anyhow::Result<PathBuf> {
+    let here = std::env::current_exe()?;
+    let bin = here.with_file_name("piecework");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first (`cargo build --release --bins`, as `just bench` does)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+impl Process {
+    /// `piecework worker` with `concurrency` slots.
+    pub async fn worker(infra: &Infra, id: &str, concurrency: usize) -> anyhow::Result<Self> {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let concurrency = concurrency.to_string();
+        Self::start(
+            infra,
+            id,
+            &[
+                "worker",
+                "--id",
+                id,
+                "--concurrency",
+                &concurrency,
+                "--health-listen",
+                &listen,
+            ],
+            format!("http://{listen}/readyz"),
+        )
+        .await
+    }
+
+    /// `piecework api`; returns it with its base URL.
+    pub async fn api(infra: &Infra) -> anyhow::Result<(Self, String)> {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let base = format!("http://{listen}");
+        let process = Self::start(
+            infra,
+            "api",
+            &["api", "--listen", &listen],
+            format!("{base}/readyz"),
+        )
+        .await?;
+        Ok((process, base))
+    }
+
+    async fn start(
+        infra: &Infra,
+        name: &str,
+        args: &[&str],
+        ready: String,
+    ) -> anyhow::Result<Self> {
+        let log =
+            std::env::temp_dir().join(format!("piecework-bench-{name}-{}.log", std::process::id()));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(binary()?)
+            .args(args)
+            .env("PW_NATS_URL", &infra.nats)
+            .env("PW_REDIS_URL", &infra.redis)
+            .env("PW_ENCRYPTION_KEY", &infra.key)
+            .env("PW_LOG", "warn")
+            .env_remove("PW_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let mut process = Self {
+            name: name.to_owned(),
+            child,
+            ready,
+            log,
+        };
+        process.wait_ready().await?;
+        Ok(process)
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(response) = http.get(&self.ready).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited with {status}: {}", self.name, self.logs());
+            }
+            if Instant::now() > deadline {
+                bail!("{} not ready after 60s: {}", self.name, self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Resident memory, from `/proc`.
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in /proc/<pid>/status")?;
+        Ok(kib * 1024)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

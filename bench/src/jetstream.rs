@@ -1,0 +1,91 @@
+//! The raw JetStream baseline: what NATS alone moves on this machine. A work-queue stream on
+//! file storage like `PW_JOBS`, pipelined publishes with message ids, and one pull consumer
+//! fetching in batches and acking every message, running at the same time.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer, stream};
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+
+/// Publishes still waiting for their ack at any time.
+const WINDOW: usize = 512;
+
+/// Moves `count` messages through a fresh stream; returns the time from the first publish to
+/// the last ack.
+pub async fn run(url: &str, count: usize) -> anyhow::Result<Duration> {
+    let client = async_nats::connect(url)
+        .await
+        .context("connecting to NATS")?;
+    let js = jetstream::new(client);
+    let name = "BENCH_RAW";
+    let _ = js.delete_stream(name).await;
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec!["bench.raw.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .context("creating the stream")?;
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("bench".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
+        .await
+        .context("creating the consumer")?;
+    let payload = bytes_payload();
+    let started = Instant::now();
+    let publisher = {
+        let js = js.clone();
+        async move {
+            let mut pending = FuturesUnordered::new();
+            for n in 0..count {
+                let message = jetstream::message::PublishMessage::build()
+                    .payload(payload.clone())
+                    .message_id(format!("m{n}"));
+                let ack = js.send_publish("bench.raw.job", message).await?;
+                pending.push(ack.into_future());
+                while pending.len() >= WINDOW {
+                    pending.next().await.expect("not empty")?;
+                }
+            }
+            while let Some(ack) = pending.next().await {
+                ack?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    let subscriber = async move {
+        let mut received = 0;
+        while received < count {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(500)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await?;
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
+                message.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                received += 1;
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::try_join!(publisher, subscriber)?;
+    let elapsed = started.elapsed();
+    let _ = js.delete_stream(name).await;
+    Ok(elapsed)
+}
+
+/// About the size of an encoded `StepJob`.
+fn bytes_payload() -> bytes::Bytes {
+    bytes::Bytes::from(vec![b'x'; 96])
+}

@@ -1,0 +1,413 @@
+//! The piecework figures: runs of a 3-step flow through worker processes (and in memory), the
+//! synchronous webhook under load, and a worker's memory idle and with 1,000 jobs in flight.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
+use piecework_core::flow::{FlowDefinition, Format};
+use piecework_core::run::new_run_id;
+use piecework_core::{FlowVersion, Run};
+use piecework_proto::v1::RunStatus;
+use piecework_runtime::{Actor, Runtime};
+use piecework_telemetry::metrics::TriggerKind;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::fleet::{Infra, Process};
+use crate::stats::{Latency, rate};
+
+/// Three no-op core actions: what a step costs when the piece itself costs nothing.
+fn three_step_flow(name: &str) -> String {
+    format!(
+        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch }}\nsteps:\n  - {{ name: a, piece: data, action: set, input: {{ value: 1 }} }}\n  - {{ name: b, piece: data, action: set, input: {{ value: 2 }} }}\n  - {{ name: c, piece: data, action: set, input: {{ value: 3 }} }}\n"
+    )
+}
+
+/// Starts runs concurrently, at most this many creations in flight.
+const STARTERS: usize = 64;
+
+/// What a throughput scenario measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    pub runs: usize,
+    pub steps: usize,
+    pub seconds: f64,
+    pub runs_per_sec: f64,
+    pub steps_per_sec: f64,
+    /// From the end of one step (or the run's creation) to the start of the next.
+    pub dispatch: Latency,
+}
+
+pub async fn apply(runtime: &Runtime, yaml: &str) -> anyhow::Result<Arc<FlowVersion>> {
+    let definition = FlowDefinition::parse(yaml, Format::Yaml)?;
+    let applied = runtime.apply_flow(definition, &Actor::api("bench")).await?;
+    runtime
+        .flow_version(&applied.record.id, applied.version)
+        .await?
+        .context("the applied version vanished")
+}
+
+/// Starts `runs` runs of `flow` and waits for all of them to finish, watching `pw:results`.
+pub async fn drive(
+    runtime: &Arc<Runtime>,
+    flow: &Arc<FlowVersion>,
+    runs: usize,
+) -> anyhow::Result<Throughput> {
+    let watcher = {
+        let runtime = runtime.clone();
+        let flow_id = flow.flow_id.clone();
+        tokio::spawn(async move { wait_for_finishes(&runtime, &flow_id, runs).await })
+    };
+    // Let the watcher's blocking read start before the first result can exist.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let ids: Vec<String> = futures::stream::iter(0..runs)
+        .map(|_| {
+            let runtime = runtime.clone();
+            let flow = flow.clone();
+            async move {
+                let id = new_run_id();
+                runtime
+                    .start_run(&flow, id.clone(), json!({}), TriggerKind::webhook)
+                    .await
+                    .map(|_| id)
+            }
+        })
+        .buffer_unordered(STARTERS)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let failed = tokio::time::timeout(Duration::from_secs(600), watcher)
+        .await
+        .context("runs did not finish within 10 minutes")???;
+    let elapsed = started.elapsed();
+    if failed > 0 {
+        bail!("{failed} of {runs} runs failed");
+    }
+    let steps = runs * flow.definition.steps.len();
+    Ok(Throughput {
+        runs,
+        steps,
+        seconds: elapsed.as_secs_f64(),
+        runs_per_sec: rate(runs, elapsed),
+        steps_per_sec: rate(steps, elapsed),
+        dispatch: dispatch_latency(runtime, &ids).await?,
+    })
+}
+
+/// Counts finished runs of `flow_id` in `pw:results`; returns how many failed.
+async fn wait_for_finishes(runtime: &Runtime, flow_id: &str, runs: usize) -> anyhow::Result<usize> {
+    let mut after = "$".to_owned();
+    let (mut finished, mut failed) = (0, 0);
+    while finished < runs {
+        let entries = runtime
+            .store
+            .read_results(Some(&after), 1000, Duration::from_secs(5))
+            .await?;
+        for entry in entries {
+            after = entry.id;
+            let result = entry.event;
+            if result.flow_id != flow_id {
+                continue;
+            }
+            match RunStatus::try_from(result.run_status) {
+                Ok(RunStatus::Succeeded) => finished += 1,
+                Ok(RunStatus::Failed | RunStatus::Cancelled) => {
+                    finished += 1;
+                    failed += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(failed)
+}
+
+/// Gaps between one step's end and the next one's start (the first: from the run's creation).
+async fn dispatch_latency(runtime: &Arc<Runtime>, ids: &[String]) -> anyhow::Result<Latency> {
+    let runs: Vec<Option<Run>> = futures::stream::iter(ids.iter().cloned())
+        .map(|id| {
+            let runtime = runtime.clone();
+            async move { runtime.store.get_run(&id).await }
+        })
+        .buffer_unordered(STARTERS)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let mut gaps = Vec::new();
+    for run in runs.into_iter().flatten() {
+        let mut previous_end: DateTime<Utc> = run.created_at;
+        for step in &run.steps {
+            let Some(attempt) = step.attempts.first() else {
+                continue;
+            };
+            gaps.push(
+                (attempt.started_at - previous_end)
+                    .to_std()
+                    .unwrap_or_default(),
+            );
+            previous_end = attempt.started_at
+                + chrono::Duration::milliseconds(i64::try_from(attempt.duration_ms).unwrap_or(0));
+        }
+    }
+    Ok(Latency::of(gaps))
+}
+
+/// N runs through `workers` worker processes on NATS and Redis.
+pub async fn fleet_throughput(
+    infra: &Infra,
+    runtime: &Arc<Runtime>,
+    workers: usize,
+    runs: usize,
+) -> anyhow::Result<Throughput> {
+    let mut processes = Vec::new();
+    for n in 0..workers {
+        processes.push(Process::worker(infra, &format!("bench-w{n}"), 64).await?);
+    }
+    let flow = apply(runtime, &three_step_flow(&format!("bench-{workers}w"))).await?;
+    let measured = drive(runtime, &flow, runs).await;
+    drop(processes);
+    measured
+}
+
+/// N runs on the embedded in-memory bus and store, worker in-process: `piecework dev`.
+pub async fn in_memory_throughput(runs: usize) -> anyhow::Result<Throughput> {
+    let mut config = piecework::config::Config::default();
+    config.worker.concurrency = 64;
+    let runtime = piecework::infra::runtime(
+        &config,
+        piecework::registry::pieces()?,
+        piecework::infra::Infra::MEMORY,
+        None,
+    )
+    .await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(piecework_worker::run(
+        config.worker.clone(),
+        runtime.clone(),
+        shutdown.clone(),
+    ));
+    let flow = apply(&runtime, &three_step_flow("bench-dev")).await?;
+    let measured = drive(&runtime, &flow, runs).await;
+    shutdown.cancel();
+    let _ = worker.await;
+    measured
+}
+
+/// What the synchronous webhook did under load.
+#[derive(Debug, Clone, Serialize)]
+pub struct WebhookLoad {
+    pub clients: usize,
+    pub requests: usize,
+    pub seconds: f64,
+    pub requests_per_sec: f64,
+    pub latency: Latency,
+}
+
+/// `POST /v1/webhooks/{flow}/sync` on a one-step flow from `clients` concurrent clients for
+/// `duration`, against an api process and two workers (Activepieces' benchmark shape).
+pub async fn sync_webhook(
+    infra: &Infra,
+    runtime: &Arc<Runtime>,
+    levels: &[usize],
+    duration: Duration,
+) -> anyhow::Result<Vec<WebhookLoad>> {
+    let (api, base) = Process::api(infra).await?;
+    let workers = vec![
+        Process::worker(infra, "bench-s0", 64).await?,
+        Process::worker(infra, "bench-s1", 64).await?,
+    ];
+    apply(
+        runtime,
+        "apiVersion: piecework/v1\nkind: Flow\nname: bench-sync\ntrigger: { piece: webhook, trigger: catch }\nsteps:\n  - { name: reply, piece: data, action: set, input: { value: { greeting: \"hello, {{ trigger.body.name }}\" } } }\n",
+    )
+    .await?;
+    let url = format!("{base}/v1/webhooks/bench-sync/sync");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    // Warm up connections and caches.
+    for _ in 0..20 {
+        post(&http, &url).await?;
+    }
+    let mut loads = Vec::new();
+    for &clients in levels {
+        loads.push(load(&http, &url, clients, duration).await?);
+    }
+    drop(workers);
+    drop(api);
+    Ok(loads)
+}
+
+async fn post(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let response = http
+        .post(url)
+        .json(&json!({ "name": "ada" }))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!(
+            "the sync webhook answered {}: {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
+    }
+    response.bytes().await?;
+    Ok(())
+}
+
+async fn load(
+    http: &reqwest::Client,
+    url: &str,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<WebhookLoad> {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.to_owned());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    post(&http, &url).await?;
+                    latencies.push(sent.elapsed());
+                }
+                anyhow::Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed();
+    Ok(WebhookLoad {
+        clients,
+        requests: latencies.len(),
+        seconds: elapsed.as_secs_f64(),
+        requests_per_sec: rate(latencies.len(), elapsed),
+        latency: Latency::of(latencies),
+    })
+}
+
+/// A worker's resident memory.
+#[derive(Debug, Clone, Serialize)]
+pub struct Memory {
+    pub idle_rss_mb: f64,
+    pub in_flight: usize,
+    pub loaded_rss_mb: f64,
+}
+
+/// Idle RSS of a worker with `jobs` slots, then its RSS while `jobs` steps wait on a slow HTTP
+/// endpoint.
+pub async fn worker_memory(
+    infra: &Infra,
+    runtime: &Arc<Runtime>,
+    jobs: usize,
+) -> anyhow::Result<Memory> {
+    let hold = Hold::start().await?;
+    let worker = Process::worker(infra, "bench-mem", jobs).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = worker.rss_bytes()?;
+    let flow = apply(
+        runtime,
+        &format!(
+            "apiVersion: piecework/v1\nkind: Flow\nname: bench-hold\ntrigger: {{ piece: webhook, trigger: catch }}\nsteps:\n  - {{ name: wait, piece: http, action: send_request, input: {{ url: \"{}/hold\" }}, timeout: 5m }}\n",
+            hold.url
+        ),
+    )
+    .await?;
+    futures::stream::iter(0..jobs)
+        .map(|_| {
+            let (runtime, flow) = (runtime.clone(), flow.clone());
+            async move {
+                runtime
+                    .start_run(&flow, new_run_id(), json!({}), TriggerKind::webhook)
+                    .await
+            }
+        })
+        .buffer_unordered(STARTERS)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while hold.waiting() < jobs {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {jobs} jobs reached the worker's HTTP calls: {}",
+                hold.waiting(),
+                worker.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let loaded = worker.rss_bytes()?;
+    let in_flight = hold.waiting();
+    hold.release();
+    drop(worker);
+    let mb = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    Ok(Memory {
+        idle_rss_mb: mb(idle),
+        in_flight,
+        loaded_rss_mb: mb(loaded),
+    })
+}
+
+/// An HTTP endpoint that holds every request until released.
+struct Hold {
+    url: String,
+    waiting: Arc<AtomicUsize>,
+    release: Arc<tokio::sync::Notify>,
+    released: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Hold {
+    async fn start() -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let hold = Self {
+            url: format!("http://{}", listener.local_addr()?),
+            waiting: Arc::default(),
+            release: Arc::default(),
+            released: Arc::default(),
+        };
+        let (waiting, release, released) = (
+            hold.waiting.clone(),
+            hold.release.clone(),
+            hold.released.clone(),
+        );
+        let app = axum::Router::new().route(
+            "/hold",
+            axum::routing::get(move || {
+                let (waiting, release, released) =
+                    (waiting.clone(), release.clone(), released.clone());
+                async move {
+                    waiting.fetch_add(1, Ordering::SeqCst);
+                    if !released.load(Ordering::SeqCst) {
+                        release.notified().await;
+                    }
+                    "ok"
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(hold)
+    }
+
+    fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
+        self.release.notify_waiters();
+    }
+}
