@@ -128,6 +128,11 @@ impl Process {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// CPU time (user + system) the process has used, from `/proc`.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        cpu_seconds(self.child.id())
+    }
+
     /// Resident memory, from `/proc`.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
@@ -147,3 +152,25 @@ impl Drop for Process {
         let _ = std::fs::remove_file(&self.log);
     }
 }
+
+/// User + system CPU seconds of process `pid` (`/proc/<pid>/stat`, fields 14 and 15).
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces; fields after it are plain.
+    let after_name = stat
+        .rsplit_once(')')
+        .context("malformed /proc/<pid>/stat")?
+        .1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("short /proc/<pid>/stat")?
+            .parse::<f64>()?)
+    };
+    // Fields 14 and 15 of the file are the 12th and 13th after the name.
+    Ok((ticks(11)? + ticks(12)?) / CLOCK_TICKS)
+}
+
+/// `sysconf(_SC_CLK_TCK)`: 100 on Linux everywhere that matters.
+const CLOCK_TICKS: f64 = 100.0;

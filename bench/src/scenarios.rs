@@ -40,6 +40,9 @@ pub struct Throughput {
     pub steps_per_sec: f64,
     /// From the end of one step (or the run's creation) to the start of the next.
     pub dispatch: Latency,
+    /// CPU time the worker process(es) spent per step: steady across machine noise, unlike
+    /// rates.
+    pub worker_cpu_us_per_step: f64,
 }
 
 pub async fn apply(runtime: &Runtime, yaml: &str) -> anyhow::Result<Arc<FlowVersion>> {
@@ -56,6 +59,7 @@ pub async fn drive(
     runtime: &Arc<Runtime>,
     flow: &Arc<FlowVersion>,
     runs: usize,
+    worker_cpu: impl Fn() -> anyhow::Result<f64>,
 ) -> anyhow::Result<Throughput> {
     let watcher = {
         let runtime = runtime.clone();
@@ -64,6 +68,7 @@ pub async fn drive(
     };
     // Let the watcher's blocking read start before the first result can exist.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let cpu_before = worker_cpu()?;
     let started = Instant::now();
     let ids: Vec<String> = futures::stream::iter(0..runs)
         .map(|_| {
@@ -86,6 +91,7 @@ pub async fn drive(
         .await
         .context("runs did not finish within 10 minutes")???;
     let elapsed = started.elapsed();
+    let cpu = worker_cpu()? - cpu_before;
     if failed > 0 {
         bail!("{failed} of {runs} runs failed");
     }
@@ -97,6 +103,7 @@ pub async fn drive(
         runs_per_sec: rate(runs, elapsed),
         steps_per_sec: rate(steps, elapsed),
         dispatch: dispatch_latency(runtime, &ids).await?,
+        worker_cpu_us_per_step: cpu * 1e6 / steps as f64,
     })
 }
 
@@ -171,9 +178,47 @@ pub async fn fleet_throughput(
         processes.push(Process::worker(infra, &format!("bench-w{n}"), 64).await?);
     }
     let flow = apply(runtime, &three_step_flow(&format!("bench-{workers}w"))).await?;
-    let measured = drive(runtime, &flow, runs).await;
+    let cpu = || {
+        processes
+            .iter()
+            .map(Process::cpu_seconds)
+            .sum::<anyhow::Result<f64>>()
+    };
+    let measured = drive(runtime, &flow, runs, cpu).await;
     drop(processes);
     measured
+}
+
+/// Step dispatch latency without load: `runs` runs one after another through two worker
+/// processes, each started when the previous one finished.
+pub async fn unloaded_dispatch(
+    infra: &Infra,
+    runtime: &Arc<Runtime>,
+    runs: usize,
+) -> anyhow::Result<Latency> {
+    let workers = vec![
+        Process::worker(infra, "bench-l0", 64).await?,
+        Process::worker(infra, "bench-l1", 64).await?,
+    ];
+    let flow = apply(runtime, &three_step_flow("bench-latency")).await?;
+    let mut ids = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let id = new_run_id();
+        runtime
+            .start_run(&flow, id.clone(), json!({}), TriggerKind::webhook)
+            .await?;
+        let run = runtime
+            .store
+            .wait_run_finished(&id, Duration::from_secs(30))
+            .await?
+            .context("the run vanished")?;
+        if !run.status.is_terminal() {
+            bail!("run {id} did not finish within 30s");
+        }
+        ids.push(id);
+    }
+    drop(workers);
+    dispatch_latency(runtime, &ids).await
 }
 
 /// N runs on the embedded in-memory bus and store, worker in-process: `piecework dev`.
@@ -194,7 +239,11 @@ pub async fn in_memory_throughput(runs: usize) -> anyhow::Result<Throughput> {
         shutdown.clone(),
     ));
     let flow = apply(&runtime, &three_step_flow("bench-dev")).await?;
-    let measured = drive(&runtime, &flow, runs).await;
+    // In memory the worker shares this process with the harness: its CPU counts too.
+    let measured = drive(&runtime, &flow, runs, || {
+        crate::fleet::cpu_seconds(std::process::id())
+    })
+    .await;
     shutdown.cancel();
     let _ = worker.await;
     measured

@@ -20,6 +20,7 @@ use serde_json::Value;
 pub mod audit;
 pub mod memory;
 pub mod redis;
+mod run_done;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

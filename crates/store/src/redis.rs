@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use piecework_core::{FlowVersion, Run, RunStatus, RunSummary, StepState, ValidFlow};
 use piecework_proto::v1::{self, AuditEvent, StepResult};
 use piecework_sdk::{KvStore, PieceError, PollState};
@@ -41,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
+use crate::run_done::{self, RunDone};
 use crate::{
     Applied, ConnectionRecord, Entry, FlowRecord, RunQuery, RunUpdate, StepUpdate, Store,
     StoreError,
@@ -89,7 +89,7 @@ fn runs_of_flow_key(id: &str) -> String {
     format!("pw:runs:flow:{id}")
 }
 fn done_channel(id: &str) -> String {
-    format!("pw:run-done:{id}")
+    format!("{}{id}", crate::run_done::PREFIX)
 }
 fn connection_key(name: &str) -> String {
     format!("pw:connection:{name}")
@@ -136,7 +136,6 @@ return 0
 /// The Redis [`Store`].
 #[derive(Clone)]
 pub struct RedisStore {
-    client: redis::Client,
     conn: ConnectionManager,
     /// For blocking reads only.
     blocking: Arc<Mutex<ConnectionManager>>,
@@ -145,6 +144,8 @@ pub struct RedisStore {
     cancel_run: Arc<Script>,
     resume_run: Arc<Script>,
     unlock: Arc<Script>,
+    /// Run-finished notifications, subscribed on the first `wait_run_finished`.
+    done: Arc<RunDone>,
 }
 
 fn unavailable(err: redis::RedisError) -> StoreError {
@@ -216,7 +217,7 @@ impl RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(Self {
-            client,
+            done: Arc::new(RunDone::new(client)),
             conn,
             blocking: Arc::new(Mutex::new(blocking)),
             config,
@@ -767,20 +768,23 @@ impl Store for RedisStore {
         run_id: &str,
         timeout: Duration,
     ) -> Result<Option<Run>, StoreError> {
-        // Subscribe before reading, so a finish in between is not missed.
-        let mut pubsub = self.client.get_async_pubsub().await.map_err(unavailable)?;
-        pubsub
-            .subscribe(done_channel(run_id))
-            .await
-            .map_err(unavailable)?;
-        let run = self.get_run(run_id).await?;
-        match &run {
-            None => return Ok(None),
-            Some(r) if r.status.is_terminal() => return Ok(run),
-            Some(_) => {}
+        // Register before reading, so a finish in between is not missed.
+        let mut waiter = self.done.register(run_id).await.map_err(unavailable)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let run = self.get_run(run_id).await?;
+            let now = tokio::time::Instant::now();
+            match &run {
+                None => return Ok(None),
+                Some(r) if r.status.is_terminal() || now >= deadline => return Ok(run),
+                Some(_) => {}
+            }
+            let next_look = deadline.min(now + run_done::FALLBACK_POLL);
+            tokio::select! {
+                _ = &mut waiter.finished => return self.get_run(run_id).await,
+                () = tokio::time::sleep_until(next_look) => {}
+            }
         }
-        let _ = tokio::time::timeout(timeout, pubsub.on_message().next()).await;
-        self.get_run(run_id).await
     }
 
     async fn trigger_state(&self, flow_id: &str) -> Result<Option<PollState>, StoreError> {
