@@ -182,9 +182,15 @@ struct RunMeta {
 impl RedisStore {
     /// Connects (retrying for up to `connect_timeout`).
     pub async fn connect(config: RedisConfig) -> Result<Self, StoreError> {
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| {
+        let invalid = |e: redis::RedisError| {
             StoreError::Unavailable(format!("invalid Redis URL {:?}: {e}", config.url))
-        })?;
+        };
+        // redis-rs leaves Nagle's algorithm on; every round trip here is a small request that
+        // waits for its answer, so send at once (TCP_NODELAY), as other Redis clients do.
+        let info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
+            .map_err(invalid)?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client = redis::Client::open(info).map_err(invalid)?;
         let managed = |response_timeout: Option<Duration>| {
             ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(5)))
