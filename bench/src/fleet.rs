@@ -87,7 +87,9 @@ impl Process {
             .env("PW_NATS_URL", &infra.nats)
             .env("PW_REDIS_URL", &infra.redis)
             .env("PW_ENCRYPTION_KEY", &infra.key)
-            .env("PW_LOG", "warn")
+            // As deployed: the default log level, JSON lines to a file.
+            .env_remove("PW_LOG")
+            .env_remove("RUST_LOG")
             .env_remove("PW_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null())

@@ -3,17 +3,16 @@
 //!
 //! - **Logs** are human-readable on a terminal and JSON lines otherwise (what log collectors
 //!   want). The filter comes from `PW_LOG` or `RUST_LOG` (e.g. `info,piecework_worker=debug`),
-//!   else the process's default.
+//!   else the process's default. Logs are events only: spans belong to the trace exporter.
 //! - **Traces** go to an OTLP collector over HTTP/protobuf when an endpoint is configured
 //!   ([`otlp`]: `PW_OTLP_ENDPOINT` or the standard `OTEL_EXPORTER_OTLP_*` variables). Without
-//!   one no exporter or OpenTelemetry layer is installed, so spans cost what a log line's
-//!   context costs and nothing is injected into messages. The guard flushes pending spans.
+//!   one no exporter or OpenTelemetry layer is installed, so no layer wants spans (they are not
+//!   built) and nothing is injected into messages. The guard flushes pending spans.
 //! - **Propagation** ([`propagation`]) carries W3C `traceparent`/`tracestate` through NATS
 //!   headers and HTTP requests, so a run is one trace across processes.
 //! - **Metrics** ([`metrics`]) are defined in one module, with bounded labels, and served in the
 //!   Prometheus/OpenMetrics text format by every process.
 
-mod fields;
 pub mod metrics;
 pub mod otlp;
 pub mod propagation;
@@ -23,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::{FilterExt as _, filter_fn};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -118,9 +118,12 @@ pub fn init(options: Options) -> Result<Guard, TelemetryError> {
         LogFormat::Pretty => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
+    // Logs are events only, each carrying its own fields (run id, step, flow …): spans are for
+    // the trace exporter. Formatting every span's fields for log context cost a worker ~50 µs
+    // per step (BENCHMARKS.md), and without an exporter no layer wants spans, so they are
+    // never even built.
+    let filter = filter.and(filter_fn(|metadata| metadata.is_event()));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    // Span context in logs shows the piecework fields of spans, not the OpenTelemetry ones
-    // (`otel.*`, `messaging.*`); events carry their own fields.
     let logs = if json {
         fmt.json()
             .flatten_event(true)
@@ -129,10 +132,7 @@ pub fn init(options: Options) -> Result<Guard, TelemetryError> {
             .with_filter(filter)
             .boxed()
     } else {
-        fmt.compact()
-            .fmt_fields(fields::LogFields)
-            .with_filter(filter)
-            .boxed()
+        fmt.compact().with_filter(filter).boxed()
     };
     let exporter = otlp::Settings::from_env()?;
     let mut layers = vec![logs];

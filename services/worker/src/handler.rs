@@ -837,8 +837,10 @@ fn log_attempt(
     error: Option<&str>,
 ) {
     match status {
+        // Successes are the bulk of the traffic and are already in `pw:results`, the metrics
+        // and the trace: logged at debug. Failures stay visible at warn.
         StepStatus::Succeeded => {
-            tracing::info!(run_id = %run.id, flow = %run.flow_id, step = %step.name, attempt, ?duration, "step succeeded")
+            tracing::debug!(run_id = %run.id, flow = %run.flow_id, step = %step.name, attempt, ?duration, "step succeeded")
         }
         StepStatus::Retrying => {
             tracing::warn!(run_id = %run.id, flow = %run.flow_id, step = %step.name, attempt, error, "step failed; will retry")
