@@ -704,3 +704,92 @@ async fn redis_data_survives_a_restart_and_the_store_reconnects() {
         1
     );
 }
+
+/// Sync webhooks share one run-finished subscription per process, and it survives a restart.
+#[tokio::test]
+async fn run_finished_waiters_share_one_subscription_that_survives_a_restart() {
+    let mut server = RedisServer::start().await.unwrap();
+    let store = Arc::new(
+        RedisStore::connect(RedisConfig {
+            url: server.url(),
+            ..RedisConfig::default()
+        })
+        .await
+        .unwrap(),
+    );
+    let admin = ::redis::Client::open(server.url()).unwrap();
+    let patterns = async || -> i64 {
+        let Ok(mut conn) = admin.get_multiplexed_async_connection().await else {
+            return -1;
+        };
+        ::redis::cmd("PUBSUB")
+            .arg("NUMPAT")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or(-1)
+    };
+    let finish = |id: &str| {
+        let (store, id) = (store.clone(), id.to_owned());
+        async move {
+            let done = RunUpdate {
+                status: RunStatus::Succeeded,
+                error: None,
+                finished_at: Some(Utc::now()),
+            };
+            store.update_run(&id, done).await.unwrap();
+        }
+    };
+    let wait_all = |ids: Vec<String>| {
+        let store = store.clone();
+        ids.into_iter()
+            .map(|id| {
+                let store = store.clone();
+                tokio::spawn(
+                    async move { store.wait_run_finished(&id, Duration::from_secs(30)).await },
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+
+    let ids: Vec<String> = (0..50).map(|n| format!("sync-{n}")).collect();
+    for id in &ids {
+        store
+            .create_run(&Run::new(id.clone(), "f", 1, json!({})))
+            .await
+            .unwrap();
+    }
+    let waiters = wait_all(ids.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(patterns().await, 1, "50 waiters, one subscription");
+    for id in &ids {
+        finish(id).await;
+    }
+    for waiter in waiters {
+        let run = waiter.await.unwrap().unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Succeeded);
+    }
+
+    server.restart().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while patterns().await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the subscription was not reopened after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while store
+        .create_run(&Run::new("after".into(), "f", 1, json!({})))
+        .await
+        .is_err()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no reconnect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waiter = wait_all(vec!["after".into()]).pop().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    finish("after").await;
+    let run = waiter.await.unwrap().unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded, "woken after the restart");
+}
