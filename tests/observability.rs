@@ -419,6 +419,22 @@ fn parse_labels(body: &str) -> BTreeMap<String, String> {
     labels
 }
 
+/// Scrapes `url` until the series reaches `at_least` (scheduled work takes its ticks).
+async fn wait_for_metric(url: &str, name: &str, labels: &[(&str, &str)], at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let found = value(&scrape(url).await, name, labels);
+        if found >= at_least {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels:?} is {found}, wanted {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn scrape(url: &str) -> Samples {
     let response = client().get(url).send().await.unwrap();
     assert_eq!(response.status(), 200);
@@ -525,20 +541,36 @@ async fn metrics_of_api_worker_and_scheduler_move_as_runs_succeed_fail_and_retry
         assert_eq!(run["status"], status, "{flow}: {run}");
     }
     // Let the scheduler tick and the tick flow run a few times.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let worker_now = scrape(&worker).await;
-        if value(
-            &worker_now,
-            "piecework_runs_finished_total",
-            &[("flow", "tick"), ("status", "succeeded")],
-        ) >= 2.0
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the tick flow did not run twice");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_metric(
+        &worker,
+        "piecework_runs_finished_total",
+        &[("flow", "tick"), ("status", "succeeded")],
+        2.0,
+    )
+    .await;
+    // A polling flow: its first poll only sets the cursor (the ticket already there is
+    // dropped as seen); a ticket filed afterwards starts one run.
+    mock.add_ticket("old", "low", "core");
+    fleet
+        .apply(
+            "apiVersion: piecework/v1\nkind: Flow\nname: tickets\ntrigger: { piece: my-company-api, trigger: new_ticket, connection: tickets, poll_interval: 1s }\nsteps:\n  - { name: noop, piece: data, action: set, input: { value: 1 } }\n",
+        )
+        .await;
+    wait_for_metric(
+        &worker,
+        "piecework_polls_total",
+        &[("flow", "tickets"), ("outcome", "succeeded")],
+        1.0,
+    )
+    .await;
+    mock.add_ticket("new", "high", "core");
+    wait_for_metric(
+        &worker,
+        "piecework_runs_finished_total",
+        &[("flow", "tickets"), ("status", "succeeded")],
+        1.0,
+    )
+    .await;
 
     let after = scrape(&worker).await;
     let delta = |name: &str, labels: &[(&str, &str)]| {
@@ -611,6 +643,27 @@ async fn metrics_of_api_worker_and_scheduler_move_as_runs_succeed_fail_and_retry
     );
     assert!(delta("piecework_jobs_received_total", &[("kind", "step")]) >= 7.0);
     assert!(delta("piecework_jobs_received_total", &[("kind", "poll")]) >= 2.0);
+    let tickets = [("flow", "tickets")];
+    assert!(
+        delta(
+            "piecework_polls_total",
+            &[("flow", "tickets"), ("outcome", "succeeded")]
+        ) >= 2.0
+    );
+    // The baseline's ticket, then on every later poll both tickets: all seen but the new one.
+    let polled = delta("piecework_poll_items_total", &tickets);
+    assert!(polled >= 2.0, "{polled}");
+    assert_eq!(
+        delta("piecework_poll_dedupe_dropped_total", &tickets),
+        polled - 1.0
+    );
+    assert_eq!(
+        delta(
+            "piecework_runs_started_total",
+            &[("flow", "tickets"), ("trigger", "polling")]
+        ),
+        1.0
+    );
     assert_eq!(
         value(
             &after,
@@ -697,7 +750,7 @@ async fn metrics_of_api_worker_and_scheduler_move_as_runs_succeed_fail_and_retry
     );
     assert_eq!(
         value(&scheduler_after, "piecework_scheduled_flows", &[]),
-        1.0
+        2.0
     );
 }
 
