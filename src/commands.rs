@@ -51,7 +51,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
             );
             Ok(())
         }
-        Command::Flow(command) => flow(command),
+        Command::Flow(command) => flow(command).await,
     }
 }
 
@@ -470,13 +470,17 @@ fn write_output(output: Option<&std::path::Path>, text: &str) -> anyhow::Result<
     }
 }
 
-fn flow(command: FlowCommand) -> anyhow::Result<()> {
+async fn flow(command: FlowCommand) -> anyhow::Result<()> {
     let FlowCommand::Validate { files } = command;
     let registry = registry::pieces()?;
     let mut failed = 0;
     for file in &files {
-        let result = flows::parse_file(file)
-            .and_then(|def| piecework_core::flow::validate(def, &registry).map_err(Into::into));
+        let result = match flows::parse_file(file) {
+            Ok(def) => piecework_core::flow::validate(def, &registry)
+                .await
+                .map_err(Into::into),
+            Err(err) => Err(err),
+        };
         match result {
             Ok(valid) => println!(
                 "{}: ok (flow `{}`, {} steps)",

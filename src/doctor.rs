@@ -201,11 +201,8 @@ async fn check_connections(report: &mut Report, runtime: &Arc<Runtime>) {
                 continue;
             }
         };
-        let versions = runtime.registry.versions(&record.piece);
-        let Some(piece) = versions
-            .first()
-            .and_then(|v| runtime.registry.get(&record.piece, v))
-        else {
+        let pieces = runtime.pieces();
+        let Some(piece) = pieces.newest(&record.piece) else {
             report.fail(
                 format!(
                     "connection `{name}`: piece `{}` is not registered",

@@ -70,12 +70,13 @@ pub fn examples() -> anyhow::Result<Vec<FlowDefinition>> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn shipped_examples_are_valid() {
+    #[tokio::test]
+    async fn shipped_examples_are_valid() {
         let registry = crate::registry::pieces().unwrap();
         for flow in super::examples().unwrap() {
             let name = flow.name.clone();
             piecework_core::flow::validate(flow, &registry)
+                .await
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }

@@ -82,7 +82,12 @@ pub async fn runtime(
     } else {
         Arc::new(MemoryStore::new())
     };
-    let runtime = Runtime::new(store, bus, Arc::new(registry), config.egress.clone())?;
+    let runtime = Runtime::new(
+        store,
+        bus,
+        Arc::new(piecework_core::Catalog::new(registry)),
+        config.egress.clone(),
+    )?;
     Ok(Arc::new(match keyring {
         Some(keyring) => runtime.with_keyring(keyring),
         None => runtime,

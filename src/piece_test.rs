@@ -61,10 +61,11 @@ pub async fn run(
                 };
                 trigger
                     .handle_json(Value::Object(Default::default()), &request)
+                    .await
                     .map(Value::Array)
             }
             Some(TriggerHandle::Schedule(trigger)) => {
-                trigger.schedule_json(input).map(|schedule| {
+                trigger.schedule_json(input).await.map(|schedule| {
                     let mut ticks = Vec::new();
                     let mut at = chrono::Utc::now();
                     for _ in 0..5 {

@@ -262,8 +262,15 @@ fn is_queue_name(name: &str) -> bool {
 
 /// Checks a definition against the registry and resolves piece versions. Returns every
 /// problem found, not just the first.
-pub fn validate(definition: FlowDefinition, registry: &Registry) -> Result<ValidFlow, FlowError> {
+///
+/// Asynchronous because a schedule trigger's input is checked by the trigger itself, which may
+/// run in a piece process.
+pub async fn validate(
+    definition: FlowDefinition,
+    registry: &Registry,
+) -> Result<ValidFlow, FlowError> {
     let mut issues = Vec::new();
+    let mut schedule_check = None;
     let mut issue = |path: String, message: String| issues.push(Issue { path, message });
     let mut resolved = BTreeMap::new();
 
@@ -328,11 +335,8 @@ pub fn validate(definition: FlowDefinition, registry: &Registry) -> Result<Valid
                         }
                         _ => {}
                     }
-                    if let TriggerHandle::Schedule(schedule) = handle
-                        && let Err(err) =
-                            schedule.schedule_json(Value::Object(trigger.input.clone()))
-                    {
-                        issue("trigger.input".into(), err.to_string());
+                    if let TriggerHandle::Schedule(schedule) = handle {
+                        schedule_check = Some(schedule.clone());
                     }
                 }
             }
@@ -346,6 +350,18 @@ pub fn validate(definition: FlowDefinition, registry: &Registry) -> Result<Valid
             format!("{queue:?} must be lowercase letters, digits, '-' or '_'"),
         );
     }
+
+    if let Some(schedule) = schedule_check
+        && let Err(err) = schedule
+            .schedule_json(Value::Object(trigger.input.clone()))
+            .await
+    {
+        issues.push(Issue {
+            path: "trigger.input".into(),
+            message: err.to_string(),
+        });
+    }
+    let mut issue = |path: String, message: String| issues.push(Issue { path, message });
 
     // Steps.
     if definition.steps.is_empty() {
@@ -422,7 +438,6 @@ pub fn validate(definition: FlowDefinition, registry: &Registry) -> Result<Valid
         }
         earlier.insert(step.name.as_str());
     }
-
     if issues.is_empty() {
         Ok(ValidFlow {
             definition,

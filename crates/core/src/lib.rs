@@ -17,6 +17,6 @@ pub mod versioning;
 pub use flow::{
     FlowDefinition, FlowError, FlowVersion, Format, OnFailure, StepDef, TriggerDef, ValidFlow,
 };
-pub use registry::Registry;
+pub use registry::{Catalog, Registry};
 pub use retry::RetryPolicy;
 pub use run::{Run, RunStatus, RunSummary, StepState, StepStatus};

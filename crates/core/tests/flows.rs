@@ -105,9 +105,17 @@ steps:
     timeout: 10s
 "#;
 
+/// `validate` on a current-thread runtime: every piece here is in-process, so it never waits.
+fn validated(def: FlowDefinition) -> Result<piecework_core::ValidFlow, FlowError> {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(validate(def, &registry()))
+}
+
 fn issues(text: &str) -> Vec<String> {
     let def = FlowDefinition::parse(text, Format::Yaml).unwrap();
-    match validate(def, &registry()) {
+    match validated(def) {
         Ok(_) => vec![],
         Err(FlowError::Invalid { issues, .. }) => issues.iter().map(ToString::to_string).collect(),
         Err(other) => panic!("{other}"),
@@ -117,7 +125,7 @@ fn issues(text: &str) -> Vec<String> {
 #[test]
 fn a_valid_flow_resolves_piece_ranges() {
     let def = FlowDefinition::parse(GOOD, Format::Yaml).unwrap();
-    let valid = validate(def, &registry()).unwrap();
+    let valid = validated(def).unwrap();
     assert_eq!(valid.resolved["first"].to_string(), "0.1.0");
     assert_eq!(valid.resolved["second"].to_string(), "1.0.0");
     assert_eq!(valid.resolved["trigger"].to_string(), "1.0.0");

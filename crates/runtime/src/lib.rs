@@ -16,7 +16,7 @@ use chrono::Utc;
 use piecework_bus::Bus;
 use piecework_bus::jobs;
 use piecework_core::flow::{self, FlowDefinition, FlowVersion};
-use piecework_core::{FlowError, Registry, Run, RunStatus, StepStatus};
+use piecework_core::{Catalog, FlowError, Registry, Run, RunStatus, StepStatus};
 use piecework_proto::v1::{AuditEvent, StepJob};
 use piecework_sdk::{Context, EgressPolicy, HttpClient, Owner, PieceError, RunInfo, ScopedStore};
 use piecework_store::{Applied, ConnectionRecord, Store, StoreError};
@@ -102,7 +102,8 @@ impl Actor {
 pub struct Runtime {
     pub store: Arc<dyn Store>,
     pub bus: Arc<dyn Bus>,
-    pub registry: Arc<Registry>,
+    /// The pieces this process can run: built in, and bundles as they come and go.
+    catalog: Arc<Catalog>,
     /// This process's metrics, served at `/metrics`.
     pub metrics: Arc<Metrics>,
     http: HttpClient,
@@ -116,18 +117,28 @@ impl Runtime {
     pub fn new(
         store: Arc<dyn Store>,
         bus: Arc<dyn Bus>,
-        registry: Arc<Registry>,
+        catalog: Arc<Catalog>,
         egress: EgressPolicy,
     ) -> Result<Self, RuntimeError> {
         Ok(Self {
             store,
             bus,
-            registry,
+            catalog,
             metrics: Arc::new(Metrics::new()),
             http: HttpClient::new(egress).map_err(RuntimeError::Http)?,
             keyring: None,
             versions: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The pieces as they are now. A snapshot: hold it for one operation, not forever.
+    pub fn pieces(&self) -> Arc<Registry> {
+        self.catalog.snapshot()
+    }
+
+    /// The live catalog, for what adds and removes pieces and fetches unknown versions.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
     }
 
     /// Gives the runtime the keys that seal and open connection values.
@@ -175,12 +186,8 @@ impl Runtime {
                 "connection name {name:?} must be 1-100 lowercase letters, digits, '-' or '_'"
             )));
         }
-        let newest = self
-            .registry
-            .versions(piece)
-            .first()
-            .and_then(|v| self.registry.get(piece, v));
-        let Some(definition) = newest else {
+        let pieces = self.pieces();
+        let Some(definition) = pieces.newest(piece) else {
             return Err(RuntimeError::InvalidConnection(format!(
                 "unknown piece `{piece}`"
             )));
@@ -309,7 +316,7 @@ impl Runtime {
     ) -> Result<Applied, RuntimeError> {
         let started = Instant::now();
         let resource = format!("flow/{}", definition.name);
-        let result = match flow::validate(definition, &self.registry) {
+        let result = match flow::validate(definition, &self.pieces()).await {
             Ok(valid) => self
                 .store
                 .apply_flow(valid)

@@ -139,7 +139,7 @@ pub trait ValidateAuth: Send + Sync + 'static {
 }
 
 /// The object-safe form of [`ValidateAuth`].
-pub(crate) trait DynValidateAuth: Send + Sync {
+pub trait DynValidateAuth: Send + Sync {
     fn validate<'a>(
         &'a self,
         ctx: &'a crate::Context,

@@ -63,41 +63,83 @@ pub enum Scope {
     Global,
 }
 
+/// Storage addressed by scope and key: what a [`ScopedStore`] reads and writes through. The
+/// store adapters are wrapped in one per flow ([`ScopedStore::new`]); a piece running in a
+/// child process gets one that asks its host, which alone decides which flow the keys belong
+/// to.
+#[async_trait]
+pub trait ScopedKv: Send + Sync + 'static {
+    async fn get(&self, scope: Scope, key: &str) -> Result<Option<Value>, PieceError>;
+    async fn put(&self, scope: Scope, key: &str, value: Value) -> Result<(), PieceError>;
+    async fn delete(&self, scope: Scope, key: &str) -> Result<bool, PieceError>;
+}
+
 /// A key-value store whose keys are confined to a scope, so flows cannot read each other's
 /// data by accident.
 #[derive(Clone)]
 pub struct ScopedStore {
+    inner: Arc<dyn ScopedKv>,
+}
+
+/// [`ScopedKv`] over a flat [`KvStore`]: flow keys are prefixed with the flow's id.
+struct FlowScoped {
     inner: Arc<dyn KvStore>,
     flow_id: String,
 }
 
-impl ScopedStore {
-    pub fn new(inner: Arc<dyn KvStore>, flow_id: impl Into<String>) -> Self {
-        Self {
-            inner,
-            flow_id: flow_id.into(),
-        }
-    }
-
+impl FlowScoped {
     fn key(&self, scope: Scope, key: &str) -> String {
         match scope {
             Scope::Flow => format!("flow:{}:{key}", self.flow_id),
             Scope::Global => format!("global:{key}"),
         }
     }
+}
 
-    pub async fn get(&self, scope: Scope, key: &str) -> Result<Option<Value>, PieceError> {
+#[async_trait]
+impl ScopedKv for FlowScoped {
+    async fn get(&self, scope: Scope, key: &str) -> Result<Option<Value>, PieceError> {
         self.inner.get(&self.key(scope, key)).await
     }
 
-    pub async fn put(&self, scope: Scope, key: &str, value: Value) -> Result<(), PieceError> {
+    async fn put(&self, scope: Scope, key: &str, value: Value) -> Result<(), PieceError> {
         self.inner.put(&self.key(scope, key), value).await
     }
 
-    pub async fn delete(&self, scope: Scope, key: &str) -> Result<bool, PieceError> {
+    async fn delete(&self, scope: Scope, key: &str) -> Result<bool, PieceError> {
         self.inner.delete(&self.key(scope, key)).await
     }
 }
+
+impl ScopedStore {
+    /// The store of flow `flow_id` over `inner`.
+    pub fn new(inner: Arc<dyn KvStore>, flow_id: impl Into<String>) -> Self {
+        Self::from_scoped(Arc::new(FlowScoped {
+            inner,
+            flow_id: flow_id.into(),
+        }))
+    }
+
+    /// A store whose scoping `inner` does itself.
+    pub fn from_scoped(inner: Arc<dyn ScopedKv>) -> Self {
+        Self { inner }
+    }
+
+    pub async fn get(&self, scope: Scope, key: &str) -> Result<Option<Value>, PieceError> {
+        self.inner.get(scope, key).await
+    }
+
+    pub async fn put(&self, scope: Scope, key: &str, value: Value) -> Result<(), PieceError> {
+        self.inner.put(scope, key, value).await
+    }
+
+    pub async fn delete(&self, scope: Scope, key: &str) -> Result<bool, PieceError> {
+        self.inner.delete(scope, key).await
+    }
+}
+
+/// Receives what [`Context::progress`] reports.
+pub type ProgressSink = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Everything an action or trigger gets besides its input.
 #[derive(Clone)]
@@ -107,6 +149,7 @@ pub struct Context {
     pub store: ScopedStore,
     pub http: HttpClient,
     auth: Option<Value>,
+    progress: Option<ProgressSink>,
 }
 
 impl Context {
@@ -117,6 +160,7 @@ impl Context {
             store,
             http,
             auth: None,
+            progress: None,
         }
     }
 
@@ -124,6 +168,23 @@ impl Context {
     pub fn with_auth(mut self, auth: Option<Value>) -> Self {
         self.auth = auth;
         self
+    }
+
+    /// Sends what [`Context::progress`] reports to `sink` (the piece host does this).
+    pub fn with_progress(mut self, sink: ProgressSink) -> Self {
+        self.progress = Some(sink);
+        self
+    }
+
+    /// Reports how a long action is getting on (`"exported 400 of 1000 rows"`). It is logged
+    /// with the run's fields; never put a secret in it.
+    pub fn progress(&self, message: &str) {
+        match &self.progress {
+            Some(sink) => sink(message),
+            None => {
+                tracing::debug!(run_id = %self.run.run_id, step = %self.run.step, message, "progress")
+            }
+        }
     }
 
     /// The connection values, deserialized into the piece's auth type.

@@ -6,9 +6,15 @@
 //! declared [`Prop`]s before `run`, so errors name the prop at fault. Triggers are polling
 //! (deduplicated here, in [`polling`]), webhook or schedule.
 //!
+//! A piece runs either inside a piecework process (the built-in pieces) or as its own program:
+//! `fn main() { piecework_sdk::serve(piece()) }` makes the same [`Piece`] an executable that
+//! speaks piece protocol v1 ([`protocol`]) with the worker that starts it, and `piecework piece
+//! build` packs that executable into a deployable bundle.
+//!
 //! Layout: `piece` (the builder and metadata), `action`, `trigger`, `prop`, `auth`,
 //! `context` (what `run` receives: auth, store, HTTP client, run info), `http` (the egress-aware
-//! client), `polling` (dedupe strategies), `schedule` (interval and cron ticks), `error`.
+//! client), `polling` (dedupe strategies), `schedule` (interval and cron ticks), `error`,
+//! `protocol` (the wire types of piece protocol v1) and `serve` (the piece's end of it).
 
 pub mod action;
 pub mod auth;
@@ -18,18 +24,23 @@ pub mod http;
 pub mod piece;
 pub mod polling;
 pub mod prop;
+pub mod protocol;
 pub mod schedule;
+pub mod serve;
 pub mod trigger;
 
 pub use action::{Action, ActionSpec, DynAction};
 pub use auth::{PieceAuth, ValidateAuth};
-pub use context::{Context, KvStore, MemoryKv, Owner, RunInfo, Scope, ScopedStore};
+pub use context::{
+    Context, KvStore, MemoryKv, Owner, ProgressSink, RunInfo, Scope, ScopedKv, ScopedStore,
+};
 pub use error::{ErrorKind, PieceError};
 pub use http::{EgressPolicy, HttpClient};
 pub use piece::{Piece, PieceBuilder, PieceDefinitionError, PieceMetadata, category};
 pub use polling::{DedupeStrategy, PollState, PolledItem};
 pub use prop::{DropdownOption, Prop, PropError, PropKind};
 pub use schedule::Schedule;
+pub use serve::serve;
 pub use trigger::{
     PollingTrigger, ScheduleTrigger, TriggerHandle, TriggerKind, TriggerSpec, WebhookRequest,
     WebhookTrigger,

@@ -51,9 +51,13 @@ pub struct PieceDefinitionError {
     pub problem: String,
 }
 
-/// A built piece, ready to register.
+/// A built piece, ready to register. Cheap to clone: clones share one definition.
 #[derive(Clone)]
 pub struct Piece {
+    inner: Arc<Definition>,
+}
+
+struct Definition {
     metadata: PieceMetadata,
     actions: Vec<Arc<dyn DynAction>>,
     triggers: Vec<TriggerHandle>,
@@ -63,8 +67,8 @@ pub struct Piece {
 impl std::fmt::Debug for Piece {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Piece")
-            .field("name", &self.metadata.name)
-            .field("version", &self.metadata.version.to_string())
+            .field("name", &self.inner.metadata.name)
+            .field("version", &self.inner.metadata.version.to_string())
             .finish_non_exhaustive()
     }
 }
@@ -89,44 +93,103 @@ impl Piece {
         }
     }
 
+    /// Assembles a piece from metadata and already type-erased members, checking it as
+    /// [`PieceBuilder::build`] does. This is for piece hosts, which run a piece elsewhere (in
+    /// a child process) and stand in for its actions and triggers; authors use the builder.
+    pub fn assemble(
+        metadata: PieceMetadata,
+        actions: Vec<Arc<dyn DynAction>>,
+        triggers: Vec<TriggerHandle>,
+        auth_validator: Option<Arc<dyn DynValidateAuth>>,
+    ) -> Result<Piece, PieceDefinitionError> {
+        let fail = |problem: String| PieceDefinitionError {
+            piece: metadata.name.clone(),
+            problem,
+        };
+        check_definition(
+            &metadata.name,
+            actions.iter().map(|a| a.spec()),
+            triggers.iter().map(TriggerHandle::spec),
+            &metadata.auth,
+        )
+        .map_err(&fail)?;
+        let declared = |names: Vec<&str>, members: Vec<&str>, what: &str| {
+            if names == members {
+                Ok(())
+            } else {
+                Err(fail(format!(
+                    "the metadata lists {what} {names:?} but the piece has {members:?}"
+                )))
+            }
+        };
+        declared(
+            metadata.actions.iter().map(|a| a.name.as_str()).collect(),
+            actions.iter().map(|a| a.spec().name.as_str()).collect(),
+            "actions",
+        )?;
+        declared(
+            metadata.triggers.iter().map(|t| t.name.as_str()).collect(),
+            triggers.iter().map(|t| t.spec().name.as_str()).collect(),
+            "triggers",
+        )?;
+        Ok(Piece {
+            inner: Arc::new(Definition {
+                metadata,
+                actions,
+                triggers,
+                auth_validator,
+            }),
+        })
+    }
+
     pub fn name(&self) -> &str {
-        &self.metadata.name
+        &self.inner.metadata.name
     }
 
     pub fn version(&self) -> &Version {
-        &self.metadata.version
+        &self.inner.metadata.version
     }
 
     pub fn metadata(&self) -> &PieceMetadata {
-        &self.metadata
+        &self.inner.metadata
     }
 
     pub fn auth(&self) -> &PieceAuth {
-        &self.metadata.auth
+        &self.inner.metadata.auth
     }
 
     pub fn action(&self, name: &str) -> Option<&Arc<dyn DynAction>> {
-        self.actions.iter().find(|a| a.spec().name == name)
+        self.inner.actions.iter().find(|a| a.spec().name == name)
     }
 
     pub fn trigger(&self, name: &str) -> Option<&TriggerHandle> {
-        self.triggers.iter().find(|t| t.spec().name == name)
+        self.inner.triggers.iter().find(|t| t.spec().name == name)
+    }
+
+    /// Whether the piece checks connection values against its system when they are saved.
+    pub fn has_auth_check(&self) -> bool {
+        self.inner.auth_validator.is_some()
     }
 
     /// Runs the piece's auth check (if it has one) on the values in `ctx.auth()`.
     pub async fn validate_auth(&self, ctx: &crate::Context) -> Result<(), crate::PieceError> {
-        match &self.auth_validator {
+        match &self.inner.auth_validator {
             Some(validator) => validator.validate(ctx).await,
             None => Ok(()),
         }
     }
 
     pub fn actions(&self) -> impl Iterator<Item = &Arc<dyn DynAction>> {
-        self.actions.iter()
+        self.inner.actions.iter()
     }
 
     pub fn triggers(&self) -> impl Iterator<Item = &TriggerHandle> {
-        self.triggers.iter()
+        self.inner.triggers.iter()
+    }
+
+    /// Whether two handles are the same definition (not merely equal metadata).
+    pub fn same_definition(&self, other: &Piece) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 }
 
@@ -215,11 +278,6 @@ impl PieceBuilder {
             piece: self.name.clone(),
             problem,
         };
-        if !is_piece_name(&self.name) {
-            return Err(fail(
-                "name must be lowercase letters, digits and '-', starting with a letter".into(),
-            ));
-        }
         let version = Version::parse(&self.version)
             .map_err(|e| fail(format!("version {:?} is not semver: {e}", self.version)))?;
         let minimum_supported_release =
@@ -229,17 +287,13 @@ impl PieceBuilder {
                     self.minimum_supported_release
                 ))
             })?;
-        let mut seen = HashSet::new();
-        for spec in self.actions.iter().map(|a| a.spec()) {
-            check_member("action", &spec.name, &spec.props, &mut seen).map_err(&fail)?;
-        }
-        let mut seen = HashSet::new();
-        for spec in self.triggers.iter().map(|t| t.spec()) {
-            check_member("trigger", &spec.name, &spec.props, &mut seen).map_err(&fail)?;
-        }
-        if let PieceAuth::Custom { props, .. } = &self.auth {
-            check_member("auth", "custom", props, &mut HashSet::new()).map_err(&fail)?;
-        }
+        check_definition(
+            &self.name,
+            self.actions.iter().map(|a| a.spec()),
+            self.triggers.iter().map(TriggerHandle::spec),
+            &self.auth,
+        )
+        .map_err(&fail)?;
         let metadata = PieceMetadata {
             name: self.name,
             display_name: self.display_name,
@@ -254,12 +308,41 @@ impl PieceBuilder {
             triggers: self.triggers.iter().map(|t| t.spec().clone()).collect(),
         };
         Ok(Piece {
-            metadata,
-            actions: self.actions,
-            triggers: self.triggers,
-            auth_validator: self.auth_validator,
+            inner: Arc::new(Definition {
+                metadata,
+                actions: self.actions,
+                triggers: self.triggers,
+                auth_validator: self.auth_validator,
+            }),
         })
     }
+}
+
+/// The checks every piece passes, however it was put together: a valid name, well-named and
+/// unique actions, triggers and props.
+fn check_definition<'a>(
+    name: &str,
+    actions: impl Iterator<Item = &'a ActionSpec>,
+    triggers: impl Iterator<Item = &'a TriggerSpec>,
+    auth: &PieceAuth,
+) -> Result<(), String> {
+    if !is_piece_name(name) {
+        return Err(
+            "name must be lowercase letters, digits and '-', starting with a letter".into(),
+        );
+    }
+    let mut seen = HashSet::new();
+    for spec in actions {
+        check_member("action", &spec.name, &spec.props, &mut seen)?;
+    }
+    let mut seen = HashSet::new();
+    for spec in triggers {
+        check_member("trigger", &spec.name, &spec.props, &mut seen)?;
+    }
+    if let PieceAuth::Custom { props, .. } = auth {
+        check_member("auth", "custom", props, &mut HashSet::new())?;
+    }
+    Ok(())
 }
 
 fn check_member(

@@ -20,6 +20,37 @@ pub enum Schedule {
     Cron(Box<croner::Cron>),
 }
 
+/// On the wire (piece protocol) a schedule is `{"every": "5m"}` or `{"cron": "*/15 * * * *"}`.
+impl serde::Serialize for Schedule {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(1))?;
+        match self {
+            Schedule::Every(interval) => {
+                map.serialize_entry("every", &humantime::format_duration(*interval).to_string())?
+            }
+            Schedule::Cron(cron) => map.serialize_entry("cron", cron.as_str())?,
+        }
+        map.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Schedule {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "snake_case", deny_unknown_fields)]
+        enum Wire {
+            Every(String),
+            Cron(String),
+        }
+        let parsed = match Wire::deserialize(deserializer)? {
+            Wire::Every(text) => Schedule::parse_interval(&text),
+            Wire::Cron(expression) => Schedule::cron(&expression),
+        };
+        parsed.map_err(serde::de::Error::custom)
+    }
+}
+
 /// The shortest interval a schedule may have.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -95,6 +126,21 @@ mod tests {
             s.next_after(at("2026-11-25T10:02:13Z")),
             Some(at("2026-11-25T10:15:00Z"))
         );
+    }
+
+    #[test]
+    fn schedules_round_trip_on_the_wire() {
+        let every = serde_json::to_value(Schedule::parse_interval("5m").unwrap()).unwrap();
+        assert_eq!(every, serde_json::json!({"every": "5m"}));
+        let cron = serde_json::to_value(Schedule::cron("*/15 * * * *").unwrap()).unwrap();
+        assert_eq!(cron, serde_json::json!({"cron": "*/15 * * * *"}));
+        let back: Schedule = serde_json::from_value(cron).unwrap();
+        assert_eq!(
+            back.next_after(at("2026-11-25T10:02:13Z")),
+            Some(at("2026-11-25T10:15:00Z"))
+        );
+        let err = serde_json::from_value::<Schedule>(serde_json::json!({"every": "1ms"}));
+        assert!(err.is_err());
     }
 
     #[test]

@@ -210,15 +210,21 @@ pub trait DynPolling: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<PolledItem>, PieceError>>;
 }
 
+/// Asynchronous, unlike [`WebhookTrigger::handle`], because a host may run the trigger in
+/// another process.
 pub trait DynWebhook: Send + Sync {
     fn spec(&self) -> &TriggerSpec;
-    fn handle_json(&self, input: Value, request: &WebhookRequest)
-    -> Result<Vec<Value>, PieceError>;
+    fn handle_json<'a>(
+        &'a self,
+        input: Value,
+        request: &'a WebhookRequest,
+    ) -> BoxFuture<'a, Result<Vec<Value>, PieceError>>;
 }
 
+/// Asynchronous for the same reason as [`DynWebhook`].
 pub trait DynSchedule: Send + Sync {
     fn spec(&self) -> &TriggerSpec;
-    fn schedule_json(&self, input: Value) -> Result<Schedule, PieceError>;
+    fn schedule_json(&self, input: Value) -> BoxFuture<'_, Result<Schedule, PieceError>>;
 }
 
 /// A registered trigger of any kind.
@@ -266,13 +272,14 @@ impl<T: WebhookTrigger> DynWebhook for Erased<T> {
         &self.spec
     }
 
-    fn handle_json(
-        &self,
+    fn handle_json<'a>(
+        &'a self,
         input: Value,
-        request: &WebhookRequest,
-    ) -> Result<Vec<Value>, PieceError> {
-        self.trigger
-            .handle(typed_input(&self.spec.props, &input)?, request)
+        request: &'a WebhookRequest,
+    ) -> BoxFuture<'a, Result<Vec<Value>, PieceError>> {
+        let handled = typed_input(&self.spec.props, &input)
+            .and_then(|input| self.trigger.handle(input, request));
+        Box::pin(std::future::ready(handled))
     }
 }
 
@@ -281,9 +288,10 @@ impl<T: ScheduleTrigger> DynSchedule for Erased<T> {
         &self.spec
     }
 
-    fn schedule_json(&self, input: Value) -> Result<Schedule, PieceError> {
-        self.trigger
-            .schedule(typed_input(&self.spec.props, &input)?)
+    fn schedule_json(&self, input: Value) -> BoxFuture<'_, Result<Schedule, PieceError>> {
+        let schedule =
+            typed_input(&self.spec.props, &input).and_then(|input| self.trigger.schedule(input));
+        Box::pin(std::future::ready(schedule))
     }
 }
 

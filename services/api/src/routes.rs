@@ -231,18 +231,16 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn list_pieces(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "pieces": state.runtime.registry.catalog() }))
+    Json(json!({ "pieces": state.runtime.pieces().catalog() }))
 }
 
 async fn get_piece(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let registry = &state.runtime.registry;
+    let registry = state.runtime.pieces();
     let newest = registry
-        .versions(&name)
-        .first()
-        .and_then(|v| registry.get(&name, v))
+        .newest(&name)
         .ok_or_else(|| ApiError::NotFound(format!("no piece `{name}`")))?;
     let versions: Vec<String> = registry
         .versions(&name)
@@ -587,10 +585,15 @@ async fn start_webhook_runs(
             ))
         })?;
     let trigger = &flow.definition.trigger;
-    let handle = flow
-        .trigger_version()
-        .and_then(|v| runtime.registry.get(&trigger.piece, v))
-        .and_then(|p| p.trigger(&trigger.trigger));
+    let piece = match flow.trigger_version() {
+        Some(version) => runtime
+            .catalog()
+            .get_or_fetch(&trigger.piece, version)
+            .await
+            .map_err(ApiError::Unavailable)?,
+        None => None,
+    };
+    let handle = piece.as_ref().and_then(|p| p.trigger(&trigger.trigger));
     let Some(TriggerHandle::Webhook(webhook)) = handle else {
         return Err(ApiError::Conflict(format!(
             "flow `{flow_id}` is not triggered by a webhook"
@@ -607,7 +610,15 @@ async fn start_webhook_runs(
     };
     let items = webhook
         .handle_json(serde_json::Value::Object(trigger.input.clone()), &request)
-        .map_err(|e| ApiError::BadRequest(format!("webhook trigger rejected the request: {e}")))?;
+        .await
+        .map_err(|e| {
+            let message = format!("webhook trigger rejected the request: {e}");
+            if e.is_retryable() {
+                ApiError::Unavailable(message)
+            } else {
+                ApiError::BadRequest(message)
+            }
+        })?;
     let mut run_ids = Vec::with_capacity(items.len());
     for item in items {
         let run_id = new_run_id();

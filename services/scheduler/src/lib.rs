@@ -172,7 +172,7 @@ async fn refresh(
         else {
             continue;
         };
-        match schedule_of(runtime, &flow) {
+        match schedule_of(runtime, &flow).await {
             Ok(Some(schedule)) => {
                 let Some(next) = schedule.next_after(now) else {
                     continue;
@@ -202,17 +202,20 @@ async fn refresh(
 }
 
 /// The schedule of a flow's trigger: its poll interval, its cron, or none (webhooks).
-fn schedule_of(runtime: &Runtime, flow: &FlowVersion) -> Result<Option<Schedule>, String> {
+async fn schedule_of(runtime: &Runtime, flow: &FlowVersion) -> Result<Option<Schedule>, String> {
     let trigger = &flow.definition.trigger;
-    let piece = flow
-        .trigger_version()
-        .and_then(|v| runtime.registry.get(&trigger.piece, v))
-        .ok_or_else(|| {
-            format!(
-                "piece `{}` is not registered in this scheduler",
-                trigger.piece
-            )
-        })?;
+    let missing = || {
+        format!(
+            "piece `{}` is not registered in this scheduler",
+            trigger.piece
+        )
+    };
+    let version = flow.trigger_version().ok_or_else(missing)?;
+    let piece = runtime
+        .catalog()
+        .get_or_fetch(&trigger.piece, version)
+        .await?
+        .ok_or_else(missing)?;
     let handle = piece.trigger(&trigger.trigger).ok_or_else(|| {
         format!(
             "piece `{}` has no trigger `{}`",
@@ -235,6 +238,7 @@ fn schedule_of(runtime: &Runtime, flow: &FlowVersion) -> Result<Option<Schedule>
         }
         TriggerHandle::Schedule(schedule) => schedule
             .schedule_json(serde_json::Value::Object(trigger.input.clone()))
+            .await
             .map(Some)
             .map_err(|e| e.to_string()),
     }

@@ -35,7 +35,7 @@ async fn runtime() -> (Arc<Runtime>, MemoryBus, MemoryStore) {
         Runtime::new(
             Arc::new(store.clone()),
             Arc::new(bus.clone()),
-            Arc::new(registry),
+            Arc::new(piecework_core::Catalog::new(registry)),
             EgressPolicy::default(),
         )
         .unwrap(),

@@ -46,13 +46,13 @@ pub(crate) struct Handler {
 }
 
 /// One attempt as executed, for recording.
-struct Attempted<'a> {
+struct Attempted {
     /// The recorded attempt number (continuing across manual retries).
     number: u32,
     started: DateTime<Utc>,
     execution: engine::Execution,
     /// The piece and action that ran; `None` when they could not be resolved.
-    executed: Option<(&'a Piece, &'a Arc<dyn DynAction>)>,
+    executed: Option<(Piece, Arc<dyn DynAction>)>,
 }
 
 /// How a job ended, before the delivery is settled.
@@ -244,7 +244,7 @@ impl Handler {
         // after the attempts of earlier epochs (a manual retry starts a new epoch).
         let attempt = delivery.delivered.max(1);
         let number = job.epoch + attempt;
-        let resolved = self.resolve_action(&flow, step);
+        let resolved = self.resolve_action(&flow, step).await;
         let auth = self
             .connection_for(step.connection.as_deref(), &step.piece)
             .await?;
@@ -303,13 +303,15 @@ impl Handler {
         }
     }
 
-    fn resolve_action(
+    async fn resolve_action(
         &self,
         flow: &FlowVersion,
         step: &StepDef,
-    ) -> Result<(&Piece, &Arc<dyn DynAction>), String> {
-        let piece = self.resolve_piece(flow, &step.name, &step.piece, step.version.as_ref())?;
-        let action = piece.action(&step.action).ok_or_else(|| {
+    ) -> Result<(Piece, Arc<dyn DynAction>), String> {
+        let piece = self
+            .resolve_piece(flow, &step.name, &step.piece, step.version.as_ref())
+            .await?;
+        let action = piece.action(&step.action).cloned().ok_or_else(|| {
             format!(
                 "piece `{}` {} has no action `{}`",
                 piece.name(),
@@ -320,25 +322,31 @@ impl Handler {
         Ok((piece, action))
     }
 
-    /// The pinned version if registered here, else the newest one in the flow's range; a
+    /// The version the flow pinned — from this worker's catalog, or fetched from the registry
+    /// on first use — else the newest one here in the flow's range (a fleet in the middle of
+    /// rolling out a built-in piece keeps running; the attempt records which version ran). A
     /// worker that has neither refuses with a clear error (never retried).
-    fn resolve_piece(
+    async fn resolve_piece(
         &self,
         flow: &FlowVersion,
         key: &str,
         name: &str,
         range: Option<&piecework_sdk::semver::VersionReq>,
-    ) -> Result<&Piece, String> {
-        let registry = &self.runtime.registry;
-        if let Some(pinned) = flow.resolved.get(key)
-            && let Some(piece) = registry.get(name, pinned)
-        {
-            return Ok(piece);
+    ) -> Result<Piece, String> {
+        if let Some(pinned) = flow.resolved.get(key) {
+            match self.runtime.catalog().get_or_fetch(name, pinned).await {
+                Ok(Some(piece)) => return Ok(piece),
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(piece = name, version = %pinned, error, "cannot fetch the pinned version");
+                }
+            }
         }
+        let registry = self.runtime.pieces();
         let range = range
             .cloned()
             .unwrap_or(piecework_sdk::semver::VersionReq::STAR);
-        registry.resolve(name, &range).ok_or_else(|| {
+        registry.resolve(name, &range).cloned().ok_or_else(|| {
             let have: Vec<String> = registry
                 .versions(name)
                 .iter()
@@ -361,7 +369,7 @@ impl Handler {
         run: &Run,
         step: &StepDef,
         job: &StepJob,
-        attempted: Attempted<'_>,
+        attempted: Attempted,
     ) -> Result<Settle, RuntimeError> {
         let Attempted {
             number: attempt,
@@ -395,6 +403,7 @@ impl Handler {
             ),
         };
         let version = executed
+            .as_ref()
             .map(|(piece, _)| piece.version().to_string())
             .or_else(|| flow.step_version(&step.name).map(ToString::to_string))
             .unwrap_or_default();
@@ -438,7 +447,7 @@ impl Handler {
             )),
         };
         let run_status = run_update.as_ref().map_or(RunStatus::Running, |u| u.status);
-        let response = match (executed, &output) {
+        let response = match (&executed, &output) {
             (Some((_, action)), Some(output)) if action.spec().webhook_response => {
                 Some(output.clone())
             }
@@ -461,7 +470,7 @@ impl Handler {
             run_status: proto_run_status(run_status) as i32,
             finished_unix_ms: Utc::now().timestamp_millis(),
         };
-        if let (Some((piece, action)), Some(output)) = (executed, &output)
+        if let (Some((piece, action)), Some(output)) = (&executed, &output)
             && action.spec().health_check
         {
             self.observe_health(piece.name(), &flow.flow_id, output);
@@ -628,11 +637,13 @@ impl Handler {
             return Ok(Settle::Ack);
         }
         let trigger = &flow.definition.trigger;
-        let handle =
-            match self.resolve_piece(&flow, "trigger", &trigger.piece, trigger.version.as_ref()) {
-                Ok(piece) => piece.trigger(&trigger.trigger).cloned(),
-                Err(error) => return self.poll_failed(&flow, &error).await,
-            };
+        let handle = match self
+            .resolve_piece(&flow, "trigger", &trigger.piece, trigger.version.as_ref())
+            .await
+        {
+            Ok(piece) => piece.trigger(&trigger.trigger).cloned(),
+            Err(error) => return self.poll_failed(&flow, &error).await,
+        };
         match handle {
             Some(TriggerHandle::Schedule(_)) => {
                 let tick =

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use piecework_bus::memory::MemoryBus;
 use piecework_bus::{Bus, Message, subject};
 use piecework_core::flow::{FlowDefinition, Format};
-use piecework_core::{Registry, Run, RunStatus, StepStatus};
+use piecework_core::{Catalog, Registry, Run, RunStatus, StepStatus};
 use piecework_runtime::secrets::Keyring;
 use piecework_runtime::{Actor, Runtime, RuntimeError};
 use piecework_sdk::EgressPolicy;
@@ -199,7 +199,7 @@ impl Harness {
             Runtime::new(
                 Arc::new(store.clone()),
                 Arc::new(bus.clone()),
-                Arc::new(registry(probe)),
+                Arc::new(Catalog::new(registry(probe))),
                 EgressPolicy::default(),
             )
             .unwrap()
@@ -749,7 +749,7 @@ async fn a_connection_sealed_with_another_key_or_for_another_piece_fails_clearly
         let runtime = Runtime::new(
             Arc::new(h.store.clone()),
             Arc::new(h.bus.clone()),
-            h.runtime.registry.clone(),
+            h.runtime.catalog().clone(),
             EgressPolicy::default(),
         );
         runtime.unwrap().with_keyring(keyring(id))
@@ -811,7 +811,7 @@ async fn a_worker_without_the_pinned_piece_version_refuses_the_step_without_retr
         Runtime::new(
             Arc::new(h.store.clone()),
             Arc::new(h.bus.clone()),
-            Arc::new(newer),
+            Arc::new(Catalog::new(newer)),
             EgressPolicy::default(),
         )
         .unwrap(),
