@@ -150,6 +150,9 @@ impl Manifest {
                 self.piece.name
             ));
         }
+        if let Err(err) = piecework_sdk::piece::check_metadata(&self.piece) {
+            return fail(format!("piece: {}", err.problem));
+        }
         if !self.piece.version.build.is_empty() {
             return fail(format!(
                 "piece.version {}: build metadata (`+…`) is not allowed, versions must be comparable",

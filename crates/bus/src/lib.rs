@@ -9,6 +9,8 @@
 //!
 //! Subjects: `pw.jobs.<queue>.poll` carries a `PollJob`, `pw.jobs.<queue>.step` a `StepJob`
 //! ([`subject`]).
+//!
+//! The same broker holds the piece registry ([`pieces`]): published bundles and their index.
 
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use bytes::Bytes;
 pub mod jobs;
 pub mod memory;
 pub mod nats;
+pub mod pieces;
 
 pub use jobs::{JobKind, subject};
 
@@ -101,6 +104,9 @@ pub trait Bus: Send + Sync + 'static {
 
     /// `messaging.system` of publish and receive spans.
     fn system(&self) -> &'static str;
+
+    /// The piece registry that lives beside the jobs (JetStream key-value and object store).
+    fn pieces(&self) -> std::sync::Arc<dyn pieces::PieceRegistry>;
 }
 
 /// One worker's handle on a queue's shared consumer.

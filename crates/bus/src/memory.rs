@@ -75,6 +75,7 @@ impl Dedupe {
 #[derive(Clone)]
 pub struct MemoryBus {
     inner: Arc<Inner>,
+    pieces: Arc<crate::pieces::memory::MemoryPieces>,
 }
 
 impl Default for MemoryBus {
@@ -97,6 +98,7 @@ impl MemoryBus {
                     ..Dedupe::default()
                 }),
             }),
+            pieces: Arc::default(),
         }
     }
 
@@ -206,6 +208,10 @@ impl Bus for MemoryBus {
 
     fn system(&self) -> &'static str {
         "piecework-memory"
+    }
+
+    fn pieces(&self) -> Arc<dyn crate::pieces::PieceRegistry> {
+        self.pieces.clone()
     }
 }
 

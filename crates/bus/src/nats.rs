@@ -7,6 +7,8 @@
 //! last attempt the worker terminates the message. The broker's duplicate window makes
 //! publishes with the same `Nats-Msg-Id` idempotent.
 //!
+//! The piece registry lives in the same server ([`crate::pieces::nats`]).
+//!
 //! The client reconnects by itself; while NATS is away, publishes and fetches fail and callers
 //! retry, and deliveries that were not acked are redelivered after their ack wait.
 
@@ -60,6 +62,7 @@ pub struct NatsBus {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     config: NatsConfig,
+    pieces: std::sync::Arc<crate::pieces::nats::NatsPieces>,
 }
 
 fn unavailable(context: &str, err: impl std::fmt::Display) -> BusError {
@@ -92,10 +95,14 @@ impl NatsBus {
             }
         };
         let jetstream = jetstream::new(client.clone());
+        let pieces = crate::pieces::nats::NatsPieces::open(&jetstream, config.replicas)
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
         let bus = Self {
             client,
             jetstream,
             config,
+            pieces: std::sync::Arc::new(pieces),
         };
         bus.ensure_stream().await?;
         Ok(bus)
@@ -247,6 +254,10 @@ impl Bus for NatsBus {
 
     fn system(&self) -> &'static str {
         "nats"
+    }
+
+    fn pieces(&self) -> std::sync::Arc<dyn crate::pieces::PieceRegistry> {
+        self.pieces.clone()
     }
 }
 

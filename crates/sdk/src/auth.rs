@@ -127,6 +127,30 @@ impl PieceAuth {
     }
 }
 
+impl PieceAuth {
+    /// The secret parts of connection values of this kind — a secret text, a password, tokens,
+    /// the custom props declared secret — for masking wherever text may echo them. Values
+    /// shorter than 4 characters are left out: masking them would garble ordinary text.
+    pub fn secret_values<'v>(&self, value: &'v Value) -> Vec<&'v str> {
+        let field = |name: &str| value.get(name).and_then(Value::as_str);
+        let found: Vec<&str> = match self {
+            PieceAuth::None => Vec::new(),
+            PieceAuth::SecretText { .. } => value.as_str().into_iter().collect(),
+            PieceAuth::Basic { .. } => field("password").into_iter().collect(),
+            PieceAuth::OAuth2 { .. } => ["access_token", "refresh_token"]
+                .into_iter()
+                .filter_map(field)
+                .collect(),
+            PieceAuth::Custom { props, .. } => props
+                .iter()
+                .filter(|p| p.is_secret())
+                .filter_map(|p| field(&p.name))
+                .collect(),
+        };
+        found.into_iter().filter(|s| s.len() >= 4).collect()
+    }
+}
+
 /// A check of connection values against the real system (e.g. calling `/me` with the key),
 /// run when a connection is saved, after the values matched the auth's shape.
 pub trait ValidateAuth: Send + Sync + 'static {
@@ -186,6 +210,26 @@ mod tests {
             .check_value(&json!({"environment": "dev"}))
             .unwrap_err();
         assert_eq!(err.to_string(), "prop `api_key`: is required");
+    }
+
+    #[test]
+    fn secret_values_are_the_secret_parts_only() {
+        let auth = PieceAuth::custom(
+            "Connection",
+            [
+                Prop::secret_text("api_key", "API Key").required(),
+                Prop::short_text("environment", "Environment"),
+            ],
+        );
+        let value = json!({"api_key": "k-123456", "environment": "production"});
+        assert_eq!(auth.secret_values(&value), ["k-123456"]);
+        let basic = PieceAuth::basic("Login");
+        let value = json!({"username": "ada", "password": "hunter22"});
+        assert_eq!(basic.secret_values(&value), ["hunter22"]);
+        assert_eq!(
+            PieceAuth::secret_text("Key").secret_values(&json!("abc")),
+            Vec::<&str>::new()
+        );
     }
 
     #[test]

@@ -200,6 +200,18 @@ impl Context {
     pub fn auth_value(&self) -> Option<&Value> {
         self.auth.as_ref()
     }
+
+    /// A copy without the connection values, for what outlives the call's need for them.
+    pub fn without_auth(&self) -> Context {
+        Context {
+            run: self.run.clone(),
+            owner: self.owner.clone(),
+            store: self.store.clone(),
+            http: self.http.clone(),
+            auth: None,
+            progress: self.progress.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Context {

@@ -318,6 +318,21 @@ impl PieceBuilder {
     }
 }
 
+/// Checks metadata as [`PieceBuilder::build`] checks a definition: a valid name, well-named and
+/// unique actions, triggers and props. For metadata that arrives from elsewhere (a bundle).
+pub fn check_metadata(metadata: &PieceMetadata) -> Result<(), PieceDefinitionError> {
+    check_definition(
+        &metadata.name,
+        metadata.actions.iter(),
+        metadata.triggers.iter(),
+        &metadata.auth,
+    )
+    .map_err(|problem| PieceDefinitionError {
+        piece: metadata.name.clone(),
+        problem,
+    })
+}
+
 /// The checks every piece passes, however it was put together: a valid name, well-named and
 /// unique actions, triggers and props.
 fn check_definition<'a>(

@@ -26,7 +26,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::AbortHandle;
+use tokio::task::JoinHandle;
 
 use crate::Scope;
 use crate::context::{Context, ScopedKv, ScopedStore};
@@ -132,7 +132,7 @@ struct Session {
     piece: Piece,
     outbox: mpsc::Sender<Vec<u8>>,
     /// The host's requests being worked on.
-    calls: Mutex<HashMap<u64, AbortHandle>>,
+    calls: Mutex<HashMap<u64, JoinHandle<()>>>,
     /// Our requests to the host (store operations), awaiting their answer.
     waiting: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
     next_id: AtomicU64,
@@ -180,7 +180,7 @@ impl Session {
             if name == method::CANCEL
                 && let Ok(cancel) = frame.params::<protocol::Cancel>()
             {
-                self.cancel(cancel.id).await;
+                self.cancel(cancel.id);
             }
             return;
         };
@@ -245,7 +245,7 @@ impl Session {
                 session.answer(id, outcome).await;
             }
         }));
-        calls.insert(id, task.abort_handle());
+        calls.insert(id, task);
     }
 
     async fn call(self: &Arc<Self>, id: u64, frame: &Frame) -> Result<Value, PieceError> {
@@ -331,12 +331,17 @@ impl Session {
             .with_progress(progress)
     }
 
-    async fn cancel(&self, id: u64) {
+    /// Aborts call `id` and acknowledges once its task has really ended: a task blocking its
+    /// thread ends late, and the host, seeing no acknowledgement, kills the process.
+    fn cancel(self: Arc<Self>, id: u64) {
         let task = self.calls.lock().unwrap().remove(&id);
         if let Some(task) = task {
             task.abort();
-            self.fail(id, &PieceError::fatal("cancelled by the host"))
-                .await;
+            tokio::spawn(async move {
+                let _ = task.await;
+                self.fail(id, &PieceError::fatal("cancelled by the host"))
+                    .await;
+            });
         }
     }
 

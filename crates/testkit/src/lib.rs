@@ -5,6 +5,10 @@
 //! kill and restart them (same port, same data directory) to prove what survives. Servers are
 //! killed and their directories removed on drop. A missing binary is a clear error naming the
 //! Debian package to install.
+//!
+//! [`binaries`] builds the workspace's piece programs that tests run as real processes.
+
+pub mod binaries;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,206 @@
+//! Stand-ins for a bundle's actions, triggers and auth check: the engine calls them like any
+//! piece's, and each call goes to the bundle's pool over the protocol.
+//!
+//! Inputs are validated against the props here, before anything is sent, with the same
+//! errors an in-process piece gives, whatever language the piece is written in.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use piecework_sdk::action::{ActionSpec, DynAction};
+use piecework_sdk::auth::DynValidateAuth;
+use piecework_sdk::prop::validate_props;
+use piecework_sdk::protocol::{self, CallContext, method};
+use piecework_sdk::trigger::{DynPolling, DynSchedule, DynWebhook, TriggerHandle, TriggerSpec};
+use piecework_sdk::{
+    Context, Piece, PieceAuth, PieceDefinitionError, PieceError, PieceMetadata, PolledItem,
+    Schedule, TriggerKind, WebhookRequest,
+};
+use serde_json::Value;
+
+use crate::pool::Pool;
+use crate::process::CallScope;
+
+/// A piece whose every member calls `pool`.
+pub fn piece(metadata: PieceMetadata, pool: Arc<Pool>) -> Result<Piece, PieceDefinitionError> {
+    let auth = Arc::new(metadata.auth.clone());
+    let actions = metadata
+        .actions
+        .iter()
+        .map(|spec| {
+            Arc::new(RemoteAction {
+                spec: spec.clone(),
+                pool: pool.clone(),
+                auth: auth.clone(),
+            }) as Arc<dyn DynAction>
+        })
+        .collect();
+    let triggers = metadata
+        .triggers
+        .iter()
+        .map(|spec| {
+            let remote = Arc::new(RemoteTrigger {
+                spec: spec.clone(),
+                pool: pool.clone(),
+                auth: auth.clone(),
+            });
+            match spec.kind {
+                TriggerKind::Polling { .. } => TriggerHandle::Polling(remote),
+                TriggerKind::Webhook => TriggerHandle::Webhook(remote),
+                TriggerKind::Schedule => TriggerHandle::Schedule(remote),
+            }
+        })
+        .collect();
+    let validator = auth.is_required().then(|| {
+        Arc::new(RemoteAuth {
+            pool: pool.clone(),
+            auth: auth.clone(),
+        }) as Arc<dyn DynValidateAuth>
+    });
+    Piece::assemble(metadata, actions, triggers, validator)
+}
+
+fn call_context(ctx: &Context) -> CallContext<'_> {
+    CallContext {
+        run: Cow::Borrowed(&ctx.run),
+        owner: Cow::Borrowed(&ctx.owner),
+        auth: ctx.auth_value().map(Cow::Borrowed),
+    }
+}
+
+/// The call's scope: its context (for the store and progress) and the secrets to mask.
+fn scope(ctx: &Context, auth: &PieceAuth) -> CallScope {
+    let secrets = ctx
+        .auth_value()
+        .map(|value| {
+            auth.secret_values(value)
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    CallScope::of(ctx, secrets)
+}
+
+struct RemoteAction {
+    spec: ActionSpec,
+    pool: Arc<Pool>,
+    auth: Arc<PieceAuth>,
+}
+
+impl DynAction for RemoteAction {
+    fn spec(&self) -> &ActionSpec {
+        &self.spec
+    }
+
+    fn run_json<'a>(
+        &'a self,
+        ctx: &'a Context,
+        input: Value,
+    ) -> BoxFuture<'a, Result<Value, PieceError>> {
+        Box::pin(async move {
+            let input = validate_props(&self.spec.props, &input)?;
+            let params = protocol::RunAction {
+                action: Cow::Borrowed(&self.spec.name),
+                input: Value::Object(input),
+                context: call_context(ctx),
+            };
+            self.pool
+                .call(method::RUN_ACTION, &params, Some(scope(ctx, &self.auth)))
+                .await
+        })
+    }
+}
+
+/// One type for the three trigger kinds: the handle says which it is.
+struct RemoteTrigger {
+    spec: TriggerSpec,
+    pool: Arc<Pool>,
+    auth: Arc<PieceAuth>,
+}
+
+impl RemoteTrigger {
+    fn input(&self, input: &Value) -> Result<Value, PieceError> {
+        Ok(Value::Object(validate_props(&self.spec.props, input)?))
+    }
+}
+
+impl DynPolling for RemoteTrigger {
+    fn spec(&self) -> &TriggerSpec {
+        &self.spec
+    }
+
+    fn poll_json<'a>(
+        &'a self,
+        ctx: &'a Context,
+        input: Value,
+    ) -> BoxFuture<'a, Result<Vec<PolledItem>, PieceError>> {
+        Box::pin(async move {
+            let params = protocol::Poll {
+                trigger: Cow::Borrowed(&self.spec.name),
+                input: self.input(&input)?,
+                context: call_context(ctx),
+            };
+            self.pool
+                .call(method::POLL, &params, Some(scope(ctx, &self.auth)))
+                .await
+        })
+    }
+}
+
+impl DynWebhook for RemoteTrigger {
+    fn spec(&self) -> &TriggerSpec {
+        &self.spec
+    }
+
+    fn handle_json<'a>(
+        &'a self,
+        input: Value,
+        request: &'a WebhookRequest,
+    ) -> BoxFuture<'a, Result<Vec<Value>, PieceError>> {
+        Box::pin(async move {
+            let params = protocol::Webhook {
+                trigger: Cow::Borrowed(&self.spec.name),
+                input: self.input(&input)?,
+                request: Cow::Borrowed(request),
+            };
+            self.pool.call(method::WEBHOOK, &params, None).await
+        })
+    }
+}
+
+impl DynSchedule for RemoteTrigger {
+    fn spec(&self) -> &TriggerSpec {
+        &self.spec
+    }
+
+    fn schedule_json(&self, input: Value) -> BoxFuture<'_, Result<Schedule, PieceError>> {
+        Box::pin(async move {
+            let params = protocol::ScheduleOf {
+                trigger: Cow::Borrowed(&self.spec.name),
+                input: self.input(&input)?,
+            };
+            self.pool.call(method::SCHEDULE, &params, None).await
+        })
+    }
+}
+
+struct RemoteAuth {
+    pool: Arc<Pool>,
+    auth: Arc<PieceAuth>,
+}
+
+impl DynValidateAuth for RemoteAuth {
+    fn validate<'a>(&'a self, ctx: &'a Context) -> BoxFuture<'a, Result<(), PieceError>> {
+        Box::pin(async move {
+            let params = protocol::ValidateAuth {
+                context: call_context(ctx),
+            };
+            self.pool
+                .call::<Option<Value>>(method::VALIDATE_AUTH, &params, Some(scope(ctx, &self.auth)))
+                .await
+                .map(drop)
+        })
+    }
+}
