@@ -15,7 +15,7 @@ test *args:
 # ratios in the terminal and target/bench/latest.json (see BENCHMARKS.md). `just bench --smoke`
 # is the quick check CI runs.
 bench *args:
-    cargo build --release --locked -p piecework -p piecework-bench
+    cargo build --release --locked -p piecework -p piecework-bench -p piecework-piece-probe
     target/release/piecework-bench {{args}}
 
 # Formatting and clippy, as CI runs them.

@@ -35,7 +35,7 @@ pub enum Command {
     Scheduler(SchedulerArgs),
     /// Pull jobs from queues and run pieces.
     Worker(WorkerArgs),
-    /// Inspect the pieces built into this binary.
+    /// Write, build, test, sign, publish and inspect pieces.
     #[command(subcommand)]
     Piece(PieceCommand),
     /// Encryption keys for connections.
@@ -77,7 +77,7 @@ impl Command {
 #[derive(Debug, Args)]
 pub struct ConfigArgs {
     /// TOML file with `[nats]`, `[redis]`, `[api]`, `[worker]`, `[scheduler]`, `[egress]`,
-    /// `[health]` sections; one file can serve the whole fleet.
+    /// `[health]`, `[pieces]` sections; one file can serve the whole fleet.
     #[arg(long, env = "PW_CONFIG")]
     pub config: Option<PathBuf>,
     /// NATS server URL(s), comma-separated.
@@ -91,6 +91,18 @@ pub struct ConfigArgs {
     /// so it stays out of process listings.
     #[arg(skip = std::env::var("PW_ENCRYPTION_KEY").ok().filter(|k| !k.is_empty()))]
     pub encryption_key: Option<String>,
+    /// A directory of piece bundles (`*.piece.tgz`), loaded at start and watched: a bundle
+    /// copied in is served within seconds, without a restart.
+    #[arg(long = "pieces", env = "PW_PIECES_DIR")]
+    pub pieces_dir: Option<PathBuf>,
+    /// Public keys (`ID:BASE64`, comma-separated, from `piecework piece keygen`) whose
+    /// signatures are trusted; when set, bundles not signed by one of them are refused.
+    #[arg(long, env = "PW_TRUSTED_KEYS")]
+    pub trusted_keys: Option<String>,
+    /// Where bundles are unpacked and registry downloads cached (default: a directory under
+    /// the system's temporary directory).
+    #[arg(long, env = "PW_PIECES_CACHE")]
+    pub pieces_cache: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -165,19 +177,93 @@ pub struct WorkerArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum PieceCommand {
-    /// List the registered pieces with their versions, actions and triggers.
-    List,
-    /// Create a new private piece under pieces/custom/ and register it (rebuild to use it).
+    /// List the pieces: built in, and the bundles in the pieces directory (`--pieces`).
+    List {
+        /// A directory of bundles to list as well.
+        #[arg(long = "pieces", env = "PW_PIECES_DIR")]
+        pieces_dir: Option<PathBuf>,
+    },
+    /// Create a new private piece: a cargo package that builds into a bundle.
     New {
         /// Lowercase letters, digits and '-', e.g. `acme-crm`.
         name: String,
-        /// The piecework checkout (default: the one around the current directory).
+        /// Where to create it (default: ./NAME).
         #[arg(long)]
-        root: Option<PathBuf>,
+        dir: Option<PathBuf>,
+        /// The piecework checkout whose SDK it depends on (default: this binary's, or the
+        /// one around the current directory).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
     },
+    /// Build a piece's directory into a bundle (`NAME-VERSION.piece.tgz`).
+    Build {
+        /// The piece's directory (a cargo package whose binary calls `piecework_sdk::serve`).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Where to write the bundle (default: `pieces/` in cargo's target directory). Point it
+        /// at a watched pieces directory to deploy as you build.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// `release` to ship, `dev` to try it out quickly.
+        #[arg(long, value_enum, default_value = "release")]
+        profile: crate::bundles::Profile,
+        /// Sign it with this key file (from `piece keygen`), or `env` for PW_SIGNING_KEY.
+        #[arg(long)]
+        sign: Option<String>,
+    },
+    /// Print a bundle's manifest, digest, files and signature.
+    Inspect {
+        file: PathBuf,
+        /// The manifest and details as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Keys to check the signature against.
+        #[arg(long, env = "PW_TRUSTED_KEYS")]
+        trusted_keys: Option<String>,
+    },
+    /// Make an ed25519 key pair for signing bundles.
+    Keygen {
+        /// The key's id, as it appears in signatures and PW_TRUSTED_KEYS.
+        #[arg(long, default_value = "release")]
+        id: String,
+        /// Where to write the private key (default: ./ID.key).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Sign a bundle: writes FILE.sig beside it.
+    Sign {
+        file: PathBuf,
+        /// The private key file, or `env` for PW_SIGNING_KEY.
+        #[arg(long)]
+        key: String,
+    },
+    /// Publish a bundle to the registry through the API: every worker can run it at once.
+    Publish {
+        file: PathBuf,
+        /// Its signature (default: FILE.sig, when it exists).
+        #[arg(long)]
+        signature: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiClientArgs,
+    },
+    /// The versions of a piece the installation has, and where each comes from.
+    Versions {
+        piece: String,
+        #[command(flatten)]
+        api: ApiClientArgs,
+    },
+    /// Remove a published version from the registry (refused while an enabled flow uses it).
+    Yank {
+        piece: String,
+        version: String,
+        #[command(flatten)]
+        api: ApiClientArgs,
+    },
+    /// Check that a piece program speaks piece protocol v1 (a program, bundle or directory).
+    Conformance { target: PathBuf },
     /// Print a piece's metadata as JSON (what the catalog, docs and version checks read).
     Metadata {
-        /// The piece's name.
+        /// A piece name, a bundle file or a piece's directory.
         piece: String,
         /// Write to this file instead of standard output.
         #[arg(long, short)]
@@ -185,20 +271,23 @@ pub enum PieceCommand {
     },
     /// Generate the piece's internal documentation page (Markdown) from its metadata.
     Docs {
+        /// A piece name, a bundle file or a piece's directory.
         piece: String,
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
     /// Check that the piece's version number fits its changes since an earlier metadata file
-    /// (from `piece metadata`); exits non-zero when the bump is too small.
+    /// (from `piece metadata`) or bundle; exits non-zero when the bump is too small.
     Check {
+        /// A piece name, a bundle file or a piece's directory.
         piece: String,
-        /// Metadata JSON of the released version.
+        /// Metadata JSON or bundle of the released version.
         #[arg(long)]
         against: PathBuf,
     },
     /// Run one action or trigger locally and print what it returns.
     Test {
+        /// A piece name, a bundle file or a piece's directory (built first).
         piece: String,
         /// The action or trigger.
         name: String,
@@ -313,11 +402,31 @@ pub enum KeyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum FlowCommand {
-    /// Check flow files against the pieces in this binary; reports every problem with its
-    /// location. Exits non-zero if any file is invalid.
+    /// Check flow files against the pieces in this binary (and the bundles in the pieces
+    /// directory); reports every problem with its location. Exits non-zero if any is invalid.
     Validate {
         /// Flow files (YAML or JSON).
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// A directory of bundles whose pieces the flows may use.
+        #[arg(long = "pieces", env = "PW_PIECES_DIR")]
+        pieces_dir: Option<PathBuf>,
+    },
+    /// Move a flow to a newer version of one of its pieces, through the API: the flow's steps
+    /// using it are re-resolved, the change is checked like `piece check` against the pinned
+    /// version, and a new flow version is applied only when nothing breaks.
+    Upgrade {
+        flow: String,
+        /// The piece to upgrade.
+        #[arg(long)]
+        piece: String,
+        /// A new version range for the piece's steps (`^2`); default: keep each step's range.
+        #[arg(long)]
+        to: Option<String>,
+        /// Apply even with breaking changes (audited as forced).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        api: ApiClientArgs,
     },
 }

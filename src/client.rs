@@ -16,7 +16,7 @@ impl ApiClient {
         piecework_sdk::http::install_crypto_provider();
         Ok(Self {
             http: reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(60))
+                .timeout(std::time::Duration::from_secs(300))
                 .build()?,
             base: args.url.trim_end_matches('/').to_owned(),
             api_key: args.api_key.clone().filter(|k| !k.is_empty()),
@@ -42,6 +42,28 @@ impl ApiClient {
         if let Some(body) = body {
             request = request.json(body);
         }
+        self.answer(request).await
+    }
+
+    /// Sends `bytes` as the body with extra headers (publishing a bundle).
+    pub async fn send_bytes(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        bytes: Vec<u8>,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<Value> {
+        let mut request = self
+            .request(method, path)
+            .header(reqwest::header::CONTENT_TYPE, "application/gzip")
+            .body(bytes);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        self.answer(request).await
+    }
+
+    async fn answer(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         let response = request.send().await.with_context(|| {
             format!(
                 "cannot reach the piecework API at {} (set --api or PW_API_URL)",

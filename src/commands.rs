@@ -22,25 +22,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Api(args) => api(args, shutdown).await,
         Command::Scheduler(args) => scheduler(args, shutdown).await,
         Command::Worker(args) => worker(args, shutdown).await,
-        Command::Piece(PieceCommand::Test {
-            piece,
-            name,
-            input,
-            auth,
-            connection,
-            owner,
-        }) => {
-            crate::piece_test::run(
-                &piece,
-                &name,
-                &input,
-                auth.as_deref(),
-                connection.as_deref(),
-                &owner,
-            )
-            .await
-        }
-        Command::Piece(command) => piece(command),
+        Command::Piece(command) => piece(command).await,
         Command::Connection(args) => connection(args).await,
         Command::Audit(args) => crate::audit::run(args, shutdown).await,
         Command::Doctor(args) => crate::doctor::run(&args.common).await,
@@ -82,6 +64,30 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
             definitions.push(flows::parse_file(&file)?);
         }
     }
+    let mut bundle_files = Vec::new();
+    let demo_flows = definitions
+        .iter()
+        .any(|f| uses_piece(f, crate::demo::PIECE));
+    if demo_flows && !dir_has_piece(config.pieces.dir.as_deref(), crate::demo::PIECE) {
+        eprintln!(
+            "piecework dev: building the demo piece `{}` into a bundle, as for any private piece…",
+            crate::demo::PIECE
+        );
+        match crate::demo::bundle().await {
+            Ok(Some(path)) => bundle_files.push(path),
+            outcome => {
+                let why = match outcome {
+                    Err(err) => format!("{err:#}"),
+                    _ => "there is no piecework checkout here to build it from".to_owned(),
+                };
+                eprintln!(
+                    "piecework dev: leaving out the demo flows of `{}`: {why}",
+                    crate::demo::PIECE
+                );
+                definitions.retain(|f| !uses_piece(f, crate::demo::PIECE));
+            }
+        }
+    }
     let names: Vec<String> = definitions.iter().map(|f| f.name.clone()).collect();
     let (keyring, ephemeral) = match infra::keyring(&args.common, false)? {
         Some(keyring) => (keyring, false),
@@ -92,7 +98,9 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
             true,
         ),
     };
-    let sandbox = Sandbox::start(config, definitions, registry, infra, keyring).await?;
+    let pieces_dir = config.pieces.dir.clone();
+    let sandbox =
+        Sandbox::start_with(config, definitions, registry, infra, keyring, &bundle_files).await?;
     let addr = sandbox.api_addr;
     let mock = if names
         .iter()
@@ -112,6 +120,16 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         infra.describe()
     );
     println!("  api     http://{addr}   (GET /v1/runs, GET /v1/pieces, POST /v1/flows)");
+    match &pieces_dir {
+        Some(dir) => println!(
+            "  pieces  {} is watched: `piecework piece build DIR -o {}` deploys a piece as you edit it",
+            dir.display(),
+            dir.display()
+        ),
+        None => println!(
+            "  pieces  --pieces DIR loads your bundles (and reloads them as you rebuild); publish with `piecework piece publish`"
+        ),
+    }
     println!("  watch   http://{addr}/metrics, GET /v1/audit, PW_OTLP_ENDPOINT for traces");
     println!(
         "  flows   {}",
@@ -131,6 +149,13 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
             "  demo    a mock ticketing API at {} files a ticket every 7s; `auto-assign` assigns each once",
             mock.url
         );
+        if let Some(bundle) = bundle_files.first() {
+            println!(
+                "          with the `{}` piece running in its own process, from {}",
+                crate::demo::PIECE,
+                bundle.display()
+            );
+        }
     }
     if ephemeral {
         println!(
@@ -150,6 +175,22 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     sandbox.run_until(shutdown).await
 }
 
+fn uses_piece(flow: &piecework_core::FlowDefinition, piece: &str) -> bool {
+    flow.trigger.piece == piece || flow.steps.iter().any(|s| s.piece == piece)
+}
+
+/// Whether `dir` holds a bundle of `piece` (then `dev` does not build the demo's own).
+fn dir_has_piece(dir: Option<&std::path::Path>, piece: &str) -> bool {
+    let Some(entries) = dir.and_then(|d| std::fs::read_dir(d).ok()) else {
+        return false;
+    };
+    entries.filter_map(Result::ok).any(|e| {
+        e.file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&format!("{piece}-")) && n.ends_with(".piece.tgz"))
+    })
+}
+
 async fn api(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Config::load(&args.common, |config| {
         if let Some(listen) = args.listen {
@@ -160,15 +201,17 @@ async fn api(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
             config.api.api_key = Some(key.clone());
         }
     })?;
-    let runtime = infra::runtime(
+    let (runtime, sources) = infra::runtime(
         &config,
         registry::pieces()?,
         Infra::PRODUCTION,
         infra::keyring(&args.common, true)?,
     )
     .await?;
-    piecework_api::run(config.api, runtime, shutdown).await?;
-    Ok(())
+    let pieces = sources.spawn();
+    let served = piecework_api::run(config.api, runtime, shutdown).await;
+    pieces.stop().await;
+    Ok(served?)
 }
 
 /// `/metrics` of a process with nothing to refresh before a scrape.
@@ -208,7 +251,9 @@ async fn scheduler(args: SchedulerArgs, shutdown: CancellationToken) -> anyhow::
             config.health.scheduler_listen = listen;
         }
     })?;
-    let runtime = infra::runtime(&config, registry::pieces()?, Infra::PRODUCTION, None).await?;
+    let (runtime, sources) =
+        infra::runtime(&config, registry::pieces()?, Infra::PRODUCTION, None).await?;
+    let pieces = sources.spawn();
     let health = health::serve(
         config.health.scheduler_listen,
         infra_ready(&runtime),
@@ -220,8 +265,9 @@ async fn scheduler(args: SchedulerArgs, shutdown: CancellationToken) -> anyhow::
             .await?;
         anyhow::Ok(())
     };
-    tokio::try_join!(health, service)?;
-    Ok(())
+    let ran = tokio::try_join!(health, service);
+    pieces.stop().await;
+    ran.map(drop)
 }
 
 async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -239,13 +285,14 @@ async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result
             config.health.worker_listen = listen;
         }
     })?;
-    let runtime = infra::runtime(
+    let (runtime, sources) = infra::runtime(
         &config,
         registry::pieces()?,
         Infra::PRODUCTION,
         infra::keyring(&args.common, true)?,
     )
     .await?;
+    let pieces = sources.spawn();
     let consuming = piecework_worker::Health::default();
     let ready = {
         let infra = infra_ready(&runtime);
@@ -289,8 +336,10 @@ async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result
         .await?;
         anyhow::Ok(())
     };
-    tokio::try_join!(health, service)?;
-    Ok(())
+    // The worker drains its in-flight steps first; only then do the piece processes stop.
+    let ran = tokio::try_join!(health, service);
+    pieces.stop().await;
+    ran.map(drop)
 }
 
 async fn connection(args: ConnectionArgs) -> anyhow::Result<()> {
@@ -363,33 +412,22 @@ fn read_values(source: &str) -> anyhow::Result<serde_json::Value> {
     })
 }
 
-fn piece(command: PieceCommand) -> anyhow::Result<()> {
-    let registry = registry::pieces()?;
+async fn piece(command: PieceCommand) -> anyhow::Result<()> {
+    use crate::bundles;
     match command {
-        PieceCommand::List => {
-            for piece in registry.pieces() {
-                let meta = piece.metadata();
-                println!("{} {}  {}", meta.name, meta.version, meta.description);
-                for action in &meta.actions {
-                    println!("    action   {:<18} {}", action.name, action.description);
-                }
-                for trigger in &meta.triggers {
-                    println!("    trigger  {:<18} {}", trigger.name, trigger.description);
-                }
-            }
-            Ok(())
-        }
+        PieceCommand::List { pieces_dir } => list_pieces(pieces_dir.as_deref()).await,
         PieceCommand::Docs { piece, output } => {
-            let markdown = piecework_core::docs::markdown(newest(&registry, &piece)?.metadata());
+            let opened = bundles::open(&piece, pieces_dir().as_deref()).await?;
+            let markdown = piecework_core::docs::markdown(opened.piece.metadata());
+            opened.close().await;
             write_output(output.as_deref(), &markdown)
         }
         PieceCommand::Check { piece, against } => {
-            let text = std::fs::read_to_string(&against)
-                .with_context(|| format!("cannot read {}", against.display()))?;
-            let old: piecework_sdk::PieceMetadata = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not piece metadata", against.display()))?;
-            let new = newest(&registry, &piece)?.metadata();
-            let report = piecework_core::versioning::check(&old, new);
+            let old = released_metadata(&against)?;
+            let opened = bundles::open(&piece, pieces_dir().as_deref()).await?;
+            let new = opened.piece.metadata().clone();
+            opened.close().await;
+            let report = piecework_core::versioning::check(&old, &new);
             for change in &report.changes {
                 println!("{:<5}  {}", change.bump, change.what);
             }
@@ -400,62 +438,201 @@ fn piece(command: PieceCommand) -> anyhow::Result<()> {
                 });
             println!(
                 "{} {} → {}: needs a {} bump, made {made}",
-                piece, old.version, new.version, report.required
+                new.name, old.version, new.version, report.required
             );
             if !report.is_ok() {
-                bail!("the version bump of `{piece}` is too small for its changes");
+                bail!(
+                    "the version bump of `{}` is too small for its changes",
+                    new.name
+                );
             }
             Ok(())
         }
-        PieceCommand::Test { .. } => unreachable!("handled by piece_test"),
-        PieceCommand::New { name, root } => {
-            let root = match root {
-                Some(root) => root,
-                None => crate::scaffold::find_root(&std::env::current_dir()?)?,
-            };
-            let made = crate::scaffold::create(&root, &name)?;
-            println!(
-                "created {} ({}) and registered it",
-                made.dir.display(),
-                made.crate_name
-            );
-            println!(
-                "next: cargo test -p {} && cargo run -- piece test {name} hello --input '{{\"name\": \"ada\"}}'",
-                made.crate_name
-            );
+        PieceCommand::Test {
+            piece,
+            name,
+            input,
+            auth,
+            connection,
+            owner,
+        } => {
+            crate::piece_test::run(
+                &piece,
+                &name,
+                &input,
+                auth.as_deref(),
+                connection.as_deref(),
+                &owner,
+            )
+            .await
+        }
+        PieceCommand::New { name, dir, sdk } => {
+            let made = crate::scaffold::create(&name, dir.as_deref(), sdk.as_deref())?;
+            println!("created {} ({})", made.dir.display(), made.crate_name);
+            println!("next:");
+            println!("  cd {}", made.dir.display());
+            println!("  cargo test");
+            println!("  piecework piece test . hello --input '{{\"name\": \"ada\"}}'");
+            println!("  piecework piece build .    # → a bundle to deploy");
             Ok(())
         }
         PieceCommand::Metadata { piece, output } => {
-            let versions = registry.versions(&piece);
-            let Some(found) = versions.first().and_then(|v| registry.get(&piece, v)) else {
-                let known: Vec<&str> = registry.names().collect();
-                bail!("no piece `{piece}` (registered: {})", known.join(", "));
-            };
-            let json = serde_json::to_string_pretty(found.metadata())?;
-            match output {
-                Some(path) => std::fs::write(&path, json + "\n")
-                    .with_context(|| format!("cannot write {}", path.display())),
-                None => {
-                    println!("{json}");
-                    Ok(())
-                }
-            }
+            let opened = bundles::open(&piece, pieces_dir().as_deref()).await?;
+            let json = serde_json::to_string_pretty(opened.piece.metadata())?;
+            opened.close().await;
+            write_output(output.as_deref(), &(json + "\n"))
         }
+        PieceCommand::Build {
+            dir,
+            out,
+            profile,
+            sign,
+        } => {
+            let key = sign.as_deref().map(bundles::signing_key).transpose()?;
+            let options = bundles::BuildOptions {
+                out: out.as_deref(),
+                profile,
+                sign: key.as_ref(),
+                quiet: false,
+            };
+            let built = bundles::build(&dir, &options).await?;
+            let manifest = &built.bundle.manifest;
+            println!(
+                "built {} {} → {}",
+                manifest.name(),
+                manifest.version(),
+                built.path.display()
+            );
+            println!("  digest {}", built.bundle.digest);
+            if let Some(key) = &key {
+                println!("  signed by `{}` → {}.sig", key.id(), built.path.display());
+            }
+            Ok(())
+        }
+        PieceCommand::Inspect {
+            file,
+            json,
+            trusted_keys,
+        } => bundles::inspect(&file, json, trusted_keys.as_deref()),
+        PieceCommand::Keygen { id, out } => bundles::keygen(&id, out.as_deref()),
+        PieceCommand::Sign { file, key } => {
+            let key = bundles::signing_key(&key)?;
+            let path = bundles::sign(&file, &key)?;
+            println!("signed by `{}` → {}", key.id(), path.display());
+            Ok(())
+        }
+        PieceCommand::Publish {
+            file,
+            signature,
+            api,
+        } => bundles::publish(&ApiClient::new(&api)?, &file, signature.as_deref()).await,
+        PieceCommand::Versions { piece, api } => {
+            let client = ApiClient::new(&api)?;
+            let answer = client
+                .send(
+                    reqwest::Method::GET,
+                    &format!("/v1/pieces/{piece}/versions"),
+                    None,
+                )
+                .await?;
+            for version in answer["versions"].as_array().into_iter().flatten() {
+                let field = |name: &str| version[name].as_str().unwrap_or_default().to_owned();
+                let published = &version["published"];
+                let detail = match field("source").as_str() {
+                    "registry" => format!(
+                        "published by {} at {}{}",
+                        published["publisher"].as_str().unwrap_or("?"),
+                        published["published_at"].as_str().unwrap_or("?"),
+                        published["signed_by"]
+                            .as_str()
+                            .map(|k| format!(", signed by `{k}`"))
+                            .unwrap_or_default()
+                    ),
+                    "directory" => field("path"),
+                    _ => String::new(),
+                };
+                println!("{:<12} {:<10} {detail}", field("version"), field("source"));
+            }
+            Ok(())
+        }
+        PieceCommand::Yank {
+            piece,
+            version,
+            api,
+        } => {
+            let client = ApiClient::new(&api)?;
+            client
+                .send(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/pieces/{piece}/versions/{version}"),
+                    None,
+                )
+                .await?;
+            println!("yanked {piece} {version} from the registry");
+            Ok(())
+        }
+        PieceCommand::Conformance { target } => bundles::conformance(&target).await,
     }
 }
 
-fn newest<'r>(
-    registry: &'r piecework_core::Registry,
-    piece: &str,
-) -> anyhow::Result<&'r piecework_sdk::Piece> {
-    let versions = registry.versions(piece);
-    versions
-        .first()
-        .and_then(|v| registry.get(piece, v))
-        .ok_or_else(|| {
-            let known: Vec<&str> = registry.names().collect();
-            anyhow::anyhow!("no piece `{piece}` (registered: {})", known.join(", "))
-        })
+/// The pieces directory named by the environment, for commands that take piece names.
+fn pieces_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("PW_PIECES_DIR")
+        .filter(|d| !d.is_empty())
+        .map(Into::into)
+}
+
+/// Metadata of a released version: a metadata file (`piece metadata -o`) or a bundle.
+fn released_metadata(path: &std::path::Path) -> anyhow::Result<piecework_sdk::PieceMetadata> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if path.to_string_lossy().ends_with(".piece.tgz") {
+        let bundle =
+            piecework_bundle::Bundle::read(&bytes).with_context(|| path.display().to_string())?;
+        return Ok(bundle.manifest.piece);
+    }
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not piece metadata", path.display()))
+}
+
+async fn list_pieces(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let mut registry = registry::pieces()?;
+    let mut note = String::new();
+    if let Some(dir) = dir {
+        let cache = tempfile::tempdir()?;
+        let host = piecework_host::PieceHost::new(
+            piecework_host::HostConfig {
+                cache_dir: cache.path().to_owned(),
+                ..Default::default()
+            },
+            piecework_sdk::EgressPolicy::default(),
+        )?;
+        let catalog = std::sync::Arc::new(piecework_core::Catalog::new(registry));
+        let mut directory =
+            piecework_host::directory::Directory::new(dir.to_owned(), host, catalog.clone());
+        let scan = directory.scan().await?;
+        for (file, why) in &scan.refused {
+            eprintln!("{}: {why}", file.display());
+        }
+        registry = piecework_core::Registry::clone(&catalog.snapshot());
+        note = format!(" (bundle in {})", dir.display());
+    }
+    for name in registry.names() {
+        for entry in registry.entries(name) {
+            let meta = entry.piece.metadata();
+            let from = match &entry.origin {
+                piecework_core::registry::Origin::Builtin => " (built in)".to_owned(),
+                _ => note.clone(),
+            };
+            println!("{} {}{from}  {}", meta.name, meta.version, meta.description);
+            for action in &meta.actions {
+                println!("    action   {:<18} {}", action.name, action.description);
+            }
+            for trigger in &meta.triggers {
+                println!("    trigger  {:<18} {}", trigger.name, trigger.description);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn write_output(output: Option<&std::path::Path>, text: &str) -> anyhow::Result<()> {
@@ -471,10 +648,82 @@ fn write_output(output: Option<&std::path::Path>, text: &str) -> anyhow::Result<
 }
 
 async fn flow(command: FlowCommand) -> anyhow::Result<()> {
-    let FlowCommand::Validate { files } = command;
-    let registry = registry::pieces()?;
+    match command {
+        FlowCommand::Validate { files, pieces_dir } => {
+            validate_flows(&files, pieces_dir.as_deref()).await
+        }
+        FlowCommand::Upgrade {
+            flow,
+            piece,
+            to,
+            force,
+            api,
+        } => {
+            let client = ApiClient::new(&api)?;
+            let body = serde_json::json!({ "piece": piece, "to": to, "force": force });
+            let answer = client
+                .send(
+                    reqwest::Method::POST,
+                    &format!("/v1/flows/{flow}/upgrade"),
+                    Some(&body),
+                )
+                .await?;
+            for step in answer["steps"].as_array().into_iter().flatten() {
+                println!(
+                    "{}: {} {} → {}",
+                    step["step"].as_str().unwrap_or_default(),
+                    piece,
+                    step["from"].as_str().unwrap_or_default(),
+                    step["to"].as_str().unwrap_or_default()
+                );
+                for change in step["changes"].as_array().into_iter().flatten() {
+                    println!(
+                        "    {:<5}  {}",
+                        change["bump"].as_str().unwrap_or_default(),
+                        change["what"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+            match answer["version"].as_u64() {
+                Some(version) if answer["created"] == true => {
+                    println!("applied flow `{flow}` version {version}")
+                }
+                Some(version) => {
+                    println!("flow `{flow}` already uses these versions (version {version})")
+                }
+                None => println!("nothing to upgrade"),
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn validate_flows(
+    files: &[std::path::PathBuf],
+    pieces_dir: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let mut registry = registry::pieces()?;
+    let _cache = match pieces_dir {
+        None => None,
+        Some(dir) => {
+            let cache = tempfile::tempdir()?;
+            let host = piecework_host::PieceHost::new(
+                piecework_host::HostConfig {
+                    cache_dir: cache.path().to_owned(),
+                    ..Default::default()
+                },
+                piecework_sdk::EgressPolicy::default(),
+            )?;
+            let catalog = std::sync::Arc::new(piecework_core::Catalog::new(registry));
+            piecework_host::directory::Directory::new(dir.to_owned(), host, catalog.clone())
+                .scan()
+                .await?;
+            registry = piecework_core::Registry::clone(&catalog.snapshot());
+            Some(cache)
+        }
+    };
     let mut failed = 0;
-    for file in &files {
+    for file in files {
         let result = match flows::parse_file(file) {
             Ok(def) => piecework_core::flow::validate(def, &registry)
                 .await

@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use piecework_api::ApiConfig;
 use piecework_bus::nats::NatsConfig;
+use piecework_host::HostConfig;
 use piecework_scheduler::SchedulerConfig;
 use piecework_sdk::EgressPolicy;
 use piecework_store::redis::RedisConfig;
@@ -48,6 +49,8 @@ pub struct Config {
     /// Which hosts pieces may call.
     pub egress: EgressPolicy,
     pub health: HealthConfig,
+    /// How bundles are found and run: the pieces directory, trusted keys, limits.
+    pub pieces: HostConfig,
 }
 
 impl Config {
@@ -63,6 +66,15 @@ impl Config {
         }
         if let Some(url) = &common.redis_url {
             config.redis.url = url.clone();
+        }
+        if let Some(dir) = &common.pieces_dir {
+            config.pieces.dir = Some(dir.clone());
+        }
+        if let Some(keys) = &common.trusted_keys {
+            config.pieces.trusted_keys = keys.clone();
+        }
+        if let Some(dir) = &common.pieces_cache {
+            config.pieces.cache_dir = dir.clone();
         }
         overrides(&mut config);
         config.validate()?;
@@ -82,6 +94,7 @@ impl Config {
             ("scheduler", self.scheduler.validate()),
             ("nats", check_url("url", &self.nats.url, &["nats", "tls"])),
             ("redis", check_url("url", &self.redis.url, &["redis"])),
+            ("pieces", self.pieces.validate()),
         ];
         for (section, check) in checks {
             if let Err(message) = check {

@@ -45,6 +45,7 @@ pub struct Sandbox {
     pub runtime: Arc<Runtime>,
     shutdown: CancellationToken,
     tasks: Services,
+    pieces: crate::pieces::Running,
 }
 
 impl Sandbox {
@@ -54,15 +55,29 @@ impl Sandbox {
     /// The one embedded worker also serves every queue the given flows route to, since no
     /// other worker exists to serve them.
     pub async fn start(
-        mut config: Config,
+        config: Config,
         flows: Vec<FlowDefinition>,
         registry: piecework_core::Registry,
         infra: Infra,
         keyring: Keyring,
     ) -> anyhow::Result<Self> {
+        Self::start_with(config, flows, registry, infra, keyring, &[]).await
+    }
+
+    /// [`Sandbox::start`], also loading the bundle `files` (the demo piece, tests' pieces).
+    pub async fn start_with(
+        mut config: Config,
+        flows: Vec<FlowDefinition>,
+        registry: piecework_core::Registry,
+        infra: Infra,
+        keyring: Keyring,
+        files: &[std::path::PathBuf],
+    ) -> anyhow::Result<Self> {
         serve_queues_of(&mut config, &flows);
         config.validate()?;
-        let runtime = infra::runtime(&config, registry, infra, Some(keyring)).await?;
+        let (runtime, sources) =
+            infra::runtime_with(&config, registry, infra, Some(keyring), files).await?;
+        let pieces = sources.spawn();
         let actor = Actor("dev".into());
         for flow in flows {
             let name = flow.name.clone();
@@ -99,6 +114,7 @@ impl Sandbox {
             runtime,
             shutdown,
             tasks,
+            pieces,
         })
     }
 
@@ -143,6 +159,7 @@ impl Sandbox {
             first_error
         })
         .await;
+        self.pieces.stop().await;
         match drained {
             Ok(None) => Ok(()),
             Ok(Some(err)) => Err(err),

@@ -1,7 +1,9 @@
 //! `piecework doctor`: the guide's troubleshooting lists, automated. Each check prints ✓ or ✗
 //! with what to do about it; the command fails if any check fails.
 //!
-//! - pieces: registered, metadata valid (the guide's "check piece is exported properly");
+//! - pieces: built in or bundles (the pieces directory, the registry), metadata valid, each
+//!   bundle starts and answers over the protocol (the guide's "check piece is exported
+//!   properly", "verify the build", "check the container logs");
 //! - infrastructure: NATS and Redis reachable, the job stream and each queue's consumer;
 //! - connections: each decrypts with the current key, and its piece's check against the real
 //!   system passes (reachable, certificate valid, key accepted — "verify API key, check the
@@ -50,22 +52,7 @@ pub async fn run(common: &ConfigArgs) -> anyhow::Result<()> {
             bail!("1 check failed");
         }
     };
-    for piece in registry.pieces() {
-        let meta = piece.metadata();
-        match serde_json::to_value(meta) {
-            Ok(_) => report.ok(format!(
-                "{} {} ({} actions, {} triggers)",
-                meta.name,
-                meta.version,
-                meta.actions.len(),
-                meta.triggers.len()
-            )),
-            Err(err) => report.fail(
-                format!("{}: metadata does not serialize: {err}", meta.name),
-                "check its props",
-            ),
-        }
-    }
+    check_pieces(&mut report, &config, registry.clone()).await;
 
     println!("\ninfrastructure");
     let keyring = match infra::keyring(common, true) {
@@ -121,7 +108,7 @@ pub async fn run(common: &ConfigArgs) -> anyhow::Result<()> {
     )
     .await
     {
-        Ok(runtime) => {
+        Ok((runtime, _)) => {
             report.ok(format!("Redis at {}", redacted_url(&config.redis.url)));
             Some(runtime)
         }
@@ -236,6 +223,72 @@ async fn check_connections(report: &mut Report, runtime: &Arc<Runtime>) {
             ),
         }
     }
+}
+
+/// Lists every piece this machine would run — built in, and the bundles of the pieces
+/// directory, each started once and asked for `health` — with what to fix.
+async fn check_pieces(report: &mut Report, config: &Config, registry: piecework_core::Registry) {
+    let catalog = Arc::new(piecework_core::Catalog::new(registry));
+    let host = match piecework_host::PieceHost::new(config.pieces.clone(), config.egress.clone()) {
+        Ok(host) => host,
+        Err(err) => {
+            report.fail(
+                err,
+                "fix the [pieces] configuration (PW_PIECES_DIR, PW_TRUSTED_KEYS, PW_PIECES_CACHE)",
+            );
+            return;
+        }
+    };
+    if let Some(dir) = &config.pieces.dir {
+        let mut directory =
+            piecework_host::directory::Directory::new(dir.clone(), host.clone(), catalog.clone());
+        match directory.scan().await {
+            Ok(scan) => {
+                for (file, why) in scan.refused {
+                    report.fail(
+                        format!("{}: {why}", file.display()),
+                        "rebuild it with `piecework piece build`, or remove it from the pieces directory",
+                    );
+                }
+            }
+            Err(err) => report.fail(
+                format!("pieces directory {}: {err}", dir.display()),
+                "check PW_PIECES_DIR and its permissions",
+            ),
+        }
+    }
+    let snapshot = catalog.snapshot();
+    for name in snapshot.names() {
+        for entry in snapshot.entries(name) {
+            let meta = entry.piece.metadata();
+            let summary = format!(
+                "{} {} ({} actions, {} triggers)",
+                meta.name,
+                meta.version,
+                meta.actions.len(),
+                meta.triggers.len()
+            );
+            if serde_json::to_value(meta).is_err() {
+                report.fail(
+                    format!("{}: metadata does not serialize", meta.name),
+                    "check its props",
+                );
+                continue;
+            }
+            let piecework_core::registry::Origin::Directory { path, .. } = &entry.origin else {
+                report.ok(summary);
+                continue;
+            };
+            match host.check(&meta.name, &meta.version.to_string()).await {
+                Ok(took) => report.ok(format!("{summary}, bundle {path}, starts and answers in {} ms", took.as_millis())),
+                Err(err) => report.fail(
+                    format!("{summary}, bundle {path}: {err}"),
+                    "run `piecework piece conformance` on the bundle, check its signature (`piece inspect`) and the platform it was built for",
+                ),
+            }
+        }
+    }
+    host.stop_all().await;
 }
 
 /// A Redis URL without its password.

@@ -72,7 +72,10 @@ pub fn examples() -> anyhow::Result<Vec<FlowDefinition>> {
 mod tests {
     #[tokio::test]
     async fn shipped_examples_are_valid() {
-        let registry = crate::registry::pieces().unwrap();
+        let mut registry = crate::registry::pieces().unwrap();
+        registry
+            .register_built(piecework_piece_my_company_api::piece())
+            .unwrap();
         for flow in super::examples().unwrap() {
             let name = flow.name.clone();
             piecework_core::flow::validate(flow, &registry)

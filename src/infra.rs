@@ -57,13 +57,26 @@ pub fn keyring(common: &ConfigArgs, required: bool) -> anyhow::Result<Option<Key
     }
 }
 
-/// Connects the adapters `infra` asks for and builds the runtime.
+/// Connects the adapters `infra` asks for, loads the pieces (built in, from the pieces
+/// directory and the registry) and builds the runtime. The returned sources are followed once
+/// spawned.
 pub async fn runtime(
     config: &Config,
     registry: Registry,
     infra: Infra,
     keyring: Option<Keyring>,
-) -> anyhow::Result<Arc<Runtime>> {
+) -> anyhow::Result<(Arc<Runtime>, crate::pieces::Sources)> {
+    runtime_with(config, registry, infra, keyring, &[]).await
+}
+
+/// [`runtime`], also loading the bundle `files`.
+pub async fn runtime_with(
+    config: &Config,
+    registry: Registry,
+    infra: Infra,
+    keyring: Option<Keyring>,
+    files: &[std::path::PathBuf],
+) -> anyhow::Result<(Arc<Runtime>, crate::pieces::Sources)> {
     let bus: Arc<dyn Bus> = if infra.nats {
         Arc::new(
             NatsBus::connect(config.nats.clone())
@@ -82,14 +95,12 @@ pub async fn runtime(
     } else {
         Arc::new(MemoryStore::new())
     };
-    let runtime = Runtime::new(
-        store,
-        bus,
-        Arc::new(piecework_core::Catalog::new(registry)),
-        config.egress.clone(),
-    )?;
-    Ok(Arc::new(match keyring {
+    let catalog = Arc::new(piecework_core::Catalog::new(registry));
+    let (host, sources) = crate::pieces::load(config, &bus, &catalog, files).await?;
+    let runtime = Runtime::new(store, bus, catalog, config.egress.clone())?.with_host(host);
+    let runtime = Arc::new(match keyring {
         Some(keyring) => runtime.with_keyring(keyring),
         None => runtime,
-    }))
+    });
+    Ok((runtime, sources))
 }

@@ -1,6 +1,7 @@
 //! `piecework piece test`: runs one action or trigger of a piece locally, exactly as a worker
-//! would (input validated against the props, the connection's values as `ctx.auth()`), and
-//! prints what it returns. The guide's "test locally", without deploying anything.
+//! would (input validated against the props, the connection's values as `ctx.auth()`; a
+//! bundle in its own process over the protocol), and prints what it returns. The guide's
+//! "test locally", without deploying anything.
 
 use std::sync::Arc;
 
@@ -23,13 +24,44 @@ pub async fn run(
     connection: Option<&str>,
     owner: &str,
 ) -> anyhow::Result<()> {
-    let registry = crate::registry::pieces()?;
-    let versions = registry.versions(piece);
-    let Some(found) = versions.first().and_then(|v| registry.get(piece, v)) else {
-        let known: Vec<&str> = registry.names().collect();
-        bail!("no piece `{piece}` (registered: {})", known.join(", "));
-    };
     let input = read_json("--input", input)?;
+    let opened = crate::bundles::open(piece, pieces_dir().as_deref()).await?;
+    let found = opened.piece.clone();
+    let piece = found.name().to_owned();
+    let result = run_member(&found, name, input, auth, connection, owner).await;
+    opened.close().await;
+    let output = result?;
+    match output {
+        Ok(value) => {
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(())
+        }
+        Err(err) => {
+            let kind = if err.is_retryable() {
+                "retryable"
+            } else {
+                "fatal"
+            };
+            bail!("{piece}/{name} failed ({kind}): {err}")
+        }
+    }
+}
+
+fn pieces_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("PW_PIECES_DIR")
+        .filter(|d| !d.is_empty())
+        .map(Into::into)
+}
+
+async fn run_member(
+    found: &piecework_sdk::Piece,
+    name: &str,
+    input: Value,
+    auth: Option<&str>,
+    connection: Option<&str>,
+    owner: &str,
+) -> anyhow::Result<Result<Value, piecework_sdk::PieceError>> {
+    let piece = found.name();
     let auth = match (auth, connection) {
         (Some(source), _) => Some(read_json("--auth", source)?),
         (None, Some(connection)) => Some(stored_connection(connection, piece).await?),
@@ -90,20 +122,7 @@ pub async fn run(
             }
         }
     };
-    match output {
-        Ok(value) => {
-            println!("{}", serde_json::to_string_pretty(&value)?);
-            Ok(())
-        }
-        Err(err) => {
-            let kind = if err.is_retryable() {
-                "retryable"
-            } else {
-                "fatal"
-            };
-            bail!("{piece}/{name} failed ({kind}): {err}")
-        }
-    }
+    Ok(output)
 }
 
 /// JSON from an argument: inline, `@FILE`, or `-` for standard input.
@@ -134,10 +153,13 @@ async fn stored_connection(name: &str, piece: &str) -> anyhow::Result<Value> {
         encryption_key: std::env::var("PW_ENCRYPTION_KEY")
             .ok()
             .filter(|k| !k.is_empty()),
+        pieces_dir: None,
+        trusted_keys: None,
+        pieces_cache: None,
     };
     let config = Config::load(&common, |_| {})?;
     let keyring = infra::keyring(&common, true)?;
-    let runtime = infra::runtime(
+    let (runtime, _) = infra::runtime(
         &config,
         crate::registry::pieces()?,
         Infra {

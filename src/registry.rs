@@ -1,5 +1,6 @@
-//! The pieces built into this binary. A new piece is added here (and to the workspace); the
-//! scaffold command does both.
+//! The pieces built into this binary: the core ones every installation has. Private pieces
+//! are never added here: they ship as bundles (`piecework piece build`) and are loaded from
+//! the pieces directory or the registry.
 
 use piecework_core::Registry;
 use piecework_core::registry::RegistryError;
@@ -12,8 +13,6 @@ pub fn pieces() -> Result<Registry, RegistryError> {
     registry.register_built(piecework_piece_schedule::piece())?;
     registry.register_built(piecework_piece_store::piece())?;
     registry.register_built(piecework_piece_webhook::piece())?;
-    // Private pieces (pieces/custom/).
-    registry.register_built(piecework_piece_my_company_api::piece())?;
     Ok(registry)
 }
 
@@ -23,16 +22,6 @@ mod tests {
     fn every_built_in_piece_registers() {
         let registry = super::pieces().expect("built-in pieces are valid");
         let names: Vec<&str> = registry.names().collect();
-        assert_eq!(
-            names,
-            [
-                "data",
-                "http",
-                "my-company-api",
-                "schedule",
-                "store",
-                "webhook"
-            ]
-        );
+        assert_eq!(names, ["data", "http", "schedule", "store", "webhook"]);
     }
 }

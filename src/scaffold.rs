@@ -1,5 +1,11 @@
-//! `piecework piece new <name>`: a new private piece under `pieces/custom/<name>/` that builds,
-//! passes its generated test and is registered in the binary, with no hand edits.
+//! `piecework piece new <name>`: a new private piece as its own cargo package — a library
+//! (the piece) and a binary (`serve`s it) — that builds, passes its generated test, runs with
+//! `piece test` and packs into a bundle with `piece build`, without touching piecework.
+//!
+//! The package is its own workspace (an empty `[workspace]`), so it can live in a team's
+//! repository or anywhere in a piecework checkout alike. It depends on `piecework-sdk` by
+//! path (the checkout the binary was built from, or `--sdk`) and starts from piecework's
+//! `Cargo.lock`, so it builds with the same dependency versions, offline once they are fetched.
 
 use std::path::{Path, PathBuf};
 
@@ -12,37 +18,64 @@ pub struct Scaffolded {
     pub crate_name: String,
 }
 
-/// Finds the piecework workspace root at or above `start`.
-pub fn find_root(start: &Path) -> anyhow::Result<PathBuf> {
-    let mut dir = Some(start);
-    while let Some(candidate) = dir {
-        let manifest = candidate.join("Cargo.toml");
-        if candidate.join("src/registry.rs").is_file()
-            && std::fs::read_to_string(&manifest).is_ok_and(|m| m.contains("[workspace]"))
-        {
-            return Ok(candidate.to_path_buf());
-        }
-        dir = candidate.parent();
-    }
-    bail!(
-        "{} is not inside the piecework workspace (run this from your checkout, or pass --root)",
-        start.display()
-    )
+/// The piecework checkout at or above `start`: the directory with `crates/sdk`.
+fn checkout_around(start: &Path) -> Option<PathBuf> {
+    start
+        .ancestors()
+        .find(|dir| is_checkout(dir))
+        .map(Path::to_owned)
 }
 
-pub fn create(root: &Path, name: &str) -> anyhow::Result<Scaffolded> {
+fn is_checkout(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("crates/sdk/Cargo.toml"))
+        .is_ok_and(|m| m.contains("name = \"piecework-sdk\""))
+}
+
+/// The piecework checkout this process runs in or was built from, if it is on disk.
+pub fn checkout() -> Option<PathBuf> {
+    let cwd = std::env::current_dir().ok()?;
+    checkout_around(&cwd).or_else(|| {
+        let built_from = Path::new(env!("CARGO_MANIFEST_DIR"));
+        is_checkout(built_from).then(|| built_from.to_owned())
+    })
+}
+
+/// Where the SDK is: `--sdk` (a checkout, or its `crates/sdk`), the checkout around the
+/// current directory, or the one this binary was built from.
+fn find_checkout(sdk: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(given) = sdk {
+        let given = given
+            .canonicalize()
+            .with_context(|| format!("--sdk {}", given.display()))?;
+        return [given.clone(), given.join("../..")]
+            .into_iter()
+            .find(|dir| is_checkout(dir))
+            .map(|dir| dir.canonicalize().unwrap_or(dir))
+            .with_context(|| {
+                format!(
+                    "--sdk {}: not a piecework checkout (no crates/sdk there)",
+                    given.display()
+                )
+            });
+    }
+    checkout()
+        .context("cannot find the piecework SDK: pass --sdk with the path of a piecework checkout")
+}
+
+pub fn create(name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> anyhow::Result<Scaffolded> {
     if !piecework_sdk::piece::is_piece_name(name) {
         bail!(
             "{name:?} is not a valid piece name: use lowercase letters, digits and '-', starting with a letter (e.g. acme-crm)"
         );
     }
-    let dir = root.join("pieces/custom").join(name);
+    if crate::registry::pieces().is_ok_and(|r| r.contains(name)) {
+        bail!("`{name}` is a built-in piece; choose another name");
+    }
+    let dir = dir.map_or_else(|| PathBuf::from(name), Path::to_owned);
     if dir.exists() {
         bail!("{} already exists", dir.display());
     }
-    if crate::registry::pieces().is_ok_and(|r| r.contains(name)) {
-        bail!("a piece named `{name}` is already registered");
-    }
+    let checkout = find_checkout(sdk)?;
     let crate_name = format!("piecework-piece-{name}");
     let module = crate_name.replace('-', "_");
     let title = name
@@ -50,21 +83,16 @@ pub fn create(root: &Path, name: &str) -> anyhow::Result<Scaffolded> {
         .map(capitalize)
         .collect::<Vec<_>>()
         .join(" ");
-
-    let manifest_path = root.join("Cargo.toml");
-    let registry_path = root.join("src/registry.rs");
-    let manifest = std::fs::read_to_string(&manifest_path)?;
-    let registry = std::fs::read_to_string(&registry_path)?;
-    let manifest = add_dependency(&manifest, &crate_name, name)?;
-    let registry = register(&registry, &module)?;
-
-    for (path, text) in files(name, &crate_name, &module, &title) {
+    let sdk_path = checkout.join("crates/sdk");
+    for (path, text) in files(name, &crate_name, &module, &title, &sdk_path) {
         let path = dir.join(path);
         std::fs::create_dir_all(path.parent().expect("files are in the piece's folder"))?;
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    std::fs::write(&manifest_path, manifest)?;
-    std::fs::write(&registry_path, registry)?;
+    // The same dependency versions as piecework itself; cargo drops what the piece does not use.
+    if let Ok(lock) = std::fs::read(checkout.join("Cargo.lock")) {
+        std::fs::write(dir.join("Cargo.lock"), lock)?;
+    }
     Ok(Scaffolded { dir, crate_name })
 }
 
@@ -76,51 +104,14 @@ fn capitalize(word: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Adds the crate to `[workspace.dependencies]` and to the binary's `[dependencies]`.
-fn add_dependency(manifest: &str, crate_name: &str, name: &str) -> anyhow::Result<String> {
-    const WORKSPACE_DEPS: &str = "[workspace.dependencies]\n";
-    const BINARY_DEPS: &str = "[dependencies]\n";
-    let Some(workspace_at) = manifest.find(WORKSPACE_DEPS) else {
-        bail!("Cargo.toml has no [workspace.dependencies]");
-    };
-    let Some(binary_at) = manifest.find(BINARY_DEPS) else {
-        bail!("Cargo.toml has no [dependencies]");
-    };
-    let mut out = manifest.to_owned();
-    // The later insertion first, so the earlier offset stays valid.
-    let entries = [
-        (
-            workspace_at + WORKSPACE_DEPS.len(),
-            format!("{crate_name} = {{ path = \"pieces/custom/{name}\" }}\n"),
-        ),
-        (
-            binary_at + BINARY_DEPS.len(),
-            format!("{crate_name}.workspace = true\n"),
-        ),
-    ];
-    let mut entries = entries.to_vec();
-    entries.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
-    for (at, line) in entries {
-        out.insert_str(at, &line);
-    }
-    Ok(out)
-}
-
-/// Adds the registration line before the registry's `Ok(registry)`.
-fn register(registry: &str, module: &str) -> anyhow::Result<String> {
-    const END: &str = "    Ok(registry)\n";
-    let Some(at) = registry.find(END) else {
-        bail!("src/registry.rs does not end its pieces() with `Ok(registry)`");
-    };
-    let mut out = registry.to_owned();
-    out.insert_str(
-        at,
-        &format!("    registry.register_built({module}::piece())?;\n"),
-    );
-    Ok(out)
-}
-
-fn files(name: &str, crate_name: &str, module: &str, title: &str) -> Vec<(&'static str, String)> {
+fn files(
+    name: &str,
+    crate_name: &str,
+    module: &str,
+    title: &str,
+    sdk: &Path,
+) -> Vec<(&'static str, String)> {
+    let sdk = sdk.display().to_string().replace('\\', "/");
     vec![
         (
             "Cargo.toml",
@@ -128,23 +119,41 @@ fn files(name: &str, crate_name: &str, module: &str, title: &str) -> Vec<(&'stat
                 r#"[package]
 name = "{crate_name}"
 description = "{title}: a private piecework piece"
-version.workspace = true
-edition.workspace = true
-license.workspace = true
+version = "0.1.0"
+edition = "2024"
 publish = false
 
+[lib]
+path = "src/lib.rs"
+
+# The program a worker runs: it serves the piece over piece protocol v1.
+[[bin]]
+name = "{name}"
+path = "src/main.rs"
+
 [dependencies]
-piecework-sdk.workspace = true
-serde.workspace = true
-serde_json.workspace = true
+piecework-sdk = {{ path = "{sdk}" }}
+serde = {{ version = "1", features = ["derive"] }}
+serde_json = "1"
 
 [dev-dependencies]
-tokio.workspace = true
+tokio = {{ version = "1", features = ["macros", "rt-multi-thread"] }}
 
-[lints]
-workspace = true
+# What `piecework piece build` puts in the bundle besides the program.
+[package.metadata.piecework]
+# Environment variables the piece may read (set them on the workers, or under
+# [pieces.env.{name}] in their config). Nothing else of the worker's environment reaches it.
+env = []
+# limits = {{ memory_mb = 256 }}
+
+# Its own workspace: it builds on its own, wherever it lives.
+[workspace]
 "#
             ),
+        ),
+        (
+            ".gitignore",
+            "/target\n".to_owned(),
         ),
         (
             "src/lib.rs",
@@ -175,9 +184,21 @@ pub fn piece() -> Result<Piece, PieceDefinitionError> {{
             ),
         ),
         (
+            "src/main.rs",
+            format!(
+                r#"//! The piece as a program: a piecework worker starts it and talks to it over stdin/stdout.
+//! Log with `tracing` (or to stderr), never to stdout: stdout is the protocol's.
+
+fn main() -> std::process::ExitCode {{
+    piecework_sdk::serve({module}::piece())
+}}
+"#
+            ),
+        ),
+        (
             "src/auth.rs",
             r#"//! The connection this piece needs. `PieceAuth::None` if it needs none; see
-//! `pieces/custom/my-company-api/src/auth.rs` for an API key plus an environment.
+//! `pieces/custom/my-company-api/src/auth.rs` in piecework for an API key plus an environment.
 
 use piecework_sdk::PieceAuth;
 
@@ -223,7 +244,7 @@ impl Action for Hello {
         ),
         (
             "src/triggers/mod.rs",
-            "// Triggers of this piece, one module each (see pieces/custom/my-company-api/src/triggers/).\n".to_owned(),
+            "// Triggers of this piece, one module each (see pieces/custom/my-company-api/src/triggers/ in piecework).\n".to_owned(),
         ),
         (
             "tests/hello.rs",
@@ -249,9 +270,11 @@ async fn hello_greets_and_requires_a_name() {{
         (
             "README.md",
             format!(
-                "# {title}\n\nA private piece. `cargo test -p {crate_name}` runs its tests; \
-                 `piecework piece test {name} hello --input '{{\"name\": \"ada\"}}'` runs the example action; \
-                 `piecework piece docs {name}` generates its documentation.\n"
+                "# {title}\n\nA private piecework piece.\n\n\
+                 - `cargo test` runs its tests;\n\
+                 - `piecework piece test . hello --input '{{\"name\": \"ada\"}}'` runs the example action as a worker would;\n\
+                 - `piecework piece build .` packs it as `{name}-0.1.0.piece.tgz` to deploy (a pieces directory, an image, or `piecework piece publish`);\n\
+                 - `piecework piece docs .` generates its documentation.\n"
             ),
         ),
     ]
@@ -262,39 +285,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dependencies_and_registration_are_added() {
-        let manifest = "[package]\nname = \"piecework\"\n\n[dependencies]\nanyhow.workspace = true\n\n[workspace]\n\n[workspace.dependencies]\nanyhow = \"1\"\n";
-        let out = add_dependency(manifest, "piecework-piece-acme-crm", "acme-crm").unwrap();
-        assert!(
-            out.contains("[dependencies]\npiecework-piece-acme-crm.workspace = true\nanyhow"),
-            "{out}"
-        );
-        assert!(out.contains("[workspace.dependencies]\npiecework-piece-acme-crm = { path = \"pieces/custom/acme-crm\" }\nanyhow"), "{out}");
-        let parsed: toml::Table = toml::from_str(&out).unwrap();
-        assert!(
-            parsed["workspace"]["dependencies"]
-                .get("piecework-piece-acme-crm")
-                .is_some()
-        );
-
-        let registry = "pub fn pieces() -> Result<Registry, RegistryError> {\n    let mut registry = Registry::new();\n    Ok(registry)\n}\n";
-        let out = register(registry, "piecework_piece_acme_crm").unwrap();
-        assert!(
-            out.contains(
-                "    registry.register_built(piecework_piece_acme_crm::piece())?;\n    Ok(registry)"
-            ),
-            "{out}"
-        );
+    fn bad_or_taken_names_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let err = create("Acme CRM", Some(&root.path().join("x")), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not a valid piece name"), "{err}");
+        let err = create("http", Some(&root.path().join("y")), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("built-in piece"), "{err}");
+        std::fs::create_dir(root.path().join("taken")).unwrap();
+        let err = create("acme", Some(&root.path().join("taken")), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already exists"), "{err}");
     }
 
     #[test]
-    fn bad_or_taken_names_are_refused() {
+    fn the_scaffold_is_a_standalone_package_on_this_sdk() {
         let root = tempfile::tempdir().unwrap();
-        let err = create(root.path(), "Acme CRM").unwrap_err().to_string();
-        assert!(err.contains("is not a valid piece name"), "{err}");
-        let err = create(root.path(), "my-company-api")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("already registered"), "{err}");
+        let dir = root.path().join("acme-crm");
+        let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let made = create("acme-crm", Some(&dir), Some(checkout)).unwrap();
+        assert_eq!(made.crate_name, "piecework-piece-acme-crm");
+        let manifest: toml::Table =
+            toml::from_str(&std::fs::read_to_string(dir.join("Cargo.toml")).unwrap()).unwrap();
+        assert!(manifest.contains_key("workspace"));
+        let sdk = manifest["dependencies"]["piecework-sdk"]["path"]
+            .as_str()
+            .unwrap();
+        assert!(Path::new(sdk).join("Cargo.toml").is_file(), "{sdk}");
+        assert_eq!(manifest["bin"][0]["name"].as_str(), Some("acme-crm"));
+        assert!(dir.join("Cargo.lock").is_file());
+        assert!(
+            std::fs::read_to_string(dir.join("src/main.rs"))
+                .unwrap()
+                .contains("piecework_sdk::serve(piecework_piece_acme_crm::piece())")
+        );
     }
 }

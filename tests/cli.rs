@@ -1,15 +1,20 @@
 //! The piece author's and operator's commands, run as a user runs them.
 
+mod common;
+
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use piecework_mock_ticketing::MockTicketing;
 use serde_json::{Value, json};
 
+/// Runs the CLI with the demo piece's bundle in its pieces directory, as an operator whose
+/// `PW_PIECES_DIR` holds their team's bundles.
 fn piecework(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_piecework"))
+    let mut child = common::piecework_command()
         .args(args)
+        .env("PW_PIECES_DIR", common::demo_pieces())
         .env_remove("PW_ENCRYPTION_KEY")
         .env_remove("PW_REDIS_URL")
         .envs(env.iter().copied())
@@ -51,7 +56,8 @@ impl Installation {
         let key = piecework_runtime::secrets::Keyring::generate_spec("k1");
         let port = piecework_testkit::free_port();
         let api = format!("http://127.0.0.1:{port}");
-        let dev = Command::new(env!("CARGO_BIN_EXE_piecework"))
+        let dev = common::piecework_command()
+            .env("PW_PIECES_DIR", common::demo_pieces())
             .args([
                 "dev",
                 "--no-examples",

@@ -173,6 +173,7 @@ async fn a_webhook_run_across_two_worker_processes_is_one_trace_and_leaks_no_sec
         .await
         .unwrap();
     let mut fleet = Fleet::start("").await;
+    fleet.with_demo_piece();
     fleet.env = vec![
         ("PW_OTLP_ENDPOINT".into(), collector.url.clone()),
         ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
@@ -484,6 +485,7 @@ async fn metrics_of_api_worker_and_scheduler_move_as_runs_succeed_fail_and_retry
         .await
         .unwrap();
     let mut fleet = Fleet::start("").await;
+    fleet.with_demo_piece();
     let api = fleet.start_api().await;
     let worker = fleet
         .start_worker("w1", &[])
@@ -818,6 +820,7 @@ async fn the_audit_trail_records_mutations_and_steps_and_filters_by_actor_action
 {
     let target = Target::start().await;
     let mut fleet = Fleet::start("").await;
+    fleet.with_demo_piece();
     let api = fleet.start_api().await;
     fleet.start_worker("w1", &[]).await;
     let started = chrono::Utc::now();
@@ -1041,6 +1044,7 @@ async fn wait_for_status(fleet: &Fleet, url: &str, wanted: u16, why: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_and_scheduler_are_alive_but_not_ready_while_redis_is_away() {
     let mut fleet = Fleet::start("").await;
+    fleet.with_demo_piece();
     let api = fleet.start_api().await;
     let scheduler = fleet.start_scheduler("s1").await;
     let api_ready = format!("{api}/readyz");

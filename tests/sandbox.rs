@@ -1,5 +1,8 @@
 //! End to end through the in-process sandbox (api + scheduler + worker on the in-memory
-//! adapters), over real HTTP.
+//! adapters), over real HTTP. The demo piece `my-company-api` runs as a bundle, in its own
+//! process, as in `piecework dev`.
+
+mod common;
 
 use std::time::Duration;
 
@@ -12,12 +15,13 @@ async fn sandbox(api_key: Option<&str>) -> (Sandbox, String) {
     config.api.listen = "127.0.0.1:0".parse().unwrap();
     config.api.api_key = api_key.map(str::to_owned);
     let flows = piecework::flows::examples().unwrap();
-    let sandbox = Sandbox::start(
+    let sandbox = Sandbox::start_with(
         config,
         flows,
         piecework::registry::pieces().unwrap(),
         piecework::infra::Infra::MEMORY,
         test_keyring(),
+        &[common::demo_bundle()],
     )
     .await
     .unwrap();
@@ -30,13 +34,7 @@ fn test_keyring() -> piecework_runtime::secrets::Keyring {
     piecework_runtime::secrets::Keyring::parse(&spec).unwrap()
 }
 
-fn client() -> reqwest::Client {
-    piecework_sdk::http::install_crypto_provider();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
+use common::client;
 
 const ORDER_FLOW: &str = r#"
 apiVersion: piecework/v1
@@ -448,6 +446,22 @@ async fn the_pieces_catalog_lists_metadata() {
             "webhook"
         ]
     );
+    // The private piece is a bundle, the core ones are built in.
+    let bundled: Value = client()
+        .get(format!("{base}/v1/pieces/my-company-api"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bundled["origin"]["source"], "directory", "{bundled}");
+    assert!(
+        bundled["origin"]["digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
     let http_piece: Value = client()
         .get(format!("{base}/v1/pieces/http"))
         .send()
@@ -625,12 +639,13 @@ async fn the_auto_assign_demo_assigns_each_new_ticket_exactly_once() {
             f
         })
         .unwrap();
-    let sandbox = Sandbox::start(
+    let sandbox = Sandbox::start_with(
         config,
         vec![flow],
         piecework::registry::pieces().unwrap(),
         piecework::infra::Infra::MEMORY,
         test_keyring(),
+        &[common::demo_bundle()],
     )
     .await
     .unwrap();

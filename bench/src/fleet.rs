@@ -26,11 +26,16 @@ pub struct Process {
 
 /// The `piecework` binary next to this one (`cargo build --bins` builds both).
 pub fn binary() -> anyhow::Result<PathBuf> {
+    sibling("piecework")
+}
+
+/// A program built next to this one.
+pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let here = std::env::current_exe()?;
-    let bin = here.with_file_name("piecework");
+    let bin = here.with_file_name(name);
     if !bin.exists() {
         bail!(
-            "{} not found: build it first (`cargo build --release --bins`, as `just bench` does)",
+            "{} not found: build it first (`cargo build --release -p piecework -p piecework-bench -p piecework-piece-probe`, as `just bench` does)",
             bin.display()
         );
     }
@@ -135,6 +140,16 @@ impl Process {
         cpu_seconds(self.child.id())
     }
 
+    /// CPU time of the process and of its children (its piece processes), living or reaped.
+    pub fn cpu_seconds_with_children(&self) -> anyhow::Result<f64> {
+        let pid = self.child.id();
+        let mut total = cpu_seconds(pid)? + reaped_children_cpu_seconds(pid)?;
+        for child in children_of(pid) {
+            total += cpu_seconds(child).unwrap_or(0.0);
+        }
+        Ok(total)
+    }
+
     /// Resident memory, from `/proc`.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
@@ -172,6 +187,44 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     };
     // Fields 14 and 15 of the file are the 12th and 13th after the name.
     Ok((ticks(11)? + ticks(12)?) / CLOCK_TICKS)
+}
+
+fn stat_fields(pid: u32) -> anyhow::Result<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_name = stat
+        .rsplit_once(')')
+        .context("malformed /proc/<pid>/stat")?
+        .1;
+    Ok(after_name.split_whitespace().map(str::to_owned).collect())
+}
+
+/// CPU seconds of children `pid` has waited for (`cutime` + `cstime`).
+fn reaped_children_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let fields = stat_fields(pid)?;
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((ticks(13) + ticks(14)) / CLOCK_TICKS)
+}
+
+/// The live processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|candidate| {
+            stat_fields(*candidate)
+                .ok()
+                .and_then(|f| f.get(1).and_then(|ppid| ppid.parse::<u32>().ok()))
+                == Some(pid)
+        })
+        .collect()
 }
 
 /// `sysconf(_SC_CLK_TCK)`: 100 on Linux everywhere that matters.

@@ -10,6 +10,7 @@
 //! - [`jetstream`]: pipelined publish + pull + ack, raw async-nats;
 //! - [`bullmq`]: the same job count through BullMQ on the same Redis (Node.js);
 //! - [`scenarios`]: runs of a 3-step flow through 1 and 2 worker processes and in memory, the
+//!   same no-op flow done by a built-in piece and by a bundle in its own process, the
 //!   synchronous webhook under 2 and 64 clients, and a worker's memory.
 
 mod bullmq;
@@ -103,7 +104,7 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     let mut config = piecework::config::Config::default();
     config.nats.url = infra.nats.clone();
     config.redis.url = infra.redis.clone();
-    let runtime = piecework::infra::runtime(
+    let (runtime, _) = piecework::infra::runtime(
         &config,
         piecework::registry::pieces()?,
         piecework::infra::Infra::PRODUCTION,
@@ -134,6 +135,11 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         sizes.latency_runs
     );
     let unloaded = scenarios::unloaded_dispatch(&infra, &runtime, sizes.latency_runs).await?;
+    eprintln!(
+        "pieces in the binary vs out of process: 2 × {} runs of 3 no-op steps each…",
+        sizes.runs
+    );
+    let bundles = scenarios::out_of_process(&infra, &runtime, sizes.runs).await?;
     eprintln!("piecework dev (in memory): {} runs of 3 steps…", sizes.runs);
     let dev = scenarios::in_memory_throughput(sizes.runs).await?;
     eprintln!(
@@ -160,6 +166,7 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         "piecework_2_workers": two,
         "dispatch_unloaded": unloaded,
         "dev_in_memory": dev,
+        "out_of_process": bundles,
         "sync_webhook": webhook,
         "worker_memory": memory,
         "ratios": {
@@ -250,6 +257,36 @@ fn print_table(report: &Value) {
             "ms",
             None,
         ),
+        (
+            "no-op steps in the binary, 1 worker".into(),
+            num(&["out_of_process", "in_binary", "steps_per_sec"]),
+            "steps/s",
+            None,
+        ),
+        {
+            let ratio = num(&["out_of_process", "steps_ratio"]);
+            (
+                "  out of process (a bundle), same flow".into(),
+                num(&["out_of_process", "out_of_process", "steps_per_sec"]),
+                "steps/s",
+                ratio.map(|r| (">= 0.85x", r >= 0.85)),
+            )
+        },
+        (
+            "  CPU per step in the binary (worker)".into(),
+            num(&["out_of_process", "in_binary", "worker_cpu_us_per_step"]),
+            "us",
+            None,
+        ),
+        {
+            let extra = num(&["out_of_process", "extra_cpu_us_per_step"]);
+            (
+                "  extra CPU per step out of process".into(),
+                extra,
+                "us",
+                extra.map(|e| ("<= 30", e <= 30.0)),
+            )
+        },
         (
             "piecework dev (in memory)".into(),
             num(&["dev_in_memory", "steps_per_sec"]),

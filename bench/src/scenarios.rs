@@ -27,6 +27,82 @@ fn three_step_flow(name: &str) -> String {
     )
 }
 
+/// The same three no-op steps, done by a bundle's action in the piece's own process.
+fn three_remote_steps(name: &str) -> String {
+    format!(
+        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch }}\nsteps:\n  - {{ name: a, piece: probe, action: echo, input: {{ value: 1 }} }}\n  - {{ name: b, piece: probe, action: echo, input: {{ value: 2 }} }}\n  - {{ name: c, piece: probe, action: echo, input: {{ value: 3 }} }}\n"
+    )
+}
+
+/// What running a piece out of process costs, against the same flow in the binary.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutOfProcess {
+    pub in_binary: Throughput,
+    pub out_of_process: Throughput,
+    /// Out-of-process steps/s over in-binary steps/s.
+    pub steps_ratio: f64,
+    /// Extra CPU (worker + piece process) per step, in µs.
+    pub extra_cpu_us_per_step: f64,
+}
+
+/// The same no-op flow through one worker process, its steps done by a built-in piece and
+/// by a bundle (published to the registry, run in a child process). Both run twice,
+/// alternating, and the better of each counts: the machine's noise is larger than the
+/// difference otherwise. CPU counts the worker and its piece processes.
+pub async fn out_of_process(
+    infra: &Infra,
+    runtime: &Arc<Runtime>,
+    runs: usize,
+) -> anyhow::Result<OutOfProcess> {
+    let probe = crate::fleet::sibling("probe")?;
+    let staging = tempfile::tempdir()?;
+    let program = staging.path().join("probe");
+    std::fs::copy(&probe, &program)?;
+    std::fs::write(staging.path().join("version.txt"), "1.0.0")?;
+    let (bundle, _) = piecework_host::build::bundle_executable(&program, Default::default())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    runtime
+        .publish_piece(bundle.into(), None, &Actor::api("bench"))
+        .await?;
+    let worker = Process::worker(infra, "bench-oop", 64).await?;
+    let local = apply(runtime, &three_step_flow("bench-in-binary")).await?;
+    let remote = apply(runtime, &three_remote_steps("bench-out-of-process")).await?;
+    let cpu = || worker.cpu_seconds_with_children();
+    // Warm up: the piece process starts on first use.
+    drive(runtime, &remote, 10.min(runs), cpu).await?;
+    let mut best_local: Option<Throughput> = None;
+    let mut best_remote: Option<Throughput> = None;
+    for _ in 0..2 {
+        let l = drive(runtime, &local, runs, cpu).await?;
+        let r = drive(runtime, &remote, runs, cpu).await?;
+        if best_local
+            .as_ref()
+            .is_none_or(|b| l.steps_per_sec > b.steps_per_sec)
+        {
+            best_local = Some(l);
+        }
+        if best_remote
+            .as_ref()
+            .is_none_or(|b| r.steps_per_sec > b.steps_per_sec)
+        {
+            best_remote = Some(r);
+        }
+    }
+    drop(worker);
+    let (in_binary, out_of_process) = (
+        best_local.expect("two rounds"),
+        best_remote.expect("two rounds"),
+    );
+    Ok(OutOfProcess {
+        steps_ratio: out_of_process.steps_per_sec / in_binary.steps_per_sec,
+        extra_cpu_us_per_step: out_of_process.worker_cpu_us_per_step
+            - in_binary.worker_cpu_us_per_step,
+        in_binary,
+        out_of_process,
+    })
+}
+
 /// Starts runs concurrently, at most this many creations in flight.
 const STARTERS: usize = 64;
 
@@ -225,7 +301,7 @@ pub async fn unloaded_dispatch(
 pub async fn in_memory_throughput(runs: usize) -> anyhow::Result<Throughput> {
     let mut config = piecework::config::Config::default();
     config.worker.concurrency = 64;
-    let runtime = piecework::infra::runtime(
+    let (runtime, _) = piecework::infra::runtime(
         &config,
         piecework::registry::pieces()?,
         piecework::infra::Infra::MEMORY,

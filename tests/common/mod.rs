@@ -17,6 +17,101 @@ use piecework_testkit::{NatsServer, RedisServer, free_port};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+/// Runs `piecework` with `args` as a user would in a shell: without what `cargo test` adds to
+/// the environment (which would make the cargo it may run rebuild everything).
+pub fn piecework_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_piecework"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_")
+            || matches!(
+                name.as_str(),
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+            )
+        {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// A directory holding the `my-company-api` bundle, built once per test binary with the real
+/// `piecework piece build` (dev profile) from `pieces/custom/my-company-api`.
+pub fn demo_pieces() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = tempfile::Builder::new()
+                .prefix("demo-pieces")
+                .tempdir()
+                .unwrap()
+                .keep();
+            let source = concat!(env!("CARGO_MANIFEST_DIR"), "/pieces/custom/my-company-api");
+            let out = piecework_command()
+                .args(["piece", "build", source, "--profile", "dev", "--out"])
+                .arg(&dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "piece build failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            dir
+        })
+        .clone()
+}
+
+/// The `my-company-api` bundle file.
+pub fn demo_bundle() -> PathBuf {
+    let dir = demo_pieces();
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".piece.tgz"))
+        .expect("the demo bundle was built")
+}
+
+/// The `probe` test piece as a bundle of `version` (one build, any number of versions).
+pub async fn probe_bundle(version: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let program = dir.path().join("probe");
+    std::fs::copy(
+        piecework_testkit::binaries::binary("piecework-piece-probe", "probe"),
+        &program,
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("version.txt"), version).unwrap();
+    let options = piecework_host::build::Options {
+        files: vec![piecework_bundle::File {
+            path: "version.txt".into(),
+            contents: version.as_bytes().to_vec(),
+            executable: false,
+        }],
+        ..Default::default()
+    };
+    piecework_host::build::bundle_executable(&program, options)
+        .await
+        .unwrap()
+        .0
+}
+
+/// Writes `bytes` as a bundle file into `dir` the safe way (a hidden name, then a rename).
+pub fn drop_bundle(dir: &std::path::Path, bytes: &[u8]) -> PathBuf {
+    let manifest = piecework_bundle::Bundle::read(bytes).unwrap().manifest;
+    let path = dir.join(manifest.file_name());
+    let staging = dir.join(format!(".{}", manifest.file_name()));
+    std::fs::write(&staging, bytes).unwrap();
+    std::fs::rename(&staging, &path).unwrap();
+    path
+}
+
 pub fn client() -> reqwest::Client {
     piecework_sdk::http::install_crypto_provider();
     reqwest::Client::builder()
@@ -37,6 +132,24 @@ pub struct Fleet {
     pub encryption_key: String,
     /// More environment for every process started from now on.
     pub env: Vec<(String, String)>,
+}
+
+impl Fleet {
+    /// The pieces directory every process of the fleet watches (empty at first).
+    pub fn pieces_dir(&self) -> PathBuf {
+        let dir = self.dir.path().join("pieces");
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Puts the `my-company-api` bundle into the fleet's pieces directory.
+    pub fn with_demo_piece(&self) {
+        std::fs::copy(
+            demo_bundle(),
+            self.pieces_dir().join(demo_bundle().file_name().unwrap()),
+        )
+        .unwrap();
+    }
 }
 
 impl Fleet {
@@ -61,10 +174,14 @@ impl Fleet {
 
     fn spawn(&mut self, name: &str, args: &[&str]) {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_piecework"))
+        let pieces = self.pieces_dir();
+        let cache = self.dir.path().join(format!("cache-{name}"));
+        let child = piecework_command()
             .args(args)
             .arg("--config")
             .arg(&self.config)
+            .env("PW_PIECES_DIR", pieces)
+            .env("PW_PIECES_CACHE", cache)
             .env("PW_NATS_URL", self.nats.url())
             .env("PW_REDIS_URL", self.redis.url())
             .env("PW_ENCRYPTION_KEY", &self.encryption_key)

@@ -7,8 +7,7 @@
 //! trigger: { piece: webhook, trigger: catch }
 //! steps:
 //!   - name: hello
-//!     piece: data
-//!     version: "^0.1"
+//!     piece: data@^0.1          # or `piece: data` with `version: "^0.1"`
 //!     action: set
 //!     input: { value: "hello, {{ trigger.body.name }}" }
 //!     retry: { max_attempts: 5, initial_interval: 1s }
@@ -185,9 +184,10 @@ impl fmt::Display for Issue {
 
 impl FlowDefinition {
     /// Parses a YAML or JSON document. Unknown fields are errors, so a typo such as `inptu`
-    /// is reported instead of silently ignored.
+    /// is reported instead of silently ignored. A piece may carry its range after an `@`
+    /// (`piece: my-company-api@^1.2`); it is split into `piece` and `version` here.
     pub fn parse(text: &str, format: Format) -> Result<Self, FlowError> {
-        match format {
+        let mut definition: Self = match format {
             Format::Json => serde_json::from_str(text).map_err(|e| FlowError::Parse {
                 format: "JSON",
                 message: e.to_string(),
@@ -196,6 +196,58 @@ impl FlowDefinition {
                 format: "YAML",
                 message: e.to_string(),
             }),
+        }?;
+        definition.split_piece_ranges()?;
+        Ok(definition)
+    }
+
+    /// `piece: name@range` → `piece: name` and `version: range`.
+    fn split_piece_ranges(&mut self) -> Result<(), FlowError> {
+        let mut issues = Vec::new();
+        let mut split = |path: String, piece: &mut String, version: &mut Option<VersionReq>| {
+            let Some((name, range)) = piece.split_once('@') else {
+                return;
+            };
+            let parsed = match VersionReq::parse(range) {
+                Ok(parsed) => parsed,
+                Err(err) => {
+                    issues.push(Issue {
+                        path,
+                        message: format!("{range:?} after `@` is not a semver range: {err}"),
+                    });
+                    return;
+                }
+            };
+            if version.is_some() {
+                issues.push(Issue {
+                    path,
+                    message: format!("gives a range twice: `{piece}` and `version`; keep one"),
+                });
+                return;
+            }
+            *version = Some(parsed);
+            *piece = name.to_owned();
+        };
+        let trigger = &mut self.trigger;
+        split(
+            "trigger.piece".into(),
+            &mut trigger.piece,
+            &mut trigger.version,
+        );
+        for (i, step) in self.steps.iter_mut().enumerate() {
+            split(
+                format!("steps[{i}] ({}).piece", step.name),
+                &mut step.piece,
+                &mut step.version,
+            );
+        }
+        if issues.is_empty() {
+            Ok(())
+        } else {
+            Err(FlowError::Invalid {
+                flow: self.name.clone(),
+                issues,
+            })
         }
     }
 

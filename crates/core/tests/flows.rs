@@ -123,6 +123,33 @@ fn issues(text: &str) -> Vec<String> {
 }
 
 #[test]
+fn a_piece_may_carry_its_range_after_an_at() {
+    let text = "apiVersion: piecework/v1\nkind: Flow\nname: f\ntrigger: { piece: data@^1, trigger: catch }\nsteps:\n  - { name: a, piece: data@^0.1, action: set, input: { value: 1 } }\n";
+    let def = FlowDefinition::parse(text, Format::Yaml).unwrap();
+    assert_eq!(def.steps[0].piece, "data");
+    assert_eq!(def.steps[0].version.as_ref().unwrap().to_string(), "^0.1");
+    assert_eq!(def.trigger.piece, "data");
+    assert_eq!(validated(def).unwrap().resolved["a"].to_string(), "0.1.0");
+
+    let twice = text.replace("piece: data@^0.1,", "piece: data@^0.1, version: \"^0.1\",");
+    let err = FlowDefinition::parse(&twice, Format::Yaml)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("steps[0] (a).piece: gives a range twice"),
+        "{err}"
+    );
+    let bad = text.replace("data@^0.1", "data@soon");
+    let err = FlowDefinition::parse(&bad, Format::Yaml)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"soon\" after `@` is not a semver range"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_valid_flow_resolves_piece_ranges() {
     let def = FlowDefinition::parse(GOOD, Format::Yaml).unwrap();
     let valid = validated(def).unwrap();

@@ -52,6 +52,66 @@ struct Seen {
     loaded: Option<(String, Version, Digest)>,
 }
 
+/// Loads the bundle file `path` (whose bytes are `bytes`) into the catalog, replacing another
+/// bundle of the same version from a file. Refuses built-in names.
+pub fn load_file(
+    host: &Arc<PieceHost>,
+    catalog: &Catalog,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(String, Version, Digest), String> {
+    let bundle = Bundle::read(bytes).map_err(|e| e.to_string())?;
+    let name = bundle.manifest.piece.name.clone();
+    let version = bundle.manifest.piece.version.clone();
+    let digest = bundle.digest.clone();
+    let snapshot = catalog.snapshot();
+    if let Some(existing) = snapshot.entry(&name, &version) {
+        match &existing.origin {
+            Origin::Builtin => {
+                return Err(format!(
+                    "{name} {version} is built into this binary; a bundle cannot replace it"
+                ));
+            }
+            origin if origin.digest() == Some(digest.as_str()) => {
+                return Ok((name, version, digest));
+            }
+            _ => {}
+        }
+    }
+    if snapshot.entries(&name).any(|e| e.origin == Origin::Builtin) {
+        return Err(format!(
+            "`{name}` is a built-in piece; bundles need another name"
+        ));
+    }
+    if host.trusted.required() {
+        let signature = read_signature(&signature_path(path))?;
+        if let Err(err) = host.trusted.verify(&digest, signature.as_ref()) {
+            tracing::warn!(file = %path.display(), error = %err, "bundle is not signed by a trusted key: steps using it will fail");
+        }
+    }
+    let piece = host
+        .load(&bundle.manifest, &digest, Source::File(path.to_owned()))
+        .map_err(|e| e.to_string())?;
+    let origin = Origin::Directory {
+        digest: digest.to_string(),
+        path: path.display().to_string(),
+    };
+    let replaced = catalog.update(|registry| {
+        let replaced = registry.remove(&name, &version);
+        registry
+            .register_from(piece, origin)
+            .map(|()| replaced)
+            .map_err(|e| e.to_string())
+    })?;
+    if let Some(old) = replaced
+        && let Some(old_digest) = old.origin.digest()
+    {
+        host.retire(&name, &version.to_string(), old_digest);
+    }
+    tracing::info!(piece = %name, %version, digest = %digest.short(), file = %path.display(), "loaded a piece bundle");
+    Ok((name, version, digest))
+}
+
 /// One pieces directory, kept in the catalog.
 pub struct Directory {
     dir: PathBuf,
@@ -156,63 +216,14 @@ impl Directory {
         bytes: Bytes,
         previous: Option<&(String, Version, Digest)>,
     ) -> Result<(String, Version, Digest), String> {
-        let bundle = Bundle::read(&bytes).map_err(|e| e.to_string())?;
-        let name = bundle.manifest.piece.name.clone();
-        let version = bundle.manifest.piece.version.clone();
-        let digest = bundle.digest.clone();
-        let snapshot = self.catalog.snapshot();
-        if let Some(existing) = snapshot.entry(&name, &version) {
-            match &existing.origin {
-                Origin::Builtin => {
-                    return Err(format!(
-                        "{name} {version} is built into this binary; a bundle cannot replace it"
-                    ));
-                }
-                origin if origin.digest() == Some(digest.as_str()) => {
-                    return Ok((name, version, digest));
-                }
-                _ => {}
-            }
-        }
-        if snapshot.entries(&name).any(|e| e.origin == Origin::Builtin) {
-            return Err(format!(
-                "`{name}` is a built-in piece; bundles need another name"
-            ));
-        }
-        if self.host.trusted.required() {
-            let signature = read_signature(&signature_path(path))?;
-            if let Err(err) = self.host.trusted.verify(&digest, signature.as_ref()) {
-                tracing::warn!(file = %path.display(), error = %err, "bundle is not signed by a trusted key: steps using it will fail");
-            }
-        }
-        let piece = self
-            .host
-            .load(&bundle.manifest, &digest, Source::File(path.to_owned()))
-            .map_err(|e| e.to_string())?;
-        let origin = Origin::Directory {
-            digest: digest.to_string(),
-            path: path.display().to_string(),
-        };
-        let replaced = self.catalog.update(|registry| {
-            let replaced = registry.remove(&name, &version);
-            registry
-                .register_from(piece, origin)
-                .map(|()| replaced)
-                .map_err(|e| e.to_string())
-        })?;
-        if let Some(old) = replaced
-            && let Some(old_digest) = old.origin.digest()
-        {
-            self.host.retire(&name, &version.to_string(), old_digest);
-        }
+        let loaded = load_file(&self.host, &self.catalog, path, &bytes)?;
         if let Some((old_name, old_version, old_digest)) = previous
-            && (old_name != &name || old_version != &version)
+            && (old_name != &loaded.0 || old_version != &loaded.1)
         {
             // The file now holds another piece or version: the old one leaves with it.
             self.unload(old_name, old_version, old_digest);
         }
-        tracing::info!(piece = %name, %version, digest = %digest.short(), file = %path.display(), "loaded a piece bundle");
-        Ok((name, version, digest))
+        Ok(loaded)
     }
 
     fn forget(&mut self, path: &Path, report: &mut Scan) {

@@ -371,6 +371,27 @@ impl PieceHost {
         futures::future::join_all(pools.iter().map(|p| p.stop())).await;
     }
 
+    /// Starts (or reuses) the process of bundle `name` `version` and asks it for `health`:
+    /// what `piecework doctor` checks. Returns how long that took.
+    pub async fn check(&self, name: &str, version: &str) -> Result<Duration, PieceError> {
+        let pool = self
+            .live_pools()
+            .into_iter()
+            .find(|p| p.key().name == name && p.key().version == version && !p.is_retired())
+            .ok_or_else(|| PieceError::fatal(format!("no bundle {name} {version} is loaded")))?;
+        let started = std::time::Instant::now();
+        let health: protocol::Health = pool
+            .call(protocol::method::HEALTH, &serde_json::json!({}), None)
+            .await?;
+        if health.status != "ok" {
+            return Err(PieceError::fatal(format!(
+                "it answered health with status {:?}",
+                health.status
+            )));
+        }
+        Ok(started.elapsed())
+    }
+
     /// The pools of this host, for inspection.
     pub fn pools(&self) -> Vec<Arc<Pool>> {
         self.live_pools()

@@ -116,8 +116,15 @@ impl Pool {
             self.note_end(&mut state, &process);
         }
         if let Some((until, error)) = &state.blocked {
-            if Instant::now() < *until {
-                return Err(error.clone());
+            let now = Instant::now();
+            if now < *until {
+                // A retry before the restart would only fail again: say when to come back.
+                let error = error.clone();
+                return Err(if error.is_retryable() {
+                    error.with_retry_after(*until - now)
+                } else {
+                    error
+                });
             }
             state.blocked = None;
         }

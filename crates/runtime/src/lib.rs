@@ -1,12 +1,15 @@
-//! What the api, scheduler and worker share: a [`Runtime`] holding the store, the bus and the
-//! piece registry, with the operations more than one service performs — applying a flow,
-//! starting a run, publishing a step, cancelling or retrying a run, saving and opening
-//! connections (sealed by the keyring in [`secrets`]), recording an audit event.
+//! What the api, scheduler and worker share: a [`Runtime`] holding the store, the bus, the
+//! catalog of pieces and the host that runs bundles, with the operations more than one
+//! service performs — applying a flow, starting a run, publishing a step, cancelling or
+//! retrying a run, saving and opening connections (sealed by the keyring in [`secrets`]),
+//! publishing and yanking pieces ([`pieces`]), recording an audit event.
 //!
 //! `piecework dev` builds one `Runtime` on the in-memory adapters and hands it to all three
 //! services; the separate processes each build their own on NATS and Redis.
 
+pub mod pieces;
 pub mod secrets;
+pub mod upgrade;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -47,6 +50,14 @@ pub enum RuntimeError {
     Secrets(#[from] secrets::SecretsError),
     #[error("{0}")]
     Conflict(String),
+    #[error("the bundle is refused: {0}")]
+    InvalidBundle(String),
+    #[error("no piece `{0}`")]
+    NoSuchPiece(String),
+    #[error("no flow `{0}`")]
+    NoSuchFlow(String),
+    #[error(transparent)]
+    Registry(#[from] piecework_bus::pieces::RegistryError),
 }
 
 /// What the API shows of a connection: never its values.
@@ -111,6 +122,8 @@ pub struct Runtime {
     keyring: Option<secrets::Keyring>,
     /// Flow versions are immutable, so they are cached forever (per process).
     versions: Mutex<HashMap<(String, u32), Arc<FlowVersion>>>,
+    /// Runs this process's bundles; `None` where none run (some CLI tools).
+    host: Option<Arc<piecework_host::PieceHost>>,
 }
 
 impl Runtime {
@@ -128,7 +141,18 @@ impl Runtime {
             http: HttpClient::new(egress).map_err(RuntimeError::Http)?,
             keyring: None,
             versions: Mutex::new(HashMap::new()),
+            host: None,
         })
+    }
+
+    /// Gives the runtime the host that runs this process's bundles.
+    pub fn with_host(mut self, host: Arc<piecework_host::PieceHost>) -> Self {
+        self.host = Some(host);
+        self
+    }
+
+    pub fn host(&self) -> Option<&Arc<piecework_host::PieceHost>> {
+        self.host.as_ref()
     }
 
     /// The pieces as they are now. A snapshot: hold it for one operation, not forever.

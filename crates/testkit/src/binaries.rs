@@ -42,11 +42,11 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
             "--message-format=json",
         ])
         .current_dir(workspace_root());
-    // What `cargo test` sets for the test (the package's CARGO_* variables, the library
-    // path) would make this cargo see a changed environment and rebuild from scratch.
+    // What `cargo test` sets for the test (its package's CARGO_PKG_*, CARGO_MANIFEST_DIR…)
+    // would make this cargo see a changed environment and rebuild half the workspace.
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
-        if (name.starts_with("CARGO_") && name != "CARGO_HOME") || name == "LD_LIBRARY_PATH" {
+        if set_by_cargo_for_a_program(&name) {
             command.env_remove(name.as_ref());
         }
     }
@@ -67,6 +67,21 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
         .get_or_insert_with(HashMap::new)
         .insert(key, path.clone());
     path
+}
+
+/// Variables cargo sets for a program it runs (not the user's cargo settings).
+fn set_by_cargo_for_a_program(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_BIN_")
+        || matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "OUT_DIR"
+        )
 }
 
 /// The `"executable":"…"` of a compiler-artifact message for `bin` (a small scan: the

@@ -20,6 +20,8 @@ pub enum ApiError {
     #[error("{0}")]
     InvalidConnection(String),
     #[error("{0}")]
+    InvalidBundle(String),
+    #[error("{0}")]
     Conflict(String),
     #[error("missing or wrong API key")]
     Unauthorized,
@@ -40,6 +42,7 @@ impl ApiError {
             ApiError::InvalidConnection(_) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid_connection")
             }
+            ApiError::InvalidBundle(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_bundle"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -99,6 +102,15 @@ impl From<RuntimeError> for ApiError {
             }
             RuntimeError::InvalidConnection(message) => ApiError::InvalidConnection(message),
             RuntimeError::Secrets(err) => ApiError::Unavailable(err.to_string()),
+            RuntimeError::InvalidBundle(message) => ApiError::InvalidBundle(message),
+            RuntimeError::NoSuchPiece(what) => ApiError::NotFound(format!("no piece `{what}`")),
+            RuntimeError::NoSuchFlow(id) => ApiError::NotFound(format!("no flow `{id}`")),
+            RuntimeError::Registry(err) => match err {
+                piecework_bus::pieces::RegistryError::Conflict(message) => {
+                    ApiError::Conflict(message)
+                }
+                other => ApiError::Unavailable(other.to_string()),
+            },
         }
     }
 }

@@ -1,11 +1,13 @@
-//! The HTTP API (axum): the pieces catalog, flows, runs, webhooks, the audit trail, and the
-//! health endpoints.
+//! The HTTP API (axum): the pieces catalog and registry, flows, runs, webhooks, the audit
+//! trail, and the health endpoints.
 //!
-//! Routes live in [`routes`], errors and their status codes in [`error`]. Every mutation is
+//! Routes live in `routes` (and the piece routes in `pieces`), errors and their status codes
+//! in [`error`]. Every mutation is
 //! audited. With an API key configured, `/v1/*` requires `Authorization: Bearer <key>` except
 //! webhooks, which are addressed by flow id and meant to be called by other systems.
 
 pub mod error;
+mod pieces;
 mod routes;
 
 use std::net::SocketAddr;
@@ -30,6 +32,8 @@ pub struct ApiConfig {
     /// How long `POST /v1/webhooks/{flow}/sync` waits for the run to finish.
     #[serde(with = "humantime_serde")]
     pub sync_timeout: Duration,
+    /// Largest bundle `POST /v1/pieces` accepts, in bytes.
+    pub max_bundle_bytes: usize,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -39,6 +43,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("listen", &self.listen)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("sync_timeout", &self.sync_timeout)
+            .field("max_bundle_bytes", &self.max_bundle_bytes)
             .finish()
     }
 }
@@ -49,6 +54,7 @@ impl Default for ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_key: None,
             sync_timeout: Duration::from_secs(30),
+            max_bundle_bytes: 128 << 20,
         }
     }
 }
@@ -62,6 +68,9 @@ impl ApiConfig {
         }
         if self.sync_timeout.is_zero() {
             return Err("sync_timeout: must be greater than zero".into());
+        }
+        if self.max_bundle_bytes < 1024 {
+            return Err("max_bundle_bytes: must be at least 1024".into());
         }
         Ok(())
     }

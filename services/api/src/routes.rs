@@ -30,15 +30,15 @@ use crate::ApiConfig;
 use crate::error::ApiError;
 
 #[derive(Clone)]
-struct AppState {
-    runtime: Arc<Runtime>,
-    config: Arc<ApiConfig>,
+pub(crate) struct AppState {
+    pub(crate) runtime: Arc<Runtime>,
+    pub(crate) config: Arc<ApiConfig>,
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// axum's `Query`, answering a bad query string with the API's JSON error.
-struct Query<T>(T);
+pub(crate) struct Query<T>(pub(crate) T);
 
 impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
     type Rejection = ApiError;
@@ -52,7 +52,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
 }
 
 /// axum's `Path`, answering a malformed path parameter with the API's JSON error.
-struct Path<T>(T);
+pub(crate) struct Path<T>(pub(crate) T);
 
 impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
     type Rejection = ApiError;
@@ -72,13 +72,13 @@ pub fn router(runtime: Arc<Runtime>, config: ApiConfig) -> Router {
         config: Arc::new(config),
     };
     let protected = Router::new()
-        .route("/pieces", get(list_pieces))
-        .route("/pieces/{name}", get(get_piece))
+        .merge(crate::pieces::routes(&state.config))
         .route("/flows", get(list_flows).post(apply_flow))
         .route("/flows/{id}", get(get_flow))
         .route("/flows/{id}/versions/{version}", get(get_flow_version))
         .route("/flows/{id}/enable", post(enable_flow))
         .route("/flows/{id}/disable", post(disable_flow))
+        .route("/flows/{id}/upgrade", post(upgrade_flow))
         .route("/runs", get(list_runs))
         .route("/runs/{id}", get(get_run))
         .route("/runs/{id}/cancel", post(cancel_run))
@@ -197,7 +197,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Who made the request, for the audit trail.
-fn actor(state: &AppState) -> Actor {
+pub(crate) fn actor(state: &AppState) -> Actor {
     Actor::api(if state.config.api_key.is_some() {
         "api-key"
     } else {
@@ -230,28 +230,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn list_pieces(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "pieces": state.runtime.pieces().catalog() }))
-}
-
-async fn get_piece(
-    State(state): State<AppState>,
-    Path(name): Path<String>,
-) -> ApiResult<Json<Value>> {
-    let registry = state.runtime.pieces();
-    let newest = registry
-        .newest(&name)
-        .ok_or_else(|| ApiError::NotFound(format!("no piece `{name}`")))?;
-    let versions: Vec<String> = registry
-        .versions(&name)
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    Ok(Json(
-        json!({ "piece": newest.metadata(), "versions": versions }),
-    ))
-}
-
 fn format_of(headers: &HeaderMap) -> Format {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -282,6 +260,39 @@ async fn apply_flow(
     let body =
         json!({ "flow": applied.record, "version": applied.version, "created": applied.created });
     Ok((status, Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeRequest {
+    piece: String,
+    #[serde(default)]
+    to: Option<String>,
+    #[serde(default)]
+    force: bool,
+}
+
+/// Moves a flow's steps of one piece to a newer version, checked; `409` with what breaks.
+async fn upgrade_flow(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let request: UpgradeRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("upgrade request: {e}")))?;
+    let to = request
+        .to
+        .as_deref()
+        .map(semver::VersionReq::parse)
+        .transpose()
+        .map_err(|e| ApiError::BadRequest(format!("`to` is not a semver range: {e}")))?;
+    let upgraded = state
+        .runtime
+        .upgrade_flow(&id, &request.piece, to, request.force, &actor(&state))
+        .await?;
+    Ok(Json(
+        serde_json::to_value(upgraded).expect("upgrades serialize"),
+    ))
 }
 
 async fn list_flows(State(state): State<AppState>) -> ApiResult<Json<Value>> {

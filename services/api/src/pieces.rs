@@ -1,0 +1,153 @@
+//! `/v1/pieces`: the catalog, each piece's versions, publishing bundles to the registry and
+//! yanking them.
+//!
+//! `POST /v1/pieces` takes the `.piece.tgz` as the body (any content type) and its signature,
+//! when there is one, as the JSON of the `.sig` file in the `Piecework-Signature` header.
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use piecework_bundle::Signature;
+use semver::Version;
+use serde_json::{Value, json};
+
+use crate::ApiConfig;
+use crate::error::ApiError;
+use crate::routes::{ApiResult, AppState, Path, actor};
+
+/// The header that carries a bundle's signature on publish.
+pub const SIGNATURE_HEADER: &str = "piecework-signature";
+
+pub(crate) fn routes(config: &ApiConfig) -> Router<AppState> {
+    Router::new()
+        .route(
+            "/pieces",
+            get(list_pieces)
+                .post(publish)
+                .layer(DefaultBodyLimit::max(config.max_bundle_bytes)),
+        )
+        .route("/pieces/{name}", get(get_piece))
+        .route("/pieces/{name}/versions", get(list_versions))
+        .route(
+            "/pieces/{name}/versions/{version}",
+            get(get_version).delete(yank),
+        )
+}
+
+async fn list_pieces(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "pieces": state.runtime.pieces().catalog() }))
+}
+
+/// The newest version's metadata and every version's number.
+async fn get_piece(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let registry = state.runtime.pieces();
+    let newest = registry
+        .newest(&name)
+        .ok_or_else(|| ApiError::NotFound(format!("no piece `{name}`")))?;
+    let origin = registry
+        .entry(&name, newest.version())
+        .map(|e| e.origin.clone());
+    let versions: Vec<String> = registry
+        .versions(&name)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    Ok(Json(
+        json!({ "piece": newest.metadata(), "origin": origin, "versions": versions }),
+    ))
+}
+
+async fn list_versions(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let versions = state.runtime.piece_versions(&name).await?;
+    Ok(Json(json!({ "piece": name, "versions": versions })))
+}
+
+fn parse_version(text: &str) -> ApiResult<Version> {
+    Version::parse(text)
+        .map_err(|e| ApiError::BadRequest(format!("{text:?} is not a semver version: {e}")))
+}
+
+async fn get_version(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let version = parse_version(&version)?;
+    let registry = state.runtime.pieces();
+    let entry = registry
+        .entry(&name, &version)
+        .ok_or_else(|| ApiError::NotFound(format!("no piece `{name}` {version}")))?;
+    Ok(Json(
+        json!({ "piece": entry.piece.metadata(), "origin": entry.origin }),
+    ))
+}
+
+async fn publish(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    if body.is_empty() {
+        return Err(ApiError::BadRequest(
+            "send the .piece.tgz as the request body".into(),
+        ));
+    }
+    let signature = match headers.get(SIGNATURE_HEADER) {
+        None => None,
+        Some(value) => {
+            let text = value
+                .to_str()
+                .map_err(|_| ApiError::BadRequest(format!("{SIGNATURE_HEADER} is not ASCII")))?;
+            Some(serde_json::from_str::<Signature>(text).map_err(|e| {
+                ApiError::BadRequest(format!(
+                    "{SIGNATURE_HEADER} is not a bundle signature (the JSON of the .sig file): {e}"
+                ))
+            })?)
+        }
+    };
+    let outcome = state
+        .runtime
+        .publish_piece(body, signature, &actor(&state))
+        .await?;
+    let status = if outcome.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let piece = &outcome.piece;
+    let body = json!({
+        "piece": {
+            "name": piece.name,
+            "version": piece.version,
+            "digest": piece.digest,
+            "size": piece.size,
+            "publisher": piece.publisher,
+            "published_at": piece.published_at,
+            "signed_by": piece.signature.as_ref().map(|s| &s.key),
+        },
+        "created": outcome.created,
+    });
+    Ok((status, Json(body)).into_response())
+}
+
+async fn yank(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let version = parse_version(&version)?;
+    let yanked = state
+        .runtime
+        .yank_piece(&name, &version, &actor(&state))
+        .await?;
+    Ok(Json(
+        json!({ "yanked": { "name": yanked.name, "version": yanked.version, "digest": yanked.digest } }),
+    ))
+}

@@ -1,0 +1,514 @@
+//! Pieces as bundles on the production topology: real nats-server and redis-server, separate
+//! api and worker processes, the `probe` test piece packed into bundles here. Each test is a
+//! user's path: publish then run on a worker that never saw the bundle, drop a bundle into a
+//! watched directory, pin two versions at once, yank, upgrade — and what must never happen: a
+//! tampered or unsigned bundle running, a secret reaching a piece, a crashing or hanging
+//! piece taking its worker down.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Fleet, client, drop_bundle, probe_bundle};
+use piecework_bundle::{Bundle, Digest, Manifest, SigningKey};
+use serde_json::{Value, json};
+
+const FAST_RETRIES: &str = "retry: { max_attempts: 2, initial_interval: 200ms }";
+
+fn flow(name: &str, piece: &str, action: &str, input: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch }}\nsteps:\n  - {{ name: call, piece: {piece}, action: {action}, input: {input}{extra} }}\n"
+    )
+}
+
+async fn publish(fleet: &Fleet, bytes: &[u8], signature: Option<String>) -> (u16, Value) {
+    let mut request = client()
+        .post(format!("{}/v1/pieces", fleet.api))
+        .body(bytes.to_vec());
+    if let Some(signature) = signature {
+        request = request.header("piecework-signature", signature);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// The published file and the output of `piecework piece publish`.
+fn publish_with_cli(fleet: &Fleet, bytes: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = drop_bundle(dir.path(), bytes);
+    let out = common::piecework_command()
+        .args(["piece", "publish"])
+        .arg(&path)
+        .args(["--api", &fleet.api])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    text
+}
+
+async fn run_once(fleet: &Fleet, flow: &str, body: Value) -> Value {
+    let run = fleet.webhook(flow, body).await;
+    fleet.finished(&run, Duration::from_secs(60)).await
+}
+
+fn output(run: &Value) -> &Value {
+    &run["steps"][0]["output"]
+}
+
+#[tokio::test]
+async fn a_published_bundle_runs_on_a_worker_that_never_saw_it() {
+    let mut fleet = Fleet::start("").await;
+    fleet.start_api().await;
+    let bytes = probe_bundle("1.2.0").await;
+    let printed = publish_with_cli(&fleet, &bytes);
+    assert!(printed.contains("published probe 1.2.0"), "{printed}");
+    // Publishing the same bundle again changes nothing.
+    assert!(publish_with_cli(&fleet, &bytes).contains("already published"));
+
+    // The worker starts after the publish, with an empty pieces directory and cache.
+    fleet.start_worker("w1", &[]).await;
+    fleet
+        .apply(&flow(
+            "echo",
+            "probe@^1.2",
+            "echo",
+            "{ value: \"{{ trigger.body.n }}\" }",
+            "",
+        ))
+        .await;
+    let run = run_once(&fleet, "echo", json!({"n": 7})).await;
+    assert_eq!(run["status"], "succeeded", "{run}\n{}", fleet.log_tails());
+    assert_eq!(output(&run)["value"], 7);
+    assert_eq!(output(&run)["version"], "1.2.0");
+    assert_eq!(run["steps"][0]["version"], "1.2.0");
+
+    let versions: Value = client()
+        .get(format!("{}/v1/pieces/probe/versions", fleet.api))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(versions["versions"][0]["source"], "registry", "{versions}");
+    assert_eq!(
+        versions["versions"][0]["digest"],
+        Digest::of(&bytes).as_str()
+    );
+    assert_eq!(
+        versions["versions"][0]["published"]["publisher"],
+        "api:anonymous"
+    );
+    let audit = fleet.stream("pw:audit").await;
+    assert!(
+        audit.iter().any(|e| e["action"] == "piece.publish"
+            && e["resource"] == "piece/probe/1.2.0"
+            && e["outcome"] == "success"),
+        "{audit:?}"
+    );
+}
+
+#[tokio::test]
+async fn two_versions_of_a_piece_run_side_by_side_and_runs_keep_their_pins() {
+    let mut fleet = Fleet::start("").await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &["--concurrency", "8"]).await;
+    for version in ["1.0.0", "2.0.0"] {
+        let (status, body) = publish(&fleet, &probe_bundle(version).await, None).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    fleet
+        .apply(&flow("old", "probe@^1", "sleep", "{ ms: 500 }", ""))
+        .await;
+    fleet
+        .apply(&flow("new", "probe@^2", "sleep", "{ ms: 500 }", ""))
+        .await;
+    let (old, new) = tokio::join!(
+        fleet.webhook("old", json!({})),
+        fleet.webhook("new", json!({}))
+    );
+    let old = fleet.finished(&old, Duration::from_secs(60)).await;
+    let new = fleet.finished(&new, Duration::from_secs(60)).await;
+    assert_eq!(output(&old)["version"], "1.0.0", "{old}");
+    assert_eq!(output(&new)["version"], "2.0.0", "{new}");
+}
+
+#[tokio::test]
+async fn a_bundle_dropped_into_the_pieces_directory_is_served_without_a_restart() {
+    let mut fleet = Fleet::start("[pieces]\nscan_interval = \"500ms\"\n").await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    let refused = client()
+        .post(format!("{}/v1/flows", fleet.api))
+        .body(flow("dropped", "probe", "echo", "{ value: 1 }", ""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 422, "the piece is not there yet");
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown piece `probe`"),
+        "{body}"
+    );
+
+    drop_bundle(&fleet.pieces_dir(), &probe_bundle("3.1.0").await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let found = client()
+            .get(format!("{}/v1/pieces/probe", fleet.api))
+            .send()
+            .await
+            .unwrap();
+        if found.status().is_success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not loaded within 5s:\n{}",
+            fleet.log_tails()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fleet
+        .apply(&flow("dropped", "probe", "echo", "{ value: 1 }", ""))
+        .await;
+    let run = run_once(&fleet, "dropped", json!({})).await;
+    assert_eq!(run["status"], "succeeded", "{run}\n{}", fleet.log_tails());
+    assert_eq!(output(&run)["version"], "3.1.0");
+}
+
+#[tokio::test]
+async fn a_crashing_or_hanging_piece_fails_its_attempts_and_the_worker_carries_on() {
+    let mut fleet = Fleet::start("[pieces]\ncancel_grace = \"500ms\"\n").await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    publish(&fleet, &probe_bundle("1.0.0").await, None).await;
+    fleet
+        .apply(&flow(
+            "crash",
+            "probe",
+            "crash",
+            "{}",
+            &format!(", {FAST_RETRIES}"),
+        ))
+        .await;
+    fleet
+        .apply(&flow(
+            "hang",
+            "probe",
+            "hang",
+            "{ ms: 60000 }",
+            &format!(", timeout: 1s, {FAST_RETRIES}"),
+        ))
+        .await;
+    fleet
+        .apply(&flow("echo", "probe", "echo", "{ value: ok }", ""))
+        .await;
+
+    let crashed = run_once(&fleet, "crash", json!({})).await;
+    assert_eq!(crashed["status"], "failed", "{crashed}");
+    let attempts = crashed["steps"][0]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "the crash is retryable: {crashed}");
+    assert!(
+        crashed["steps"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("killed by signal 6"),
+        "{crashed}"
+    );
+
+    let hung = run_once(&fleet, "hang", json!({})).await;
+    assert_eq!(hung["status"], "failed", "{hung}");
+    assert!(
+        hung["steps"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{hung}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !fleet
+        .logs("w1")
+        .contains("piece did not stop a cancelled call; killing its process")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", fleet.logs("w1"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The same worker, still up, runs the piece again in a fresh process.
+    let fine = run_once(&fleet, "echo", json!({})).await;
+    assert_eq!(fine["status"], "succeeded", "{fine}\n{}", fleet.log_tails());
+}
+
+#[tokio::test]
+async fn a_piece_sees_none_of_the_workers_secrets() {
+    let mut fleet = Fleet::start("").await;
+    fleet.start_api().await;
+    // The worker's environment has every secret a process of the fleet may hold.
+    fleet.env.push(("PROBE_REGION".into(), "eu-west-1".into()));
+    fleet
+        .env
+        .push(("PW_API_KEY".into(), "a-very-secret-api-key-000".into()));
+    fleet.start_worker("w1", &[]).await;
+    publish(&fleet, &probe_bundle("1.0.0").await, None).await;
+    fleet.apply(&flow("env", "probe", "env", "{}", "")).await;
+    let run = run_once(&fleet, "env", json!({})).await;
+    let env = output(&run)["env"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{run}"));
+    let names: Vec<&String> = env.keys().collect();
+    assert!(!names.iter().any(|n| n.starts_with("PW_")), "{names:?}");
+    let dump = output(&run).to_string();
+    for secret in [
+        fleet.encryption_key.as_str(),
+        "a-very-secret-api-key-000",
+        &fleet.redis.url(),
+        &fleet.nats.url(),
+    ] {
+        assert!(!dump.contains(secret), "the piece saw {secret}: {dump}");
+    }
+    assert!(
+        !env.contains_key("PROBE_REGION"),
+        "undeclared names stay out too"
+    );
+}
+
+#[tokio::test]
+async fn tampered_and_unsigned_bundles_are_refused_with_the_reason() {
+    let key = SigningKey::parse(&SigningKey::generate("ci").unwrap()).unwrap();
+    let mut fleet = Fleet::start("").await;
+    fleet.start_api().await;
+    fleet.env.push(("PW_TRUSTED_KEYS".into(), key.public_key()));
+    fleet.start_worker("strict", &[]).await;
+
+    // A damaged file is not a bundle.
+    let mut damaged = probe_bundle("1.0.0").await;
+    let at = damaged.len() / 2;
+    damaged[at] ^= 0xff;
+    let (status, body) = publish(&fleet, &damaged, None).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a piece bundle"),
+        "{body}"
+    );
+
+    // Unsigned: the api (which trusts nothing) takes it; the worker, which requires a
+    // signature, refuses to run it and says why.
+    let unsigned = probe_bundle("1.0.0").await;
+    assert_eq!(publish(&fleet, &unsigned, None).await.0, 201);
+    fleet
+        .apply(&flow(
+            "unsigned",
+            "probe@=1.0.0",
+            "echo",
+            "{ value: 1 }",
+            "",
+        ))
+        .await;
+    let run = run_once(&fleet, "unsigned", json!({})).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["steps"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("is not signed, and PW_TRUSTED_KEYS requires a signature by one of: ci"),
+        "{error}"
+    );
+    assert_eq!(
+        run["steps"][0]["attempts"].as_array().unwrap().len(),
+        1,
+        "never retried"
+    );
+
+    // Signed by the trusted key: it runs.
+    let signed = probe_bundle("1.1.0").await;
+    let signature = serde_json::to_string(&key.sign(&Digest::of(&signed))).unwrap();
+    assert_eq!(publish(&fleet, &signed, Some(signature)).await.0, 201);
+    fleet
+        .apply(&flow("signed", "probe@=1.1.0", "echo", "{ value: 1 }", ""))
+        .await;
+    let run = run_once(&fleet, "signed", json!({})).await;
+    assert_eq!(run["status"], "succeeded", "{run}\n{}", fleet.log_tails());
+
+    // Bytes swapped in the registry behind the index's back are caught by the digest.
+    let honest = probe_bundle("1.2.0").await;
+    let signature = serde_json::to_string(&key.sign(&Digest::of(&honest))).unwrap();
+    assert_eq!(publish(&fleet, &honest, Some(signature)).await.0, 201);
+    let nats = async_nats::connect(fleet.nats.url()).await.unwrap();
+    let store = async_nats::jetstream::new(nats)
+        .get_object_store("PW_PIECE_BUNDLES")
+        .await
+        .unwrap();
+    let evil = probe_bundle("1.2.0")
+        .await
+        .into_iter()
+        .rev()
+        .collect::<Vec<u8>>();
+    store
+        .put(Digest::of(&honest).hex(), &mut evil.as_slice())
+        .await
+        .unwrap();
+    fleet
+        .apply(&flow("swapped", "probe@=1.2.0", "echo", "{ value: 1 }", ""))
+        .await;
+    let run = run_once(&fleet, "swapped", json!({})).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["steps"][0]["error"].as_str().unwrap();
+    assert!(error.contains("changed or tampered with"), "{error}");
+}
+
+#[tokio::test]
+async fn an_api_that_trusts_keys_refuses_unsigned_publishes() {
+    let key = SigningKey::parse(&SigningKey::generate("release").unwrap()).unwrap();
+    let mut fleet = Fleet::start("").await;
+    fleet.env.push(("PW_TRUSTED_KEYS".into(), key.public_key()));
+    fleet.start_api().await;
+    let (status, body) = publish(&fleet, &probe_bundle("1.0.0").await, None).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "the bundle is not signed, and PW_TRUSTED_KEYS requires a signature by one of: release"
+    );
+}
+
+/// A bundle whose metadata drops `sleep`: enough for the version check, which reads only
+/// metadata (it would never start: its program describes itself differently).
+async fn breaking_bundle(version: &str) -> Vec<u8> {
+    let original = probe_bundle(version).await;
+    let bundle = Bundle::read(&original).unwrap();
+    let mut manifest: Manifest = bundle.manifest;
+    manifest.piece.actions.retain(|a| a.name != "sleep");
+    let dir = tempfile::tempdir().unwrap();
+    Bundle::unpack(&original, &dir.path().join("x")).unwrap();
+    let program = std::fs::read(dir.path().join("x/bin/probe")).unwrap();
+    piecework_bundle::pack(
+        &manifest,
+        &[piecework_bundle::File {
+            path: "bin/probe".into(),
+            contents: program,
+            executable: true,
+        }],
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn upgrades_are_checked_and_yanks_refused_while_a_flow_uses_the_version() {
+    let mut fleet = Fleet::start("").await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    publish(&fleet, &probe_bundle("1.0.0").await, None).await;
+    fleet
+        .apply(&flow("pinned", "probe@^1", "sleep", "{ ms: 1 }", ""))
+        .await;
+
+    // In use: cannot be yanked.
+    let yank = client()
+        .delete(format!("{}/v1/pieces/probe/versions/1.0.0", fleet.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(yank.status().as_u16(), 409);
+    let body: Value = yank.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("used by enabled flows: pinned"),
+        "{body}"
+    );
+
+    // A compatible release: the upgrade moves the flow and the run uses the new version.
+    publish(&fleet, &probe_bundle("1.1.0").await, None).await;
+    let upgrade = |args: &[&str]| {
+        let out = common::piecework_command()
+            .args([
+                "flow", "upgrade", "pinned", "--piece", "probe", "--api", &fleet.api,
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, text) = upgrade(&[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("call: probe 1.0.0 → 1.1.0"), "{text}");
+    assert!(text.contains("applied flow `pinned` version 2"), "{text}");
+    let run = run_once(&fleet, "pinned", json!({})).await;
+    assert_eq!(output(&run)["version"], "1.1.0", "{run}");
+
+    // A major release that drops the action the flow uses is refused, even when asked for.
+    publish(&fleet, &breaking_bundle("2.0.0").await, None).await;
+    let (ok, text) = upgrade(&["--to", "^2"]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("has no action `sleep`"), "{text}");
+
+    // One that drops another action breaks other flows, not this one: refused, then forced.
+    let mut manifest_only = Bundle::read(&probe_bundle("2.1.0").await).unwrap().manifest;
+    manifest_only.piece.actions.retain(|a| a.name != "echo");
+    let dir = tempfile::tempdir().unwrap();
+    let original = probe_bundle("2.1.0").await;
+    Bundle::unpack(&original, &dir.path().join("x")).unwrap();
+    let program = std::fs::read(dir.path().join("x/bin/probe")).unwrap();
+    let dropped_echo = piecework_bundle::pack(
+        &manifest_only,
+        &[piecework_bundle::File {
+            path: "bin/probe".into(),
+            contents: program,
+            executable: true,
+        }],
+    )
+    .unwrap();
+    publish(&fleet, &dropped_echo, None).await;
+    let (ok, text) = upgrade(&["--to", "=2.1.0"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("breaks") && text.contains("action `echo` was removed"),
+        "{text}"
+    );
+    let (ok, text) = upgrade(&["--to", "=2.1.0", "--force"]);
+    assert!(ok, "{text}");
+    let audit = fleet.stream("pw:audit").await;
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["action"] == "flow.upgrade.forced" && e["resource"] == "flow/pinned"),
+        "{audit:?}"
+    );
+
+    // Upgraded away from, 1.0.0 is pinned by no enabled flow's latest version: it can go.
+    let yank = client()
+        .delete(format!("{}/v1/pieces/probe/versions/1.0.0", fleet.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        yank.status().as_u16(),
+        200,
+        "{}",
+        yank.text().await.unwrap()
+    );
+    let gone = client()
+        .get(format!("{}/v1/pieces/probe/versions/1.0.0", fleet.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status().as_u16(), 404);
+}
