@@ -26,9 +26,13 @@ lint:
 fmt:
     cargo fmt --all
 
-# Scaffold a private piece under pieces/custom/ and register it.
+# Scaffold a private piece: a standalone package in ./NAME that builds into a bundle.
 new-piece name:
     cargo run -q -- piece new {{name}}
+
+# Build a piece's directory into a bundle (default: the example) in target/pieces.
+build-piece dir="pieces/custom/my-company-api" *args:
+    cargo run -q -- piece build {{dir}} {{args}}
 
 # Check flow files against the built-in pieces.
 validate +files:

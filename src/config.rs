@@ -140,6 +140,23 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_configuration_is_valid() {
+        let doc = include_str!("../docs/operating.md");
+        let start = doc
+            .find("```toml\n")
+            .expect("operating.md shows the configuration")
+            + 8;
+        let end = start + doc[start..].find("```").unwrap();
+        let config: Config = toml::from_str(&doc[start..end]).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.pieces.dir.as_deref(), Some(Path::new("/srv/pieces")));
+        assert_eq!(
+            config.pieces.env["my-company-api"]["MY_COMPANY_CA_FILE"],
+            "/etc/company/ca.pem"
+        );
+    }
+
+    #[test]
     fn bad_values_name_their_section_and_field() {
         let mut config = Config::default();
         config.worker.concurrency = 0;
