@@ -497,3 +497,50 @@ async fn doctor_reports_unreachable_endpoints_bad_connections_and_missing_server
     );
     assert!(report.contains("✗ Redis"), "{report}");
 }
+
+#[test]
+fn a_bundle_built_twice_from_the_same_source_has_the_same_digest() {
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/pieces/custom/my-company-api");
+    let digest_of_a_fresh_build = || {
+        // A touched source file makes cargo compile the piece again, not just reuse it.
+        let lib = std::path::Path::new(source).join("src/lib.rs");
+        std::fs::File::options()
+            .append(true)
+            .open(&lib)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now())
+            .unwrap();
+        let out_dir = tempfile::tempdir().unwrap();
+        let out = piecework(
+            &[
+                "piece",
+                "build",
+                source,
+                "--profile",
+                "dev",
+                "--out",
+                out_dir.path().to_str().unwrap(),
+            ],
+            &[],
+            None,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let inspected = piecework(
+            &[
+                "piece",
+                "inspect",
+                "--json",
+                out_dir
+                    .path()
+                    .join("my-company-api-1.0.0.piece.tgz")
+                    .to_str()
+                    .unwrap(),
+            ],
+            &[],
+            None,
+        );
+        let json: Value = serde_json::from_slice(&inspected.stdout).unwrap();
+        json["digest"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(digest_of_a_fresh_build(), digest_of_a_fresh_build());
+}

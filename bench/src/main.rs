@@ -42,6 +42,9 @@ struct Args {
     /// Runs of the 3-step flow per throughput scenario (default 5000, smoke 100).
     #[arg(long)]
     runs: Option<usize>,
+    /// Only the in-binary vs out-of-process comparison (to iterate on the piece host).
+    #[arg(long)]
+    only_pieces: bool,
 }
 
 /// How much work each scenario does.
@@ -111,6 +114,15 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         None,
     )
     .await?;
+
+    if args.only_pieces {
+        let bundles = scenarios::out_of_process(&infra, &runtime, sizes.runs).await?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "out_of_process": bundles }))?
+        );
+        return Ok(());
+    }
 
     eprintln!("raw JetStream: {} messages…", sizes.raw_messages);
     let raw = jetstream::run(&infra.nats, sizes.raw_messages).await?;

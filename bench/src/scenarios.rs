@@ -30,7 +30,7 @@ fn three_step_flow(name: &str) -> String {
 /// The same three no-op steps, done by a bundle's action in the piece's own process.
 fn three_remote_steps(name: &str) -> String {
     format!(
-        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch }}\nsteps:\n  - {{ name: a, piece: probe, action: echo, input: {{ value: 1 }} }}\n  - {{ name: b, piece: probe, action: echo, input: {{ value: 2 }} }}\n  - {{ name: c, piece: probe, action: echo, input: {{ value: 3 }} }}\n"
+        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch }}\nsteps:\n  - {{ name: a, piece: probe, action: noop, input: {{ value: 1 }} }}\n  - {{ name: b, piece: probe, action: noop, input: {{ value: 2 }} }}\n  - {{ name: c, piece: probe, action: noop, input: {{ value: 3 }} }}\n"
     )
 }
 

@@ -72,13 +72,39 @@ pub fn serve(piece: Result<Piece, PieceDefinitionError>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve_io(piece, tokio::io::stdin(), tokio::io::stdout())) {
+    match runtime.block_on(serve_stdio(piece)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("piece protocol: {err}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Serves on stdin and stdout: as non-blocking pipes on the runtime's reactor when they are
+/// pipes (as a host starts a piece), else through tokio's blocking stdio. The reactor matters:
+/// blocking stdio hands every read and write to another thread, which costs more than the
+/// rest of a call.
+async fn serve_stdio(piece: Piece) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsFd as _;
+        use tokio::net::unix::pipe;
+        let reader = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok());
+        let writer = std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .and_then(|fd| pipe::Sender::from_owned_fd(fd).ok());
+        if let (Some(reader), Some(writer)) = (reader, writer) {
+            return serve_io(piece, reader, writer).await;
+        }
+    }
+    serve_io(piece, tokio::io::stdin(), tokio::io::stdout()).await
 }
 
 /// Serves `piece` over any pair of streams until `reader` ends; [`serve`] uses stdin and

@@ -36,6 +36,7 @@ fn piece() -> Result<Piece, piecework_sdk::PieceDefinitionError> {
         ))
         .validate_auth(CheckKey)
         .action(Echo)
+        .action(Noop)
         .action(Sleep)
         .action(Hang)
         .action(Crash)
@@ -96,6 +97,15 @@ action!(
         "attempt": ctx.run.attempt,
         "owner": ctx.owner.id,
     })),
+    Prop::json("value", "Value").required()
+);
+
+// Returns its input's value, as the built-in `data.set` does: the benchmark's no-op.
+action!(
+    Noop,
+    "noop",
+    EchoIn,
+    |_ctx, input| Ok(input.value),
     Prop::json("value", "Value").required()
 );
 
