@@ -61,6 +61,8 @@ struct BuildMetadata {
 /// What cargo says about the piece's package.
 struct CargoPackage {
     bin: String,
+    /// `package.version` of Cargo.toml.
+    version: String,
     build: BuildMetadata,
     target_dir: PathBuf,
     manifest: PathBuf,
@@ -156,12 +158,14 @@ fn cargo_package(dir: &Path) -> anyhow::Result<CargoPackage> {
             several.join(", ")
         ),
     };
+    let version = package["version"].as_str().unwrap_or_default().to_owned();
     let target_dir = metadata["target_directory"]
         .as_str()
         .map(PathBuf::from)
         .context("cargo metadata has no target_directory")?;
     Ok(CargoPackage {
         bin,
+        version,
         build,
         target_dir,
         manifest,
@@ -257,6 +261,14 @@ pub async fn build(dir: &Path, options: &BuildOptions<'_>) -> anyhow::Result<Bui
     let (bytes, manifest) = build::bundle_executable(&program, options)
         .await
         .map_err(anyhow::Error::msg)?;
+    let version = manifest.piece.version.to_string();
+    if !quiet && version != package.version {
+        eprintln!(
+            "warning: the piece says it is version {version}, Cargo.toml says {}: the bundle is {version}. \
+             Keep one number with `.version(env!(\"CARGO_PKG_VERSION\"))`",
+            package.version
+        );
+    }
     let out = out.map_or_else(|| package.target_dir.join("pieces"), Path::to_owned);
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let path = out.join(manifest.file_name());
@@ -482,11 +494,15 @@ pub async fn publish(
         bundle.digest
     );
     if answer["created"] == true {
-        let signed = piece["signed_by"]
-            .as_str()
-            .map(|k| format!(", signed by `{k}`"))
-            .unwrap_or_default();
-        println!("published {what}{signed}: every worker can run it now");
+        match piece["signed_by"].as_str() {
+            Some(key) => {
+                println!("published {what}, signed by `{key}`: every worker can run it now")
+            }
+            None => println!(
+                "published {what}, unsigned: every worker can run it now, except those that \
+                 require a signature (PW_TRUSTED_KEYS)"
+            ),
+        }
     } else {
         println!("{what} was already published; nothing changed");
     }
@@ -576,7 +592,9 @@ pub async fn open(target: &str, pieces_dir: Option<&Path>) -> anyhow::Result<Ope
         };
         let signature = read_signature(&signature_path(path)).ok().flatten();
         let cache = tempfile::tempdir()?;
-        let host = local_host(cache.path())?;
+        // What this command just built from source is trusted; a bundle file is checked as
+        // the fleet would check it.
+        let host = local_host(cache.path(), !path.is_dir())?;
         let (piece, _) = host
             .load_bytes(Bytes::from(bytes), signature)
             .map_err(anyhow::Error::msg)
@@ -597,7 +615,7 @@ pub async fn open(target: &str, pieces_dir: Option<&Path>) -> anyhow::Result<Ope
     }
     if let Some(dir) = pieces_dir {
         let cache = tempfile::tempdir()?;
-        let host = local_host(cache.path())?;
+        let host = local_host(cache.path(), true)?;
         let catalog = Arc::new(piecework_core::Catalog::new(piecework_core::Registry::new()));
         let mut directory = piecework_host::directory::Directory::new(
             dir.to_owned(),
@@ -621,11 +639,17 @@ pub async fn open(target: &str, pieces_dir: Option<&Path>) -> anyhow::Result<Ope
     )
 }
 
-/// A host for running a piece on this machine, caching under `cache`.
-fn local_host(cache: &Path) -> anyhow::Result<Arc<PieceHost>> {
+/// A host for running a piece on this machine, caching under `cache`; it requires the
+/// signatures `PW_TRUSTED_KEYS` asks for when `check_signatures`.
+fn local_host(cache: &Path, check_signatures: bool) -> anyhow::Result<Arc<PieceHost>> {
+    let trusted_keys = if check_signatures {
+        std::env::var("PW_TRUSTED_KEYS").unwrap_or_default()
+    } else {
+        String::new()
+    };
     let config = HostConfig {
         cache_dir: cache.join("cache"),
-        trusted_keys: std::env::var("PW_TRUSTED_KEYS").unwrap_or_default(),
+        trusted_keys,
         ..HostConfig::default()
     };
     Ok(PieceHost::new(config, EgressPolicy::default())?)

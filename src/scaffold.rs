@@ -172,7 +172,7 @@ pub const NAME: &str = "{name}";
 pub fn piece() -> Result<Piece, PieceDefinitionError> {{
     Piece::builder(NAME, "{title}")
         .description("TODO: what this piece integrates with")
-        .version("0.1.0")
+        .version(env!("CARGO_PKG_VERSION")) // the bundle's version: bump it in Cargo.toml
         .auth(auth::definition())
         .categories([category::PRODUCTIVITY])
         .authors(["your-team"])

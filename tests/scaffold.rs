@@ -160,6 +160,44 @@ async fn a_new_piece_builds_tests_and_deploys_to_a_running_fleet_with_no_rebuild
         .await
         .unwrap();
     assert_eq!(answer, serde_json::json!({"greeting": "hello, grace"}));
+
+    // Edit, rebuild into the watched directory: the running dev serves the new build.
+    let action = piece.join("src/actions/hello.rs");
+    let source = std::fs::read_to_string(&action).unwrap();
+    std::fs::write(&action, source.replace("\"hello, {}\"", "\"hi again, {}\"")).unwrap();
+    run(
+        &piece,
+        &mut piecework(&[
+            "piece",
+            "build",
+            ".",
+            "--profile",
+            "dev",
+            "--out",
+            pieces.to_str().unwrap(),
+        ]),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer: serde_json::Value = http
+            .post(format!("{api}/v1/webhooks/greet/sync"))
+            .json(&serde_json::json!({"name": "grace"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if answer == serde_json::json!({"greeting": "hi again, grace"}) {
+            break;
+        }
+        assert_eq!(answer, serde_json::json!({"greeting": "hello, grace"}));
+        assert!(
+            Instant::now() < deadline,
+            "the rebuilt bundle was not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     dev.kill().unwrap();
     dev.wait().unwrap();
 }
