@@ -43,6 +43,8 @@ pub enum Command {
     Key(KeyCommand),
     /// Manage connections (through the API).
     Connection(ConnectionArgs),
+    /// Create, list and revoke named API keys (through the API, with an admin key).
+    ApiKey(ApiKeyArgs),
     /// Read the audit trail (through the API).
     Audit(AuditArgs),
     /// Check pieces, NATS, Redis, queues and every connection; say what to fix.
@@ -112,9 +114,6 @@ pub struct DevArgs {
     /// Address of the HTTP API.
     #[arg(long, env = "PW_API_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Require `Authorization: Bearer <key>` on the API (webhooks excepted).
-    #[arg(long, env = "PW_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
     /// Jobs the worker runs at once.
     #[arg(long, env = "PW_WORKER_CONCURRENCY")]
     pub concurrency: Option<usize>,
@@ -142,9 +141,6 @@ pub struct ApiArgs {
     /// Address to listen on.
     #[arg(long, env = "PW_API_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Require `Authorization: Bearer <key>` on `/v1/*` (webhooks excepted).
-    #[arg(long, env = "PW_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -316,9 +312,6 @@ pub struct ApiClientArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub url: String,
-    /// The API key, if the API requires one.
-    #[arg(long, env = "PW_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -351,6 +344,31 @@ pub enum ConnectionCommand {
 }
 
 #[derive(Debug, Args)]
+pub struct ApiKeyArgs {
+    #[command(flatten)]
+    pub api: ApiClientArgs,
+    #[command(subcommand)]
+    pub command: ApiKeyCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create a key and print it: it is shown this once (store it in your secret manager).
+    Create {
+        /// The key's name: who uses it (`ci-deploy`, `oncall`), the actor in the audit trail.
+        name: String,
+        /// admin (everything, keys too), developer (flows, pieces, connections), operator
+        /// (runs, enable/disable), viewer (read only).
+        #[arg(long)]
+        role: String,
+    },
+    /// List keys: names, roles, who created them and when (never the keys).
+    List,
+    /// Revoke a key: no api process accepts it from the next request on.
+    Revoke { name: String },
+}
+
+#[derive(Debug, Args)]
 pub struct AuditArgs {
     #[command(flatten)]
     pub api: ApiClientArgs,
@@ -370,7 +388,7 @@ pub struct AuditTailArgs {
     /// Start with the entries since this time: RFC 3339 or a duration back (`15m`, `2h`).
     #[arg(long, default_value = "10m")]
     pub since: String,
-    /// Only this actor (`api:api-key`, `webhook`, `worker`, `worker:w1`).
+    /// Only this actor (`api:ci-deploy`, `webhook`, `worker`, `worker:w1`).
     #[arg(long)]
     pub actor: Option<String>,
     /// Only this action (`flow.apply`, `step.execute`, `run`, …).

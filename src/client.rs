@@ -19,7 +19,7 @@ impl ApiClient {
                 .timeout(std::time::Duration::from_secs(300))
                 .build()?,
             base: args.url.trim_end_matches('/').to_owned(),
-            api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+            api_key: crate::config::api_key_from_env()?,
         })
     }
 

@@ -6,8 +6,8 @@ use anyhow::{Context as _, bail};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{
-    ApiArgs, Command, ConnectionArgs, ConnectionCommand, DevArgs, FlowCommand, KeyCommand,
-    PieceCommand, SchedulerArgs, WorkerArgs,
+    ApiArgs, ApiKeyArgs, ApiKeyCommand, Command, ConnectionArgs, ConnectionCommand, DevArgs,
+    FlowCommand, KeyCommand, PieceCommand, SchedulerArgs, WorkerArgs,
 };
 use crate::client::ApiClient;
 use crate::config::Config;
@@ -24,6 +24,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Worker(args) => worker(args, shutdown).await,
         Command::Piece(command) => piece(command).await,
         Command::Connection(args) => connection(args).await,
+        Command::ApiKey(args) => api_key(args).await,
         Command::Audit(args) => crate::audit::run(args, shutdown).await,
         Command::Doctor(args) => crate::doctor::run(&args.common).await,
         Command::Key(KeyCommand::Generate { id }) => {
@@ -45,9 +46,6 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Config::load(&args.common, |config| {
         if let Some(listen) = args.listen {
             config.api.listen = listen;
-        }
-        if let Some(key) = args.api_key.as_ref().filter(|k| !k.is_empty()) {
-            config.api.api_key = Some(key.clone());
         }
         if let Some(concurrency) = args.concurrency {
             config.worker.concurrency = concurrency;
@@ -196,10 +194,6 @@ async fn api(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         if let Some(listen) = args.listen {
             config.api.listen = listen;
         }
-        // An empty PW_API_KEY (as compose passes when it is unset) means no key.
-        if let Some(key) = args.api_key.as_ref().filter(|k| !k.is_empty()) {
-            config.api.api_key = Some(key.clone());
-        }
     })?;
     let (runtime, sources) = infra::runtime(
         &config,
@@ -209,6 +203,13 @@ async fn api(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     )
     .await?;
     let pieces = sources.spawn();
+    if config.api.api_key.is_none()
+        && matches!(runtime.list_api_keys().await, Ok(k) if k.is_empty())
+    {
+        tracing::warn!(
+            "no API key can open /v1: set PW_API_KEY (or PW_API_KEY_FILE) to a bootstrap admin key, then create named keys with `piecework api-key create`"
+        );
+    }
     let served = piecework_api::run(config.api, runtime, shutdown).await;
     pieces.stop().await;
     Ok(served?)
@@ -388,6 +389,50 @@ async fn connection(args: ConnectionArgs) -> anyhow::Result<()> {
                 )
                 .await?;
             println!("deleted connection `{name}`");
+        }
+    }
+    Ok(())
+}
+
+async fn api_key(args: ApiKeyArgs) -> anyhow::Result<()> {
+    let client = ApiClient::new(&args.api)?;
+    match args.command {
+        ApiKeyCommand::Create { name, role } => {
+            let body = serde_json::json!({ "name": name, "role": role });
+            let created = client
+                .send(reqwest::Method::POST, "/v1/api-keys", Some(&body))
+                .await?;
+            let key = created["key"].as_str().context("the API returned no key")?;
+            eprintln!(
+                "created API key `{name}` ({}); it is shown this once:",
+                created["api_key"]["role"].as_str().unwrap_or_default()
+            );
+            println!("{key}");
+        }
+        ApiKeyCommand::List => {
+            let listed = client
+                .send(reqwest::Method::GET, "/v1/api-keys", None)
+                .await?;
+            for info in listed["api_keys"].as_array().into_iter().flatten() {
+                let field = |name: &str| info[name].as_str().unwrap_or_default().to_owned();
+                println!(
+                    "{:<24} {:<10} created {} by {}",
+                    field("name"),
+                    field("role"),
+                    field("created_at"),
+                    field("created_by")
+                );
+            }
+        }
+        ApiKeyCommand::Revoke { name } => {
+            client
+                .send(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/api-keys/{name}"),
+                    None,
+                )
+                .await?;
+            println!("revoked API key `{name}`");
         }
     }
     Ok(())

@@ -76,7 +76,15 @@ impl Config {
         if let Some(dir) = &common.pieces_cache {
             config.pieces.cache_dir = dir.clone();
         }
+        if let Some(key) = api_key_from_env()? {
+            config.api.api_key = Some(key);
+        }
         overrides(&mut config);
+        if config.api.api_key.is_none()
+            && let Some(path) = &config.api.api_key_file
+        {
+            config.api.api_key = Some(read_key_file(path)?);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -103,6 +111,29 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The API key from `PW_API_KEY`, or from the file `PW_API_KEY_FILE` names — never from a
+/// flag, which every user of the machine can read in the process list. Empty means none (as
+/// compose passes an unset variable).
+pub fn api_key_from_env() -> anyhow::Result<Option<String>> {
+    if let Some(key) = std::env::var("PW_API_KEY").ok().filter(|k| !k.is_empty()) {
+        return Ok(Some(key));
+    }
+    match std::env::var_os("PW_API_KEY_FILE").filter(|p| !p.is_empty()) {
+        Some(path) => read_key_file(Path::new(&path)).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn read_key_file(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the API key file {}", path.display()))?;
+    let key = text.trim();
+    if key.is_empty() {
+        bail!("the API key file {} is empty", path.display());
+    }
+    Ok(key.to_owned())
 }
 
 fn check_url(field: &str, value: &str, schemes: &[&str]) -> Result<(), String> {

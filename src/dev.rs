@@ -54,6 +54,9 @@ impl Sandbox {
     ///
     /// The one embedded worker also serves every queue the given flows route to, since no
     /// other worker exists to serve them.
+    ///
+    /// Without an API key the API is open (everyone an admin), which is only allowed on a
+    /// loopback address.
     pub async fn start(
         config: Config,
         flows: Vec<FlowDefinition>,
@@ -74,6 +77,15 @@ impl Sandbox {
         files: &[std::path::PathBuf],
     ) -> anyhow::Result<Self> {
         serve_queues_of(&mut config, &flows);
+        if config.api.api_key.is_none() {
+            if !config.api.listen.ip().is_loopback() {
+                anyhow::bail!(
+                    "the API would listen on {} with no key: set PW_API_KEY (or PW_API_KEY_FILE) to serve beyond loopback",
+                    config.api.listen
+                );
+            }
+            config.api.open = true;
+        }
         config.validate()?;
         let (runtime, sources) =
             infra::runtime_with(&config, registry, infra, Some(keyring), files).await?;

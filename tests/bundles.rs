@@ -41,6 +41,7 @@ fn publish_with_cli(fleet: &Fleet, bytes: &[u8]) -> String {
         .args(["piece", "publish"])
         .arg(&path)
         .args(["--api", &fleet.api])
+        .env("PW_API_KEY", common::ADMIN_KEY)
         .output()
         .unwrap();
     let text = format!(
@@ -103,7 +104,7 @@ async fn a_published_bundle_runs_on_a_worker_that_never_saw_it() {
     );
     assert_eq!(
         versions["versions"][0]["published"]["publisher"],
-        "api:anonymous"
+        "api:bootstrap"
     );
     let audit = fleet.stream("pw:audit").await;
     assert!(
@@ -436,6 +437,7 @@ async fn upgrades_are_checked_and_yanks_refused_while_a_flow_uses_the_version() 
                 "flow", "upgrade", "pinned", "--piece", "probe", "--api", &fleet.api,
             ])
             .args(args)
+            .env("PW_API_KEY", common::ADMIN_KEY)
             .output()
             .unwrap();
         (

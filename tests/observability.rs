@@ -866,7 +866,7 @@ async fn the_audit_trail_records_mutations_and_steps_and_filters_by_actor_action
             .find(|e| e["action"] == action && e["resource"] == resource)
             .unwrap_or_else(|| panic!("no {action} on {resource} in {audit:#?}"))
     };
-    assert_eq!(find("flow.apply", "flow/audited")["actor"], "api:anonymous");
+    assert_eq!(find("flow.apply", "flow/audited")["actor"], "api:bootstrap");
     assert_eq!(find("webhook.receive", "flow/audited")["actor"], "webhook");
     assert_eq!(find("flow.disable", "flow/audited")["outcome"], "success");
     let cancel = find("run.cancel", &format!("run/{run_id}"));
@@ -976,6 +976,7 @@ async fn the_audit_trail_records_mutations_and_steps_and_filters_by_actor_action
             "--action",
             "flow",
         ])
+        .env("PW_API_KEY", common::ADMIN_KEY)
         .output()
         .unwrap();
     assert!(printed.status.success(), "{printed:?}");
@@ -995,6 +996,7 @@ async fn the_audit_trail_records_mutations_and_steps_and_filters_by_actor_action
             "--action",
             "flow.enable",
         ])
+        .env("PW_API_KEY", common::ADMIN_KEY)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

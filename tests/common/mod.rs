@@ -112,10 +112,21 @@ pub fn drop_bundle(dir: &std::path::Path, bytes: &[u8]) -> PathBuf {
     path
 }
 
+/// The bootstrap admin key (`PW_API_KEY`) of every fleet's processes.
+pub const ADMIN_KEY: &str = "fleet-bootstrap-admin-key-0123456789";
+
+/// An HTTP client that sends [`ADMIN_KEY`] unless a request says otherwise (an open API, as
+/// `piecework dev`'s, ignores it).
 pub fn client() -> reqwest::Client {
     piecework_sdk::http::install_crypto_provider();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {ADMIN_KEY}").parse().unwrap(),
+    );
     reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
+        .default_headers(headers)
         .build()
         .unwrap()
 }
@@ -185,6 +196,7 @@ impl Fleet {
             .env("PW_NATS_URL", self.nats.url())
             .env("PW_REDIS_URL", self.redis.url())
             .env("PW_ENCRYPTION_KEY", &self.encryption_key)
+            .env("PW_API_KEY", ADMIN_KEY)
             .env("PW_LOG", "info")
             .env("PW_LOG_FORMAT", "json")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -196,14 +208,19 @@ impl Fleet {
         self.processes.insert(name.to_owned(), child);
     }
 
-    /// Starts `piecework api` and waits until it is ready.
+    /// Starts `piecework api` and waits until it is ready; it is the one `Fleet::api` names.
     pub async fn start_api(&mut self) -> String {
-        let port = free_port();
-        self.spawn("api", &["api", "--listen", &format!("127.0.0.1:{port}")]);
-        self.api = format!("http://127.0.0.1:{port}");
-        self.wait_ready("api", &format!("{}/readyz", self.api))
-            .await;
+        self.api = self.start_api_as("api").await;
         self.api.clone()
+    }
+
+    /// Starts another `piecework api` process, named `name`; returns its base URL.
+    pub async fn start_api_as(&mut self, name: &str) -> String {
+        let port = free_port();
+        self.spawn(name, &["api", "--listen", &format!("127.0.0.1:{port}")]);
+        let url = format!("http://127.0.0.1:{port}");
+        self.wait_ready(name, &format!("{url}/readyz")).await;
+        url
     }
 
     /// Starts `piecework worker --id <id>`, waits until it consumes; returns its `/readyz` URL.

@@ -50,6 +50,16 @@ impl Execution {
             duration: Duration::ZERO,
         }
     }
+
+    /// Attempt `attempt` of `step` that could not start (its piece is not here): retried as
+    /// the step's policy says when the error is retryable.
+    pub fn refused(error: PieceError, step: &StepDef, attempt: u32) -> Self {
+        Self {
+            outcome: classify(Err(error), step, attempt),
+            recorded_input: Value::Null,
+            duration: Duration::ZERO,
+        }
+    }
 }
 
 /// Renders the step's input against the run so far.

@@ -1,10 +1,11 @@
-//! The core of piecework, free of infrastructure: the flow model and its validation
+//! The core of piecework, free of infrastructure: who may do what ([`access`]), the flow model and its validation
 //! ([`flow`]), templates in step inputs ([`template`]), the retry policy ([`retry`]), the
 //! registry of pieces ([`registry`]), runs ([`run`]) and the execution of one step attempt
 //! ([`engine`]).
 //!
 //! Services combine these with a bus and a store; everything here is testable without either.
 
+pub mod access;
 pub mod docs;
 pub mod engine;
 pub mod flow;

@@ -4,6 +4,7 @@
 //! error, and every attempt with its timing, so `GET /v1/runs/{id}` can explain what happened.
 
 use chrono::{DateTime, Utc};
+use piecework_sdk::Principal;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -116,6 +117,14 @@ pub struct Run {
     /// child, wherever it runs, and operators find the run's trace by its trace id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
+    /// Who started the run (an API key, a webhook, the scheduler); pieces see it in
+    /// `ctx.run.started_by`.
+    #[serde(default, skip_serializing_if = "is_nobody")]
+    pub started_by: Principal,
+}
+
+fn is_nobody(principal: &Principal) -> bool {
+    principal.name.is_empty()
 }
 
 /// Namespace of deterministic run ids (UUID v5).
@@ -146,6 +155,7 @@ impl Run {
             error: None,
             response: None,
             trace: None,
+            started_by: Principal::default(),
         }
     }
 

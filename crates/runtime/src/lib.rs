@@ -2,11 +2,13 @@
 //! catalog of pieces and the host that runs bundles, with the operations more than one
 //! service performs — applying a flow, starting a run, publishing a step, cancelling or
 //! retrying a run, saving and opening connections (sealed by the keyring in [`secrets`]),
-//! publishing and yanking pieces ([`pieces`]), recording an audit event.
+//! publishing and yanking pieces ([`pieces`]), named API keys ([`access`]), recording an audit
+//! event.
 //!
 //! `piecework dev` builds one `Runtime` on the in-memory adapters and hands it to all three
 //! services; the separate processes each build their own on NATS and Redis.
 
+pub mod access;
 pub mod pieces;
 pub mod secrets;
 pub mod upgrade;
@@ -58,6 +60,11 @@ pub enum RuntimeError {
     NoSuchFlow(String),
     #[error(transparent)]
     Registry(#[from] piecework_bus::pieces::RegistryError),
+    #[error("no API key `{0}`")]
+    NoSuchApiKey(String),
+    /// A request that names something invalid.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// What the API shows of a connection: never its values.
@@ -373,6 +380,25 @@ impl Runtime {
         trigger: Value,
         kind: TriggerKind,
     ) -> Result<bool, RuntimeError> {
+        let started_by = match kind {
+            TriggerKind::webhook => format!("webhook:{}", flow.flow_id),
+            TriggerKind::polling | TriggerKind::schedule => "schedule".to_owned(),
+            TriggerKind::manual => "api".to_owned(),
+        };
+        let principal = piecework_sdk::Principal::new(started_by, None);
+        self.start_run_as(flow, run_id, trigger, kind, principal)
+            .await
+    }
+
+    /// [`Runtime::start_run`], saying who started it.
+    pub async fn start_run_as(
+        &self,
+        flow: &FlowVersion,
+        run_id: String,
+        trigger: Value,
+        kind: TriggerKind,
+        started_by: piecework_sdk::Principal,
+    ) -> Result<bool, RuntimeError> {
         let span = tracing::info_span!(
             "run",
             otel.name = %format_args!("run {}", flow.flow_id),
@@ -384,6 +410,7 @@ impl Runtime {
         );
         let mut run = Run::new(run_id, &flow.flow_id, flow.version, trigger);
         run.trace = propagation::traceparent_of(&span);
+        run.started_by = started_by;
         self.create_run(flow, run, kind)
             .instrument(span.clone())
             .await

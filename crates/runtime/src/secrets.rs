@@ -56,11 +56,17 @@ impl fmt::Debug for Sealed {
     }
 }
 
+/// What an encryption key is hashed with to derive the key that hashes API keys, so that
+/// the two uses never share a key.
+const HASH_KEY_LABEL: &[u8] = b"piecework api-key hash v1";
+
 /// The configured encryption keys.
 #[derive(Clone)]
 pub struct Keyring {
     current: String,
     keys: HashMap<String, Aes256Gcm>,
+    /// Per key id, the HMAC-SHA256 key that hashes API keys, derived from the encryption key.
+    hash_keys: HashMap<String, ring::hmac::Key>,
     order: Vec<String>,
 }
 
@@ -76,6 +82,7 @@ impl Keyring {
     /// Parses `id:base64[,id:base64…]` (first is current) or one bare base64 key.
     pub fn parse(spec: &str) -> Result<Self, SecretsError> {
         let mut keys = HashMap::new();
+        let mut hash_keys = HashMap::new();
         let mut order = Vec::new();
         for (i, entry) in spec
             .split(',')
@@ -106,6 +113,12 @@ impl Keyring {
                     bytes.len()
                 )));
             }
+            let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes);
+            let hash_key = ring::hmac::sign(&derive, HASH_KEY_LABEL);
+            hash_keys.insert(
+                id.clone(),
+                ring::hmac::Key::new(ring::hmac::HMAC_SHA256, hash_key.as_ref()),
+            );
             if keys
                 .insert(
                     id.clone(),
@@ -121,6 +134,7 @@ impl Keyring {
         Ok(Self {
             current,
             keys,
+            hash_keys,
             order,
         })
     }
@@ -137,6 +151,22 @@ impl Keyring {
 
     pub fn key_ids(&self) -> &[String] {
         &self.order
+    }
+
+    /// The keyed hash (HMAC-SHA256, base64) of `secret` under the current key, with that
+    /// key's id: how API keys are stored.
+    pub fn hash(&self, secret: &[u8]) -> (String, String) {
+        let tag = ring::hmac::sign(&self.hash_keys[&self.current], secret);
+        (self.current.clone(), BASE64.encode(tag.as_ref()))
+    }
+
+    /// Whether `hash` (from [`Keyring::hash`] under `key_id`) is the hash of `secret`, compared
+    /// in constant time. `false` when the key id is no longer configured.
+    pub fn verify_hash(&self, key_id: &str, secret: &[u8], hash: &str) -> bool {
+        let (Some(key), Ok(tag)) = (self.hash_keys.get(key_id), BASE64.decode(hash)) else {
+            return false;
+        };
+        ring::hmac::verify(key, secret, &tag).is_ok()
     }
 
     /// Encrypts `plaintext`, bound to `context` (the connection's name).
@@ -200,6 +230,27 @@ impl Keyring {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashes_verify_under_their_key_id_only() {
+        let old = Keyring::generate_spec("k1");
+        let ring = Keyring::parse(&old).unwrap();
+        let (key_id, hash) = ring.hash(b"secret");
+        assert_eq!(key_id, "k1");
+        assert!(ring.verify_hash("k1", b"secret", &hash));
+        assert!(!ring.verify_hash("k1", b"secreT", &hash));
+        assert!(!ring.verify_hash("k2", b"secret", &hash));
+        assert!(!ring.verify_hash("k1", b"secret", "not base64!"));
+        // After a rotation the old key id still verifies; without it, nothing does.
+        let rotated = Keyring::parse(&format!("{},{old}", Keyring::generate_spec("k2"))).unwrap();
+        assert!(rotated.verify_hash("k1", b"secret", &hash));
+        assert_eq!(rotated.hash(b"secret").0, "k2");
+        let other = Keyring::parse(&Keyring::generate_spec("k1")).unwrap();
+        assert!(
+            !other.verify_hash("k1", b"secret", &hash),
+            "another key, same id"
+        );
+    }
 
     #[test]
     fn sealed_values_open_only_with_their_key_and_context() {

@@ -22,6 +22,29 @@ pub struct RunInfo {
     /// 1 for the first attempt.
     pub attempt: u32,
     pub idempotency_key: String,
+    /// Who started the run.
+    #[serde(default)]
+    pub started_by: Principal,
+}
+
+/// Who started a run, for permission checks inside a piece: an API key (`api:NAME`, with its
+/// role), a webhook (`webhook:FLOW`), the scheduler (`schedule`: scheduled and polling flows).
+/// Empty where nothing started a run (a connection check, `piece test`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Principal {
+    pub name: String,
+    /// The API key's role (`admin`, `developer`, `operator`, `viewer`); `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+impl Principal {
+    pub fn new(name: impl Into<String>, role: Option<String>) -> Self {
+        Self {
+            name: name.into(),
+            role,
+        }
+    }
 }
 
 impl RunInfo {
@@ -33,7 +56,14 @@ impl RunInfo {
             step: step.to_owned(),
             attempt,
             idempotency_key: format!("{run_id}:{step}"),
+            started_by: Principal::default(),
         }
+    }
+
+    /// Says who started the run.
+    pub fn started_by(mut self, principal: Principal) -> Self {
+        self.started_by = principal;
+        self
     }
 }
 

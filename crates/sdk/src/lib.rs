@@ -32,7 +32,8 @@ pub mod trigger;
 pub use action::{Action, ActionSpec, DynAction};
 pub use auth::{PieceAuth, ValidateAuth};
 pub use context::{
-    Context, KvStore, MemoryKv, Owner, ProgressSink, RunInfo, Scope, ScopedKv, ScopedStore,
+    Context, KvStore, MemoryKv, Owner, Principal, ProgressSink, RunInfo, Scope, ScopedKv,
+    ScopedStore,
 };
 pub use error::{ErrorKind, PieceError};
 pub use http::{EgressPolicy, HttpClient};

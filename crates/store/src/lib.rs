@@ -100,6 +100,20 @@ pub struct ConnectionRecord {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A named API key. Only the keyed hash of its secret is stored; the key itself is shown
+/// once, when it is created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    pub name: String,
+    pub role: piecework_core::access::Role,
+    /// HMAC-SHA256 of the secret (hex), keyed by a key derived from the encryption key `key_id`.
+    pub hash: String,
+    pub key_id: String,
+    pub created_at: DateTime<Utc>,
+    /// The audit actor that created it.
+    pub created_by: String,
+}
+
 /// An entry read back from a stream, with its stream id.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry<T> {
@@ -171,6 +185,14 @@ pub trait Store: Send + Sync + 'static {
     async fn list_connections(&self) -> Result<Vec<ConnectionRecord>, StoreError>;
     /// Returns whether it existed.
     async fn delete_connection(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Stores a new API key; `false` (and nothing changed) when the name is taken.
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StoreError>;
+    async fn get_api_key(&self, name: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// Every API key, by name.
+    async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Returns whether it existed.
+    async fn delete_api_key(&self, name: &str) -> Result<bool, StoreError>;
 
     /// The key-value store behind pieces' `ctx.store`.
     fn kv(&self) -> Arc<dyn KvStore>;

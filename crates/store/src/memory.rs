@@ -13,8 +13,8 @@ use piecework_sdk::{KvStore, MemoryKv, PollState};
 use tokio::sync::Notify;
 
 use crate::{
-    Applied, ConnectionRecord, Entry, FlowRecord, RunQuery, RunUpdate, StepUpdate, Store,
-    StoreError,
+    ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunQuery, RunUpdate, StepUpdate,
+    Store, StoreError,
 };
 
 /// Default cap of each stream, as Redis' `MAXLEN ~`.
@@ -68,6 +68,7 @@ struct State {
     triggers: HashMap<String, PollState>,
     leases: HashMap<String, (String, tokio::time::Instant)>,
     connections: HashMap<String, ConnectionRecord>,
+    api_keys: std::collections::BTreeMap<String, ApiKeyRecord>,
     results: Stream<StepResult>,
     audit: Stream<AuditEvent>,
 }
@@ -101,6 +102,7 @@ impl MemoryStore {
                 triggers: HashMap::new(),
                 leases: HashMap::new(),
                 connections: HashMap::new(),
+                api_keys: Default::default(),
                 results: Stream::new(maxlen),
                 audit: Stream::new(maxlen),
             })),
@@ -411,6 +413,34 @@ impl Store for MemoryStore {
             .connections
             .remove(name)
             .is_some())
+    }
+
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        if state.api_keys.contains_key(&key.name) {
+            return Ok(false);
+        }
+        state.api_keys.insert(key.name.clone(), key.clone());
+        Ok(true)
+    }
+
+    async fn get_api_key(&self, name: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        Ok(self.state.lock().unwrap().api_keys.get(name).cloned())
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .api_keys
+            .values()
+            .cloned()
+            .collect())
+    }
+
+    async fn delete_api_key(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.state.lock().unwrap().api_keys.remove(name).is_some())
     }
 
     fn kv(&self) -> Arc<dyn KvStore> {

@@ -8,13 +8,14 @@
 //! | `pw:flow:{id}` | string | the flow record (JSON) |
 //! | `pw:flow:{id}:v:{n}` | string | version `n` (JSON), never changed once written |
 //! | `pw:flow:{id}:lock` | string | held while a flow is applied or enabled (expires) |
-//! | `pw:run:{id}` | hash | `meta` (JSON: ids, trigger, created_at, trace), `status`, `error`, `finished_at`, `response`, `step:{name}` (JSON per step) |
+//! | `pw:run:{id}` | hash | `meta` (JSON: ids, trigger, created_at, trace, started_by), `status`, `error`, `finished_at`, `response`, `step:{name}` (JSON per step) |
 //! | `pw:runs`, `pw:runs:flow:{id}` | sorted set | run ids by creation time |
 //! | `pw:run-done:{id}` | pub/sub channel | a message when the run finishes |
 //! | `pw:trigger:{flow}` | string | the polling cursor (JSON) |
 //! | `pw:lease:{name}` | string | a lease's holder, expiring (`poll:{flow}`: one poll per flow at a time) |
 //! | `pw:connections` | set | connection names |
 //! | `pw:connection:{name}` | string | a connection (JSON) whose values are sealed (AES-256-GCM) |
+//! | `pw:api-keys` | hash | API key name → its record (JSON: role, keyed hash of the secret, created) |
 //! | `pw:kv:{key}` | string | the piece key-value store (JSON), keys `flow:{id}:…` and `global:…` |
 //! | `pw:results`, `pw:audit` | stream | one entry per step attempt / audited operation, capped with `MAXLEN ~` |
 //!
@@ -42,8 +43,8 @@ use tokio::sync::Mutex;
 
 use crate::run_done::{self, RunDone};
 use crate::{
-    Applied, ConnectionRecord, Entry, FlowRecord, RunQuery, RunUpdate, StepUpdate, Store,
-    StoreError,
+    ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunQuery, RunUpdate, StepUpdate,
+    Store, StoreError,
 };
 
 /// How piecework uses Redis.
@@ -74,6 +75,7 @@ const AUDIT: &str = "pw:audit";
 const FLOWS: &str = "pw:flows";
 const RUNS: &str = "pw:runs";
 const CONNECTIONS: &str = "pw:connections";
+const API_KEYS: &str = "pw:api-keys";
 const LOCK_TTL_MS: u64 = 10_000;
 
 fn flow_key(id: &str) -> String {
@@ -177,6 +179,8 @@ struct RunMeta {
     created_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     trace: Option<String>,
+    #[serde(default)]
+    started_by: piecework_sdk::Principal,
 }
 
 impl RedisStore {
@@ -337,6 +341,7 @@ impl RedisStore {
             steps,
             created_at: meta.created_at,
             trace: meta.trace,
+            started_by: meta.started_by,
             finished_at: fields
                 .get("finished_at")
                 .map(|t| from_json(&key, t))
@@ -590,6 +595,7 @@ impl Store for RedisStore {
             trigger: run.trigger.clone(),
             created_at: run.created_at,
             trace: run.trace.clone(),
+            started_by: run.started_by.clone(),
         };
         let created: i64 = self
             .create_run
@@ -876,6 +882,37 @@ impl Store for RedisStore {
             .ignore();
         let (deleted,): (i64,) = pipe
             .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(deleted > 0)
+    }
+
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StoreError> {
+        self.conn()
+            .hset_nx(API_KEYS, &key.name, to_json(key))
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn get_api_key(&self, name: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let text: Option<String> = self
+            .conn()
+            .hget(API_KEYS, name)
+            .await
+            .map_err(unavailable)?;
+        text.map(|t| from_json(API_KEYS, &t)).transpose()
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let all: std::collections::BTreeMap<String, String> =
+            self.conn().hgetall(API_KEYS).await.map_err(unavailable)?;
+        all.values().map(|t| from_json(API_KEYS, t)).collect()
+    }
+
+    async fn delete_api_key(&self, name: &str) -> Result<bool, StoreError> {
+        let deleted: i64 = self
+            .conn()
+            .hdel(API_KEYS, name)
             .await
             .map_err(unavailable)?;
         Ok(deleted > 0)

@@ -523,6 +523,52 @@ async fn connections_are_stored_listed_and_deleted(store: Arc<dyn Store>) {
     assert_eq!(store.list_connections().await.unwrap().len(), 1);
 }
 
+async fn api_keys_are_created_once_listed_and_deleted(store: Arc<dyn Store>) {
+    use piecework_core::access::Role;
+    let record = |name: &str, role: Role, hash: &str| piecework_store::ApiKeyRecord {
+        name: name.into(),
+        role,
+        hash: hash.into(),
+        key_id: "k1".into(),
+        created_at: Utc::now(),
+        created_by: "api:bootstrap".into(),
+    };
+    assert!(store.get_api_key("ci").await.unwrap().is_none());
+    let ci = record("ci", Role::Developer, "h1");
+    assert!(store.create_api_key(&ci).await.unwrap());
+    assert!(
+        !store
+            .create_api_key(&record("ci", Role::Admin, "h2"))
+            .await
+            .unwrap(),
+        "a taken name is refused"
+    );
+    assert_eq!(store.get_api_key("ci").await.unwrap(), Some(ci.clone()));
+    assert!(
+        store
+            .create_api_key(&record("oncall", Role::Operator, "h3"))
+            .await
+            .unwrap()
+    );
+    let listed: Vec<(String, Role)> = store
+        .list_api_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| (k.name, k.role))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("ci".to_owned(), Role::Developer),
+            ("oncall".to_owned(), Role::Operator)
+        ]
+    );
+    assert!(store.delete_api_key("ci").await.unwrap());
+    assert!(!store.delete_api_key("ci").await.unwrap());
+    assert!(store.get_api_key("ci").await.unwrap().is_none());
+}
+
 async fn audit_queries_filter_page_and_bound_time(store: Arc<dyn Store>) {
     let before = Utc::now().timestamp_millis() - 1;
     // More than one read chunk, so filtering continues across chunks.
@@ -664,6 +710,7 @@ suite!(
     leases_exclude_other_holders_until_released_or_lapsed,
     runs_cancel_only_while_running_and_resume_only_when_failed,
     connections_are_stored_listed_and_deleted,
+    api_keys_are_created_once_listed_and_deleted,
     audit_queries_filter_page_and_bound_time,
 );
 

@@ -71,6 +71,8 @@ pub enum TriggerKind {
     webhook,
     polling,
     schedule,
+    /// Started through the API (`POST /v1/flows/{id}/runs`).
+    manual,
 }
 
 /// How a poll ended.

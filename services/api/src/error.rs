@@ -23,8 +23,10 @@ pub enum ApiError {
     InvalidBundle(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("missing or wrong API key")]
+    #[error("missing, wrong or revoked API key: send `Authorization: Bearer <key>`")]
     Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("{message}")]
@@ -45,6 +47,7 @@ impl ApiError {
             ApiError::InvalidBundle(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_bundle"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -62,7 +65,14 @@ impl IntoResponse for ApiError {
             ApiError::Internal(message) => tracing::error!(error = %message, "request failed"),
             _ => {}
         }
-        (status, Json(json!({ "error": error }))).into_response()
+        let mut response = (status, Json(json!({ "error": error }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 
@@ -105,6 +115,8 @@ impl From<RuntimeError> for ApiError {
             RuntimeError::InvalidBundle(message) => ApiError::InvalidBundle(message),
             RuntimeError::NoSuchPiece(what) => ApiError::NotFound(format!("no piece `{what}`")),
             RuntimeError::NoSuchFlow(id) => ApiError::NotFound(format!("no flow `{id}`")),
+            RuntimeError::NoSuchApiKey(name) => ApiError::NotFound(format!("no API key `{name}`")),
+            RuntimeError::Invalid(message) => ApiError::BadRequest(message),
             RuntimeError::Registry(err) => match err {
                 piecework_bus::pieces::RegistryError::Conflict(message) => {
                     ApiError::Conflict(message)

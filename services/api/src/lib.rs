@@ -1,11 +1,13 @@
-//! The HTTP API (axum): the pieces catalog and registry, flows, runs, webhooks, the audit
-//! trail, and the health endpoints.
+//! The HTTP API (axum): the pieces catalog and registry, flows, runs, webhooks, API keys, the
+//! audit trail, and the health endpoints.
 //!
-//! Routes live in `routes` (and the piece routes in `pieces`), errors and their status codes
-//! in [`error`]. Every mutation is
-//! audited. With an API key configured, `/v1/*` requires `Authorization: Bearer <key>` except
-//! webhooks, which are addressed by flow id and meant to be called by other systems.
+//! Routes live in `routes` (and the piece routes in `pieces`), each with its access policy
+//! ([`access`]): `/v1/*` needs `Authorization: Bearer <key>` of a role that may do what the
+//! route does, except webhooks, which are addressed by flow id and meant to be called by
+//! other systems. Errors and their status codes are in [`error`]. Every mutation is audited,
+//! with the key's name as the actor.
 
+pub mod access;
 pub mod error;
 mod pieces;
 mod routes;
@@ -19,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use access::{Access, RouteInfo, route_table};
 pub use routes::router;
 
 /// How the API serves.
@@ -27,8 +30,15 @@ pub use routes::router;
 pub struct ApiConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// When set, `/v1/*` (except webhooks) requires `Authorization: Bearer <key>`.
+    /// The bootstrap admin key (from `PW_API_KEY` or `api_key_file`): it works besides the
+    /// named keys in the store, under the name `bootstrap`.
     pub api_key: Option<String>,
+    /// A file holding the bootstrap admin key (`PW_API_KEY_FILE`), for secrets mounted as
+    /// files; read at start.
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// Serve without keys, everyone an admin: only `piecework dev` on loopback sets it.
+    #[serde(skip)]
+    pub open: bool,
     /// How long `POST /v1/webhooks/{flow}/sync` waits for the run to finish.
     #[serde(with = "humantime_serde")]
     pub sync_timeout: Duration,
@@ -42,6 +52,8 @@ impl std::fmt::Debug for ApiConfig {
         f.debug_struct("ApiConfig")
             .field("listen", &self.listen)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("api_key_file", &self.api_key_file)
+            .field("open", &self.open)
             .field("sync_timeout", &self.sync_timeout)
             .field("max_bundle_bytes", &self.max_bundle_bytes)
             .finish()
@@ -53,6 +65,8 @@ impl Default for ApiConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_key: None,
+            api_key_file: None,
+            open: false,
             sync_timeout: Duration::from_secs(30),
             max_bundle_bytes: 128 << 20,
         }

@@ -5,35 +5,49 @@
 //! when there is one, as the JSON of the `.sig` file in the `Piecework-Signature` header.
 
 use axum::extract::{DefaultBodyLimit, State};
+use axum::handler::Handler as _;
+use axum::http::Method;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json};
 use bytes::Bytes;
 use piecework_bundle::Signature;
 use semver::Version;
 use serde_json::{Value, json};
 
 use crate::ApiConfig;
+use crate::access::{Access::Needs, Authorized, Routes};
 use crate::error::ApiError;
-use crate::routes::{ApiResult, AppState, Path, actor};
+use crate::routes::{ApiResult, AppState, Path};
+use piecework_core::access::Permission;
 
 /// The header that carries a bundle's signature on publish.
 pub const SIGNATURE_HEADER: &str = "piecework-signature";
 
-pub(crate) fn routes(config: &ApiConfig) -> Router<AppState> {
-    Router::new()
-        .route(
-            "/pieces",
-            get(list_pieces)
-                .post(publish)
-                .layer(DefaultBodyLimit::max(config.max_bundle_bytes)),
+pub(crate) fn routes(config: &ApiConfig) -> Routes {
+    use Permission::*;
+    let publish = publish.layer(DefaultBodyLimit::max(config.max_bundle_bytes));
+    Routes::new("/v1")
+        .add(Method::GET, "/pieces", Needs(Read), list_pieces)
+        .add(Method::POST, "/pieces", Needs(ManagePieces), publish)
+        .add(Method::GET, "/pieces/{name}", Needs(Read), get_piece)
+        .add(
+            Method::GET,
+            "/pieces/{name}/versions",
+            Needs(Read),
+            list_versions,
         )
-        .route("/pieces/{name}", get(get_piece))
-        .route("/pieces/{name}/versions", get(list_versions))
-        .route(
+        .add(
+            Method::GET,
             "/pieces/{name}/versions/{version}",
-            get(get_version).delete(yank),
+            Needs(Read),
+            get_version,
+        )
+        .add(
+            Method::DELETE,
+            "/pieces/{name}/versions/{version}",
+            Needs(ManagePieces),
+            yank,
         )
 }
 
@@ -92,6 +106,7 @@ async fn get_version(
 
 async fn publish(
     State(state): State<AppState>,
+    Extension(caller): Authorized,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
@@ -115,7 +130,7 @@ async fn publish(
     };
     let outcome = state
         .runtime
-        .publish_piece(body, signature, &actor(&state))
+        .publish_piece(body, signature, &caller.actor())
         .await?;
     let status = if outcome.created {
         StatusCode::CREATED
@@ -140,12 +155,13 @@ async fn publish(
 
 async fn yank(
     State(state): State<AppState>,
+    Extension(caller): Authorized,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let version = parse_version(&version)?;
     let yanked = state
         .runtime
-        .yank_piece(&name, &version, &actor(&state))
+        .yank_piece(&name, &version, &caller.actor())
         .await?;
     Ok(Json(
         json!({ "yanked": { "name": yanked.name, "version": yanked.version, "digest": yanked.digest } }),

@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::Extension;
 use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::Method;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use piecework_core::RunStatus;
@@ -27,7 +28,13 @@ use tracing::Instrument as _;
 use tracing::field::Empty;
 
 use crate::ApiConfig;
+use crate::access::{Access::*, Authorized, RouteInfo, Routes};
 use crate::error::ApiError;
+use piecework_core::access::Permission;
+
+const GET: Method = Method::GET;
+const POST: Method = Method::POST;
+const DELETE: Method = Method::DELETE;
 
 #[derive(Clone)]
 pub(crate) struct AppState {
@@ -67,43 +74,83 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
 
 /// The API's routes.
 pub fn router(runtime: Arc<Runtime>, config: ApiConfig) -> Router {
+    let (routes, _) = all_routes(&config);
     let state = AppState {
         runtime,
         config: Arc::new(config),
     };
-    let protected = Router::new()
-        .merge(crate::pieces::routes(&state.config))
-        .route("/flows", get(list_flows).post(apply_flow))
-        .route("/flows/{id}", get(get_flow))
-        .route("/flows/{id}/versions/{version}", get(get_flow_version))
-        .route("/flows/{id}/enable", post(enable_flow))
-        .route("/flows/{id}/disable", post(disable_flow))
-        .route("/flows/{id}/upgrade", post(upgrade_flow))
-        .route("/runs", get(list_runs))
-        .route("/runs/{id}", get(get_run))
-        .route("/runs/{id}/cancel", post(cancel_run))
-        .route("/runs/{id}/retry", post(retry_run))
-        .route("/audit", get(list_audit))
-        .route("/connections", get(list_connections).post(save_connection))
-        .route(
-            "/connections/{name}",
-            get(get_connection).delete(delete_connection),
-        )
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
-        ));
-    let webhooks = Router::new()
-        .route("/webhooks/{flow}", post(webhook))
-        .route("/webhooks/{flow}/sync", post(webhook_sync));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .nest("/v1", protected.merge(webhooks))
+    routes
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(Extension(state.clone()))
         .with_state(state)
+}
+
+/// Every route with its access policy (see [`crate::access`]).
+pub(crate) fn all_routes(config: &ApiConfig) -> (Router<AppState>, Vec<RouteInfo>) {
+    use Permission::*;
+    let v1 = Routes::new("/v1")
+        .merge(crate::pieces::routes(config))
+        .add(GET, "/flows", Needs(Read), list_flows)
+        .add(POST, "/flows", Needs(ManageFlows), apply_flow)
+        .add(GET, "/flows/{id}", Needs(Read), get_flow)
+        .add(
+            GET,
+            "/flows/{id}/versions/{version}",
+            Needs(Read),
+            get_flow_version,
+        )
+        .add(POST, "/flows/{id}/enable", Needs(ToggleFlows), enable_flow)
+        .add(
+            POST,
+            "/flows/{id}/disable",
+            Needs(ToggleFlows),
+            disable_flow,
+        )
+        .add(
+            POST,
+            "/flows/{id}/upgrade",
+            Needs(ManageFlows),
+            upgrade_flow,
+        )
+        .add(POST, "/flows/{id}/runs", Needs(StartRuns), start_manual_run)
+        .add(GET, "/runs", Needs(Read), list_runs)
+        .add(GET, "/runs/{id}", Needs(Read), get_run)
+        .add(POST, "/runs/{id}/cancel", Needs(OperateRuns), cancel_run)
+        .add(POST, "/runs/{id}/retry", Needs(OperateRuns), retry_run)
+        .add(GET, "/audit", Needs(Read), list_audit)
+        .add(GET, "/connections", Needs(Read), list_connections)
+        .add(
+            POST,
+            "/connections",
+            Needs(ManageConnections),
+            save_connection,
+        )
+        .add(GET, "/connections/{name}", Needs(Read), get_connection)
+        .add(
+            DELETE,
+            "/connections/{name}",
+            Needs(ManageConnections),
+            delete_connection,
+        )
+        .add(GET, "/api-keys", Needs(ManageKeys), list_api_keys)
+        .add(POST, "/api-keys", Needs(ManageKeys), create_api_key)
+        .add(
+            DELETE,
+            "/api-keys/{name}",
+            Needs(ManageKeys),
+            revoke_api_key,
+        )
+        .add(POST, "/webhooks/{flow}", Public, webhook)
+        .add(POST, "/webhooks/{flow}/sync", Public, webhook_sync);
+    let (v1, mut table) = v1.into_parts();
+    let (top, top_table) = Routes::new("")
+        .add(GET, "/healthz", Public, healthz)
+        .add(GET, "/readyz", Public, readyz)
+        .add(GET, "/metrics", Public, metrics)
+        .into_parts();
+    table.extend(top_table);
+    (top.nest("/v1", v1), table)
 }
 
 /// Runs every request in a server span (a child of the caller's `traceparent`, if any) and
@@ -175,36 +222,6 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Some(expected) = state.config.api_key.as_deref() else {
-        return next.run(request).await;
-    };
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => {
-            next.run(request).await
-        }
-        _ => ApiError::Unauthorized.into_response(),
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Who made the request, for the audit trail.
-pub(crate) fn actor(state: &AppState) -> Actor {
-    Actor::api(if state.config.api_key.is_some() {
-        "api-key"
-    } else {
-        "anonymous"
-    })
-}
-
 async fn healthz() -> &'static str {
     "ok"
 }
@@ -245,13 +262,17 @@ fn format_of(headers: &HeaderMap) -> Format {
 /// Applies a flow sent as YAML (default) or JSON (`Content-Type: application/json`).
 async fn apply_flow(
     State(state): State<AppState>,
+    Extension(caller): Authorized,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::BadRequest("flow is not UTF-8 text".into()))?;
     let definition = FlowDefinition::parse(text, format_of(&headers))?;
-    let applied = state.runtime.apply_flow(definition, &actor(&state)).await?;
+    let applied = state
+        .runtime
+        .apply_flow(definition, &caller.actor())
+        .await?;
     let status = if applied.created {
         StatusCode::CREATED
     } else {
@@ -275,6 +296,7 @@ struct UpgradeRequest {
 /// Moves a flow's steps of one piece to a newer version, checked; `409` with what breaks.
 async fn upgrade_flow(
     State(state): State<AppState>,
+    Extension(caller): Authorized,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
@@ -288,7 +310,7 @@ async fn upgrade_flow(
         .map_err(|e| ApiError::BadRequest(format!("`to` is not a semver range: {e}")))?;
     let upgraded = state
         .runtime
-        .upgrade_flow(&id, &request.piece, to, request.force, &actor(&state))
+        .upgrade_flow(&id, &request.piece, to, request.force, &caller.actor())
         .await?;
     Ok(Json(
         serde_json::to_value(upgraded).expect("upgrades serialize"),
@@ -327,16 +349,25 @@ async fn get_flow_version(
     Ok(Json(json!({ "version": &*found })))
 }
 
-async fn enable_flow(state: State<AppState>, id: Path<String>) -> ApiResult<Json<Value>> {
-    set_enabled(state, id, true).await
+async fn enable_flow(
+    state: State<AppState>,
+    caller: Authorized,
+    id: Path<String>,
+) -> ApiResult<Json<Value>> {
+    set_enabled(state, caller, id, true).await
 }
 
-async fn disable_flow(state: State<AppState>, id: Path<String>) -> ApiResult<Json<Value>> {
-    set_enabled(state, id, false).await
+async fn disable_flow(
+    state: State<AppState>,
+    caller: Authorized,
+    id: Path<String>,
+) -> ApiResult<Json<Value>> {
+    set_enabled(state, caller, id, false).await
 }
 
 async fn set_enabled(
     State(state): State<AppState>,
+    Extension(caller): Authorized,
     Path(id): Path<String>,
     enabled: bool,
 ) -> ApiResult<Json<Value>> {
@@ -355,7 +386,7 @@ async fn set_enabled(
     state
         .runtime
         .audit(
-            &actor(&state),
+            &caller.actor(),
             action,
             &format!("flow/{id}"),
             started,
@@ -416,15 +447,145 @@ fn page_limit(limit: Option<usize>, default: usize) -> ApiResult<usize> {
 
 async fn cancel_run(
     State(state): State<AppState>,
+    Extension(caller): Authorized,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let run = state.runtime.cancel_run(&id, &actor(&state)).await?;
+    let run = state.runtime.cancel_run(&id, &caller.actor()).await?;
     Ok(Json(json!({ "run": run })))
 }
 
-async fn retry_run(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    let run = state.runtime.retry_run(&id, &actor(&state)).await?;
+async fn retry_run(
+    State(state): State<AppState>,
+    Extension(caller): Authorized,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let run = state.runtime.retry_run(&id, &caller.actor()).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "run": run }))).into_response())
+}
+
+/// `POST /v1/flows/{id}/runs`: `{"trigger": …}` (default `{}`) starts a run of the flow's
+/// current version by hand, as the caller.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartRun {
+    #[serde(default = "empty_object")]
+    trigger: Value,
+}
+
+fn empty_object() -> Value {
+    json!({})
+}
+
+async fn start_manual_run(
+    State(state): State<AppState>,
+    Extension(caller): Authorized,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let request: StartRun = if body.is_empty() {
+        StartRun {
+            trigger: empty_object(),
+        }
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("expected {{\"trigger\": …}}: {e}")))?
+    };
+    let started = Instant::now();
+    let result = start_run_by_hand(&state, &caller, &id, request.trigger).await;
+    state
+        .runtime
+        .audit(
+            &caller.actor(),
+            "run.start",
+            &format!("flow/{id}"),
+            started,
+            result.as_ref().err(),
+        )
+        .await;
+    let run_id = result?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": run_id }))).into_response())
+}
+
+async fn start_run_by_hand(
+    state: &AppState,
+    caller: &piecework_runtime::access::Caller,
+    flow_id: &str,
+    trigger: Value,
+) -> ApiResult<String> {
+    let runtime = &state.runtime;
+    let record = runtime
+        .store
+        .get_flow(flow_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no flow `{flow_id}`")))?;
+    if !record.enabled {
+        return Err(ApiError::Conflict(format!("flow `{flow_id}` is disabled")));
+    }
+    let flow = runtime
+        .flow_version(flow_id, record.latest_version)
+        .await?
+        .ok_or_else(|| {
+            ApiError::Internal(format!(
+                "flow `{flow_id}` has no version {}",
+                record.latest_version
+            ))
+        })?;
+    let run_id = new_run_id();
+    runtime
+        .start_run_as(
+            &flow,
+            run_id.clone(),
+            trigger,
+            TriggerKind::manual,
+            caller.principal(),
+        )
+        .await?;
+    Ok(run_id)
+}
+
+/// `POST /v1/api-keys`: `{"name", "role"}`; the answer holds the key, shown this once.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateApiKey {
+    name: String,
+    role: String,
+}
+
+async fn create_api_key(
+    State(state): State<AppState>,
+    Extension(caller): Authorized,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let request: CreateApiKey = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"name\", \"role\"}}: {e}")))?;
+    let role = request
+        .role
+        .parse::<piecework_core::access::Role>()
+        .map_err(ApiError::BadRequest)?;
+    let (info, key) = state
+        .runtime
+        .create_api_key(&request.name, role, &caller.actor())
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "api_key": info, "key": key })),
+    )
+        .into_response())
+}
+
+async fn list_api_keys(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        json!({ "api_keys": state.runtime.list_api_keys().await? }),
+    ))
+}
+
+async fn revoke_api_key(
+    State(state): State<AppState>,
+    Extension(caller): Authorized,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.runtime.revoke_api_key(&name, &caller.actor()).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST /v1/connections`: `{"name", "piece", "values"}`.
@@ -437,7 +598,11 @@ struct SaveConnection {
 }
 
 /// Creates or replaces a connection. The answer never contains the values.
-async fn save_connection(State(state): State<AppState>, body: Bytes) -> ApiResult<Response> {
+async fn save_connection(
+    State(state): State<AppState>,
+    Extension(caller): Authorized,
+    body: Bytes,
+) -> ApiResult<Response> {
     // The body holds secrets: the parse error must not echo it (serde's messages do not).
     let request: SaveConnection = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!("expected {{\"name\", \"piece\", \"values\"}}: {e}"))
@@ -448,7 +613,7 @@ async fn save_connection(State(state): State<AppState>, body: Bytes) -> ApiResul
             &request.name,
             &request.piece,
             request.values,
-            &actor(&state),
+            &caller.actor(),
         )
         .await?;
     // A new connection was created and updated at the same instant.
@@ -483,11 +648,12 @@ async fn get_connection(
 
 async fn delete_connection(
     State(state): State<AppState>,
+    Extension(caller): Authorized,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     state
         .runtime
-        .delete_connection(&name, &actor(&state))
+        .delete_connection(&name, &caller.actor())
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -18,7 +18,7 @@ use piecework_proto::Message as _;
 use piecework_proto::v1::{self, PollJob, StepJob, StepResult};
 use piecework_runtime::{Actor, Runtime, RuntimeError, audit_event};
 use piecework_sdk::polling::{self, DedupeStrategy};
-use piecework_sdk::{DynAction, Piece, RunInfo, TriggerHandle, TriggerKind};
+use piecework_sdk::{DynAction, Piece, PieceError, RunInfo, TriggerHandle, TriggerKind};
 use piecework_store::{RunUpdate, StepUpdate};
 use piecework_telemetry::metrics::{
     self, FlowLabels, HealthCheckLabels, HealthLabels, JobLabels, PollLabels, PollOutcome,
@@ -56,6 +56,10 @@ struct Attempted {
 }
 
 /// How a job ended, before the delivery is settled.
+/// How long an attempt waits at least when its pinned piece is not on this worker yet: the
+/// default scan interval of a pieces directory.
+const PIECE_NOT_HERE_YET: Duration = Duration::from_secs(2);
+
 enum Settle {
     Ack,
     Nak(Duration),
@@ -250,10 +254,12 @@ impl Handler {
             .await?;
         let started = Utc::now();
         let execution = match (&resolved, &auth) {
-            (Err(error), _) | (Ok(_), Err(error)) => engine::Execution::failed(error.clone()),
+            (Err(error), _) => engine::Execution::refused(error.clone(), step, attempt),
+            (Ok(_), Err(error)) => engine::Execution::failed(error.clone()),
             (Ok((_, action)), Ok(auth)) => {
                 let run_info =
-                    RunInfo::new(&run.id, &flow.flow_id, flow.version, &step.name, number);
+                    RunInfo::new(&run.id, &flow.flow_id, flow.version, &step.name, number)
+                        .started_by(run.started_by.clone());
                 let ctx = runtime.context(run_info, &flow, auth.clone());
                 let work = engine::execute(action.as_ref(), step, &run, &ctx, attempt);
                 self.with_progress(delivery, work).await
@@ -307,17 +313,17 @@ impl Handler {
         &self,
         flow: &FlowVersion,
         step: &StepDef,
-    ) -> Result<(Piece, Arc<dyn DynAction>), String> {
+    ) -> Result<(Piece, Arc<dyn DynAction>), PieceError> {
         let piece = self
             .resolve_piece(flow, &step.name, &step.piece, step.version.as_ref())
             .await?;
         let action = piece.action(&step.action).cloned().ok_or_else(|| {
-            format!(
+            PieceError::fatal(format!(
                 "piece `{}` {} has no action `{}`",
                 piece.name(),
                 piece.version(),
                 step.action
-            )
+            ))
         })?;
         Ok((piece, action))
     }
@@ -325,15 +331,18 @@ impl Handler {
     /// The version the flow pinned — from this worker's catalog, or fetched from the registry
     /// on first use — else the newest one here in the flow's range (a fleet in the middle of
     /// rolling out a built-in piece keeps running; the attempt records which version ran). A
-    /// worker that has neither refuses with a clear error (never retried).
+    /// worker that has neither refuses: retryably when the flow pinned a version (the api
+    /// has it, so it is on its way here — a pieces directory not scanned yet, a rollout),
+    /// fatally when nothing was pinned.
     async fn resolve_piece(
         &self,
         flow: &FlowVersion,
         key: &str,
         name: &str,
         range: Option<&piecework_sdk::semver::VersionReq>,
-    ) -> Result<Piece, String> {
-        if let Some(pinned) = flow.resolved.get(key) {
+    ) -> Result<Piece, PieceError> {
+        let pinned = flow.resolved.get(key);
+        if let Some(pinned) = pinned {
             match self.runtime.catalog().get_or_fetch(name, pinned).await {
                 Ok(Some(piece)) => return Ok(piece),
                 Ok(None) => {}
@@ -346,20 +355,27 @@ impl Handler {
         let range = range
             .cloned()
             .unwrap_or(piecework_sdk::semver::VersionReq::STAR);
-        registry.resolve(name, &range).cloned().ok_or_else(|| {
-            let have: Vec<String> = registry
-                .versions(name)
-                .iter()
-                .map(ToString::to_string)
-                .collect();
-            format!(
-                "this worker cannot serve piece `{name}` {range} (it has: {})",
-                if have.is_empty() {
-                    "none".to_owned()
-                } else {
-                    have.join(", ")
-                }
-            )
+        if let Some(piece) = registry.resolve(name, &range) {
+            return Ok(piece.clone());
+        }
+        let have: Vec<String> = registry
+            .versions(name)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let have = if have.is_empty() {
+            "none".to_owned()
+        } else {
+            have.join(", ")
+        };
+        Err(match pinned {
+            Some(pinned) => PieceError::retryable(format!(
+                "this worker cannot serve piece `{name}` {pinned} yet (it has: {have})"
+            ))
+            .with_retry_after(PIECE_NOT_HERE_YET),
+            None => PieceError::fatal(format!(
+                "this worker cannot serve piece `{name}` {range} (it has: {have})"
+            )),
         })
     }
 
@@ -642,7 +658,7 @@ impl Handler {
             .await
         {
             Ok(piece) => piece.trigger(&trigger.trigger).cloned(),
-            Err(error) => return self.poll_failed(&flow, &error).await,
+            Err(error) => return self.poll_failed(&flow, &error.to_string()).await,
         };
         match handle {
             Some(TriggerHandle::Schedule(_)) => {
@@ -721,7 +737,8 @@ impl Handler {
             flow.version,
             "trigger",
             delivery.delivered,
-        );
+        )
+        .started_by(piecework_sdk::Principal::new("schedule", None));
         let auth = match self
             .connection_for(trigger.connection.as_deref(), &trigger.piece)
             .await?

@@ -1,8 +1,8 @@
 //! `probe`: a piece that does what tests of a piece host need — answer, wait, hang, crash,
-//! allocate, dump its environment, use the store, log, fail on demand — served over piece
-//! protocol v1. Its version is read from `version.txt` in its working directory (the unpacked
-//! bundle; default `1.0.0`), so one build packs as any number of versions of one piece. Never
-//! deploy it: `env` prints its environment.
+//! allocate, dump its environment or its context, use the store, log, fail on demand — served
+//! over piece protocol v1. Its version is read from `version.txt` in its working directory
+//! (the unpacked bundle; default `1.0.0`), so one build packs as any number of versions of one
+//! piece. Never deploy it: `env` prints its environment.
 
 use std::process::ExitCode;
 use std::sync::LazyLock;
@@ -41,6 +41,7 @@ fn piece() -> Result<Piece, piecework_sdk::PieceDefinitionError> {
         .action(Hang)
         .action(Crash)
         .action(Env)
+        .action(Whoami)
         .action(Store)
         .action(Log)
         .action(Fail)
@@ -152,6 +153,10 @@ action!(Env, "env", Nothing, |_ctx, _input| {
     Ok(
         json!({ "env": vars, "cwd": std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default() }),
     )
+},);
+
+action!(Whoami, "whoami", Nothing, |ctx, _input| {
+    Ok(json!({ "run": ctx.run, "owner": ctx.owner }))
 },);
 
 #[derive(Deserialize)]

@@ -1,0 +1,192 @@
+//! Named API keys: created with a role, shown once, stored as a keyed hash, revoked at once.
+//!
+//! A key is checked against the store on every request (one read), so a revoked key stops
+//! working on every api process as soon as it is deleted.
+
+use std::time::Instant;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use piecework_core::access::{self, KEY_PREFIX, Role};
+use piecework_store::ApiKeyRecord;
+use ring::rand::SecureRandom as _;
+use serde::Serialize;
+
+use crate::{Actor, Runtime, RuntimeError};
+
+/// The name of the admin key that comes from the environment (`PW_API_KEY`); no stored key
+/// may take it.
+pub const BOOTSTRAP: &str = "bootstrap";
+
+/// What the API shows of a key: never the key, nor its hash.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiKeyInfo {
+    pub name: String,
+    pub role: Role,
+    /// The encryption key its hash is keyed with: it must stay in `PW_ENCRYPTION_KEY`.
+    pub key_id: String,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+}
+
+impl From<ApiKeyRecord> for ApiKeyInfo {
+    fn from(record: ApiKeyRecord) -> Self {
+        Self {
+            name: record.name,
+            role: record.role,
+            key_id: record.key_id,
+            created_at: record.created_at,
+            created_by: record.created_by,
+        }
+    }
+}
+
+/// A caller the API has recognised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The key's name (`bootstrap` for the key from the environment).
+    pub name: String,
+    pub role: Role,
+}
+
+impl Caller {
+    /// Who it is in the audit trail: `api:NAME`.
+    pub fn actor(&self) -> Actor {
+        Actor::api(&self.name)
+    }
+
+    /// Who it is as the starter of a run.
+    pub fn principal(&self) -> piecework_sdk::Principal {
+        piecework_sdk::Principal::new(
+            format!("api:{}", self.name),
+            Some(self.role.as_str().to_owned()),
+        )
+    }
+}
+
+fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system's random number generator works");
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+impl Runtime {
+    /// Creates a key; the answer holds the key itself, which is never shown again. Audited
+    /// as `api_key.create`.
+    pub async fn create_api_key(
+        &self,
+        name: &str,
+        role: Role,
+        actor: &Actor,
+    ) -> Result<(ApiKeyInfo, String), RuntimeError> {
+        let started = Instant::now();
+        let result = self.insert_api_key(name, role, actor).await;
+        self.audit(
+            actor,
+            "api_key.create",
+            &format!("api-key/{name}"),
+            started,
+            result.as_ref().err(),
+        )
+        .await;
+        result
+    }
+
+    async fn insert_api_key(
+        &self,
+        name: &str,
+        role: Role,
+        actor: &Actor,
+    ) -> Result<(ApiKeyInfo, String), RuntimeError> {
+        access::check_key_name(name).map_err(RuntimeError::Invalid)?;
+        if name == BOOTSTRAP {
+            return Err(RuntimeError::Invalid(format!(
+                "`{BOOTSTRAP}` is the name of the key from PW_API_KEY; choose another"
+            )));
+        }
+        let secret = new_secret();
+        let (key_id, hash) = self.keyring()?.hash(secret.as_bytes());
+        let record = ApiKeyRecord {
+            name: name.to_owned(),
+            role,
+            hash,
+            key_id,
+            created_at: Utc::now(),
+            created_by: actor.0.clone(),
+        };
+        if !self.store.create_api_key(&record).await? {
+            return Err(RuntimeError::Conflict(format!(
+                "an API key named `{name}` exists; revoke it first or choose another name"
+            )));
+        }
+        Ok((record.into(), format!("{KEY_PREFIX}{name}_{secret}")))
+    }
+
+    /// Every key, by name.
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyInfo>, RuntimeError> {
+        Ok(self
+            .store
+            .list_api_keys()
+            .await?
+            .into_iter()
+            .map(ApiKeyInfo::from)
+            .collect())
+    }
+
+    /// Deletes a key: from the next request on, no api process accepts it. Audited as
+    /// `api_key.revoke`.
+    pub async fn revoke_api_key(&self, name: &str, actor: &Actor) -> Result<(), RuntimeError> {
+        let started = Instant::now();
+        let result = match self.store.delete_api_key(name).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(RuntimeError::NoSuchApiKey(name.to_owned())),
+            Err(err) => Err(err.into()),
+        };
+        self.audit(
+            actor,
+            "api_key.revoke",
+            &format!("api-key/{name}"),
+            started,
+            result.as_ref().err(),
+        )
+        .await;
+        result
+    }
+
+    /// The caller a stored key belongs to; `None` for a key that is malformed, unknown,
+    /// revoked or wrong.
+    pub async fn authenticate(&self, key: &str) -> Result<Option<Caller>, RuntimeError> {
+        let Some((name, secret)) = access::split_key(key) else {
+            return Ok(None);
+        };
+        let Some(record) = self.store.get_api_key(name).await? else {
+            return Ok(None);
+        };
+        let valid = self
+            .keyring()?
+            .verify_hash(&record.key_id, secret.as_bytes(), &record.hash);
+        Ok(valid.then_some(Caller {
+            name: record.name,
+            role: record.role,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_random_and_url_safe() {
+        let (a, b) = (new_secret(), new_secret());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 43);
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
+    }
+}

@@ -1,0 +1,299 @@
+//! Access control on the production topology (real nats-server and redis-server, separate api
+//! and worker processes): named keys made with the CLI, every route × every role, revocation
+//! seen by another api process, the audit actor, and who started a run reaching the piece.
+
+mod common;
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::{ADMIN_KEY, Fleet, client, drop_bundle, probe_bundle};
+use piecework_api::{Access, ApiConfig};
+use piecework_core::access::Role;
+use serde_json::{Value, json};
+
+fn cli(fleet: &Fleet, key: &str, args: &[&str]) -> Output {
+    common::piecework_command()
+        .args(args)
+        .env("PW_API_URL", &fleet.api)
+        .env("PW_API_KEY", key)
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `piecework api-key create NAME --role ROLE` as the bootstrap admin; returns the key.
+fn create_key(fleet: &Fleet, name: &str, role: Role) -> String {
+    let out = cli(
+        fleet,
+        ADMIN_KEY,
+        &["api-key", "create", name, "--role", role.as_str()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with(&format!("pwk_{name}_")), "{key}");
+    key
+}
+
+/// Who may call each route, written out independently of the code: `public`, or the roles'
+/// initials (admin, developer, operator, viewer). A route of the API missing here fails the
+/// test, so a new route cannot ship without someone deciding who may call it.
+const EXPECTED: &[(&str, &str, &str)] = &[
+    ("GET", "/healthz", "public"),
+    ("GET", "/readyz", "public"),
+    ("GET", "/metrics", "public"),
+    ("POST", "/v1/webhooks/{flow}", "public"),
+    ("POST", "/v1/webhooks/{flow}/sync", "public"),
+    ("GET", "/v1/pieces", "adov"),
+    ("POST", "/v1/pieces", "ad"),
+    ("GET", "/v1/pieces/{name}", "adov"),
+    ("GET", "/v1/pieces/{name}/versions", "adov"),
+    ("GET", "/v1/pieces/{name}/versions/{version}", "adov"),
+    ("DELETE", "/v1/pieces/{name}/versions/{version}", "ad"),
+    ("GET", "/v1/flows", "adov"),
+    ("POST", "/v1/flows", "ad"),
+    ("GET", "/v1/flows/{id}", "adov"),
+    ("GET", "/v1/flows/{id}/versions/{version}", "adov"),
+    ("POST", "/v1/flows/{id}/enable", "ado"),
+    ("POST", "/v1/flows/{id}/disable", "ado"),
+    ("POST", "/v1/flows/{id}/upgrade", "ad"),
+    ("POST", "/v1/flows/{id}/runs", "ado"),
+    ("GET", "/v1/runs", "adov"),
+    ("GET", "/v1/runs/{id}", "adov"),
+    ("POST", "/v1/runs/{id}/cancel", "ao"),
+    ("POST", "/v1/runs/{id}/retry", "ao"),
+    ("GET", "/v1/audit", "adov"),
+    ("GET", "/v1/connections", "adov"),
+    ("POST", "/v1/connections", "ad"),
+    ("GET", "/v1/connections/{name}", "adov"),
+    ("DELETE", "/v1/connections/{name}", "ad"),
+    ("GET", "/v1/api-keys", "a"),
+    ("POST", "/v1/api-keys", "a"),
+    ("DELETE", "/v1/api-keys/{name}", "a"),
+];
+
+fn initial(role: Role) -> char {
+    role.as_str().chars().next().unwrap()
+}
+
+/// A request that reaches `path`'s handler: placeholders filled with names that exist
+/// nowhere, so no allowed call changes anything.
+fn concrete(path: &str) -> String {
+    path.replace("{version}", "9.9.9")
+        .replace("{name}", "no-such-thing")
+        .replace("{id}", "no-such-thing")
+        .replace("{flow}", "no-such-thing")
+}
+
+#[tokio::test]
+async fn every_route_answers_each_role_as_its_policy_says() {
+    let mut fleet = Fleet::start("").await;
+    fleet.start_api().await;
+    let keys: Vec<(Role, String)> = Role::ALL
+        .into_iter()
+        .map(|role| (role, create_key(&fleet, &format!("k-{role}"), role)))
+        .collect();
+    let table = piecework_api::route_table(&ApiConfig::default());
+    for route in &table {
+        assert!(
+            EXPECTED
+                .iter()
+                .any(|(m, p, _)| *m == route.method.as_str() && *p == route.path),
+            "{} {} has no expected policy in this test: decide who may call it",
+            route.method,
+            route.path
+        );
+    }
+    let anonymous = reqwest::Client::new();
+    for (method, path, who) in EXPECTED {
+        let route = table
+            .iter()
+            .find(|r| r.method.as_str() == *method && r.path == *path)
+            .unwrap_or_else(|| panic!("{method} {path} is expected but not served"));
+        assert_eq!(
+            route.access == Access::Public,
+            *who == "public",
+            "{method} {path}: {:?}",
+            route.access
+        );
+        let url = format!("{}{}", fleet.api, concrete(path));
+        let send = |key: Option<&str>| {
+            let mut request = anonymous
+                .request(route.method.clone(), &url)
+                .header("content-type", "application/json")
+                .body("{}");
+            if let Some(key) = key {
+                request = request.bearer_auth(key);
+            }
+            async move { request.send().await.unwrap().status().as_u16() }
+        };
+        let without = send(None).await;
+        if *who == "public" {
+            assert!(
+                ![401, 403].contains(&without),
+                "{method} {path}: public, yet {without}"
+            );
+            continue;
+        }
+        assert_eq!(without, 401, "{method} {path} without a key");
+        let forged = send(Some("pwk_k-admin_forged")).await;
+        assert_eq!(forged, 401, "{method} {path} with a forged key");
+        for (role, key) in &keys {
+            let status = send(Some(key)).await;
+            if who.contains(initial(*role)) {
+                assert!(
+                    ![401, 403].contains(&status) && status < 500,
+                    "{method} {path} as {role}: allowed, yet {status}"
+                );
+            } else {
+                assert_eq!(status, 403, "{method} {path} as {role}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn keys_are_named_audited_revoked_everywhere_and_start_runs_as_themselves() {
+    let mut fleet = Fleet::start("").await;
+    let dir = fleet.pieces_dir();
+    drop_bundle(&dir, &probe_bundle("1.0.0").await);
+    fleet.start_api().await;
+    let other_api = fleet.start_api_as("api-2").await;
+    fleet.start_worker("w1", &[]).await;
+
+    let developer = create_key(&fleet, "ci-deploy", Role::Developer);
+    let operator = create_key(&fleet, "oncall", Role::Operator);
+    let listed = cli(&fleet, ADMIN_KEY, &["api-key", "list"]);
+    let listed = text(&listed);
+    assert!(
+        listed.contains("ci-deploy") && listed.contains("developer"),
+        "{listed}"
+    );
+    assert!(!listed.contains(&developer), "a listing never shows a key");
+
+    // A name is taken once; roles are checked.
+    let again = cli(
+        &fleet,
+        ADMIN_KEY,
+        &["api-key", "create", "oncall", "--role", "viewer"],
+    );
+    assert!(
+        !again.status.success() && text(&again).contains("exists"),
+        "{}",
+        text(&again)
+    );
+    let bad = cli(
+        &fleet,
+        ADMIN_KEY,
+        &["api-key", "create", "x", "--role", "root"],
+    );
+    assert!(
+        text(&bad).contains("unknown role \"root\""),
+        "{}",
+        text(&bad)
+    );
+    // Only admins manage keys; the error says why.
+    let denied = cli(&fleet, &developer, &["api-key", "list"]);
+    assert!(
+        text(&denied)
+            .contains("the key `ci-deploy` has the developer role, which may not manage API keys"),
+        "{}",
+        text(&denied)
+    );
+
+    // The developer applies a flow: the audit trail names the key.
+    let flow = "apiVersion: piecework/v1\nkind: Flow\nname: who\ntrigger: { piece: webhook, trigger: catch }\nsteps:\n  - { name: me, piece: probe, action: whoami }\n";
+    let applied = client()
+        .post(format!("{}/v1/flows", fleet.api))
+        .bearer_auth(&developer)
+        .body(flow)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 201, "{}", applied.text().await.unwrap());
+    let audit = fleet.stream("pw:audit").await;
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["action"] == "flow.apply" && e["actor"] == "api:ci-deploy"),
+        "{audit:?}"
+    );
+
+    // The operator starts a run by hand: the run and the piece know who.
+    let started: Value = client()
+        .post(format!("{}/v1/flows/who/runs", fleet.api))
+        .bearer_auth(&operator)
+        .json(&json!({"trigger": {"reason": "check"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let run_id = started["run_id"].as_str().expect("a run id").to_owned();
+    let run = fleet.finished(&run_id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}\n{}", fleet.log_tails());
+    let expected = json!({"name": "api:oncall", "role": "operator"});
+    assert_eq!(run["started_by"], expected, "{run}");
+    assert_eq!(run["steps"][0]["output"]["run"]["started_by"], expected);
+    assert_eq!(run["trigger"], json!({"reason": "check"}));
+    // A webhook's run is the webhook's.
+    let hooked = fleet.webhook("who", json!({})).await;
+    let run = fleet.finished(&hooked, Duration::from_secs(30)).await;
+    assert_eq!(
+        run["steps"][0]["output"]["run"]["started_by"],
+        json!({"name": "webhook:who"})
+    );
+
+    // Revoked on one api process, refused by the other at once.
+    let on_other = |key: String| {
+        let url = format!("{other_api}/v1/flows");
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(on_other(operator.clone()).await, 200);
+    let revoked = cli(&fleet, ADMIN_KEY, &["api-key", "revoke", "oncall"]);
+    assert!(revoked.status.success(), "{}", text(&revoked));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while on_other(operator.clone()).await != 401 {
+        assert!(
+            Instant::now() < deadline,
+            "still accepted 1 s after revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let audit = fleet.stream("pw:audit").await;
+    assert!(
+        audit.iter().any(|e| e["action"] == "api_key.revoke"
+            && e["resource"] == "api-key/oncall"
+            && e["actor"] == "api:bootstrap"),
+        "{audit:?}"
+    );
+    // Neither the key nor its hash is anywhere in the API's answers or the logs.
+    let keys: Value = client()
+        .get(format!("{}/v1/api-keys", fleet.api))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!keys.to_string().contains("hash"), "{keys}");
+    let secret = developer.rsplit('_').next().unwrap();
+    assert!(!fleet.all_logs().contains(secret));
+}
