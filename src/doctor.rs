@@ -83,7 +83,8 @@ pub async fn run(common: &ConfigArgs) -> anyhow::Result<()> {
         Ok(bus) => {
             report.ok(format!(
                 "NATS at {} (stream {})",
-                config.nats.url, config.nats.stream
+                piecework_sdk::mask::redact_url(&config.nats.url),
+                config.nats.stream
             ));
             Some(bus)
         }
@@ -109,7 +110,10 @@ pub async fn run(common: &ConfigArgs) -> anyhow::Result<()> {
     .await
     {
         Ok((runtime, _)) => {
-            report.ok(format!("Redis at {}", redacted_url(&config.redis.url)));
+            report.ok(format!(
+                "Redis at {}",
+                piecework_sdk::mask::redact_url(&config.redis.url)
+            ));
             Some(runtime)
         }
         Err(err) => {
@@ -289,14 +293,4 @@ async fn check_pieces(report: &mut Report, config: &Config, registry: piecework_
         }
     }
     host.stop_all().await;
-}
-
-/// A Redis URL without its password.
-fn redacted_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
 }

@@ -1077,3 +1077,173 @@ async fn api_and_scheduler_are_alive_but_not_ready_while_redis_is_away() {
     wait_for_status(&fleet, &api_ready, 200, "Redis is back").await;
     wait_for_status(&fleet, &scheduler, 200, "Redis is back").await;
 }
+
+/// Every string in Redis: each key's name and contents, whatever its type.
+async fn redis_dump(fleet: &Fleet) -> String {
+    use redis::AsyncCommands as _;
+    let mut conn = fleet.redis().await;
+    let keys: Vec<String> = conn.keys("*").await.unwrap();
+    let mut dump = String::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let contents = match kind.as_str() {
+            "string" => conn.get::<_, String>(&key).await.unwrap(),
+            "hash" => format!("{:?}", conn.hgetall::<_, Vec<String>>(&key).await.unwrap()),
+            "set" => format!("{:?}", conn.smembers::<_, Vec<String>>(&key).await.unwrap()),
+            "zset" => format!(
+                "{:?}",
+                conn.zrange::<_, Vec<String>>(&key, 0, -1).await.unwrap()
+            ),
+            "list" => format!(
+                "{:?}",
+                conn.lrange::<_, Vec<String>>(&key, 0, -1).await.unwrap()
+            ),
+            "stream" => {
+                let entries: redis::Value = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                format!("{entries:?}")
+            }
+            other => panic!("key {key} of unexpected type {other}"),
+        };
+        dump.push_str(&key);
+        dump.push('\n');
+        dump.push_str(&contents);
+        dump.push('\n');
+    }
+    dump
+}
+
+/// A connection's token that upstreams echo back — in a response body and in a 400 — must
+/// reach no sink: not the webhook's reply, the run, the audit trail, any log, Redis, any NATS
+/// message, or the exported spans. It is masked, not dropped: the step's record says `***`.
+#[tokio::test]
+async fn a_secret_echoed_by_an_upstream_reaches_no_sink() {
+    const CANARY: &str = "canary-tok-51d0c8e2a9f4";
+    let collector = Collector::start().await;
+    let target = Target::start().await;
+    let mut fleet = Fleet::start("").await;
+    fleet.env = vec![
+        ("PW_OTLP_ENDPOINT".into(), collector.url.clone()),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+    ];
+    // Everything published on NATS from now on, JetStream and KV included.
+    let nats = async_nats::connect(fleet.nats.url()).await.unwrap();
+    let mut everything = nats.subscribe(">").await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let recorder = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt as _;
+            while let Some(message) = everything.next().await {
+                let mut seen = seen.lock().unwrap();
+                seen.extend_from_slice(message.subject.as_bytes());
+                seen.extend_from_slice(&message.payload);
+                for (name, values) in message.headers.iter().flat_map(|h| h.iter()) {
+                    seen.extend_from_slice(name.to_string().as_bytes());
+                    for value in values {
+                        seen.extend_from_slice(value.as_str().as_bytes());
+                    }
+                }
+            }
+        })
+    };
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    fleet
+        .save_connection("canary", "http", json!({"kind": "bearer", "token": CANARY}))
+        .await;
+    fleet
+        .apply(&webhook_flow(
+            "canary",
+            "  - { name: call, piece: http, action: send_request, connection: canary, input: { url: \"{{ trigger.body.url }}\" }, retry: { max_attempts: 1 } }\n",
+        ))
+        .await;
+
+    // An upstream that echoes the request's headers: the output would carry the token.
+    let reply = client()
+        .post(format!("{}/v1/webhooks/canary/sync", fleet.api))
+        .json(&json!({"url": format!("{}/echo", target.url)}))
+        .send()
+        .await
+        .unwrap();
+    let echoed_run = reply.headers()["x-piecework-run-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let reply = reply.text().await.unwrap();
+    assert!(
+        reply.contains("\"authorization\":\"Bearer ***\""),
+        "{reply}"
+    );
+    // An upstream whose 400 quotes the credentials: the error would carry it.
+    let failed = client()
+        .post(format!("{}/v1/webhooks/canary/sync", fleet.api))
+        .json(&json!({"url": format!("{}/reject", target.url)}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        failed.contains("invalid credentials: Bearer ***"),
+        "{failed}"
+    );
+    let run = fleet.run(&echoed_run).await;
+    assert_eq!(
+        run["steps"][0]["output"]["body"]["headers"]["authorization"], "Bearer ***",
+        "{run}"
+    );
+
+    // Let the spans of both runs reach the collector.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while collector
+        .spans()
+        .iter()
+        .filter(|s| s.span.name.starts_with("step"))
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "no step spans exported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut sinks: Vec<(&str, String)> = vec![
+        ("sync webhook replies", format!("{reply}{failed}")),
+        ("the runs", format!("{run}")),
+    ];
+    for path in ["/v1/runs", "/v1/audit?since=1h", "/v1/connections"] {
+        let answer = client()
+            .get(format!("{}{path}", fleet.api))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        sinks.push(("an API answer", answer));
+    }
+    sinks.push(("a process log", fleet.all_logs()));
+    sinks.push(("Redis", redis_dump(&fleet).await));
+    let raw = collector.raw.lock().unwrap().clone();
+    assert!(!raw.is_empty());
+    sinks.push((
+        "the exported spans",
+        String::from_utf8_lossy(&raw).into_owned(),
+    ));
+    recorder.abort();
+    let published = seen.lock().unwrap().clone();
+    assert!(!published.is_empty(), "NATS traffic was recorded");
+    sinks.push(("NATS", String::from_utf8_lossy(&published).into_owned()));
+    for (sink, text) in &sinks {
+        assert!(!text.contains(CANARY), "the canary reached {sink}");
+    }
+}

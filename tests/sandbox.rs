@@ -471,7 +471,7 @@ async fn the_pieces_catalog_lists_metadata() {
         .await
         .unwrap();
     assert_eq!(http_piece["piece"]["actions"][0]["name"], "send_request");
-    assert_eq!(http_piece["versions"], json!(["0.1.0"]));
+    assert_eq!(http_piece["versions"], json!(["0.2.0"]));
     sandbox.stop().await.unwrap();
 }
 

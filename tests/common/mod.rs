@@ -445,7 +445,9 @@ struct TargetState {
 
 impl Target {
     /// `/ok`: 200. `/flaky/{key}?fail=N`: 503 for the first N calls. `/slow/{key}?ms=M`:
-    /// answers after M ms. `/toggle/{key}`: 500 while broken.
+    /// answers after M ms. `/toggle/{key}`: 500 while broken. `/echo`: 200 with the request's
+    /// headers; `/reject`: 400 quoting the `Authorization` header — the careless upstreams
+    /// that put a caller's credentials into what piecework records.
     pub async fn start() -> Target {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let target = Target {
@@ -457,6 +459,8 @@ impl Target {
             .route("/flaky/{key}", any(flaky))
             .route("/slow/{key}", any(slow))
             .route("/toggle/{key}", any(toggle))
+            .route("/echo", any(echo_headers))
+            .route("/reject", any(reject_quoting_authorization))
             .with_state(target.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         target
@@ -498,6 +502,29 @@ impl Target {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+fn headers_json(headers: &axum::http::HeaderMap) -> Value {
+    headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or_default())))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+async fn echo_headers(headers: axum::http::HeaderMap) -> axum::Json<Value> {
+    axum::Json(json!({ "headers": headers_json(&headers) }))
+}
+
+async fn reject_quoting_authorization(headers: axum::http::HeaderMap) -> (StatusCode, String) {
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    (
+        StatusCode::BAD_REQUEST,
+        format!("invalid credentials: {given}"),
+    )
 }
 
 async fn flaky(

@@ -12,6 +12,7 @@
 //! The client reconnects by itself; while NATS is away, publishes and fetches fail and callers
 //! retry, and deliveries that were not acked are redelivered after their ack wait.
 
+use piecework_sdk::mask::redact_url;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
@@ -82,13 +83,13 @@ impl NatsBus {
             match options.connect(config.url.as_str()).await {
                 Ok(client) => break client,
                 Err(err) if tokio::time::Instant::now() + delay < deadline => {
-                    tracing::warn!(url = %config.url, error = %err, retry_in = ?delay, "cannot reach NATS yet");
+                    tracing::warn!(url = %redact_url(&config.url), error = %err, retry_in = ?delay, "cannot reach NATS yet");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(err) => {
                     return Err(unavailable(
-                        &format!("cannot connect to NATS at {}", config.url),
+                        &format!("cannot connect to NATS at {}", redact_url(&config.url)),
                         err,
                     ));
                 }
@@ -238,7 +239,7 @@ impl Bus for NatsBus {
         if self.client.connection_state() != State::Connected {
             return Err(BusError::Unavailable(format!(
                 "not connected to NATS at {}",
-                self.config.url
+                redact_url(&self.config.url)
             )));
         }
         self.jetstream

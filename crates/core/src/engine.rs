@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use piecework_sdk::mask::Secrets;
 use piecework_sdk::prop::redact_secrets;
 use piecework_sdk::{Context, DynAction, PieceError};
 use serde_json::Value;
@@ -48,6 +49,20 @@ impl Execution {
             outcome: StepOutcome::Failed { error },
             recorded_input: Value::Null,
             duration: Duration::ZERO,
+        }
+    }
+
+    /// Masks `secrets` in everything this attempt records: output, error, input.
+    pub fn mask(&mut self, secrets: &Secrets) {
+        if secrets.is_empty() {
+            return;
+        }
+        secrets.mask_value(&mut self.recorded_input);
+        match &mut self.outcome {
+            StepOutcome::Succeeded { output } => secrets.mask_value(output),
+            StepOutcome::Retry { error, .. } | StepOutcome::Failed { error } => {
+                *error = secrets.mask(error).into_owned();
+            }
         }
     }
 

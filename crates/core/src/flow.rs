@@ -367,6 +367,15 @@ pub async fn validate(
                 ),
                 Some(handle) => {
                     let spec = handle.spec();
+                    if trigger.connection.is_some() && !piece.auth().is_required() {
+                        issue(
+                            "trigger.connection".into(),
+                            format!(
+                                "piece `{}` takes no connection: remove `connection`",
+                                trigger.piece
+                            ),
+                        );
+                    }
                     for err in check_props(&spec.props, &trigger.input, Check::Runtime) {
                         issue(format!("trigger.input.{}", err.prop), err.problem);
                     }
@@ -443,6 +452,15 @@ pub async fn validate(
             Err(message) => issue(format!("{at}.piece"), message),
             Ok(piece) => {
                 resolved.insert(step.name.clone(), piece.version().clone());
+                if step.connection.is_some() && !piece.auth().is_required() {
+                    issue(
+                        format!("{at}.connection"),
+                        format!(
+                            "piece `{}` takes no connection: remove `connection`",
+                            step.piece
+                        ),
+                    );
+                }
                 match piece.action(&step.action) {
                     None => issue(
                         format!("{at}.action"),

@@ -195,6 +195,7 @@ steps:
   - { name: d, piece: data, action: set }
   - { name: e, piece: data, version: "^9", action: set, input: { value: 1 } }
   - { name: f, piece: data, action: secure }
+  - { name: g, piece: data, action: set, input: { value: 1 }, connection: prod }
 "#;
     let found = issues(text);
     let expect = [
@@ -204,6 +205,7 @@ steps:
         "steps[3] (d).input.value: is required",
         "steps[4] (e).piece: no registered version of `data` matches ^9 (registered: 1.0.0, 0.2.0, 0.1.0)",
         "steps[5] (f).connection: action `secure` needs a connection",
+        "steps[6] (g).connection: piece `data` takes no connection: remove `connection`",
     ];
     assert_eq!(found, expect);
 }

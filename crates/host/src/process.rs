@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use piecework_sdk::mask::Secrets;
 use piecework_sdk::protocol::{self, Frame, LogLevel, Read, method};
 use piecework_sdk::{Context, PieceError, Scope};
 use serde::Serialize;
@@ -70,11 +71,11 @@ pub struct CallScope {
     /// The call's context without the connection's values.
     pub ctx: Context,
     /// The connection's secret values, masked in whatever the piece logs.
-    pub secrets: Vec<String>,
+    pub secrets: Secrets,
 }
 
 impl CallScope {
-    pub fn of(ctx: &Context, secrets: Vec<String>) -> Self {
+    pub fn of(ctx: &Context, secrets: Secrets) -> Self {
         Self {
             ctx: ctx.without_auth(),
             secrets,
@@ -129,13 +130,12 @@ impl Shared {
         scopes.next().is_none().then(|| only.ctx.run.run_id.clone())
     }
 
-    fn secrets(&self) -> Vec<String> {
+    fn secrets(&self) -> Secrets {
         let calls = self.calls.lock().unwrap();
         calls
             .values()
             .filter_map(|p| p.scope.as_ref())
-            .flat_map(|s| s.secrets.iter().cloned())
-            .collect()
+            .fold(Secrets::default(), |all, s| all.merge(&s.secrets))
     }
 
     fn fail_all(&self, error: &PieceError) {
@@ -507,7 +507,7 @@ async fn read_frames(link: Link, stdout: ChildStdout) {
                 Ok(frame) => handle_frame(&link, frame),
                 Err(problem) => {
                     let text = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
-                    let text = mask(&text, &link.shared.secrets());
+                    let text = link.shared.secrets().mask(&text).into_owned();
                     tracing::warn!(piece = %link.shared.label.piece, version = %link.shared.label.version, problem, line = %text, "piece wrote to stdout what is not a protocol frame (pieces log with tracing or to stderr)");
                 }
             },
@@ -542,7 +542,7 @@ fn handle_frame(link: &Link, frame: Frame) {
             if let Ok(progress) = frame.params::<protocol::Progress>()
                 && let Some(scope) = link.shared.scope_of(progress.call)
             {
-                scope.ctx.progress(&mask(&progress.message, &scope.secrets));
+                scope.ctx.progress(&scope.secrets.mask(&progress.message));
             }
         }
         (method::STORE_GET | method::STORE_PUT | method::STORE_DELETE, Some(id)) => {
@@ -597,12 +597,16 @@ fn log(link: &Link, frame: &Frame) {
         return;
     };
     let scope = entry.call.and_then(|call| link.shared.scope_of(call));
-    let secrets = scope.as_ref().map_or_else(Vec::new, |s| s.secrets.clone());
-    let message = mask(&entry.message, &secrets);
+    let secrets = scope
+        .as_ref()
+        .map_or_else(Secrets::default, |s| s.secrets.clone());
+    let message = secrets.mask(&entry.message).into_owned();
     let fields = if entry.fields.is_empty() {
         String::new()
     } else {
-        mask(&Value::Object(entry.fields).to_string(), &secrets)
+        secrets
+            .mask(&Value::Object(entry.fields).to_string())
+            .into_owned()
     };
     let run_id = scope.as_ref().map_or("", |s| s.ctx.run.run_id.as_str());
     let step = scope.as_ref().map_or("", |s| s.ctx.run.step.as_str());
@@ -643,7 +647,8 @@ async fn forward_stderr(
         if text.is_empty() {
             continue;
         }
-        let text = mask(text, &shared.secrets());
+        let secrets = shared.secrets();
+        let text = secrets.mask(text);
         let run_id = shared.sole_run().unwrap_or_default();
         tracing::info!(target: "piece", piece = %shared.label.piece, version = %shared.label.version, pid, run_id = %run_id, stream = "stderr", "{text}");
     }
@@ -740,17 +745,6 @@ fn describe_status(status: std::io::Result<ExitStatus>) -> String {
     }
 }
 
-/// Replaces every occurrence of each secret with `***`.
-pub fn mask(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_owned();
-    for secret in secrets.iter().filter(|s| !s.is_empty()) {
-        if out.contains(secret.as_str()) {
-            out = out.replace(secret.as_str(), "***");
-        }
-    }
-    out
-}
-
 /// Resource limits applied in the child before it runs the piece.
 mod limits {
     use tokio::process::Command;
@@ -786,19 +780,4 @@ mod limits {
 
     #[cfg(not(unix))]
     pub fn apply(_: &mut Command, _: u64) {}
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn masking_replaces_every_secret() {
-        let secrets = vec!["k-123456".to_owned(), "hunter22".to_owned()];
-        assert_eq!(
-            mask("auth k-123456 failed for hunter22 (k-123456)", &secrets),
-            "auth *** failed for *** (***)"
-        );
-        assert_eq!(mask("nothing here", &secrets), "nothing here");
-    }
 }

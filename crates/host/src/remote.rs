@@ -10,6 +10,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use piecework_sdk::action::{ActionSpec, DynAction};
 use piecework_sdk::auth::DynValidateAuth;
+use piecework_sdk::mask::Secrets;
 use piecework_sdk::prop::validate_props;
 use piecework_sdk::protocol::{self, CallContext, method};
 use piecework_sdk::trigger::{DynPolling, DynSchedule, DynWebhook, TriggerHandle, TriggerSpec};
@@ -73,12 +74,7 @@ fn call_context(ctx: &Context) -> CallContext<'_> {
 fn scope(ctx: &Context, auth: &PieceAuth) -> CallScope {
     let secrets = ctx
         .auth_value()
-        .map(|value| {
-            auth.secret_values(value)
-                .into_iter()
-                .map(str::to_owned)
-                .collect()
-        })
+        .map(|value| Secrets::of(auth, value))
         .unwrap_or_default();
     CallScope::of(ctx, secrets)
 }

@@ -240,8 +240,11 @@ impl Runtime {
         )
         .with_auth(Some(values.clone()));
         definition.validate_auth(&ctx).await.map_err(|e| {
+            // The system's answer may quote what it was sent: the key itself.
+            let secrets = piecework_sdk::mask::Secrets::of(auth, &values);
             RuntimeError::InvalidConnection(format!(
-                "connection `{name}` was refused by `{piece}`: {e}"
+                "connection `{name}` was refused by `{piece}`: {}",
+                secrets.mask(&e.to_string())
             ))
         })?;
         let keyring = self.keyring()?;

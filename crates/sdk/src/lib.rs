@@ -13,7 +13,8 @@
 //!
 //! Layout: `piece` (the builder and metadata), `action`, `trigger`, `prop`, `auth`,
 //! `context` (what `run` receives: auth, store, HTTP client, run info), `http` (the egress-aware
-//! client), `polling` (dedupe strategies), `schedule` (interval and cron ticks), `error`,
+//! client), `mask` (secrets kept out of text), `polling` (dedupe strategies), `schedule`
+//! (interval and cron ticks), `error`,
 //! `protocol` (the wire types of piece protocol v1) and `serve` (the piece's end of it).
 
 pub mod action;
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod context;
 pub mod error;
 pub mod http;
+pub mod mask;
 pub mod piece;
 pub mod polling;
 pub mod prop;

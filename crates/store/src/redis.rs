@@ -187,7 +187,10 @@ impl RedisStore {
     /// Connects (retrying for up to `connect_timeout`).
     pub async fn connect(config: RedisConfig) -> Result<Self, StoreError> {
         let invalid = |e: redis::RedisError| {
-            StoreError::Unavailable(format!("invalid Redis URL {:?}: {e}", config.url))
+            StoreError::Unavailable(format!(
+                "invalid Redis URL {:?}: {e}",
+                piecework_sdk::mask::redact_url(&config.url)
+            ))
         };
         // redis-rs leaves Nagle's algorithm on; every round trip here is a small request that
         // waits for its answer, so send at once (TCP_NODELAY), as other Redis clients do.

@@ -17,6 +17,7 @@ use piecework_core::{Run, RunStatus, StepState, StepStatus};
 use piecework_proto::Message as _;
 use piecework_proto::v1::{self, PollJob, StepJob, StepResult};
 use piecework_runtime::{Actor, Runtime, RuntimeError, audit_event};
+use piecework_sdk::mask::Secrets;
 use piecework_sdk::polling::{self, DedupeStrategy};
 use piecework_sdk::{DynAction, Piece, PieceError, RunInfo, TriggerHandle, TriggerKind};
 use piecework_store::{RunUpdate, StepUpdate};
@@ -253,7 +254,7 @@ impl Handler {
             .connection_for(step.connection.as_deref(), &step.piece)
             .await?;
         let started = Utc::now();
-        let execution = match (&resolved, &auth) {
+        let mut execution = match (&resolved, &auth) {
             (Err(error), _) => engine::Execution::refused(error.clone(), step, attempt),
             (Ok(_), Err(error)) => engine::Execution::failed(error.clone()),
             (Ok((_, action)), Ok(auth)) => {
@@ -265,6 +266,12 @@ impl Handler {
                 self.with_progress(delivery, work).await
             }
         };
+        // Whatever leaves the step — output, error, the recorded input — may echo the
+        // connection's secrets (an upstream quoting the Authorization header): masked before
+        // it is recorded, logged, traced, audited or answered.
+        if let (Ok((piece, _)), Ok(Some(values))) = (&resolved, &auth) {
+            execution.mask(&Secrets::of(piece.auth(), values));
+        }
         let attempted = Attempted {
             number,
             started,
@@ -653,14 +660,14 @@ impl Handler {
             return Ok(Settle::Ack);
         }
         let trigger = &flow.definition.trigger;
-        let handle = match self
+        let piece = match self
             .resolve_piece(&flow, "trigger", &trigger.piece, trigger.version.as_ref())
             .await
         {
-            Ok(piece) => piece.trigger(&trigger.trigger).cloned(),
+            Ok(piece) => piece,
             Err(error) => return self.poll_failed(&flow, &error.to_string()).await,
         };
-        match handle {
+        match piece.trigger(&trigger.trigger).cloned() {
             Some(TriggerHandle::Schedule(_)) => {
                 let tick =
                     DateTime::from_timestamp_millis(job.tick_unix_ms).unwrap_or_else(Utc::now);
@@ -689,7 +696,7 @@ impl Handler {
                     return Ok(Settle::Ack);
                 }
                 let polled = self
-                    .poll_once(&flow, polling.as_ref(), strategy, &job, delivery)
+                    .poll_once(&flow, &piece, polling.as_ref(), strategy, &job, delivery)
                     .await;
                 if let Err(err) = runtime.store.release_lease(&lease, &holder).await {
                     tracing::debug!(error = %err, "could not release the poll lease; it will lapse");
@@ -723,6 +730,7 @@ impl Handler {
     async fn poll_once(
         &self,
         flow: &FlowVersion,
+        piece: &Piece,
         polling: &dyn piecework_sdk::trigger::DynPolling,
         strategy: DedupeStrategy,
         job: &PollJob,
@@ -746,6 +754,11 @@ impl Handler {
             Ok(auth) => auth,
             Err(error) => return self.poll_failed(flow, &error).await,
         };
+        // What the source answers may echo the connection's secrets: never into a run.
+        let secrets = auth
+            .as_ref()
+            .map(|values| Secrets::of(piece.auth(), values))
+            .unwrap_or_default();
         let ctx = runtime.context(run_info, flow, auth);
         let input = serde_json::Value::Object(trigger.input.clone());
         let polled =
@@ -758,11 +771,15 @@ impl Handler {
         let items = match polled {
             Ok(items) => items,
             Err(err) if err.is_retryable() && delivery.delivered < POLL_ATTEMPTS => {
-                tracing::warn!(flow = %flow.flow_id, error = %err, "poll failed; retrying");
+                let error = secrets.mask(&err.to_string()).into_owned();
+                tracing::warn!(flow = %flow.flow_id, error, "poll failed; retrying");
                 self.count_poll(&flow.flow_id, PollOutcome::retrying);
                 return Ok(Settle::Nak(err.retry_after().unwrap_or(POLL_RETRY_DELAY)));
             }
-            Err(err) => return self.poll_failed(flow, &err.to_string()).await,
+            Err(err) => {
+                let error = secrets.mask(&err.to_string()).into_owned();
+                return self.poll_failed(flow, &error).await;
+            }
         };
         let polled_items = items.len();
         let previous = runtime.store.trigger_state(&flow.flow_id).await?;
@@ -772,8 +789,9 @@ impl Handler {
                 Err(err) => return self.poll_failed(flow, &err.to_string()).await,
             };
         let new_items = outcome.new_items.len();
-        for item in outcome.new_items {
+        for mut item in outcome.new_items {
             let run_id = deterministic_run_id(&flow.flow_id, &item.dedupe_key());
+            secrets.mask_value(&mut item.data);
             runtime
                 .start_run(flow, run_id, item.data, metrics::TriggerKind::polling)
                 .await?;

@@ -10,6 +10,84 @@ use serde_json::{Value, json};
 
 pub struct SendRequest;
 
+/// How a request authenticates, when its step names a connection.
+pub fn auth() -> PieceAuth {
+    let kinds = [
+        ("Bearer token", "bearer"),
+        ("Basic auth", "basic"),
+        ("A header", "header"),
+    ];
+    PieceAuth::custom(
+        "HTTP credentials",
+        [
+            Prop::static_dropdown("kind", "Kind", kinds).required(),
+            Prop::secret_text("token", "Token")
+                .description("The bearer token, or the header's value"),
+            Prop::short_text("username", "Username"),
+            Prop::secret_text("password", "Password"),
+            Prop::short_text("header", "Header name")
+                .description("For `header`: the header that carries the token (default X-Api-Key)"),
+        ],
+    )
+}
+
+#[derive(Deserialize)]
+struct Credentials {
+    kind: String,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    header: Option<String>,
+}
+
+/// Adds the connection's credentials to `request`; errors name what is missing, never a value.
+fn authenticate(
+    request: piecework_sdk::reqwest::RequestBuilder,
+    credentials: Credentials,
+) -> Result<piecework_sdk::reqwest::RequestBuilder, PieceError> {
+    let missing = |field: &str| {
+        PieceError::fatal(format!(
+            "the connection is of kind `{}` but has no `{field}`",
+            credentials.kind
+        ))
+    };
+    match credentials.kind.as_str() {
+        "bearer" => Ok(request.bearer_auth(
+            credentials
+                .token
+                .as_deref()
+                .ok_or_else(|| missing("token"))?,
+        )),
+        "basic" => Ok(request.basic_auth(
+            credentials
+                .username
+                .as_deref()
+                .ok_or_else(|| missing("username"))?,
+            Some(
+                credentials
+                    .password
+                    .as_deref()
+                    .ok_or_else(|| missing("password"))?,
+            ),
+        )),
+        "header" => {
+            let name = credentials.header.as_deref().unwrap_or("X-Api-Key");
+            let token = credentials
+                .token
+                .as_deref()
+                .ok_or_else(|| missing("token"))?;
+            Ok(request.header(name, token))
+        }
+        other => Err(PieceError::fatal(format!(
+            "connection kind {other:?}: expected bearer, basic or header"
+        ))),
+    }
+}
+
 #[derive(Deserialize)]
 pub struct Input {
     method: String,
@@ -70,6 +148,9 @@ impl Action for SendRequest {
             .header("Idempotency-Key", &ctx.run.idempotency_key);
         for (name, value) in &input.headers {
             request = request.header(name, value);
+        }
+        if ctx.auth_value().is_some() {
+            request = authenticate(request, ctx.auth()?)?;
         }
         request = match input.body {
             None | Some(Value::Null) => request,
