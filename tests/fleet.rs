@@ -66,9 +66,15 @@ async fn a_webhook_flow_runs_across_two_worker_processes_and_records_results_and
         .collect();
     assert_eq!(entries.len(), 36, "one pw:results entry per step attempt");
     assert!(
-        entries
-            .iter()
-            .all(|e| e["status"] == "succeeded" && e["flow"] == "three" && e["version"] == "0.1.0")
+        entries.iter().all(|e| e["status"] == "succeeded"
+            && e["flow"] == "three"
+            && e["version"]
+                == if e["piece"] == "http" {
+                    "0.2.0"
+                } else {
+                    "0.1.0"
+                }),
+        "{entries:?}"
     );
     let finishing = entries
         .iter()
