@@ -430,6 +430,23 @@ pub enum FlowCommand {
         #[arg(long = "pieces", env = "PW_PIECES_DIR")]
         pieces_dir: Option<PathBuf>,
     },
+    /// Apply flow files through the API (YAML, or JSON for `.json`): each becomes a new
+    /// version unless unchanged. A new webhook flow's secret is printed this once.
+    Apply {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        api: ApiClientArgs,
+    },
+    /// Print a webhook flow's secret, or replace it with `--rotate` (admin keys only; audited).
+    WebhookSecret {
+        flow: String,
+        /// Make a new secret: calls signed with the old one are refused from now on.
+        #[arg(long)]
+        rotate: bool,
+        #[command(flatten)]
+        api: ApiClientArgs,
+    },
     /// Move a flow to a newer version of one of its pieces, through the API: the flow's steps
     /// using it are re-resolved, the change is checked like `piece check` against the pinned
     /// version, and a new flow version is applied only when nothing breaks.

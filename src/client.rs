@@ -63,6 +63,21 @@ impl ApiClient {
         self.answer(request).await
     }
 
+    /// Sends a document (a flow file) with its content type.
+    pub async fn send_document(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        text: String,
+        content_type: &str,
+    ) -> anyhow::Result<Value> {
+        let request = self
+            .request(method, path)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(text);
+        self.answer(request).await
+    }
+
     async fn answer(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         let response = request.send().await.with_context(|| {
             format!(

@@ -142,6 +142,11 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
             "  try     curl -s -X POST http://{addr}/v1/webhooks/echo/sync -H 'content-type: application/json' -d '{{\"name\":\"ada\"}}'"
         );
     }
+    for flow in &sandbox.signed_webhooks {
+        println!(
+            "  signed  webhook `{flow}` takes signed calls only: its secret is at GET http://{addr}/v1/flows/{flow}/webhook-secret (docs/flows.md)"
+        );
+    }
     if let Some(mock) = &mock {
         println!(
             "  demo    a mock ticketing API at {} files a ticket every 7s; `auto-assign` assigns each once",
@@ -696,6 +701,63 @@ async fn flow(command: FlowCommand) -> anyhow::Result<()> {
     match command {
         FlowCommand::Validate { files, pieces_dir } => {
             validate_flows(&files, pieces_dir.as_deref()).await
+        }
+        FlowCommand::Apply { files, api } => {
+            let client = ApiClient::new(&api)?;
+            for file in files {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                let json = file.extension().is_some_and(|e| e == "json");
+                let content_type = if json {
+                    "application/json"
+                } else {
+                    "application/yaml"
+                };
+                let answer = client
+                    .send_document(reqwest::Method::POST, "/v1/flows", text, content_type)
+                    .await
+                    .with_context(|| file.display().to_string())?;
+                let id = answer["flow"]["id"].as_str().unwrap_or_default();
+                let version = answer["version"].as_u64().unwrap_or_default();
+                if answer["created"] == true {
+                    println!("applied flow `{id}` version {version}");
+                } else {
+                    println!("flow `{id}` is unchanged (version {version})");
+                }
+                if let Some(secret) = answer["webhook"]["secret"].as_str() {
+                    println!(
+                        "  webhook secret (shown this once; `piecework flow webhook-secret {id}` reads it again):\n  {secret}"
+                    );
+                }
+            }
+            Ok(())
+        }
+        FlowCommand::WebhookSecret { flow, rotate, api } => {
+            let client = ApiClient::new(&api)?;
+            let answer = if rotate {
+                client
+                    .send(
+                        reqwest::Method::POST,
+                        &format!("/v1/flows/{flow}/webhook-secret/rotate"),
+                        None,
+                    )
+                    .await?
+            } else {
+                client
+                    .send(
+                        reqwest::Method::GET,
+                        &format!("/v1/flows/{flow}/webhook-secret"),
+                        None,
+                    )
+                    .await?
+            };
+            println!(
+                "{}",
+                answer["secret"]
+                    .as_str()
+                    .context("the API returned no secret")?
+            );
+            Ok(())
         }
         FlowCommand::Upgrade {
             flow,

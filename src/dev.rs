@@ -42,6 +42,8 @@ fn spawn_service<E>(
 /// A running sandbox.
 pub struct Sandbox {
     pub api_addr: SocketAddr,
+    /// The webhook flows it applied whose callers must sign (or send a token).
+    pub signed_webhooks: Vec<String>,
     pub runtime: Arc<Runtime>,
     shutdown: CancellationToken,
     tasks: Services,
@@ -91,12 +93,16 @@ impl Sandbox {
             infra::runtime_with(&config, registry, infra, Some(keyring), files).await?;
         let pieces = sources.spawn();
         let actor = Actor("dev".into());
+        let mut signed_webhooks = Vec::new();
         for flow in flows {
             let name = flow.name.clone();
-            runtime
+            let applied = runtime
                 .apply_flow(flow, &actor)
                 .await
                 .with_context(|| format!("cannot apply flow `{name}`"))?;
+            if applied.webhook_auth.is_some_and(|a| a.needs_secret()) {
+                signed_webhooks.push(name);
+            }
         }
         let listener = piecework_api::bind(&config.api).await?;
         let api_addr = listener.local_addr()?;
@@ -123,6 +129,7 @@ impl Sandbox {
         spawn_service(&mut tasks, "worker", worker);
         Ok(Self {
             api_addr,
+            signed_webhooks,
             runtime,
             shutdown,
             tasks,

@@ -65,6 +65,8 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("POST", "/v1/flows/{id}/disable", "ado"),
     ("POST", "/v1/flows/{id}/upgrade", "ad"),
     ("POST", "/v1/flows/{id}/runs", "ado"),
+    ("GET", "/v1/flows/{id}/webhook-secret", "a"),
+    ("POST", "/v1/flows/{id}/webhook-secret/rotate", "a"),
     ("GET", "/v1/runs", "adov"),
     ("GET", "/v1/runs/{id}", "adov"),
     ("POST", "/v1/runs/{id}/cancel", "ao"),
@@ -209,7 +211,7 @@ async fn keys_are_named_audited_revoked_everywhere_and_start_runs_as_themselves(
     );
 
     // The developer applies a flow: the audit trail names the key.
-    let flow = "apiVersion: piecework/v1\nkind: Flow\nname: who\ntrigger: { piece: webhook, trigger: catch }\nsteps:\n  - { name: me, piece: probe, action: whoami }\n";
+    let flow = "apiVersion: piecework/v1\nkind: Flow\nname: who\ntrigger: { piece: webhook, trigger: catch, auth: none }\nsteps:\n  - { name: me, piece: probe, action: whoami }\n";
     let applied = client()
         .post(format!("{}/v1/flows", fleet.api))
         .bearer_auth(&developer)

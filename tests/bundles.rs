@@ -17,7 +17,7 @@ const FAST_RETRIES: &str = "retry: { max_attempts: 2, initial_interval: 200ms }"
 
 fn flow(name: &str, piece: &str, action: &str, input: &str, extra: &str) -> String {
     format!(
-        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch }}\nsteps:\n  - {{ name: call, piece: {piece}, action: {action}, input: {input}{extra} }}\n"
+        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch, auth: none }}\nsteps:\n  - {{ name: call, piece: {piece}, action: {action}, input: {input}{extra} }}\n"
     )
 }
 

@@ -16,7 +16,7 @@ const BASE: &str = "";
 
 fn webhook_flow(name: &str, steps: &str) -> String {
     format!(
-        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch }}\nsteps:\n{steps}"
+        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch, auth: none }}\nsteps:\n{steps}"
     )
 }
 

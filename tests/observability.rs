@@ -27,7 +27,7 @@ const SECRET: &str = "sk-live-7f3a9c1e55b0-do-not-leak";
 
 fn webhook_flow(name: &str, steps: &str) -> String {
     format!(
-        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch }}\nsteps:\n{steps}"
+        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch, auth: none }}\nsteps:\n{steps}"
     )
 }
 

@@ -40,7 +40,7 @@ const ORDER_FLOW: &str = r#"
 apiVersion: piecework/v1
 kind: Flow
 name: orders
-trigger: { piece: webhook, trigger: catch }
+trigger: { piece: webhook, trigger: catch, auth: none }
 steps:
   - name: total
     piece: data
@@ -355,21 +355,22 @@ async fn the_api_key_guards_everything_but_webhooks_and_health() {
 }
 
 #[tokio::test]
-async fn webhooks_refuse_unknown_disabled_and_non_webhook_flows_clearly() {
+async fn webhooks_refuse_unknown_disabled_and_non_webhook_flows_alike() {
     let (sandbox, base) = sandbox(None).await;
     let http = client();
-    let missing = http
-        .post(format!("{base}/v1/webhooks/nope"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(missing.status(), 404);
-    let scheduled = http
-        .post(format!("{base}/v1/webhooks/heartbeat"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(scheduled.status(), 409);
+    let refused = |path: &'static str| {
+        let http = http.clone();
+        let url = format!("{base}{path}");
+        async move {
+            let response = http.post(url).send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    // A caller learns nothing about which flows exist: unknown, scheduled, disabled look alike.
+    let missing = refused("/v1/webhooks/nope").await;
+    assert_eq!(missing.0, 404);
+    assert!(missing.1.contains("no such webhook"), "{}", missing.1);
+    assert_eq!(refused("/v1/webhooks/heartbeat").await, missing);
     let bad_json = http
         .post(format!("{base}/v1/webhooks/echo"))
         .header("content-type", "application/json")
@@ -377,7 +378,11 @@ async fn webhooks_refuse_unknown_disabled_and_non_webhook_flows_clearly() {
         .send()
         .await
         .unwrap();
-    assert_eq!(bad_json.status(), 400);
+    assert_eq!(
+        bad_json.status(),
+        400,
+        "an admitted call gets the real error"
+    );
     assert_eq!(
         http.post(format!("{base}/v1/flows/echo/disable"))
             .send()
@@ -386,12 +391,7 @@ async fn webhooks_refuse_unknown_disabled_and_non_webhook_flows_clearly() {
             .status(),
         200
     );
-    let disabled = http
-        .post(format!("{base}/v1/webhooks/echo"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(disabled.status(), 409);
+    assert_eq!(refused("/v1/webhooks/echo").await, missing);
     assert_eq!(
         http.post(format!("{base}/v1/flows/echo/enable"))
             .send()
@@ -415,6 +415,173 @@ async fn webhooks_refuse_unknown_disabled_and_non_webhook_flows_clearly() {
         .await
         .unwrap();
     assert_eq!(bad_query.status(), 400);
+    // Refusals are counted, not audited one by one.
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in ["unknown_flow", "not_webhook", "disabled"] {
+        assert!(
+            metrics.contains(&format!(
+                "piecework_webhook_refused_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+    let audit: Value = http
+        .get(format!("{base}/v1/audit?action=webhook"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entries = audit["entries"].as_array().unwrap();
+    assert!(
+        entries.iter().all(|e| e["resource"] == "flow/echo"),
+        "{audit}"
+    );
+    sandbox.stop().await.unwrap();
+}
+
+const SIGNED_FLOW: &str = "apiVersion: piecework/v1\nkind: Flow\nname: signed\ntrigger: { piece: webhook, trigger: catch }\nsteps:\n  - { name: a, piece: data, action: set, input: { value: \"{{ trigger.body.n }}\" } }\n";
+
+#[tokio::test]
+async fn webhook_flows_take_only_signed_calls_by_default() {
+    use piecework_runtime::webhooks::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign};
+    let (sandbox, base) = sandbox(None).await;
+    let http = client();
+    let applied: Value = http
+        .post(format!("{base}/v1/flows"))
+        .body(SIGNED_FLOW)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(applied["webhook"]["auth"], "hmac", "{applied}");
+    let secret = applied["webhook"]["secret"].as_str().unwrap().to_owned();
+    assert_eq!(secret.len(), 64);
+    // Shown once: applying again does not show it; admins can read it.
+    let again: Value = http
+        .post(format!("{base}/v1/flows"))
+        .body(SIGNED_FLOW)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["created"], false);
+    assert_eq!(again["webhook"], json!({"auth": "hmac"}));
+    let read: Value = http
+        .get(format!("{base}/v1/flows/signed/webhook-secret"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(read["secret"], secret.as_str());
+
+    let body = br#"{"n": 5}"#.to_vec();
+    let now = chrono::Utc::now().timestamp();
+    let call = |timestamp: Option<i64>, signature: Option<String>| {
+        let mut request = http
+            .post(format!("{base}/v1/webhooks/signed/sync"))
+            .header("content-type", "application/json")
+            .body(body.clone());
+        if let Some(timestamp) = timestamp {
+            request = request.header(TIMESTAMP_HEADER, timestamp.to_string());
+        }
+        if let Some(signature) = signature {
+            request = request.header(SIGNATURE_HEADER, signature);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let ok = call(Some(now), Some(sign(&secret, now, &body))).await;
+    assert_eq!(ok, (200, "5".to_owned()));
+    let refused = call(None, None).await;
+    assert_eq!(refused.0, 404);
+    assert!(refused.1.contains("no such webhook"));
+    for (timestamp, signature) in [
+        (Some(now), Some(sign("another-secret", now, &body))),
+        (Some(now), Some(sign(&secret, now, b"{\"n\": 6}"))),
+        (Some(now - 600), Some(sign(&secret, now - 600, &body))),
+        (Some(now), None),
+    ] {
+        assert_eq!(call(timestamp, signature).await, refused);
+    }
+    // Rotated: the old secret stops working at once.
+    let rotated: Value = http
+        .post(format!("{base}/v1/flows/signed/webhook-secret/rotate"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let new_secret = rotated["secret"].as_str().unwrap();
+    assert_ne!(new_secret, secret);
+    assert_eq!(
+        call(Some(now), Some(sign(&secret, now, &body))).await,
+        refused
+    );
+    assert_eq!(
+        call(Some(now), Some(sign(new_secret, now, &body))).await.0,
+        200
+    );
+
+    // `auth: token` reads the secret from a header.
+    let token_flow = SIGNED_FLOW
+        .replace("name: signed", "name: tokened")
+        .replace(
+            "trigger: catch }",
+            "trigger: catch, auth: token, token_header: x-hub-token }",
+        );
+    let applied: Value = http
+        .post(format!("{base}/v1/flows"))
+        .body(token_flow)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = applied["webhook"]["secret"].as_str().unwrap();
+    let with = |value: &str| {
+        http.post(format!("{base}/v1/webhooks/tokened/sync"))
+            .header("content-type", "application/json")
+            .header("x-hub-token", value)
+            .body(body.clone())
+            .send()
+    };
+    assert_eq!(with(token).await.unwrap().status(), 200);
+    assert_eq!(with("guess").await.unwrap().status(), 404);
+
+    // `auth` is for webhook triggers only, and named values only.
+    let wrong = http
+        .post(format!("{base}/v1/flows"))
+        .body(SIGNED_FLOW.replace("trigger: catch }", "trigger: catch, auth: basic }"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 400);
+    assert!(
+        wrong
+            .text()
+            .await
+            .unwrap()
+            .contains("unknown variant `basic`")
+    );
     sandbox.stop().await.unwrap();
 }
 

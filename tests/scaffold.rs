@@ -131,7 +131,7 @@ async fn a_new_piece_builds_tests_and_deploys_to_a_running_fleet_with_no_rebuild
         pieces.join("acme-crm-0.1.0.piece.tgz"),
     )
     .unwrap();
-    let flow = "apiVersion: piecework/v1\nkind: Flow\nname: greet\ntrigger: { piece: webhook, trigger: catch }\nsteps:\n  - { name: hi, piece: acme-crm@^0.1, action: hello, input: { name: \"{{ trigger.body.name }}\" } }\n";
+    let flow = "apiVersion: piecework/v1\nkind: Flow\nname: greet\ntrigger: { piece: webhook, trigger: catch, auth: none }\nsteps:\n  - { name: hi, piece: acme-crm@^0.1, action: hello, input: { name: \"{{ trigger.body.name }}\" } }\n";
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let applied = http

@@ -23,14 +23,14 @@ use crate::stats::{Latency, rate};
 /// Three no-op core actions: what a step costs when the piece itself costs nothing.
 fn three_step_flow(name: &str) -> String {
     format!(
-        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch }}\nsteps:\n  - {{ name: a, piece: data, action: set, input: {{ value: 1 }} }}\n  - {{ name: b, piece: data, action: set, input: {{ value: 2 }} }}\n  - {{ name: c, piece: data, action: set, input: {{ value: 3 }} }}\n"
+        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch, auth: none }}\nsteps:\n  - {{ name: a, piece: data, action: set, input: {{ value: 1 }} }}\n  - {{ name: b, piece: data, action: set, input: {{ value: 2 }} }}\n  - {{ name: c, piece: data, action: set, input: {{ value: 3 }} }}\n"
     )
 }
 
 /// The same three no-op steps, done by a bundle's action in the piece's own process.
 fn three_remote_steps(name: &str) -> String {
     format!(
-        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch }}\nsteps:\n  - {{ name: a, piece: probe, action: noop, input: {{ value: 1 }} }}\n  - {{ name: b, piece: probe, action: noop, input: {{ value: 2 }} }}\n  - {{ name: c, piece: probe, action: noop, input: {{ value: 3 }} }}\n"
+        "apiVersion: piecework/v1\nkind: Flow\nname: {name}\ntrigger: {{ piece: webhook, trigger: catch, auth: none }}\nsteps:\n  - {{ name: a, piece: probe, action: noop, input: {{ value: 1 }} }}\n  - {{ name: b, piece: probe, action: noop, input: {{ value: 2 }} }}\n  - {{ name: c, piece: probe, action: noop, input: {{ value: 3 }} }}\n"
     )
 }
 
@@ -123,7 +123,10 @@ pub struct Throughput {
 
 pub async fn apply(runtime: &Runtime, yaml: &str) -> anyhow::Result<Arc<FlowVersion>> {
     let definition = FlowDefinition::parse(yaml, Format::Yaml)?;
-    let applied = runtime.apply_flow(definition, &Actor::api("bench")).await?;
+    let applied = &runtime
+        .apply_flow(definition, &Actor::api("bench"))
+        .await?
+        .applied;
     runtime
         .flow_version(&applied.record.id, applied.version)
         .await?
@@ -350,7 +353,7 @@ pub async fn sync_webhook(
     ];
     apply(
         runtime,
-        "apiVersion: piecework/v1\nkind: Flow\nname: bench-sync\ntrigger: { piece: webhook, trigger: catch }\nsteps:\n  - { name: reply, piece: data, action: set, input: { value: { greeting: \"hello, {{ trigger.body.name }}\" } } }\n",
+        "apiVersion: piecework/v1\nkind: Flow\nname: bench-sync\ntrigger: { piece: webhook, trigger: catch, auth: none }\nsteps:\n  - { name: reply, piece: data, action: set, input: { value: { greeting: \"hello, {{ trigger.body.name }}\" } } }\n",
     )
     .await?;
     let url = format!("{base}/v1/webhooks/bench-sync/sync");
@@ -445,7 +448,7 @@ pub async fn worker_memory(
     let flow = apply(
         runtime,
         &format!(
-            "apiVersion: piecework/v1\nkind: Flow\nname: bench-hold\ntrigger: {{ piece: webhook, trigger: catch }}\nsteps:\n  - {{ name: wait, piece: http, action: send_request, input: {{ url: \"{}/hold\" }}, timeout: 5m }}\n",
+            "apiVersion: piecework/v1\nkind: Flow\nname: bench-hold\ntrigger: {{ piece: webhook, trigger: catch, auth: none }}\nsteps:\n  - {{ name: wait, piece: http, action: send_request, input: {{ url: \"{}/hold\" }}, timeout: 5m }}\n",
             hold.url
         ),
     )

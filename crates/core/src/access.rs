@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// Everything, including API keys.
+    /// Everything, including API keys and webhook secrets.
     Admin,
     /// Flows, pieces and connections: what a piece author and a flow's owner change.
     Developer,
@@ -91,10 +91,12 @@ pub enum Permission {
     StartRuns,
     /// Create, list and revoke API keys.
     ManageKeys,
+    /// Read and rotate webhook flows' secrets.
+    ReadSecrets,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 8] = [
+    pub const ALL: [Permission; 9] = [
         Permission::Read,
         Permission::ManageFlows,
         Permission::ToggleFlows,
@@ -103,6 +105,7 @@ impl Permission {
         Permission::OperateRuns,
         Permission::StartRuns,
         Permission::ManageKeys,
+        Permission::ReadSecrets,
     ];
 }
 

@@ -86,7 +86,47 @@ pub struct TriggerDef {
     /// The queue poll jobs are routed to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
+    /// Webhook triggers only: how callers prove they may start the flow. Validation fills in
+    /// the default, `hmac`, so a stored webhook flow always says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<WebhookAuth>,
+    /// With `auth: token`: the header that carries the token (default `x-piecework-token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_header: Option<String>,
 }
+
+/// How a webhook flow's callers prove they may start it, with the flow's secret (generated
+/// when the flow is first applied).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookAuth {
+    /// `x-piecework-timestamp: <unix seconds>` and `x-piecework-signature: sha256=<hex
+    /// HMAC-SHA256 of "<timestamp>.<body>">`, at most 5 minutes old (GitHub and Stripe style).
+    #[default]
+    Hmac,
+    /// The secret itself in a header.
+    Token,
+    /// Anyone who knows the flow's name; must be written out.
+    None,
+}
+
+impl WebhookAuth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookAuth::Hmac => "hmac",
+            WebhookAuth::Token => "token",
+            WebhookAuth::None => "none",
+        }
+    }
+
+    /// Whether the flow has a secret.
+    pub fn needs_secret(self) -> bool {
+        self != WebhookAuth::None
+    }
+}
+
+/// The header of `auth: token` when the flow names none.
+pub const DEFAULT_TOKEN_HEADER: &str = "x-piecework-token";
 
 /// What to do when a step fails for good.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +187,11 @@ impl StepDef {
 impl TriggerDef {
     pub fn queue(&self) -> &str {
         self.queue.as_deref().unwrap_or(DEFAULT_QUEUE)
+    }
+
+    /// The header `auth: token` reads.
+    pub fn token_header(&self) -> &str {
+        self.token_header.as_deref().unwrap_or(DEFAULT_TOKEN_HEADER)
     }
 }
 
@@ -304,6 +349,13 @@ fn is_flow_name(name: &str) -> bool {
         && name.len() <= 100
 }
 
+fn is_header_name(name: &str) -> bool {
+    (1..=100).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
 fn is_queue_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -349,6 +401,7 @@ pub async fn validate(
     }
 
     // Trigger.
+    let mut webhook = false;
     let trigger = &definition.trigger;
     let range = trigger.version.clone().unwrap_or(VersionReq::STAR);
     match resolve(registry, &trigger.piece, &range) {
@@ -384,6 +437,26 @@ pub async fn validate(
                             "trigger.connection".into(),
                             format!("trigger `{}` needs a connection", spec.name),
                         );
+                    }
+                    webhook = matches!(spec.kind, TriggerKind::Webhook);
+                    if !webhook && (trigger.auth.is_some() || trigger.token_header.is_some()) {
+                        issue(
+                            "trigger.auth".into(),
+                            "only webhook triggers take `auth` and `token_header`".into(),
+                        );
+                    }
+                    if let Some(header) = &trigger.token_header {
+                        if trigger.auth != Some(WebhookAuth::Token) {
+                            issue(
+                                "trigger.token_header".into(),
+                                "is for `auth: token` only".into(),
+                            );
+                        } else if !is_header_name(header) {
+                            issue(
+                                "trigger.token_header".into(),
+                                format!("{header:?} is not a lowercase HTTP header name"),
+                            );
+                        }
                     }
                     let polling = matches!(spec.kind, TriggerKind::Polling { .. });
                     match trigger.poll_interval {
@@ -509,6 +582,10 @@ pub async fn validate(
         earlier.insert(step.name.as_str());
     }
     if issues.is_empty() {
+        let mut definition = definition;
+        if webhook {
+            definition.trigger.auth.get_or_insert(WebhookAuth::Hmac);
+        }
         Ok(ValidFlow {
             definition,
             resolved,

@@ -17,6 +17,7 @@ pub mod versioning;
 
 pub use flow::{
     FlowDefinition, FlowError, FlowVersion, Format, OnFailure, StepDef, TriggerDef, ValidFlow,
+    WebhookAuth,
 };
 pub use registry::{Catalog, Registry};
 pub use retry::RetryPolicy;

@@ -309,3 +309,58 @@ fn next_step_walks_in_order() {
     assert!(def.next_step(Some("second")).is_none());
     let _ = json!(null);
 }
+
+#[test]
+fn webhook_flows_default_to_signed_calls_and_only_they_take_auth() {
+    let hook = "apiVersion: piecework/v1\nkind: Flow\nname: f\ntrigger: { piece: data, trigger: catch }\nsteps:\n  - { name: a, piece: data, action: set, input: { value: 1 } }\n";
+    let valid = validated(FlowDefinition::parse(hook, Format::Yaml).unwrap()).unwrap();
+    assert_eq!(
+        valid.definition.trigger.auth,
+        Some(piecework_core::WebhookAuth::Hmac),
+        "the default is written into the version"
+    );
+    let open = hook.replace("trigger: catch }", "trigger: catch, auth: none }");
+    let valid = validated(FlowDefinition::parse(&open, Format::Yaml).unwrap()).unwrap();
+    assert_eq!(
+        valid.definition.trigger.auth,
+        Some(piecework_core::WebhookAuth::None)
+    );
+    let scheduled = hook.replace(
+        "trigger: { piece: data, trigger: catch }",
+        "trigger: { piece: data, trigger: every, input: { interval: 1m }, auth: hmac }",
+    );
+    assert_eq!(
+        issues(&scheduled),
+        ["trigger.auth: only webhook triggers take `auth` and `token_header`"]
+    );
+    let stray_header = hook.replace("trigger: catch }", "trigger: catch, token_header: x-t }");
+    assert_eq!(
+        issues(&stray_header),
+        ["trigger.token_header: is for `auth: token` only"]
+    );
+    let bad_header = hook.replace(
+        "trigger: catch }",
+        "trigger: catch, auth: token, token_header: \"X Token\" }",
+    );
+    assert_eq!(
+        issues(&bad_header),
+        ["trigger.token_header: \"X Token\" is not a lowercase HTTP header name"]
+    );
+    let valid = validated(
+        FlowDefinition::parse(&hook.replace("name: f", "name: g"), Format::Yaml).unwrap(),
+    )
+    .unwrap();
+    let scheduled_ok = validated(
+        FlowDefinition::parse(
+            &hook.replace(
+                "trigger: { piece: data, trigger: catch }",
+                "trigger: { piece: data, trigger: every, input: { interval: 1m } }",
+            ),
+            Format::Yaml,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(scheduled_ok.definition.trigger.auth, None, "not a webhook");
+    assert!(valid.definition.trigger.auth.is_some());
+}

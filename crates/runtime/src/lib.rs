@@ -12,6 +12,7 @@ pub mod access;
 pub mod pieces;
 pub mod secrets;
 pub mod upgrade;
+pub mod webhooks;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -95,6 +96,15 @@ fn is_connection_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+/// What applying a flow did, and for a webhook flow how callers authenticate — with the
+/// secret when this apply created it (it is never shown again, except to admins).
+#[derive(Debug, Clone)]
+pub struct AppliedFlow {
+    pub applied: Applied,
+    pub webhook_auth: Option<piecework_core::WebhookAuth>,
+    pub webhook_secret: Option<String>,
 }
 
 /// Who did something, for the audit trail.
@@ -347,17 +357,23 @@ impl Runtime {
         &self,
         definition: FlowDefinition,
         actor: &Actor,
-    ) -> Result<Applied, RuntimeError> {
+    ) -> Result<AppliedFlow, RuntimeError> {
         let started = Instant::now();
         let resource = format!("flow/{}", definition.name);
-        let result = match flow::validate(definition, &self.pieces()).await {
-            Ok(valid) => self
-                .store
-                .apply_flow(valid)
-                .await
-                .map_err(RuntimeError::from),
-            Err(err) => Err(err.into()),
-        };
+        let result = async {
+            let valid = flow::validate(definition, &self.pieces()).await?;
+            let trigger = valid.definition.trigger.clone();
+            let applied = self.store.apply_flow(valid).await?;
+            let webhook_secret = self
+                .ensure_webhook_secret(&applied.record.id, &trigger)
+                .await?;
+            Ok(AppliedFlow {
+                applied,
+                webhook_auth: trigger.auth,
+                webhook_secret,
+            })
+        }
+        .await;
         self.audit(
             actor,
             "flow.apply",

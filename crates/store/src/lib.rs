@@ -186,6 +186,16 @@ pub trait Store: Send + Sync + 'static {
     /// Returns whether it existed.
     async fn delete_connection(&self, name: &str) -> Result<bool, StoreError>;
 
+    /// Stores a webhook flow's sealed secret unless it has one (`replace`: always); returns
+    /// whether it was written.
+    async fn put_webhook_secret(
+        &self,
+        flow_id: &str,
+        sealed: &str,
+        replace: bool,
+    ) -> Result<bool, StoreError>;
+    async fn get_webhook_secret(&self, flow_id: &str) -> Result<Option<String>, StoreError>;
+
     /// Stores a new API key; `false` (and nothing changed) when the name is taken.
     async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StoreError>;
     async fn get_api_key(&self, name: &str) -> Result<Option<ApiKeyRecord>, StoreError>;

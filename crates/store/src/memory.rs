@@ -69,6 +69,7 @@ struct State {
     leases: HashMap<String, (String, tokio::time::Instant)>,
     connections: HashMap<String, ConnectionRecord>,
     api_keys: std::collections::BTreeMap<String, ApiKeyRecord>,
+    webhook_secrets: HashMap<String, String>,
     results: Stream<StepResult>,
     audit: Stream<AuditEvent>,
 }
@@ -103,6 +104,7 @@ impl MemoryStore {
                 leases: HashMap::new(),
                 connections: HashMap::new(),
                 api_keys: Default::default(),
+                webhook_secrets: HashMap::new(),
                 results: Stream::new(maxlen),
                 audit: Stream::new(maxlen),
             })),
@@ -413,6 +415,32 @@ impl Store for MemoryStore {
             .connections
             .remove(name)
             .is_some())
+    }
+
+    async fn put_webhook_secret(
+        &self,
+        flow_id: &str,
+        sealed: &str,
+        replace: bool,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        if !replace && state.webhook_secrets.contains_key(flow_id) {
+            return Ok(false);
+        }
+        state
+            .webhook_secrets
+            .insert(flow_id.to_owned(), sealed.to_owned());
+        Ok(true)
+    }
+
+    async fn get_webhook_secret(&self, flow_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .webhook_secrets
+            .get(flow_id)
+            .cloned())
     }
 
     async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StoreError> {

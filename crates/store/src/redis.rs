@@ -7,6 +7,7 @@
 //! | `pw:flows` | set | flow ids |
 //! | `pw:flow:{id}` | string | the flow record (JSON) |
 //! | `pw:flow:{id}:v:{n}` | string | version `n` (JSON), never changed once written |
+//! | `pw:flow:{id}:webhook-secret` | string | a webhook flow's secret (JSON), sealed (AES-256-GCM) |
 //! | `pw:flow:{id}:lock` | string | held while a flow is applied or enabled (expires) |
 //! | `pw:run:{id}` | hash | `meta` (JSON: ids, trigger, created_at, trace, started_by), `status`, `error`, `finished_at`, `response`, `step:{name}` (JSON per step) |
 //! | `pw:runs`, `pw:runs:flow:{id}` | sorted set | run ids by creation time |
@@ -888,6 +889,29 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(deleted > 0)
+    }
+
+    async fn put_webhook_secret(
+        &self,
+        flow_id: &str,
+        sealed: &str,
+        replace: bool,
+    ) -> Result<bool, StoreError> {
+        let key = format!("pw:flow:{flow_id}:webhook-secret");
+        let mut conn = self.conn();
+        if replace {
+            let () = conn.set(&key, sealed).await.map_err(unavailable)?;
+            Ok(true)
+        } else {
+            conn.set_nx(&key, sealed).await.map_err(unavailable)
+        }
+    }
+
+    async fn get_webhook_secret(&self, flow_id: &str) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .get(format!("pw:flow:{flow_id}:webhook-secret"))
+            .await
+            .map_err(unavailable)
     }
 
     async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StoreError> {

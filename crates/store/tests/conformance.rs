@@ -523,6 +523,25 @@ async fn connections_are_stored_listed_and_deleted(store: Arc<dyn Store>) {
     assert_eq!(store.list_connections().await.unwrap().len(), 1);
 }
 
+async fn webhook_secrets_are_kept_unless_replaced(store: Arc<dyn Store>) {
+    assert_eq!(store.get_webhook_secret("f").await.unwrap(), None);
+    assert!(store.put_webhook_secret("f", "s1", false).await.unwrap());
+    assert!(
+        !store.put_webhook_secret("f", "s2", false).await.unwrap(),
+        "a second apply keeps the first secret"
+    );
+    assert_eq!(
+        store.get_webhook_secret("f").await.unwrap().as_deref(),
+        Some("s1")
+    );
+    assert!(store.put_webhook_secret("f", "s3", true).await.unwrap());
+    assert_eq!(
+        store.get_webhook_secret("f").await.unwrap().as_deref(),
+        Some("s3")
+    );
+    assert_eq!(store.get_webhook_secret("g").await.unwrap(), None);
+}
+
 async fn api_keys_are_created_once_listed_and_deleted(store: Arc<dyn Store>) {
     use piecework_core::access::Role;
     let record = |name: &str, role: Role, hash: &str| piecework_store::ApiKeyRecord {
@@ -711,6 +730,7 @@ suite!(
     runs_cancel_only_while_running_and_resume_only_when_failed,
     connections_are_stored_listed_and_deleted,
     api_keys_are_created_once_listed_and_deleted,
+    webhook_secrets_are_kept_unless_replaced,
     audit_queries_filter_page_and_bound_time,
 );
 

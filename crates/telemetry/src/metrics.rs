@@ -44,6 +44,7 @@ pub const NAMES: &[&str] = &[
     "piecework_scheduled_flows",
     "piecework_http_requests_total",
     "piecework_http_request_duration_seconds",
+    "piecework_webhook_refused_total",
 ];
 
 /// How a step attempt ended.
@@ -191,6 +192,24 @@ pub struct TickLabels {
     pub outcome: TickOutcome,
 }
 
+/// Why a webhook call was refused. Not by flow: anonymous callers choose the flow name, and
+/// must not be able to grow the metrics.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum WebhookRefusal {
+    unknown_flow,
+    disabled,
+    not_webhook,
+    missing,
+    stale,
+    wrong,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookRefusedLabels {
+    pub reason: WebhookRefusal,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub method: String,
@@ -264,6 +283,8 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     /// API request durations by method and route.
     pub http_request_duration: HistogramFamily<HttpRouteLabels>,
+    /// Webhook calls refused (unknown, disabled or not a webhook flow; bad credentials).
+    pub webhook_refused: Family<WebhookRefusedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -310,6 +331,7 @@ impl Metrics {
             scheduled_flows: Gauge::default(),
             http_requests: Family::default(),
             http_request_duration: Family::new_with_constructor(duration_histogram),
+            webhook_refused: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -413,6 +435,11 @@ impl Metrics {
             "http_requests",
             "API requests by method, route and status",
             m.http_requests.clone(),
+        );
+        r.register(
+            "webhook_refused",
+            "Webhook calls refused, by reason (they are not audited one by one)",
+            m.webhook_refused.clone(),
         );
         r.register(
             "http_request_duration_seconds",
@@ -564,6 +591,12 @@ mod tests {
                 route: "/healthz".into(),
             })
             .observe(0.001);
+        metrics
+            .webhook_refused
+            .get_or_create(&WebhookRefusedLabels {
+                reason: WebhookRefusal::wrong,
+            })
+            .inc();
         let text = metrics.encode();
         let mut families: Vec<String> = text
             .lines()

@@ -176,6 +176,7 @@ fn describe(permission: Permission) -> &'static str {
         Permission::OperateRuns => "retry or cancel runs",
         Permission::StartRuns => "start runs",
         Permission::ManageKeys => "manage API keys",
+        Permission::ReadSecrets => "read or rotate webhook secrets",
     }
 }
 

@@ -16,11 +16,14 @@ use bytes::Bytes;
 use piecework_core::RunStatus;
 use piecework_core::flow::{FlowDefinition, Format};
 use piecework_core::run::new_run_id;
+use piecework_runtime::webhooks;
 use piecework_runtime::{Actor, Runtime};
 use piecework_sdk::{TriggerHandle, WebhookRequest};
 use piecework_store::RunQuery;
 use piecework_store::audit::{self, AuditQuery};
-use piecework_telemetry::metrics::{self, HttpLabels, HttpRouteLabels, TriggerKind};
+use piecework_telemetry::metrics::{
+    self, HttpLabels, HttpRouteLabels, TriggerKind, WebhookRefusal, WebhookRefusedLabels,
+};
 use piecework_telemetry::propagation;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -114,6 +117,18 @@ pub(crate) fn all_routes(config: &ApiConfig) -> (Router<AppState>, Vec<RouteInfo
             upgrade_flow,
         )
         .add(POST, "/flows/{id}/runs", Needs(StartRuns), start_manual_run)
+        .add(
+            GET,
+            "/flows/{id}/webhook-secret",
+            Needs(ReadSecrets),
+            read_webhook_secret,
+        )
+        .add(
+            POST,
+            "/flows/{id}/webhook-secret/rotate",
+            Needs(ReadSecrets),
+            rotate_webhook_secret,
+        )
         .add(GET, "/runs", Needs(Read), list_runs)
         .add(GET, "/runs/{id}", Needs(Read), get_run)
         .add(POST, "/runs/{id}/cancel", Needs(OperateRuns), cancel_run)
@@ -269,17 +284,25 @@ async fn apply_flow(
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::BadRequest("flow is not UTF-8 text".into()))?;
     let definition = FlowDefinition::parse(text, format_of(&headers))?;
-    let applied = state
+    let result = state
         .runtime
         .apply_flow(definition, &caller.actor())
         .await?;
+    let applied = &result.applied;
     let status = if applied.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    let body =
+    let mut body =
         json!({ "flow": applied.record, "version": applied.version, "created": applied.created });
+    if let Some(auth) = result.webhook_auth {
+        body["webhook"] = json!({ "auth": auth });
+        if let Some(secret) = result.webhook_secret {
+            // Shown this once; admins can read it again (GET /v1/flows/{id}/webhook-secret).
+            body["webhook"]["secret"] = json!(secret);
+        }
+    }
     Ok((status, Json(body)).into_response())
 }
 
@@ -543,6 +566,46 @@ async fn start_run_by_hand(
     Ok(run_id)
 }
 
+/// `GET /v1/flows/{id}/webhook-secret` (admins): the secret callers sign with. Audited.
+async fn read_webhook_secret(
+    State(state): State<AppState>,
+    Extension(caller): Authorized,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let started = Instant::now();
+    let result = match state.runtime.webhook_secret(&id).await {
+        Ok(Some(secret)) => Ok(secret),
+        Ok(None) => Err(ApiError::NotFound(format!(
+            "flow `{id}` has no webhook secret (it is not a webhook flow with `auth: hmac` or `auth: token`)"
+        ))),
+        Err(err) => Err(ApiError::from(err)),
+    };
+    state
+        .runtime
+        .audit(
+            &caller.actor(),
+            "flow.webhook_secret.read",
+            &format!("flow/{id}"),
+            started,
+            result.as_ref().err(),
+        )
+        .await;
+    Ok(Json(json!({ "flow": id, "secret": result? })))
+}
+
+/// `POST /v1/flows/{id}/webhook-secret/rotate` (admins): a new secret, effective at once.
+async fn rotate_webhook_secret(
+    State(state): State<AppState>,
+    Extension(caller): Authorized,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let secret = state
+        .runtime
+        .rotate_webhook_secret(&id, &caller.actor())
+        .await?;
+    Ok(Json(json!({ "flow": id, "secret": secret })))
+}
+
 /// `POST /v1/api-keys`: `{"name", "role"}`; the answer holds the key, shown this once.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -735,23 +798,34 @@ async fn list_audit(
     ))
 }
 
-/// Turns the request into the flow's trigger items and starts one run per item.
-async fn start_webhook_runs(
+/// What every refused webhook call gets — unknown, disabled, not a webhook flow, wrong
+/// credentials alike — so that callers without the flow's secret learn nothing.
+const NO_WEBHOOK: &str = "no such webhook";
+
+/// Lets a webhook call in, or refuses it: counted by reason, logged at debug, not audited
+/// (anonymous callers must not be able to flood the audit trail).
+async fn admit(
     state: &AppState,
     flow_id: &str,
     headers: &HeaderMap,
-    query: BTreeMap<String, String>,
-    body: Bytes,
-) -> ApiResult<(Arc<piecework_core::FlowVersion>, Vec<String>)> {
+    body: &Bytes,
+) -> ApiResult<(
+    Arc<piecework_core::FlowVersion>,
+    Arc<dyn piecework_sdk::trigger::DynWebhook>,
+)> {
     let runtime = &state.runtime;
-    let record = runtime
-        .store
-        .get_flow(flow_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no flow `{flow_id}`")))?;
-    if !record.enabled {
-        return Err(ApiError::Conflict(format!("flow `{flow_id}` is disabled")));
-    }
+    let refuse = |reason: WebhookRefusal| {
+        runtime
+            .metrics
+            .webhook_refused
+            .get_or_create(&WebhookRefusedLabels { reason })
+            .inc();
+        tracing::debug!(flow = flow_id, ?reason, "webhook call refused");
+        ApiError::NotFound(NO_WEBHOOK.into())
+    };
+    let Some(record) = runtime.store.get_flow(flow_id).await? else {
+        return Err(refuse(WebhookRefusal::unknown_flow));
+    };
     let flow = runtime
         .flow_version(flow_id, record.latest_version)
         .await?
@@ -772,10 +846,45 @@ async fn start_webhook_runs(
     };
     let handle = piece.as_ref().and_then(|p| p.trigger(&trigger.trigger));
     let Some(TriggerHandle::Webhook(webhook)) = handle else {
-        return Err(ApiError::Conflict(format!(
-            "flow `{flow_id}` is not triggered by a webhook"
-        )));
+        return Err(refuse(WebhookRefusal::not_webhook));
     };
+    let webhook = webhook.clone();
+    if !record.enabled {
+        return Err(refuse(WebhookRefusal::disabled));
+    }
+    let secret = if trigger.auth.unwrap_or_default().needs_secret() {
+        runtime.webhook_secret(flow_id).await?
+    } else {
+        None
+    };
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let now = chrono::Utc::now().timestamp();
+    if let Err(refusal) = webhooks::check_call(trigger, secret.as_deref(), header, body, now) {
+        return Err(refuse(match refusal {
+            webhooks::Refusal::Missing => WebhookRefusal::missing,
+            webhooks::Refusal::Stale => WebhookRefusal::stale,
+            webhooks::Refusal::Wrong => WebhookRefusal::wrong,
+        }));
+    }
+    Ok((flow, webhook))
+}
+
+/// Turns an admitted request into the flow's trigger items and starts one run per item.
+async fn start_webhook_runs(
+    state: &AppState,
+    flow: &piecework_core::FlowVersion,
+    webhook: &dyn piecework_sdk::trigger::DynWebhook,
+    headers: &HeaderMap,
+    query: BTreeMap<String, String>,
+    body: Bytes,
+) -> ApiResult<Vec<String>> {
+    let runtime = &state.runtime;
+    let trigger = &flow.definition.trigger;
     let request = WebhookRequest {
         method: "POST".into(),
         headers: headers
@@ -800,11 +909,11 @@ async fn start_webhook_runs(
     for item in items {
         let run_id = new_run_id();
         runtime
-            .start_run(&flow, run_id.clone(), item, TriggerKind::webhook)
+            .start_run(flow, run_id.clone(), item, TriggerKind::webhook)
             .await?;
         run_ids.push(run_id);
     }
-    Ok((flow, run_ids))
+    Ok(run_ids)
 }
 
 fn parse_body(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
@@ -839,8 +948,8 @@ async fn webhook(
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 
-/// Starts the webhook's runs and audits the call (who called is unknown: the actor is
-/// `webhook`).
+/// Admits the call, starts the webhook's runs and audits the admitted call (who called is
+/// unknown: the actor is `webhook`).
 async fn audited_webhook(
     state: &AppState,
     flow_id: &str,
@@ -848,8 +957,9 @@ async fn audited_webhook(
     query: BTreeMap<String, String>,
     body: Bytes,
 ) -> ApiResult<Vec<String>> {
+    let (flow, webhook) = admit(state, flow_id, headers, &body).await?;
     let started = Instant::now();
-    let result = start_webhook_runs(state, flow_id, headers, query, body).await;
+    let result = start_webhook_runs(state, &flow, webhook.as_ref(), headers, query, body).await;
     state
         .runtime
         .audit(
@@ -860,7 +970,7 @@ async fn audited_webhook(
             result.as_ref().err(),
         )
         .await;
-    result.map(|(_, run_ids)| run_ids)
+    result
 }
 
 /// Starts a run and answers with the flow's response once it finishes: the output of a

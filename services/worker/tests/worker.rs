@@ -264,7 +264,7 @@ fn keyring(id: &str) -> Keyring {
 
 fn flow(steps: &str) -> String {
     format!(
-        "apiVersion: piecework/v1\nkind: Flow\nname: f\ntrigger: {{ piece: test, trigger: hook }}\nsteps:\n{steps}"
+        "apiVersion: piecework/v1\nkind: Flow\nname: f\ntrigger: {{ piece: test, trigger: hook, auth: none }}\nsteps:\n{steps}"
     )
 }
 

@@ -1,0 +1,321 @@
+//! Webhook flows' secrets, and the check of a call against them.
+//!
+//! A webhook flow with `auth: hmac` (the default) or `auth: token` gets a secret when it is
+//! first applied: 32 random bytes in hex, sealed like a connection (`pw:flow:{id}:webhook-secret`),
+//! shown in that apply's answer and to admins afterwards. `hmac` callers sign
+//! `"<timestamp>.<body>"` with it (HMAC-SHA256, the secret's text as the key) and send
+//! `x-piecework-timestamp` and `x-piecework-signature: sha256=<hex>`; `token` callers send the
+//! secret in a header.
+
+use std::time::Instant;
+
+use piecework_core::WebhookAuth;
+use piecework_core::flow::TriggerDef;
+use ring::rand::SecureRandom as _;
+
+use crate::{Actor, Runtime, RuntimeError, secrets};
+
+/// The unix time (seconds) an `hmac` call was signed at.
+pub const TIMESTAMP_HEADER: &str = "x-piecework-timestamp";
+/// `sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">`.
+pub const SIGNATURE_HEADER: &str = "x-piecework-signature";
+/// How far a signature's timestamp may be from now, either way: a captured call can be
+/// replayed for at most this long.
+pub const MAX_SKEW_SECONDS: i64 = 300;
+
+/// Why a call was refused; the label of `piecework_webhook_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No signature, timestamp or token.
+    Missing,
+    /// A timestamp that is not a number or is too far from now.
+    Stale,
+    /// A signature or token that does not match.
+    Wrong,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Missing => "missing",
+            Refusal::Stale => "stale",
+            Refusal::Wrong => "wrong",
+        }
+    }
+}
+
+/// Checks a call to a flow whose trigger is `trigger`, holding `secret`, at unix time `now`.
+/// `header` reads a request header (names are lowercase).
+pub fn check_call(
+    trigger: &TriggerDef,
+    secret: Option<&str>,
+    header: impl Fn(&str) -> Option<String>,
+    body: &[u8],
+    now: i64,
+) -> Result<(), Refusal> {
+    let auth = trigger.auth.unwrap_or_default();
+    if auth == WebhookAuth::None {
+        return Ok(());
+    }
+    // A flow that needs a secret and has none refuses everyone.
+    let secret = secret.ok_or(Refusal::Wrong)?;
+    match auth {
+        WebhookAuth::None => Ok(()),
+        WebhookAuth::Token => {
+            let given = header(trigger.token_header()).ok_or(Refusal::Missing)?;
+            if constant_time_eq(given.trim().as_bytes(), secret.as_bytes()) {
+                Ok(())
+            } else {
+                Err(Refusal::Wrong)
+            }
+        }
+        WebhookAuth::Hmac => {
+            let timestamp = header(TIMESTAMP_HEADER).ok_or(Refusal::Missing)?;
+            let signature = header(SIGNATURE_HEADER).ok_or(Refusal::Missing)?;
+            let at: i64 = timestamp.trim().parse().map_err(|_| Refusal::Stale)?;
+            if (now - at).abs() > MAX_SKEW_SECONDS {
+                return Err(Refusal::Stale);
+            }
+            let tag = signature
+                .trim()
+                .strip_prefix("sha256=")
+                .and_then(decode_hex)
+                .ok_or(Refusal::Wrong)?;
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+            let mut signed = Vec::with_capacity(timestamp.len() + 1 + body.len());
+            signed.extend_from_slice(timestamp.trim().as_bytes());
+            signed.push(b'.');
+            signed.extend_from_slice(body);
+            ring::hmac::verify(&key, &signed, &tag).map_err(|_| Refusal::Wrong)
+        }
+    }
+}
+
+/// The `x-piecework-signature` value for `body` signed at `timestamp` with `secret`: what a
+/// caller computes (and tests, and `piecework` tools).
+pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut signed = format!("{timestamp}.").into_bytes();
+    signed.extend_from_slice(body);
+    let tag = ring::hmac::sign(&key, &signed);
+    format!("sha256={}", encode_hex(tag.as_ref()))
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Compares without stopping at the first difference (the length is not secret).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system's random number generator works");
+    encode_hex(&bytes)
+}
+
+fn context(flow_id: &str) -> String {
+    format!("webhook:{flow_id}")
+}
+
+impl Runtime {
+    /// Gives a flow whose webhook auth needs a secret one, unless it has one; returns the new
+    /// secret (shown once, in the apply's answer).
+    pub(crate) async fn ensure_webhook_secret(
+        &self,
+        flow_id: &str,
+        trigger: &TriggerDef,
+    ) -> Result<Option<String>, RuntimeError> {
+        if !trigger.auth.is_some_and(WebhookAuth::needs_secret)
+            || self.store.get_webhook_secret(flow_id).await?.is_some()
+        {
+            return Ok(None);
+        }
+        let secret = new_secret();
+        let sealed = self.seal_webhook_secret(flow_id, &secret)?;
+        let created = self
+            .store
+            .put_webhook_secret(flow_id, &sealed, false)
+            .await?;
+        // Another api process won the race: its secret stands, and it shows it.
+        Ok(created.then_some(secret))
+    }
+
+    fn seal_webhook_secret(&self, flow_id: &str, secret: &str) -> Result<String, RuntimeError> {
+        let sealed = self.keyring()?.seal(secret.as_bytes(), &context(flow_id));
+        Ok(serde_json::to_string(&sealed).expect("sealed values serialize"))
+    }
+
+    /// The flow's webhook secret, if it has one.
+    pub async fn webhook_secret(&self, flow_id: &str) -> Result<Option<String>, RuntimeError> {
+        let Some(text) = self.store.get_webhook_secret(flow_id).await? else {
+            return Ok(None);
+        };
+        let what = format!("the webhook secret of flow `{flow_id}`");
+        let sealed: secrets::Sealed = serde_json::from_str(&text)
+            .map_err(|_| RuntimeError::Invalid(format!("{what} is damaged")))?;
+        let plain = self.keyring()?.open(&sealed, &context(flow_id), &what)?;
+        String::from_utf8(plain)
+            .map(Some)
+            .map_err(|_| RuntimeError::Invalid(format!("{what} is damaged")))
+    }
+
+    /// Replaces the flow's webhook secret: callers with the old one are refused from now on.
+    /// Audited as `flow.webhook_secret.rotate`.
+    pub async fn rotate_webhook_secret(
+        &self,
+        flow_id: &str,
+        actor: &Actor,
+    ) -> Result<String, RuntimeError> {
+        let started = Instant::now();
+        let result = async {
+            let record = self
+                .store
+                .get_flow(flow_id)
+                .await?
+                .ok_or_else(|| RuntimeError::NoSuchFlow(flow_id.to_owned()))?;
+            let version = self
+                .flow_version(flow_id, record.latest_version)
+                .await?
+                .ok_or_else(|| RuntimeError::NoSuchFlow(flow_id.to_owned()))?;
+            if !version
+                .definition
+                .trigger
+                .auth
+                .is_some_and(WebhookAuth::needs_secret)
+            {
+                return Err(RuntimeError::Conflict(format!(
+                    "flow `{flow_id}` is not a webhook flow with `auth: hmac` or `auth: token`"
+                )));
+            }
+            let secret = new_secret();
+            let sealed = self.seal_webhook_secret(flow_id, &secret)?;
+            self.store
+                .put_webhook_secret(flow_id, &sealed, true)
+                .await?;
+            Ok(secret)
+        }
+        .await;
+        self.audit(
+            actor,
+            "flow.webhook_secret.rotate",
+            &format!("flow/{flow_id}"),
+            started,
+            result.as_ref().err(),
+        )
+        .await;
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trigger(auth: Option<WebhookAuth>) -> TriggerDef {
+        serde_json::from_value(serde_json::json!({
+            "piece": "webhook", "trigger": "catch", "auth": auth,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn hmac_calls_need_a_fresh_matching_signature() {
+        let hmac = trigger(Some(WebhookAuth::Hmac));
+        let body = br#"{"n":1}"#;
+        let now = 1_800_000_000;
+        let signature = sign("s3cret", now - 10, body);
+        let ts = (now - 10).to_string();
+        let headers = |ts: &str, sig: &str| {
+            let (ts, sig) = (ts.to_owned(), sig.to_owned());
+            move |name: &str| match name {
+                TIMESTAMP_HEADER => Some(ts.clone()),
+                SIGNATURE_HEADER => Some(sig.clone()),
+                _ => None,
+            }
+        };
+        let (ts, sig) = (ts.as_str(), signature.as_str());
+        assert_eq!(
+            check_call(&hmac, Some("s3cret"), headers(ts, sig), body, now),
+            Ok(())
+        );
+        assert_eq!(
+            check_call(&hmac, Some("s3cret"), headers(ts, sig), b"{\"n\":2}", now),
+            Err(Refusal::Wrong),
+            "another body"
+        );
+        assert_eq!(
+            check_call(&hmac, Some("other"), headers(ts, sig), body, now),
+            Err(Refusal::Wrong)
+        );
+        assert_eq!(
+            check_call(&hmac, Some("s3cret"), headers(ts, sig), body, now + 400),
+            Err(Refusal::Stale),
+            "replayed too late"
+        );
+        assert_eq!(
+            check_call(&hmac, Some("s3cret"), headers("x", sig), body, now),
+            Err(Refusal::Stale)
+        );
+        assert_eq!(
+            check_call(&hmac, Some("s3cret"), headers(ts, "sha256=zz"), body, now),
+            Err(Refusal::Wrong)
+        );
+        assert_eq!(
+            check_call(&hmac, Some("s3cret"), |_| None, body, now),
+            Err(Refusal::Missing)
+        );
+        assert_eq!(
+            check_call(&hmac, None, headers(ts, sig), body, now),
+            Err(Refusal::Wrong),
+            "no secret: nobody gets in"
+        );
+    }
+
+    #[test]
+    fn token_and_none() {
+        let mut token = trigger(Some(WebhookAuth::Token));
+        token.token_header = Some("x-hub-token".into());
+        let given = |value: &'static str| {
+            move |name: &str| (name == "x-hub-token").then(|| value.to_owned())
+        };
+        assert_eq!(
+            check_call(&token, Some("t0k"), given("t0k"), b"", 0),
+            Ok(())
+        );
+        assert_eq!(
+            check_call(&token, Some("t0k"), given("t0x"), b"", 0),
+            Err(Refusal::Wrong)
+        );
+        assert_eq!(
+            check_call(&token, Some("t0k"), |_| None, b"", 0),
+            Err(Refusal::Missing)
+        );
+        let open = trigger(Some(WebhookAuth::None));
+        assert_eq!(check_call(&open, None, |_| None, b"", 0), Ok(()));
+    }
+
+    #[test]
+    fn hex_round_trips_and_rejects_junk() {
+        assert_eq!(
+            decode_hex(&encode_hex(&[0, 15, 255])),
+            Some(vec![0, 15, 255])
+        );
+        assert_eq!(decode_hex("abc"), None);
+        assert_eq!(decode_hex("zz"), None);
+    }
+}
