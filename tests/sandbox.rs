@@ -11,9 +11,13 @@ use piecework::dev::Sandbox;
 use serde_json::{Value, json};
 
 async fn sandbox(api_key: Option<&str>) -> (Sandbox, String) {
+    sandbox_with(|config| config.api.api_key = api_key.map(str::to_owned)).await
+}
+
+async fn sandbox_with(configure: impl FnOnce(&mut Config)) -> (Sandbox, String) {
     let mut config = Config::default();
     config.api.listen = "127.0.0.1:0".parse().unwrap();
-    config.api.api_key = api_key.map(str::to_owned);
+    configure(&mut config);
     let flows = piecework::flows::examples().unwrap();
     let sandbox = Sandbox::start_with(
         config,
@@ -582,6 +586,53 @@ async fn webhook_flows_take_only_signed_calls_by_default() {
             .unwrap()
             .contains("unknown variant `basic`")
     );
+    sandbox.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn webhook_calls_beyond_the_rates_or_the_body_limit_are_refused() {
+    let (sandbox, base) = sandbox_with(|config| {
+        config.api.webhook_rate_per_flow = "2/min".parse().unwrap();
+        config.api.webhook_rate = "5/min".parse().unwrap();
+        config.api.max_webhook_bytes = 4096;
+    })
+    .await;
+    let http = client();
+    let call = |flow: &'static str, body: String| {
+        http.post(format!("{base}/v1/webhooks/{flow}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let small = || json!({"name": "ada"}).to_string();
+    assert_eq!(call("echo", small()).await.unwrap().status(), 202);
+    assert_eq!(call("echo", small()).await.unwrap().status(), 202);
+    let limited = call("echo", small()).await.unwrap();
+    assert_eq!(limited.status(), 429, "the flow's burst of 2 is spent");
+    let wait: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&wait), "{wait}");
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    // The total rate counts every call, refused ones too: 2 more, then nothing.
+    assert_eq!(call("nope", small()).await.unwrap().status(), 404);
+    assert_eq!(call("nope", small()).await.unwrap().status(), 404);
+    assert_eq!(call("nope", small()).await.unwrap().status(), 429);
+    sandbox.stop().await.unwrap();
+
+    let (sandbox, base) = sandbox_with(|config| config.api.max_webhook_bytes = 4096).await;
+    let big = json!({"name": "x".repeat(5000)}).to_string();
+    let refused = client()
+        .post(format!("{base}/v1/webhooks/echo"))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 413);
     sandbox.stop().await.unwrap();
 }
 

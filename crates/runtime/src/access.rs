@@ -10,7 +10,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use piecework_core::access::{self, KEY_PREFIX, Role};
 use piecework_store::ApiKeyRecord;
-use ring::rand::SecureRandom as _;
 use serde::Serialize;
 
 use crate::{Actor, Runtime, RuntimeError};
@@ -66,11 +65,7 @@ impl Caller {
 }
 
 fn new_secret() -> String {
-    let mut bytes = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("the system's random number generator works");
-    URL_SAFE_NO_PAD.encode(bytes)
+    URL_SAFE_NO_PAD.encode(crate::secrets::random_bytes::<32>())
 }
 
 impl Runtime {

@@ -56,6 +56,22 @@ impl fmt::Debug for Sealed {
     }
 }
 
+/// Compares without stopping at the first difference (the length is not secret): for keys,
+/// tokens and signatures given by callers.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `N` bytes from the system's secure random number generator.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; N];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system's random number generator works");
+    bytes
+}
+
 /// What an encryption key is hashed with to derive the key that hashes API keys, so that
 /// the two uses never share a key.
 const HASH_KEY_LABEL: &[u8] = b"piecework api-key hash v1";

@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use piecework_core::WebhookAuth;
 use piecework_core::flow::TriggerDef;
-use ring::rand::SecureRandom as _;
 
 use crate::{Actor, Runtime, RuntimeError, secrets};
 
@@ -63,7 +62,7 @@ pub fn check_call(
         WebhookAuth::None => Ok(()),
         WebhookAuth::Token => {
             let given = header(trigger.token_header()).ok_or(Refusal::Missing)?;
-            if constant_time_eq(given.trim().as_bytes(), secret.as_bytes()) {
+            if secrets::constant_time_eq(given.trim().as_bytes(), secret.as_bytes()) {
                 Ok(())
             } else {
                 Err(Refusal::Wrong)
@@ -115,17 +114,8 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// Compares without stopping at the first difference (the length is not secret).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn new_secret() -> String {
-    let mut bytes = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("the system's random number generator works");
-    encode_hex(&bytes)
+    encode_hex(&secrets::random_bytes::<32>())
 }
 
 fn context(flow_id: &str) -> String {

@@ -203,6 +203,10 @@ pub enum WebhookRefusal {
     missing,
     stale,
     wrong,
+    /// Beyond the process's total webhook rate.
+    rate_limited,
+    /// Beyond the flow's rate (the caller was admitted).
+    flow_rate_limited,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

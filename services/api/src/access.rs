@@ -147,7 +147,7 @@ async fn identify(state: &AppState, key: Option<&str>) -> Result<Caller, ApiErro
     }
     let key = key.ok_or(ApiError::Unauthorized)?;
     if let Some(bootstrap) = state.config.api_key.as_deref()
-        && constant_time_eq(key.as_bytes(), bootstrap.as_bytes())
+        && piecework_runtime::secrets::constant_time_eq(key.as_bytes(), bootstrap.as_bytes())
     {
         return Ok(Caller {
             name: BOOTSTRAP.to_owned(),
@@ -159,11 +159,6 @@ async fn identify(state: &AppState, key: Option<&str>) -> Result<Caller, ApiErro
         .authenticate(key)
         .await?
         .ok_or(ApiError::Unauthorized)
-}
-
-/// Compares without stopping at the first difference (the length is not secret).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn describe(permission: Permission) -> &'static str {

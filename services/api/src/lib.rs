@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod error;
+pub mod limits;
 mod pieces;
 mod routes;
 
@@ -44,6 +45,13 @@ pub struct ApiConfig {
     pub sync_timeout: Duration,
     /// Largest bundle `POST /v1/pieces` accepts, in bytes.
     pub max_bundle_bytes: usize,
+    /// Largest webhook body accepted, in bytes (larger: 413).
+    pub max_webhook_bytes: usize,
+    /// Webhook calls this process accepts in all (`1000/s`; `0` for no limit), checked before
+    /// anything else: beyond it, 429 with `Retry-After`.
+    pub webhook_rate: limits::Rate,
+    /// Webhook calls this process accepts per flow (`100/s`), once a call is admitted.
+    pub webhook_rate_per_flow: limits::Rate,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -56,6 +64,9 @@ impl std::fmt::Debug for ApiConfig {
             .field("open", &self.open)
             .field("sync_timeout", &self.sync_timeout)
             .field("max_bundle_bytes", &self.max_bundle_bytes)
+            .field("max_webhook_bytes", &self.max_webhook_bytes)
+            .field("webhook_rate", &self.webhook_rate)
+            .field("webhook_rate_per_flow", &self.webhook_rate_per_flow)
             .finish()
     }
 }
@@ -69,6 +80,9 @@ impl Default for ApiConfig {
             open: false,
             sync_timeout: Duration::from_secs(30),
             max_bundle_bytes: 128 << 20,
+            max_webhook_bytes: 1 << 20,
+            webhook_rate: limits::Rate::per_second(1000),
+            webhook_rate_per_flow: limits::Rate::per_second(100),
         }
     }
 }
@@ -85,6 +99,9 @@ impl ApiConfig {
         }
         if self.max_bundle_bytes < 1024 {
             return Err("max_bundle_bytes: must be at least 1024".into());
+        }
+        if self.max_webhook_bytes < 1024 {
+            return Err("max_webhook_bytes: must be at least 1024".into());
         }
         Ok(())
     }

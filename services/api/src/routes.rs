@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Extension;
-use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Request, State};
+use axum::handler::Handler as _;
 use axum::http::Method;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
@@ -43,6 +44,7 @@ const DELETE: Method = Method::DELETE;
 pub(crate) struct AppState {
     pub(crate) runtime: Arc<Runtime>,
     pub(crate) config: Arc<ApiConfig>,
+    pub(crate) limits: Arc<crate::limits::WebhookLimits>,
 }
 
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
@@ -78,9 +80,12 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
 /// The API's routes.
 pub fn router(runtime: Arc<Runtime>, config: ApiConfig) -> Router {
     let (routes, _) = all_routes(&config);
+    let limits =
+        crate::limits::WebhookLimits::new(config.webhook_rate, config.webhook_rate_per_flow);
     let state = AppState {
         runtime,
         config: Arc::new(config),
+        limits: Arc::new(limits),
     };
     routes
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
@@ -156,8 +161,18 @@ pub(crate) fn all_routes(config: &ApiConfig) -> (Router<AppState>, Vec<RouteInfo
             Needs(ManageKeys),
             revoke_api_key,
         )
-        .add(POST, "/webhooks/{flow}", Public, webhook)
-        .add(POST, "/webhooks/{flow}/sync", Public, webhook_sync);
+        .add(
+            POST,
+            "/webhooks/{flow}",
+            Public,
+            webhook.layer(DefaultBodyLimit::max(config.max_webhook_bytes)),
+        )
+        .add(
+            POST,
+            "/webhooks/{flow}/sync",
+            Public,
+            webhook_sync.layer(DefaultBodyLimit::max(config.max_webhook_bytes)),
+        );
     let (v1, mut table) = v1.into_parts();
     let (top, top_table) = Routes::new("")
         .add(GET, "/healthz", Public, healthz)
@@ -814,6 +829,18 @@ async fn admit(
     Arc<dyn piecework_sdk::trigger::DynWebhook>,
 )> {
     let runtime = &state.runtime;
+    let limited = |reason: WebhookRefusal, retry_after| {
+        runtime
+            .metrics
+            .webhook_refused
+            .get_or_create(&WebhookRefusedLabels { reason })
+            .inc();
+        ApiError::TooManyRequests { retry_after }
+    };
+    state
+        .limits
+        .check_total()
+        .map_err(|wait| limited(WebhookRefusal::rate_limited, wait))?;
     let refuse = |reason: WebhookRefusal| {
         runtime
             .metrics
@@ -871,6 +898,10 @@ async fn admit(
             webhooks::Refusal::Wrong => WebhookRefusal::wrong,
         }));
     }
+    state
+        .limits
+        .check_flow(flow_id)
+        .map_err(|wait| limited(WebhookRefusal::flow_rate_limited, wait))?;
     Ok((flow, webhook))
 }
 
