@@ -199,6 +199,12 @@ async fn api(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         if let Some(listen) = args.listen {
             config.api.listen = listen;
         }
+        if let Some(rate) = args.webhook_rate {
+            config.api.webhook_rate = rate;
+        }
+        if let Some(rate) = args.webhook_rate_per_flow {
+            config.api.webhook_rate_per_flow = rate;
+        }
     })?;
     let (runtime, sources) = infra::runtime(
         &config,

@@ -92,6 +92,9 @@ impl Process {
             .env("PW_NATS_URL", &infra.nats)
             .env("PW_REDIS_URL", &infra.redis)
             .env("PW_ENCRYPTION_KEY", &infra.key)
+            // Measure the runtime, not its guard rails.
+            .env("PW_WEBHOOK_RATE", "0")
+            .env("PW_WEBHOOK_RATE_PER_FLOW", "0")
             // As deployed: the default log level, JSON lines to a file.
             .env_remove("PW_LOG")
             .env_remove("RUST_LOG")

@@ -47,10 +47,10 @@ pub struct ApiConfig {
     pub max_bundle_bytes: usize,
     /// Largest webhook body accepted, in bytes (larger: 413).
     pub max_webhook_bytes: usize,
-    /// Webhook calls this process accepts in all (`1000/s`; `0` for no limit), checked before
-    /// anything else: beyond it, 429 with `Retry-After`.
+    /// Webhook calls this process accepts in all (`10000/s`; `0` for no limit), checked
+    /// before anything else: beyond it, 429 with `Retry-After`.
     pub webhook_rate: limits::Rate,
-    /// Webhook calls this process accepts per flow (`100/s`), once a call is admitted.
+    /// Webhook calls this process accepts per flow (`1000/s`), once a call is admitted.
     pub webhook_rate_per_flow: limits::Rate,
 }
 
@@ -81,8 +81,8 @@ impl Default for ApiConfig {
             sync_timeout: Duration::from_secs(30),
             max_bundle_bytes: 128 << 20,
             max_webhook_bytes: 1 << 20,
-            webhook_rate: limits::Rate::per_second(1000),
-            webhook_rate_per_flow: limits::Rate::per_second(100),
+            webhook_rate: limits::Rate::per_second(10_000),
+            webhook_rate_per_flow: limits::Rate::per_second(1_000),
         }
     }
 }
