@@ -18,7 +18,7 @@
 //! | `pw:connection:{name}` | string | a connection (JSON) whose values are sealed (AES-256-GCM) |
 //! | `pw:api-keys` | hash | API key name → its record (JSON: role, keyed hash of the secret, created) |
 //! | `pw:kv:{key}` | string | the piece key-value store (JSON), keys `flow:{id}:…` and `global:…` |
-//! | `pw:results`, `pw:audit` | stream | one entry per step attempt / audited operation, capped with `MAXLEN ~` |
+//! | `pw:results`, `pw:audit` | stream | one entry per step attempt / audited operation, capped with `MAXLEN ~`; `pw:audit` also trimmed by age (`audit_retention`) |
 //!
 //! A step update is one `MULTI` pipeline (step field, run status, `pw:results` entry, done
 //! notification); creating a run is one Lua script, so "create only if new" is atomic. Blocking
@@ -56,6 +56,10 @@ pub struct RedisConfig {
     pub url: String,
     /// Approximate cap of `pw:results` and `pw:audit` (`XADD MAXLEN ~`).
     pub stream_maxlen: usize,
+    /// How long `pw:audit` keeps an entry, whatever the count (`XTRIM MINID` as entries are
+    /// added); zero keeps them until `stream_maxlen` pushes them out.
+    #[serde(with = "humantime_serde")]
+    pub audit_retention: Duration,
     /// How long to keep trying to reach Redis at start before giving up.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -66,6 +70,7 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             stream_maxlen: 100_000,
+            audit_retention: Duration::from_secs(90 * 24 * 3600),
             connect_timeout: Duration::from_secs(30),
         }
     }
@@ -950,10 +955,22 @@ impl Store for RedisStore {
     }
 
     async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
-        let () = xadd(AUDIT, self.config.stream_maxlen, audit_fields(&event))
+        let mut pipe = redis::pipe();
+        pipe.add_command(xadd(AUDIT, self.config.stream_maxlen, audit_fields(&event)))
+            .ignore();
+        let retention = self.config.audit_retention;
+        if !retention.is_zero() {
+            let oldest = Utc::now().timestamp_millis()
+                - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+            pipe.cmd("XTRIM")
+                .arg(AUDIT)
+                .arg("MINID")
+                .arg(oldest.max(0))
+                .ignore();
+        }
+        let () = pipe
             .query_async(&mut self.conn())
             .await
-            .map(|_: String| ())
             .map_err(unavailable)?;
         Ok(())
     }

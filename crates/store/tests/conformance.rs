@@ -860,3 +860,38 @@ async fn run_finished_waiters_share_one_subscription_that_survives_a_restart() {
     let run = waiter.await.unwrap().unwrap().unwrap();
     assert_eq!(run.status, RunStatus::Succeeded, "woken after the restart");
 }
+
+#[tokio::test]
+async fn redis_audit_entries_older_than_the_retention_are_trimmed() {
+    let server = RedisServer::start().await.unwrap();
+    let store = RedisStore::connect(RedisConfig {
+        url: server.url(),
+        audit_retention: Duration::from_secs(3600),
+        ..RedisConfig::default()
+    })
+    .await
+    .unwrap();
+    // An entry from long ago (its stream id is its time), then one now.
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: String = ::redis::cmd("XADD")
+        .arg("pw:audit")
+        .arg("1000-0")
+        .arg("actor")
+        .arg("api:old")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let event = AuditEvent {
+        actor: "api:new".into(),
+        action: "flow.apply".into(),
+        resource: "flow/f".into(),
+        outcome: "success".into(),
+        time_unix_ms: Utc::now().timestamp_millis(),
+        ..AuditEvent::default()
+    };
+    store.append_audit(event).await.unwrap();
+    let entries = store.read_audit(None, 10).await.unwrap();
+    let actors: Vec<&str> = entries.iter().map(|e| e.event.actor.as_str()).collect();
+    assert_eq!(actors, ["api:new"]);
+}
