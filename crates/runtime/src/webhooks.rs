@@ -72,7 +72,8 @@ pub fn check_call(
             let timestamp = header(TIMESTAMP_HEADER).ok_or(Refusal::Missing)?;
             let signature = header(SIGNATURE_HEADER).ok_or(Refusal::Missing)?;
             let at: i64 = timestamp.trim().parse().map_err(|_| Refusal::Stale)?;
-            if (now - at).abs() > MAX_SKEW_SECONDS {
+            // `abs_diff`: a caller's timestamp of i64::MIN must not overflow the check.
+            if now.abs_diff(at) > MAX_SKEW_SECONDS.unsigned_abs() {
                 return Err(Refusal::Stale);
             }
             let tag = signature
@@ -261,6 +262,19 @@ mod tests {
             check_call(&hmac, Some("s3cret"), headers("x", sig), body, now),
             Err(Refusal::Stale)
         );
+        for extreme in [i64::MIN, i64::MAX] {
+            assert_eq!(
+                check_call(
+                    &hmac,
+                    Some("s3cret"),
+                    headers(&extreme.to_string(), sig),
+                    body,
+                    now
+                ),
+                Err(Refusal::Stale),
+                "{extreme}"
+            );
+        }
         assert_eq!(
             check_call(&hmac, Some("s3cret"), headers(ts, "sha256=zz"), body, now),
             Err(Refusal::Wrong)

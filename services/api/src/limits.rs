@@ -49,6 +49,11 @@ impl FromStr for Rate {
         let bad = || format!("{text:?} is not a rate: write 100/s, 20/min or 500/h (0 for none)");
         let (count, unit) = text.split_once('/').ok_or_else(bad)?;
         let count: u32 = count.trim().parse().map_err(|_| bad())?;
+        if count > 1_000_000 {
+            return Err(format!(
+                "{text:?}: at most 1000000 calls per period (0 for no limit)"
+            ));
+        }
         let per = match unit.trim() {
             "s" | "sec" | "second" => Duration::from_secs(1),
             "min" | "minute" => Duration::from_secs(60),
@@ -142,6 +147,7 @@ mod tests {
         let err = "fast".parse::<Rate>().unwrap_err();
         assert!(err.contains("\"fast\"") && err.contains("100/s"), "{err}");
         assert!("10/week".parse::<Rate>().is_err());
+        assert!("2000000/s".parse::<Rate>().unwrap_err().contains("at most"));
     }
 
     #[test]
