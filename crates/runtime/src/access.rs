@@ -3,8 +3,6 @@
 //! A key is checked against the store on every request (one read), so a revoked key stops
 //! working on every api process as soon as it is deleted.
 
-use std::time::Instant;
-
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
@@ -77,17 +75,13 @@ impl Runtime {
         role: Role,
         actor: &Actor,
     ) -> Result<(ApiKeyInfo, String), RuntimeError> {
-        let started = Instant::now();
-        let result = self.insert_api_key(name, role, actor).await;
-        self.audit(
+        self.audited(
             actor,
             "api_key.create",
             &format!("api-key/{name}"),
-            started,
-            result.as_ref().err(),
+            self.insert_api_key(name, role, actor),
         )
-        .await;
-        result
+        .await
     }
 
     async fn insert_api_key(
@@ -134,21 +128,14 @@ impl Runtime {
     /// Deletes a key: from the next request on, no api process accepts it. Audited as
     /// `api_key.revoke`.
     pub async fn revoke_api_key(&self, name: &str, actor: &Actor) -> Result<(), RuntimeError> {
-        let started = Instant::now();
-        let result = match self.store.delete_api_key(name).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(RuntimeError::NoSuchApiKey(name.to_owned())),
-            Err(err) => Err(err.into()),
+        let revoke = async {
+            match self.store.delete_api_key(name).await? {
+                true => Ok(()),
+                false => Err(RuntimeError::NoSuchApiKey(name.to_owned())),
+            }
         };
-        self.audit(
-            actor,
-            "api_key.revoke",
-            &format!("api-key/{name}"),
-            started,
-            result.as_ref().err(),
-        )
-        .await;
-        result
+        self.audited(actor, "api_key.revoke", &format!("api-key/{name}"), revoke)
+            .await
     }
 
     /// The caller a stored key belongs to; `None` for a key that is malformed, unknown,

@@ -317,21 +317,19 @@ impl Runtime {
     }
 
     pub async fn delete_connection(&self, name: &str, actor: &Actor) -> Result<(), RuntimeError> {
-        let started = Instant::now();
-        let result = match self.store.delete_connection(name).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(RuntimeError::NoSuchConnection(name.to_owned())),
-            Err(err) => Err(err.into()),
+        let delete = async {
+            match self.store.delete_connection(name).await? {
+                true => Ok(()),
+                false => Err(RuntimeError::NoSuchConnection(name.to_owned())),
+            }
         };
-        self.audit(
+        self.audited(
             actor,
             "connection.delete",
             &format!("connection/{name}"),
-            started,
-            result.as_ref().err(),
+            delete,
         )
-        .await;
-        result
+        .await
     }
 
     /// A flow version, from the cache or the store.
@@ -612,6 +610,21 @@ impl Runtime {
     }
 
     /// Appends to `pw:audit`. A failure to audit is logged, never fails the operation.
+    /// Runs `operation` and records it in the audit trail with its outcome and duration.
+    pub async fn audited<T, E: ToString>(
+        &self,
+        actor: &Actor,
+        action: &str,
+        resource: &str,
+        operation: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let started = Instant::now();
+        let result = operation.await;
+        self.audit(actor, action, resource, started, result.as_ref().err())
+            .await;
+        result
+    }
+
     pub async fn audit(
         &self,
         actor: &Actor,

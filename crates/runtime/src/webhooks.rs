@@ -7,8 +7,6 @@
 //! `x-piecework-timestamp` and `x-piecework-signature: sha256=<hex>`; `token` callers send the
 //! secret in a header.
 
-use std::time::Instant;
-
 use piecework_core::WebhookAuth;
 use piecework_core::flow::TriggerDef;
 
@@ -172,8 +170,7 @@ impl Runtime {
         flow_id: &str,
         actor: &Actor,
     ) -> Result<String, RuntimeError> {
-        let started = Instant::now();
-        let result = async {
+        let rotate = async {
             let record = self
                 .store
                 .get_flow(flow_id)
@@ -199,17 +196,14 @@ impl Runtime {
                 .put_webhook_secret(flow_id, &sealed, true)
                 .await?;
             Ok(secret)
-        }
-        .await;
-        self.audit(
+        };
+        self.audited(
             actor,
             "flow.webhook_secret.rotate",
             &format!("flow/{flow_id}"),
-            started,
-            result.as_ref().err(),
+            rotate,
         )
-        .await;
-        result
+        .await
     }
 }
 

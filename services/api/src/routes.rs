@@ -528,19 +528,15 @@ async fn start_manual_run(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::BadRequest(format!("expected {{\"trigger\": …}}: {e}")))?
     };
-    let started = Instant::now();
-    let result = start_run_by_hand(&state, &caller, &id, request.trigger).await;
-    state
+    let run_id = state
         .runtime
-        .audit(
+        .audited(
             &caller.actor(),
             "run.start",
             &format!("flow/{id}"),
-            started,
-            result.as_ref().err(),
+            start_run_by_hand(&state, &caller, &id, request.trigger),
         )
-        .await;
-    let run_id = result?;
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": run_id }))).into_response())
 }
 
@@ -587,25 +583,23 @@ async fn read_webhook_secret(
     Extension(caller): Authorized,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let started = Instant::now();
-    let result = match state.runtime.webhook_secret(&id).await {
-        Ok(Some(secret)) => Ok(secret),
-        Ok(None) => Err(ApiError::NotFound(format!(
-            "flow `{id}` has no webhook secret (it is not a webhook flow with `auth: hmac` or `auth: token`)"
-        ))),
-        Err(err) => Err(ApiError::from(err)),
+    let read = async {
+        state.runtime.webhook_secret(&id).await?.ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "flow `{id}` has no webhook secret (it is not a webhook flow with `auth: hmac` or `auth: token`)"
+            ))
+        })
     };
-    state
+    let secret = state
         .runtime
-        .audit(
+        .audited(
             &caller.actor(),
             "flow.webhook_secret.read",
             &format!("flow/{id}"),
-            started,
-            result.as_ref().err(),
+            read,
         )
-        .await;
-    Ok(Json(json!({ "flow": id, "secret": result? })))
+        .await?;
+    Ok(Json(json!({ "flow": id, "secret": secret })))
 }
 
 /// `POST /v1/flows/{id}/webhook-secret/rotate` (admins): a new secret, effective at once.
