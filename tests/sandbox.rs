@@ -633,6 +633,8 @@ async fn webhook_calls_beyond_the_rates_or_the_body_limit_are_refused() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 413);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_large", "{body}");
     sandbox.stop().await.unwrap();
 }
 

@@ -10,7 +10,6 @@ use axum::http::Method;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use bytes::Bytes;
 use piecework_bundle::Signature;
 use semver::Version;
 use serde_json::{Value, json};
@@ -18,7 +17,7 @@ use serde_json::{Value, json};
 use crate::ApiConfig;
 use crate::access::{Access::Needs, Authorized, Routes};
 use crate::error::ApiError;
-use crate::routes::{ApiResult, AppState, Path};
+use crate::routes::{ApiResult, AppState, Body, Path};
 use piecework_core::access::Permission;
 
 /// The header that carries a bundle's signature on publish.
@@ -108,7 +107,7 @@ async fn publish(
     State(state): State<AppState>,
     Extension(caller): Authorized,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> ApiResult<Response> {
     if body.is_empty() {
         return Err(ApiError::BadRequest(

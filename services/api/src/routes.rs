@@ -63,6 +63,30 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
     }
 }
 
+/// The request body, answering one over the route's limit (or unreadable) with the API's
+/// JSON error instead of axum's plain text.
+pub(crate) struct Body(pub(crate) Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(request, state)
+            .await
+            .map(Body)
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::TooLarge(
+                        "the request body is over this route's limit (see [api] in the configuration)"
+                            .into(),
+                    )
+                } else {
+                    ApiError::BadRequest(e.body_text())
+                }
+            })
+    }
+}
+
 /// axum's `Path`, answering a malformed path parameter with the API's JSON error.
 pub(crate) struct Path<T>(pub(crate) T);
 
@@ -294,7 +318,7 @@ async fn apply_flow(
     State(state): State<AppState>,
     Extension(caller): Authorized,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> ApiResult<Response> {
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::BadRequest("flow is not UTF-8 text".into()))?;
@@ -336,7 +360,7 @@ async fn upgrade_flow(
     State(state): State<AppState>,
     Extension(caller): Authorized,
     Path(id): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> ApiResult<Json<Value>> {
     let request: UpgradeRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("upgrade request: {e}")))?;
@@ -518,7 +542,7 @@ async fn start_manual_run(
     State(state): State<AppState>,
     Extension(caller): Authorized,
     Path(id): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> ApiResult<Response> {
     let request: StartRun = if body.is_empty() {
         StartRun {
@@ -626,7 +650,7 @@ struct CreateApiKey {
 async fn create_api_key(
     State(state): State<AppState>,
     Extension(caller): Authorized,
-    body: Bytes,
+    Body(body): Body,
 ) -> ApiResult<Response> {
     let request: CreateApiKey = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"name\", \"role\"}}: {e}")))?;
@@ -673,7 +697,7 @@ struct SaveConnection {
 async fn save_connection(
     State(state): State<AppState>,
     Extension(caller): Authorized,
-    body: Bytes,
+    Body(body): Body,
 ) -> ApiResult<Response> {
     // The body holds secrets: the parse error must not echo it (serde's messages do not).
     let request: SaveConnection = serde_json::from_slice(&body).map_err(|e| {
@@ -962,7 +986,7 @@ async fn webhook(
     Path(flow_id): Path<String>,
     Query(query): Query<BTreeMap<String, String>>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> ApiResult<Response> {
     let run_ids = audited_webhook(&state, &flow_id, &headers, query, body).await?;
     let run_id = run_ids.first().cloned();
@@ -1005,7 +1029,7 @@ async fn webhook_sync(
     Path(flow_id): Path<String>,
     Query(query): Query<BTreeMap<String, String>>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> ApiResult<Response> {
     let run_ids = audited_webhook(&state, &flow_id, &headers, query, body).await?;
     let [run_id] = run_ids.as_slice() else {
