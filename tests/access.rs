@@ -299,3 +299,54 @@ async fn keys_are_named_audited_revoked_everywhere_and_start_runs_as_themselves(
     let secret = developer.rsplit('_').next().unwrap();
     assert!(!fleet.all_logs().contains(secret));
 }
+
+/// The CLI a new user reaches for: the admin key from a mounted file, flow files applied with
+/// `flow apply`, the webhook secret shown once, read again and rotated by an admin.
+#[tokio::test]
+async fn the_cli_reads_its_key_from_a_file_and_manages_webhook_secrets() {
+    let mut fleet = Fleet::start("").await;
+    fleet.start_api().await;
+    let key_file = fleet.dir.path().join("admin.key");
+    std::fs::write(&key_file, format!("{ADMIN_KEY}\n")).unwrap();
+    let from_file = |args: &[&str]| {
+        common::piecework_command()
+            .args(args)
+            .env("PW_API_URL", &fleet.api)
+            .env_remove("PW_API_KEY")
+            .env("PW_API_KEY_FILE", &key_file)
+            .output()
+            .unwrap()
+    };
+    let flow = fleet.dir.path().join("hook.yaml");
+    std::fs::write(
+        &flow,
+        "apiVersion: piecework/v1\nkind: Flow\nname: hook\ntrigger: { piece: webhook, trigger: catch }\nsteps:\n  - { name: a, piece: data, action: set, input: { value: 1 } }\n",
+    )
+    .unwrap();
+    let applied = from_file(&["flow", "apply", flow.to_str().unwrap()]);
+    let printed = text(&applied);
+    assert!(applied.status.success(), "{printed}");
+    assert!(
+        printed.contains("applied flow `hook` version 1"),
+        "{printed}"
+    );
+    let shown = printed.lines().last().unwrap().trim().to_owned();
+    assert_eq!(shown.len(), 64, "{printed}");
+    let again = text(&from_file(&["flow", "apply", flow.to_str().unwrap()]));
+    assert!(
+        again.contains("unchanged") && !again.contains(&shown),
+        "{again}"
+    );
+
+    let read = from_file(&["flow", "webhook-secret", "hook"]);
+    assert_eq!(String::from_utf8(read.stdout).unwrap().trim(), shown);
+    let rotated = from_file(&["flow", "webhook-secret", "hook", "--rotate"]);
+    let rotated = String::from_utf8(rotated.stdout).unwrap().trim().to_owned();
+    assert!(rotated.len() == 64 && rotated != shown, "{rotated}");
+
+    // An empty key file is an error that names the file, not a silent anonymous call.
+    std::fs::write(&key_file, "\n").unwrap();
+    let empty = from_file(&["flow", "webhook-secret", "hook"]);
+    assert!(!empty.status.success());
+    assert!(text(&empty).contains("is empty"), "{}", text(&empty));
+}

@@ -525,6 +525,11 @@ fn a_bundle_built_twice_from_the_same_source_has_the_same_digest() {
             None,
         );
         assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            !text(&out).contains("warning:"),
+            "one version number, no warning: {}",
+            text(&out)
+        );
         let inspected = piecework(
             &[
                 "piece",

@@ -359,6 +359,25 @@ async fn the_api_key_guards_everything_but_webhooks_and_health() {
 }
 
 #[tokio::test]
+async fn an_open_api_is_refused_beyond_loopback() {
+    let mut config = Config::default();
+    config.api.listen = "0.0.0.0:0".parse().unwrap();
+    let refused = Sandbox::start(
+        config,
+        Vec::new(),
+        piecework::registry::pieces().unwrap(),
+        piecework::infra::Infra::MEMORY,
+        test_keyring(),
+    )
+    .await;
+    let err = refused
+        .err()
+        .expect("no key beyond loopback is refused")
+        .to_string();
+    assert!(err.contains("PW_API_KEY"), "{err}");
+}
+
+#[tokio::test]
 async fn webhooks_refuse_unknown_disabled_and_non_webhook_flows_alike() {
     let (sandbox, base) = sandbox(None).await;
     let http = client();

@@ -18,7 +18,7 @@ pub const NAME: &str = "my-company-api";
 pub fn piece() -> Result<Piece, PieceDefinitionError> {
     Piece::builder(NAME, "My Company API")
         .description("Internal company API integration: tickets of the support system")
-        .version("1.0.0")
+        .version(env!("CARGO_PKG_VERSION"))
         .auth(auth::definition())
         .validate_auth(auth::CheckKey)
         .logo_url("https://cdn.company.example/logo.png")
