@@ -621,7 +621,10 @@ async fn polling_starts_one_run_per_new_item_even_when_polls_repeat() {
     let mut outputs = Vec::new();
     for summary in runs {
         let run = h.finished(&summary.id).await;
-        assert_eq!(run.started_by.name, "schedule", "polled runs are the scheduler's");
+        assert_eq!(
+            run.started_by.name, "schedule",
+            "polled runs are the scheduler's"
+        );
         outputs.push(run.step("first").unwrap().output.clone().unwrap());
     }
     outputs.sort_by_key(|v| v.to_string());
