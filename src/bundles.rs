@@ -22,7 +22,7 @@ use bytes::Bytes;
 use piecework_bundle::{Bundle, File, Limits, Signature, SigningKey, TrustedKeys};
 use piecework_host::build::{self, Options};
 use piecework_host::{HostConfig, PieceHost, read_signature, signature_path};
-use piecework_sdk::{EgressPolicy, Piece};
+use piecework_sdk::Piece;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -652,5 +652,5 @@ fn local_host(cache: &Path, check_signatures: bool) -> anyhow::Result<Arc<PieceH
         trusted_keys,
         ..HostConfig::default()
     };
-    Ok(PieceHost::new(config, EgressPolicy::default())?)
+    Ok(PieceHost::new(config, crate::piece_test::local_egress())?)
 }

@@ -50,6 +50,8 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         if let Some(concurrency) = args.concurrency {
             config.worker.concurrency = concurrency;
         }
+        // The demo's mock API, and the API a piece author is integrating, listen here.
+        config.egress.allow_loopback();
     })?;
     let registry = registry::pieces()?;
     let mut definitions = if args.no_examples {
@@ -129,6 +131,9 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         ),
     }
     println!("  watch   http://{addr}/metrics, GET /v1/audit, PW_OTLP_ENDPOINT for traces");
+    println!(
+        "  egress  pieces may call loopback here (for local mocks); deployed workers refuse loopback and private addresses unless [egress] allow / PW_EGRESS_ALLOW name them"
+    );
     println!(
         "  flows   {}",
         if names.is_empty() {

@@ -79,6 +79,12 @@ impl Config {
         if let Some(key) = api_key_from_env()? {
             config.api.api_key = Some(key);
         }
+        if let Some(allow) = std::env::var("PW_EGRESS_ALLOW")
+            .ok()
+            .filter(|a| !a.is_empty())
+        {
+            config.egress.extend_allow(&allow);
+        }
         overrides(&mut config);
         if config.api.api_key.is_none()
             && let Some(path) = &config.api.api_key_file
@@ -92,7 +98,22 @@ impl Config {
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+        Self::parse(&text).with_context(|| format!("config file {}", path.display()))
+    }
+
+    /// Parses a TOML document; a key nothing reads is an error naming it (a typo must not
+    /// silently leave a default in place — sections shared with piece processes, such as
+    /// `[egress]`, ignore unknown fields on the wire, so this is checked here).
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let mut unknown = Vec::new();
+        let document = toml::Deserializer::parse(text)?;
+        let config: Config = serde_ignored::deserialize(document, |path| {
+            unknown.push(path.to_string());
+        })?;
+        if let Some(key) = unknown.first() {
+            bail!("unknown key `{key}`");
+        }
+        Ok(config)
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -103,6 +124,7 @@ impl Config {
             ("nats", check_url("url", &self.nats.url, &["nats", "tls"])),
             ("redis", check_url("url", &self.redis.url, &["redis"])),
             ("pieces", self.pieces.validate()),
+            ("egress", self.egress.validate()),
         ];
         for (section, check) in checks {
             if let Err(message) = check {
@@ -156,18 +178,27 @@ mod tests {
 
     #[test]
     fn file_values_apply_and_unknown_keys_are_named() {
-        let config: Config =
-            toml::from_str("[worker]\nconcurrency = 4\nqueues = [\"default\", \"vpn\"]\n[nats]\nurl = \"nats://n:4222\"\n").unwrap();
+        let config =
+            Config::parse("[worker]\nconcurrency = 4\nqueues = [\"default\", \"vpn\"]\n[nats]\nurl = \"nats://n:4222\"\n").unwrap();
         assert_eq!(config.worker.concurrency, 4);
         assert_eq!(config.worker.queues, ["default", "vpn"]);
         assert_eq!(config.nats.url, "nats://n:4222");
-        let err = toml::from_str::<Config>("[worker]\nconcurency = 4\n").unwrap_err();
+        let err = Config::parse("[worker]\nconcurency = 4\n").unwrap_err();
         assert!(
             err.to_string().contains("unknown field `concurency`"),
             "{err}"
         );
-        let err = toml::from_str::<Config>("[worker]\nack_wait = \"soon\"\n").unwrap_err();
+        let err = Config::parse("[egress]\nalow = [\"10.0.0.0/8\"]\n").unwrap_err();
+        assert_eq!(err.to_string(), "unknown key `egress.alow`");
+        let err = Config::parse("[worker]\nack_wait = \"soon\"\n").unwrap_err();
         assert!(err.to_string().contains("ack_wait"), "{err}");
+        let mut config = Config::parse("[egress]\nallow = [\"10.0.0.0/40\"]\n").unwrap();
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "invalid configuration [egress] allow: \"10.0.0.0/40\" is not a network (address/prefix)"
+        );
+        config.egress.allow.clear();
+        config.validate().unwrap();
     }
 
     #[test]
@@ -178,7 +209,7 @@ mod tests {
             .expect("operating.md shows the configuration")
             + 8;
         let end = start + doc[start..].find("```").unwrap();
-        let config: Config = toml::from_str(&doc[start..end]).unwrap();
+        let config = Config::parse(&doc[start..end]).unwrap();
         config.validate().unwrap();
         assert_eq!(config.pieces.dir.as_deref(), Some(Path::new("/srv/pieces")));
         assert_eq!(

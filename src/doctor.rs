@@ -207,8 +207,7 @@ async fn check_connections(report: &mut Report, runtime: &Arc<Runtime>) {
             RunInfo::new("doctor", "", 0, "auth", 1),
             Owner::default(),
             ScopedStore::new(runtime.store.kv(), ""),
-            piecework_sdk::HttpClient::new(piecework_sdk::EgressPolicy::default())
-                .expect("the default client builds"),
+            runtime.http().clone(),
         )
         .with_auth(Some(values.clone()));
         let plain_http = ["base_url", "url", "endpoint"]

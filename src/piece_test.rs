@@ -16,6 +16,16 @@ use crate::cli::ConfigArgs;
 use crate::config::Config;
 use crate::infra::{self, Infra};
 
+/// What a piece run on the author's machine may reach: what a deployed worker may, plus
+/// loopback (a local mock of the API being integrated) and `PW_EGRESS_ALLOW`.
+pub fn local_egress() -> EgressPolicy {
+    let mut policy = EgressPolicy::allowing_loopback();
+    if let Ok(allow) = std::env::var("PW_EGRESS_ALLOW") {
+        policy.extend_allow(&allow);
+    }
+    policy
+}
+
 pub async fn run(
     piece: &str,
     name: &str,
@@ -73,7 +83,7 @@ async fn run_member(
             id: owner.to_owned(),
         },
         ScopedStore::new(Arc::new(MemoryKv::default()), "local"),
-        HttpClient::new(EgressPolicy::default())?,
+        HttpClient::new(local_egress())?,
     )
     .with_auth(auth);
 

@@ -439,10 +439,12 @@ async fn doctor_reports_unreachable_endpoints_bad_connections_and_missing_server
     revoked.revoke("tok");
     gone.stop();
 
+    // The mocks listen on loopback, which only an installation that allows it may call.
     let env = [
         ("PW_NATS_URL", nats.url()),
         ("PW_REDIS_URL", redis.url()),
         ("PW_ENCRYPTION_KEY", key.clone()),
+        ("PW_EGRESS_ALLOW", "127.0.0.0/8".to_owned()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let out = piecework(&["doctor"], &env, None);

@@ -17,6 +17,7 @@ async fn sandbox(api_key: Option<&str>) -> (Sandbox, String) {
 async fn sandbox_with(configure: impl FnOnce(&mut Config)) -> (Sandbox, String) {
     let mut config = Config::default();
     config.api.listen = "127.0.0.1:0".parse().unwrap();
+    config.egress.allow_loopback(); // as `piecework dev` does
     configure(&mut config);
     let flows = piecework::flows::examples().unwrap();
     let sandbox = Sandbox::start_with(
@@ -222,6 +223,7 @@ async fn a_flow_applied_through_the_api_answers_its_sync_webhook() {
 async fn steps_routed_to_another_queue_run_in_dev() {
     let mut config = Config::default();
     config.api.listen = "127.0.0.1:0".parse().unwrap();
+    config.egress.allow_loopback(); // as `piecework dev` does
     let text = ORDER_FLOW.replace("    action: put\n", "    action: put\n    queue: vpn-eu\n");
     let flow = piecework_core::FlowDefinition::parse(&text, piecework_core::Format::Yaml).unwrap();
     let sandbox = Sandbox::start(
@@ -362,6 +364,7 @@ async fn the_api_key_guards_everything_but_webhooks_and_health() {
 async fn an_open_api_is_refused_beyond_loopback() {
     let mut config = Config::default();
     config.api.listen = "0.0.0.0:0".parse().unwrap();
+    config.egress.allow_loopback(); // as `piecework dev` does
     let refused = Sandbox::start(
         config,
         Vec::new(),
@@ -756,6 +759,7 @@ fn registry_with_vault() -> piecework_core::Registry {
 async fn connections_are_saved_through_the_api_and_never_returned() {
     let mut config = Config::default();
     config.api.listen = "127.0.0.1:0".parse().unwrap();
+    config.egress.allow_loopback(); // as `piecework dev` does
     let sandbox = Sandbox::start(
         config,
         vec![],
@@ -869,6 +873,7 @@ async fn connections_are_saved_through_the_api_and_never_returned() {
 async fn the_auto_assign_demo_assigns_each_new_ticket_exactly_once() {
     let mut config = Config::default();
     config.api.listen = "127.0.0.1:0".parse().unwrap();
+    config.egress.allow_loopback(); // as `piecework dev` does
     let flow = piecework::flows::examples()
         .unwrap()
         .into_iter()

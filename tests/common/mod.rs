@@ -197,6 +197,9 @@ impl Fleet {
             .env("PW_REDIS_URL", self.redis.url())
             .env("PW_ENCRYPTION_KEY", &self.encryption_key)
             .env("PW_API_KEY", ADMIN_KEY)
+            // The targets of tests listen on loopback, which the egress guard denies by default;
+            // a test of the guard itself sets `PW_EGRESS_ALLOW` to "" in `env`.
+            .env("PW_EGRESS_ALLOW", "127.0.0.0/8,::1,localhost")
             .env("PW_LOG", "info")
             .env("PW_LOG_FORMAT", "json")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -447,7 +450,8 @@ impl Target {
     /// `/ok`: 200. `/flaky/{key}?fail=N`: 503 for the first N calls. `/slow/{key}?ms=M`:
     /// answers after M ms. `/toggle/{key}`: 500 while broken. `/echo`: 200 with the request's
     /// headers; `/reject`: 400 quoting the `Authorization` header — the careless upstreams
-    /// that put a caller's credentials into what piecework records.
+    /// that put a caller's credentials into what piecework records. `/big/{key}?bytes=N`: a
+    /// JSON string of N bytes.
     pub async fn start() -> Target {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let target = Target {
@@ -461,6 +465,7 @@ impl Target {
             .route("/toggle/{key}", any(toggle))
             .route("/echo", any(echo_headers))
             .route("/reject", any(reject_quoting_authorization))
+            .route("/big/{key}", any(big))
             .with_state(target.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         target
@@ -551,6 +556,15 @@ async fn slow(
     let calls = target.hit(&key);
     tokio::time::sleep(Duration::from_millis(q.get("ms").copied().unwrap_or(1000))).await;
     axum::Json(json!({"calls": calls}))
+}
+
+async fn big(
+    State(target): State<Target>,
+    Path(key): Path<String>,
+    Query(q): Query<HashMap<String, usize>>,
+) -> axum::Json<Value> {
+    target.hit(&key);
+    axum::Json(json!("x".repeat(q.get("bytes").copied().unwrap_or(0))))
 }
 
 async fn toggle(

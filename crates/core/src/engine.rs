@@ -66,6 +66,32 @@ impl Execution {
         }
     }
 
+    /// Keeps what this attempt records within `max` bytes of JSON: an output over it fails the
+    /// attempt for good (the same input would make the same output), a longer error is cut
+    /// to [`MAX_ERROR_BYTES`], a recorded input over it is replaced by a note of its size.
+    pub fn limit(&mut self, max: usize) {
+        if let StepOutcome::Succeeded { output } = &self.outcome {
+            let size = json_size(output);
+            if size > max {
+                self.outcome = StepOutcome::Failed {
+                    error: format!(
+                        "the step's output is {size} bytes, more than the {max} a step may record ([worker] max_output_bytes): return less, or keep large data elsewhere and pass a reference"
+                    ),
+                };
+            }
+        }
+        if let StepOutcome::Retry { error, .. } | StepOutcome::Failed { error } = &mut self.outcome
+        {
+            cut(error, MAX_ERROR_BYTES.min(max));
+        }
+        let size = json_size(&self.recorded_input);
+        if size > max {
+            self.recorded_input = Value::String(format!(
+                "(not recorded: the input was {size} bytes, more than {max})"
+            ));
+        }
+    }
+
     /// Attempt `attempt` of `step` that could not start (its piece is not here): retried as
     /// the step's policy says when the error is retryable.
     pub fn refused(error: PieceError, step: &StepDef, attempt: u32) -> Self {
@@ -75,6 +101,40 @@ impl Execution {
             duration: Duration::ZERO,
         }
     }
+}
+
+/// The longest step error recorded; the rest is cut (an upstream quoting a whole page).
+pub const MAX_ERROR_BYTES: usize = 8 * 1024;
+
+/// The length of `value` as compact JSON, counted without building the text.
+pub fn json_size(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).expect("JSON values serialize");
+    count.0
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary, saying so.
+fn cut(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let total = text.len();
+    text.truncate(end);
+    text.push_str(&format!("… (cut from {total} bytes)"));
 }
 
 /// Renders the step's input against the run so far.
@@ -217,6 +277,41 @@ mod tests {
                 delay: Duration::from_secs(30)
             }
         );
+    }
+
+    #[test]
+    fn what_an_attempt_records_is_kept_within_the_limit() {
+        let big = json!({"rows": "x".repeat(5000)});
+        let mut execution = Execution {
+            outcome: StepOutcome::Succeeded {
+                output: big.clone(),
+            },
+            recorded_input: big.clone(),
+            duration: Duration::ZERO,
+        };
+        execution.limit(6000);
+        assert!(matches!(execution.outcome, StepOutcome::Succeeded { .. }));
+        assert_eq!(execution.recorded_input, big);
+        execution.limit(4000);
+        let StepOutcome::Failed { error } = &execution.outcome else {
+            panic!("{:?}", execution.outcome)
+        };
+        assert!(
+            error.starts_with("the step's output is 5011 bytes, more than the 4000"),
+            "{error}"
+        );
+        assert_eq!(
+            execution.recorded_input,
+            "(not recorded: the input was 5011 bytes, more than 4000)"
+        );
+        let mut execution = Execution::failed("é".repeat(10_000));
+        execution.limit(1_000_000);
+        let StepOutcome::Failed { error } = &execution.outcome else {
+            unreachable!()
+        };
+        assert!(error.len() < MAX_ERROR_BYTES + 40, "{}", error.len());
+        assert!(error.ends_with("… (cut from 20000 bytes)"), "{error}");
+        assert_eq!(json_size(&json!({"a": [1, "b"]})), r#"{"a":[1,"b"]}"#.len());
     }
 
     #[test]

@@ -166,9 +166,20 @@ pub struct StepDef {
     /// Routes the step to workers serving this queue (e.g. workers inside a VPN).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
+    /// The largest HTTP response body the step's piece reads (default: the installation's
+    /// `[egress] max_response_bytes`, 10 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_response_bytes: Option<u64>,
 }
 
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest a step attempt may run (long steps report progress to keep their job).
+pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Steps per flow, and the longest step name: runs, keys and metrics labels stay bounded.
+pub const MAX_STEPS: usize = 200;
+pub const MAX_STEP_NAME: usize = 64;
+/// The largest `max_response_bytes` a step may ask for.
+pub const MAX_RESPONSE_BYTES: u64 = 1024 * 1024 * 1024;
 
 impl StepDef {
     pub fn retry_policy(&self) -> RetryPolicy {
@@ -501,14 +512,26 @@ pub async fn validate(
     if definition.steps.is_empty() {
         issue("steps".into(), "a flow needs at least one step".into());
     }
+    if definition.steps.len() > MAX_STEPS {
+        issue(
+            "steps".into(),
+            format!(
+                "a flow has at most {MAX_STEPS} steps, this one has {}",
+                definition.steps.len()
+            ),
+        );
+    }
     let mut earlier: HashSet<&str> = HashSet::new();
     let all_names: HashSet<&str> = definition.steps.iter().map(|s| s.name.as_str()).collect();
     for (i, step) in definition.steps.iter().enumerate() {
         let at = format!("steps[{i}] ({})", step.name);
-        if !piecework_sdk::piece::is_identifier(&step.name) {
+        if !piecework_sdk::piece::is_identifier(&step.name) || step.name.len() > MAX_STEP_NAME {
             issue(
                 format!("steps[{i}].name"),
-                format!("{:?} must be snake_case (a-z, 0-9, _)", step.name),
+                format!(
+                    "{:?} must be snake_case (a-z, 0-9, _), at most {MAX_STEP_NAME} characters",
+                    step.name
+                ),
             );
         }
         if step.name == "trigger" {
@@ -568,8 +591,22 @@ pub async fn validate(
         {
             issue(format!("{at}.retry"), message);
         }
-        if step.timeout.is_some_and(|t| t.is_zero()) {
-            issue(format!("{at}.timeout"), "must be greater than zero".into());
+        match step.timeout {
+            Some(t) if t.is_zero() => {
+                issue(format!("{at}.timeout"), "must be greater than zero".into());
+            }
+            Some(t) if t > MAX_STEP_TIMEOUT => {
+                issue(format!("{at}.timeout"), "must be at most 24h".into());
+            }
+            _ => {}
+        }
+        if let Some(max) = step.max_response_bytes
+            && !(1..=MAX_RESPONSE_BYTES).contains(&max)
+        {
+            issue(
+                format!("{at}.max_response_bytes"),
+                format!("must be between 1 and {MAX_RESPONSE_BYTES} (1 GiB)"),
+            );
         }
         if let Some(queue) = &step.queue
             && !is_queue_name(queue)

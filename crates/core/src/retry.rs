@@ -12,6 +12,9 @@ use std::time::Duration;
 use backoff::backoff::Backoff;
 use serde::{Deserialize, Serialize};
 
+/// The longest delay between two attempts.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
 /// How often and how patiently a step is retried after a retryable error.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -60,6 +63,9 @@ impl RetryPolicy {
         }
         if self.max_interval < self.initial_interval {
             return Err("max_interval must not be shorter than initial_interval".into());
+        }
+        if self.max_interval > MAX_INTERVAL {
+            return Err("max_interval must be at most 24h".into());
         }
         if !(0.0..1.0).contains(&self.jitter) {
             return Err("jitter must be at least 0 and less than 1".into());

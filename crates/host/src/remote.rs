@@ -67,6 +67,9 @@ fn call_context(ctx: &Context) -> CallContext<'_> {
         run: Cow::Borrowed(&ctx.run),
         owner: Cow::Borrowed(&ctx.owner),
         auth: ctx.auth_value().map(Cow::Borrowed),
+        limits: protocol::CallLimits {
+            max_response_bytes: Some(ctx.http.max_response_bytes()),
+        },
     }
 }
 

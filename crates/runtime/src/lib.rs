@@ -172,6 +172,12 @@ impl Runtime {
         self.host.as_ref()
     }
 
+    /// The HTTP client of in-process pieces and connection checks, held to the installation's
+    /// egress policy.
+    pub fn http(&self) -> &HttpClient {
+        &self.http
+    }
+
     /// The pieces as they are now. A snapshot: hold it for one operation, not forever.
     pub fn pieces(&self) -> Arc<Registry> {
         self.catalog.snapshot()

@@ -278,7 +278,8 @@ impl KvStore for MemoryKv {
 }
 
 impl Context {
-    /// A context for unit-testing a piece: in-memory store, unrestricted HTTP client.
+    /// A context for unit-testing a piece: in-memory store, an HTTP client that may also reach
+    /// loopback (where a test's mock API listens).
     pub fn for_test(step: &str) -> Self {
         Context::new(
             RunInfo::new("test-run", "test-flow", 1, step, 1),
@@ -286,7 +287,7 @@ impl Context {
                 id: "tester".into(),
             },
             ScopedStore::new(Arc::new(MemoryKv::default()), "test-flow"),
-            HttpClient::new(crate::http::EgressPolicy::default())
+            HttpClient::new(crate::egress::EgressPolicy::allowing_loopback())
                 .expect("the default HTTP client builds"),
         )
     }

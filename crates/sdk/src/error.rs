@@ -100,9 +100,13 @@ impl From<crate::prop::PropError> for PieceError {
 }
 
 impl From<reqwest::Error> for PieceError {
-    /// Network failures and timeouts are retryable; the URL is stripped from the message
+    /// Network failures and timeouts are retryable, a destination the egress policy refuses
+    /// (found at resolution or on a redirect) is fatal; the URL is stripped from the message
     /// because query strings often carry tokens.
     fn from(err: reqwest::Error) -> Self {
+        if let Some(denied) = crate::egress::denial_in(&err) {
+            return Self::fatal(denied.message());
+        }
         let retryable = err.is_timeout() || err.is_connect() || err.is_request() || err.is_body();
         if let Some(status) = err.status() {
             return Self::from_status(status.as_u16(), err.without_url());

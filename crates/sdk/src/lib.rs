@@ -12,14 +12,15 @@
 //! build` packs that executable into a deployable bundle.
 //!
 //! Layout: `piece` (the builder and metadata), `action`, `trigger`, `prop`, `auth`,
-//! `context` (what `run` receives: auth, store, HTTP client, run info), `http` (the egress-aware
-//! client), `mask` (secrets kept out of text), `polling` (dedupe strategies), `schedule`
+//! `context` (what `run` receives: auth, store, HTTP client, run info), `egress` (the guard that checks
+//! destinations by address), `http` (the egress-aware client), `mask` (secrets kept out of text), `polling` (dedupe strategies), `schedule`
 //! (interval and cron ticks), `error`,
 //! `protocol` (the wire types of piece protocol v1) and `serve` (the piece's end of it).
 
 pub mod action;
 pub mod auth;
 pub mod context;
+pub mod egress;
 pub mod error;
 pub mod http;
 pub mod mask;

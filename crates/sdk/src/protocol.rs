@@ -21,14 +21,14 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
 use crate::context::{Owner, RunInfo, Scope};
+use crate::egress::EgressPolicy;
 use crate::error::{ErrorKind, PieceError};
-use crate::http::EgressPolicy;
 use crate::piece::PieceMetadata;
 use crate::trigger::WebhookRequest;
 
 /// The protocol version this crate speaks: `major.minor`. Minor versions only add optional
 /// fields and methods; a different major is refused.
-pub const VERSION: &str = "1.0";
+pub const VERSION: &str = "1.1";
 /// The major part of [`VERSION`].
 pub const MAJOR: u64 = 1;
 /// The largest frame either side accepts unless the manifest says otherwise.
@@ -222,6 +222,23 @@ pub struct CallContext<'a> {
     pub owner: Cow<'a, Owner>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<Cow<'a, Value>>,
+    /// Limits of this call that replace the installation's (1.1; absent from older hosts).
+    #[serde(default, skip_serializing_if = "CallLimits::is_empty")]
+    pub limits: CallLimits,
+}
+
+/// Per-call limits a step sets for itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallLimits {
+    /// The largest response body the piece's HTTP client reads in this call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_response_bytes: Option<u64>,
+}
+
+impl CallLimits {
+    pub fn is_empty(&self) -> bool {
+        self.max_response_bytes.is_none()
+    }
 }
 
 /// `run_action` params; the result is the action's output.
@@ -425,7 +442,7 @@ mod tests {
         let err = check_version("2.0", "piece").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "the piece speaks piece protocol 2.0, this side speaks 1.0: major versions differ"
+            "the piece speaks piece protocol 2.0, this side speaks 1.1: major versions differ"
         );
         assert!(!err.is_retryable());
         assert!(

@@ -337,7 +337,10 @@ impl Session {
             session: self.clone(),
             call: id,
         }));
-        let http = self.http.get().expect("calls start after describe").clone();
+        let mut http = self.http.get().expect("calls start after describe").clone();
+        if let Some(max) = call.limits.max_response_bytes {
+            http = http.with_max_response_bytes(max);
+        }
         let progress = {
             let outbox = self.outbox.clone();
             Arc::new(move |message: &str| {

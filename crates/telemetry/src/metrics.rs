@@ -33,6 +33,7 @@ pub const NAMES: &[&str] = &[
     "piecework_poll_dedupe_dropped_total",
     "piecework_jobs_received_total",
     "piecework_jobs_terminated_total",
+    "piecework_jobs_infra_retries_total",
     "piecework_jobs_in_flight",
     "piecework_queue_pending",
     "piecework_queue_ack_pending",
@@ -104,6 +105,8 @@ pub enum TermReason {
     poison,
     /// The step failed for good (fatal error or last attempt).
     failed,
+    /// Its bookkeeping kept failing (store or bus errors) past `[worker] max_infra_retries`.
+    gave_up,
 }
 
 /// What happened to a scheduler tick.
@@ -265,6 +268,8 @@ pub struct Metrics {
     pub jobs_received: Family<JobLabels, Counter>,
     /// Deliveries terminated (never redelivered).
     pub jobs_terminated: Family<TermLabels, Counter>,
+    /// Deliveries put back because the store or the bus failed while handling them.
+    pub jobs_infra_retries: Family<JobLabels, Counter>,
     /// Deliveries being handled right now.
     pub jobs_in_flight: Family<QueueLabels, Gauge>,
     /// Jobs in the queue not yet delivered (from the consumer; refreshed at scrape).
@@ -324,6 +329,7 @@ impl Metrics {
             poll_dedupe_dropped: Family::default(),
             jobs_received: Family::default(),
             jobs_terminated: Family::default(),
+            jobs_infra_retries: Family::default(),
             jobs_in_flight: Family::default(),
             queue_pending: Family::default(),
             queue_ack_pending: Family::default(),
@@ -389,6 +395,11 @@ impl Metrics {
             "jobs_terminated",
             "Deliveries terminated instead of acked",
             m.jobs_terminated.clone(),
+        );
+        r.register(
+            "jobs_infra_retries",
+            "Deliveries put back because the store or the bus failed while handling them",
+            m.jobs_infra_retries.clone(),
         );
         r.register(
             "jobs_in_flight",
@@ -546,6 +557,13 @@ mod tests {
             .get_or_create(&TermLabels {
                 queue: "default".into(),
                 reason: TermReason::poison,
+            })
+            .inc();
+        metrics
+            .jobs_infra_retries
+            .get_or_create(&JobLabels {
+                queue: "default".into(),
+                kind: JobKind::poll,
             })
             .inc();
         for gauge in [

@@ -28,6 +28,13 @@ pub struct WorkerConfig {
     /// Longest a trigger's poll may take.
     #[serde(with = "humantime_serde")]
     pub poll_timeout: Duration,
+    /// The largest step output (as JSON) that is recorded; a larger one fails the step. Step
+    /// errors and recorded inputs are cut to fit as well.
+    pub max_output_bytes: usize,
+    /// Deliveries of one job beyond its retry policy's attempts that end in an
+    /// infrastructure error (store or bus unreachable) before the worker stops running it:
+    /// then it only records the failure, and once that is recorded drops the job.
+    pub max_infra_retries: u32,
 }
 
 impl Default for WorkerConfig {
@@ -41,6 +48,8 @@ impl Default for WorkerConfig {
             shutdown_grace: Duration::from_secs(30),
             max_items_per_poll: 100,
             poll_timeout: Duration::from_secs(60),
+            max_output_bytes: 2 * 1024 * 1024,
+            max_infra_retries: 10,
         }
     }
 }
@@ -81,6 +90,9 @@ impl WorkerConfig {
         }
         if self.poll_timeout.is_zero() {
             return Err("poll_timeout: must be greater than zero".into());
+        }
+        if self.max_output_bytes < 1024 {
+            return Err("max_output_bytes: must be at least 1024".into());
         }
         Ok(())
     }

@@ -35,8 +35,16 @@ use crate::WorkerConfig;
 /// Retries of a poll that failed with a retryable error, and the delay between them.
 const POLL_ATTEMPTS: u32 = 3;
 const POLL_RETRY_DELAY: Duration = Duration::from_secs(5);
-/// Delay before retrying a job whose bookkeeping failed (store or bus unreachable).
+/// Delay before retrying a job whose bookkeeping failed (store or bus unreachable) the first
+/// time; it doubles with each delivery up to [`INFRA_RETRY_MAX_DELAY`].
 const INFRA_RETRY_DELAY: Duration = Duration::from_secs(2);
+const INFRA_RETRY_MAX_DELAY: Duration = Duration::from_secs(60);
+
+/// How long to wait before delivery `delivered + 1` of a job whose bookkeeping failed.
+fn infra_retry_delay(delivered: u32) -> Duration {
+    let doublings = delivered.saturating_sub(1).min(6);
+    (INFRA_RETRY_DELAY * 2u32.pow(doublings)).min(INFRA_RETRY_MAX_DELAY)
+}
 /// A poll lease outlives the poll's timeout by this much before it lapses.
 const POLL_LEASE_MARGIN: Duration = Duration::from_secs(30);
 
@@ -82,23 +90,21 @@ impl Handler {
         let kind = parsed.map(|(_, kind)| kind);
         let queue = parsed.map_or("unknown", |(queue, _)| queue).to_owned();
         let metrics = &self.runtime.metrics;
-        metrics
-            .jobs_received
-            .get_or_create(&JobLabels {
-                queue: queue.clone(),
-                kind: match kind {
-                    Some(JobKind::Step) => metrics::JobKind::step,
-                    Some(JobKind::Poll) => metrics::JobKind::poll,
-                    None => metrics::JobKind::unknown,
-                },
-            })
-            .inc();
+        let job_labels = JobLabels {
+            queue: queue.clone(),
+            kind: match kind {
+                Some(JobKind::Step) => metrics::JobKind::step,
+                Some(JobKind::Poll) => metrics::JobKind::poll,
+                None => metrics::JobKind::unknown,
+            },
+        };
         let in_flight = metrics
             .jobs_in_flight
             .get_or_create(&QueueLabels {
                 queue: queue.clone(),
             })
             .clone();
+        metrics.jobs_received.get_or_create(&job_labels).inc();
         in_flight.inc();
         let settle = match kind {
             Some(JobKind::Step) => match StepJob::decode(delivery.payload.as_ref()) {
@@ -128,8 +134,24 @@ impl Handler {
                 delivery.term().await
             }
             Err(err) => {
-                tracing::warn!(error = %err, subject = %delivery.subject, "job bookkeeping failed; it will be redelivered");
-                delivery.nak(INFRA_RETRY_DELAY).await
+                metrics.jobs_infra_retries.get_or_create(&job_labels).inc();
+                let polls_left = POLL_ATTEMPTS + self.config.max_infra_retries;
+                if kind == Some(JobKind::Poll) && delivery.delivered >= polls_left {
+                    // The next tick polls again: dropping this one loses nothing.
+                    tracing::warn!(error = %err, subject = %delivery.subject, deliveries = delivery.delivered, "poll bookkeeping keeps failing; dropping this poll");
+                    metrics
+                        .jobs_terminated
+                        .get_or_create(&TermLabels {
+                            queue,
+                            reason: TermReason::gave_up,
+                        })
+                        .inc();
+                    delivery.term().await
+                } else {
+                    let delay = infra_retry_delay(delivery.delivered);
+                    tracing::warn!(error = %err, subject = %delivery.subject, deliveries = delivery.delivered, retry_in = ?delay, "job bookkeeping failed; it will be redelivered");
+                    delivery.nak(delay).await
+                }
             }
         };
         in_flight.dec();
@@ -249,6 +271,17 @@ impl Handler {
         // after the attempts of earlier epochs (a manual retry starts a new epoch).
         let attempt = delivery.delivered.max(1);
         let number = job.epoch + attempt;
+        if let Some(refusal) = self.over_delivery_budget(step, attempt) {
+            let attempted = Attempted {
+                number,
+                started: Utc::now(),
+                execution: refusal,
+                executed: None,
+            };
+            return self
+                .finish_attempt(&flow, &run, step, &job, attempted)
+                .await;
+        }
         let resolved = self.resolve_action(&flow, step).await;
         let auth = self
             .connection_for(step.connection.as_deref(), &step.piece)
@@ -261,7 +294,10 @@ impl Handler {
                 let run_info =
                     RunInfo::new(&run.id, &flow.flow_id, flow.version, &step.name, number)
                         .started_by(run.started_by.clone());
-                let ctx = runtime.context(run_info, &flow, auth.clone());
+                let mut ctx = runtime.context(run_info, &flow, auth.clone());
+                if let Some(max) = step.max_response_bytes {
+                    ctx.http = ctx.http.with_max_response_bytes(max);
+                }
                 let work = engine::execute(action.as_ref(), step, &run, &ctx, attempt);
                 self.with_progress(delivery, work).await
             }
@@ -272,6 +308,7 @@ impl Handler {
         if let (Ok((piece, _)), Ok(Some(values))) = (&resolved, &auth) {
             execution.mask(&Secrets::of(piece.auth(), values));
         }
+        execution.limit(self.config.max_output_bytes);
         let attempted = Attempted {
             number,
             started,
@@ -280,6 +317,22 @@ impl Handler {
         };
         self.finish_attempt(&flow, &run, step, &job, attempted)
             .await
+    }
+
+    /// A step delivered more often than its retry policy's attempts plus the infrastructure
+    /// allowance had its results lost to store or bus errors each time: it is not run again
+    /// (its effects so far are bounded), only failed — retried until that is recorded.
+    fn over_delivery_budget(&self, step: &StepDef, delivered: u32) -> Option<engine::Execution> {
+        let budget = step
+            .retry_policy()
+            .max_attempts
+            .saturating_add(self.config.max_infra_retries);
+        (delivered > budget).then(|| {
+            tracing::warn!(step = %step.name, deliveries = delivered, "step delivered past its budget; failing it without running it");
+            engine::Execution::failed(format!(
+                "gave up after {delivered} deliveries: the results of earlier attempts could not be recorded (store or bus errors, see the worker log)"
+            ))
+        })
     }
 
     /// The decrypted values of the step's connection, if it names one. `Err(RuntimeError)` is

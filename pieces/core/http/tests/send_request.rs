@@ -1,51 +1,13 @@
-//! `send_request` against a local HTTP responder: outputs, error classification, egress.
+//! `send_request` against a local HTTP responder: outputs, error classification.
 
-use std::sync::{Arc, Mutex};
+mod common;
+
 use std::time::Duration;
 
-use piecework_sdk::{Context, EgressPolicy, HttpClient, MemoryKv, Owner, RunInfo, ScopedStore};
-use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{context, responder, send};
+use piecework_sdk::EgressPolicy;
+use serde_json::json;
 use tokio::net::TcpListener;
-
-/// Answers each connection with the next canned response and keeps the requests it saw.
-async fn responder(responses: Vec<&'static str>) -> (String, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    tokio::spawn(async move {
-        for response in responses {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0u8; 16 * 1024];
-            let n = socket.read(&mut buf).await.unwrap();
-            log.lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            socket.write_all(response.as_bytes()).await.unwrap();
-            socket.shutdown().await.ok();
-        }
-    });
-    (format!("http://{addr}"), seen)
-}
-
-fn context(egress: EgressPolicy) -> Context {
-    Context::new(
-        RunInfo::new("run-1", "flow", 1, "call", 1),
-        Owner::default(),
-        ScopedStore::new(Arc::new(MemoryKv::default()), "flow"),
-        HttpClient::new(egress).unwrap(),
-    )
-}
-
-async fn send(ctx: &Context, input: Value) -> Result<Value, piecework_sdk::PieceError> {
-    let piece = piecework_piece_http::piece().unwrap();
-    piece
-        .action("send_request")
-        .unwrap()
-        .run_json(ctx, input)
-        .await
-}
 
 #[tokio::test]
 async fn a_json_response_becomes_the_output_and_the_request_carries_the_idempotency_key() {
@@ -54,7 +16,7 @@ async fn a_json_response_becomes_the_output_and_the_request_carries_the_idempote
     ])
     .await;
     let input = json!({"method": "POST", "url": format!("{base}/tickets"), "query": {"team": "ops"}, "body": {"title": "t"}});
-    let output = send(&context(EgressPolicy::default()), input)
+    let output = send(&context(EgressPolicy::allowing_loopback()), input)
         .await
         .unwrap();
     assert_eq!(output["status"], 200);
@@ -69,9 +31,12 @@ async fn server_errors_are_retryable_and_honour_retry_after() {
     let (base, _) =
         responder(vec!["HTTP/1.1 503 Service Unavailable\r\nretry-after: 7\r\ncontent-length: 4\r\nconnection: close\r\n\r\ndown"])
             .await;
-    let err = send(&context(EgressPolicy::default()), json!({"url": base}))
-        .await
-        .unwrap_err();
+    let err = send(
+        &context(EgressPolicy::allowing_loopback()),
+        json!({"url": base}),
+    )
+    .await
+    .unwrap_err();
     assert!(err.is_retryable());
     assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
     assert_eq!(err.to_string(), "HTTP 503: down");
@@ -82,12 +47,15 @@ async fn client_errors_are_fatal_unless_fail_on_error_is_off() {
     let not_found =
         "HTTP/1.1 404 Not Found\r\ncontent-length: 7\r\nconnection: close\r\n\r\nmissing";
     let (base, _) = responder(vec![not_found, not_found]).await;
-    let err = send(&context(EgressPolicy::default()), json!({"url": base}))
-        .await
-        .unwrap_err();
+    let err = send(
+        &context(EgressPolicy::allowing_loopback()),
+        json!({"url": base}),
+    )
+    .await
+    .unwrap_err();
     assert!(!err.is_retryable());
     let output = send(
-        &context(EgressPolicy::default()),
+        &context(EgressPolicy::allowing_loopback()),
         json!({"url": base, "fail_on_error": false}),
     )
     .await
@@ -102,7 +70,7 @@ async fn unreachable_hosts_are_retryable() {
     let addr = listener.local_addr().unwrap();
     drop(listener);
     let err = send(
-        &context(EgressPolicy::default()),
+        &context(EgressPolicy::allowing_loopback()),
         json!({"url": format!("http://{addr}/")}),
     )
     .await
@@ -126,7 +94,7 @@ async fn the_egress_policy_is_enforced_before_any_request() {
     assert!(err.to_string().contains("https_only"), "{err}");
     assert!(!err.to_string().contains("s3cret"), "{err}");
     let err = send(
-        &context(EgressPolicy::default()),
+        &context(EgressPolicy::allowing_loopback()),
         json!({"url": "http://x", "method": "FETCH"}),
     )
     .await

@@ -26,7 +26,7 @@ fn ctx(url: &str, environment: &str, key: &str, owner: &str) -> Context {
         RunInfo::new("run-1", "flow", 1, "step", 1),
         Owner { id: owner.into() },
         ScopedStore::new(Arc::new(MemoryKv::default()), "flow"),
-        HttpClient::new(EgressPolicy::default()).unwrap(),
+        HttpClient::new(EgressPolicy::allowing_loopback()).unwrap(),
     )
     .with_auth(Some(
         json!({ "api_key": key, "environment": environment, "base_url": url }),

@@ -160,7 +160,7 @@ impl Action for SendRequest {
         let response = if input.fail_on_error {
             ctx.http.send(request).await?
         } else {
-            request.send().await?
+            ctx.http.fetch(request).await?
         };
         let status = response.status().as_u16();
         let headers: BTreeMap<String, String> = response
