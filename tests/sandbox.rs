@@ -661,6 +661,55 @@ async fn webhook_calls_beyond_the_rates_or_the_body_limit_are_refused() {
 }
 
 #[tokio::test]
+async fn slow_clients_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (sandbox, base) = sandbox_with(|config| {
+        config.api.header_read_timeout = Duration::from_secs(1);
+        config.api.sync_timeout = Duration::from_secs(1);
+        config.api.request_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let addr = base.trim_start_matches("http://").to_owned();
+
+    // Headers a byte at a time, never finished: the connection is closed.
+    let mut slowloris = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slowloris
+        .write_all(b"POST /v1/webhooks/echo HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), slowloris.read_to_end(&mut buf))
+        .await
+        .expect("the server closed the connection");
+    assert!(read.is_ok(), "{read:?}");
+
+    // Headers in time, then a body that never arrives: 408 once the request time is up.
+    let mut slow_body = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow_body
+        .write_all(b"POST /v1/webhooks/echo HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"name\":")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(20), slow_body.read(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+
+    // Well-behaved callers are not affected.
+    let ok = client()
+        .post(format!("{base}/v1/webhooks/echo"))
+        .json(&json!({"name": "ada"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 202);
+    sandbox.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn the_pieces_catalog_lists_metadata() {
     let (sandbox, base) = sandbox(None).await;
     let catalog: Value = client()

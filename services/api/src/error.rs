@@ -35,6 +35,9 @@ pub enum ApiError {
     TooManyRequests { retry_after: std::time::Duration },
     #[error("{message}")]
     Timeout { message: String, run_id: String },
+    /// The caller took too long to send its request (or the request to be answered).
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -56,6 +59,7 @@ impl ApiError {
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

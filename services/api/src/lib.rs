@@ -12,6 +12,7 @@ pub mod error;
 pub mod limits;
 mod pieces;
 mod routes;
+pub mod server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,6 +53,17 @@ pub struct ApiConfig {
     pub webhook_rate: limits::Rate,
     /// Webhook calls this process accepts per flow (`1000/s`), once a call is admitted.
     pub webhook_rate_per_flow: limits::Rate,
+    /// How long a client may take to send a request's headers (idle keep-alive connections
+    /// count too): a slow client's connection is closed after it.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a request may take, its body included: 408 after it. Longer than
+    /// `sync_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// On shutdown, how long open requests may take before their connections are dropped.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -67,6 +79,9 @@ impl std::fmt::Debug for ApiConfig {
             .field("max_webhook_bytes", &self.max_webhook_bytes)
             .field("webhook_rate", &self.webhook_rate)
             .field("webhook_rate_per_flow", &self.webhook_rate_per_flow)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
             .finish()
     }
 }
@@ -83,6 +98,9 @@ impl Default for ApiConfig {
             max_webhook_bytes: 1 << 20,
             webhook_rate: limits::Rate::per_second(10_000),
             webhook_rate_per_flow: limits::Rate::per_second(1_000),
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -102,6 +120,15 @@ impl ApiConfig {
         }
         if self.max_webhook_bytes < 1024 {
             return Err("max_webhook_bytes: must be at least 1024".into());
+        }
+        if self.header_read_timeout < Duration::from_secs(1) {
+            return Err("header_read_timeout: must be at least 1s".into());
+        }
+        if self.request_timeout <= self.sync_timeout {
+            return Err(format!(
+                "request_timeout: must be longer than sync_timeout ({})",
+                humantime::format_duration(self.sync_timeout)
+            ));
         }
         Ok(())
     }
@@ -138,12 +165,15 @@ pub async fn serve(
     runtime: Arc<Runtime>,
     shutdown: CancellationToken,
 ) -> Result<(), ApiServiceError> {
+    let timeouts = server::Timeouts {
+        header_read: config.header_read_timeout,
+        request: config.request_timeout,
+        shutdown_grace: config.shutdown_grace,
+    };
     let app = router(runtime, config);
     tracing::info!(addr = %listener.local_addr().map_err(ApiServiceError::Serve)?, "api listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(ApiServiceError::Serve)
+    server::serve(listener, app, timeouts, shutdown).await;
+    Ok(())
 }
 
 /// Binds and serves: the whole service.

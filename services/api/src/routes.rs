@@ -104,6 +104,7 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
 /// The API's routes.
 pub fn router(runtime: Arc<Runtime>, config: ApiConfig) -> Router {
     let (routes, _) = all_routes(&config);
+    let request_timeout = config.request_timeout;
     let limits =
         crate::limits::WebhookLimits::new(config.webhook_rate, config.webhook_rate_per_flow);
     let state = AppState {
@@ -113,6 +114,9 @@ pub fn router(runtime: Arc<Runtime>, config: ApiConfig) -> Router {
     };
     routes
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(middleware::from_fn(move |request, next| {
+            crate::server::limit_request_time(request_timeout, request, next)
+        }))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(Extension(state.clone()))
         .with_state(state)
