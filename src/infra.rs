@@ -93,7 +93,7 @@ pub async fn runtime_with(
                 .context("Redis")?,
         )
     } else {
-        Arc::new(MemoryStore::new())
+        Arc::new(MemoryStore::new().with_run_retention(config.redis.run_retention))
     };
     let catalog = Arc::new(piecework_core::Catalog::new(registry));
     let (host, sources) = crate::pieces::load(config, &bus, &catalog, files).await?;

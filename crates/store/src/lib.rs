@@ -17,6 +17,9 @@ use piecework_sdk::{KvStore, PollState};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// How long a finished run is kept unless configured otherwise.
+pub const DEFAULT_RUN_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 pub mod audit;
 pub mod memory;
 pub mod redis;

@@ -72,6 +72,38 @@ struct State {
     webhook_secrets: HashMap<String, String>,
     results: Stream<StepResult>,
     audit: Stream<AuditEvent>,
+    /// How long a finished run is kept (zero: forever).
+    run_retention: Duration,
+    /// When expired runs were last swept out.
+    swept_at: std::time::Instant,
+}
+
+impl State {
+    /// Whether `run` finished longer than the retention ago.
+    fn expired(&self, run: &Run, now: chrono::DateTime<Utc>) -> bool {
+        !self.run_retention.is_zero()
+            && run.finished_at.is_some_and(|finished| {
+                (now - finished).to_std().unwrap_or_default() > self.run_retention
+            })
+    }
+
+    /// Drops expired runs, at most once a second (a scan of every run).
+    fn sweep(&mut self) {
+        if self.swept_at.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.swept_at = std::time::Instant::now();
+        let now = Utc::now();
+        let expired: Vec<String> = self
+            .runs
+            .values()
+            .filter(|run| self.expired(run, now))
+            .map(|run| run.id.clone())
+            .collect();
+        for id in expired {
+            self.runs.remove(&id);
+        }
+    }
 }
 
 /// An in-process [`Store`]. Cheap to clone; clones share state.
@@ -107,10 +139,19 @@ impl MemoryStore {
                 webhook_secrets: HashMap::new(),
                 results: Stream::new(maxlen),
                 audit: Stream::new(maxlen),
+                run_retention: crate::DEFAULT_RUN_RETENTION,
+                swept_at: std::time::Instant::now(),
             })),
             kv: Arc::new(MemoryKv::default()),
             changed: Arc::new(Notify::new()),
         }
+    }
+
+    /// Keeps finished runs for `retention` (zero: forever), as Redis does with
+    /// `run_retention`.
+    pub fn with_run_retention(self, retention: Duration) -> Self {
+        self.state.lock().unwrap().run_retention = retention;
+        self
     }
 
     /// The id of the newest `pw:results` entry ("0" if none), to tail from now on.
@@ -212,6 +253,7 @@ impl Store for MemoryStore {
 
     async fn create_run(&self, run: &Run) -> Result<bool, StoreError> {
         let mut state = self.state.lock().unwrap();
+        state.sweep();
         if state.runs.contains_key(&run.id) {
             return Ok(false);
         }
@@ -220,14 +262,22 @@ impl Store for MemoryStore {
     }
 
     async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError> {
-        Ok(self.state.lock().unwrap().runs.get(id).cloned())
+        let state = self.state.lock().unwrap();
+        let now = Utc::now();
+        Ok(state
+            .runs
+            .get(id)
+            .filter(|run| !state.expired(run, now))
+            .cloned())
     }
 
     async fn list_runs(&self, query: &RunQuery) -> Result<Vec<RunSummary>, StoreError> {
         let state = self.state.lock().unwrap();
+        let now = Utc::now();
         let mut runs: Vec<RunSummary> = state
             .runs
             .values()
+            .filter(|r| !state.expired(r, now))
             .filter(|r| query.flow_id.as_deref().is_none_or(|f| r.flow_id == f))
             .filter(|r| query.status.is_none_or(|s| r.status == s))
             .map(RunSummary::from)

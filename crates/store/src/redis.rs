@@ -9,8 +9,8 @@
 //! | `pw:flow:{id}:v:{n}` | string | version `n` (JSON), never changed once written |
 //! | `pw:flow:{id}:webhook-secret` | string | a webhook flow's secret (JSON), sealed (AES-256-GCM) |
 //! | `pw:flow:{id}:lock` | string | held while a flow is applied or enabled (expires) |
-//! | `pw:run:{id}` | hash | `meta` (JSON: ids, trigger, created_at, trace, started_by), `status`, `error`, `finished_at`, `response`, `step:{name}` (JSON per step) |
-//! | `pw:runs`, `pw:runs:flow:{id}` | sorted set | run ids by creation time |
+//! | `pw:run:{id}` | hash | `meta` (JSON: ids, trigger, created_at, trace, started_by), `status`, `error`, `finished_at`, `response`, `step:{name}` (JSON per step); expires `run_retention` after the run finished |
+//! | `pw:runs`, `pw:runs:flow:{id}` | sorted set | run ids by creation time; ids older than `run_retention` are trimmed as runs are created |
 //! | `pw:run-done:{id}` | pub/sub channel | a message when the run finishes |
 //! | `pw:trigger:{flow}` | string | the polling cursor (JSON) |
 //! | `pw:lease:{name}` | string | a lease's holder, expiring (`poll:{flow}`: one poll per flow at a time) |
@@ -18,7 +18,7 @@
 //! | `pw:connection:{name}` | string | a connection (JSON) whose values are sealed (AES-256-GCM) |
 //! | `pw:api-keys` | hash | API key name → its record (JSON: role, keyed hash of the secret, created) |
 //! | `pw:kv:{key}` | string | the piece key-value store (JSON), keys `flow:{id}:…` and `global:…` |
-//! | `pw:results`, `pw:audit` | stream | one entry per step attempt / audited operation, capped with `MAXLEN ~`; `pw:audit` also trimmed by age (`audit_retention`) |
+//! | `pw:results`, `pw:audit` | stream | one entry per step attempt / audited operation, capped with `MAXLEN ~`; also trimmed by age (`run_retention`, `audit_retention`) |
 //!
 //! A step update is one `MULTI` pipeline (step field, run status, `pw:results` entry, done
 //! notification); creating a run is one Lua script, so "create only if new" is atomic. Blocking
@@ -63,6 +63,10 @@ pub struct RedisConfig {
     /// How long to keep trying to reach Redis at start before giving up.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How long a run is kept once it has finished (`PW_RUN_RETENTION`); its step results
+    /// in `pw:results` are kept as long. Zero keeps everything.
+    #[serde(with = "humantime_serde")]
+    pub run_retention: Duration,
 }
 
 impl Default for RedisConfig {
@@ -72,6 +76,7 @@ impl Default for RedisConfig {
             stream_maxlen: 100_000,
             audit_retention: Duration::from_secs(90 * 24 * 3600),
             connect_timeout: Duration::from_secs(30),
+            run_retention: crate::DEFAULT_RUN_RETENTION,
         }
     }
 }
@@ -83,6 +88,7 @@ const RUNS: &str = "pw:runs";
 const CONNECTIONS: &str = "pw:connections";
 const API_KEYS: &str = "pw:api-keys";
 const LOCK_TTL_MS: u64 = 10_000;
+const RESULTS_TRIM_EVERY_MS: i64 = 60_000;
 
 fn flow_key(id: &str) -> String {
     format!("pw:flow:{id}")
@@ -106,21 +112,28 @@ fn trigger_key(flow: &str) -> String {
     format!("pw:trigger:{flow}")
 }
 
-/// Creates a run only if its hash does not exist, and indexes it.
+/// Creates a run only if its hash does not exist, and indexes it; index entries created
+/// before `ARGV[4]` (ms; `0`: keep all) are dropped, as their runs have expired.
 const CREATE_RUN: &str = r#"
 if redis.call('HSETNX', KEYS[1], 'meta', ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'running')
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+if ARGV[4] ~= '0' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[4])
+end
 return 1
 "#;
 
-/// Cancels a run only while it is running. 0: no such run, 1: cancelled, 2: not running.
+/// Cancels a run only while it is running, to expire after `ARGV[3]` ms (`0`: never).
+/// 0: no such run, 1: cancelled, 2: not running.
 const CANCEL_RUN: &str = r#"
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
 if status ~= 'running' then return 2 end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+if ARGV[3] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 redis.call('PUBLISH', ARGV[2], 'cancelled')
 return 1
 "#;
@@ -132,6 +145,7 @@ if not status then return 0 end
 if status ~= 'failed' then return 2 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'error', '', ARGV[1], ARGV[2])
 redis.call('HDEL', KEYS[1], 'finished_at')
+redis.call('PERSIST', KEYS[1])
 return 1
 "#;
 
@@ -154,6 +168,8 @@ pub struct RedisStore {
     unlock: Arc<Script>,
     /// Run-finished notifications, subscribed on the first `wait_run_finished`.
     done: Arc<RunDone>,
+    /// When this process last trimmed `pw:results` by age (ms since the epoch).
+    results_trimmed_at: Arc<std::sync::atomic::AtomicI64>,
 }
 
 fn unavailable(err: redis::RedisError) -> StoreError {
@@ -237,6 +253,7 @@ impl RedisStore {
             .map_err(unavailable)?;
         Ok(Self {
             done: Arc::new(RunDone::new(client)),
+            results_trimmed_at: Arc::new(std::sync::atomic::AtomicI64::new(0)),
             conn,
             blocking: Arc::new(Mutex::new(blocking)),
             config,
@@ -249,6 +266,22 @@ impl RedisStore {
 
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
+    }
+
+    /// Whether this step update should also trim `pw:results` by age: at most once a minute
+    /// per process, so the hot path rarely pays for it.
+    fn results_trim_due(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.config.run_retention.is_zero() {
+            return false;
+        }
+        let now = Utc::now().timestamp_millis();
+        let last = self.results_trimmed_at.load(Ordering::Relaxed);
+        now - last >= RESULTS_TRIM_EVERY_MS
+            && self
+                .results_trimmed_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Runs `work` holding the flow's lock, so concurrent applies of one flow serialize.
@@ -365,16 +398,24 @@ impl RedisStore {
 }
 
 /// Ends a run only while it is running, so a cancel is never overwritten by the step that was
-/// in flight.
+/// in flight; a finished run expires after `ARGV[4]` ms (`0`: never).
 const FINISH_RUN: &str = r#"
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'finished_at', ARGV[3]) end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
+  if ARGV[4] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+end
 return 1
 "#;
 
 /// Adds a run update to a pipeline (inside its `MULTI`).
-fn run_update_fields(pipe: &mut redis::Pipeline, key: &str, update: &RunUpdate) {
+fn run_update_fields(
+    pipe: &mut redis::Pipeline,
+    key: &str,
+    update: &RunUpdate,
+    retention: Duration,
+) {
     pipe.cmd("EVAL")
         .arg(FINISH_RUN)
         .arg(1)
@@ -382,7 +423,22 @@ fn run_update_fields(pipe: &mut redis::Pipeline, key: &str, update: &RunUpdate) 
         .arg(update.status.as_str())
         .arg(update.error.clone().unwrap_or_default())
         .arg(update.finished_at.map(|f| to_json(&f)).unwrap_or_default())
+        .arg(millis(retention))
         .ignore();
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The oldest time (ms since the epoch) something kept for `retention` may have; `0` when
+/// `retention` is zero (keep everything).
+fn cutoff(retention: Duration) -> i64 {
+    if retention.is_zero() {
+        return 0;
+    }
+    (Utc::now().timestamp_millis() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX))
+        .max(1)
 }
 
 /// A status as written to the streams: the protobuf name without its prefix, lowercased
@@ -614,6 +670,7 @@ impl Store for RedisStore {
             .arg(to_json(&meta))
             .arg(run.created_at.timestamp_millis())
             .arg(&run.id)
+            .arg(cutoff(self.config.run_retention))
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
@@ -709,12 +766,21 @@ impl Store for RedisStore {
                 .arg(to_json(response))
                 .ignore();
         }
+        let retention = self.config.run_retention;
         if let Some(run) = &update.run {
-            run_update_fields(&mut pipe, &key, run);
+            run_update_fields(&mut pipe, &key, run, retention);
         }
         let maxlen = self.config.stream_maxlen;
         pipe.add_command(xadd(RESULTS, maxlen, result_fields(&update.result)))
             .ignore();
+        if self.results_trim_due() {
+            pipe.cmd("XTRIM")
+                .arg(RESULTS)
+                .arg("MINID")
+                .arg("~")
+                .arg(cutoff(retention))
+                .ignore();
+        }
         if let Some(event) = &update.audit {
             pipe.add_command(xadd(AUDIT, maxlen, audit_fields(event)))
                 .ignore();
@@ -736,7 +802,7 @@ impl Store for RedisStore {
         let key = run_key(run_id);
         let mut pipe = redis::pipe();
         pipe.atomic();
-        run_update_fields(&mut pipe, &key, &update);
+        run_update_fields(&mut pipe, &key, &update, self.config.run_retention);
         pipe.cmd("PUBLISH")
             .arg(done_channel(run_id))
             .arg(update.status.as_str())
@@ -758,6 +824,7 @@ impl Store for RedisStore {
             .key(run_key(run_id))
             .arg(to_json(&at))
             .arg(done_channel(run_id))
+            .arg(millis(self.config.run_retention))
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;

@@ -895,3 +895,103 @@ async fn redis_audit_entries_older_than_the_retention_are_trimmed() {
     let actors: Vec<&str> = entries.iter().map(|e| e.event.actor.as_str()).collect();
     assert_eq!(actors, ["api:new"]);
 }
+
+/// Finished runs (succeeded, failed, cancelled) disappear once the retention has passed; runs
+/// still running, and failed runs resumed in time, stay.
+async fn finished_runs_expire_after_the_retention(store: Arc<dyn Store>) {
+    let finish = |status| RunUpdate {
+        status,
+        error: None,
+        finished_at: Some(Utc::now()),
+    };
+    for id in ["done", "failed", "cancelled", "running", "resumed"] {
+        store
+            .create_run(&Run::new(id.into(), "f", 1, json!({})))
+            .await
+            .unwrap();
+    }
+    store
+        .update_run("done", finish(RunStatus::Succeeded))
+        .await
+        .unwrap();
+    store
+        .update_run("failed", finish(RunStatus::Failed))
+        .await
+        .unwrap();
+    store
+        .update_run("resumed", finish(RunStatus::Failed))
+        .await
+        .unwrap();
+    store.cancel_run("cancelled", Utc::now()).await.unwrap();
+    assert_eq!(
+        store
+            .resume_run("resumed", &step("a", StepStatus::Retrying, 1))
+            .await
+            .unwrap(),
+        Some(true)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while store.get_run("done").await.unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "`done` never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for gone in ["failed", "cancelled"] {
+        assert!(store.get_run(gone).await.unwrap().is_none(), "{gone}");
+    }
+    for kept in ["running", "resumed"] {
+        assert!(store.get_run(kept).await.unwrap().is_some(), "{kept}");
+    }
+    let listed: Vec<String> = store
+        .list_runs(&RunQuery {
+            limit: 10,
+            ..RunQuery::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+}
+
+const SHORT_RETENTION: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn memory_runs_expire_after_the_retention() {
+    let store = MemoryStore::new().with_run_retention(SHORT_RETENTION);
+    finished_runs_expire_after_the_retention(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn redis_runs_expire_after_the_retention_and_their_index_is_trimmed() {
+    let server = RedisServer::start().await.unwrap();
+    let store = RedisStore::connect(RedisConfig {
+        url: server.url(),
+        run_retention: SHORT_RETENTION,
+        ..RedisConfig::default()
+    })
+    .await
+    .unwrap();
+    finished_runs_expire_after_the_retention(Arc::new(store.clone())).await;
+    // Creating a run trims index entries older than the retention.
+    store
+        .create_run(&Run::new("later".into(), "f", 1, json!({})))
+        .await
+        .unwrap();
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let indexed: Vec<String> = ::redis::cmd("ZRANGE")
+        .arg("pw:runs:flow:f")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(indexed, ["later"]);
+    let ttl: i64 = ::redis::cmd("PTTL")
+        .arg("pw:run:resumed")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(ttl, -1, "a resumed run no longer expires");
+}
