@@ -38,7 +38,7 @@ pub enum Command {
     /// Write, build, test, sign, publish and inspect pieces.
     #[command(subcommand)]
     Piece(PieceCommand),
-    /// Encryption keys for connections.
+    /// Encryption keys for connections and webhook secrets: generate, rotate.
     #[command(subcommand)]
     Key(KeyCommand),
     /// Manage connections (through the API).
@@ -147,6 +147,9 @@ pub struct ApiArgs {
     /// Webhook calls accepted per flow (`1000/s`, `0` for no limit).
     #[arg(long, env = "PW_WEBHOOK_RATE_PER_FLOW")]
     pub webhook_rate_per_flow: Option<piecework_api::limits::Rate>,
+    /// Address of `/healthz`, `/readyz` and key-less `/metrics` for the infrastructure.
+    #[arg(long, env = "PW_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -421,6 +424,17 @@ pub enum KeyCommand {
         /// The key's id (rotate by prepending a key with a new id).
         #[arg(long, default_value = "k1")]
         id: String,
+        /// Print an env file instead: PW_ENCRYPTION_KEY and a fresh bootstrap PW_API_KEY, for
+        /// compose's `.env` or `kubectl create secret generic --from-env-file`.
+        #[arg(long)]
+        env: bool,
+    },
+    /// Re-seal every connection and webhook secret under the first key of the api's
+    /// PW_ENCRYPTION_KEY (through the API, with an admin key), and say which old keys are
+    /// still needed. Put the new key first on every process before running it.
+    Rotate {
+        #[command(flatten)]
+        api: ApiClientArgs,
     },
 }
 

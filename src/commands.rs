@@ -27,13 +27,16 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::ApiKey(args) => api_key(args).await,
         Command::Audit(args) => crate::audit::run(args, shutdown).await,
         Command::Doctor(args) => crate::doctor::run(&args.common).await,
-        Command::Key(KeyCommand::Generate { id }) => {
-            println!(
-                "{}",
-                piecework_runtime::secrets::Keyring::generate_spec(&id)
-            );
+        Command::Key(KeyCommand::Generate { id, env }) => {
+            let key = piecework_runtime::secrets::Keyring::generate_spec(&id);
+            if env {
+                print!("{}", secrets_env_file(&key));
+            } else {
+                println!("{key}");
+            }
             Ok(())
         }
+        Command::Key(KeyCommand::Rotate { api }) => rotate_keys(&api).await,
         Command::Flow(command) => flow(command).await,
     }
 }
@@ -210,6 +213,9 @@ async fn api(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         if let Some(rate) = args.webhook_rate_per_flow {
             config.api.webhook_rate_per_flow = rate;
         }
+        if let Some(listen) = args.health_listen {
+            config.health.api_listen = listen;
+        }
     })?;
     let (runtime, sources) = infra::runtime(
         &config,
@@ -226,9 +232,28 @@ async fn api(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
             "no API key can open /v1: set PW_API_KEY (or PW_API_KEY_FILE) to a bootstrap admin key, then create named keys with `piecework api-key create`"
         );
     }
-    let served = piecework_api::run(config.api, runtime, shutdown).await;
+    let health = health::serve(
+        config.health.api_listen,
+        infra_ready(&runtime),
+        api_metrics(&runtime),
+        shutdown.clone(),
+    );
+    let service = async {
+        piecework_api::run(config.api, runtime.clone(), shutdown.clone()).await?;
+        anyhow::Ok(())
+    };
+    let ran = tokio::try_join!(health, service);
     pieces.stop().await;
-    Ok(served?)
+    ran.map(drop)
+}
+
+/// `/metrics` of the api: adoption is counted from the enabled flows at each scrape.
+fn api_metrics(runtime: &std::sync::Arc<piecework_runtime::Runtime>) -> MetricsSource {
+    let runtime = runtime.clone();
+    std::sync::Arc::new(move || {
+        let runtime = runtime.clone();
+        Box::pin(async move { piecework_api::encode_metrics(&runtime).await })
+    })
 }
 
 /// `/metrics` of a process with nothing to refresh before a scrape.
@@ -450,6 +475,78 @@ async fn api_key(args: ApiKeyArgs) -> anyhow::Result<()> {
                 .await?;
             println!("revoked API key `{name}`");
         }
+    }
+    Ok(())
+}
+
+/// The secrets of a new installation as an env file: the encryption key and a bootstrap
+/// admin key (32 random bytes, base64url).
+fn secrets_env_file(encryption_key: &str) -> String {
+    use base64::Engine as _;
+    let api_key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(piecework_runtime::secrets::random_bytes::<32>());
+    format!(
+        "# piecework secrets, generated {}. Keep this file safe and backed up:\n\
+         # PW_ENCRYPTION_KEY opens every stored connection; PW_API_KEY is the bootstrap admin key.\n\
+         PW_ENCRYPTION_KEY={encryption_key}\n\
+         PW_API_KEY={api_key}\n",
+        chrono::Utc::now().format("%Y-%m-%d")
+    )
+}
+
+/// `piecework key rotate`: asks the api to re-seal everything, prints what it did.
+async fn rotate_keys(api: &crate::cli::ApiClientArgs) -> anyhow::Result<()> {
+    let client = ApiClient::new(api)?;
+    let report = client
+        .send(reqwest::Method::POST, "/v1/keys/rotate", None)
+        .await?;
+    let count = |kind: &str, field: &str| report[kind][field].as_u64().unwrap_or(0);
+    let key = report["key_id"].as_str().unwrap_or_default();
+    for (kind, label) in [
+        ("connections", "connections"),
+        ("webhook_secrets", "webhook secrets"),
+    ] {
+        println!(
+            "{label}: {} re-sealed under `{key}`, {} already were, {} changed meanwhile (sealed under `{key}` by whoever saved them)",
+            count(kind, "resealed"),
+            count(kind, "current"),
+            count(kind, "changed_meanwhile"),
+        );
+    }
+    for pending in report["api_keys_pending"].as_array().into_iter().flatten() {
+        println!(
+            "api key `{}` is hashed under `{}`: it is re-hashed under `{key}` the next time it is used",
+            pending["name"].as_str().unwrap_or_default(),
+            pending["key_id"].as_str().unwrap_or_default()
+        );
+    }
+    let failed: Vec<&str> = report["failed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f.as_str())
+        .collect();
+    for failure in &failed {
+        eprintln!("✗ {failure}");
+    }
+    let needed: Vec<&str> = report["still_needed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k.as_str())
+        .collect();
+    if needed.is_empty() {
+        println!(
+            "nothing needs any key but `{key}`: older keys can be dropped from PW_ENCRYPTION_KEY"
+        );
+    } else {
+        println!(
+            "still needed: {} — keep them in PW_ENCRYPTION_KEY until nothing needs them",
+            needed.join(", ")
+        );
+    }
+    if !failed.is_empty() {
+        bail!("{} secret(s) could not be re-sealed", failed.len());
     }
     Ok(())
 }

@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::ConfigArgs;
 
-/// Where the worker and the scheduler serve `/healthz` and `/readyz`.
+/// Where each process serves `/healthz`, `/readyz` and `/metrics` for the infrastructure
+/// (probes, Prometheus), apart from the API's port.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthConfig {
@@ -26,6 +27,9 @@ pub struct HealthConfig {
     pub worker_listen: SocketAddr,
     /// The scheduler's health address.
     pub scheduler_listen: SocketAddr,
+    /// The api's health address: `/metrics` without a key, for Prometheus (on the API's own
+    /// port `/metrics` needs a key, as it names flows).
+    pub api_listen: SocketAddr,
 }
 
 impl Default for HealthConfig {
@@ -33,6 +37,7 @@ impl Default for HealthConfig {
         Self {
             worker_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             scheduler_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 9092)),
         }
     }
 }
@@ -121,8 +126,14 @@ impl Config {
             ("api", self.api.validate()),
             ("worker", self.worker.validate()),
             ("scheduler", self.scheduler.validate()),
-            ("nats", check_url("url", &self.nats.url, &["nats", "tls"])),
-            ("redis", check_url("url", &self.redis.url, &["redis"])),
+            (
+                "nats",
+                check_url("url", &self.nats.url, &["nats", "tls"]).and(self.nats.validate()),
+            ),
+            (
+                "redis",
+                check_url("url", &self.redis.url, &["redis", "rediss"]).and(self.redis.validate()),
+            ),
             ("pieces", self.pieces.validate()),
             ("egress", self.egress.validate()),
         ];
@@ -241,7 +252,7 @@ mod tests {
         let err = config.validate().unwrap_err().to_string();
         assert_eq!(
             err,
-            "invalid configuration [redis] url: \"localhost:6379\" must start with redis://"
+            "invalid configuration [redis] url: \"localhost:6379\" must start with redis:// or rediss://"
         );
     }
 }

@@ -48,7 +48,7 @@ fn create_key(fleet: &Fleet, name: &str, role: Role) -> String {
 const EXPECTED: &[(&str, &str, &str)] = &[
     ("GET", "/healthz", "public"),
     ("GET", "/readyz", "public"),
-    ("GET", "/metrics", "public"),
+    ("GET", "/metrics", "adov"),
     ("POST", "/v1/webhooks/{flow}", "public"),
     ("POST", "/v1/webhooks/{flow}/sync", "public"),
     ("GET", "/v1/pieces", "adov"),
@@ -76,6 +76,7 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("POST", "/v1/connections", "ad"),
     ("GET", "/v1/connections/{name}", "adov"),
     ("DELETE", "/v1/connections/{name}", "ad"),
+    ("POST", "/v1/keys/rotate", "a"),
     ("GET", "/v1/api-keys", "a"),
     ("POST", "/v1/api-keys", "a"),
     ("DELETE", "/v1/api-keys/{name}", "a"),
@@ -92,6 +93,43 @@ fn concrete(path: &str) -> String {
         .replace("{name}", "no-such-thing")
         .replace("{id}", "no-such-thing")
         .replace("{flow}", "no-such-thing")
+}
+
+/// `/metrics` names flows: on the API's port it takes a key; Prometheus scrapes the api's
+/// health port, which is not published, without one.
+#[tokio::test]
+async fn metrics_need_a_key_on_the_api_port_but_not_on_the_health_port() {
+    let mut fleet = Fleet::start("").await;
+    fleet.start_api().await;
+    let anonymous = reqwest::Client::new();
+    let on_api = anonymous
+        .get(format!("{}/metrics", fleet.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_api.status(), 401);
+    let on_health = anonymous
+        .get(format!("{}/metrics", fleet.api_health))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_health.status(), 200);
+    assert!(
+        on_health
+            .text()
+            .await
+            .unwrap()
+            .contains("piecework_build_info")
+    );
+    for probe in ["healthz", "readyz"] {
+        let status = anonymous
+            .get(format!("{}/{probe}", fleet.api_health))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200, "{probe}");
+    }
 }
 
 #[tokio::test]
@@ -352,4 +390,163 @@ async fn the_cli_reads_its_key_from_a_file_and_manages_webhook_secrets() {
     let empty = from_file(&["flow", "webhook-secret", "hook"]);
     assert!(!empty.status.success());
     assert!(text(&empty).contains("is empty"), "{}", text(&empty));
+}
+
+/// The operator's procedure for a new encryption key, on separate processes: put the new
+/// key first, `piecework key rotate`, drop the old one — and every connection, webhook
+/// secret and API key still works.
+#[tokio::test]
+async fn rotating_the_encryption_key_reseals_everything_and_retires_the_old_key() {
+    use piecework_runtime::webhooks::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign};
+    let target = common::Target::start().await;
+    let mut fleet = Fleet::start("").await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+
+    // Under k1: a connection, a signed webhook flow that uses it, a named key.
+    fleet
+        .save_connection(
+            "upstream",
+            "http",
+            json!({"kind": "bearer", "token": "tok-rotate-123456"}),
+        )
+        .await;
+    let flow = format!(
+        "apiVersion: piecework/v1\nkind: Flow\nname: rekeyed\ntrigger: {{ piece: webhook, trigger: catch }}\nsteps:\n  - {{ name: call, piece: http, action: send_request, connection: upstream, input: {{ url: \"{}/echo\" }} }}\n",
+        target.url
+    );
+    let applied: Value = client()
+        .post(format!("{}/v1/flows", fleet.api))
+        .body(flow)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = applied["webhook"]["secret"].as_str().unwrap().to_owned();
+    let created = cli(
+        &fleet,
+        ADMIN_KEY,
+        &["api-key", "create", "ci", "--role", "viewer"],
+    );
+    assert!(created.status.success(), "{}", text(&created));
+    let ci_key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+
+    let restart = |fleet: &mut Fleet, keys: String| {
+        fleet.encryption_key = keys;
+        assert!(fleet.terminate("api").success());
+        assert!(fleet.terminate("w1").success());
+    };
+    let k1 = fleet.encryption_key.clone();
+    let k2 = piecework_runtime::secrets::Keyring::generate_spec("k2");
+    restart(&mut fleet, format!("{k2},{k1}"));
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+
+    let rotated = cli(&fleet, ADMIN_KEY, &["key", "rotate"]);
+    let report = text(&rotated);
+    assert!(rotated.status.success(), "{report}");
+    for expected in [
+        "connections: 1 re-sealed under `k2`",
+        "webhook secrets: 1 re-sealed under `k2`",
+        "api key `ci` is hashed under `k1`",
+        "still needed: k1",
+    ] {
+        assert!(report.contains(expected), "{expected:?} in:\n{report}");
+    }
+    // The named key is re-hashed the first time it is used.
+    let listed = reqwest::Client::new()
+        .get(format!("{}/v1/runs", fleet.api))
+        .bearer_auth(&ci_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+    let again = text(&cli(&fleet, ADMIN_KEY, &["key", "rotate"]));
+    assert!(
+        again.contains("connections: 0 re-sealed under `k2`, 1 already were")
+            && again.contains("nothing needs any key but `k2`"),
+        "{again}"
+    );
+    let audit = fleet.stream("pw:audit").await;
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["action"] == "keys.rotate" && e["resource"] == "keys/k2"),
+        "{audit:?}"
+    );
+
+    // k1 is gone: everything still opens.
+    restart(&mut fleet, k2);
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    let body = br#"{"n": 1}"#.to_vec();
+    let now = chrono::Utc::now().timestamp();
+    let response = client()
+        .post(format!("{}/v1/webhooks/rekeyed/sync", fleet.api))
+        .header("content-type", "application/json")
+        .header(TIMESTAMP_HEADER, now.to_string())
+        .header(SIGNATURE_HEADER, sign(&secret, now, &body))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "{answer}\n{}", fleet.log_tails());
+    assert_eq!(
+        answer["body"]["headers"]["authorization"], "Bearer ***",
+        "the connection opened and its token was sent (and masked): {answer}"
+    );
+    let listed = reqwest::Client::new()
+        .get(format!("{}/v1/runs", fleet.api))
+        .bearer_auth(&ci_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200, "the re-hashed key works without k1");
+}
+
+/// The production transport: NATS and Redis behind TLS and passwords. Every process connects
+/// with the CA and the passwords from its configuration, runs flows, and never logs a
+/// password.
+#[tokio::test]
+async fn a_fleet_runs_over_tls_with_passwords_and_keeps_them_out_of_its_logs() {
+    let mut fleet = Fleet::start_with(
+        "",
+        piecework_testkit::Options {
+            tls: true,
+            password: Some("transport-secret-42".into()),
+        },
+    )
+    .await;
+    assert!(fleet.redis.url().starts_with("rediss://"));
+    assert!(fleet.nats.url().starts_with("tls://"));
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    fleet
+        .apply("apiVersion: piecework/v1\nkind: Flow\nname: secure\ntrigger: { piece: webhook, trigger: catch, auth: none }\nsteps:\n  - { name: a, piece: data, action: set, input: { value: \"{{ trigger.body.n }}\" } }\n")
+        .await;
+    let id = fleet.webhook("secure", json!({"n": 7})).await;
+    let run = fleet.finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["steps"][0]["output"], 7);
+    let doctor = common::piecework_command()
+        .args(["doctor"])
+        .arg("--config")
+        .arg(fleet.dir.path().join("piecework.toml"))
+        .env("PW_NATS_URL", fleet.nats.url())
+        .env("PW_REDIS_URL", fleet.redis.url())
+        .env("PW_ENCRYPTION_KEY", &fleet.encryption_key)
+        .output()
+        .unwrap();
+    let report = text(&doctor);
+    assert!(report.contains("✓ NATS at tls://***@127.0.0.1"), "{report}");
+    assert!(
+        report.contains("✓ Redis at rediss://***@127.0.0.1"),
+        "{report}"
+    );
+    assert!(!report.contains("transport-secret-42"), "{report}");
+    assert!(!fleet.all_logs().contains("transport-secret-42"));
 }

@@ -551,3 +551,67 @@ fn a_bundle_built_twice_from_the_same_source_has_the_same_digest() {
     };
     assert_eq!(digest_of_a_fresh_build(), digest_of_a_fresh_build());
 }
+
+#[test]
+fn key_generate_env_prints_fresh_secrets_a_process_accepts() {
+    let first = text(&piecework(&["key", "generate", "--env"], &[], None));
+    let second = text(&piecework(&["key", "generate", "--env"], &[], None));
+    let value = |file: &str, name: &str| {
+        file.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in:\n{file}"))
+            .to_owned()
+    };
+    let key = value(&first, "PW_ENCRYPTION_KEY");
+    assert_eq!(
+        piecework_runtime::secrets::Keyring::parse(&key)
+            .unwrap()
+            .current_id(),
+        "k1"
+    );
+    let api_key = value(&first, "PW_API_KEY");
+    assert!(api_key.len() >= 32, "{api_key}");
+    assert_ne!(api_key, value(&second, "PW_API_KEY"));
+    assert_ne!(key, value(&second, "PW_ENCRYPTION_KEY"));
+}
+
+/// The shipped deployment files: compose publishes the API alone on every interface and
+/// refuses to start without keys; the Kubernetes example ships no Secret to fill in.
+#[test]
+fn deployment_files_publish_only_the_api_and_ship_no_secrets() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compose: serde_norway::Value =
+        serde_norway::from_str(&std::fs::read_to_string(root.join("docker-compose.yml")).unwrap())
+            .unwrap();
+    for (name, service) in compose["services"].as_mapping().unwrap() {
+        let name = name.as_str().unwrap();
+        for port in service["ports"].as_sequence().into_iter().flatten() {
+            let port = port.as_str().unwrap();
+            if name != "api" {
+                assert!(
+                    port.starts_with("127.0.0.1:"),
+                    "{name} publishes {port} beyond this machine"
+                );
+            }
+        }
+        if matches!(name, "nats" | "redis") {
+            assert!(service.get("ports").is_none(), "{name} is published");
+        }
+    }
+    let text = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();
+    assert!(
+        text.contains("PW_API_KEY: ${PW_API_KEY:?"),
+        "an empty API key is refused"
+    );
+    assert!(text.contains("PW_ENCRYPTION_KEY: ${PW_ENCRYPTION_KEY:?"));
+    for entry in std::fs::read_dir(root.join("deploy/k8s")).unwrap() {
+        let path = entry.unwrap().path();
+        let manifest = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !manifest.contains("kind: Secret"),
+            "{} ships a Secret to fill in",
+            path.display()
+        );
+        assert!(!manifest.contains("change-me"), "{}", path.display());
+    }
+}

@@ -67,11 +67,12 @@ impl Process {
     /// `piecework api`; returns it with its base URL.
     pub async fn api(infra: &Infra) -> anyhow::Result<(Self, String)> {
         let listen = format!("127.0.0.1:{}", free_port());
+        let health = format!("127.0.0.1:{}", free_port());
         let base = format!("http://{listen}");
         let process = Self::start(
             infra,
             "api",
-            &["api", "--listen", &listen],
+            &["api", "--listen", &listen, "--health-listen", &health],
             format!("{base}/readyz"),
         )
         .await?;

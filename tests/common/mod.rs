@@ -139,6 +139,8 @@ pub struct Fleet {
     config: PathBuf,
     processes: HashMap<String, Child>,
     pub api: String,
+    /// The health port of the api `api` names: `/healthz`, `/readyz`, key-less `/metrics`.
+    pub api_health: String,
     /// `PW_ENCRYPTION_KEY` of every process.
     pub encryption_key: String,
     /// More environment for every process started from now on.
@@ -166,10 +168,30 @@ impl Fleet {
 impl Fleet {
     /// Starts nats-server and redis-server; `config` is the TOML every process reads.
     pub async fn start(config: &str) -> Fleet {
-        let nats = NatsServer::start().await.expect("nats-server starts");
-        let redis = RedisServer::start().await.expect("redis-server starts");
+        Self::start_with(config, piecework_testkit::Options::default()).await
+    }
+
+    /// [`Fleet::start`] on servers secured as `options` say: with TLS, every process trusts
+    /// the servers' CA (`tls_ca_file` is added to `config`, which must then have no `[nats]`
+    /// or `[redis]` section); passwords travel in the URLs.
+    pub async fn start_with(config: &str, options: piecework_testkit::Options) -> Fleet {
+        let nats = NatsServer::start_with(options.clone())
+            .await
+            .expect("nats-server starts");
+        let redis = RedisServer::start_with(options)
+            .await
+            .expect("redis-server starts");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("piecework.toml");
+        let mut config = config.to_owned();
+        for (section, server) in [("nats", nats.tls()), ("redis", redis.tls())] {
+            if let Some(tls) = server {
+                config.push_str(&format!(
+                    "\n[{section}]\ntls_ca_file = {:?}\n",
+                    tls.ca.display().to_string()
+                ));
+            }
+        }
         std::fs::write(&path, config).unwrap();
         Fleet {
             nats,
@@ -178,6 +200,7 @@ impl Fleet {
             config: path,
             processes: HashMap::new(),
             api: String::new(),
+            api_health: String::new(),
             encryption_key: piecework_runtime::secrets::Keyring::generate_spec("k1"),
             env: Vec::new(),
         }
@@ -213,14 +236,30 @@ impl Fleet {
 
     /// Starts `piecework api` and waits until it is ready; it is the one `Fleet::api` names.
     pub async fn start_api(&mut self) -> String {
-        self.api = self.start_api_as("api").await;
+        let health = free_port();
+        self.api = self.start_api_with_health("api", health).await;
+        self.api_health = format!("http://127.0.0.1:{health}");
         self.api.clone()
     }
 
     /// Starts another `piecework api` process, named `name`; returns its base URL.
     pub async fn start_api_as(&mut self, name: &str) -> String {
+        self.start_api_with_health(name, free_port()).await
+    }
+
+    async fn start_api_with_health(&mut self, name: &str, health: u16) -> String {
         let port = free_port();
-        self.spawn(name, &["api", "--listen", &format!("127.0.0.1:{port}")]);
+        let health = format!("127.0.0.1:{health}");
+        self.spawn(
+            name,
+            &[
+                "api",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--health-listen",
+                &health,
+            ],
+        );
         let url = format!("http://127.0.0.1:{port}");
         self.wait_ready(name, &format!("{url}/readyz")).await;
         url

@@ -43,6 +43,75 @@ pub struct NatsConfig {
     /// How long to keep trying to reach NATS at start before giving up.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// A NATS credentials file (`.creds`: a user JWT and its nkey seed), for servers with
+    /// decentralized auth. A user and password go in the URL (`nats://USER:PASSWORD@host`).
+    pub creds_file: Option<std::path::PathBuf>,
+    /// Require TLS (also implied by `tls://` URLs and by any TLS file).
+    pub tls_required: bool,
+    /// A PEM file of the CA(s) to trust besides the system's roots.
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// A client certificate and its key (PEM), for servers that verify clients.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    pub tls_key_file: Option<std::path::PathBuf>,
+}
+
+impl NatsConfig {
+    /// Checks that a client certificate comes with its key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err("tls_cert_file and tls_key_file go together".into());
+        }
+        Ok(())
+    }
+
+    /// Whether connections must use TLS.
+    fn tls(&self) -> bool {
+        self.tls_required
+            || self.url.split(',').any(|u| u.trim().starts_with("tls://"))
+            || self.tls_ca_file.is_some()
+            || self.tls_cert_file.is_some()
+    }
+
+    /// The client options: name, timeouts, credentials and TLS.
+    async fn connect_options(&self) -> Result<async_nats::ConnectOptions, BusError> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name("piecework")
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None);
+        // async-nats reads no credentials from URLs: take them from the first that has any
+        // (`nats://USER:PASSWORD@host`, or `nats://TOKEN@host`).
+        let embedded = self
+            .url
+            .split(',')
+            .filter_map(|url| url.trim().parse::<async_nats::ServerAddr>().ok())
+            .find(async_nats::ServerAddr::has_user_pass);
+        if let Some(addr) = embedded {
+            let user = percent_decode(addr.username().unwrap_or_default());
+            options = match addr.password() {
+                Some(password) => options.user_and_password(user, percent_decode(password)),
+                None => options.token(user),
+            };
+        }
+        if let Some(path) = &self.creds_file {
+            options = options.credentials_file(path).await.map_err(|e| {
+                BusError::Unavailable(format!(
+                    "cannot read the NATS credentials file {}: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+        if self.tls() {
+            piecework_sdk::http::install_crypto_provider();
+            options = options.require_tls(true);
+        }
+        if let Some(ca) = &self.tls_ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        Ok(options)
+    }
 }
 
 impl Default for NatsConfig {
@@ -53,6 +122,11 @@ impl Default for NatsConfig {
             duplicate_window: Duration::from_secs(120),
             replicas: 1,
             connect_timeout: Duration::from_secs(30),
+            creds_file: None,
+            tls_required: false,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -76,10 +150,7 @@ impl NatsBus {
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
         let mut delay = Duration::from_millis(100);
         let client = loop {
-            let options = async_nats::ConnectOptions::new()
-                .name("piecework")
-                .connection_timeout(Duration::from_secs(5))
-                .max_reconnects(None);
+            let options = config.connect_options().await?;
             match options.connect(config.url.as_str()).await {
                 Ok(client) => break client,
                 Err(err) if tokio::time::Instant::now() + delay < deadline => {
@@ -161,6 +232,14 @@ impl NatsBus {
             redelivered: count(info.num_redelivered),
         })
     }
+}
+
+/// Undoes URL percent-encoding in a user name or password (`p%40ss` → `p@ss`).
+fn percent_decode(text: &str) -> String {
+    form_urlencoded::parse(format!("x={}", text.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default()
 }
 
 fn consumer_name(queue: &str) -> String {
@@ -421,5 +500,17 @@ impl Drop for NatsSettle {
                 let _ = acker.ack_with(AckKind::Nak(None)).await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_credentials_are_percent_decoded() {
+        assert_eq!(percent_decode("p%40ss%3Aword"), "p@ss:word");
+        assert_eq!(percent_decode("a+b"), "a+b");
+        assert_eq!(percent_decode("plain"), "plain");
     }
 }

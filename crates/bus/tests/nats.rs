@@ -272,3 +272,54 @@ async fn a_fetch_while_the_server_is_down_fails_instead_of_hanging() {
     );
     server.restart().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_server_with_tls_and_a_password_is_reached_with_its_ca_and_credentials() {
+    let server = NatsServer::start_with(piecework_testkit::Options {
+        tls: true,
+        password: Some("nats-pass-123".into()),
+    })
+    .await
+    .unwrap();
+    let ca = server.tls().unwrap().ca.clone();
+    let url = server.url();
+    assert!(url.starts_with("tls://piecework:nats-pass-123@"), "{url}");
+    let config = NatsConfig {
+        url: url.clone(),
+        tls_ca_file: Some(ca.clone()),
+        connect_timeout: Duration::from_secs(2),
+        ..NatsConfig::default()
+    };
+    let bus = NatsBus::connect(config.clone()).await.unwrap();
+    bus.publish(job("default", "tls-1", "over tls"))
+        .await
+        .unwrap();
+    let mut consumer = bus
+        .consume("default", options(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let delivery = one(&mut consumer, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(delivery.payload, Bytes::from_static(b"over tls"));
+    delivery.ack().await.unwrap();
+
+    // Without the CA the server's certificate is not trusted; with a wrong password the
+    // server refuses. Both say so, without the password.
+    let untrusted = NatsBus::connect(NatsConfig {
+        tls_ca_file: None,
+        ..config.clone()
+    })
+    .await
+    .err()
+    .expect("an untrusted certificate is refused")
+    .to_string();
+    assert!(!untrusted.contains("nats-pass-123"), "{untrusted}");
+    let wrong = NatsBus::connect(NatsConfig {
+        url: url.replace("nats-pass-123", "wrong-pass"),
+        ..config
+    })
+    .await
+    .err()
+    .expect("a wrong password is refused")
+    .to_string();
+    assert!(!wrong.contains("wrong-pass"), "{wrong}");
+}

@@ -147,13 +147,39 @@ impl Runtime {
         let Some(record) = self.store.get_api_key(name).await? else {
             return Ok(None);
         };
-        let valid = self
-            .keyring()?
-            .verify_hash(&record.key_id, secret.as_bytes(), &record.hash);
-        Ok(valid.then_some(Caller {
+        let keyring = self.keyring()?;
+        if !keyring.verify_hash(&record.key_id, secret.as_bytes(), &record.hash) {
+            return Ok(None);
+        }
+        if record.key_id != keyring.current_id() {
+            self.rehash(&record, secret).await;
+        }
+        Ok(Some(Caller {
             name: record.name,
             role: record.role,
         }))
+    }
+
+    /// Re-hashes a key hashed under an older encryption key, now that its plaintext is at
+    /// hand (key rotation cannot: it never sees keys). Best effort: a failure leaves the old
+    /// hash, which keeps working while its key is configured.
+    async fn rehash(&self, record: &ApiKeyRecord, secret: &str) {
+        let Ok(keyring) = self.keyring() else { return };
+        let (key_id, hash) = keyring.hash(secret.as_bytes());
+        let rehashed = ApiKeyRecord {
+            hash,
+            key_id,
+            ..record.clone()
+        };
+        match self.store.rehash_api_key(record, &rehashed).await {
+            Ok(true) => {
+                tracing::info!(key = %record.name, from = %record.key_id, to = %rehashed.key_id, "api key re-hashed under the current encryption key");
+            }
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(key = %record.name, error = %err, "cannot re-hash an api key");
+            }
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! What the api, scheduler and worker share: a [`Runtime`] holding the store, the bus, the
 //! catalog of pieces and the host that runs bundles, with the operations more than one
 //! service performs — applying a flow, starting a run, publishing a step, cancelling or
-//! retrying a run, saving and opening connections (sealed by the keyring in [`secrets`]),
+//! retrying a run, saving and opening connections (sealed by the keyring in [`secrets`],
+//! re-sealed under a new key by [`rotation`]),
 //! publishing and yanking pieces ([`pieces`]), named API keys ([`access`]), recording an audit
 //! event.
 //!
@@ -10,6 +11,7 @@
 
 pub mod access;
 pub mod pieces;
+pub mod rotation;
 pub mod secrets;
 pub mod upgrade;
 pub mod webhooks;
@@ -87,6 +89,19 @@ impl From<&ConnectionRecord> for ConnectionInfo {
             created_at: record.created_at,
             updated_at: record.updated_at,
         }
+    }
+}
+
+/// How connections are bound now: to their name and their piece (1). Connections sealed
+/// before were bound to their name alone (0) and are re-sealed by `piecework key rotate`.
+pub(crate) const CONNECTION_BINDING: u8 = 1;
+
+/// The associated data of a connection's sealed values. Names and pieces never contain `@`,
+/// so the two forms cannot collide.
+fn connection_context(name: &str, piece: &str, binding: u8) -> String {
+    match binding {
+        0 => name.to_owned(),
+        _ => format!("{name}@{piece}"),
     }
 }
 
@@ -263,9 +278,8 @@ impl Runtime {
                 secrets.mask(&e.to_string())
             ))
         })?;
-        let keyring = self.keyring()?;
         let plaintext = serde_json::to_vec(&values).expect("JSON values serialize");
-        let sealed = keyring.seal(&plaintext, name);
+        let sealed = self.seal_connection_values(&plaintext, name, piece)?;
         let now = Utc::now();
         let created_at = self
             .store
@@ -300,16 +314,42 @@ impl Runtime {
         self.open_connection(&record)
     }
 
+    /// Seals a connection's values under the current key, bound to its name and its piece.
+    pub(crate) fn seal_connection_values(
+        &self,
+        plaintext: &[u8],
+        name: &str,
+        piece: &str,
+    ) -> Result<secrets::Sealed, RuntimeError> {
+        let mut sealed = self.keyring()?.seal(
+            plaintext,
+            &connection_context(name, piece, CONNECTION_BINDING),
+        );
+        sealed.binding = CONNECTION_BINDING;
+        Ok(sealed)
+    }
+
     /// Decrypts a stored connection (what a worker does before a step, and `doctor` checks).
     pub fn open_connection(&self, record: &ConnectionRecord) -> Result<Value, RuntimeError> {
+        let plaintext = self.open_connection_bytes(record)?;
+        serde_json::from_slice(&plaintext).map_err(|_| {
+            RuntimeError::InvalidConnection(format!(
+                "connection `{}` does not decrypt to JSON",
+                record.name
+            ))
+        })
+    }
+
+    pub(crate) fn open_connection_bytes(
+        &self,
+        record: &ConnectionRecord,
+    ) -> Result<Vec<u8>, RuntimeError> {
         let what = format!("connection `{}`", record.name);
         let sealed: secrets::Sealed = serde_json::from_str(&record.secret).map_err(|_| {
             RuntimeError::InvalidConnection(format!("{what} is stored in an unreadable form"))
         })?;
-        let plaintext = self.keyring()?.open(&sealed, &record.name, &what)?;
-        serde_json::from_slice(&plaintext).map_err(|_| {
-            RuntimeError::InvalidConnection(format!("{what} does not decrypt to JSON"))
-        })
+        let context = connection_context(&record.name, &record.piece, sealed.binding);
+        Ok(self.keyring()?.open(&sealed, &context, &what)?)
     }
 
     pub async fn list_connections(&self) -> Result<Vec<ConnectionInfo>, RuntimeError> {

@@ -1,9 +1,11 @@
 //! Encryption of connection values at rest.
 //!
-//! AES-256-GCM with a random 96-bit nonce per value and the connection's name as associated
-//! data, so a sealed value cannot be moved onto another connection. Every sealed value names
-//! the key that sealed it: the keyring seals with its first key and opens with any key it
-//! holds, which is how keys rotate (add the new key first, re-save connections, drop the old).
+//! AES-256-GCM with a random 96-bit nonce per value and what the value belongs to as associated
+//! data (a connection's name and piece, a webhook flow's id), so a sealed value cannot be
+//! moved onto another connection or piece. Every sealed value names the key that sealed it:
+//! the keyring seals with its first key and opens with any key it holds, which is how keys
+//! rotate (put the new key first, `piecework key rotate` re-seals everything under it, then
+//! drop the old one).
 //!
 //! Keys come from `PW_ENCRYPTION_KEY`: `id:base64` pairs, comma-separated, the first one
 //! current (`k2:…,k1:…`); a single bare base64 key gets the id `default`. Nothing here ever puts
@@ -46,6 +48,14 @@ pub struct Sealed {
     pub key_id: String,
     pub nonce: String,
     pub ciphertext: String,
+    /// Which associated data the owner bound it to, for owners whose binding changed: a
+    /// connection sealed before it was bound to its piece as well as its name has 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub binding: u8,
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
 }
 
 impl fmt::Debug for Sealed {
@@ -202,6 +212,7 @@ impl Keyring {
             key_id: self.current.clone(),
             nonce: BASE64.encode(nonce),
             ciphertext: BASE64.encode(ciphertext),
+            binding: 0,
         }
     }
 

@@ -144,7 +144,11 @@ impl Runtime {
         Ok(created.then_some(secret))
     }
 
-    fn seal_webhook_secret(&self, flow_id: &str, secret: &str) -> Result<String, RuntimeError> {
+    pub(crate) fn seal_webhook_secret(
+        &self,
+        flow_id: &str,
+        secret: &str,
+    ) -> Result<String, RuntimeError> {
         let sealed = self.keyring()?.seal(secret.as_bytes(), &context(flow_id));
         Ok(serde_json::to_string(&sealed).expect("sealed values serialize"))
     }

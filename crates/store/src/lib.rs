@@ -189,6 +189,15 @@ pub trait Store: Send + Sync + 'static {
     /// Returns whether it existed.
     async fn delete_connection(&self, name: &str) -> Result<bool, StoreError>;
 
+    /// Replaces a connection by `resealed` unless its sealed values are no longer those of
+    /// `current` (someone saved it meanwhile): how key rotation writes without losing a
+    /// concurrent save. Returns whether it was replaced.
+    async fn reseal_connection(
+        &self,
+        current: &ConnectionRecord,
+        resealed: &ConnectionRecord,
+    ) -> Result<bool, StoreError>;
+
     /// Stores a webhook flow's sealed secret unless it has one (`replace`: always); returns
     /// whether it was written.
     async fn put_webhook_secret(
@@ -198,6 +207,13 @@ pub trait Store: Send + Sync + 'static {
         replace: bool,
     ) -> Result<bool, StoreError>;
     async fn get_webhook_secret(&self, flow_id: &str) -> Result<Option<String>, StoreError>;
+    /// Replaces a webhook flow's sealed secret by `resealed` unless it is no longer `current`.
+    async fn reseal_webhook_secret(
+        &self,
+        flow_id: &str,
+        current: &str,
+        resealed: &str,
+    ) -> Result<bool, StoreError>;
 
     /// Stores a new API key; `false` (and nothing changed) when the name is taken.
     async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StoreError>;
@@ -206,6 +222,13 @@ pub trait Store: Send + Sync + 'static {
     async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// Returns whether it existed.
     async fn delete_api_key(&self, name: &str) -> Result<bool, StoreError>;
+    /// Replaces an API key's record by `rehashed` (its hash under another encryption key)
+    /// unless the stored hash is no longer `current`'s (revoked, or re-created meanwhile).
+    async fn rehash_api_key(
+        &self,
+        current: &ApiKeyRecord,
+        rehashed: &ApiKeyRecord,
+    ) -> Result<bool, StoreError>;
 
     /// The key-value store behind pieces' `ctx.store`.
     fn kv(&self) -> Arc<dyn KvStore>;

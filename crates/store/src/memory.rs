@@ -440,6 +440,21 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn reseal_connection(
+        &self,
+        current: &ConnectionRecord,
+        resealed: &ConnectionRecord,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        match state.connections.get_mut(&current.name) {
+            Some(stored) if stored.secret == current.secret => {
+                *stored = resealed.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     async fn get_connection(&self, name: &str) -> Result<Option<ConnectionRecord>, StoreError> {
         Ok(self.state.lock().unwrap().connections.get(name).cloned())
     }
@@ -491,6 +506,37 @@ impl Store for MemoryStore {
             .webhook_secrets
             .get(flow_id)
             .cloned())
+    }
+
+    async fn reseal_webhook_secret(
+        &self,
+        flow_id: &str,
+        current: &str,
+        resealed: &str,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        match state.webhook_secrets.get_mut(flow_id) {
+            Some(stored) if stored == current => {
+                *stored = resealed.to_owned();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn rehash_api_key(
+        &self,
+        current: &ApiKeyRecord,
+        rehashed: &ApiKeyRecord,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        match state.api_keys.get_mut(&current.name) {
+            Some(stored) if stored.hash == current.hash => {
+                *stored = rehashed.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StoreError> {

@@ -52,8 +52,14 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:6379/0` (`rediss://` for TLS is not built in).
+    /// `redis://host:6379/0`, or `rediss://…` for TLS; a password as `redis://:PASSWORD@host`
+    /// (or `USER:PASSWORD` with ACLs).
     pub url: String,
+    /// With `rediss://`: a PEM file of the CA(s) to trust instead of the system's roots.
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// With `rediss://`: a client certificate and its key (PEM), for servers that require one.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    pub tls_key_file: Option<std::path::PathBuf>,
     /// Approximate cap of `pw:results` and `pw:audit` (`XADD MAXLEN ~`).
     pub stream_maxlen: usize,
     /// How long `pw:audit` keeps an entry, whatever the count (`XTRIM MINID` as entries are
@@ -69,10 +75,52 @@ pub struct RedisConfig {
     pub run_retention: Duration,
 }
 
+impl RedisConfig {
+    /// Checks the TLS settings: files only with `rediss://`, a certificate with its key.
+    pub fn validate(&self) -> Result<(), String> {
+        let tls = self.url.starts_with("rediss://");
+        let files = [&self.tls_ca_file, &self.tls_cert_file, &self.tls_key_file];
+        if !tls && files.iter().any(|f| f.is_some()) {
+            return Err("tls_ca_file, tls_cert_file and tls_key_file need a rediss:// url".into());
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err("tls_cert_file and tls_key_file go together".into());
+        }
+        Ok(())
+    }
+
+    /// The certificates to connect with, when any file is configured.
+    fn tls_certificates(&self) -> Result<Option<redis::TlsCertificates>, StoreError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| {
+                StoreError::Unavailable(format!("cannot read {}: {e}", path.display()))
+            })
+        };
+        let root_cert = self.tls_ca_file.as_deref().map(read).transpose()?;
+        let client_tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read(cert)?,
+                client_key: read(key)?,
+            }),
+            _ => None,
+        };
+        if root_cert.is_none() && client_tls.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
+    }
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             stream_maxlen: 100_000,
             audit_retention: Duration::from_secs(90 * 24 * 3600),
             connect_timeout: Duration::from_secs(30),
@@ -149,6 +197,32 @@ redis.call('PERSIST', KEYS[1])
 return 1
 "#;
 
+/// Replaces a JSON string record whose field `ARGV[1]` still equals `ARGV[2]` by `ARGV[3]`.
+const SWAP_RECORD: &str = r#"
+local text = redis.call('GET', KEYS[1])
+if not text then return 0 end
+if cjson.decode(text)[ARGV[1]] ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[3])
+return 1
+"#;
+
+/// Replaces a string that still equals `ARGV[1]` by `ARGV[2]`.
+const SWAP_STRING: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// Replaces hash field `ARGV[1]`'s JSON record whose field `ARGV[2]` still equals `ARGV[3]`
+/// by `ARGV[4]`.
+const SWAP_HASH_RECORD: &str = r#"
+local text = redis.call('HGET', KEYS[1], ARGV[1])
+if not text then return 0 end
+if cjson.decode(text)[ARGV[2]] ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+return 1
+"#;
+
 /// Deletes a lock only if we still hold it.
 const UNLOCK: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -208,6 +282,7 @@ struct RunMeta {
 impl RedisStore {
     /// Connects (retrying for up to `connect_timeout`).
     pub async fn connect(config: RedisConfig) -> Result<Self, StoreError> {
+        piecework_sdk::http::install_crypto_provider();
         let invalid = |e: redis::RedisError| {
             StoreError::Unavailable(format!(
                 "invalid Redis URL {:?}: {e}",
@@ -219,7 +294,12 @@ impl RedisStore {
         let info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
             .map_err(invalid)?
             .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let client = redis::Client::open(info).map_err(invalid)?;
+        let client = match config.tls_certificates()? {
+            Some(certificates) => {
+                redis::Client::build_with_tls(info, certificates).map_err(invalid)?
+            }
+            None => redis::Client::open(info).map_err(invalid)?,
+        };
         let managed = |response_timeout: Option<Duration>| {
             ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(5)))
@@ -937,6 +1017,22 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    async fn reseal_connection(
+        &self,
+        current: &ConnectionRecord,
+        resealed: &ConnectionRecord,
+    ) -> Result<bool, StoreError> {
+        let swapped: i64 = Script::new(SWAP_RECORD)
+            .key(connection_key(&current.name))
+            .arg("secret")
+            .arg(&current.secret)
+            .arg(to_json(resealed))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(swapped == 1)
+    }
+
     async fn get_connection(&self, name: &str) -> Result<Option<ConnectionRecord>, StoreError> {
         let key = connection_key(name);
         let text: Option<String> = self.conn().get(&key).await.map_err(unavailable)?;
@@ -984,6 +1080,39 @@ impl Store for RedisStore {
             .get(format!("pw:flow:{flow_id}:webhook-secret"))
             .await
             .map_err(unavailable)
+    }
+
+    async fn reseal_webhook_secret(
+        &self,
+        flow_id: &str,
+        current: &str,
+        resealed: &str,
+    ) -> Result<bool, StoreError> {
+        let swapped: i64 = Script::new(SWAP_STRING)
+            .key(format!("pw:flow:{flow_id}:webhook-secret"))
+            .arg(current)
+            .arg(resealed)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(swapped == 1)
+    }
+
+    async fn rehash_api_key(
+        &self,
+        current: &ApiKeyRecord,
+        rehashed: &ApiKeyRecord,
+    ) -> Result<bool, StoreError> {
+        let swapped: i64 = Script::new(SWAP_HASH_RECORD)
+            .key(API_KEYS)
+            .arg(&current.name)
+            .arg("hash")
+            .arg(&current.hash)
+            .arg(to_json(rehashed))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(swapped == 1)
     }
 
     async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StoreError> {

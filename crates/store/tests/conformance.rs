@@ -588,6 +588,76 @@ async fn api_keys_are_created_once_listed_and_deleted(store: Arc<dyn Store>) {
     assert!(store.get_api_key("ci").await.unwrap().is_none());
 }
 
+/// Key rotation rewrites what it read, and nothing that changed in between.
+async fn resealing_replaces_only_what_was_read(store: Arc<dyn Store>) {
+    use piecework_core::access::Role;
+    let connection = |secret: &str| piecework_store::ConnectionRecord {
+        name: "prod".into(),
+        piece: "my-company-api".into(),
+        key_id: "k1".into(),
+        secret: secret.into(),
+        created_at: Utc::now(),
+        updated_at: Utc::now(),
+    };
+    let read = connection("{\"old\":1}");
+    assert!(
+        !store
+            .reseal_connection(&read, &connection("{\"new\":1}"))
+            .await
+            .unwrap(),
+        "nothing to reseal yet"
+    );
+    store.put_connection(&read).await.unwrap();
+    let mut resealed = connection("{\"new\":1}");
+    resealed.key_id = "k2".into();
+    assert!(store.reseal_connection(&read, &resealed).await.unwrap());
+    assert_eq!(
+        store.get_connection("prod").await.unwrap(),
+        Some(resealed.clone())
+    );
+    assert!(
+        !store
+            .reseal_connection(&read, &connection("{\"stale\":1}"))
+            .await
+            .unwrap(),
+        "saved meanwhile: kept"
+    );
+    assert_eq!(store.get_connection("prod").await.unwrap(), Some(resealed));
+
+    store.put_webhook_secret("f", "s1", false).await.unwrap();
+    assert!(!store.reseal_webhook_secret("f", "s0", "s2").await.unwrap());
+    assert!(store.reseal_webhook_secret("f", "s1", "s2").await.unwrap());
+    assert_eq!(
+        store.get_webhook_secret("f").await.unwrap().as_deref(),
+        Some("s2")
+    );
+    assert!(
+        !store
+            .reseal_webhook_secret("none", "s1", "s2")
+            .await
+            .unwrap()
+    );
+
+    let key = |hash: &str, key_id: &str| piecework_store::ApiKeyRecord {
+        name: "ci".into(),
+        role: Role::Developer,
+        hash: hash.into(),
+        key_id: key_id.into(),
+        created_at: Utc::now(),
+        created_by: "api:bootstrap".into(),
+    };
+    let old = key("h1", "k1");
+    let new = key("h2", "k2");
+    assert!(!store.rehash_api_key(&old, &new).await.unwrap());
+    store.create_api_key(&old).await.unwrap();
+    assert!(store.rehash_api_key(&old, &new).await.unwrap());
+    assert_eq!(store.get_api_key("ci").await.unwrap(), Some(new));
+    assert!(
+        !store.rehash_api_key(&old, &key("h3", "k3")).await.unwrap(),
+        "rehashed by another process meanwhile"
+    );
+}
+
 async fn audit_queries_filter_page_and_bound_time(store: Arc<dyn Store>) {
     let before = Utc::now().timestamp_millis() - 1;
     // More than one read chunk, so filtering continues across chunks.
@@ -731,6 +801,7 @@ suite!(
     connections_are_stored_listed_and_deleted,
     api_keys_are_created_once_listed_and_deleted,
     webhook_secrets_are_kept_unless_replaced,
+    resealing_replaces_only_what_was_read,
     audit_queries_filter_page_and_bound_time,
 );
 
@@ -994,4 +1065,45 @@ async fn redis_runs_expire_after_the_retention_and_their_index_is_trimmed() {
         .await
         .unwrap();
     assert_eq!(ttl, -1, "a resumed run no longer expires");
+}
+
+#[tokio::test]
+async fn redis_with_tls_and_a_password_is_reached_with_its_ca_and_password() {
+    let server = RedisServer::start_with(piecework_testkit::Options {
+        tls: true,
+        password: Some("redis-pass-123".into()),
+    })
+    .await
+    .unwrap();
+    let url = server.url();
+    assert!(url.starts_with("rediss://:redis-pass-123@"), "{url}");
+    let config = RedisConfig {
+        url: url.clone(),
+        tls_ca_file: Some(server.tls().unwrap().ca.clone()),
+        connect_timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
+    };
+    config.validate().unwrap();
+    let store = RedisStore::connect(config.clone()).await.unwrap();
+    // A run, and a waiter woken over the pub/sub connection, which is TLS too.
+    waiting_for_a_run_wakes_on_its_finish(Arc::new(store)).await;
+
+    let refused = |config: RedisConfig| async move {
+        match RedisStore::connect(config).await {
+            Ok(_) => panic!("connected"),
+            Err(err) => err.to_string(),
+        }
+    };
+    let untrusted = refused(RedisConfig {
+        tls_ca_file: None,
+        ..config.clone()
+    })
+    .await;
+    assert!(!untrusted.contains("redis-pass-123"), "{untrusted}");
+    let wrong = refused(RedisConfig {
+        url: url.replace("redis-pass-123", "wrong-pass"),
+        ..config
+    })
+    .await;
+    assert!(!wrong.contains("wrong-pass"), "{wrong}");
 }

@@ -6,9 +6,13 @@
 //! killed and their directories removed on drop. A missing binary is a clear error naming the
 //! Debian package to install.
 //!
+//! [`Server::start_with`] starts one that requires TLS (certificates from [`tls`]) and a
+//! password, as production installations do.
+//!
 //! [`binaries`] builds the workspace's piece programs that tests run as real processes.
 
 pub mod binaries;
+pub mod tls;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -168,13 +172,36 @@ async fn redis_pong(port: u16) -> bool {
     )
 }
 
+/// How a server is secured: TLS with the kit's certificates, and a password.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub tls: bool,
+    pub password: Option<String>,
+}
+
+/// What a started server was secured with.
+#[derive(Debug, Clone, Default)]
+struct Setup {
+    tls: Option<tls::TlsFiles>,
+    password: Option<String>,
+}
+
+/// The user name the kit gives NATS when it sets a password.
+pub const NATS_USER: &str = "piecework";
+
 /// What differs between the servers the kit runs.
 pub trait Kind {
     const BINARY: &'static str;
     /// The Debian package that installs `BINARY`.
     const PACKAGE: &'static str;
     const SCHEME: &'static str;
+    /// The scheme of a TLS connection.
+    const TLS_SCHEME: &'static str;
     fn args(port: u16, dir: &Path) -> Vec<String>;
+    /// The arguments that turn TLS on (`files`) or set a password.
+    fn secure_args(port: u16, tls: Option<&tls::TlsFiles>, password: Option<&str>) -> Vec<String>;
+    /// The credentials part of a URL (`user:password@`) for `password`.
+    fn userinfo(password: &str) -> String;
     /// Whether the server on `port` answers.
     fn ready(port: u16) -> impl Future<Output = bool> + Send;
 }
@@ -186,6 +213,7 @@ impl Kind for Nats {
     const BINARY: &'static str = "nats-server";
     const PACKAGE: &'static str = "nats-server";
     const SCHEME: &'static str = "nats";
+    const TLS_SCHEME: &'static str = "tls";
 
     fn args(port: u16, dir: &Path) -> Vec<String> {
         let store = dir.join("jetstream").display().to_string();
@@ -202,6 +230,32 @@ impl Kind for Nats {
         .to_vec()
     }
 
+    fn secure_args(_port: u16, tls: Option<&tls::TlsFiles>, password: Option<&str>) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(files) = tls {
+            args.extend([
+                "--tls".to_owned(),
+                "--tlscert".to_owned(),
+                files.server_cert.display().to_string(),
+                "--tlskey".to_owned(),
+                files.server_key.display().to_string(),
+            ]);
+        }
+        if let Some(password) = password {
+            args.extend([
+                "--user".to_owned(),
+                NATS_USER.to_owned(),
+                "--pass".to_owned(),
+                password.to_owned(),
+            ]);
+        }
+        args
+    }
+
+    fn userinfo(password: &str) -> String {
+        format!("{NATS_USER}:{password}@")
+    }
+
     fn ready(port: u16) -> impl Future<Output = bool> + Send {
         port_open(port)
     }
@@ -215,6 +269,7 @@ impl Kind for Redis {
     const BINARY: &'static str = "redis-server";
     const PACKAGE: &'static str = "redis-server";
     const SCHEME: &'static str = "redis";
+    const TLS_SCHEME: &'static str = "rediss";
 
     fn args(port: u16, dir: &Path) -> Vec<String> {
         let dir = dir.display().to_string();
@@ -238,6 +293,38 @@ impl Kind for Redis {
         .to_vec()
     }
 
+    /// TLS on the port the server would have listened on in plain TCP (which is closed).
+    fn secure_args(port: u16, tls: Option<&tls::TlsFiles>, password: Option<&str>) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(files) = tls {
+            args.extend(
+                [
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port.to_string(),
+                    "--tls-cert-file",
+                    &files.server_cert.display().to_string(),
+                    "--tls-key-file",
+                    &files.server_key.display().to_string(),
+                    "--tls-ca-cert-file",
+                    &files.ca.display().to_string(),
+                    "--tls-auth-clients",
+                    "optional",
+                ]
+                .map(str::to_owned),
+            );
+        }
+        if let Some(password) = password {
+            args.extend(["--requirepass".to_owned(), password.to_owned()]);
+        }
+        args
+    }
+
+    fn userinfo(password: &str) -> String {
+        format!(":{password}@")
+    }
+
     fn ready(port: u16) -> impl Future<Output = bool> + Send {
         redis_pong(port)
     }
@@ -249,17 +336,37 @@ pub type RedisServer = Server<Redis>;
 /// A server on a free port in its own temp dir; killed and removed on drop.
 pub struct Server<K: Kind> {
     process: Process,
+    setup: Setup,
     kind: std::marker::PhantomData<K>,
 }
 
 impl<K: Kind> Server<K> {
     pub async fn start() -> Result<Self, TestkitError> {
+        Self::start_with(Options::default()).await
+    }
+
+    /// A server that requires TLS (with certificates from a fresh CA, [`Server::tls`]) and
+    /// the password, as `options` say.
+    pub async fn start_with(options: Options) -> Result<Self, TestkitError> {
         let path = find(K::BINARY, K::PACKAGE)?;
         let dir = tempfile::Builder::new()
             .prefix(&format!("pw-{}-", K::BINARY))
             .tempdir()?;
         let port = free_port();
-        let args = K::args(port, dir.path());
+        let setup = Setup {
+            tls: if options.tls {
+                Some(tls::certificates(dir.path())?)
+            } else {
+                None
+            },
+            password: options.password,
+        };
+        let mut args = K::args(port, dir.path());
+        args.extend(K::secure_args(
+            port,
+            setup.tls.as_ref(),
+            setup.password.as_deref(),
+        ));
         let mut process = Process {
             binary: K::BINARY,
             path,
@@ -271,6 +378,7 @@ impl<K: Kind> Server<K> {
         process.spawn()?;
         let server = Self {
             process,
+            setup,
             kind: std::marker::PhantomData,
         };
         server.wait_ready().await?;
@@ -278,13 +386,39 @@ impl<K: Kind> Server<K> {
     }
 
     async fn wait_ready(&self) -> Result<(), TestkitError> {
+        // A secured server does not answer a plain PING: an open port has to do.
+        let plain = self.setup.tls.is_none() && self.setup.password.is_none();
         self.process
-            .wait_ready(async |port| K::ready(port).await)
+            .wait_ready(async |port| {
+                if plain {
+                    K::ready(port).await
+                } else {
+                    port_open(port).await
+                }
+            })
             .await
     }
 
+    /// The URL clients connect with: the TLS scheme and the password when the server has
+    /// them.
     pub fn url(&self) -> String {
-        format!("{}://127.0.0.1:{}", K::SCHEME, self.process.port)
+        let scheme = if self.setup.tls.is_some() {
+            K::TLS_SCHEME
+        } else {
+            K::SCHEME
+        };
+        let userinfo = self
+            .setup
+            .password
+            .as_deref()
+            .map(K::userinfo)
+            .unwrap_or_default();
+        format!("{scheme}://{userinfo}127.0.0.1:{}", self.process.port)
+    }
+
+    /// The certificates of a server started with TLS.
+    pub fn tls(&self) -> Option<&tls::TlsFiles> {
+        self.setup.tls.as_ref()
     }
 
     pub fn port(&self) -> u16 {

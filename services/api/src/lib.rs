@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use access::{Access, RouteInfo, route_table};
-pub use routes::router;
+pub use routes::{encode_metrics, router};
 
 /// How the API serves.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]

@@ -181,6 +181,7 @@ pub(crate) fn all_routes(config: &ApiConfig) -> (Router<AppState>, Vec<RouteInfo
             Needs(ManageConnections),
             delete_connection,
         )
+        .add(POST, "/keys/rotate", Needs(ManageKeys), rotate_keys)
         .add(GET, "/api-keys", Needs(ManageKeys), list_api_keys)
         .add(POST, "/api-keys", Needs(ManageKeys), create_api_key)
         .add(
@@ -205,7 +206,7 @@ pub(crate) fn all_routes(config: &ApiConfig) -> (Router<AppState>, Vec<RouteInfo
     let (top, top_table) = Routes::new("")
         .add(GET, "/healthz", Public, healthz)
         .add(GET, "/readyz", Public, readyz)
-        .add(GET, "/metrics", Public, metrics)
+        .add(GET, "/metrics", Needs(Read), metrics)
         .into_parts();
     table.extend(top_table);
     (top.nest("/v1", v1), table)
@@ -268,16 +269,22 @@ async fn observe(
     response
 }
 
-/// Prometheus scrape: adoption is counted from the enabled flows at scrape time.
+/// Prometheus scrape with a key (the labels name flows): adoption is counted from the enabled
+/// flows at scrape time. Prometheus scrapes the health port instead, without a key.
 async fn metrics(State(state): State<AppState>) -> Response {
-    if let Err(err) = state.runtime.refresh_adoption().await {
-        tracing::warn!(error = %err, "could not count enabled flows per piece for /metrics");
-    }
     (
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        state.runtime.metrics.encode(),
+        encode_metrics(&state.runtime).await,
     )
         .into_response()
+}
+
+/// The api's exposition, with adoption counted from the enabled flows now.
+pub async fn encode_metrics(runtime: &Runtime) -> String {
+    if let Err(err) = runtime.refresh_adoption().await {
+        tracing::warn!(error = %err, "could not count enabled flows per piece for /metrics");
+    }
+    runtime.metrics.encode()
 }
 
 async fn healthz() -> &'static str {
@@ -671,6 +678,16 @@ async fn create_api_key(
         Json(json!({ "api_key": info, "key": key })),
     )
         .into_response())
+}
+
+/// `POST /v1/keys/rotate`: re-seals every connection and webhook secret under the current
+/// encryption key; answers what it did and which old keys are still needed.
+async fn rotate_keys(
+    State(state): State<AppState>,
+    Extension(caller): Authorized,
+) -> ApiResult<Json<Value>> {
+    let rotation = state.runtime.rotate_keys(&caller.actor()).await?;
+    Ok(Json(json!(rotation)))
 }
 
 async fn list_api_keys(State(state): State<AppState>) -> ApiResult<Json<Value>> {

@@ -786,6 +786,21 @@ async fn a_connection_sealed_with_another_key_or_for_another_piece_fails_clearly
         err.to_string(),
         "connection `prod-vault` belongs to piece `vault`, not `test`"
     );
+    // Sealed values are bound to the piece as well as the name: a record whose piece was
+    // changed where it is stored does not open.
+    let mut moved = h.store.get_connection("prod-vault").await.unwrap().unwrap();
+    moved.piece = "test".into();
+    h.store.put_connection(&moved).await.unwrap();
+    let err = h
+        .runtime
+        .connection_values("prod-vault", "test")
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the key is wrong or the data was altered"),
+        "{err}"
+    );
     h.stop().await;
 }
 
