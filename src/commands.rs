@@ -506,11 +506,14 @@ async fn rotate_keys(api: &crate::cli::ApiClientArgs) -> anyhow::Result<()> {
         ("connections", "connections"),
         ("webhook_secrets", "webhook secrets"),
     ] {
+        let meanwhile = match count(kind, "changed_meanwhile") {
+            0 => String::new(),
+            n => format!(", {n} saved by someone else meanwhile (under `{key}` already)"),
+        };
         println!(
-            "{label}: {} re-sealed under `{key}`, {} already were, {} changed meanwhile (sealed under `{key}` by whoever saved them)",
+            "{label}: {} re-sealed under `{key}`, {} already were{meanwhile}",
             count(kind, "resealed"),
             count(kind, "current"),
-            count(kind, "changed_meanwhile"),
         );
     }
     for pending in report["api_keys_pending"].as_array().into_iter().flatten() {
