@@ -96,6 +96,9 @@ impl Process {
             // Measure the runtime, not its guard rails.
             .env("PW_WEBHOOK_RATE", "0")
             .env("PW_WEBHOOK_RATE_PER_FLOW", "0")
+            // The memory scenario's endpoint listens on loopback, which the egress guard denies
+            // by default.
+            .env("PW_EGRESS_ALLOW", "127.0.0.0/8")
             // As deployed: the default log level, JSON lines to a file.
             .env_remove("PW_LOG")
             .env_remove("RUST_LOG")
