@@ -158,6 +158,7 @@ mod tests {
             flow_version: 1,
             step: "s".into(),
             epoch: 0,
+            delay_ms: 0,
         };
         assert_eq!(step_msg_id(&step), "r:s");
         step.epoch = 2;

@@ -1,7 +1,7 @@
 //! The core of piecework, free of infrastructure: who may do what ([`access`]), the flow model and its validation
 //! ([`flow`]), templates in step inputs ([`template`]), the retry policy ([`retry`]), the
-//! registry of pieces ([`registry`]), runs ([`run`]) and the execution of one step attempt
-//! ([`engine`]).
+//! registry of pieces ([`registry`]), runs ([`run`]), the execution of one step attempt
+//! ([`engine`]) and what happens next to a run ([`lifecycle`]).
 //!
 //! Services combine these with a bus and a store; everything here is testable without either.
 
@@ -9,6 +9,7 @@ pub mod access;
 pub mod docs;
 pub mod engine;
 pub mod flow;
+pub mod lifecycle;
 pub mod registry;
 pub mod retry;
 pub mod run;

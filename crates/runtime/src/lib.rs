@@ -27,7 +27,7 @@ use piecework_core::flow::{self, FlowDefinition, FlowVersion};
 use piecework_core::{Catalog, FlowError, Registry, Run, RunStatus, StepStatus};
 use piecework_proto::v1::{AuditEvent, StepJob};
 use piecework_sdk::{Context, EgressPolicy, HttpClient, Owner, PieceError, RunInfo, ScopedStore};
-use piecework_store::{Applied, ConnectionRecord, Store, StoreError};
+use piecework_store::{Applied, ConnectionRecord, StepUpdate, Store, StoreError};
 use piecework_telemetry::Metrics;
 use piecework_telemetry::metrics::TriggerKind;
 use piecework_telemetry::propagation;
@@ -604,6 +604,20 @@ impl Runtime {
         step: &str,
         epoch: u32,
     ) -> Result<(), RuntimeError> {
+        self.publish_step_after(flow, run_id, step, epoch, std::time::Duration::ZERO)
+            .await
+    }
+
+    /// Publishes the job for one step whose attempt must wait `delay` (a retry handed over
+    /// by a worker that ran the step inline): its first delivery only waits.
+    pub async fn publish_step_after(
+        &self,
+        flow: &FlowVersion,
+        run_id: &str,
+        step: &str,
+        epoch: u32,
+        delay: std::time::Duration,
+    ) -> Result<(), RuntimeError> {
         let queue = flow
             .definition
             .step(step)
@@ -614,9 +628,138 @@ impl Runtime {
             flow_version: flow.version,
             step: step.to_owned(),
             epoch,
+            delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
         };
         jobs::publish_step(self.bus.as_ref(), queue, &job).await?;
         Ok(())
+    }
+
+    /// A run as recorded.
+    pub async fn run(&self, id: &str) -> Result<Option<Run>, RuntimeError> {
+        Ok(self.store.get_run(id).await?)
+    }
+
+    /// Runs, newest first, as `query` filters them.
+    pub async fn runs(
+        &self,
+        query: &piecework_store::RunQuery,
+    ) -> Result<Vec<piecework_core::RunSummary>, RuntimeError> {
+        Ok(self.store.list_runs(query).await?)
+    }
+
+    /// Journals one step attempt (and the run's end, when it ended it) before anything
+    /// follows; returns the run's status after the write (`cancelled` stops a worker's inline
+    /// steps).
+    pub async fn record_attempt(&self, update: StepUpdate) -> Result<RunStatus, RuntimeError> {
+        Ok(self.store.record_step(update).await?)
+    }
+
+    /// Ends a run outside a step (a flow version that vanished, a poisoned job).
+    pub async fn end_run(
+        &self,
+        run_id: &str,
+        update: piecework_store::RunUpdate,
+    ) -> Result<(), RuntimeError> {
+        Ok(self.store.update_run(run_id, update).await?)
+    }
+
+    /// Waits until a run finishes, up to `timeout`; its state then, or `None` if unknown.
+    pub async fn wait_run_finished(
+        &self,
+        run_id: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Option<Run>, RuntimeError> {
+        Ok(self.store.wait_run_finished(run_id, timeout).await?)
+    }
+
+    /// Whether a flow exists and is enabled.
+    pub async fn flow_enabled(&self, flow_id: &str) -> Result<bool, RuntimeError> {
+        Ok(self
+            .store
+            .get_flow(flow_id)
+            .await?
+            .is_some_and(|f| f.enabled))
+    }
+
+    /// A flow's record (its latest version, whether it is enabled).
+    pub async fn flow_record(
+        &self,
+        flow_id: &str,
+    ) -> Result<Option<piecework_store::FlowRecord>, RuntimeError> {
+        Ok(self.store.get_flow(flow_id).await?)
+    }
+
+    /// Every flow's record.
+    pub async fn flow_records(&self) -> Result<Vec<piecework_store::FlowRecord>, RuntimeError> {
+        Ok(self.store.list_flows().await?)
+    }
+
+    /// Takes a fleet-wide lease (one poll of a flow at a time); see [`Store::acquire_lease`].
+    pub async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, RuntimeError> {
+        Ok(self.store.acquire_lease(name, holder, ttl).await?)
+    }
+
+    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<(), RuntimeError> {
+        Ok(self.store.release_lease(name, holder).await?)
+    }
+
+    /// A polling flow's dedupe cursor.
+    pub async fn trigger_state(
+        &self,
+        flow_id: &str,
+    ) -> Result<Option<piecework_sdk::PollState>, RuntimeError> {
+        Ok(self.store.trigger_state(flow_id).await?)
+    }
+
+    pub async fn put_trigger_state(
+        &self,
+        flow_id: &str,
+        state: &piecework_sdk::PollState,
+    ) -> Result<(), RuntimeError> {
+        Ok(self.store.put_trigger_state(flow_id, state).await?)
+    }
+
+    /// `messaging.system` of spans about this process's jobs.
+    pub fn messaging_system(&self) -> &'static str {
+        self.bus.system()
+    }
+
+    /// Joins a queue's shared consumer.
+    pub async fn consume(
+        &self,
+        queue: &str,
+        options: piecework_bus::ConsumeOptions,
+    ) -> Result<Box<dyn piecework_bus::Consumer>, RuntimeError> {
+        Ok(self.bus.consume(queue, options).await?)
+    }
+
+    /// A queue's backlog.
+    pub async fn queue_stats(
+        &self,
+        queue: &str,
+    ) -> Result<piecework_bus::QueueStats, RuntimeError> {
+        Ok(self.bus.queue_stats(queue).await?)
+    }
+
+    /// Whether the bus and the store answer, for `/readyz`: the reasons when not.
+    pub async fn ready(&self) -> Result<(), String> {
+        let mut reasons = Vec::new();
+        if let Err(err) = self.bus.ready().await {
+            reasons.push(format!("bus: {err}"));
+        }
+        if let Err(err) = self.store.ready().await {
+            reasons.push(format!("store: {err}"));
+        }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons.join("; "))
+        }
     }
 
     /// Sets the adoption metric: how many enabled flows use each piece (as trigger or step).

@@ -21,9 +21,22 @@ use serde_json::Value;
 pub const DEFAULT_RUN_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 pub mod audit;
+mod group_commit;
 pub mod memory;
 pub mod redis;
 mod run_done;
+
+/// A run status as Redis answers `HGET pw:run:{id} status`.
+fn run_status_of(value: &::redis::Value) -> Result<RunStatus, StoreError> {
+    let text: Option<String> = ::redis::from_redis_value_ref(value).map_err(|e| {
+        StoreError::Unavailable(format!("redis: unexpected answer for a run's status: {e}"))
+    })?;
+    let text = text.ok_or_else(|| StoreError::Conflict("the run does not exist".into()))?;
+    text.parse::<RunStatus>().map_err(|e| StoreError::Corrupt {
+        key: "pw:run:*".into(),
+        message: e,
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -149,7 +162,9 @@ pub trait Store: Send + Sync + 'static {
     async fn create_run(&self, run: &Run) -> Result<bool, StoreError>;
     async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError>;
     async fn list_runs(&self, query: &RunQuery) -> Result<Vec<RunSummary>, StoreError>;
-    async fn record_step(&self, update: StepUpdate) -> Result<(), StoreError>;
+    /// Records a step attempt (and the run's end, if it ended it); returns the run's status
+    /// after the write — `cancelled` tells a worker running steps inline to stop.
+    async fn record_step(&self, update: StepUpdate) -> Result<RunStatus, StoreError>;
     /// Ends or alters a run outside a step (cancel, a flow version that vanished).
     async fn update_run(&self, run_id: &str, update: RunUpdate) -> Result<(), StoreError>;
     /// Cancels a running run: `None` if there is no such run, `Some(false)` if it was not

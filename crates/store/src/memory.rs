@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use piecework_core::{FlowVersion, Run, RunSummary, ValidFlow};
+use piecework_core::{FlowVersion, Run, RunStatus, RunSummary, ValidFlow};
 use piecework_proto::v1::{AuditEvent, StepResult};
 use piecework_sdk::{KvStore, MemoryKv, PollState};
 use tokio::sync::Notify;
@@ -291,8 +291,8 @@ impl Store for MemoryStore {
         Ok(runs)
     }
 
-    async fn record_step(&self, update: StepUpdate) -> Result<(), StoreError> {
-        {
+    async fn record_step(&self, update: StepUpdate) -> Result<RunStatus, StoreError> {
+        let status = {
             let mut state = self.state.lock().unwrap();
             let run = state.runs.get_mut(&update.run_id).ok_or_else(|| {
                 StoreError::Conflict(format!("run {} does not exist", update.run_id))
@@ -304,13 +304,15 @@ impl Store for MemoryStore {
             if let Some(change) = update.run {
                 apply_run_update(run, change);
             }
+            let status = run.status;
             state.results.push(update.result);
             if let Some(event) = update.audit {
                 state.audit.push(event);
             }
-        }
+            status
+        };
         self.changed.notify_waiters();
-        Ok(())
+        Ok(status)
     }
 
     async fn update_run(&self, run_id: &str, update: RunUpdate) -> Result<(), StoreError> {

@@ -20,8 +20,9 @@
 //! | `pw:kv:{key}` | string | the piece key-value store (JSON), keys `flow:{id}:…` and `global:…` |
 //! | `pw:results`, `pw:audit` | stream | one entry per step attempt / audited operation, capped with `MAXLEN ~`; also trimmed by age (`run_retention`, `audit_retention`) |
 //!
-//! A step update is one `MULTI` pipeline (step field, run status, `pw:results` entry, done
-//! notification); creating a run is one Lua script, so "create only if new" is atomic. Blocking
+//! A step update is one `MULTI` (step field, run status, `pw:results` entry, done
+//! notification), and the updates of steps finishing together share one round trip
+//! ([`crate::group_commit`]); creating a run is one Lua script, so "create only if new" is atomic. Blocking
 //! stream reads use their own connection so they never hold up the shared one. The connection
 //! manager reconnects by itself; while Redis is away, calls fail with `Unavailable`.
 
@@ -42,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
+use crate::group_commit::GroupCommit;
 use crate::run_done::{self, RunDone};
 use crate::{
     ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunQuery, RunUpdate, StepUpdate,
@@ -244,6 +246,8 @@ pub struct RedisStore {
     done: Arc<RunDone>,
     /// When this process last trimmed `pw:results` by age (ms since the epoch).
     results_trimmed_at: Arc<std::sync::atomic::AtomicI64>,
+    /// Writes step updates, many per round trip under load.
+    steps: GroupCommit,
 }
 
 fn unavailable(err: redis::RedisError) -> StoreError {
@@ -334,6 +338,7 @@ impl RedisStore {
         Ok(Self {
             done: Arc::new(RunDone::new(client)),
             results_trimmed_at: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            steps: GroupCommit::start(conn.clone()),
             conn,
             blocking: Arc::new(Mutex::new(blocking)),
             config,
@@ -489,22 +494,17 @@ end
 return 1
 "#;
 
-/// Adds a run update to a pipeline (inside its `MULTI`).
-fn run_update_fields(
-    pipe: &mut redis::Pipeline,
-    key: &str,
-    update: &RunUpdate,
-    retention: Duration,
-) {
-    pipe.cmd("EVAL")
-        .arg(FINISH_RUN)
+/// The command that ends a run (inside a `MULTI`).
+fn finish_run(key: &str, update: &RunUpdate, retention: Duration) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(FINISH_RUN)
         .arg(1)
         .arg(key)
         .arg(update.status.as_str())
         .arg(update.error.clone().unwrap_or_default())
         .arg(update.finished_at.map(|f| to_json(&f)).unwrap_or_default())
-        .arg(millis(retention))
-        .ignore();
+        .arg(millis(retention));
+    cmd
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -830,59 +830,53 @@ impl Store for RedisStore {
         Ok(out)
     }
 
-    async fn record_step(&self, update: StepUpdate) -> Result<(), StoreError> {
+    async fn record_step(&self, update: StepUpdate) -> Result<RunStatus, StoreError> {
         let key = run_key(&update.run_id);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.cmd("HSET")
-            .arg(&key)
+        let mut commands = Vec::with_capacity(8);
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&key)
             .arg(format!("step:{}", update.step.name))
-            .arg(to_json(&update.step))
-            .ignore();
+            .arg(to_json(&update.step));
         if let Some(response) = &update.response {
-            pipe.cmd("HSET")
-                .arg(&key)
-                .arg("response")
-                .arg(to_json(response))
-                .ignore();
+            hset.arg("response").arg(to_json(response));
         }
+        commands.push(hset);
         let retention = self.config.run_retention;
         if let Some(run) = &update.run {
-            run_update_fields(&mut pipe, &key, run, retention);
+            commands.push(finish_run(&key, run, retention));
         }
         let maxlen = self.config.stream_maxlen;
-        pipe.add_command(xadd(RESULTS, maxlen, result_fields(&update.result)))
-            .ignore();
+        commands.push(xadd(RESULTS, maxlen, result_fields(&update.result)));
         if self.results_trim_due() {
-            pipe.cmd("XTRIM")
-                .arg(RESULTS)
+            let mut trim = redis::cmd("XTRIM");
+            trim.arg(RESULTS)
                 .arg("MINID")
                 .arg("~")
-                .arg(cutoff(retention))
-                .ignore();
+                .arg(cutoff(retention));
+            commands.push(trim);
         }
         if let Some(event) = &update.audit {
-            pipe.add_command(xadd(AUDIT, maxlen, audit_fields(event)))
-                .ignore();
+            commands.push(xadd(AUDIT, maxlen, audit_fields(event)));
         }
         if let Some(run) = &update.run {
-            pipe.cmd("PUBLISH")
+            let mut publish = redis::cmd("PUBLISH");
+            publish
                 .arg(done_channel(&update.run_id))
-                .arg(run.status.as_str())
-                .ignore();
+                .arg(run.status.as_str());
+            commands.push(publish);
         }
-        let () = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        let mut status = redis::cmd("HGET");
+        status.arg(&key).arg("status");
+        commands.push(status);
+        self.steps.write(commands).await
     }
 
     async fn update_run(&self, run_id: &str, update: RunUpdate) -> Result<(), StoreError> {
         let key = run_key(run_id);
         let mut pipe = redis::pipe();
         pipe.atomic();
-        run_update_fields(&mut pipe, &key, &update, self.config.run_retention);
+        pipe.add_command(finish_run(&key, &update, self.config.run_retention))
+            .ignore();
         pipe.cmd("PUBLISH")
             .arg(done_channel(run_id))
             .arg(update.status.as_str())

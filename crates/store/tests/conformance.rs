@@ -47,6 +47,8 @@ fn step(name: &str, status: StepStatus, attempt: u32) -> StepState {
                 worker: "w".into(),
             })
             .collect(),
+        retry_at: None,
+        epoch: 0,
     }
 }
 
@@ -168,7 +170,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
         error: None,
         finished_at: Some(Utc::now()),
     };
-    store
+    let status = store
         .record_step(StepUpdate {
             run_id: "r1".into(),
             step: step("b", StepStatus::Succeeded, 1),
@@ -179,6 +181,11 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
         })
         .await
         .unwrap();
+    assert_eq!(
+        status,
+        RunStatus::Succeeded,
+        "the run's status after the write"
+    );
     let stored = store.get_run("r1").await.unwrap().unwrap();
     assert_eq!(stored.status, RunStatus::Succeeded);
     assert_eq!(stored.trigger, json!({"id": 5}));
@@ -421,13 +428,14 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
         store.get_run("c").await.unwrap().unwrap().status,
         RunStatus::Cancelled
     );
-    // The step that was in flight finishes and would end the run: the cancel stands.
+    // The step that was in flight finishes and would end the run: the cancel stands, and the
+    // worker learns of it from the write.
     let done = RunUpdate {
         status: RunStatus::Succeeded,
         error: None,
         finished_at: Some(Utc::now()),
     };
-    store
+    let status = store
         .record_step(StepUpdate {
             run_id: "c".into(),
             step: step("a", StepStatus::Succeeded, 1),
@@ -438,6 +446,7 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
         })
         .await
         .unwrap();
+    assert_eq!(status, RunStatus::Cancelled);
     let cancelled = store.get_run("c").await.unwrap().unwrap();
     assert_eq!(cancelled.status, RunStatus::Cancelled);
     assert_eq!(
@@ -1106,4 +1115,81 @@ async fn redis_with_tls_and_a_password_is_reached_with_its_ca_and_password() {
     })
     .await;
     assert!(!wrong.contains("wrong-pass"), "{wrong}");
+}
+
+/// Step updates written concurrently share round trips (group commit); each still gets its
+/// own outcome, and one that fails does not take the others of its batch with it.
+#[tokio::test]
+async fn redis_step_updates_written_together_each_get_their_own_outcome() {
+    let server = RedisServer::start().await.unwrap();
+    let store = Arc::new(
+        RedisStore::connect(RedisConfig {
+            url: server.url(),
+            ..RedisConfig::default()
+        })
+        .await
+        .unwrap(),
+    );
+    for i in 0..300 {
+        store
+            .create_run(&Run::new(format!("r{i}"), "f", 1, json!({})))
+            .await
+            .unwrap();
+    }
+    // A key of the wrong type where a run should be: its update fails.
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let () = ::redis::cmd("SET")
+        .arg("pw:run:broken")
+        .arg("not a hash")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let update = |run: String, last: bool| StepUpdate {
+        step: step("a", StepStatus::Succeeded, 1),
+        result: result(&run, "a", 1, v1::RunStatus::Succeeded),
+        run_id: run,
+        audit: None,
+        response: None,
+        run: last.then(|| RunUpdate {
+            status: RunStatus::Succeeded,
+            error: None,
+            finished_at: Some(Utc::now()),
+        }),
+    };
+    let writes = (0..300)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(
+                async move { store.record_step(update(format!("r{i}"), i % 2 == 0)).await },
+            )
+        })
+        .chain(std::iter::once({
+            let store = store.clone();
+            tokio::spawn(async move { store.record_step(update("broken".into(), true)).await })
+        }))
+        .collect::<Vec<_>>();
+    let mut outcomes = Vec::new();
+    for write in writes {
+        outcomes.push(write.await.unwrap());
+    }
+    let broken = outcomes.pop().unwrap();
+    assert!(broken.is_err(), "{broken:?}");
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        let expected = if i % 2 == 0 {
+            RunStatus::Succeeded
+        } else {
+            RunStatus::Running
+        };
+        assert_eq!(outcome.unwrap(), expected, "run r{i}");
+        let run = store.get_run(&format!("r{i}")).await.unwrap().unwrap();
+        assert_eq!(run.steps.len(), 1);
+        assert_eq!(run.status, expected);
+    }
+    // Redis does not roll a transaction back: the broken update's other commands ran.
+    let results = store
+        .read_results(None, 1000, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 301);
 }

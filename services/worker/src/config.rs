@@ -31,6 +31,9 @@ pub struct WorkerConfig {
     /// The largest step output (as JSON) that is recorded; a larger one fails the step. Step
     /// errors and recorded inputs are cut to fit as well.
     pub max_output_bytes: usize,
+    /// Steps one delivery runs: the job's step, then the steps after it on the same queue,
+    /// inline, each journaled before the next. Beyond it, the next step gets a job of its own.
+    pub max_steps_per_delivery: u32,
     /// Deliveries of one job beyond its retry policy's attempts that end in an
     /// infrastructure error (store or bus unreachable) before the worker stops running it:
     /// then it only records the failure, and once that is recorded drops the job.
@@ -49,6 +52,7 @@ impl Default for WorkerConfig {
             max_items_per_poll: 100,
             poll_timeout: Duration::from_secs(60),
             max_output_bytes: 2 * 1024 * 1024,
+            max_steps_per_delivery: 32,
             max_infra_retries: 10,
         }
     }
@@ -90,6 +94,9 @@ impl WorkerConfig {
         }
         if self.poll_timeout.is_zero() {
             return Err("poll_timeout: must be greater than zero".into());
+        }
+        if self.max_steps_per_delivery == 0 {
+            return Err("max_steps_per_delivery: must be at least 1".into());
         }
         if self.max_output_bytes < 1024 {
             return Err("max_output_bytes: must be at least 1024".into());

@@ -80,7 +80,7 @@ pub async fn run_with_health(
         pullers.spawn(puller.run(stop_pulling.clone()));
     }
     drop(jobs_tx);
-    let handler = Arc::new(Handler::new(config.clone(), runtime));
+    let handler = Arc::new(Handler::new(config.clone(), runtime, shutdown.clone()));
     let mut tasks = JoinSet::new();
     tracing::info!(worker = %config.id, queues = ?config.queues, concurrency = config.concurrency, "worker started");
 

@@ -193,6 +193,15 @@ struct Harness {
 
 impl Harness {
     async fn start(probe: &Arc<Probe>, flow: &str) -> Self {
+        Self::start_with(probe, flow, |_| {}).await
+    }
+
+    /// [`Harness::start`] with the worker's configuration adjusted.
+    async fn start_with(
+        probe: &Arc<Probe>,
+        flow: &str,
+        configure: impl FnOnce(&mut WorkerConfig),
+    ) -> Self {
         let store = MemoryStore::new();
         let bus = MemoryBus::new();
         let runtime = Arc::new(
@@ -211,11 +220,12 @@ impl Harness {
             .await
             .unwrap();
         let shutdown = CancellationToken::new();
-        let config = WorkerConfig {
+        let mut config = WorkerConfig {
             id: "w1".into(),
             concurrency: 4,
             ..WorkerConfig::default()
         };
+        configure(&mut config);
         let worker = {
             let (runtime, shutdown) = (runtime.clone(), shutdown.clone());
             tokio::spawn(async move {
@@ -250,6 +260,19 @@ impl Harness {
             .unwrap();
         assert!(run.status.is_terminal(), "run {id} did not finish: {run:?}");
         run
+    }
+
+    /// Step jobs delivered so far, from the worker's metrics.
+    fn step_deliveries(&self) -> u64 {
+        self.runtime
+            .metrics
+            .encode()
+            .lines()
+            .filter(|l| {
+                l.starts_with("piecework_jobs_received_total{") && l.contains("kind=\"step\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
     }
 
     async fn stop(self) {
@@ -554,6 +577,7 @@ async fn a_redelivered_step_that_was_recorded_is_not_run_again() {
         flow_version: 1,
         step: "call".into(),
         epoch: 0,
+        delay_ms: 0,
     };
     let message = Message {
         subject: subject::step("default"),
@@ -856,4 +880,154 @@ async fn a_worker_without_the_pinned_piece_version_retries_as_the_policy_says_th
     assert_eq!(step.attempts.len(), 3);
     shutdown.cancel();
     worker.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn consecutive_steps_on_one_queue_run_in_one_delivery() {
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: a, piece: test, action: echo, input: { value: 1 } }\n  - { name: b, piece: test, action: echo, input: { value: \"{{ steps.a.output + 1 }}\" } }\n  - { name: c, piece: test, action: echo, input: { value: \"{{ steps.b.output + 1 }}\" } }\n";
+    let h = Harness::start(&probe, &flow(steps)).await;
+    h.start_run("r1", json!({})).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    let outputs: Vec<_> = run.steps.iter().map(|s| s.output.clone()).collect();
+    assert_eq!(outputs, [Some(json!(1)), Some(json!(2)), Some(json!(3))]);
+    assert_eq!(h.step_deliveries(), 1, "one job for three steps");
+    let results = h
+        .store
+        .read_results(None, 100, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 3, "each step journaled");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inline_step_that_must_retry_hands_over_and_keeps_the_policy_delays() {
+    let probe = Arc::new(Probe::default());
+    let steps = format!(
+        "  - {{ name: first, piece: test, action: echo, input: {{ value: 1 }} }}\n  - {{ name: call, piece: test, action: flaky, input: {{ failures: 2 }}, {RETRY} }}\n  - {{ name: last, piece: test, action: echo, input: {{ value: 3 }} }}\n"
+    );
+    let h = Harness::start(&probe, &flow(&steps)).await;
+    h.start_run("r1", json!({})).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    let call = run.step("call").unwrap();
+    let statuses: Vec<_> = call
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.status))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            (1, StepStatus::Retrying),
+            (2, StepStatus::Retrying),
+            (3, StepStatus::Succeeded)
+        ]
+    );
+    assert_eq!(call.output, Some(json!({"calls": 3, "attempt": 3})));
+    let calls = probe.calls.lock().unwrap().clone();
+    let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(
+        gaps,
+        [Duration::from_secs(2), Duration::from_secs(6)],
+        "the handed-over retry waits as the policy says"
+    );
+    assert_eq!(run.step("last").unwrap().attempts.len(), 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_on_another_queue_or_past_the_budget_gets_a_job_of_its_own() {
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: a, piece: test, action: echo, input: { value: 1 } }\n  - { name: b, piece: test, action: echo, input: { value: 2 } }\n  - { name: c, piece: test, action: echo, input: { value: 3 } }\n  - { name: d, piece: test, action: echo, input: { value: 4 }, queue: vpn }\n  - { name: e, piece: test, action: echo, input: { value: 5 }, queue: vpn }\n";
+    let h = Harness::start_with(&probe, &flow(steps), |config| {
+        config.queues = vec!["default".into(), "vpn".into()];
+        config.max_steps_per_delivery = 2;
+    })
+    .await;
+    h.start_run("r1", json!({})).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert_eq!(run.steps.len(), 5);
+    // a+b (budget 2), c (then another queue), d+e.
+    assert_eq!(h.step_deliveries(), 3);
+    h.stop().await;
+}
+
+/// A worker died after journaling two steps it ran inline and before the third: the job is
+/// redelivered and the run resumes from the journal — the recorded steps do not run again.
+#[tokio::test(start_paused = true)]
+async fn a_job_redelivered_mid_journal_resumes_after_the_recorded_steps() {
+    use piecework_core::run::Attempt;
+    use piecework_core::{Run, StepState};
+    use piecework_store::StepUpdate;
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: a, piece: test, action: flaky, input: { failures: 0 } }\n  - { name: b, piece: test, action: flaky, input: { failures: 0 } }\n  - { name: c, piece: test, action: flaky, input: { failures: 0 } }\n";
+    let h = Harness::start(&probe, &flow(steps)).await;
+    h.store
+        .create_run(&Run::new("r1".into(), "f", 1, json!({})))
+        .await
+        .unwrap();
+    for name in ["a", "b"] {
+        let state = StepState {
+            name: name.into(),
+            piece: "test".into(),
+            action: "flaky".into(),
+            version: "0.1.0".into(),
+            status: StepStatus::Succeeded,
+            input: json!({"failures": 0}),
+            output: Some(json!({"calls": 0})),
+            error: None,
+            attempts: vec![Attempt {
+                attempt: 1,
+                status: StepStatus::Succeeded,
+                started_at: chrono::Utc::now(),
+                duration_ms: 1,
+                error: None,
+                worker: "dead".into(),
+            }],
+            retry_at: None,
+            epoch: 0,
+        };
+        h.store
+            .record_step(StepUpdate {
+                run_id: "r1".into(),
+                step: state,
+                result: Default::default(),
+                audit: None,
+                response: None,
+                run: None,
+            })
+            .await
+            .unwrap();
+    }
+    // The first step's job, delivered again.
+    let job = piecework_proto::v1::StepJob {
+        run_id: "r1".into(),
+        flow_id: "f".into(),
+        flow_version: 1,
+        step: "a".into(),
+        epoch: 0,
+        delay_ms: 0,
+    };
+    h.bus
+        .publish(Message {
+            subject: subject::step("default"),
+            msg_id: "r1:a".into(),
+            headers: vec![],
+            payload: Bytes::from(piecework_proto::Message::encode_to_vec(&job)),
+        })
+        .await
+        .unwrap();
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert_eq!(probe.calls.lock().unwrap().len(), 1, "only `c` ran");
+    for (name, worker) in [("a", "dead"), ("b", "dead"), ("c", "w1")] {
+        let attempts = &run.step(name).unwrap().attempts;
+        assert_eq!(attempts.len(), 1, "{name}");
+        assert_eq!(attempts[0].worker, worker, "{name}");
+    }
+    h.stop().await;
 }

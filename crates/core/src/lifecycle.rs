@@ -1,0 +1,711 @@
+//! The run lifecycle: what happens next to a run, decided in one place.
+//!
+//! Everything that moves a run forward asks this module — the worker when a step job is
+//! delivered ([`on_delivery`]) and after each attempt ([`after_attempt`]), the api and the
+//! scheduler when they start a run ([`first_step`]), a person retrying or cancelling one
+//! ([`retry`], [`cancel`]). It looks only at the flow version and the run's recorded state,
+//! never at the store or the bus: the callers record, publish and settle as it says, so the
+//! rules are written once and tested here without infrastructure.
+//!
+//! How a run moves: a step job (`run`, `step`) asks a worker to drive the run forward from
+//! that step. The worker runs it, records the attempt, and — when the next step is on the same
+//! queue and the delivery's step budget allows — runs that one too, *inline*, recording each
+//! attempt before the next begins. A step on another queue, a retry that must wait, or the end
+//! of the budget hands over to a new job. A redelivered job (its worker died) resumes from what
+//! was recorded: a step recorded as done is never run again.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::engine::StepOutcome;
+use crate::flow::{FlowDefinition, OnFailure, StepDef};
+use crate::run::{Run, RunStatus, StepState, StepStatus};
+
+/// Where the next step runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Next<'a> {
+    /// Nothing follows: the run ended, or the step waits for its retry.
+    Done,
+    /// Run this step now, in the same delivery.
+    Inline(&'a StepDef),
+    /// Hand this step to a new job on its queue.
+    Publish(&'a StepDef),
+}
+
+/// Why a delivery is terminated rather than acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// A step failed for good and so did the run.
+    Failed,
+    /// The job names something that does not exist.
+    Poison,
+    /// Its results kept getting lost to store or bus errors.
+    GaveUp,
+}
+
+/// How to settle the delivery being handled, once everything it decided is recorded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Settle {
+    Ack,
+    /// Put the job back, to be delivered again after the delay.
+    Nak(Duration),
+    Term(Termination),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunEnd {
+    pub status: RunStatus,
+    pub error: Option<String>,
+}
+
+/// Where an attempt ran: the delivery's own step, or one run inline after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position<'q> {
+    /// The queue the delivery came from.
+    pub queue: &'q str,
+    /// Whether the step is the one the job names (a retry of it puts the job back) or one run
+    /// inline after it (a retry of it hands over to a job of its own).
+    pub own_step: bool,
+    /// How many more steps this delivery may run inline.
+    pub inline_budget: u32,
+}
+
+/// What follows a recorded attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AfterAttempt<'a> {
+    /// The step's status as recorded.
+    pub status: StepStatus,
+    /// When the step's next attempt may start (a retry), for the record.
+    pub retry_at: Option<DateTime<Utc>>,
+    /// How long the next attempt waits (a retry): with [`Next::Publish`] of the step itself,
+    /// its job carries the wait.
+    pub retry_in: Option<Duration>,
+    /// The run's end, when this attempt ended it.
+    pub run_end: Option<RunEnd>,
+    pub next: Next<'a>,
+    pub settle: Settle,
+}
+
+/// The first step of a run of `flow`, if it has any.
+pub fn first_step(flow: &FlowDefinition) -> Option<&StepDef> {
+    flow.steps.first()
+}
+
+/// Decides what follows an attempt of `step` that ended with `outcome` at `now`.
+pub fn after_attempt<'a>(
+    flow: &'a FlowDefinition,
+    step: &'a StepDef,
+    outcome: &StepOutcome,
+    position: Position<'_>,
+    now: DateTime<Utc>,
+) -> AfterAttempt<'a> {
+    let (status, error) = match outcome {
+        StepOutcome::Succeeded { .. } => (StepStatus::Succeeded, None),
+        StepOutcome::Failed { error } => (StepStatus::Failed, Some(error.as_str())),
+        StepOutcome::Retry { delay, .. } => {
+            // The same job waits out the delay; an inline step hands over to a job of its
+            // own, whose first delivery waits out what is left of it.
+            let (next, settle) = if position.own_step {
+                (Next::Done, Settle::Nak(*delay))
+            } else {
+                (Next::Publish(step), Settle::Ack)
+            };
+            return AfterAttempt {
+                status: StepStatus::Retrying,
+                retry_at: Some(now + chrono_duration(*delay)),
+                retry_in: Some(*delay),
+                run_end: None,
+                next,
+                settle,
+            };
+        }
+    };
+    let goes_on = status == StepStatus::Succeeded || step.on_failure == OnFailure::Continue;
+    if !goes_on {
+        return AfterAttempt {
+            status,
+            retry_at: None,
+            retry_in: None,
+            run_end: Some(RunEnd {
+                status: RunStatus::Failed,
+                error: Some(format!(
+                    "step `{}` failed: {}",
+                    step.name,
+                    error.unwrap_or_default()
+                )),
+            }),
+            next: Next::Done,
+            settle: Settle::Term(Termination::Failed),
+        };
+    }
+    match following(flow, step) {
+        None => AfterAttempt {
+            status,
+            retry_at: None,
+            retry_in: None,
+            run_end: Some(RunEnd {
+                status: RunStatus::Succeeded,
+                error: None,
+            }),
+            next: Next::Done,
+            settle: Settle::Ack,
+        },
+        Some(next) => AfterAttempt {
+            status,
+            retry_at: None,
+            retry_in: None,
+            run_end: None,
+            next: if next.queue() == position.queue && position.inline_budget > 0 {
+                Next::Inline(next)
+            } else {
+                Next::Publish(next)
+            },
+            settle: Settle::Ack,
+        },
+    }
+}
+
+/// What a delivered step job should do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume<'a> {
+    /// The run is over (finished or cancelled): drop the job.
+    Finished,
+    /// Run `step` now, as attempt `attempt` of its current retry budget (1 for the first).
+    Run { step: &'a StepDef, attempt: u32 },
+    /// The job carries a retry's wait: put it back for this long.
+    Wait(Duration),
+    /// The job's step was recorded by a delivery that died before handing over: continue
+    /// with `next` in a job of its own (or nothing, when the run has nowhere to go).
+    HandOff(Next<'a>),
+    /// The step was delivered more often than its attempts and the infrastructure allowance
+    /// allow: the results of its attempts keep getting lost. Fail it without running it.
+    GiveUp { step: &'a StepDef, deliveries: u32 },
+    /// The job names a step the flow does not have.
+    Poison(String),
+}
+
+/// A delivered step job, as the lifecycle needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered<'j> {
+    /// The step the job names.
+    pub step: &'j str,
+    /// How often this job has been delivered (1 the first time).
+    pub delivered: u32,
+    /// The job's retry epoch: attempts recorded before a manual retry.
+    pub epoch: u32,
+    /// How long its first delivery waits before the attempt (a handed-over retry).
+    pub delay: Option<Duration>,
+}
+
+/// Decides what a delivery of `job` does, from what `run` recorded. `infra_allowance` is how
+/// many deliveries beyond the step's attempts may end in infrastructure errors before it is
+/// given up.
+pub fn on_delivery<'a>(
+    flow: &'a FlowDefinition,
+    run: &Run,
+    job: Delivered<'_>,
+    infra_allowance: u32,
+) -> Resume<'a> {
+    let (step_name, epoch) = (job.step, job.epoch);
+    if run.status.is_terminal() {
+        return Resume::Finished;
+    }
+    let Some(step) = flow.step(step_name) else {
+        return Resume::Poison(format!("the flow has no step `{step_name}`"));
+    };
+    // Follow what was recorded, from the job's step on, to the first step still to run.
+    // (A run's end is recorded with its last step, so "all recorded, still running" and "a
+    // step failed for good, still running" only arise if that write was lost: nothing is
+    // left to run then.)
+    let mut current = step;
+    while let Some(state) = run.step(&current.name) {
+        match state.status {
+            StepStatus::Retrying => break,
+            StepStatus::Failed if current.on_failure == OnFailure::Stop => {
+                return Resume::HandOff(Next::Done);
+            }
+            StepStatus::Succeeded | StepStatus::Failed => match following(flow, current) {
+                Some(next) => current = next,
+                None => return Resume::HandOff(Next::Done),
+            },
+        }
+    }
+    if current.name != step.name {
+        return Resume::HandOff(Next::Publish(current));
+    }
+    // A job handed a retry that must wait: its first delivery only waits (on the broker's
+    // clock, not this machine's).
+    if let Some(delay) = job.delay.filter(|d| !d.is_zero())
+        && job.delivered <= 1
+    {
+        return Resume::Wait(delay);
+    }
+    let state = run.step(&step.name);
+    let waited = u32::from(job.delay.is_some_and(|d| !d.is_zero()));
+    let budget = step
+        .retry_policy()
+        .max_attempts
+        .saturating_add(infra_allowance)
+        .saturating_add(waited);
+    let delivered = job.delivered;
+    if delivered > budget {
+        return Resume::GiveUp {
+            step,
+            deliveries: delivered,
+        };
+    }
+    Resume::Run {
+        step,
+        attempt: attempt_in_epoch(state, epoch),
+    }
+}
+
+/// The number of the next attempt of a step within its current retry budget: one more than
+/// the attempts recorded since the last manual retry.
+pub fn attempt_in_epoch(state: Option<&StepState>, job_epoch: u32) -> u32 {
+    let Some(state) = state else { return 1 };
+    let epoch = state.epoch.max(job_epoch);
+    let recorded = u32::try_from(state.attempts.len()).unwrap_or(u32::MAX);
+    recorded.saturating_sub(epoch).saturating_add(1)
+}
+
+/// The step after `step` in the flow.
+fn following<'a>(flow: &'a FlowDefinition, step: &StepDef) -> Option<&'a StepDef> {
+    flow.next_step(Some(&step.name))
+}
+
+/// Why a run cannot be retried or cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("run `{run}` is {status}; only failed runs can be retried")]
+    NotFailed { run: String, status: &'static str },
+    #[error("run `{0}` failed before any step ran; start a new run instead")]
+    NothingToRetry(String),
+    #[error("run `{0}` is not running")]
+    NotRunning(String),
+}
+
+/// A manual retry: the failed step, reset to run again with a fresh retry budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    /// The step's state as it is recorded when the run resumes.
+    pub step: StepState,
+    /// The job's retry epoch: the attempts recorded before this retry.
+    pub epoch: u32,
+}
+
+/// Plans a manual retry of a failed run: its last failed step runs again, its attempts
+/// numbered after the earlier ones.
+pub fn retry(run: &Run) -> Result<Retry, Refusal> {
+    if run.status != RunStatus::Failed {
+        return Err(Refusal::NotFailed {
+            run: run.id.clone(),
+            status: run.status.as_str(),
+        });
+    }
+    let failed = run
+        .steps
+        .iter()
+        .rev()
+        .find(|s| s.status == StepStatus::Failed)
+        .ok_or_else(|| Refusal::NothingToRetry(run.id.clone()))?;
+    let epoch = u32::try_from(failed.attempts.len()).unwrap_or(u32::MAX);
+    let mut step = failed.clone();
+    step.status = StepStatus::Retrying;
+    step.epoch = epoch;
+    step.retry_at = None;
+    Ok(Retry { step, epoch })
+}
+
+/// Checks that a run may be cancelled: only while it runs. The step in flight finishes;
+/// nothing after it runs.
+pub fn cancel(run: &Run) -> Result<(), Refusal> {
+    if run.status.is_terminal() {
+        return Err(Refusal::NotRunning(run.id.clone()));
+    }
+    Ok(())
+}
+
+fn chrono_duration(duration: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::Format;
+    use crate::run::Attempt;
+    use serde_json::json;
+
+    fn flow(steps: &str) -> FlowDefinition {
+        FlowDefinition::parse(
+            &format!(
+                "apiVersion: piecework/v1\nkind: Flow\nname: f\ntrigger: {{piece: p, trigger: t}}\nsteps:\n{steps}"
+            ),
+            Format::Yaml,
+        )
+        .unwrap()
+    }
+
+    fn three() -> FlowDefinition {
+        flow(
+            "  - {name: a, piece: p, action: x}\n  - {name: b, piece: p, action: x}\n  - {name: c, piece: p, action: x, queue: vpn}\n",
+        )
+    }
+
+    const OWN: Position<'static> = Position {
+        queue: "default",
+        own_step: true,
+        inline_budget: 8,
+    };
+    const INLINE: Position<'static> = Position {
+        queue: "default",
+        own_step: false,
+        inline_budget: 8,
+    };
+
+    fn now() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    fn succeeded() -> StepOutcome {
+        StepOutcome::Succeeded { output: json!(1) }
+    }
+
+    fn failed() -> StepOutcome {
+        StepOutcome::Failed {
+            error: "HTTP 400: no".into(),
+        }
+    }
+
+    fn retry_in(secs: u64) -> StepOutcome {
+        StepOutcome::Retry {
+            error: "HTTP 503".into(),
+            delay: Duration::from_secs(secs),
+        }
+    }
+
+    fn state(name: &str, status: StepStatus, attempts: usize) -> StepState {
+        StepState {
+            name: name.into(),
+            piece: "p".into(),
+            action: "x".into(),
+            version: "1.0.0".into(),
+            status,
+            input: json!({}),
+            output: None,
+            error: None,
+            attempts: (1..=attempts)
+                .map(|n| Attempt {
+                    attempt: u32::try_from(n).unwrap(),
+                    status,
+                    started_at: now(),
+                    duration_ms: 1,
+                    error: None,
+                    worker: "w".into(),
+                })
+                .collect(),
+            retry_at: None,
+            epoch: 0,
+        }
+    }
+
+    fn job(step: &str, delivered: u32) -> Delivered<'_> {
+        Delivered {
+            step,
+            delivered,
+            epoch: 0,
+            delay: None,
+        }
+    }
+
+    fn run_with(steps: Vec<StepState>) -> Run {
+        let mut run = Run::new("r".into(), "f", 1, json!({}));
+        run.steps = steps;
+        run
+    }
+
+    #[test]
+    fn a_success_runs_the_next_step_inline_on_the_same_queue_and_hands_over_across_queues() {
+        let flow = three();
+        let (a, b) = (flow.step("a").unwrap(), flow.step("b").unwrap());
+        let after = after_attempt(&flow, a, &succeeded(), OWN, now());
+        assert_eq!(after.status, StepStatus::Succeeded);
+        assert_eq!(after.next, Next::Inline(b));
+        assert_eq!((after.run_end, after.settle), (None, Settle::Ack));
+        // `c` is on another queue: a job of its own.
+        let after = after_attempt(&flow, b, &succeeded(), INLINE, now());
+        assert_eq!(after.next, Next::Publish(flow.step("c").unwrap()));
+        assert_eq!(after.settle, Settle::Ack);
+    }
+
+    #[test]
+    fn the_inline_budget_hands_over_to_a_new_job() {
+        let flow = three();
+        let spent = Position {
+            inline_budget: 0,
+            ..OWN
+        };
+        let after = after_attempt(&flow, flow.step("a").unwrap(), &succeeded(), spent, now());
+        assert_eq!(after.next, Next::Publish(flow.step("b").unwrap()));
+    }
+
+    #[test]
+    fn the_last_success_ends_the_run() {
+        let flow = three();
+        let c = flow.step("c").unwrap();
+        let vpn = Position {
+            queue: "vpn",
+            ..OWN
+        };
+        let after = after_attempt(&flow, c, &succeeded(), vpn, now());
+        assert_eq!(
+            after.run_end,
+            Some(RunEnd {
+                status: RunStatus::Succeeded,
+                error: None
+            })
+        );
+        assert_eq!((after.next, after.settle), (Next::Done, Settle::Ack));
+    }
+
+    #[test]
+    fn a_failure_ends_the_run_unless_the_step_says_continue() {
+        let flow = flow(
+            "  - {name: a, piece: p, action: x, on_failure: continue}\n  - {name: b, piece: p, action: x}\n",
+        );
+        let (a, b) = (flow.step("a").unwrap(), flow.step("b").unwrap());
+        let after = after_attempt(&flow, a, &failed(), OWN, now());
+        assert_eq!(after.status, StepStatus::Failed);
+        assert_eq!(after.next, Next::Inline(b));
+        assert_eq!((after.run_end, after.settle), (None, Settle::Ack));
+        let after = after_attempt(&flow, b, &failed(), INLINE, now());
+        assert_eq!(after.status, StepStatus::Failed);
+        assert_eq!(
+            after.run_end,
+            Some(RunEnd {
+                status: RunStatus::Failed,
+                error: Some("step `b` failed: HTTP 400: no".into())
+            })
+        );
+        assert_eq!(after.next, Next::Done);
+        assert_eq!(after.settle, Settle::Term(Termination::Failed));
+    }
+
+    #[test]
+    fn a_continued_failure_of_the_last_step_ends_the_run_as_succeeded() {
+        let flow = flow("  - {name: a, piece: p, action: x, on_failure: continue}\n");
+        let after = after_attempt(&flow, flow.step("a").unwrap(), &failed(), OWN, now());
+        assert_eq!(after.run_end.unwrap().status, RunStatus::Succeeded);
+    }
+
+    #[test]
+    fn a_retry_of_the_own_step_puts_the_job_back_and_of_an_inline_step_hands_over() {
+        let flow = three();
+        let b = flow.step("b").unwrap();
+        let after = after_attempt(&flow, b, &retry_in(4), OWN, now());
+        assert_eq!(after.status, StepStatus::Retrying);
+        assert_eq!(after.settle, Settle::Nak(Duration::from_secs(4)));
+        assert_eq!(after.next, Next::Done);
+        assert_eq!(after.retry_at, Some(now() + chrono::Duration::seconds(4)));
+        assert_eq!(after.run_end, None);
+        let after = after_attempt(&flow, b, &retry_in(4), INLINE, now());
+        assert_eq!((after.next, after.settle), (Next::Publish(b), Settle::Ack));
+        assert_eq!(after.retry_at, Some(now() + chrono::Duration::seconds(4)));
+    }
+
+    #[test]
+    fn a_new_job_runs_its_step_as_the_first_attempt() {
+        let flow = three();
+        let run = run_with(vec![]);
+        assert_eq!(
+            on_delivery(&flow, &run, job("a", 1), 10),
+            Resume::Run {
+                step: flow.step("a").unwrap(),
+                attempt: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_finished_or_cancelled_run_drops_its_jobs() {
+        let flow = three();
+        for status in [
+            RunStatus::Succeeded,
+            RunStatus::Failed,
+            RunStatus::Cancelled,
+        ] {
+            let mut run = run_with(vec![]);
+            run.status = status;
+            assert_eq!(on_delivery(&flow, &run, job("a", 1), 10), Resume::Finished);
+        }
+    }
+
+    #[test]
+    fn an_unknown_step_is_poison() {
+        let flow = three();
+        assert!(matches!(
+            on_delivery(&flow, &run_with(vec![]), job("zz", 1), 10),
+            Resume::Poison(why) if why.contains("`zz`")
+        ));
+    }
+
+    #[test]
+    fn a_redelivery_resumes_after_what_was_recorded_and_never_reruns_a_step() {
+        let flow = three();
+        // `a` and `b` were recorded (b inline), the worker died before `c` was handed over.
+        let run = run_with(vec![
+            state("a", StepStatus::Succeeded, 1),
+            state("b", StepStatus::Succeeded, 1),
+        ]);
+        assert_eq!(
+            on_delivery(&flow, &run, job("a", 2), 10),
+            Resume::HandOff(Next::Publish(flow.step("c").unwrap()))
+        );
+        // Only `a` recorded: `b` (interrupted inline) gets a job of its own.
+        let run = run_with(vec![state("a", StepStatus::Succeeded, 1)]);
+        assert_eq!(
+            on_delivery(&flow, &run, job("a", 2), 10),
+            Resume::HandOff(Next::Publish(flow.step("b").unwrap()))
+        );
+        // Everything recorded but the run's end: nothing to run.
+        let run = run_with(vec![
+            state("a", StepStatus::Succeeded, 1),
+            state("b", StepStatus::Succeeded, 1),
+            state("c", StepStatus::Succeeded, 1),
+        ]);
+        assert_eq!(
+            on_delivery(&flow, &run, job("a", 2), 10),
+            Resume::HandOff(Next::Done)
+        );
+    }
+
+    #[test]
+    fn a_recorded_failure_that_stops_the_run_is_not_passed() {
+        let flow = three();
+        let run = run_with(vec![state("a", StepStatus::Failed, 1)]);
+        // A step that failed for good runs again only through a manual retry.
+        assert_eq!(
+            on_delivery(&flow, &run, job("a", 2), 10),
+            Resume::HandOff(Next::Done)
+        );
+    }
+
+    #[test]
+    fn a_handed_over_retry_waits_on_its_first_delivery_then_runs_its_next_attempt() {
+        let flow = three();
+        let b = state("b", StepStatus::Retrying, 1);
+        let run = run_with(vec![state("a", StepStatus::Succeeded, 1), b]);
+        let delayed = |delivered| Delivered {
+            delay: Some(Duration::from_secs(3)),
+            ..job("b", delivered)
+        };
+        assert_eq!(
+            on_delivery(&flow, &run, delayed(1), 10),
+            Resume::Wait(Duration::from_secs(3))
+        );
+        assert_eq!(
+            on_delivery(&flow, &run, delayed(2), 10),
+            Resume::Run {
+                step: flow.step("b").unwrap(),
+                attempt: 2
+            }
+        );
+        // The wait does not count against the step's deliveries.
+        let three_attempts = flow_one_step_with_attempts(1);
+        let run = run_with(vec![]);
+        assert!(matches!(
+            on_delivery(
+                &three_attempts,
+                &run,
+                Delivered {
+                    delay: Some(Duration::from_secs(1)),
+                    ..job("a", 2)
+                },
+                0
+            ),
+            Resume::Run { .. }
+        ));
+        // A redelivery of `a`'s job finds `b` waiting: `b` is handed to its own job.
+        let run = run_with(vec![
+            state("a", StepStatus::Succeeded, 1),
+            state("b", StepStatus::Retrying, 1),
+        ]);
+        assert_eq!(
+            on_delivery(&flow, &run, job("a", 2), 10),
+            Resume::HandOff(Next::Publish(flow.step("b").unwrap()))
+        );
+    }
+
+    fn flow_one_step_with_attempts(max: u32) -> FlowDefinition {
+        flow(&format!(
+            "  - {{name: a, piece: p, action: x, retry: {{max_attempts: {max}}}}}\n"
+        ))
+    }
+
+    #[test]
+    fn deliveries_beyond_the_attempts_and_the_allowance_give_up() {
+        let flow = flow_one_step_with_attempts(2);
+        let run = run_with(vec![]);
+        assert!(matches!(
+            on_delivery(&flow, &run, job("a", 3), 1),
+            Resume::Run { .. }
+        ));
+        assert_eq!(
+            on_delivery(&flow, &run, job("a", 4), 1),
+            Resume::GiveUp {
+                step: flow.step("a").unwrap(),
+                deliveries: 4
+            }
+        );
+    }
+
+    #[test]
+    fn attempts_are_numbered_from_the_record_within_the_retry_epoch() {
+        assert_eq!(attempt_in_epoch(None, 0), 1);
+        let mut s = state("a", StepStatus::Retrying, 2);
+        assert_eq!(attempt_in_epoch(Some(&s), 0), 3);
+        // A manual retry after 3 failed attempts: a fresh budget.
+        s.attempts = state("a", StepStatus::Failed, 3).attempts;
+        s.epoch = 3;
+        assert_eq!(attempt_in_epoch(Some(&s), 0), 1);
+        // Older jobs carry the epoch themselves.
+        s.epoch = 0;
+        assert_eq!(attempt_in_epoch(Some(&s), 3), 1);
+    }
+
+    #[test]
+    fn only_failed_runs_are_retried_from_their_last_failed_step() {
+        let mut run = run_with(vec![
+            state("a", StepStatus::Succeeded, 1),
+            state("b", StepStatus::Failed, 3),
+        ]);
+        assert!(matches!(retry(&run), Err(Refusal::NotFailed { .. })));
+        run.status = RunStatus::Failed;
+        let plan = retry(&run).unwrap();
+        assert_eq!(plan.epoch, 3);
+        assert_eq!(plan.step.name, "b");
+        assert_eq!(plan.step.status, StepStatus::Retrying);
+        assert_eq!(plan.step.epoch, 3);
+        let empty = Run {
+            status: RunStatus::Failed,
+            ..run_with(vec![])
+        };
+        assert_eq!(retry(&empty), Err(Refusal::NothingToRetry("r".into())));
+    }
+
+    #[test]
+    fn only_running_runs_are_cancelled() {
+        let mut run = run_with(vec![]);
+        assert_eq!(cancel(&run), Ok(()));
+        run.status = RunStatus::Succeeded;
+        assert_eq!(cancel(&run), Err(Refusal::NotRunning("r".into())));
+    }
+
+    #[test]
+    fn the_first_step_is_the_first_declared() {
+        assert_eq!(first_step(&three()).unwrap().name, "a");
+    }
+}

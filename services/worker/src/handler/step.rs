@@ -1,0 +1,500 @@
+//! Step jobs: drive a run forward from the job's step.
+//!
+//! The job's step runs first. After each attempt the lifecycle says what follows: the next
+//! step *inline* (same queue, within `[worker] max_steps_per_delivery`), a new job for it (another
+//! queue, a retry that must wait, the budget spent), or the end. Each attempt is journaled in
+//! the store before the next begins, and the run is kept in memory between inline steps, so a
+//! run of consecutive steps costs one delivery and one read of the run. A redelivered job
+//! resumes from the journal (`lifecycle::on_delivery`): a step recorded as done never runs
+//! again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use piecework_bus::Delivery;
+use piecework_core::engine::{self, StepOutcome};
+use piecework_core::flow::{FlowVersion, StepDef};
+use piecework_core::lifecycle::{
+    self, AfterAttempt, Delivered, Next, Position, Resume, Settle, Termination,
+};
+use piecework_core::run::Attempt;
+use piecework_core::{Run, RunStatus, StepState, StepStatus};
+use piecework_proto::v1::{StepJob, StepResult};
+use piecework_runtime::{RuntimeError, audit_event};
+use piecework_sdk::mask::Secrets;
+use piecework_sdk::{DynAction, Piece, PieceError, RunInfo};
+use piecework_store::{RunUpdate, StepUpdate};
+use piecework_telemetry::propagation;
+use tracing::Instrument as _;
+use tracing::field::Empty;
+
+use super::Handler;
+use super::observe::{self, millis};
+
+/// One attempt as executed, before it is recorded.
+struct Attempted {
+    started: DateTime<Utc>,
+    execution: engine::Execution,
+    /// The piece and action that ran; `None` when they could not be resolved.
+    executed: Option<(Piece, Arc<dyn DynAction>)>,
+}
+
+/// Where the chain of a delivery is.
+struct Chain<'a> {
+    job: &'a StepJob,
+    delivery: &'a Delivery,
+    queue: &'a str,
+    flow: &'a FlowVersion,
+}
+
+impl Handler {
+    pub(super) async fn step(
+        &self,
+        job: StepJob,
+        delivery: &Delivery,
+        queue: &str,
+    ) -> Result<Settle, RuntimeError> {
+        let Some(run) = self.runtime.run(&job.run_id).await? else {
+            return self
+                .poison(delivery, &format!("run {} does not exist", job.run_id))
+                .await;
+        };
+        let Some(flow) = self
+            .runtime
+            .flow_version(&job.flow_id, job.flow_version)
+            .await?
+        else {
+            let error = format!(
+                "flow {} version {} does not exist",
+                job.flow_id, job.flow_version
+            );
+            self.fail_run(&run, error).await?;
+            return Ok(Settle::Term(Termination::Poison));
+        };
+        let delivered = Delivered {
+            step: &job.step,
+            delivered: delivery.delivered,
+            epoch: job.epoch,
+            delay: (job.delay_ms > 0).then(|| Duration::from_millis(job.delay_ms)),
+        };
+        let resume = lifecycle::on_delivery(
+            &flow.definition,
+            &run,
+            delivered,
+            self.config.max_infra_retries,
+        );
+        let chain = Chain {
+            job: &job,
+            delivery,
+            queue,
+            flow: &flow,
+        };
+        match resume {
+            Resume::Finished => {
+                tracing::debug!(run_id = %run.id, step = %job.step, status = run.status.as_str(), "run already finished; dropping step");
+                Ok(Settle::Ack)
+            }
+            Resume::Poison(why) => {
+                let error = format!("flow {} version {}: {why}", flow.flow_id, flow.version);
+                self.fail_run(&run, error).await?;
+                Ok(Settle::Term(Termination::Poison))
+            }
+            Resume::Wait(delay) => Ok(Settle::Nak(delay)),
+            Resume::HandOff(next) => {
+                // A delivery that died after recording: finish its hand-over.
+                if let Next::Publish(step) = next {
+                    self.runtime
+                        .publish_step(&flow, &run.id, &step.name, job.epoch)
+                        .await?;
+                }
+                tracing::debug!(run_id = %run.id, step = %job.step, "step already recorded; handed over");
+                Ok(Settle::Ack)
+            }
+            Resume::GiveUp { step, deliveries } => {
+                tracing::warn!(run_id = %run.id, step = %step.name, deliveries, "step delivered past its budget; failing it without running it");
+                let refused = engine::Execution::failed(format!(
+                    "gave up after {deliveries} deliveries: the results of earlier attempts could not be recorded (store or bus errors, see the worker log)"
+                ));
+                let settle = self.drive(&chain, run, step, Some(refused)).await?;
+                Ok(match settle {
+                    Settle::Term(Termination::Failed) => Settle::Term(Termination::GaveUp),
+                    other => other,
+                })
+            }
+            Resume::Run { step, .. } => self.drive(&chain, run, step, None).await,
+        }
+    }
+
+    /// Runs `first` and, while the lifecycle says so, the steps after it; returns how to
+    /// settle the delivery. `refused` stands in for `first`'s execution when it must not run.
+    async fn drive(
+        &self,
+        chain: &Chain<'_>,
+        mut run: Run,
+        first: &StepDef,
+        mut refused: Option<engine::Execution>,
+    ) -> Result<Settle, RuntimeError> {
+        let mut step = first;
+        let mut own_step = true;
+        let mut budget = self.config.max_steps_per_delivery.saturating_sub(1);
+        loop {
+            let position = Position {
+                queue: chain.queue,
+                own_step,
+                inline_budget: budget,
+            };
+            let span = self.step_span(chain, &run, step, own_step);
+            let next = self
+                .step_once(chain, &mut run, step, position, refused.take())
+                .instrument(span)
+                .await?;
+            match next {
+                Ok(settle) => return Ok(settle),
+                Err(inline) => {
+                    step = inline;
+                    own_step = false;
+                    budget = budget.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// One step of the chain, in its span: attempt, record, and hand over when the chain
+    /// ends here. `Ok(settle)` ends the delivery; `Err(step)` is the step to run inline next.
+    async fn step_once<'f>(
+        &self,
+        chain: &Chain<'f>,
+        run: &mut Run,
+        step: &'f StepDef,
+        position: Position<'_>,
+        refused: Option<engine::Execution>,
+    ) -> Result<Result<Settle, &'f StepDef>, RuntimeError> {
+        let attempted = self
+            .attempt(chain, run, step, position.own_step, refused)
+            .await?;
+        // A worker that began to stop while the step ran hands the next step over instead of
+        // running it.
+        let position = Position {
+            inline_budget: if self.stopping.is_cancelled() {
+                0
+            } else {
+                position.inline_budget
+            },
+            ..position
+        };
+        let (after, status) = self.record(chain, run, step, position, attempted).await?;
+        if status.is_terminal() && after.run_end.is_none() {
+            // Cancelled while the step ran: nothing after it runs.
+            tracing::debug!(run_id = %run.id, step = %step.name, "run cancelled; stopping");
+            return Ok(Ok(Settle::Ack));
+        }
+        match after.next {
+            Next::Done => Ok(Ok(after.settle)),
+            Next::Inline(next) => Ok(Err(next)),
+            Next::Publish(next) => {
+                // A retry handed over carries its wait; a next step runs at once.
+                let delay = after.retry_in.unwrap_or_default();
+                self.runtime
+                    .publish_step_after(chain.flow, &run.id, &next.name, chain.job.epoch, delay)
+                    .await?;
+                Ok(Ok(after.settle))
+            }
+        }
+    }
+
+    /// The span of one step: a child of the run's span (wherever the run started), linked to
+    /// the `publish` span that sent the job.
+    fn step_span(&self, chain: &Chain<'_>, run: &Run, step: &StepDef, own: bool) -> tracing::Span {
+        let delivery = chain.delivery;
+        let span = tracing::info_span!(
+            "step",
+            otel.name = %format_args!("step {}", step.name),
+            otel.kind = "consumer",
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+            messaging.system = self.runtime.messaging_system(),
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.destination.name = %delivery.subject,
+            messaging.consumer.group.name = %format_args!("pw-{}", chain.queue),
+            messaging.message.id = delivery.header("Nats-Msg-Id").unwrap_or_default(),
+            piecework.run.id = %run.id,
+            piecework.flow.id = %run.flow_id,
+            piecework.flow.version = run.flow_version,
+            piecework.step = %step.name,
+            piecework.piece = %step.piece,
+            piecework.action = %step.action,
+            piecework.piece.version = Empty,
+            piecework.attempt = Empty,
+            piecework.outcome = Empty,
+            piecework.inline = !own,
+            piecework.delivery = delivery.delivered,
+            piecework.worker = %self.config.id,
+        );
+        let under_run = run
+            .trace
+            .as_deref()
+            .is_some_and(|traceparent| propagation::set_parent_traceparent(&span, traceparent));
+        if !under_run {
+            propagation::set_parent(&span, &delivery.headers);
+        }
+        if own {
+            propagation::add_link(&span, &delivery.headers);
+        }
+        span
+    }
+
+    /// Executes one attempt of `step` against the run as it stands (or takes `refused`):
+    /// render, validate, run under the timeout, then mask the connection's secrets and keep
+    /// what is recorded within the limits.
+    async fn attempt(
+        &self,
+        chain: &Chain<'_>,
+        run: &Run,
+        step: &StepDef,
+        own_step: bool,
+        refused: Option<engine::Execution>,
+    ) -> Result<Attempted, RuntimeError> {
+        let started = Utc::now();
+        if let Some(execution) = refused {
+            return Ok(Attempted {
+                started,
+                execution,
+                executed: None,
+            });
+        }
+        let flow = chain.flow;
+        let epoch = if own_step { chain.job.epoch } else { 0 };
+        let attempt = lifecycle::attempt_in_epoch(run.step(&step.name), epoch);
+        let number = recorded_attempts(run, &step.name) + 1;
+        let resolved = self.resolve_action(flow, step).await;
+        let auth = self
+            .connection_for(step.connection.as_deref(), &step.piece)
+            .await?;
+        let mut execution = match (&resolved, &auth) {
+            (Err(error), _) => engine::Execution::refused(error.clone(), step, attempt),
+            (Ok(_), Err(error)) => engine::Execution::failed(error.clone()),
+            (Ok((_, action)), Ok(auth)) => {
+                let run_info =
+                    RunInfo::new(&run.id, &flow.flow_id, flow.version, &step.name, number)
+                        .started_by(run.started_by.clone());
+                let mut ctx = self.runtime.context(run_info, flow, auth.clone());
+                if let Some(max) = step.max_response_bytes {
+                    ctx.http = ctx.http.with_max_response_bytes(max);
+                }
+                let work = engine::execute(action.as_ref(), step, run, &ctx, attempt);
+                self.with_progress(chain.delivery, work).await
+            }
+        };
+        // Whatever leaves the step — output, error, the recorded input — may echo the
+        // connection's secrets (an upstream quoting the Authorization header): masked before
+        // it is recorded, logged, traced, audited or answered.
+        if let (Ok((piece, _)), Ok(Some(values))) = (&resolved, &auth) {
+            execution.mask(&Secrets::of(piece.auth(), values));
+        }
+        execution.limit(self.config.max_output_bytes);
+        Ok(Attempted {
+            started,
+            execution,
+            executed: resolved.ok(),
+        })
+    }
+
+    /// Runs `work` while telling the broker, every third of the ack wait, that the job is alive.
+    async fn with_progress<T>(&self, delivery: &Delivery, work: impl Future<Output = T>) -> T {
+        let mut ticks = tokio::time::interval(self.config.ack_wait / 3);
+        ticks.tick().await;
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = ticks.tick() => {
+                    if let Err(err) = delivery.progress().await {
+                        tracing::debug!(error = %err, "progress ack failed");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn resolve_action(
+        &self,
+        flow: &FlowVersion,
+        step: &StepDef,
+    ) -> Result<(Piece, Arc<dyn DynAction>), PieceError> {
+        let piece = self
+            .resolve_piece(flow, &step.name, &step.piece, step.version.as_ref())
+            .await?;
+        let action = piece.action(&step.action).cloned().ok_or_else(|| {
+            PieceError::fatal(format!(
+                "piece `{}` {} has no action `{}`",
+                piece.name(),
+                piece.version(),
+                step.action
+            ))
+        })?;
+        Ok((piece, action))
+    }
+
+    /// Journals an attempt as the lifecycle decides (its step state, `pw:results`, the audit
+    /// entry, the run's end) and applies it to the run in memory; returns the decision and
+    /// the run's status after the write.
+    async fn record<'f>(
+        &self,
+        chain: &Chain<'f>,
+        run: &mut Run,
+        step: &'f StepDef,
+        position: Position<'_>,
+        attempted: Attempted,
+    ) -> Result<(AfterAttempt<'f>, RunStatus), RuntimeError> {
+        let flow = chain.flow;
+        let Attempted {
+            started,
+            execution,
+            executed,
+        } = attempted;
+        let engine::Execution {
+            outcome,
+            recorded_input,
+            duration,
+        } = execution;
+        let after =
+            lifecycle::after_attempt(&flow.definition, step, &outcome, position, Utc::now());
+        let (output, error) = match outcome {
+            StepOutcome::Succeeded { output } => (Some(output), None),
+            StepOutcome::Retry { error, .. } | StepOutcome::Failed { error } => (None, Some(error)),
+        };
+        let version = executed
+            .as_ref()
+            .map(|(piece, _)| piece.version().to_string())
+            .or_else(|| flow.step_version(&step.name).map(ToString::to_string))
+            .unwrap_or_default();
+        let previous = run.step(&step.name);
+        let number = recorded_attempts(run, &step.name) + 1;
+        let mut attempts = previous.map(|s| s.attempts.clone()).unwrap_or_default();
+        attempts.push(Attempt {
+            attempt: number,
+            status: after.status,
+            started_at: started,
+            duration_ms: millis(duration),
+            error: error.clone(),
+            worker: self.config.id.clone(),
+        });
+        let epoch = previous.map_or(0, |s| s.epoch);
+        let state = StepState {
+            name: step.name.clone(),
+            piece: step.piece.clone(),
+            action: step.action.clone(),
+            version: version.clone(),
+            status: after.status,
+            input: recorded_input,
+            output,
+            error: error.clone(),
+            attempts,
+            retry_at: after.retry_at,
+            epoch,
+        };
+        let run_update = after.run_end.as_ref().map(|end| RunUpdate {
+            status: end.status,
+            error: end.error.clone(),
+            finished_at: Some(Utc::now()),
+        });
+        let run_status = run_update.as_ref().map_or(RunStatus::Running, |u| u.status);
+        let response = match (&executed, &state.output) {
+            (Some((_, action)), Some(output)) if action.spec().webhook_response => {
+                Some(output.clone())
+            }
+            _ => None,
+        };
+        observe::log_attempt(run, step, number, after.status, duration, error.as_deref());
+        self.observe_attempt(
+            step,
+            &version,
+            number,
+            after.status,
+            duration,
+            error.as_deref(),
+        );
+        if let (Some((piece, action)), Some(output)) = (&executed, &state.output)
+            && action.spec().health_check
+        {
+            self.observe_health(piece.name(), &flow.flow_id, output);
+        }
+        if let Some(update) = &run_update {
+            self.runtime
+                .metrics
+                .run_finished(&flow.flow_id, observe::run_outcome(update.status));
+        }
+        let result = StepResult {
+            run_id: run.id.clone(),
+            flow_id: flow.flow_id.clone(),
+            flow_version: flow.version,
+            step: step.name.clone(),
+            piece: step.piece.clone(),
+            action: step.action.clone(),
+            version,
+            attempt: number,
+            status: observe::proto_step_status(after.status) as i32,
+            duration_ms: millis(duration),
+            error: error.clone().unwrap_or_default(),
+            run_status: observe::proto_run_status(run_status) as i32,
+            finished_unix_ms: Utc::now().timestamp_millis(),
+        };
+        let audit = audit_event(
+            &self.actor,
+            "step.execute",
+            &format!("run/{}/step/{}", run.id, step.name),
+            duration,
+            error
+                .as_ref()
+                .filter(|_| after.status != StepStatus::Succeeded),
+        );
+        let status = self
+            .runtime
+            .record_attempt(StepUpdate {
+                run_id: run.id.clone(),
+                step: state.clone(),
+                result,
+                response: response.clone(),
+                run: run_update.clone(),
+                audit: Some(audit),
+            })
+            .await?;
+        run.upsert_step(state);
+        if response.is_some() {
+            run.response = response;
+        }
+        if let Some(update) = run_update {
+            run.status = update.status;
+            run.error = update.error;
+            run.finished_at = update.finished_at;
+        }
+        Ok((after, status))
+    }
+
+    /// Ends a run that cannot go on (its flow version or step vanished).
+    async fn fail_run(&self, run: &Run, error: String) -> Result<(), RuntimeError> {
+        tracing::warn!(run_id = %run.id, error = %error, "run failed");
+        self.runtime
+            .end_run(
+                &run.id,
+                RunUpdate {
+                    status: RunStatus::Failed,
+                    error: Some(error),
+                    finished_at: Some(Utc::now()),
+                },
+            )
+            .await?;
+        self.runtime
+            .metrics
+            .run_finished(&run.flow_id, observe::run_outcome(RunStatus::Failed));
+        Ok(())
+    }
+}
+
+/// How many attempts of `step` the run has recorded.
+fn recorded_attempts(run: &Run, step: &str) -> u32 {
+    run.step(step)
+        .map_or(0, |s| u32::try_from(s.attempts.len()).unwrap_or(u32::MAX))
+}
