@@ -3,9 +3,11 @@
 //! - A **poll job** runs a flow's trigger once: a polling trigger's items are deduplicated
 //!   against the flow's cursor and each new item starts one run with a deterministic id; a
 //!   schedule tick starts one run.
-//! - A **step job** runs one step of a run: render and validate the input, run the action under
-//!   its timeout, record the attempt (one store round trip), then publish the next step and ack,
-//!   nak with the retry policy's delay, or terminate after the last attempt.
+//! - A **step job** drives a run forward from its step: render and validate the input, run the
+//!   action under its timeout, journal the attempt (one store round trip, shared with other
+//!   steps finishing at once), and run the next step inline when it is on the same queue —
+//!   else publish its job — then ack, nak with the retry policy's delay, or terminate after the
+//!   last attempt, as `piecework_core::lifecycle` decides.
 //!
 //! Workers hold no state between jobs, so any number can serve a queue. [`run`] is the whole
 //! service: it stops pulling on shutdown, lets in-flight jobs finish within a grace period, and
