@@ -176,9 +176,8 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     println!("  stop    Ctrl-C\n");
     let _ = std::io::stdout().flush();
     if !args.quiet {
-        let store = sandbox.runtime.store.clone();
         tokio::spawn(feed::run(
-            store,
+            sandbox.runtime.clone(),
             Some("$".to_owned()),
             sandbox.shutdown_token(),
         ));
@@ -270,20 +269,7 @@ fn infra_ready(runtime: &std::sync::Arc<piecework_runtime::Runtime>) -> ReadyChe
     let runtime = runtime.clone();
     std::sync::Arc::new(move || {
         let runtime = runtime.clone();
-        Box::pin(async move {
-            let mut reasons = Vec::new();
-            if let Err(err) = runtime.bus.ready().await {
-                reasons.push(format!("bus: {err}"));
-            }
-            if let Err(err) = runtime.store.ready().await {
-                reasons.push(format!("store: {err}"));
-            }
-            if reasons.is_empty() {
-                Ok(())
-            } else {
-                Err(reasons.join("; "))
-            }
-        })
+        Box::pin(async move { runtime.ready().await })
     })
 }
 

@@ -16,7 +16,7 @@ use anyhow::bail;
 use piecework_bus::nats::NatsBus;
 use piecework_bus::{Bus as _, QueueStats};
 use piecework_runtime::Runtime;
-use piecework_sdk::{Context, Owner, RunInfo, ScopedStore};
+use piecework_sdk::{Context, Owner, RunInfo};
 
 use crate::cli::ConfigArgs;
 use crate::config::Config;
@@ -146,7 +146,7 @@ pub async fn run(common: &ConfigArgs) -> anyhow::Result<()> {
 /// Every queue a worker serves or a flow routes to: its consumer's backlog and redeliveries.
 async fn check_queues(report: &mut Report, bus: &NatsBus, runtime: &Runtime, config: &Config) {
     let mut queues: BTreeSet<String> = config.worker.queues.iter().cloned().collect();
-    for flow in runtime.store.list_flows().await.unwrap_or_default() {
+    for flow in runtime.flow_records().await.unwrap_or_default() {
         if let Ok(Some(version)) = runtime.flow_version(&flow.id, flow.latest_version).await {
             queues.insert(version.definition.trigger.queue().to_owned());
             queues.extend(
@@ -176,7 +176,7 @@ async fn check_queues(report: &mut Report, bus: &NatsBus, runtime: &Runtime, con
 }
 
 async fn check_connections(report: &mut Report, runtime: &Arc<Runtime>) {
-    let records = match runtime.store.list_connections().await {
+    let records = match runtime.connection_records().await {
         Ok(records) => records,
         Err(err) => return report.fail(err, "check Redis"),
     };
@@ -206,7 +206,7 @@ async fn check_connections(report: &mut Report, runtime: &Arc<Runtime>) {
         let ctx = Context::new(
             RunInfo::new("doctor", "", 0, "auth", 1),
             Owner::default(),
-            ScopedStore::new(runtime.store.kv(), ""),
+            runtime.piece_store(""),
             runtime.http().clone(),
         )
         .with_auth(Some(values.clone()));

@@ -7,16 +7,16 @@ use std::time::Duration;
 
 use chrono::{DateTime, Local};
 use piecework_proto::v1::{RunStatus, StepResult, StepStatus};
-use piecework_store::Store;
+use piecework_runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 /// Prints results appended after `after` until `shutdown`.
-pub async fn run(store: Arc<dyn Store>, after: Option<String>, shutdown: CancellationToken) {
+pub async fn run(runtime: Arc<Runtime>, after: Option<String>, shutdown: CancellationToken) {
     let color = std::io::stdout().is_terminal();
     let mut cursor = after;
     loop {
         let read = tokio::select! {
-            read = store.read_results(cursor.as_deref(), 100, Duration::from_secs(5)) => read,
+            read = runtime.read_results(cursor.as_deref(), 100, Duration::from_secs(5)) => read,
             () = shutdown.cancelled() => return,
         };
         match read {

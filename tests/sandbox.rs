@@ -952,7 +952,7 @@ async fn the_auto_assign_demo_assigns_each_new_ticket_exactly_once() {
         limit: 1000,
         ..Default::default()
     };
-    let summaries = sandbox.runtime.store.list_runs(&query).await.unwrap();
+    let summaries = sandbox.runtime.runs(&query).await.unwrap();
     assert!(
         summaries.len() >= 5,
         "tickets keep coming: {}",
@@ -962,7 +962,6 @@ async fn the_auto_assign_demo_assigns_each_new_ticket_exactly_once() {
     for summary in &summaries {
         let run = sandbox
             .runtime
-            .store
             .wait_run_finished(&summary.id, Duration::from_secs(10))
             .await
             .unwrap()

@@ -192,7 +192,6 @@ async fn wait_for_finishes(runtime: &Runtime, flow_id: &str, runs: usize) -> any
     let (mut finished, mut failed) = (0, 0);
     while finished < runs {
         let entries = runtime
-            .store
             .read_results(Some(&after), 1000, Duration::from_secs(5))
             .await?;
         for entry in entries {
@@ -219,7 +218,7 @@ async fn dispatch_latency(runtime: &Arc<Runtime>, ids: &[String]) -> anyhow::Res
     let runs: Vec<Option<Run>> = futures::stream::iter(ids.iter().cloned())
         .map(|id| {
             let runtime = runtime.clone();
-            async move { runtime.store.get_run(&id).await }
+            async move { runtime.run(&id).await }
         })
         .buffer_unordered(STARTERS)
         .collect::<Vec<_>>()
@@ -287,7 +286,6 @@ pub async fn unloaded_dispatch(
             .start_run(&flow, id.clone(), json!({}), TriggerKind::webhook)
             .await?;
         let run = runtime
-            .store
             .wait_run_finished(&id, Duration::from_secs(30))
             .await?
             .context("the run vanished")?;

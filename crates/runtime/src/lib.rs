@@ -24,7 +24,7 @@ use chrono::Utc;
 use piecework_bus::Bus;
 use piecework_bus::jobs;
 use piecework_core::flow::{self, FlowDefinition, FlowVersion};
-use piecework_core::{Catalog, FlowError, Registry, Run, RunStatus, StepStatus};
+use piecework_core::{Catalog, FlowError, Registry, Run, RunStatus, lifecycle};
 use piecework_proto::v1::{AuditEvent, StepJob};
 use piecework_sdk::{Context, EgressPolicy, HttpClient, Owner, PieceError, RunInfo, ScopedStore};
 use piecework_store::{Applied, ConnectionRecord, StepUpdate, Store, StoreError};
@@ -68,6 +68,9 @@ pub enum RuntimeError {
     /// A request that names something invalid.
     #[error("{0}")]
     Invalid(String),
+    /// Something the operation needs is not answering; trying again later may work.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// What the API shows of a connection: never its values.
@@ -142,9 +145,12 @@ impl Actor {
 }
 
 /// Shared state and operations of the services. Cheap to share behind an `Arc`.
+///
+/// The only way to the store and the bus: every service goes through its operations, so the
+/// rules (auditing, the run lifecycle, masking) cannot be walked around.
 pub struct Runtime {
-    pub store: Arc<dyn Store>,
-    pub bus: Arc<dyn Bus>,
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
     /// The pieces this process can run: built in, and bundles as they come and go.
     catalog: Arc<Catalog>,
     /// This process's metrics, served at `/metrics`.
@@ -224,17 +230,13 @@ impl Runtime {
         values: Value,
         actor: &Actor,
     ) -> Result<ConnectionInfo, RuntimeError> {
-        let started = Instant::now();
-        let result = self.seal_connection(name, piece, values).await;
-        self.audit(
+        self.audited(
             actor,
             "connection.save",
             &format!("connection/{name}"),
-            started,
-            result.as_ref().err(),
+            self.seal_connection(name, piece, values),
         )
-        .await;
-        result
+        .await
     }
 
     async fn seal_connection(
@@ -352,6 +354,19 @@ impl Runtime {
         Ok(self.keyring()?.open(&sealed, &context, &what)?)
     }
 
+    /// What the API shows of one connection, if it exists.
+    pub async fn connection_info(
+        &self,
+        name: &str,
+    ) -> Result<Option<ConnectionInfo>, RuntimeError> {
+        Ok(self
+            .store
+            .get_connection(name)
+            .await?
+            .as_ref()
+            .map(ConnectionInfo::from))
+    }
+
     pub async fn list_connections(&self) -> Result<Vec<ConnectionInfo>, RuntimeError> {
         Ok(self
             .store
@@ -402,9 +417,8 @@ impl Runtime {
         definition: FlowDefinition,
         actor: &Actor,
     ) -> Result<AppliedFlow, RuntimeError> {
-        let started = Instant::now();
         let resource = format!("flow/{}", definition.name);
-        let result = async {
+        let apply = async {
             let valid = flow::validate(definition, &self.pieces()).await?;
             let trigger = valid.definition.trigger.clone();
             let applied = self.store.apply_flow(valid).await?;
@@ -416,17 +430,8 @@ impl Runtime {
                 webhook_auth: trigger.auth,
                 webhook_secret,
             })
-        }
-        .await;
-        self.audit(
-            actor,
-            "flow.apply",
-            &resource,
-            started,
-            result.as_ref().err(),
-        )
-        .await;
-        result
+        };
+        self.audited(actor, "flow.apply", &resource, apply).await
     }
 
     /// Creates a run and publishes its first step. Idempotent: for an existing run that has not
@@ -498,32 +503,33 @@ impl Runtime {
                 .get_run(&run.id)
                 .await?
                 .is_some_and(|r| !r.status.is_terminal() && r.steps.is_empty());
-        if needs_first_step && let Some(first) = flow.definition.next_step(None) {
+        if needs_first_step && let Some(first) = lifecycle::first_step(&flow.definition) {
             self.publish_step(flow, &run.id, &first.name, 0).await?;
         }
         Ok(created)
     }
 
-    /// Cancels a running run. Its current step finishes; nothing after it runs.
+    /// Cancels a running run. Its current step finishes; nothing after it runs. Audited as
+    /// `run.cancel`.
     pub async fn cancel_run(&self, run_id: &str, actor: &Actor) -> Result<Run, RuntimeError> {
-        let started = Instant::now();
-        let result = match self.store.cancel_run(run_id, Utc::now()).await {
-            Ok(None) => Err(RuntimeError::NoSuchRun(run_id.to_owned())),
-            Ok(Some(false)) => Err(RuntimeError::Conflict(format!(
-                "run `{run_id}` is not running"
-            ))),
-            Ok(Some(true)) => Ok(()),
-            Err(err) => Err(err.into()),
+        let cancel = async {
+            let run = self
+                .store
+                .get_run(run_id)
+                .await?
+                .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_owned()))?;
+            lifecycle::cancel(&run)
+                .map_err(|refusal| RuntimeError::Conflict(refusal.to_string()))?;
+            match self.store.cancel_run(run_id, Utc::now()).await? {
+                None => Err(RuntimeError::NoSuchRun(run_id.to_owned())),
+                Some(false) => Err(RuntimeError::Conflict(format!(
+                    "run `{run_id}` is not running"
+                ))),
+                Some(true) => Ok(()),
+            }
         };
-        self.audit(
-            actor,
-            "run.cancel",
-            &format!("run/{run_id}"),
-            started,
-            result.as_ref().err(),
-        )
-        .await;
-        result?;
+        self.audited(actor, "run.cancel", &format!("run/{run_id}"), cancel)
+            .await?;
         self.store
             .get_run(run_id)
             .await?
@@ -532,18 +538,15 @@ impl Runtime {
 
     /// Resumes a failed run from its failed step, on the flow version it pinned. The retried
     /// step's attempts are numbered after the earlier ones and get a fresh retry budget.
+    /// Audited as `run.retry`.
     pub async fn retry_run(&self, run_id: &str, actor: &Actor) -> Result<Run, RuntimeError> {
-        let started = Instant::now();
-        let result = self.resume(run_id).await;
-        self.audit(
+        self.audited(
             actor,
             "run.retry",
             &format!("run/{run_id}"),
-            started,
-            result.as_ref().err(),
+            self.resume(run_id),
         )
-        .await;
-        result
+        .await
     }
 
     async fn resume(&self, run_id: &str) -> Result<Run, RuntimeError> {
@@ -552,22 +555,8 @@ impl Runtime {
             .get_run(run_id)
             .await?
             .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_owned()))?;
-        if run.status != RunStatus::Failed {
-            return Err(RuntimeError::Conflict(format!(
-                "run `{run_id}` is {}; only failed runs can be retried",
-                run.status.as_str()
-            )));
-        }
-        let failed = run
-            .steps
-            .iter()
-            .rev()
-            .find(|s| s.status == StepStatus::Failed)
-            .ok_or_else(|| {
-                RuntimeError::Conflict(format!(
-                    "run `{run_id}` failed before any step ran; start a new run instead"
-                ))
-            })?;
+        let plan = lifecycle::retry(&run)
+            .map_err(|refusal| RuntimeError::Conflict(refusal.to_string()))?;
         let flow = self
             .flow_version(&run.flow_id, run.flow_version)
             .await?
@@ -577,10 +566,7 @@ impl Runtime {
                     run.flow_id, run.flow_version
                 ))
             })?;
-        let mut step = failed.clone();
-        step.status = StepStatus::Retrying;
-        let epoch = u32::try_from(step.attempts.len()).unwrap_or(u32::MAX);
-        match self.store.resume_run(run_id, &step).await? {
+        match self.store.resume_run(run_id, &plan.step).await? {
             Some(true) => {}
             Some(false) => {
                 return Err(RuntimeError::Conflict(format!(
@@ -589,7 +575,8 @@ impl Runtime {
             }
             None => return Err(RuntimeError::NoSuchRun(run_id.to_owned())),
         }
-        self.publish_step(&flow, run_id, &step.name, epoch).await?;
+        self.publish_step(&flow, run_id, &plan.step.name, plan.epoch)
+            .await?;
         self.store
             .get_run(run_id)
             .await?
@@ -672,6 +659,66 @@ impl Runtime {
         Ok(self.store.wait_run_finished(run_id, timeout).await?)
     }
 
+    /// Enables or disables a flow; `None` for an unknown flow. Audited as `flow.enable` /
+    /// `flow.disable`.
+    pub async fn set_flow_enabled(
+        &self,
+        flow_id: &str,
+        enabled: bool,
+        actor: &Actor,
+    ) -> Result<piecework_store::FlowRecord, RuntimeError> {
+        let action = if enabled {
+            "flow.enable"
+        } else {
+            "flow.disable"
+        };
+        let change = async {
+            self.store
+                .set_flow_enabled(flow_id, enabled)
+                .await?
+                .ok_or_else(|| RuntimeError::NoSuchFlow(flow_id.to_owned()))
+        };
+        self.audited(actor, action, &format!("flow/{flow_id}"), change)
+            .await
+    }
+
+    /// A page of the audit trail, filtered.
+    pub async fn query_audit(
+        &self,
+        query: &piecework_store::audit::AuditQuery,
+    ) -> Result<piecework_store::audit::AuditPage, RuntimeError> {
+        Ok(piecework_store::audit::query(self.store.as_ref(), query).await?)
+    }
+
+    /// Step results after `after` (`"$"`: only new ones), waiting up to `block` for some.
+    pub async fn read_results(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        block: std::time::Duration,
+    ) -> Result<Vec<piecework_store::Entry<piecework_proto::v1::StepResult>>, RuntimeError> {
+        Ok(self.store.read_results(after, limit, block).await?)
+    }
+
+    /// Every stored connection, sealed (for `doctor`, which opens each to check it).
+    pub async fn connection_records(&self) -> Result<Vec<ConnectionRecord>, RuntimeError> {
+        Ok(self.store.list_connections().await?)
+    }
+
+    /// The store of a flow's pieces (`ctx.store`), outside any run (connection checks).
+    pub fn piece_store(&self, flow_id: &str) -> ScopedStore {
+        ScopedStore::new(self.store.kv(), flow_id)
+    }
+
+    /// Publishes a poll job (the scheduler's tick).
+    pub async fn publish_poll(
+        &self,
+        queue: &str,
+        job: &piecework_proto::v1::PollJob,
+    ) -> Result<piecework_bus::PublishAck, RuntimeError> {
+        Ok(jobs::publish_poll(self.bus.as_ref(), queue, job).await?)
+    }
+
     /// Whether a flow exists and is enabled.
     pub async fn flow_enabled(&self, flow_id: &str) -> Result<bool, RuntimeError> {
         Ok(self
@@ -744,6 +791,13 @@ impl Runtime {
         queue: &str,
     ) -> Result<piecework_bus::QueueStats, RuntimeError> {
         Ok(self.bus.queue_stats(queue).await?)
+    }
+
+    /// What is wrong with the store and with the bus, each `None` when it answers.
+    pub async fn readiness(&self) -> (Option<String>, Option<String>) {
+        let store = self.store.ready().await.err().map(|e| e.to_string());
+        let bus = self.bus.ready().await.err().map(|e| e.to_string());
+        (store, bus)
     }
 
     /// Whether the bus and the store answer, for `/readyz`: the reasons when not.

@@ -165,17 +165,13 @@ impl Runtime {
         version: &Version,
         actor: &Actor,
     ) -> Result<Published, RuntimeError> {
-        let started = std::time::Instant::now();
-        let result = self.yank(name, version).await;
-        self.audit(
+        self.audited(
             actor,
             "piece.yank",
             &format!("piece/{name}/{version}"),
-            started,
-            result.as_ref().err(),
+            self.yank(name, version),
         )
-        .await;
-        result
+        .await
     }
 
     async fn yank(&self, name: &str, version: &Version) -> Result<Published, RuntimeError> {

@@ -122,6 +122,48 @@ fn context(flow_id: &str) -> String {
 }
 
 impl Runtime {
+    /// Turns an admitted webhook call into the trigger's items and starts one run per item,
+    /// as a poll does with its new items; returns the run ids. Audited as `webhook.receive`
+    /// (the caller is unknown: the actor is `webhook`).
+    pub async fn start_webhook_runs(
+        &self,
+        flow: &piecework_core::FlowVersion,
+        webhook: &dyn piecework_sdk::trigger::DynWebhook,
+        request: &piecework_sdk::WebhookRequest,
+    ) -> Result<Vec<String>, RuntimeError> {
+        let start = async {
+            let input = serde_json::Value::Object(flow.definition.trigger.input.clone());
+            let items = webhook.handle_json(input, request).await.map_err(|e| {
+                let message = format!("webhook trigger rejected the request: {e}");
+                if e.is_retryable() {
+                    RuntimeError::Unavailable(message)
+                } else {
+                    RuntimeError::Invalid(message)
+                }
+            })?;
+            let mut run_ids = Vec::with_capacity(items.len());
+            for item in items {
+                let run_id = piecework_core::run::new_run_id();
+                self.start_run(
+                    flow,
+                    run_id.clone(),
+                    item,
+                    piecework_telemetry::metrics::TriggerKind::webhook,
+                )
+                .await?;
+                run_ids.push(run_id);
+            }
+            Ok(run_ids)
+        };
+        self.audited(
+            &Actor::webhook(),
+            "webhook.receive",
+            &format!("flow/{}", flow.flow_id),
+            start,
+        )
+        .await
+    }
+
     /// Gives a flow whose webhook auth needs a secret one, unless it has one; returns the new
     /// secret (shown once, in the apply's answer).
     pub(crate) async fn ensure_webhook_secret(

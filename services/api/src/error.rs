@@ -135,6 +135,7 @@ impl From<RuntimeError> for ApiError {
             RuntimeError::NoSuchFlow(id) => ApiError::NotFound(format!("no flow `{id}`")),
             RuntimeError::NoSuchApiKey(name) => ApiError::NotFound(format!("no API key `{name}`")),
             RuntimeError::Invalid(message) => ApiError::BadRequest(message),
+            RuntimeError::Unavailable(message) => ApiError::Unavailable(message),
             RuntimeError::Registry(err) => match err {
                 piecework_bus::pieces::RegistryError::Conflict(message) => {
                     ApiError::Conflict(message)

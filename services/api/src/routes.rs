@@ -17,11 +17,11 @@ use bytes::Bytes;
 use piecework_core::RunStatus;
 use piecework_core::flow::{FlowDefinition, Format};
 use piecework_core::run::new_run_id;
+use piecework_runtime::Runtime;
 use piecework_runtime::webhooks;
-use piecework_runtime::{Actor, Runtime};
 use piecework_sdk::{TriggerHandle, WebhookRequest};
 use piecework_store::RunQuery;
-use piecework_store::audit::{self, AuditQuery};
+use piecework_store::audit::AuditQuery;
 use piecework_telemetry::metrics::{
     self, HttpLabels, HttpRouteLabels, TriggerKind, WebhookRefusal, WebhookRefusedLabels,
 };
@@ -292,14 +292,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let store = state
-        .runtime
-        .store
-        .ready()
-        .await
-        .err()
-        .map(|e| e.to_string());
-    let bus = state.runtime.bus.ready().await.err().map(|e| e.to_string());
+    let (store, bus) = state.runtime.readiness().await;
     let body = json!({
         "store": store.as_deref().unwrap_or("ok"),
         "bus": bus.as_deref().unwrap_or("ok"),
@@ -392,15 +385,14 @@ async fn upgrade_flow(
 
 async fn list_flows(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     Ok(Json(
-        json!({ "flows": state.runtime.store.list_flows().await? }),
+        json!({ "flows": state.runtime.flow_records().await? }),
     ))
 }
 
 async fn get_flow(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let record = state
         .runtime
-        .store
-        .get_flow(&id)
+        .flow_record(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no flow `{id}`")))?;
     let latest = state
@@ -444,29 +436,10 @@ async fn set_enabled(
     Path(id): Path<String>,
     enabled: bool,
 ) -> ApiResult<Json<Value>> {
-    let started = Instant::now();
-    let result = state.runtime.store.set_flow_enabled(&id, enabled).await;
-    let action = if enabled {
-        "flow.enable"
-    } else {
-        "flow.disable"
-    };
-    let error = match &result {
-        Ok(None) => Some(format!("no flow `{id}`")),
-        Ok(Some(_)) => None,
-        Err(err) => Some(err.to_string()),
-    };
-    state
+    let record = state
         .runtime
-        .audit(
-            &caller.actor(),
-            action,
-            &format!("flow/{id}"),
-            started,
-            error.as_ref(),
-        )
-        .await;
-    let record = result?.ok_or_else(|| ApiError::NotFound(format!("no flow `{id}`")))?;
+        .set_flow_enabled(&id, enabled, &caller.actor())
+        .await?;
     Ok(Json(json!({ "flow": record })))
 }
 
@@ -493,16 +466,13 @@ async fn list_runs(
         status,
         limit,
     };
-    Ok(Json(
-        json!({ "runs": state.runtime.store.list_runs(&query).await? }),
-    ))
+    Ok(Json(json!({ "runs": state.runtime.runs(&query).await? })))
 }
 
 async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let run = state
         .runtime
-        .store
-        .get_run(&id)
+        .run(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no run `{id}`")))?;
     Ok(Json(json!({ "run": run })))
@@ -583,8 +553,7 @@ async fn start_run_by_hand(
 ) -> ApiResult<String> {
     let runtime = &state.runtime;
     let record = runtime
-        .store
-        .get_flow(flow_id)
+        .flow_record(flow_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no flow `{flow_id}`")))?;
     if !record.enabled {
@@ -752,15 +721,12 @@ async fn get_connection(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let record = state
+    let info = state
         .runtime
-        .store
-        .get_connection(&name)
+        .connection_info(&name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no connection `{name}`")))?;
-    Ok(Json(
-        json!({ "connection": piecework_runtime::ConnectionInfo::from(&record) }),
-    ))
+    Ok(Json(json!({ "connection": info })))
 }
 
 async fn delete_connection(
@@ -830,7 +796,7 @@ async fn list_audit(
         outcome: params.outcome,
         limit,
     };
-    let page = audit::query(state.runtime.store.as_ref(), &query).await?;
+    let page = state.runtime.query_audit(&query).await?;
     let entries: Vec<Value> = page
         .entries
         .into_iter()
@@ -889,7 +855,7 @@ async fn admit(
         tracing::debug!(flow = flow_id, ?reason, "webhook call refused");
         ApiError::NotFound(NO_WEBHOOK.into())
     };
-    let Some(record) = runtime.store.get_flow(flow_id).await? else {
+    let Some(record) = runtime.flow_record(flow_id).await? else {
         return Err(refuse(WebhookRefusal::unknown_flow));
     };
     let flow = runtime
@@ -944,46 +910,21 @@ async fn admit(
     Ok((flow, webhook))
 }
 
-/// Turns an admitted request into the flow's trigger items and starts one run per item.
-async fn start_webhook_runs(
-    state: &AppState,
-    flow: &piecework_core::FlowVersion,
-    webhook: &dyn piecework_sdk::trigger::DynWebhook,
+/// The webhook call as a trigger sees it.
+fn webhook_request(
     headers: &HeaderMap,
     query: BTreeMap<String, String>,
-    body: Bytes,
-) -> ApiResult<Vec<String>> {
-    let runtime = &state.runtime;
-    let trigger = &flow.definition.trigger;
-    let request = WebhookRequest {
+    body: &Bytes,
+) -> ApiResult<WebhookRequest> {
+    Ok(WebhookRequest {
         method: "POST".into(),
         headers: headers
             .iter()
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect(),
         query,
-        body: parse_body(headers, &body)?,
-    };
-    let items = webhook
-        .handle_json(serde_json::Value::Object(trigger.input.clone()), &request)
-        .await
-        .map_err(|e| {
-            let message = format!("webhook trigger rejected the request: {e}");
-            if e.is_retryable() {
-                ApiError::Unavailable(message)
-            } else {
-                ApiError::BadRequest(message)
-            }
-        })?;
-    let mut run_ids = Vec::with_capacity(items.len());
-    for item in items {
-        let run_id = new_run_id();
-        runtime
-            .start_run(flow, run_id.clone(), item, TriggerKind::webhook)
-            .await?;
-        run_ids.push(run_id);
-    }
-    Ok(run_ids)
+        body: parse_body(headers, body)?,
+    })
 }
 
 fn parse_body(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
@@ -1018,8 +959,7 @@ async fn webhook(
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 
-/// Admits the call, starts the webhook's runs and audits the admitted call (who called is
-/// unknown: the actor is `webhook`).
+/// Admits the call and starts the webhook's runs (audited by the runtime).
 async fn audited_webhook(
     state: &AppState,
     flow_id: &str,
@@ -1028,19 +968,11 @@ async fn audited_webhook(
     body: Bytes,
 ) -> ApiResult<Vec<String>> {
     let (flow, webhook) = admit(state, flow_id, headers, &body).await?;
-    let started = Instant::now();
-    let result = start_webhook_runs(state, &flow, webhook.as_ref(), headers, query, body).await;
-    state
+    let request = webhook_request(headers, query, &body)?;
+    Ok(state
         .runtime
-        .audit(
-            &Actor::webhook(),
-            "webhook.receive",
-            &format!("flow/{flow_id}"),
-            started,
-            result.as_ref().err(),
-        )
-        .await;
-    result
+        .start_webhook_runs(&flow, webhook.as_ref(), &request)
+        .await?)
 }
 
 /// Starts a run and answers with the flow's response once it finishes: the output of a
@@ -1061,7 +993,6 @@ async fn webhook_sync(
     };
     let run = state
         .runtime
-        .store
         .wait_run_finished(run_id, state.config.sync_timeout)
         .await?
         .ok_or_else(|| ApiError::Internal(format!("run {run_id} vanished")))?;

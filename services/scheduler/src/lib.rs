@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use piecework_bus::jobs;
 use piecework_core::FlowVersion;
 use piecework_proto::v1::PollJob;
 use piecework_runtime::{Runtime, RuntimeError};
@@ -124,7 +123,8 @@ async fn publish_tick(runtime: &Runtime, flow_id: &str, entry: &Entry) {
         piecework.tick_unix_ms = job.tick_unix_ms,
         piecework.duplicate = tracing::field::Empty,
     );
-    let published = jobs::publish_poll(runtime.bus.as_ref(), &entry.queue, &job)
+    let published = runtime
+        .publish_poll(&entry.queue, &job)
         .instrument(span.clone())
         .await;
     let outcome = match published {
@@ -156,7 +156,7 @@ async fn refresh(
     entries: &mut HashMap<String, Entry>,
     now: DateTime<Utc>,
 ) -> Result<(), RuntimeError> {
-    let flows = runtime.store.list_flows().await?;
+    let flows = runtime.flow_records().await?;
     let mut wanted = HashMap::new();
     for record in flows.into_iter().filter(|f| f.enabled) {
         if let Some(entry) = entries

@@ -37,6 +37,8 @@ pub enum WorkerError {
     Config(String),
     #[error(transparent)]
     Bus(#[from] piecework_bus::BusError),
+    #[error(transparent)]
+    Runtime(#[from] piecework_runtime::RuntimeError),
 }
 
 /// How long one fetch waits for a job: an idle worker makes one request per queue this often.
@@ -70,7 +72,7 @@ pub async fn run_with_health(
     let stop_pulling = shutdown.child_token();
     let mut pullers = JoinSet::new();
     for queue in &config.queues {
-        let consumer = runtime.bus.consume(queue, options.clone()).await?;
+        let consumer = runtime.consume(queue, options.clone()).await?;
         health.consumed(queue);
         let puller = Puller {
             queue: queue.clone(),
@@ -175,7 +177,7 @@ impl Puller {
 pub async fn refresh_queue_metrics(runtime: &Runtime, queues: &[String]) {
     let metrics = &runtime.metrics;
     for queue in queues {
-        match runtime.bus.queue_stats(queue).await {
+        match runtime.queue_stats(queue).await {
             Ok(stats) => {
                 let labels = QueueLabels {
                     queue: queue.clone(),
