@@ -99,6 +99,16 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     fleet::binary()?;
     let nats = NatsServer::start().await?;
     let redis = RedisServer::start().await?;
+    // As the compose file runs Redis: the append-only file fsynced every second (the testkit's
+    // default fsyncs every write, which tests of restarts need and deployments do not use).
+    let client = redis::Client::open(redis.url())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("appendfsync")
+        .arg("everysec")
+        .query_async(&mut conn)
+        .await?;
     let infra = Infra {
         nats: nats.url(),
         redis: redis.url(),

@@ -137,9 +137,14 @@ fn cut(text: &mut String, max: usize) {
     text.push_str(&format!("… (cut from {total} bytes)"));
 }
 
-/// Renders the step's input against the run so far.
+/// Renders the step's input against the run so far. An input without templates is taken as
+/// it is: building the templates' view of the run (every earlier output) is the costly part.
 pub fn render_input(step: &StepDef, run: &Run) -> Result<Value, PieceError> {
-    template::render(&Value::Object(step.input.clone()), &run.template_context())
+    let input = Value::Object(step.input.clone());
+    if !template::has_templates(&input) {
+        return Ok(input);
+    }
+    template::render(&input, &run.template_context())
         .map_err(|e| PieceError::fatal(format!("template error at {}: {}", e.path, e.message)))
 }
 

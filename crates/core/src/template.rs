@@ -56,6 +56,16 @@ fn describe(err: &minijinja::Error) -> String {
     message
 }
 
+/// Whether `value` holds a template anywhere (in a string, an array or an object).
+pub fn has_templates(value: &Value) -> bool {
+    match value {
+        Value::String(_) => is_template(value),
+        Value::Array(items) => items.iter().any(has_templates),
+        Value::Object(map) => map.values().any(has_templates),
+        _ => false,
+    }
+}
+
 /// Renders every template in `input` against `context`.
 pub fn render(input: &Value, context: &minijinja::Value) -> Result<Value, TemplateError> {
     render_at(input, context, &mut String::from("input"))
@@ -195,6 +205,13 @@ mod tests {
             "trigger": {"id": 42, "title": "Printer on fire", "tags": ["hw", "urgent"]},
             "steps": {"assign": {"output": {"url": "https://t/42", "user": {"name": "ada"}}}},
         })))
+    }
+
+    #[test]
+    fn templates_are_found_at_any_depth() {
+        assert!(!has_templates(&json!({"a": 1, "b": ["x", {"c": "plain"}]})));
+        assert!(has_templates(&json!({"a": [{"b": "{{ trigger.id }}"}]})));
+        assert!(has_templates(&json!({"a": "{% if x %}y{% endif %}"})));
     }
 
     #[test]
