@@ -132,15 +132,7 @@ impl Runtime {
         request: &piecework_sdk::WebhookRequest,
     ) -> Result<Vec<String>, RuntimeError> {
         let start = async {
-            let input = serde_json::Value::Object(flow.definition.trigger.input.clone());
-            let items = webhook.handle_json(input, request).await.map_err(|e| {
-                let message = format!("webhook trigger rejected the request: {e}");
-                if e.is_retryable() {
-                    RuntimeError::Unavailable(message)
-                } else {
-                    RuntimeError::Invalid(message)
-                }
-            })?;
+            let items = self.webhook_items(flow, webhook, request).await?;
             let mut run_ids = Vec::with_capacity(items.len());
             for item in items {
                 let run_id = piecework_core::run::new_run_id();
@@ -162,6 +154,61 @@ impl Runtime {
             start,
         )
         .await
+    }
+
+    /// Starts the one run of a synchronous webhook call, watching for its end from before the
+    /// run exists: the caller awaits the watch and answers from the finish notification, with
+    /// no read of the run. Audited as `webhook.receive`.
+    pub async fn start_sync_webhook_run(
+        &self,
+        flow: &piecework_core::FlowVersion,
+        webhook: &dyn piecework_sdk::trigger::DynWebhook,
+        request: &piecework_sdk::WebhookRequest,
+    ) -> Result<(String, Box<dyn piecework_store::RunWatch>), RuntimeError> {
+        let start = async {
+            let items = self.webhook_items(flow, webhook, request).await?;
+            let count = items.len();
+            let Ok([item]) = <[serde_json::Value; 1]>::try_from(items) else {
+                return Err(RuntimeError::Invalid(format!(
+                    "a synchronous webhook needs exactly one run, the trigger produced {count}"
+                )));
+            };
+            let run_id = piecework_core::run::new_run_id();
+            let watch = self.store.watch_run(&run_id).await?;
+            self.start_run(
+                flow,
+                run_id.clone(),
+                item,
+                piecework_telemetry::metrics::TriggerKind::webhook,
+            )
+            .await?;
+            Ok((run_id, watch))
+        };
+        self.audited(
+            &Actor::webhook(),
+            "webhook.receive",
+            &format!("flow/{}", flow.flow_id),
+            start,
+        )
+        .await
+    }
+
+    /// The items a webhook trigger makes of a call: one run each.
+    async fn webhook_items(
+        &self,
+        flow: &piecework_core::FlowVersion,
+        webhook: &dyn piecework_sdk::trigger::DynWebhook,
+        request: &piecework_sdk::WebhookRequest,
+    ) -> Result<Vec<serde_json::Value>, RuntimeError> {
+        let input = serde_json::Value::Object(flow.definition.trigger.input.clone());
+        webhook.handle_json(input, request).await.map_err(|e| {
+            let message = format!("webhook trigger rejected the request: {e}");
+            if e.is_retryable() {
+                RuntimeError::Unavailable(message)
+            } else {
+                RuntimeError::Invalid(message)
+            }
+        })
     }
 
     /// Gives a flow whose webhook auth needs a secret one, unless it has one; returns the new

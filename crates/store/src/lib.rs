@@ -79,6 +79,41 @@ pub struct RunQuery {
     pub limit: usize,
 }
 
+/// How a run ended, as a caller waiting for it needs it: carried by the run-finished
+/// notification itself, so answering a synchronous webhook takes no read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunEnded {
+    pub status: RunStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The flow's response: the output of an action that declares `webhook_response`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<Value>,
+    /// The last recorded step's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+}
+
+impl RunEnded {
+    /// How `run` ended, when it has.
+    pub fn of(run: &Run) -> Option<Self> {
+        run.status.is_terminal().then(|| Self {
+            status: run.status,
+            error: run.error.clone(),
+            response: run.response.clone(),
+            output: run.steps.last().and_then(|s| s.output.clone()),
+        })
+    }
+}
+
+/// Interest in one run's end, registered before the run is created (or can finish), so the
+/// end cannot be missed and no read is needed to learn of it.
+#[async_trait]
+pub trait RunWatch: Send {
+    /// How the run ended, or `None` if it has not within `timeout`.
+    async fn ended(self: Box<Self>, timeout: Duration) -> Result<Option<RunEnded>, StoreError>;
+}
+
 /// A change to a run that ends or alters it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunUpdate {
@@ -174,6 +209,10 @@ pub trait Store: Send + Sync + 'static {
     /// Sets a failed run running again with `step` (its failed step, marked `retrying`) to be
     /// executed anew: `None` if there is no such run, `Some(false)` if it was not failed.
     async fn resume_run(&self, run_id: &str, step: &StepState) -> Result<Option<bool>, StoreError>;
+    /// Watches for the end of run `run_id`, which may not exist yet: register first, then
+    /// create the run, then await [`RunWatch::ended`].
+    async fn watch_run(&self, run_id: &str) -> Result<Box<dyn RunWatch>, StoreError>;
+
     /// Waits until the run is finished, up to `timeout`; returns its state then (finished or
     /// not), or `None` if there is no such run.
     async fn wait_run_finished(

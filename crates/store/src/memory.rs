@@ -13,8 +13,8 @@ use piecework_sdk::{KvStore, MemoryKv, PollState};
 use tokio::sync::Notify;
 
 use crate::{
-    ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunQuery, RunUpdate, StepUpdate,
-    Store, StoreError,
+    ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunEnded, RunQuery, RunUpdate,
+    RunWatch, StepUpdate, Store, StoreError,
 };
 
 /// Default cap of each stream, as Redis' `MAXLEN ~`.
@@ -102,6 +102,34 @@ impl State {
             .collect();
         for id in expired {
             self.runs.remove(&id);
+        }
+    }
+}
+
+/// Waits for a run's end by watching the store's change notifications.
+struct MemoryRunWatch {
+    store: MemoryStore,
+    run_id: String,
+}
+
+#[async_trait]
+impl RunWatch for MemoryRunWatch {
+    async fn ended(self: Box<Self>, timeout: Duration) -> Result<Option<RunEnded>, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.store.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let ended = {
+                let state = self.store.state.lock().unwrap();
+                state.runs.get(&self.run_id).and_then(RunEnded::of)
+            };
+            if ended.is_some() {
+                return Ok(ended);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(None);
+            }
         }
     }
 }
@@ -366,6 +394,13 @@ impl Store for MemoryStore {
         run.finished_at = None;
         run.upsert_step(step.clone());
         Ok(Some(true))
+    }
+
+    async fn watch_run(&self, run_id: &str) -> Result<Box<dyn RunWatch>, StoreError> {
+        Ok(Box::new(MemoryRunWatch {
+            store: self.clone(),
+            run_id: run_id.to_owned(),
+        }))
     }
 
     async fn wait_run_finished(

@@ -46,9 +46,51 @@ use tokio::sync::Mutex;
 use crate::group_commit::GroupCommit;
 use crate::run_done::{self, RunDone};
 use crate::{
-    ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunQuery, RunUpdate, StepUpdate,
-    Store, StoreError,
+    ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunEnded, RunQuery, RunUpdate,
+    RunWatch, StepUpdate, Store, StoreError,
 };
+
+/// A registered waiter for one run's end. The finish notification says how the run ended;
+/// should one be lost (a Redis restart), the run is read every [`run_done::FALLBACK_POLL`].
+struct RedisRunWatch {
+    store: RedisStore,
+    run_id: String,
+    waiter: run_done::Waiter,
+}
+
+#[async_trait]
+impl RunWatch for RedisRunWatch {
+    async fn ended(self: Box<Self>, timeout: Duration) -> Result<Option<RunEnded>, StoreError> {
+        let Self {
+            store,
+            run_id,
+            mut waiter,
+        } = *self;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let next_look = deadline.min(tokio::time::Instant::now() + run_done::FALLBACK_POLL);
+            tokio::select! {
+                payload = &mut waiter.finished => {
+                    if let Some(ended) = payload.ok().and_then(|p| serde_json::from_str(&p).ok()) {
+                        return Ok(Some(ended));
+                    }
+                    // Not a payload this version writes: read the run instead.
+                    let run = store.get_run(&run_id).await?;
+                    return Ok(run.as_ref().and_then(RunEnded::of));
+                }
+                () = tokio::time::sleep_until(next_look) => {
+                    let run = store.get_run(&run_id).await?;
+                    if let Some(ended) = run.as_ref().and_then(RunEnded::of) {
+                        return Ok(Some(ended));
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// How piecework uses Redis.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,7 +226,7 @@ if not status then return 0 end
 if status ~= 'running' then return 2 end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
 if ARGV[3] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-redis.call('PUBLISH', ARGV[2], 'cancelled')
+redis.call('PUBLISH', ARGV[2], '{"status":"cancelled"}')
 return 1
 "#;
 
@@ -483,7 +525,9 @@ impl RedisStore {
 }
 
 /// Ends a run only while it is running, so a cancel is never overwritten by the step that was
-/// in flight; a finished run expires after `ARGV[4]` ms (`0`: never).
+/// in flight; a finished run expires after `ARGV[4]` ms (`0`: never). Then tells waiters on
+/// channel `ARGV[5]` how it ended (a `RunEnded` as JSON: status, error, the run's response, the
+/// last step's output `ARGV[6]`), so they need not read the run.
 const FINISH_RUN: &str = r#"
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2])
@@ -491,19 +535,33 @@ if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
   if ARGV[4] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 end
+local ended = '{"status":' .. cjson.encode(ARGV[1])
+if ARGV[2] ~= '' then ended = ended .. ',"error":' .. cjson.encode(ARGV[2]) end
+local response = redis.call('HGET', KEYS[1], 'response')
+if response then ended = ended .. ',"response":' .. response end
+if ARGV[6] ~= '' then ended = ended .. ',"output":' .. ARGV[6] end
+redis.call('PUBLISH', ARGV[5], ended .. '}')
 return 1
 "#;
 
-/// The command that ends a run (inside a `MULTI`).
-fn finish_run(key: &str, update: &RunUpdate, retention: Duration) -> redis::Cmd {
+/// The command that ends run `run_id` (inside a `MULTI`) and tells its waiters, with the last
+/// step's `output`.
+fn finish_run(
+    run_id: &str,
+    update: &RunUpdate,
+    retention: Duration,
+    output: Option<&Value>,
+) -> redis::Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(FINISH_RUN)
         .arg(1)
-        .arg(key)
+        .arg(run_key(run_id))
         .arg(update.status.as_str())
         .arg(update.error.clone().unwrap_or_default())
         .arg(update.finished_at.map(|f| to_json(&f)).unwrap_or_default())
-        .arg(millis(retention));
+        .arg(millis(retention))
+        .arg(done_channel(run_id))
+        .arg(output.map(to_json).unwrap_or_default());
     cmd
 }
 
@@ -843,7 +901,12 @@ impl Store for RedisStore {
         commands.push(hset);
         let retention = self.config.run_retention;
         if let Some(run) = &update.run {
-            commands.push(finish_run(&key, run, retention));
+            commands.push(finish_run(
+                &update.run_id,
+                run,
+                retention,
+                update.step.output.as_ref(),
+            ));
         }
         let maxlen = self.config.stream_maxlen;
         commands.push(xadd(RESULTS, maxlen, result_fields(&update.result)));
@@ -858,13 +921,6 @@ impl Store for RedisStore {
         if let Some(event) = &update.audit {
             commands.push(xadd(AUDIT, maxlen, audit_fields(event)));
         }
-        if let Some(run) = &update.run {
-            let mut publish = redis::cmd("PUBLISH");
-            publish
-                .arg(done_channel(&update.run_id))
-                .arg(run.status.as_str());
-            commands.push(publish);
-        }
         let mut status = redis::cmd("HGET");
         status.arg(&key).arg("status");
         commands.push(status);
@@ -872,16 +928,7 @@ impl Store for RedisStore {
     }
 
     async fn update_run(&self, run_id: &str, update: RunUpdate) -> Result<(), StoreError> {
-        let key = run_key(run_id);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.add_command(finish_run(&key, &update, self.config.run_retention))
-            .ignore();
-        pipe.cmd("PUBLISH")
-            .arg(done_channel(run_id))
-            .arg(update.status.as_str())
-            .ignore();
-        let () = pipe
+        let _: i64 = finish_run(run_id, &update, self.config.run_retention, None)
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
@@ -923,6 +970,15 @@ impl Store for RedisStore {
             1 => Some(true),
             _ => Some(false),
         })
+    }
+
+    async fn watch_run(&self, run_id: &str) -> Result<Box<dyn RunWatch>, StoreError> {
+        let waiter = self.done.register(run_id).await.map_err(unavailable)?;
+        Ok(Box::new(RedisRunWatch {
+            store: self.clone(),
+            run_id: run_id.to_owned(),
+            waiter,
+        }))
     }
 
     async fn wait_run_finished(

@@ -20,7 +20,8 @@ pub(crate) const FALLBACK_POLL: Duration = Duration::from_millis(500);
 /// Delay before reopening a dropped subscription.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
 
-type Waiters = Arc<Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>>;
+/// Waiters by run id; each gets the notification's payload (how the run ended, as JSON).
+type Waiters = Arc<Mutex<HashMap<String, Vec<oneshot::Sender<String>>>>>;
 
 pub(crate) struct RunDone {
     client: redis::Client,
@@ -32,7 +33,7 @@ pub(crate) struct RunDone {
 pub(crate) struct Waiter {
     run_id: String,
     waiters: Waiters,
-    pub(crate) finished: oneshot::Receiver<()>,
+    pub(crate) finished: oneshot::Receiver<String>,
 }
 
 impl Drop for Waiter {
@@ -95,8 +96,11 @@ async fn listen(client: redis::Client, mut stream: redis::aio::PubSubStream, wai
                 continue;
             };
             let woken = waiters.lock().unwrap().remove(run_id);
-            for sender in woken.into_iter().flatten() {
-                let _ = sender.send(());
+            if let Some(senders) = woken {
+                let payload: String = message.get_payload().unwrap_or_default();
+                for sender in senders {
+                    let _ = sender.send(payload.clone());
+                }
             }
         }
         tracing::debug!("run-finished subscription dropped; reopening");

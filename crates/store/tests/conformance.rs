@@ -303,6 +303,95 @@ async fn waiting_for_a_run_wakes_on_its_finish(store: Arc<dyn Store>) {
     );
 }
 
+/// A watch registered before the run exists learns how it ended — status, error, response and
+/// the last output — from the finish itself; a cancel ends it too; nothing ends in time: `None`.
+async fn a_watch_registered_first_learns_how_the_run_ended(store: Arc<dyn Store>) {
+    let watch = store.watch_run("w1").await.unwrap();
+    store
+        .create_run(&Run::new("w1".into(), "f", 1, json!({})))
+        .await
+        .unwrap();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut last = step("b", StepStatus::Succeeded, 1);
+            last.output = Some(json!({"answer": 42}));
+            store
+                .record_step(StepUpdate {
+                    run_id: "w1".into(),
+                    step: step("a", StepStatus::Succeeded, 1),
+                    result: result("w1", "a", 1, v1::RunStatus::Running),
+                    audit: None,
+                    response: Some(json!({"status": 201, "body": "made"})),
+                    run: None,
+                })
+                .await
+                .unwrap();
+            store
+                .record_step(StepUpdate {
+                    run_id: "w1".into(),
+                    step: last,
+                    result: result("w1", "b", 1, v1::RunStatus::Succeeded),
+                    audit: None,
+                    response: None,
+                    run: Some(RunUpdate {
+                        status: RunStatus::Succeeded,
+                        error: None,
+                        finished_at: Some(Utc::now()),
+                    }),
+                })
+                .await
+                .unwrap();
+        })
+    };
+    let ended = watch
+        .ended(Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("the run ended");
+    writer.await.unwrap();
+    assert_eq!(ended.status, RunStatus::Succeeded);
+    assert_eq!(ended.response, Some(json!({"status": 201, "body": "made"})));
+    assert_eq!(ended.output, Some(json!({"answer": 42})));
+    assert_eq!(ended.error, None);
+
+    let watch = store.watch_run("w2").await.unwrap();
+    store
+        .create_run(&Run::new("w2".into(), "f", 1, json!({})))
+        .await
+        .unwrap();
+    store.cancel_run("w2", Utc::now()).await.unwrap();
+    let ended = watch.ended(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(ended.status, RunStatus::Cancelled);
+
+    let watch = store.watch_run("w3").await.unwrap();
+    store
+        .create_run(&Run::new("w3".into(), "f", 1, json!({})))
+        .await
+        .unwrap();
+    store
+        .update_run(
+            "w3",
+            RunUpdate {
+                status: RunStatus::Failed,
+                error: Some("flow f version 1 does not exist".into()),
+                finished_at: Some(Utc::now()),
+            },
+        )
+        .await
+        .unwrap();
+    let ended = watch.ended(Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(ended.status, RunStatus::Failed);
+    assert_eq!(
+        ended.error.as_deref(),
+        Some("flow f version 1 does not exist")
+    );
+
+    let watch = store.watch_run("never").await.unwrap();
+    assert_eq!(watch.ended(Duration::from_millis(100)).await.unwrap(), None);
+}
+
 async fn streams_and_the_piece_store_work(store: Arc<dyn Store>) {
     for action in ["flow.apply", "step.execute"] {
         let event = AuditEvent {
@@ -804,6 +893,7 @@ suite!(
     runs_are_created_once_and_record_steps,
     runs_are_listed_newest_first_with_filters,
     waiting_for_a_run_wakes_on_its_finish,
+    a_watch_registered_first_learns_how_the_run_ended,
     streams_and_the_piece_store_work,
     leases_exclude_other_holders_until_released_or_lapsed,
     runs_cancel_only_while_running_and_resume_only_when_failed,
@@ -1192,4 +1282,58 @@ async fn redis_step_updates_written_together_each_get_their_own_outcome() {
         .await
         .unwrap();
     assert_eq!(results.len(), 301);
+}
+
+/// The run-finished notification carries how the run ended, as JSON a waiter reads without
+/// touching the run.
+#[tokio::test]
+async fn redis_run_finished_notifications_carry_the_run_end() {
+    use futures::StreamExt as _;
+    let server = RedisServer::start().await.unwrap();
+    let store = RedisStore::connect(RedisConfig {
+        url: server.url(),
+        ..RedisConfig::default()
+    })
+    .await
+    .unwrap();
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("pw:run-done:n1").await.unwrap();
+    let mut messages = pubsub.into_on_message();
+    store
+        .create_run(&Run::new("n1".into(), "f", 1, json!({})))
+        .await
+        .unwrap();
+    let mut last = step("a", StepStatus::Succeeded, 1);
+    last.output = Some(json!({"ok": "yes \"quoted\""}));
+    store
+        .record_step(StepUpdate {
+            run_id: "n1".into(),
+            step: last,
+            result: result("n1", "a", 1, v1::RunStatus::Succeeded),
+            audit: None,
+            response: Some(json!([1, 2])),
+            run: Some(RunUpdate {
+                status: RunStatus::Succeeded,
+                error: None,
+                finished_at: Some(Utc::now()),
+            }),
+        })
+        .await
+        .unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let payload: String = message.get_payload().unwrap();
+    let ended: piecework_store::RunEnded = serde_json::from_str(&payload).unwrap();
+    assert_eq!(
+        ended,
+        piecework_store::RunEnded {
+            status: RunStatus::Succeeded,
+            error: None,
+            response: Some(json!([1, 2])),
+            output: Some(json!({"ok": "yes \"quoted\""})),
+        }
+    );
 }

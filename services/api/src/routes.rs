@@ -976,7 +976,8 @@ async fn audited_webhook(
 }
 
 /// Starts a run and answers with the flow's response once it finishes: the output of a
-/// `webhook_response` action (`{status, headers, body}`), else the last step's output.
+/// `webhook_response` action (`{status, headers, body}`), else the last step's output. The
+/// answer comes with the run's finish notification; the run is not read.
 async fn webhook_sync(
     State(state): State<AppState>,
     Path(flow_id): Path<String>,
@@ -984,42 +985,37 @@ async fn webhook_sync(
     headers: HeaderMap,
     Body(body): Body,
 ) -> ApiResult<Response> {
-    let run_ids = audited_webhook(&state, &flow_id, &headers, query, body).await?;
-    let [run_id] = run_ids.as_slice() else {
-        return Err(ApiError::BadRequest(format!(
-            "a synchronous webhook needs exactly one run, the trigger produced {}",
-            run_ids.len()
-        )));
-    };
-    let run = state
+    let (flow, webhook) = admit(&state, &flow_id, &headers, &body).await?;
+    let request = webhook_request(&headers, query, &body)?;
+    let (run_id, watch) = state
         .runtime
-        .wait_run_finished(run_id, state.config.sync_timeout)
-        .await?
-        .ok_or_else(|| ApiError::Internal(format!("run {run_id} vanished")))?;
-    match run.status {
-        RunStatus::Running => Err(ApiError::Timeout {
+        .start_sync_webhook_run(&flow, webhook.as_ref(), &request)
+        .await?;
+    let Some(ended) = watch
+        .ended(state.config.sync_timeout)
+        .await
+        .map_err(ApiError::from)?
+    else {
+        return Err(ApiError::Timeout {
             message: format!(
                 "run did not finish within {:?}; it goes on in the background",
                 state.config.sync_timeout
             ),
-            run_id: run.id,
-        }),
-        RunStatus::Succeeded => Ok(match run.response {
+            run_id,
+        });
+    };
+    match ended.status {
+        RunStatus::Succeeded => Ok(match ended.response {
             Some(response) => flow_response(&response),
             None => {
-                let output = run
-                    .steps
-                    .last()
-                    .and_then(|s| s.output.clone())
-                    .unwrap_or(Value::Null);
-                let mut response = Json(output).into_response();
-                insert_run_id(&mut response, &run.id);
+                let mut response = Json(ended.output.unwrap_or(Value::Null)).into_response();
+                insert_run_id(&mut response, &run_id);
                 response
             }
         }),
-        RunStatus::Failed | RunStatus::Cancelled => {
+        _ => {
             let body = json!({
-                "error": { "code": "run_failed", "message": run.error.unwrap_or_default(), "run_id": run.id }
+                "error": { "code": "run_failed", "message": ended.error.unwrap_or_default(), "run_id": run_id }
             });
             Ok((StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response())
         }
