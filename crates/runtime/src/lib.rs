@@ -736,6 +736,11 @@ impl Runtime {
         Ok(self.store.get_flow(flow_id).await?)
     }
 
+    /// A number that moves whenever a flow is applied, enabled or disabled.
+    pub async fn flows_revision(&self) -> Result<u64, RuntimeError> {
+        Ok(self.store.flows_revision().await?)
+    }
+
     /// Every flow's record.
     pub async fn flow_records(&self) -> Result<Vec<piecework_store::FlowRecord>, RuntimeError> {
         Ok(self.store.list_flows().await?)

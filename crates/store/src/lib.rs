@@ -179,6 +179,9 @@ pub trait Store: Send + Sync + 'static {
     /// `enabled` from the definition. Never touches the flow's trigger cursor.
     async fn apply_flow(&self, flow: ValidFlow) -> Result<Applied, StoreError>;
     async fn get_flow(&self, id: &str) -> Result<Option<FlowRecord>, StoreError>;
+    /// A number that changes whenever a flow is applied, enabled or disabled: readers of the
+    /// whole flow list (the scheduler) reload it only when this moved.
+    async fn flows_revision(&self) -> Result<u64, StoreError>;
     async fn list_flows(&self) -> Result<Vec<FlowRecord>, StoreError>;
     async fn get_flow_version(
         &self,

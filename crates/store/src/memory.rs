@@ -76,6 +76,8 @@ struct State {
     run_retention: Duration,
     /// When expired runs were last swept out.
     swept_at: std::time::Instant,
+    /// Incremented by every apply, enable and disable.
+    flows_revision: u64,
 }
 
 impl State {
@@ -169,6 +171,7 @@ impl MemoryStore {
                 audit: Stream::new(maxlen),
                 run_retention: crate::DEFAULT_RUN_RETENTION,
                 swept_at: std::time::Instant::now(),
+                flows_revision: 0,
             })),
             kv: Arc::new(MemoryKv::default()),
             changed: Arc::new(Notify::new()),
@@ -204,6 +207,7 @@ impl Store for MemoryStore {
     async fn apply_flow(&self, flow: ValidFlow) -> Result<Applied, StoreError> {
         let now = Utc::now();
         let mut state = self.state.lock().unwrap();
+        state.flows_revision += 1;
         let id = flow.definition.name.clone();
         let latest = state.flows.get(&id).map(|r| r.latest_version).unwrap_or(0);
         let unchanged = state.versions.get(&(id.clone(), latest)).is_some_and(|v| {
@@ -245,6 +249,10 @@ impl Store for MemoryStore {
         Ok(self.state.lock().unwrap().flows.get(id).cloned())
     }
 
+    async fn flows_revision(&self) -> Result<u64, StoreError> {
+        Ok(self.state.lock().unwrap().flows_revision)
+    }
+
     async fn list_flows(&self) -> Result<Vec<FlowRecord>, StoreError> {
         let mut flows: Vec<FlowRecord> =
             self.state.lock().unwrap().flows.values().cloned().collect();
@@ -272,6 +280,7 @@ impl Store for MemoryStore {
         enabled: bool,
     ) -> Result<Option<FlowRecord>, StoreError> {
         let mut state = self.state.lock().unwrap();
+        state.flows_revision += 1;
         Ok(state.flows.get_mut(id).map(|record| {
             record.enabled = enabled;
             record.updated_at = Utc::now();

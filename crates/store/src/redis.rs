@@ -5,6 +5,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `pw:flows` | set | flow ids |
+//! | `pw:flows:revision` | string | a counter incremented by every apply, enable and disable |
 //! | `pw:flow:{id}` | string | the flow record (JSON) |
 //! | `pw:flow:{id}:v:{n}` | string | version `n` (JSON), never changed once written |
 //! | `pw:flow:{id}:webhook-secret` | string | a webhook flow's secret (JSON), sealed (AES-256-GCM) |
@@ -176,6 +177,7 @@ impl Default for RedisConfig {
 const RESULTS: &str = "pw:results";
 const AUDIT: &str = "pw:audit";
 const FLOWS: &str = "pw:flows";
+const FLOWS_REVISION: &str = "pw:flows:revision";
 const RUNS: &str = "pw:runs";
 const CONNECTIONS: &str = "pw:connections";
 const API_KEYS: &str = "pw:api-keys";
@@ -741,6 +743,7 @@ impl Store for RedisStore {
                 .arg(to_json(&record))
                 .ignore();
             pipe.cmd("SADD").arg(FLOWS).arg(&id).ignore();
+            pipe.cmd("INCR").arg(FLOWS_REVISION).ignore();
             let () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
             Ok(Applied {
                 record,
@@ -753,6 +756,11 @@ impl Store for RedisStore {
 
     async fn get_flow(&self, id: &str) -> Result<Option<FlowRecord>, StoreError> {
         self.read_flow(id).await
+    }
+
+    async fn flows_revision(&self) -> Result<u64, StoreError> {
+        let revision: Option<u64> = self.conn().get(FLOWS_REVISION).await.map_err(unavailable)?;
+        Ok(revision.unwrap_or(0))
     }
 
     async fn list_flows(&self) -> Result<Vec<FlowRecord>, StoreError> {
@@ -780,9 +788,16 @@ impl Store for RedisStore {
             };
             record.enabled = enabled;
             record.updated_at = Utc::now();
-            let () = store
-                .conn()
-                .set(flow_key(id), to_json(&record))
+            let () = redis::pipe()
+                .atomic()
+                .cmd("SET")
+                .arg(flow_key(id))
+                .arg(to_json(&record))
+                .ignore()
+                .cmd("INCR")
+                .arg(FLOWS_REVISION)
+                .ignore()
+                .query_async(&mut store.conn())
                 .await
                 .map_err(unavailable)?;
             Ok(Some(record))

@@ -71,7 +71,10 @@ fn result(run: &str, step: &str, attempt: u32, run_status: v1::RunStatus) -> Ste
 }
 
 async fn flows_are_versioned_and_keep_their_cursor(store: Arc<dyn Store>) {
+    let revision = store.flows_revision().await.unwrap();
     let first = store.apply_flow(flow("f", "a", true)).await.unwrap();
+    let applied = store.flows_revision().await.unwrap();
+    assert!(applied > revision, "applying moves the flows revision");
     assert_eq!((first.version, first.created), (1, true));
     let same = store.apply_flow(flow("f", "a", false)).await.unwrap();
     assert_eq!(
@@ -106,6 +109,7 @@ async fn flows_are_versioned_and_keep_their_cursor(store: Arc<dyn Store>) {
         "1.0.0"
     );
     assert!(store.get_flow_version("f", 3).await.unwrap().is_none());
+    let before_disable = store.flows_revision().await.unwrap();
     assert!(
         !store
             .set_flow_enabled("f", false)
@@ -113,6 +117,10 @@ async fn flows_are_versioned_and_keep_their_cursor(store: Arc<dyn Store>) {
             .unwrap()
             .unwrap()
             .enabled
+    );
+    assert!(
+        store.flows_revision().await.unwrap() > before_disable,
+        "disabling moves the flows revision"
     );
     assert!(
         store

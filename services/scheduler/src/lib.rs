@@ -1,45 +1,63 @@
 //! The scheduler: publishes a poll job for every tick of every enabled flow whose trigger is
 //! polling or scheduled.
 //!
-//! Ticks are pure functions of the clock and the flow (intervals are aligned to the epoch, cron
-//! ticks are its matches), and a poll job's message id is `<flow>:<tick>`, so several schedulers
-//! publish the same ids and the broker keeps one: schedulers run active-active with no leader.
-//! A scheduler that was down does not catch up on missed ticks; it resumes at the next one.
+//! Ticks are pure functions of the clock and the flow, and a poll job's message id is
+//! `<flow>:<tick>`, so several schedulers publish the same ids and the broker keeps one:
+//! schedulers run active-active with no leader. A scheduler that was down does not catch up on
+//! missed ticks; it resumes at the next one.
 //!
-//! The scheduler re-reads the flow list every `refresh_interval`: one cheap store read, no
-//! busy polling.
+//! - **Schedule triggers** tick as written: an interval's ticks are multiples of it since the
+//!   Unix epoch (every 5m at :00, :05, …), a cron's are its matches.
+//! - **Polling triggers** tick at their interval too, each flow at its own phase within it
+//!   (from a hash of the flow's id, the same on every scheduler), so a hundred thousand flows
+//!   polling every minute spread over the minute instead of all firing at :00.
+//!
+//! Due ticks are kept in time order and published many at once. The flow list is re-read only
+//! when the store's flows revision moved (every apply, enable and disable moves it), checked
+//! every `refresh_interval` with one cheap read, and in full every `full_refresh`.
 
 mod clock;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
 use piecework_core::FlowVersion;
 use piecework_proto::v1::PollJob;
 use piecework_runtime::{Runtime, RuntimeError};
 use piecework_sdk::{Schedule, TriggerHandle, TriggerKind};
 use piecework_telemetry::metrics::{TickLabels, TickOutcome};
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 pub use clock::Clock;
 
+/// Poll jobs published at once when many ticks are due together.
+const PUBLISHES_IN_FLIGHT: usize = 256;
+
 /// How the scheduler works.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SchedulerConfig {
-    /// How often the list of enabled flows is re-read.
+    /// How often the flows revision is checked (one small read); the flow list is re-read
+    /// when it moved.
     #[serde(with = "humantime_serde")]
     pub refresh_interval: Duration,
+    /// How often the flow list is re-read whatever the revision says (a trigger's piece that
+    /// arrived since, for example).
+    #[serde(with = "humantime_serde")]
+    pub full_refresh: Duration,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             refresh_interval: Duration::from_secs(5),
+            full_refresh: Duration::from_secs(300),
         }
     }
 }
@@ -48,6 +66,9 @@ impl SchedulerConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.refresh_interval < Duration::from_millis(100) {
             return Err("refresh_interval: must be at least 100ms".into());
+        }
+        if self.full_refresh < self.refresh_interval {
+            return Err("full_refresh: must not be shorter than refresh_interval".into());
         }
         Ok(())
     }
@@ -64,7 +85,54 @@ struct Entry {
     version: u32,
     queue: String,
     schedule: Schedule,
+    /// Where this flow's ticks sit within the schedule's interval (polling triggers).
+    phase: chrono::Duration,
     next: DateTime<Utc>,
+}
+
+impl Entry {
+    /// The first tick strictly after `after`.
+    fn tick_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.schedule
+            .next_after(after - self.phase)
+            .map(|tick| tick + self.phase)
+    }
+}
+
+/// What the scheduler holds: the entries by flow, and their next ticks in time order.
+#[derive(Default)]
+struct Timetable {
+    entries: HashMap<String, Entry>,
+    due: BTreeSet<(DateTime<Utc>, String)>,
+    /// The flows revision the entries were built from.
+    revision: Option<u64>,
+    /// Flows that could not be scheduled at the last refresh (their piece was missing).
+    unschedulable: usize,
+}
+
+impl Timetable {
+    fn insert(&mut self, flow_id: String, entry: Entry) {
+        self.due.insert((entry.next, flow_id.clone()));
+        self.entries.insert(flow_id, entry);
+    }
+
+    /// Takes every flow whose tick is at or before `now`, in time order.
+    fn take_due(&mut self, now: DateTime<Utc>) -> Vec<(String, Entry)> {
+        let mut taken = Vec::new();
+        while let Some((tick, _)) = self.due.first()
+            && *tick <= now
+        {
+            let (_, flow_id) = self.due.pop_first().expect("not empty");
+            if let Some(entry) = self.entries.remove(&flow_id) {
+                taken.push((flow_id, entry));
+            }
+        }
+        taken
+    }
+
+    fn first_tick(&self) -> Option<DateTime<Utc>> {
+        self.due.first().map(|(tick, _)| *tick)
+    }
 }
 
 /// Runs the scheduler until `shutdown` is cancelled.
@@ -75,31 +143,48 @@ pub async fn run(
 ) -> Result<(), SchedulerError> {
     config.validate().map_err(SchedulerError::Config)?;
     let clock = Clock::new();
-    let mut entries: HashMap<String, Entry> = HashMap::new();
-    let mut next_refresh = clock.now();
+    let mut table = Timetable::default();
+    let mut next_check = Instant::now();
+    let mut next_full = Instant::now();
     tracing::info!("scheduler started");
     loop {
+        if Instant::now() >= next_check {
+            let full = Instant::now() >= next_full || table.unschedulable > 0;
+            match refresh(&runtime, &mut table, clock.now(), full).await {
+                Ok(true) => next_full = Instant::now() + config.full_refresh,
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not refresh the flow list; keeping the previous one");
+                }
+            }
+            next_check = Instant::now() + config.refresh_interval;
+        }
         let now = clock.now();
-        if now >= next_refresh {
-            if let Err(err) = refresh(&runtime, &mut entries, now).await {
-                tracing::warn!(error = %err, "could not refresh the flow list; keeping the previous one");
+        let due = table.take_due(now);
+        if !due.is_empty() {
+            let runtime = &runtime;
+            let published: Vec<(String, Entry)> = futures::stream::iter(due)
+                .map(|(flow_id, entry)| async move {
+                    publish_tick(runtime, &flow_id, &entry).await;
+                    (flow_id, entry)
+                })
+                .buffer_unordered(PUBLISHES_IN_FLIGHT)
+                .collect()
+                .await;
+            for (flow_id, mut entry) in published {
+                let Some(next) = entry.tick_after(now.max(entry.next)) else {
+                    continue;
+                };
+                entry.next = next;
+                table.insert(flow_id, entry);
             }
-            next_refresh = now + config.refresh_interval;
         }
-        for (flow_id, entry) in entries.iter_mut().filter(|(_, e)| e.next <= now) {
-            publish_tick(&runtime, flow_id, entry).await;
-            match entry.schedule.next_after(now.max(entry.next)) {
-                Some(next) => entry.next = next,
-                None => entry.next = DateTime::<Utc>::MAX_UTC,
-            }
-        }
-        let wake = entries
-            .values()
-            .map(|e| e.next)
-            .fold(next_refresh, DateTime::min);
-        let sleep = (wake - clock.now()).to_std().unwrap_or_default();
+        let until_check = next_check.saturating_duration_since(Instant::now());
+        let until_tick = table.first_tick().map_or(until_check, |tick| {
+            (tick - clock.now()).to_std().unwrap_or_default()
+        });
         tokio::select! {
-            () = tokio::time::sleep(sleep) => {}
+            () = tokio::time::sleep(until_check.min(until_tick)) => {}
             () = shutdown.cancelled() => break,
         }
     }
@@ -149,21 +234,29 @@ async fn publish_tick(runtime: &Runtime, flow_id: &str, entry: &Entry) {
         .inc();
 }
 
-/// Brings `entries` in line with the enabled flows, keeping the next tick of flows whose
-/// version did not change.
+/// Brings the timetable in line with the enabled flows, keeping the next tick of flows whose
+/// version did not change. Reads the flow list only when `full` or when the flows revision
+/// moved since the table was built; returns whether it did.
 async fn refresh(
     runtime: &Runtime,
-    entries: &mut HashMap<String, Entry>,
+    table: &mut Timetable,
     now: DateTime<Utc>,
-) -> Result<(), RuntimeError> {
+    full: bool,
+) -> Result<bool, RuntimeError> {
+    let revision = runtime.flows_revision().await?;
+    if !full && table.revision == Some(revision) {
+        return Ok(false);
+    }
     let flows = runtime.flow_records().await?;
-    let mut wanted = HashMap::new();
+    let mut previous = std::mem::take(&mut table.entries);
+    table.due.clear();
+    table.unschedulable = 0;
     for record in flows.into_iter().filter(|f| f.enabled) {
-        if let Some(entry) = entries
+        if let Some(entry) = previous
             .remove(&record.id)
             .filter(|e| e.version == record.latest_version)
         {
-            wanted.insert(record.id, entry);
+            table.insert(record.id, entry);
             continue;
         }
         let Some(flow) = runtime
@@ -173,36 +266,64 @@ async fn refresh(
             continue;
         };
         match schedule_of(runtime, &flow).await {
-            Ok(Some(schedule)) => {
-                let Some(next) = schedule.next_after(now) else {
+            Ok(Some((schedule, polling))) => {
+                let phase = if polling {
+                    phase_of(&record.id, &schedule)
+                } else {
+                    chrono::Duration::zero()
+                };
+                let mut entry = Entry {
+                    version: flow.version,
+                    queue: flow.definition.trigger.queue().to_owned(),
+                    schedule,
+                    phase,
+                    next: now,
+                };
+                let Some(next) = entry.tick_after(now) else {
                     continue;
                 };
-                let queue = flow.definition.trigger.queue().to_owned();
-                tracing::info!(flow = %record.id, version = flow.version, first_tick = %next, "scheduling flow");
-                wanted.insert(
-                    record.id,
-                    Entry {
-                        version: flow.version,
-                        queue,
-                        schedule,
-                        next,
-                    },
-                );
+                entry.next = next;
+                tracing::debug!(flow = %record.id, version = flow.version, first_tick = %next, "scheduling flow");
+                table.insert(record.id, entry);
             }
             Ok(None) => {}
-            Err(error) => tracing::warn!(flow = %record.id, error, "flow cannot be scheduled"),
+            Err(error) => {
+                table.unschedulable += 1;
+                tracing::warn!(flow = %record.id, error, "flow cannot be scheduled");
+            }
         }
     }
-    *entries = wanted;
+    table.revision = Some(revision);
     runtime
         .metrics
         .scheduled_flows
-        .set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
-    Ok(())
+        .set(i64::try_from(table.entries.len()).unwrap_or(i64::MAX));
+    Ok(true)
 }
 
-/// The schedule of a flow's trigger: its poll interval, its cron, or none (webhooks).
-async fn schedule_of(runtime: &Runtime, flow: &FlowVersion) -> Result<Option<Schedule>, String> {
+/// Where a polling flow's ticks sit within its interval: a hash of its id (FNV-1a, the same on
+/// every scheduler and every release), so flows spread over the interval.
+fn phase_of(flow_id: &str, schedule: &Schedule) -> chrono::Duration {
+    let Schedule::Every(interval) = schedule else {
+        return chrono::Duration::zero();
+    };
+    let step = u64::try_from(interval.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let hash = flow_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    chrono::Duration::milliseconds(i64::try_from(hash % step).unwrap_or(0))
+}
+
+/// The schedule of a flow's trigger — its poll interval, its cron, or none (webhooks) — and
+/// whether it polls.
+async fn schedule_of(
+    runtime: &Runtime,
+    flow: &FlowVersion,
+) -> Result<Option<(Schedule, bool)>, String> {
     let trigger = &flow.definition.trigger;
     let missing = || {
         format!(
@@ -233,13 +354,46 @@ async fn schedule_of(runtime: &Runtime, flow: &FlowVersion) -> Result<Option<Sch
             };
             let interval = trigger.poll_interval.unwrap_or(default_interval);
             Schedule::every(interval)
-                .map(Some)
+                .map(|s| Some((s, true)))
                 .map_err(|e| e.to_string())
         }
         TriggerHandle::Schedule(schedule) => schedule
             .schedule_json(serde_json::Value::Object(trigger.input.clone()))
             .await
-            .map(Some)
+            .map(|s| Some((s, false)))
             .map_err(|e| e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polling_phases_are_stable_and_spread_over_the_interval() {
+        let every = Schedule::every(Duration::from_secs(60)).unwrap();
+        assert_eq!(phase_of("tickets", &every), phase_of("tickets", &every));
+        let phases: std::collections::BTreeSet<i64> = (0..1000)
+            .map(|i| phase_of(&format!("flow-{i}"), &every).num_seconds())
+            .collect();
+        assert!(phases.len() > 55, "spread over the minute: {phases:?}");
+        assert!(phases.iter().all(|p| (0..60).contains(p)));
+        let cron = Schedule::cron("* * * * *").unwrap();
+        assert_eq!(phase_of("tickets", &cron), chrono::Duration::zero());
+    }
+
+    #[test]
+    fn a_phased_entry_ticks_at_its_phase_each_interval() {
+        let entry = Entry {
+            version: 1,
+            queue: "default".into(),
+            schedule: Schedule::every(Duration::from_secs(60)).unwrap(),
+            phase: chrono::Duration::seconds(17),
+            next: DateTime::UNIX_EPOCH,
+        };
+        let at = |s: i64| DateTime::from_timestamp(s, 0).unwrap();
+        assert_eq!(entry.tick_after(at(120)), Some(at(137)));
+        assert_eq!(entry.tick_after(at(137)), Some(at(197)));
+        assert_eq!(entry.tick_after(at(136)), Some(at(137)));
     }
 }

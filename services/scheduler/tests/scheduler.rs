@@ -81,6 +81,7 @@ async fn two_schedulers_publish_one_poll_per_aligned_tick() {
     let shutdown = CancellationToken::new();
     let config = SchedulerConfig {
         refresh_interval: Duration::from_secs(1),
+        ..SchedulerConfig::default()
     };
     let schedulers: Vec<_> = (0..2)
         .map(|_| {
@@ -120,6 +121,7 @@ async fn disabled_flows_are_not_scheduled() {
     let shutdown = CancellationToken::new();
     let config = SchedulerConfig {
         refresh_interval: Duration::from_secs(1),
+        ..SchedulerConfig::default()
     };
     let scheduler = tokio::spawn(piecework_scheduler::run(config, runtime, shutdown.clone()));
     tokio::time::sleep(Duration::from_secs(30)).await;
