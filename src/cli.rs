@@ -126,6 +126,12 @@ pub struct DevArgs {
     /// Do not print the live feed of runs and steps.
     #[arg(long)]
     pub quiet: bool,
+    /// Webhook calls accepted in all, per second or minute (`10000/s`, `0` for no limit).
+    #[arg(long, env = "PW_WEBHOOK_RATE")]
+    pub webhook_rate: Option<piecework_api::limits::Rate>,
+    /// Webhook calls accepted per flow (`1000/s`, `0` for no limit).
+    #[arg(long, env = "PW_WEBHOOK_RATE_PER_FLOW")]
+    pub webhook_rate_per_flow: Option<piecework_api::limits::Rate>,
 }
 
 #[derive(Debug, Args)]

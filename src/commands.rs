@@ -53,6 +53,12 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         if let Some(concurrency) = args.concurrency {
             config.worker.concurrency = concurrency;
         }
+        if let Some(rate) = args.webhook_rate {
+            config.api.webhook_rate = rate;
+        }
+        if let Some(rate) = args.webhook_rate_per_flow {
+            config.api.webhook_rate_per_flow = rate;
+        }
         // The demo's mock API, and the API a piece author is integrating, listen here.
         config.egress.allow_loopback();
     })?;

@@ -79,8 +79,45 @@ impl Process {
         Ok((process, base))
     }
 
+    /// `piecework scheduler`.
+    pub async fn scheduler(infra: &Infra, name: &str) -> anyhow::Result<Self> {
+        let listen = format!("127.0.0.1:{}", free_port());
+        Self::start(
+            infra,
+            name,
+            &["scheduler", "--health-listen", &listen],
+            format!("http://{listen}/readyz"),
+        )
+        .await
+    }
+
+    /// `piecework dev` on the embedded in-memory bus and store, without the example flows;
+    /// returns it with its base URL.
+    pub async fn dev() -> anyhow::Result<(Self, String)> {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let base = format!("http://{listen}");
+        let process = Self::spawn(
+            None,
+            "dev",
+            &["dev", "--no-examples", "--quiet", "--listen", &listen],
+            format!("{base}/readyz"),
+        )
+        .await?;
+        Ok((process, base))
+    }
+
     async fn start(
         infra: &Infra,
+        name: &str,
+        args: &[&str],
+        ready: String,
+    ) -> anyhow::Result<Self> {
+        Self::spawn(Some(infra), name, args, ready).await
+    }
+
+    /// Starts `piecework ARGS` on `infra` (none: the embedded default) and waits until ready.
+    async fn spawn(
+        infra: Option<&Infra>,
         name: &str,
         args: &[&str],
         ready: String,
@@ -88,11 +125,16 @@ impl Process {
         let log =
             std::env::temp_dir().join(format!("piecework-bench-{name}-{}.log", std::process::id()));
         let file = std::fs::File::create(&log)?;
-        let child = Command::new(binary()?)
+        let mut command = Command::new(binary()?);
+        command.env_remove("PW_NATS_URL").env_remove("PW_REDIS_URL");
+        if let Some(infra) = infra {
+            command
+                .env("PW_NATS_URL", &infra.nats)
+                .env("PW_REDIS_URL", &infra.redis)
+                .env("PW_ENCRYPTION_KEY", &infra.key);
+        }
+        let child = command
             .args(args)
-            .env("PW_NATS_URL", &infra.nats)
-            .env("PW_REDIS_URL", &infra.redis)
-            .env("PW_ENCRYPTION_KEY", &infra.key)
             // Measure the runtime, not its guard rails.
             .env("PW_WEBHOOK_RATE", "0")
             .env("PW_WEBHOOK_RATE_PER_FLOW", "0")

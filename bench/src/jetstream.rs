@@ -89,3 +89,69 @@ pub async fn run(url: &str, count: usize) -> anyhow::Result<Duration> {
 fn bytes_payload() -> bytes::Bytes {
     bytes::Bytes::from(vec![b'x'; 96])
 }
+
+/// The JetStream request/reply baseline: one message at a time published to a work-queue
+/// stream (waiting for its stored ack), pulled by a consumer that acks it and answers on a core
+/// NATS subject. The round trip — publish, store, deliver, reply — is the least a step hop
+/// through JetStream can cost; returns its latencies.
+pub async fn request_reply(url: &str, count: usize) -> anyhow::Result<crate::stats::Latency> {
+    let client = async_nats::connect(url)
+        .await
+        .context("connecting to NATS")?;
+    let js = jetstream::new(client.clone());
+    let name = "BENCH_RR";
+    let _ = js.delete_stream(name).await;
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec!["bench.rr.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .context("creating the stream")?;
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("bench-rr".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .context("creating the consumer")?;
+    let mut replies = client.subscribe("bench.rr-reply").await?;
+    let responder = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut messages = consumer.messages().await?;
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
+                message.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                client
+                    .publish("bench.rr-reply", message.payload.clone())
+                    .await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let payload = bytes_payload();
+    let mut latencies = Vec::with_capacity(count);
+    for n in 0..count {
+        let sent = Instant::now();
+        let message = jetstream::message::PublishMessage::build()
+            .payload(payload.clone())
+            .message_id(format!("rr{n}"));
+        js.send_publish("bench.rr.job", message)
+            .await?
+            .await
+            .context("publish ack")?;
+        tokio::time::timeout(Duration::from_secs(10), replies.next())
+            .await
+            .context("no reply within 10s")?
+            .context("the reply subscription ended")?;
+        latencies.push(sent.elapsed());
+    }
+    responder.abort();
+    let _ = js.delete_stream(name).await;
+    Ok(crate::stats::Latency::of(latencies))
+}

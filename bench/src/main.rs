@@ -13,9 +13,12 @@
 //!   same no-op flow done by a built-in piece and by a bundle in its own process, the
 //!   synchronous webhook under 2 and 64 clients, and a worker's memory.
 
+mod baselines;
 mod bullmq;
 mod fleet;
 mod jetstream;
+mod report;
+mod scale;
 mod scenarios;
 mod stats;
 
@@ -45,6 +48,9 @@ struct Args {
     /// Only the in-binary vs out-of-process comparison (to iterate on the piece host).
     #[arg(long)]
     only_pieces: bool,
+    /// Internal: serve the bare HTTP baseline on this address (the harness starts itself so).
+    #[arg(long, hide = true)]
+    serve_bare_http: Option<std::net::SocketAddr>,
 }
 
 /// How much work each scenario does.
@@ -55,6 +61,12 @@ struct Sizes {
     webhook_seconds: Duration,
     memory_jobs: usize,
     latency_runs: usize,
+    request_replies: usize,
+    scale_flows: usize,
+    scale_interval: Duration,
+    scale_window: Duration,
+    idle_window: Duration,
+    idle_alone: Duration,
 }
 
 impl Sizes {
@@ -67,6 +79,12 @@ impl Sizes {
                 webhook_seconds: Duration::from_secs(1),
                 memory_jobs: 100,
                 latency_runs: 20,
+                request_replies: 50,
+                scale_flows: 200,
+                scale_interval: Duration::from_secs(2),
+                scale_window: Duration::from_secs(4),
+                idle_window: Duration::from_secs(2),
+                idle_alone: Duration::from_secs(2),
             }
         } else {
             Self {
@@ -76,6 +94,12 @@ impl Sizes {
                 webhook_seconds: Duration::from_secs(10),
                 memory_jobs: 1_000,
                 latency_runs: 500,
+                request_replies: 1_000,
+                scale_flows: 100_000,
+                scale_interval: Duration::from_secs(30),
+                scale_window: Duration::from_secs(40),
+                idle_window: Duration::from_secs(60),
+                idle_alone: Duration::from_secs(20),
             }
         }
     }
@@ -84,6 +108,15 @@ impl Sizes {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(addr) = args.serve_bare_http {
+        return match baselines::serve(addr).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match bench(&args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -137,6 +170,16 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     eprintln!("raw JetStream: {} messages…", sizes.raw_messages);
     let raw = jetstream::run(&infra.nats, sizes.raw_messages).await?;
     let raw_rate = rate(sizes.raw_messages, raw);
+    eprintln!(
+        "raw JetStream request/reply: {} round trips…",
+        sizes.request_replies
+    );
+    let request_reply = jetstream::request_reply(&infra.nats, sizes.request_replies).await?;
+    eprintln!(
+        "bare HTTP server: 2 and 64 clients, {:?} each…",
+        sizes.webhook_seconds
+    );
+    let bare_http = baselines::bare_http(&[2, 64], sizes.webhook_seconds).await?;
 
     eprintln!("BullMQ: {} jobs…", sizes.bullmq_jobs);
     let bullmq = match bullmq::run(&infra.redis, sizes.bullmq_jobs, 64)? {
@@ -171,10 +214,39 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     let webhook =
         scenarios::sync_webhook(&infra, &runtime, &[2, 64], sizes.webhook_seconds).await?;
     eprintln!(
+        "piecework dev sync webhook and /healthz: 2 and 64 clients, {:?} each…",
+        sizes.webhook_seconds
+    );
+    let dev_webhook = scenarios::dev_sync_webhook(&[2, 64], sizes.webhook_seconds).await?;
+    eprintln!(
         "worker memory: idle, then {} jobs in flight…",
         sizes.memory_jobs
     );
     let memory = scenarios::worker_memory(&infra, &runtime, sizes.memory_jobs).await?;
+    eprintln!(
+        "idle fleet: api, scheduler, 2 workers for {:?}, then each alone for {:?}…",
+        sizes.idle_window, sizes.idle_alone
+    );
+    let idle = scale::idle_fleet(
+        &infra,
+        &nats.monitor_url(),
+        sizes.idle_window,
+        sizes.idle_alone,
+    )
+    .await?;
+    // Last: it leaves many enabled flows behind.
+    eprintln!(
+        "scheduler scale: {} polling flows every {:?}, watched for {:?}…",
+        sizes.scale_flows, sizes.scale_interval, sizes.scale_window
+    );
+    let scheduler = scale::scheduler_scale(
+        &infra,
+        &runtime,
+        sizes.scale_flows,
+        sizes.scale_interval,
+        sizes.scale_window,
+    )
+    .await?;
 
     let best = one.steps_per_sec.max(two.steps_per_sec);
     let report = json!({
@@ -182,7 +254,13 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         "mode": if args.smoke { "smoke" } else { "full" },
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
         "machine": machine(),
+        "redis_appendfsync": "everysec",
         "raw_jetstream": { "messages": sizes.raw_messages, "seconds": raw.as_secs_f64(), "msgs_per_sec": raw_rate },
+        "raw_jetstream_request_reply": request_reply,
+        "bare_http": {
+            "requests_per_sec": bare_http.iter().map(|l| l.requests_per_sec).fold(0.0, f64::max),
+            "loads": bare_http,
+        },
         "bullmq": { "jobs": sizes.bullmq_jobs, "jobs_per_sec": bullmq },
         "piecework_1_worker": one,
         "piecework_2_workers": two,
@@ -190,13 +268,16 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         "dev_in_memory": dev,
         "out_of_process": bundles,
         "sync_webhook": webhook,
+        "dev_sync_webhook": dev_webhook,
         "worker_memory": memory,
+        "idle_fleet": idle,
+        "scheduler_scale": scheduler,
         "ratios": {
             "steps_vs_raw_jetstream": best / raw_rate,
             "steps_vs_bullmq": bullmq.map(|b| best / b),
         },
     });
-    print_table(&report);
+    report::print_table(&report);
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -222,219 +303,4 @@ fn machine() -> Value {
         "model": model,
         "memory_gib": memory_gib,
     })
-}
-
-/// The figures, the targets from the benchmark issue, and whether each was met.
-fn print_table(report: &Value) {
-    let num = |path: &[&str]| {
-        path.iter()
-            .fold(report, |v, k| match k.parse::<usize>() {
-                Ok(i) => &v[i],
-                Err(_) => &v[*k],
-            })
-            .as_f64()
-    };
-    let raw = num(&["raw_jetstream", "msgs_per_sec"]).unwrap_or(0.0);
-    let bullmq = num(&["bullmq", "jobs_per_sec"]);
-    type Check = Option<(&'static str, bool)>;
-    let rows: Vec<(String, Option<f64>, &str, Check)> = vec![
-        (
-            "raw JetStream (publish + pull + ack)".into(),
-            Some(raw),
-            "msg/s",
-            None,
-        ),
-        ("BullMQ (same Redis)".into(), bullmq, "jobs/s", None),
-        step_row(report, "piecework_1_worker", "1 worker"),
-        step_row(report, "piecework_2_workers", "2 workers"),
-        (
-            "  runs/s, 2 workers".into(),
-            num(&["piecework_2_workers", "runs_per_sec"]),
-            "runs/s",
-            None,
-        ),
-        (
-            "  worker CPU per step, 1 worker".into(),
-            num(&["piecework_1_worker", "worker_cpu_us_per_step"]),
-            "us",
-            None,
-        ),
-        (
-            "  worker CPU per step, 2 workers".into(),
-            num(&["piecework_2_workers", "worker_cpu_us_per_step"]),
-            "us",
-            None,
-        ),
-        latency_row(report, "p50", 0.5),
-        latency_row(report, "p99", 3.0),
-        (
-            "  step dispatch p50, 2 workers, under load".into(),
-            num(&["piecework_2_workers", "dispatch", "p50_ms"]),
-            "ms",
-            None,
-        ),
-        (
-            "  step dispatch p99, 2 workers, under load".into(),
-            num(&["piecework_2_workers", "dispatch", "p99_ms"]),
-            "ms",
-            None,
-        ),
-        (
-            "no-op steps in the binary, 1 worker".into(),
-            num(&["out_of_process", "in_binary", "steps_per_sec"]),
-            "steps/s",
-            None,
-        ),
-        {
-            let ratio = num(&["out_of_process", "steps_ratio"]);
-            (
-                "  out of process (a bundle), same flow".into(),
-                num(&["out_of_process", "out_of_process", "steps_per_sec"]),
-                "steps/s",
-                ratio.map(|r| (">= 0.85x", r >= 0.85)),
-            )
-        },
-        (
-            "  CPU per step in the binary (worker)".into(),
-            num(&["out_of_process", "in_binary", "worker_cpu_us_per_step"]),
-            "us",
-            None,
-        ),
-        {
-            let extra = num(&["out_of_process", "extra_cpu_us_per_step"]);
-            (
-                "  extra CPU per step out of process".into(),
-                extra,
-                "us",
-                extra.map(|e| ("<= 30", e <= 30.0)),
-            )
-        },
-        (
-            "piecework dev (in memory)".into(),
-            num(&["dev_in_memory", "steps_per_sec"]),
-            "steps/s",
-            None,
-        ),
-        (
-            "  CPU per step, dev (worker + harness)".into(),
-            num(&["dev_in_memory", "worker_cpu_us_per_step"]),
-            "us",
-            None,
-        ),
-        webhook_row(report, 0, "requests_per_sec", "req/s", None),
-        webhook_row(report, 0, "p50_ms", "ms p50", Some(1.0)),
-        webhook_row(report, 0, "p99_ms", "ms p99", None),
-        webhook_row(report, 1, "requests_per_sec", "req/s", Some(5000.0)),
-        webhook_row(report, 1, "p50_ms", "ms p50", None),
-        webhook_row(report, 1, "p99_ms", "ms p99", None),
-        {
-            let idle = num(&["worker_memory", "idle_rss_mb"]);
-            (
-                "worker RSS, idle".into(),
-                idle,
-                "MB",
-                idle.map(|v| ("<= 20", v <= 20.0)),
-            )
-        },
-        (
-            format!(
-                "worker RSS, {} jobs in flight",
-                report["worker_memory"]["in_flight"]
-            ),
-            num(&["worker_memory", "loaded_rss_mb"]),
-            "MB",
-            None,
-        ),
-    ];
-    println!("\n{:<44} {:>12}  {:<8} target", "figure", "value", "unit");
-    println!("{}", "-".repeat(80));
-    for (name, value, unit, check) in rows {
-        let value = value.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.1}"));
-        let target = check.map_or_else(String::new, |(target, met)| {
-            format!("{target} {}", if met { "met" } else { "NOT met" })
-        });
-        println!("{name:<44} {value:>12}  {unit:<8} {target}");
-    }
-    let best = num(&["piecework_1_worker", "steps_per_sec"])
-        .unwrap_or(0.0)
-        .max(num(&["piecework_2_workers", "steps_per_sec"]).unwrap_or(0.0));
-    println!("{}", "-".repeat(80));
-    let vs_raw = best / raw.max(f64::EPSILON);
-    println!(
-        "{:<44} {:>12.3}  {:<8} >= 0.4 {}",
-        "ratio: piecework steps/s / raw JetStream",
-        vs_raw,
-        "x",
-        if vs_raw >= 0.4 { "met" } else { "NOT met" }
-    );
-    match bullmq {
-        Some(bullmq) => {
-            let vs = best / bullmq;
-            println!(
-                "{:<44} {:>12.3}  {:<8} >= 3 {}",
-                "ratio: piecework steps/s / BullMQ jobs/s",
-                vs,
-                "x",
-                if vs >= 3.0 { "met" } else { "NOT met" }
-            );
-        }
-        None => println!(
-            "{:<44} {:>12}",
-            "ratio: piecework steps/s / BullMQ jobs/s", "n/a"
-        ),
-    }
-}
-
-type Row = (
-    String,
-    Option<f64>,
-    &'static str,
-    Option<(&'static str, bool)>,
-);
-
-fn step_row(report: &Value, key: &str, label: &str) -> Row {
-    (
-        format!("piecework 3-step runs, {label}"),
-        report[key]["steps_per_sec"].as_f64(),
-        "steps/s",
-        None,
-    )
-}
-
-fn latency_row(report: &Value, which: &'static str, target_ms: f64) -> Row {
-    let value = report["dispatch_unloaded"][format!("{which}_ms")].as_f64();
-    let target: &'static str = if which == "p50" { "<= 0.5" } else { "<= 3" };
-    (
-        format!("  step dispatch {which}, one run at a time"),
-        value,
-        "ms",
-        value.map(|v| (target, v <= target_ms)),
-    )
-}
-
-fn webhook_row(
-    report: &Value,
-    index: usize,
-    field: &'static str,
-    unit: &'static str,
-    target: Option<f64>,
-) -> Row {
-    let load = &report["sync_webhook"][index];
-    let value = match field {
-        "requests_per_sec" => load[field].as_f64(),
-        _ => load["latency"][field].as_f64(),
-    };
-    let check = target.zip(value).map(|(target, v)| {
-        if field == "requests_per_sec" {
-            (">= 5000", v >= target)
-        } else {
-            ("<= 1", v <= target)
-        }
-    });
-    (
-        format!("sync webhook, {} clients", load["clients"]),
-        value,
-        unit,
-        check,
-    )
 }

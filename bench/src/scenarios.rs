@@ -54,17 +54,7 @@ pub async fn out_of_process(
     runtime: &Arc<Runtime>,
     runs: usize,
 ) -> anyhow::Result<OutOfProcess> {
-    let probe = crate::fleet::sibling("probe")?;
-    let staging = tempfile::tempdir()?;
-    let program = staging.path().join("probe");
-    std::fs::copy(&probe, &program)?;
-    std::fs::write(staging.path().join("version.txt"), "1.0.0")?;
-    let (bundle, _) = piecework_host::build::bundle_executable(&program, Default::default())
-        .await
-        .map_err(anyhow::Error::msg)?;
-    runtime
-        .publish_piece(bundle.into(), None, &Actor::api("bench"))
-        .await?;
+    publish_probe(runtime).await?;
     let worker = Process::worker(infra, "bench-oop", 64).await?;
     let local = apply(runtime, &three_step_flow("bench-in-binary")).await?;
     let remote = apply(runtime, &three_remote_steps("bench-out-of-process")).await?;
@@ -101,6 +91,29 @@ pub async fn out_of_process(
         in_binary,
         out_of_process,
     })
+}
+
+/// Publishes the `probe` test piece (1.0.0) to the registry, once per harness run.
+pub async fn publish_probe(runtime: &Runtime) -> anyhow::Result<()> {
+    static PUBLISHED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    PUBLISHED
+        .get_or_try_init(|| async {
+            let probe = crate::fleet::sibling("probe")?;
+            let staging = tempfile::tempdir()?;
+            let program = staging.path().join("probe");
+            std::fs::copy(&probe, &program)?;
+            std::fs::write(staging.path().join("version.txt"), "1.0.0")?;
+            let (bundle, _) =
+                piecework_host::build::bundle_executable(&program, Default::default())
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+            runtime
+                .publish_piece(bundle.into(), None, &Actor::api("bench"))
+                .await?;
+            anyhow::Ok(())
+        })
+        .await
+        .map(drop)
 }
 
 /// Starts runs concurrently, at most this many creations in flight.
@@ -371,7 +384,7 @@ pub async fn sync_webhook(
     Ok(loads)
 }
 
-async fn post(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+pub(crate) async fn post(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
     let response = http
         .post(url)
         .json(&json!({ "name": "ada" }))
@@ -379,7 +392,7 @@ async fn post(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
         .await?;
     if !response.status().is_success() {
         bail!(
-            "the sync webhook answered {}: {}",
+            "{url} answered {}: {}",
             response.status(),
             response.text().await.unwrap_or_default()
         );
@@ -388,7 +401,8 @@ async fn post(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn load(
+/// `clients` concurrent clients posting to `url` as fast as it answers, for `duration`.
+pub(crate) async fn load(
     http: &reqwest::Client,
     url: &str,
     clients: usize,
@@ -536,4 +550,79 @@ impl Hold {
         self.released.store(true, Ordering::SeqCst);
         self.release.notify_waiters();
     }
+}
+
+/// `piecework dev`'s synchronous webhook (in memory) under the same load client, next to the
+/// same server's `/healthz`: how much of what the process can answer a run costs.
+#[derive(Debug, Clone, Serialize)]
+pub struct DevWebhook {
+    pub webhook: Vec<WebhookLoad>,
+    pub healthz: Vec<WebhookLoad>,
+}
+
+pub async fn dev_sync_webhook(levels: &[usize], duration: Duration) -> anyhow::Result<DevWebhook> {
+    let (dev, base) = Process::dev().await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let applied = http
+        .post(format!("{base}/v1/flows"))
+        .body("apiVersion: piecework/v1\nkind: Flow\nname: bench-sync\ntrigger: { piece: webhook, trigger: catch, auth: none }\nsteps:\n  - { name: reply, piece: data, action: set, input: { value: { greeting: \"hello, {{ trigger.body.name }}\" } } }\n")
+        .send()
+        .await?;
+    if !applied.status().is_success() {
+        bail!(
+            "applying the flow to piecework dev failed: {}",
+            applied.text().await?
+        );
+    }
+    let webhook_url = format!("{base}/v1/webhooks/bench-sync/sync");
+    for _ in 0..20 {
+        post(&http, &webhook_url).await?;
+    }
+    let mut webhook = Vec::new();
+    let mut healthz = Vec::new();
+    for &clients in levels {
+        webhook.push(load(&http, &webhook_url, clients, duration).await?);
+        healthz.push(load_get(&http, &format!("{base}/healthz"), clients, duration).await?);
+    }
+    drop(dev);
+    Ok(DevWebhook { webhook, healthz })
+}
+
+/// [`load`] with `GET`s.
+async fn load_get(
+    http: &reqwest::Client,
+    url: &str,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<WebhookLoad> {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.to_owned());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    http.get(&url).send().await?.bytes().await?;
+                    latencies.push(sent.elapsed());
+                }
+                anyhow::Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed();
+    Ok(WebhookLoad {
+        clients,
+        requests: latencies.len(),
+        seconds: elapsed.as_secs_f64(),
+        requests_per_sec: rate(latencies.len(), elapsed),
+        latency: Latency::of(latencies),
+    })
 }

@@ -209,12 +209,34 @@ pub trait Kind {
 /// `nats-server` with JetStream (file storage in its temp dir).
 pub enum Nats {}
 
+/// The monitoring port of a NATS server on `port`: a free port chosen from it, the same for
+/// every restart.
+fn monitor_port(port: u16) -> u16 {
+    use std::sync::Mutex;
+    static PORTS: Mutex<Vec<(u16, u16)>> = Mutex::new(Vec::new());
+    let mut ports = PORTS.lock().unwrap();
+    if let Some((_, monitor)) = ports.iter().find(|(p, _)| *p == port) {
+        return *monitor;
+    }
+    let monitor = free_port();
+    ports.push((port, monitor));
+    monitor
+}
+
+impl Server<Nats> {
+    /// The monitoring endpoint (`http://127.0.0.1:PORT`): `/varz`, `/connz`, `/jsz`.
+    pub fn monitor_url(&self) -> String {
+        format!("http://127.0.0.1:{}", monitor_port(self.process.port))
+    }
+}
+
 impl Kind for Nats {
     const BINARY: &'static str = "nats-server";
     const PACKAGE: &'static str = "nats-server";
     const SCHEME: &'static str = "nats";
     const TLS_SCHEME: &'static str = "tls";
 
+    /// With the HTTP monitoring endpoint on the next port (`/varz` for message counts).
     fn args(port: u16, dir: &Path) -> Vec<String> {
         let store = dir.join("jetstream").display().to_string();
         [
@@ -225,6 +247,8 @@ impl Kind for Nats {
             &port.to_string(),
             "-sd",
             &store,
+            "-m",
+            &monitor_port(port).to_string(),
         ]
         .map(str::to_owned)
         .to_vec()

@@ -303,8 +303,11 @@ impl Handler {
 
     /// Runs `work` while telling the broker, every third of the ack wait, that the job is alive.
     async fn with_progress<T>(&self, delivery: &Delivery, work: impl Future<Output = T>) -> T {
-        let mut ticks = tokio::time::interval(self.config.ack_wait / 3);
-        ticks.tick().await;
+        // Starting a period from now, not with the immediate first tick of `interval`: that
+        // tick is a timer due now, which tokio's millisecond wheel fires up to 1 ms later —
+        // a millisecond added to every step.
+        let period = self.config.ack_wait / 3;
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tokio::pin!(work);
         loop {
             tokio::select! {
