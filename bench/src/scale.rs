@@ -22,6 +22,8 @@ pub struct SchedulerScale {
     pub interval_seconds: f64,
     /// How long applying the flows took (through `Runtime::apply_flow`, 64 at a time).
     pub apply_seconds: f64,
+    /// How long a starting scheduler took to plan every flow.
+    pub load_seconds: f64,
     pub window_seconds: f64,
     /// From each tick to its poll job reaching a consumer.
     pub tick_jitter: Latency,
@@ -75,8 +77,27 @@ pub async fn scheduler_scale(
         .await
         .context("the default queue's consumer")?;
     let scheduler = Process::scheduler(infra, "bench-scheduler").await?;
-    // The first refresh reads every flow: measure from the first tick after it.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Measure once the scheduler has planned every flow (its first read of the list).
+    let loading = Instant::now();
+    let metrics_url = scheduler.ready.replace("/readyz", "/metrics");
+    let http = reqwest::Client::new();
+    loop {
+        let text = http.get(&metrics_url).send().await?.text().await?;
+        let scheduled = text
+            .lines()
+            .find_map(|l| l.strip_prefix("piecework_scheduled_flows "))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        if scheduled >= flows {
+            break;
+        }
+        anyhow::ensure!(
+            loading.elapsed() < Duration::from_secs(300),
+            "the scheduler planned {scheduled} of {flows} flows in 5 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let load_seconds = loading.elapsed().as_secs_f64();
     let cpu_before = scheduler.cpu_seconds()?;
     let window_start = chrono::Utc::now().timestamp_millis();
     let deadline = Instant::now() + window;
@@ -108,6 +129,7 @@ pub async fn scheduler_scale(
         flows,
         interval_seconds: interval.as_secs_f64(),
         apply_seconds,
+        load_seconds,
         window_seconds: window.as_secs_f64(),
         tick_jitter: Latency::of(jitters),
         scheduler_cpu_percent: cpu / window.as_secs_f64() * 100.0,

@@ -104,10 +104,6 @@ impl Entry {
 struct Timetable {
     entries: HashMap<String, Entry>,
     due: BTreeSet<(DateTime<Utc>, String)>,
-    /// The flows revision the entries were built from.
-    revision: Option<u64>,
-    /// Flows that could not be scheduled at the last refresh (their piece was missing).
-    unschedulable: usize,
 }
 
 impl Timetable {
@@ -133,6 +129,48 @@ impl Timetable {
     fn first_tick(&self) -> Option<DateTime<Utc>> {
         self.due.first().map(|(tick, _)| *tick)
     }
+
+    /// Takes on a new plan: flows whose version did not change keep their next tick, new or
+    /// changed ones start at their first tick after `now`, the rest are dropped.
+    fn apply(&mut self, plan: Plan, now: DateTime<Utc>) {
+        let mut previous = std::mem::take(&mut self.entries);
+        self.due.clear();
+        for (flow_id, planned) in plan.flows {
+            if let Some(entry) = previous
+                .remove(&flow_id)
+                .filter(|e| e.version == planned.version)
+            {
+                self.insert(flow_id, entry);
+                continue;
+            }
+            let mut entry = Entry {
+                version: planned.version,
+                queue: planned.queue,
+                schedule: planned.schedule,
+                phase: planned.phase,
+                next: now,
+            };
+            let Some(next) = entry.tick_after(now) else {
+                continue;
+            };
+            entry.next = next;
+            tracing::debug!(flow = %flow_id, version = entry.version, first_tick = %next, "scheduling flow");
+            self.insert(flow_id, entry);
+        }
+    }
+}
+
+/// Every enabled flow that can be scheduled, as the refresher found them.
+struct Plan {
+    flows: HashMap<String, Planned>,
+}
+
+/// How one flow ticks.
+struct Planned {
+    version: u32,
+    queue: String,
+    schedule: Schedule,
+    phase: chrono::Duration,
 }
 
 /// Runs the scheduler until `shutdown` is cancelled.
@@ -144,21 +182,17 @@ pub async fn run(
     config.validate().map_err(SchedulerError::Config)?;
     let clock = Clock::new();
     let mut table = Timetable::default();
-    let mut next_check = Instant::now();
-    let mut next_full = Instant::now();
+    // Reading the flow list happens beside the ticks, so a big list or a slow store never
+    // holds up a due tick.
+    let (plans, mut planned) = tokio::sync::mpsc::channel(1);
+    let refreshing = tokio::spawn(refresher(
+        runtime.clone(),
+        config.clone(),
+        plans,
+        shutdown.clone(),
+    ));
     tracing::info!("scheduler started");
     loop {
-        if Instant::now() >= next_check {
-            let full = Instant::now() >= next_full || table.unschedulable > 0;
-            match refresh(&runtime, &mut table, clock.now(), full).await {
-                Ok(true) => next_full = Instant::now() + config.full_refresh,
-                Ok(false) => {}
-                Err(err) => {
-                    tracing::warn!(error = %err, "could not refresh the flow list; keeping the previous one");
-                }
-            }
-            next_check = Instant::now() + config.refresh_interval;
-        }
         let now = clock.now();
         let due = table.take_due(now);
         if !due.is_empty() {
@@ -178,18 +212,129 @@ pub async fn run(
                 entry.next = next;
                 table.insert(flow_id, entry);
             }
+            continue;
         }
-        let until_check = next_check.saturating_duration_since(Instant::now());
-        let until_tick = table.first_tick().map_or(until_check, |tick| {
+        let until_tick = table.first_tick().map_or(config.refresh_interval, |tick| {
             (tick - clock.now()).to_std().unwrap_or_default()
         });
         tokio::select! {
-            () = tokio::time::sleep(until_check.min(until_tick)) => {}
+            () = tokio::time::sleep(until_tick) => {}
+            plan = planned.recv() => match plan {
+                Some(plan) => {
+                    table.apply(plan, clock.now());
+                    runtime
+                        .metrics
+                        .scheduled_flows
+                        .set(i64::try_from(table.entries.len()).unwrap_or(i64::MAX));
+                }
+                None => break,
+            },
             () = shutdown.cancelled() => break,
         }
     }
+    refreshing.abort();
     tracing::info!("scheduler stopped");
     Ok(())
+}
+
+/// Checks the flows revision every `refresh_interval` and hands the tick loop a new plan when
+/// it moved (or every `full_refresh`, or while some flow could not be scheduled).
+async fn refresher(
+    runtime: Arc<Runtime>,
+    config: SchedulerConfig,
+    plans: tokio::sync::mpsc::Sender<Plan>,
+    shutdown: CancellationToken,
+) {
+    let mut known = None;
+    let mut next_full = Instant::now();
+    let mut unschedulable = 0;
+    loop {
+        let full = Instant::now() >= next_full || unschedulable > 0;
+        match plan(&runtime, known, full).await {
+            Ok(Some((revision, plan, failed))) => {
+                known = Some(revision);
+                unschedulable = failed;
+                next_full = Instant::now() + config.full_refresh;
+                if plans.send(plan).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, "could not refresh the flow list; keeping the previous one");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(config.refresh_interval) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Reads the flow list and plans every enabled flow when `full` or when the flows revision
+/// moved past `known`; returns the revision, the plan and how many flows could not be
+/// scheduled. Flow versions load concurrently (and stay cached).
+async fn plan(
+    runtime: &Runtime,
+    known: Option<u64>,
+    full: bool,
+) -> Result<Option<(u64, Plan, usize)>, RuntimeError> {
+    let revision = runtime.flows_revision().await?;
+    if !full && known == Some(revision) {
+        return Ok(None);
+    }
+    let records = runtime.flow_records().await?;
+    let planned: Vec<(String, Result<Option<Planned>, String>)> =
+        futures::stream::iter(records.into_iter().filter(|f| f.enabled))
+            .map(|record| async move {
+                let planned = plan_flow(runtime, &record.id, record.latest_version).await;
+                (record.id, planned)
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+    let mut flows = HashMap::with_capacity(planned.len());
+    let mut unschedulable = 0;
+    for (flow_id, planned) in planned {
+        match planned {
+            Ok(Some(planned)) => {
+                flows.insert(flow_id, planned);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                unschedulable += 1;
+                tracing::warn!(flow = %flow_id, error, "flow cannot be scheduled");
+            }
+        }
+    }
+    Ok(Some((revision, Plan { flows }, unschedulable)))
+}
+
+/// How one flow ticks, or `None` for a flow nothing schedules (a webhook).
+async fn plan_flow(
+    runtime: &Runtime,
+    flow_id: &str,
+    version: u32,
+) -> Result<Option<Planned>, String> {
+    let flow = runtime
+        .flow_version(flow_id, version)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("version {version} does not exist"))?;
+    let Some((schedule, polling)) = schedule_of(runtime, &flow).await? else {
+        return Ok(None);
+    };
+    let phase = if polling {
+        phase_of(flow_id, &schedule)
+    } else {
+        chrono::Duration::zero()
+    };
+    Ok(Some(Planned {
+        version: flow.version,
+        queue: flow.definition.trigger.queue().to_owned(),
+        schedule,
+        phase,
+    }))
 }
 
 /// Publishes one tick's poll job, in a span that starts the tick's trace.
@@ -232,73 +377,6 @@ async fn publish_tick(runtime: &Runtime, flow_id: &str, entry: &Entry) {
         .scheduler_ticks
         .get_or_create(&TickLabels { outcome })
         .inc();
-}
-
-/// Brings the timetable in line with the enabled flows, keeping the next tick of flows whose
-/// version did not change. Reads the flow list only when `full` or when the flows revision
-/// moved since the table was built; returns whether it did.
-async fn refresh(
-    runtime: &Runtime,
-    table: &mut Timetable,
-    now: DateTime<Utc>,
-    full: bool,
-) -> Result<bool, RuntimeError> {
-    let revision = runtime.flows_revision().await?;
-    if !full && table.revision == Some(revision) {
-        return Ok(false);
-    }
-    let flows = runtime.flow_records().await?;
-    let mut previous = std::mem::take(&mut table.entries);
-    table.due.clear();
-    table.unschedulable = 0;
-    for record in flows.into_iter().filter(|f| f.enabled) {
-        if let Some(entry) = previous
-            .remove(&record.id)
-            .filter(|e| e.version == record.latest_version)
-        {
-            table.insert(record.id, entry);
-            continue;
-        }
-        let Some(flow) = runtime
-            .flow_version(&record.id, record.latest_version)
-            .await?
-        else {
-            continue;
-        };
-        match schedule_of(runtime, &flow).await {
-            Ok(Some((schedule, polling))) => {
-                let phase = if polling {
-                    phase_of(&record.id, &schedule)
-                } else {
-                    chrono::Duration::zero()
-                };
-                let mut entry = Entry {
-                    version: flow.version,
-                    queue: flow.definition.trigger.queue().to_owned(),
-                    schedule,
-                    phase,
-                    next: now,
-                };
-                let Some(next) = entry.tick_after(now) else {
-                    continue;
-                };
-                entry.next = next;
-                tracing::debug!(flow = %record.id, version = flow.version, first_tick = %next, "scheduling flow");
-                table.insert(record.id, entry);
-            }
-            Ok(None) => {}
-            Err(error) => {
-                table.unschedulable += 1;
-                tracing::warn!(flow = %record.id, error, "flow cannot be scheduled");
-            }
-        }
-    }
-    table.revision = Some(revision);
-    runtime
-        .metrics
-        .scheduled_flows
-        .set(i64::try_from(table.entries.len()).unwrap_or(i64::MAX));
-    Ok(true)
 }
 
 /// Where a polling flow's ticks sit within its interval: a hash of its id (FNV-1a, the same on
