@@ -107,8 +107,9 @@ pub struct RedisConfig {
     pub tls_key_file: Option<std::path::PathBuf>,
     /// Approximate cap of `pw:results` and `pw:audit` (`XADD MAXLEN ~`).
     pub stream_maxlen: usize,
-    /// How long `pw:audit` keeps an entry, whatever the count (`XTRIM MINID` as entries are
-    /// added); zero keeps them until `stream_maxlen` pushes them out.
+    /// How long `pw:audit` keeps an entry, whatever the count (`XTRIM MINID`, at most once a
+    /// minute per process, as entries are added); zero keeps them until `stream_maxlen` pushes
+    /// them out.
     #[serde(with = "humantime_serde")]
     pub audit_retention: Duration,
     /// How long to keep trying to reach Redis at start before giving up.
@@ -182,7 +183,7 @@ const RUNS: &str = "pw:runs";
 const CONNECTIONS: &str = "pw:connections";
 const API_KEYS: &str = "pw:api-keys";
 const LOCK_TTL_MS: u64 = 10_000;
-const RESULTS_TRIM_EVERY_MS: i64 = 60_000;
+const TRIM_EVERY_MS: i64 = 60_000;
 
 fn flow_key(id: &str) -> String {
     format!("pw:flow:{id}")
@@ -288,8 +289,9 @@ pub struct RedisStore {
     unlock: Arc<Script>,
     /// Run-finished notifications, subscribed on the first `wait_run_finished`.
     done: Arc<RunDone>,
-    /// When this process last trimmed `pw:results` by age (ms since the epoch).
+    /// When this process last trimmed `pw:results` and `pw:audit` by age (ms since the epoch).
     results_trimmed_at: Arc<std::sync::atomic::AtomicI64>,
+    audit_trimmed_at: Arc<std::sync::atomic::AtomicI64>,
     /// Writes step updates, many per round trip under load.
     steps: GroupCommit,
 }
@@ -382,6 +384,7 @@ impl RedisStore {
         Ok(Self {
             done: Arc::new(RunDone::new(client)),
             results_trimmed_at: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            audit_trimmed_at: Arc::new(std::sync::atomic::AtomicI64::new(0)),
             steps: GroupCommit::start(conn.clone()),
             conn,
             blocking: Arc::new(Mutex::new(blocking)),
@@ -397,20 +400,10 @@ impl RedisStore {
         self.conn.clone()
     }
 
-    /// Whether this step update should also trim `pw:results` by age: at most once a minute
-    /// per process, so the hot path rarely pays for it.
+    /// Whether this step update should also trim `pw:results` (and `pw:audit`) by age: at most
+    /// once a minute per process, so the hot path rarely pays for it.
     fn results_trim_due(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        if self.config.run_retention.is_zero() {
-            return false;
-        }
-        let now = Utc::now().timestamp_millis();
-        let last = self.results_trimmed_at.load(Ordering::Relaxed);
-        now - last >= RESULTS_TRIM_EVERY_MS
-            && self
-                .results_trimmed_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+        trim_due(&self.results_trimmed_at)
     }
 
     /// Runs `work` holding the flow's lock, so concurrent applies of one flow serialize.
@@ -545,6 +538,17 @@ if ARGV[6] ~= '' then ended = ended .. ',"output":' .. ARGV[6] end
 redis.call('PUBLISH', ARGV[5], ended .. '}')
 return 1
 "#;
+
+/// Whether a trim that runs at most once a minute per process is due now (and claims it).
+fn trim_due(last: &std::sync::atomic::AtomicI64) -> bool {
+    use std::sync::atomic::Ordering;
+    let now = Utc::now().timestamp_millis();
+    let previous = last.load(Ordering::Relaxed);
+    now - previous >= TRIM_EVERY_MS
+        && last
+            .compare_exchange(previous, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
 
 /// The command that ends run `run_id` (inside a `MULTI`) and tells its waiters, with the last
 /// step's `output`.
@@ -925,12 +929,9 @@ impl Store for RedisStore {
         }
         let maxlen = self.config.stream_maxlen;
         commands.push(xadd(RESULTS, maxlen, result_fields(&update.result)));
-        if self.results_trim_due() {
+        if !retention.is_zero() && self.results_trim_due() {
             let mut trim = redis::cmd("XTRIM");
-            trim.arg(RESULTS)
-                .arg("MINID")
-                .arg("~")
-                .arg(cutoff(retention));
+            trim.arg(RESULTS).arg("MINID").arg(cutoff(retention));
             commands.push(trim);
         }
         if let Some(event) = &update.audit {
@@ -1219,14 +1220,13 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         pipe.add_command(xadd(AUDIT, self.config.stream_maxlen, audit_fields(&event)))
             .ignore();
+        // Trimming by age at most once a minute per process: every append paid for it.
         let retention = self.config.audit_retention;
-        if !retention.is_zero() {
-            let oldest = Utc::now().timestamp_millis()
-                - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        if !retention.is_zero() && trim_due(&self.audit_trimmed_at) {
             pipe.cmd("XTRIM")
                 .arg(AUDIT)
                 .arg("MINID")
-                .arg(oldest.max(0))
+                .arg(cutoff(retention))
                 .ignore();
         }
         let () = pipe
