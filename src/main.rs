@@ -4,6 +4,11 @@
 
 use std::process::ExitCode;
 
+/// mimalloc: a step allocates and frees many small buffers (JSON, Redis and NATS frames) from
+/// several threads, where glibc's malloc spent ~40% of a worker's CPU (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 

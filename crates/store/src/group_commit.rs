@@ -63,11 +63,11 @@ async fn commit_loop(mut conn: ConnectionManager, mut inbox: mpsc::Receiver<Pend
 async fn commit(conn: &mut ConnectionManager, batch: Vec<Pending>) {
     let mut pipe = redis::pipe();
     pipe.atomic().ignore_errors();
-    let mut sizes = Vec::with_capacity(batch.len());
-    for pending in &batch {
-        sizes.push(pending.commands.len());
-        for command in &pending.commands {
-            pipe.add_command(command.clone());
+    let mut waiting = Vec::with_capacity(batch.len());
+    for pending in batch {
+        waiting.push((pending.done, pending.commands.len()));
+        for command in pending.commands {
+            pipe.add_command(command);
         }
     }
     let replies: Result<Vec<redis::RedisResult<redis::Value>>, _> = pipe.query_async(conn).await;
@@ -75,15 +75,13 @@ async fn commit(conn: &mut ConnectionManager, batch: Vec<Pending>) {
         Ok(replies) => replies.into_iter(),
         Err(err) => {
             let message = format!("redis: {err}");
-            for pending in batch {
-                let _ = pending
-                    .done
-                    .send(Err(StoreError::Unavailable(message.clone())));
+            for (done, _) in waiting {
+                let _ = done.send(Err(StoreError::Unavailable(message.clone())));
             }
             return;
         }
     };
-    for (pending, size) in batch.into_iter().zip(sizes) {
+    for (done, size) in waiting {
         let mine: Vec<_> = replies.by_ref().take(size).collect();
         let outcome = match mine.iter().find_map(|r| r.as_ref().err()) {
             Some(err) => Err(StoreError::Unavailable(format!("redis: {err}"))),
@@ -94,6 +92,6 @@ async fn commit(conn: &mut ConnectionManager, batch: Vec<Pending>) {
                 )),
             },
         };
-        let _ = pending.done.send(outcome);
+        let _ = done.send(outcome);
     }
 }
