@@ -435,6 +435,16 @@ async fn webhooks_refuse_unknown_disabled_and_non_webhook_flows_alike() {
     assert_eq!(accepted.status(), 202);
     let accepted: Value = accepted.json().await.unwrap();
     assert!(accepted["run_id"].is_string());
+    // The API remembers the flow that admitted a call; disabling it still refuses the next.
+    assert_eq!(
+        http.post(format!("{base}/v1/flows/echo/disable"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(refused("/v1/webhooks/echo").await, missing);
     let bad_query = http
         .get(format!("{base}/v1/runs?status=sleeping"))
         .send()
@@ -450,10 +460,10 @@ async fn webhooks_refuse_unknown_disabled_and_non_webhook_flows_alike() {
         .text()
         .await
         .unwrap();
-    for reason in ["unknown_flow", "not_webhook", "disabled"] {
+    for (reason, count) in [("unknown_flow", 1), ("not_webhook", 1), ("disabled", 2)] {
         assert!(
             metrics.contains(&format!(
-                "piecework_webhook_refused_total{{reason=\"{reason}\"}} 1"
+                "piecework_webhook_refused_total{{reason=\"{reason}\"}} {count}"
             )),
             "{reason}: {metrics}"
         );

@@ -68,6 +68,10 @@ pub enum RuntimeError {
     /// A request that names something invalid.
     #[error("{0}")]
     Invalid(String),
+    /// A webhook call admitted on a flow record that changed since (disabled, re-applied):
+    /// admit it again from the current record.
+    #[error("flow `{0}` changed while the call was admitted")]
+    StaleAdmission(String),
     /// Something the operation needs is not answering; trying again later may work.
     #[error("{0}")]
     Unavailable(String),
@@ -160,6 +164,10 @@ pub struct Runtime {
     keyring: Option<secrets::Keyring>,
     /// Flow versions are immutable, so they are cached forever (per process).
     versions: Mutex<HashMap<(String, u32), Arc<FlowVersion>>>,
+    /// Flow records as webhook admission last read them. A stale one is harmless: creating
+    /// the run checks the record in the store, and a refusal sends the call back for a fresh
+    /// read ([`webhooks`]).
+    admissions: Mutex<HashMap<String, piecework_store::FlowRecord>>,
     /// Runs this process's bundles; `None` where none run (some CLI tools).
     host: Option<Arc<piecework_host::PieceHost>>,
 }
@@ -179,6 +187,7 @@ impl Runtime {
             http: HttpClient::new(egress).map_err(RuntimeError::Http)?,
             keyring: None,
             versions: Mutex::new(HashMap::new()),
+            admissions: Mutex::new(HashMap::new()),
             host: None,
         })
     }
@@ -467,18 +476,7 @@ impl Runtime {
         kind: TriggerKind,
         started_by: piecework_sdk::Principal,
     ) -> Result<bool, RuntimeError> {
-        let span = tracing::info_span!(
-            "run",
-            otel.name = %format_args!("run {}", flow.flow_id),
-            piecework.run.id = %run_id,
-            piecework.flow.id = %flow.flow_id,
-            piecework.flow.version = flow.version,
-            piecework.trigger = ?kind,
-            piecework.run.created = tracing::field::Empty,
-        );
-        let mut run = Run::new(run_id, &flow.flow_id, flow.version, trigger);
-        run.trace = propagation::traceparent_of(&span);
-        run.started_by = started_by;
+        let (run, span) = new_run(flow, run_id, trigger, kind, started_by);
         self.create_run(flow, run, kind)
             .instrument(span.clone())
             .await
@@ -910,4 +908,28 @@ pub fn audit_event(
         duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
         error: error.map(ToString::to_string).unwrap_or_default(),
     }
+}
+
+/// A new run of `flow` and its span (a child of the caller's: the webhook request or the
+/// poll), whose `traceparent` the run carries so that every step's span becomes its child.
+pub(crate) fn new_run(
+    flow: &FlowVersion,
+    run_id: String,
+    trigger: Value,
+    kind: TriggerKind,
+    started_by: piecework_sdk::Principal,
+) -> (Run, tracing::Span) {
+    let span = tracing::info_span!(
+        "run",
+        otel.name = %format_args!("run {}", flow.flow_id),
+        piecework.run.id = %run_id,
+        piecework.flow.id = %flow.flow_id,
+        piecework.flow.version = flow.version,
+        piecework.trigger = ?kind,
+        piecework.run.created = tracing::field::Empty,
+    );
+    let mut run = Run::new(run_id, &flow.flow_id, flow.version, trigger);
+    run.trace = propagation::traceparent_of(&span);
+    run.started_by = started_by;
+    (run, span)
 }

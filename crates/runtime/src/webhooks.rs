@@ -10,6 +10,8 @@
 use piecework_core::WebhookAuth;
 use piecework_core::flow::TriggerDef;
 
+use tracing::Instrument as _;
+
 use crate::{Actor, Runtime, RuntimeError, secrets};
 
 /// The unix time (seconds) an `hmac` call was signed at.
@@ -122,50 +124,80 @@ fn context(flow_id: &str) -> String {
 }
 
 impl Runtime {
+    /// The flow record a webhook call is admitted on: from this process's cache of records
+    /// that admitted a call before, else read from the store. Creating the run checks it
+    /// against the store (one round trip for both); [`Runtime::forget_admission`] drops it
+    /// when that check fails. Only records that admitted are cached, so a refusal always
+    /// comes from the store's current record.
+    pub async fn admission_record(
+        &self,
+        flow_id: &str,
+    ) -> Result<Option<piecework_store::FlowRecord>, RuntimeError> {
+        if let Some(record) = self.admissions.lock().unwrap().get(flow_id) {
+            return Ok(Some(record.clone()));
+        }
+        Ok(self.store.get_flow(flow_id).await?)
+    }
+
+    /// Caches the record a webhook call was just admitted on (enabled, with a webhook
+    /// trigger), for the flow's next calls.
+    pub fn remember_admission(&self, record: &piecework_store::FlowRecord) {
+        let mut admissions = self.admissions.lock().unwrap();
+        if !admissions.contains_key(&record.id) {
+            admissions.insert(record.id.clone(), record.clone());
+        }
+    }
+
+    /// Forgets the cached record of a flow whose admission turned out stale.
+    pub fn forget_admission(&self, flow_id: &str) {
+        self.admissions.lock().unwrap().remove(flow_id);
+    }
+
     /// Turns an admitted webhook call into the trigger's items and starts one run per item,
-    /// as a poll does with its new items; returns the run ids. Audited as `webhook.receive`
-    /// (the caller is unknown: the actor is `webhook`).
+    /// as a poll does with its new items; returns the run ids. The first run is created in
+    /// one round trip with the call's audit entry (`webhook.receive`, actor `webhook`: the
+    /// caller is unknown); a flow that changed since admission is
+    /// [`RuntimeError::StaleAdmission`].
     pub async fn start_webhook_runs(
         &self,
         flow: &piecework_core::FlowVersion,
         webhook: &dyn piecework_sdk::trigger::DynWebhook,
         request: &piecework_sdk::WebhookRequest,
     ) -> Result<Vec<String>, RuntimeError> {
-        let start = async {
+        let received = std::time::Instant::now();
+        let result = async {
             let items = self.webhook_items(flow, webhook, request).await?;
             let mut run_ids = Vec::with_capacity(items.len());
             for item in items {
                 let run_id = piecework_core::run::new_run_id();
-                self.start_run(
-                    flow,
-                    run_id.clone(),
-                    item,
-                    piecework_telemetry::metrics::TriggerKind::webhook,
-                )
-                .await?;
+                let audit = run_ids
+                    .is_empty()
+                    .then(|| self.receive_audit(flow, received, None));
+                self.start_admitted_run(flow, run_id.clone(), item, audit)
+                    .await?;
                 run_ids.push(run_id);
             }
             Ok(run_ids)
-        };
-        self.audited(
-            &Actor::webhook(),
-            "webhook.receive",
-            &format!("flow/{}", flow.flow_id),
-            start,
-        )
-        .await
+        }
+        .await;
+        if let Some(error) = Self::receive_audit_owed(&result, |ids: &Vec<String>| ids.is_empty()) {
+            self.append_receive_audit(flow, received, error).await;
+        }
+        result
     }
 
     /// Starts the one run of a synchronous webhook call, watching for its end from before the
     /// run exists: the caller awaits the watch and answers from the finish notification, with
-    /// no read of the run. Audited as `webhook.receive`.
+    /// no read of the run. Created and audited in one round trip, as
+    /// [`Runtime::start_webhook_runs`].
     pub async fn start_sync_webhook_run(
         &self,
         flow: &piecework_core::FlowVersion,
         webhook: &dyn piecework_sdk::trigger::DynWebhook,
         request: &piecework_sdk::WebhookRequest,
     ) -> Result<(String, Box<dyn piecework_store::RunWatch>), RuntimeError> {
-        let start = async {
+        let received = std::time::Instant::now();
+        let result = async {
             let items = self.webhook_items(flow, webhook, request).await?;
             let count = items.len();
             let Ok([item]) = <[serde_json::Value; 1]>::try_from(items) else {
@@ -175,21 +207,92 @@ impl Runtime {
             };
             let run_id = piecework_core::run::new_run_id();
             let watch = self.store.watch_run(&run_id).await?;
-            self.start_run(
-                flow,
-                run_id.clone(),
-                item,
-                piecework_telemetry::metrics::TriggerKind::webhook,
-            )
-            .await?;
+            let audit = self.receive_audit(flow, received, None);
+            self.start_admitted_run(flow, run_id.clone(), item, Some(audit))
+                .await?;
             Ok((run_id, watch))
-        };
-        self.audited(
+        }
+        .await;
+        if let Some(error) = Self::receive_audit_owed(&result, |_| false) {
+            self.append_receive_audit(flow, received, error).await;
+        }
+        result
+    }
+
+    /// The `webhook.receive` audit entry of a call received at `received`.
+    fn receive_audit(
+        &self,
+        flow: &piecework_core::FlowVersion,
+        received: std::time::Instant,
+        error: Option<&String>,
+    ) -> piecework_proto::v1::AuditEvent {
+        crate::audit_event(
             &Actor::webhook(),
             "webhook.receive",
             &format!("flow/{}", flow.flow_id),
-            start,
+            received.elapsed(),
+            error,
         )
+    }
+
+    /// What to audit of a call whose entry no run creation carried: `Some(error)` for a
+    /// failure, `Some(None)` (with `no_run`) for a call that made no run, `None` when nothing
+    /// is to be audited (the entry went with the run, or a stale admission, admitted again).
+    fn receive_audit_owed<T>(
+        result: &Result<T, RuntimeError>,
+        no_run: impl Fn(&T) -> bool,
+    ) -> Option<Option<String>> {
+        match result {
+            Err(RuntimeError::StaleAdmission(_)) => None,
+            Err(err) => Some(Some(err.to_string())),
+            Ok(value) if no_run(value) => Some(None),
+            Ok(_) => None,
+        }
+    }
+
+    async fn append_receive_audit(
+        &self,
+        flow: &piecework_core::FlowVersion,
+        received: std::time::Instant,
+        error: Option<String>,
+    ) {
+        let event = self.receive_audit(flow, received, error.as_ref());
+        if let Err(err) = self.store.append_audit(event).await {
+            tracing::warn!(error = %err, "could not append to the audit stream");
+        }
+    }
+
+    /// Creates a webhook's run (with `audit`) if its flow is still enabled at the admitted
+    /// version, then publishes its first step.
+    async fn start_admitted_run(
+        &self,
+        flow: &piecework_core::FlowVersion,
+        run_id: String,
+        trigger: serde_json::Value,
+        audit: Option<piecework_proto::v1::AuditEvent>,
+    ) -> Result<(), RuntimeError> {
+        use piecework_telemetry::metrics::TriggerKind;
+        let started_by = piecework_sdk::Principal::new(format!("webhook:{}", flow.flow_id), None);
+        let (run, span) = crate::new_run(flow, run_id, trigger, TriggerKind::webhook, started_by);
+        async {
+            match self.store.create_admitted_run(&run, audit.as_ref()).await? {
+                piecework_store::Admission::Created => {
+                    tracing::Span::current().record("piecework.run.created", true);
+                    self.metrics
+                        .run_started(&flow.flow_id, TriggerKind::webhook);
+                    if let Some(first) = piecework_core::lifecycle::first_step(&flow.definition) {
+                        self.publish_step(flow, &run.id, &first.name, 0).await?;
+                    }
+                    Ok(())
+                }
+                piecework_store::Admission::Exists => Ok(()),
+                piecework_store::Admission::Stale => {
+                    self.forget_admission(&flow.flow_id);
+                    Err(RuntimeError::StaleAdmission(flow.flow_id.clone()))
+                }
+            }
+        }
+        .instrument(span)
         .await
     }
 

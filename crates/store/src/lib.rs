@@ -114,6 +114,18 @@ pub trait RunWatch: Send {
     async fn ended(self: Box<Self>, timeout: Duration) -> Result<Option<RunEnded>, StoreError>;
 }
 
+/// What [`Store::create_admitted_run`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The run was created (and the audit entry written).
+    Created,
+    /// A run with its id exists already: nothing was written.
+    Exists,
+    /// The flow is no longer enabled at the run's version (disabled, re-applied, deleted):
+    /// nothing was written; admit the call again from the flow's current record.
+    Stale,
+}
+
 /// A change to a run that ends or alters it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunUpdate {
@@ -198,6 +210,14 @@ pub trait Store: Send + Sync + 'static {
     /// Creates a run unless one with its id exists; returns whether it was created. This is
     /// what makes deterministic run ids deduplicate redelivered poll jobs.
     async fn create_run(&self, run: &Run) -> Result<bool, StoreError>;
+    /// Creates a webhook's run in one round trip: only while its flow is still enabled at the
+    /// run's version (the caller may have admitted the call on a cached record), and with the
+    /// call's audit entry, if given.
+    async fn create_admitted_run(
+        &self,
+        run: &Run,
+        audit: Option<&AuditEvent>,
+    ) -> Result<Admission, StoreError>;
     async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError>;
     async fn list_runs(&self, query: &RunQuery) -> Result<Vec<RunSummary>, StoreError>;
     /// Records a step attempt (and the run's end, if it ended it); returns the run's status

@@ -13,8 +13,8 @@ use piecework_sdk::{KvStore, MemoryKv, PollState};
 use tokio::sync::Notify;
 
 use crate::{
-    ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunEnded, RunQuery, RunUpdate,
-    RunWatch, StepUpdate, Store, StoreError,
+    Admission, ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunEnded, RunQuery,
+    RunUpdate, RunWatch, StepUpdate, Store, StoreError,
 };
 
 /// Default cap of each stream, as Redis' `MAXLEN ~`.
@@ -296,6 +296,30 @@ impl Store for MemoryStore {
         }
         state.runs.insert(run.id.clone(), run.clone());
         Ok(true)
+    }
+
+    async fn create_admitted_run(
+        &self,
+        run: &Run,
+        audit: Option<&AuditEvent>,
+    ) -> Result<Admission, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        let admitted = state
+            .flows
+            .get(&run.flow_id)
+            .is_some_and(|f| f.enabled && f.latest_version == run.flow_version);
+        if !admitted {
+            return Ok(Admission::Stale);
+        }
+        state.sweep();
+        if state.runs.contains_key(&run.id) {
+            return Ok(Admission::Exists);
+        }
+        state.runs.insert(run.id.clone(), run.clone());
+        if let Some(event) = audit {
+            state.audit.push(event.clone());
+        }
+        Ok(Admission::Created)
     }
 
     async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError> {

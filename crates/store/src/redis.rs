@@ -47,8 +47,8 @@ use tokio::sync::Mutex;
 use crate::group_commit::GroupCommit;
 use crate::run_done::{self, RunDone};
 use crate::{
-    ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunEnded, RunQuery, RunUpdate,
-    RunWatch, StepUpdate, Store, StoreError,
+    Admission, ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunEnded, RunQuery,
+    RunUpdate, RunWatch, StepUpdate, Store, StoreError,
 };
 
 /// A registered waiter for one run's end. The finish notification says how the run ended;
@@ -221,6 +221,30 @@ end
 return 1
 "#;
 
+/// [`CREATE_RUN`] for an admitted webhook call: only while the flow record (`KEYS[4]`) is
+/// enabled at version `ARGV[5]` (-1 otherwise: stale), then the audit entry (fields from
+/// `ARGV[7]` on) appended to `KEYS[5]`, capped at `ARGV[6]`.
+const CREATE_ADMITTED_RUN: &str = r#"
+local text = redis.call('GET', KEYS[4])
+if not text then return -1 end
+local flow = cjson.decode(text)
+if flow.enabled ~= true or tonumber(flow.latest_version) ~= tonumber(ARGV[5]) then return -1 end
+if redis.call('HSETNX', KEYS[1], 'meta', ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'running')
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+if ARGV[4] ~= '0' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[4])
+end
+if #ARGV > 6 then
+  local fields = {}
+  for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(fields))
+end
+return 1
+"#;
+
 /// Cancels a run only while it is running, to expire after `ARGV[3]` ms (`0`: never).
 /// 0: no such run, 1: cancelled, 2: not running.
 const CANCEL_RUN: &str = r#"
@@ -284,6 +308,7 @@ pub struct RedisStore {
     blocking: Arc<Mutex<ConnectionManager>>,
     config: RedisConfig,
     create_run: Arc<Script>,
+    create_admitted_run: Arc<Script>,
     cancel_run: Arc<Script>,
     resume_run: Arc<Script>,
     unlock: Arc<Script>,
@@ -313,6 +338,19 @@ fn to_json(value: &impl Serialize) -> String {
 
 fn from_json<T: DeserializeOwned>(key: &str, text: &str) -> Result<T, StoreError> {
     serde_json::from_str(text).map_err(|e| corrupt(key, e))
+}
+
+/// The immutable part of `run`, as stored in `meta`.
+fn run_meta(run: &Run) -> RunMeta {
+    RunMeta {
+        id: run.id.clone(),
+        flow_id: run.flow_id.clone(),
+        flow_version: run.flow_version,
+        trigger: run.trigger.clone(),
+        created_at: run.created_at,
+        trace: run.trace.clone(),
+        started_by: run.started_by.clone(),
+    }
 }
 
 /// The immutable part of a run, stored once in `meta`.
@@ -390,6 +428,7 @@ impl RedisStore {
             blocking: Arc::new(Mutex::new(blocking)),
             config,
             create_run: Arc::new(Script::new(CREATE_RUN)),
+            create_admitted_run: Arc::new(Script::new(CREATE_ADMITTED_RUN)),
             cancel_run: Arc::new(Script::new(CANCEL_RUN)),
             resume_run: Arc::new(Script::new(RESUME_RUN)),
             unlock: Arc::new(Script::new(UNLOCK)),
@@ -810,21 +849,12 @@ impl Store for RedisStore {
     }
 
     async fn create_run(&self, run: &Run) -> Result<bool, StoreError> {
-        let meta = RunMeta {
-            id: run.id.clone(),
-            flow_id: run.flow_id.clone(),
-            flow_version: run.flow_version,
-            trigger: run.trigger.clone(),
-            created_at: run.created_at,
-            trace: run.trace.clone(),
-            started_by: run.started_by.clone(),
-        };
         let created: i64 = self
             .create_run
             .key(run_key(&run.id))
             .key(RUNS)
             .key(runs_of_flow_key(&run.flow_id))
-            .arg(to_json(&meta))
+            .arg(to_json(&run_meta(run)))
             .arg(run.created_at.timestamp_millis())
             .arg(&run.id)
             .arg(cutoff(self.config.run_retention))
@@ -832,6 +862,40 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(created == 1)
+    }
+
+    async fn create_admitted_run(
+        &self,
+        run: &Run,
+        audit: Option<&AuditEvent>,
+    ) -> Result<Admission, StoreError> {
+        let mut invocation = self.create_admitted_run.prepare_invoke();
+        invocation
+            .key(run_key(&run.id))
+            .key(RUNS)
+            .key(runs_of_flow_key(&run.flow_id))
+            .key(flow_key(&run.flow_id))
+            .key(AUDIT)
+            .arg(to_json(&run_meta(run)))
+            .arg(run.created_at.timestamp_millis())
+            .arg(&run.id)
+            .arg(cutoff(self.config.run_retention))
+            .arg(run.flow_version)
+            .arg(self.config.stream_maxlen);
+        if let Some(event) = audit {
+            for (name, value) in audit_fields(event) {
+                invocation.arg(name).arg(value);
+            }
+        }
+        let outcome: i64 = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(match outcome {
+            1 => Admission::Created,
+            0 => Admission::Exists,
+            _ => Admission::Stale,
+        })
     }
 
     async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError> {

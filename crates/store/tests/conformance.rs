@@ -400,6 +400,68 @@ async fn a_watch_registered_first_learns_how_the_run_ended(store: Arc<dyn Store>
     assert_eq!(watch.ended(Duration::from_millis(100)).await.unwrap(), None);
 }
 
+/// A webhook's run is created only while its flow is enabled at the admitted version, with the
+/// call's audit entry in the same write.
+async fn admitted_runs_are_created_only_on_a_current_enabled_flow(store: Arc<dyn Store>) {
+    use piecework_store::Admission;
+    let applied = store.apply_flow(flow("hook", "a", true)).await.unwrap();
+    let event = AuditEvent {
+        actor: "webhook".into(),
+        action: "webhook.receive".into(),
+        resource: "flow/hook".into(),
+        outcome: "success".into(),
+        time_unix_ms: Utc::now().timestamp_millis(),
+        ..AuditEvent::default()
+    };
+    let run = |id: &str, version: u32| Run::new(id.into(), "hook", version, json!({"n": 1}));
+    assert_eq!(
+        store
+            .create_admitted_run(&run("h1", applied.version), Some(&event))
+            .await
+            .unwrap(),
+        Admission::Created
+    );
+    assert_eq!(
+        store
+            .create_admitted_run(&run("h1", applied.version), None)
+            .await
+            .unwrap(),
+        Admission::Exists
+    );
+    assert_eq!(
+        store.get_run("h1").await.unwrap().unwrap().trigger,
+        json!({"n": 1})
+    );
+    let audit = store.read_audit(None, 10).await.unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].event, event);
+    // Another version, a disabled flow, an unknown flow: nothing is written.
+    assert_eq!(
+        store
+            .create_admitted_run(&run("h2", applied.version + 1), Some(&event))
+            .await
+            .unwrap(),
+        Admission::Stale
+    );
+    store.set_flow_enabled("hook", false).await.unwrap();
+    assert_eq!(
+        store
+            .create_admitted_run(&run("h3", applied.version), Some(&event))
+            .await
+            .unwrap(),
+        Admission::Stale
+    );
+    let unknown = Run::new("h4".into(), "nope", 1, json!({}));
+    assert_eq!(
+        store.create_admitted_run(&unknown, None).await.unwrap(),
+        Admission::Stale
+    );
+    for id in ["h2", "h3", "h4"] {
+        assert!(store.get_run(id).await.unwrap().is_none(), "{id}");
+    }
+    assert_eq!(store.read_audit(None, 10).await.unwrap().len(), 1);
+}
+
 async fn streams_and_the_piece_store_work(store: Arc<dyn Store>) {
     for action in ["flow.apply", "step.execute"] {
         let event = AuditEvent {
@@ -902,6 +964,7 @@ suite!(
     runs_are_listed_newest_first_with_filters,
     waiting_for_a_run_wakes_on_its_finish,
     a_watch_registered_first_learns_how_the_run_ended,
+    admitted_runs_are_created_only_on_a_current_enabled_flow,
     streams_and_the_piece_store_work,
     leases_exclude_other_holders_until_released_or_lapsed,
     runs_cancel_only_while_running_and_resume_only_when_failed,

@@ -136,6 +136,7 @@ impl From<RuntimeError> for ApiError {
             RuntimeError::NoSuchApiKey(name) => ApiError::NotFound(format!("no API key `{name}`")),
             RuntimeError::Invalid(message) => ApiError::BadRequest(message),
             RuntimeError::Unavailable(message) => ApiError::Unavailable(message),
+            err @ RuntimeError::StaleAdmission(_) => ApiError::Unavailable(err.to_string()),
             RuntimeError::Registry(err) => match err {
                 piecework_bus::pieces::RegistryError::Conflict(message) => {
                     ApiError::Conflict(message)

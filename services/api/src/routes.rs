@@ -17,8 +17,8 @@ use bytes::Bytes;
 use piecework_core::RunStatus;
 use piecework_core::flow::{FlowDefinition, Format};
 use piecework_core::run::new_run_id;
-use piecework_runtime::Runtime;
 use piecework_runtime::webhooks;
+use piecework_runtime::{Runtime, RuntimeError};
 use piecework_sdk::{TriggerHandle, WebhookRequest};
 use piecework_store::RunQuery;
 use piecework_store::audit::AuditQuery;
@@ -855,7 +855,7 @@ async fn admit(
         tracing::debug!(flow = flow_id, ?reason, "webhook call refused");
         ApiError::NotFound(NO_WEBHOOK.into())
     };
-    let Some(record) = runtime.flow_record(flow_id).await? else {
+    let Some(record) = runtime.admission_record(flow_id).await? else {
         return Err(refuse(WebhookRefusal::unknown_flow));
     };
     let flow = runtime
@@ -907,6 +907,7 @@ async fn admit(
         .limits
         .check_flow(flow_id)
         .map_err(|wait| limited(WebhookRefusal::flow_rate_limited, wait))?;
+    runtime.remember_admission(&record);
     Ok((flow, webhook))
 }
 
@@ -967,12 +968,20 @@ async fn audited_webhook(
     query: BTreeMap<String, String>,
     body: Bytes,
 ) -> ApiResult<Vec<String>> {
-    let (flow, webhook) = admit(state, flow_id, headers, &body).await?;
     let request = webhook_request(headers, query, &body)?;
-    Ok(state
-        .runtime
-        .start_webhook_runs(&flow, webhook.as_ref(), &request)
-        .await?)
+    let mut fresh = false;
+    loop {
+        let (flow, webhook) = admit(state, flow_id, headers, &body).await?;
+        match state
+            .runtime
+            .start_webhook_runs(&flow, webhook.as_ref(), &request)
+            .await
+        {
+            // Admitted on a cached record that changed: once more from the current one.
+            Err(RuntimeError::StaleAdmission(_)) if !fresh => fresh = true,
+            result => return Ok(result?),
+        }
+    }
 }
 
 /// Starts a run and answers with the flow's response once it finishes: the output of a
@@ -985,12 +994,20 @@ async fn webhook_sync(
     headers: HeaderMap,
     Body(body): Body,
 ) -> ApiResult<Response> {
-    let (flow, webhook) = admit(&state, &flow_id, &headers, &body).await?;
     let request = webhook_request(&headers, query, &body)?;
-    let (run_id, watch) = state
-        .runtime
-        .start_sync_webhook_run(&flow, webhook.as_ref(), &request)
-        .await?;
+    let mut fresh = false;
+    let (run_id, watch) = loop {
+        let (flow, webhook) = admit(&state, &flow_id, &headers, &body).await?;
+        match state
+            .runtime
+            .start_sync_webhook_run(&flow, webhook.as_ref(), &request)
+            .await
+        {
+            // Admitted on a cached record that changed: once more from the current one.
+            Err(RuntimeError::StaleAdmission(_)) if !fresh => fresh = true,
+            result => break result?,
+        }
+    };
     let Some(ended) = watch
         .ended(state.config.sync_timeout)
         .await
