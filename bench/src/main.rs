@@ -27,11 +27,17 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+
 use piecework_testkit::{NatsServer, RedisServer};
 use serde_json::{Value, json};
 
 use crate::fleet::Infra;
 use crate::stats::rate;
+
+/// The allocator `piecework` runs with, so in-process figures (dev in memory, the bare client's
+/// memory) compare with the processes'.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark piecework against raw JetStream and BullMQ")]
@@ -51,6 +57,11 @@ struct Args {
     /// Internal: serve the bare HTTP baseline on this address (the harness starts itself so).
     #[arg(long, hide = true)]
     serve_bare_http: Option<std::net::SocketAddr>,
+    /// Internal: hold `--hold-count` requests to this URL open (the bare client's memory).
+    #[arg(long, hide = true, requires = "hold_count")]
+    hold_url: Option<String>,
+    #[arg(long, hide = true)]
+    hold_count: Option<usize>,
 }
 
 /// How much work each scenario does.
@@ -108,16 +119,14 @@ impl Sizes {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(addr) = args.serve_bare_http {
-        return match baselines::serve(addr).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("error: {err:#}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    match bench(&args).await {
+    let result = if let Some(addr) = args.serve_bare_http {
+        baselines::serve(addr).await
+    } else if let (Some(url), Some(count)) = (&args.hold_url, args.hold_count) {
+        baselines::hold_client(url, count).await
+    } else {
+        bench(&args).await
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

@@ -144,6 +144,11 @@ pub fn print_table(report: &Value) {
             n(&["dispatch_unloaded", "p99_ms"]),
             "ms",
         ),
+        figure(
+            "  first step only (a JetStream hop), p50",
+            n(&["dispatch_unloaded", "first_step", "p50_ms"]),
+            "ms",
+        ),
         figure("sync webhook, 64 clients", sync64, "req/s"),
         at_least(
             "  / bare HTTP req/s",
@@ -202,6 +207,11 @@ pub fn print_table(report: &Value) {
             "KB",
             "<= 8",
             8.0,
+        ),
+        figure(
+            "  of which a bare HTTP client's per held request",
+            n(&["worker_memory", "bare_client_kib_per_request"]),
+            "KB",
         ),
         figure(
             format!(

@@ -128,7 +128,7 @@ pub struct Throughput {
     pub runs_per_sec: f64,
     pub steps_per_sec: f64,
     /// From the end of one step (or the run's creation) to the start of the next.
-    pub dispatch: Latency,
+    pub dispatch: Dispatch,
     /// CPU time the worker process(es) spent per step: steady across machine noise, unlike
     /// rates.
     pub worker_cpu_us_per_step: f64,
@@ -226,8 +226,17 @@ async fn wait_for_finishes(runtime: &Runtime, flow_id: &str, runs: usize) -> any
     Ok(failed)
 }
 
-/// Gaps between one step's end and the next one's start (the first: from the run's creation).
-async fn dispatch_latency(runtime: &Arc<Runtime>, ids: &[String]) -> anyhow::Result<Latency> {
+/// Gaps between one step's end and the next one's start, all of them (the keys of a
+/// [`Latency`]) and the first steps' alone: from the run's creation, a hop through JetStream
+/// where the later steps of a 3-step flow run inline.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Dispatch {
+    #[serde(flatten)]
+    pub all: Latency,
+    pub first_step: Latency,
+}
+
+async fn dispatch_latency(runtime: &Arc<Runtime>, ids: &[String]) -> anyhow::Result<Dispatch> {
     let runs: Vec<Option<Run>> = futures::stream::iter(ids.iter().cloned())
         .map(|id| {
             let runtime = runtime.clone();
@@ -238,23 +247,28 @@ async fn dispatch_latency(runtime: &Arc<Runtime>, ids: &[String]) -> anyhow::Res
         .await
         .into_iter()
         .collect::<Result<_, _>>()?;
-    let mut gaps = Vec::new();
+    let (mut gaps, mut first) = (Vec::new(), Vec::new());
     for run in runs.into_iter().flatten() {
         let mut previous_end: DateTime<Utc> = run.created_at;
-        for step in &run.steps {
+        for (index, step) in run.steps.iter().enumerate() {
             let Some(attempt) = step.attempts.first() else {
                 continue;
             };
-            gaps.push(
-                (attempt.started_at - previous_end)
-                    .to_std()
-                    .unwrap_or_default(),
-            );
+            let gap = (attempt.started_at - previous_end)
+                .to_std()
+                .unwrap_or_default();
+            if index == 0 {
+                first.push(gap);
+            }
+            gaps.push(gap);
             previous_end = attempt.started_at
                 + chrono::Duration::milliseconds(i64::try_from(attempt.duration_ms).unwrap_or(0));
         }
     }
-    Ok(Latency::of(gaps))
+    Ok(Dispatch {
+        all: Latency::of(gaps),
+        first_step: Latency::of(first),
+    })
 }
 
 /// N runs through `workers` worker processes on NATS and Redis.
@@ -286,7 +300,7 @@ pub async fn unloaded_dispatch(
     infra: &Infra,
     runtime: &Arc<Runtime>,
     runs: usize,
-) -> anyhow::Result<Latency> {
+) -> anyhow::Result<Dispatch> {
     let workers = vec![
         Process::worker(infra, "bench-l0", 64).await?,
         Process::worker(infra, "bench-l1", 64).await?,
@@ -444,6 +458,9 @@ pub struct Memory {
     pub idle_rss_mb: f64,
     pub in_flight: usize,
     pub loaded_rss_mb: f64,
+    /// The same number of requests held open from a bare reqwest client: what the HTTP client
+    /// and its connection take of each in-flight step.
+    pub bare_client_kib_per_request: f64,
 }
 
 /// Idle RSS of a worker with `jobs` slots, then its RSS while `jobs` steps wait on a slow HTTP
@@ -494,24 +511,26 @@ pub async fn worker_memory(
     let in_flight = hold.waiting();
     hold.release();
     drop(worker);
+    let bare = crate::baselines::held_request_kib(jobs).await?;
     let mb = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     Ok(Memory {
         idle_rss_mb: mb(idle),
         in_flight,
         loaded_rss_mb: mb(loaded),
+        bare_client_kib_per_request: bare,
     })
 }
 
 /// An HTTP endpoint that holds every request until released.
-struct Hold {
-    url: String,
+pub(crate) struct Hold {
+    pub(crate) url: String,
     waiting: Arc<AtomicUsize>,
     release: Arc<tokio::sync::Notify>,
     released: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Hold {
-    async fn start() -> anyhow::Result<Self> {
+    pub(crate) async fn start() -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let hold = Self {
             url: format!("http://{}", listener.local_addr()?),
@@ -542,11 +561,11 @@ impl Hold {
         Ok(hold)
     }
 
-    fn waiting(&self) -> usize {
+    pub(crate) fn waiting(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
     }
 
-    fn release(&self) {
+    pub(crate) fn release(&self) {
         self.released.store(true, Ordering::SeqCst);
         self.release.notify_waiters();
     }
