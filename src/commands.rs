@@ -192,7 +192,7 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
 }
 
 fn uses_piece(flow: &piecework_core::FlowDefinition, piece: &str) -> bool {
-    flow.trigger.piece == piece || flow.steps.iter().any(|s| s.piece == piece)
+    flow.trigger.piece == piece || flow.all_steps().iter().any(|s| s.piece == piece)
 }
 
 /// Whether `dir` holds a bundle of `piece` (then `dev` does not build the demo's own).
@@ -945,7 +945,7 @@ async fn validate_flows(
                 "{}: ok (flow `{}`, {} steps)",
                 file.display(),
                 valid.definition.name,
-                valid.definition.steps.len()
+                valid.definition.all_steps().len()
             ),
             Err(err) => {
                 failed += 1;

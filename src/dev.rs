@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use piecework_core::FlowDefinition;
+use piecework_core::flow::StepDef;
 use piecework_runtime::{Actor, Runtime};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -16,9 +17,10 @@ use crate::infra::{self, Infra};
 use piecework_runtime::secrets::Keyring;
 
 fn serve_queues_of(config: &mut Config, flows: &[FlowDefinition]) {
-    let used = flows
-        .iter()
-        .flat_map(|f| std::iter::once(f.trigger.queue()).chain(f.steps.iter().map(|s| s.queue())));
+    let used = flows.iter().flat_map(|f| {
+        let steps = f.all_steps().into_iter().filter(|s| !s.is_branch());
+        std::iter::once(f.trigger.queue()).chain(steps.map(StepDef::queue))
+    });
     for queue in used {
         if !config.worker.queues.iter().any(|q| q == queue) {
             config.worker.queues.push(queue.to_owned());

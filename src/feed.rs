@@ -69,13 +69,18 @@ pub fn line(result: &StepResult, color: bool) -> String {
     } else {
         String::new()
     };
+    let branch = if result.branch.is_empty() {
+        String::new()
+    } else {
+        format!(" → {}", result.branch)
+    };
     let error = if result.error.is_empty() {
         String::new()
     } else {
         format!("  {}", paint(&result.error, "31", color))
     };
     format!(
-        "{}  {:<12} {}  {:<12} {} {:<10} {:>5}ms{attempt}{error}",
+        "{}  {:<12} {}  {:<12} {} {:<10} {:>5}ms{attempt}{branch}{error}",
         paint(&time(result), "2", color),
         result.flow_id,
         paint(short(&result.run_id), "36", color),
@@ -126,5 +131,13 @@ mod tests {
         assert!(text.contains("✗ failed"), "{text}");
         assert!(text.contains("12ms (attempt 2)  HTTP 503: down"), "{text}");
         assert!(run_line(&result, false).unwrap().ends_with("run failed"));
+        let chose = StepResult {
+            step: "triage".into(),
+            status: StepStatus::Succeeded as i32,
+            branch: "else".into(),
+            ..StepResult::default()
+        };
+        let text = line(&chose, false);
+        assert!(text.ends_with("0ms → else"), "{text}");
     }
 }

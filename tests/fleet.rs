@@ -520,3 +520,76 @@ async fn killing_a_worker_under_load_loses_no_run_and_commits_no_step_twice() {
     assert_eq!(succeeded.len(), 60 * 3);
     assert!(succeeded.values().all(|&n| n == 1), "a step recorded twice");
 }
+
+/// A branch across processes: `triage` chooses by the webhook's body; the `then` branch calls
+/// a slow endpoint (the worker is killed there), then hops to a step on another queue, whose
+/// end closes the branch; `report` reads which branch ran and its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_run_across_workers_and_queues_and_survive_a_kill_inside_a_branch() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start("[worker]\nack_wait = \"2s\"\n").await;
+    fleet.start_api().await;
+    fleet.start_worker("doomed", &["--queues", "default"]).await;
+    fleet.start_worker("vpn", &["--queues", "vpn"]).await;
+    let steps = format!(
+        concat!(
+            "  - name: triage\n",
+            "    if: \"{{{{ trigger.body.critical }}}}\"\n",
+            "    then:\n",
+            "      - {{ name: page, piece: http, action: send_request, input: {{ url: \"{url}/slow/page?ms=1500\" }} }}\n",
+            "      - {{ name: notify, piece: data, action: set, queue: vpn, input: {{ value: \"paged {{{{ steps.page.output.status }}}}\" }} }}\n",
+            "    else:\n",
+            "      - {{ name: backlog, piece: data, action: set, input: {{ value: \"queued\" }} }}\n",
+            "  - {{ name: report, piece: data, action: set, input: {{ value: \"{{{{ steps.triage.branch }}}}: {{{{ steps.triage.output }}}}\" }} }}\n",
+        ),
+        url = target.url
+    );
+    fleet.apply(&webhook_flow("triage", &steps)).await;
+
+    let calm = fleet.webhook("triage", json!({"critical": false})).await;
+    let run = fleet.finished(&calm, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let names: Vec<&str> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["triage", "backlog", "report"]);
+    assert_eq!(run["steps"][0]["branch"], "else");
+    assert_eq!(run["steps"][0]["input"], json!({"then": false}));
+    assert_eq!(run["steps"][2]["output"], "else: queued");
+
+    let urgent = fleet.webhook("triage", json!({"critical": true})).await;
+    target
+        .wait_for_hits("page", 1, Duration::from_secs(30))
+        .await;
+    fleet.kill("doomed");
+    fleet
+        .start_worker("rescuer", &["--queues", "default"])
+        .await;
+    let run = fleet.finished(&urgent, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let step = |name: &str| {
+        run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no step {name} in {run}"))
+            .clone()
+    };
+    let triage = step("triage");
+    assert_eq!(triage["branch"], "then");
+    assert_eq!(
+        triage["attempts"].as_array().unwrap().len(),
+        1,
+        "the branch was chosen once, before the kill: {triage}"
+    );
+    assert_eq!(triage["attempts"][0]["worker"], "doomed");
+    assert_eq!(triage["output"], "paged 200", "the branch's output");
+    assert_eq!(step("page")["attempts"][0]["worker"], "rescuer");
+    assert_eq!(step("notify")["attempts"][0]["worker"], "vpn");
+    assert_eq!(step("report")["output"], "then: paged 200");
+    assert_eq!(step("report")["attempts"][0]["worker"], "rescuer");
+}

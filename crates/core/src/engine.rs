@@ -36,9 +36,12 @@ pub enum StepOutcome {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Execution {
     pub outcome: StepOutcome,
-    /// The rendered input with secrets redacted (`Null` if rendering failed).
+    /// The rendered input with secrets redacted (`Null` if rendering failed); for a branch
+    /// step, the conditions it evaluated.
     pub recorded_input: Value,
     pub duration: Duration,
+    /// The branch a branch step chose.
+    pub branch: Option<String>,
 }
 
 impl Execution {
@@ -49,6 +52,7 @@ impl Execution {
             outcome: StepOutcome::Failed { error },
             recorded_input: Value::Null,
             duration: Duration::ZERO,
+            branch: None,
         }
     }
 
@@ -99,6 +103,7 @@ impl Execution {
             outcome: classify(Err(error), step, attempt),
             recorded_input: Value::Null,
             duration: Duration::ZERO,
+            branch: None,
         }
     }
 }
@@ -177,6 +182,52 @@ pub async fn execute(
     Execution {
         outcome,
         recorded_input,
+        duration: started.elapsed(),
+        branch: None,
+    }
+}
+
+/// Runs a branch step: evaluates its conditions against the run in order, and the first that
+/// is true chooses its branch (the fallback, `else` or `default`, when none is). Records the
+/// conditions evaluated, by branch, as the step's input: why the branch ran. A condition that
+/// cannot be evaluated, or is not a boolean, fails the step for good.
+pub fn choose_branch(step: &StepDef, run: &Run) -> Execution {
+    let started = Instant::now();
+    let context = run.template_context();
+    let mut evaluated = serde_json::Map::new();
+    let mut chosen = None;
+    let mut error = None;
+    for branch in step.branches() {
+        let Some(when) = branch.when else {
+            chosen = Some(branch.name);
+            break;
+        };
+        match template::condition(when, &context) {
+            Ok(value) => {
+                evaluated.insert(branch.name.to_owned(), Value::Bool(value));
+                if value {
+                    chosen = Some(branch.name);
+                    break;
+                }
+            }
+            Err(message) => {
+                error = Some(format!("condition of branch `{}`: {message}", branch.name));
+                break;
+            }
+        }
+    }
+    let outcome = match error {
+        Some(error) => StepOutcome::Failed { error },
+        None => StepOutcome::Succeeded {
+            output: Value::Null,
+        },
+    };
+    Execution {
+        branch: chosen
+            .filter(|_| matches!(outcome, StepOutcome::Succeeded { .. }))
+            .map(str::to_owned),
+        outcome,
+        recorded_input: Value::Object(evaluated),
         duration: started.elapsed(),
     }
 }
@@ -293,6 +344,7 @@ mod tests {
             },
             recorded_input: big.clone(),
             duration: Duration::ZERO,
+            branch: None,
         };
         execution.limit(6000);
         assert!(matches!(execution.outcome, StepOutcome::Succeeded { .. }));
@@ -330,5 +382,54 @@ mod tests {
             "{err}"
         );
         assert!(!err.is_retryable());
+    }
+
+    #[test]
+    fn a_branch_step_takes_the_first_true_condition_and_records_why() {
+        let def = FlowDefinition::parse(
+            concat!(
+                "apiVersion: piecework/v1\nkind: Flow\nname: f\ntrigger: {piece: p, trigger: t}\nsteps:\n",
+                "  - name: route\n    router:\n",
+                "      - {name: low, when: \"{{ trigger.n < 3 }}\", steps: []}\n",
+                "      - {name: mid, when: \"{{ trigger.n < 10 }}\", steps: []}\n",
+                "      - {name: odd, when: \"{{ trigger.n }}\", steps: []}\n",
+            ),
+            Format::Yaml,
+        )
+        .unwrap();
+        let step = &def.steps[0];
+        let chosen = |trigger: Value| {
+            let execution = choose_branch(step, &Run::new("r".into(), "f", 1, trigger));
+            (
+                execution.branch,
+                execution.recorded_input,
+                execution.outcome,
+            )
+        };
+        let (branch, why, outcome) = chosen(json!({"n": 5}));
+        assert_eq!(branch.as_deref(), Some("mid"));
+        assert_eq!(why, json!({"low": false, "mid": true}));
+        assert_eq!(
+            outcome,
+            StepOutcome::Succeeded {
+                output: Value::Null
+            }
+        );
+        // Not a boolean: the step fails for good, naming the branch; no branch is taken.
+        let (branch, _, outcome) = chosen(json!({"n": 50}));
+        assert_eq!(branch, None);
+        let StepOutcome::Failed { error } = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert!(
+            error.starts_with("condition of branch `odd`: evaluated to 50, not true or false"),
+            "{error}"
+        );
+        // A condition that cannot be evaluated fails the same way.
+        let (branch, _, outcome) = chosen(json!({}));
+        assert_eq!(branch, None);
+        assert!(
+            matches!(outcome, StepOutcome::Failed { error } if error.starts_with("condition of branch `low`"))
+        );
     }
 }

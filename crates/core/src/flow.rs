@@ -19,7 +19,7 @@
 //! returns every problem at once with its location; a valid flow becomes an immutable
 //! [`FlowVersion`] whose piece ranges are resolved to exact versions.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -139,14 +139,18 @@ pub enum OnFailure {
     Continue,
 }
 
-/// One step: a piece's action with its input.
+/// One step: a piece's action with its input, or a branch step (`if` with `then`/`else`, or a
+/// `router` with a `default`) whose branches are blocks of steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepDef {
     pub name: String,
+    /// The piece whose action the step runs; empty for a branch step.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub piece: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<VersionReq>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub action: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection: Option<String>,
@@ -170,7 +174,45 @@ pub struct StepDef {
     /// `[egress] max_response_bytes`, 10 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_response_bytes: Option<u64>,
+    /// A branch step: a template that evaluates to `true` (the `then` steps run) or `false`
+    /// (the `else` steps run).
+    #[serde(rename = "if", default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub then: Vec<StepDef>,
+    #[serde(rename = "else", default, skip_serializing_if = "Vec::is_empty")]
+    pub otherwise: Vec<StepDef>,
+    /// A branch step with named branches: the first whose `when` is true runs, or `default`
+    /// when none is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub router: Vec<Branch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub default: Vec<StepDef>,
 }
+
+/// One named branch of a `router` step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Branch {
+    pub name: String,
+    /// A template that evaluates to `true` or `false`.
+    pub when: String,
+    #[serde(default)]
+    pub steps: Vec<StepDef>,
+}
+
+/// A branch of a branch step as it is tried: `when` is `None` for the fallback (`else`,
+/// `default`), which runs when no condition before it is true.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BranchRef<'a> {
+    pub name: &'a str,
+    pub when: Option<&'a str>,
+    pub steps: &'a [StepDef],
+}
+
+/// The names of the fallback branches.
+pub const ELSE: &str = "else";
+pub const DEFAULT_BRANCH: &str = "default";
 
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest a step attempt may run (long steps report progress to keep their job).
@@ -182,6 +224,53 @@ pub const MAX_STEP_NAME: usize = 64;
 pub const MAX_RESPONSE_BYTES: u64 = 1024 * 1024 * 1024;
 
 impl StepDef {
+    /// Whether this is a branch step (`if` or `router`) rather than an action.
+    pub fn is_branch(&self) -> bool {
+        self.condition.is_some() || !self.router.is_empty()
+    }
+
+    /// A branch step's branches in the order they are tried, the fallback last; none for an
+    /// action.
+    pub fn branches(&self) -> Vec<BranchRef<'_>> {
+        if let Some(condition) = &self.condition {
+            vec![
+                BranchRef {
+                    name: "then",
+                    when: Some(condition),
+                    steps: &self.then,
+                },
+                BranchRef {
+                    name: ELSE,
+                    when: None,
+                    steps: &self.otherwise,
+                },
+            ]
+        } else if !self.router.is_empty() {
+            let named = self.router.iter().map(|b| BranchRef {
+                name: &b.name,
+                when: Some(&b.when),
+                steps: &b.steps,
+            });
+            named
+                .chain(std::iter::once(BranchRef {
+                    name: DEFAULT_BRANCH,
+                    when: None,
+                    steps: &self.default,
+                }))
+                .collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The steps of branch `name`.
+    pub fn branch(&self, name: &str) -> Option<&[StepDef]> {
+        self.branches()
+            .into_iter()
+            .find(|b| b.name == name)
+            .map(|b| b.steps)
+    }
+
     pub fn retry_policy(&self) -> RetryPolicy {
         self.retry.unwrap_or_default()
     }
@@ -290,13 +379,9 @@ impl FlowDefinition {
             &mut trigger.piece,
             &mut trigger.version,
         );
-        for (i, step) in self.steps.iter_mut().enumerate() {
-            split(
-                format!("steps[{i}] ({}).piece", step.name),
-                &mut step.piece,
-                &mut step.version,
-            );
-        }
+        self.visit_steps_mut(&mut |at, step| {
+            split(format!("{at}.piece"), &mut step.piece, &mut step.version);
+        });
         if issues.is_empty() {
             Ok(())
         } else {
@@ -307,20 +392,117 @@ impl FlowDefinition {
         }
     }
 
+    /// Every step, depth first: a branch step comes before the steps of its branches.
+    pub fn all_steps(&self) -> Vec<&StepDef> {
+        fn walk<'a>(steps: &'a [StepDef], out: &mut Vec<&'a StepDef>) {
+            for step in steps {
+                out.push(step);
+                for branch in step.branches() {
+                    walk(branch.steps, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.steps, &mut out);
+        out
+    }
+
+    /// Calls `f` on every step, depth first, with where it is (`steps[0] (triage).then[1] (page)`),
+    /// to change it in place.
+    pub fn visit_steps_mut(&mut self, f: &mut impl FnMut(&str, &mut StepDef)) {
+        fn walk(steps: &mut [StepDef], prefix: &str, f: &mut impl FnMut(&str, &mut StepDef)) {
+            for (i, step) in steps.iter_mut().enumerate() {
+                let at = format!("{prefix}[{i}] ({})", step.name);
+                f(&at, step);
+                walk(&mut step.then, &format!("{at}.then"), f);
+                walk(&mut step.otherwise, &format!("{at}.else"), f);
+                for (j, branch) in step.router.iter_mut().enumerate() {
+                    let prefix = format!("{at}.router[{j}] ({}).steps", branch.name);
+                    walk(&mut branch.steps, &prefix, f);
+                }
+                walk(&mut step.default, &format!("{at}.default"), f);
+            }
+        }
+        walk(&mut self.steps, "steps", f);
+    }
+
+    /// The step named `name`, at any depth.
     pub fn step(&self, name: &str) -> Option<&StepDef> {
-        self.steps.iter().find(|s| s.name == name)
+        fn find<'a>(steps: &'a [StepDef], name: &str) -> Option<&'a StepDef> {
+            steps.iter().find_map(|step| {
+                if step.name == name {
+                    return Some(step);
+                }
+                step.branches()
+                    .into_iter()
+                    .find_map(|branch| find(branch.steps, name))
+            })
+        }
+        find(&self.steps, name)
+    }
+
+    /// Where step `name` is: the block it is in and its index there, after the same for each
+    /// branch step around it, outermost first.
+    fn path(&self, name: &str) -> Option<Vec<(&[StepDef], usize)>> {
+        fn locate<'a>(
+            steps: &'a [StepDef],
+            name: &str,
+            path: &mut Vec<(&'a [StepDef], usize)>,
+        ) -> bool {
+            for (i, step) in steps.iter().enumerate() {
+                path.push((steps, i));
+                if step.name == name
+                    || step
+                        .branches()
+                        .into_iter()
+                        .any(|branch| locate(branch.steps, name, path))
+                {
+                    return true;
+                }
+                path.pop();
+            }
+            false
+        }
+        let mut path = Vec::new();
+        locate(&self.steps, name, &mut path).then_some(path)
+    }
+
+    /// What follows step `name` once it is done: the next step of its block or, when it
+    /// ends its block, what follows the branch step around it — whose branch it completes.
+    pub fn after(&self, name: &str) -> Option<Following<'_>> {
+        let mut path = self.path(name)?;
+        let mut closed = Vec::new();
+        while let Some((block, index)) = path.pop() {
+            if let Some(next) = block.get(index + 1) {
+                return Some(Following {
+                    next: Some(next),
+                    closed,
+                });
+            }
+            if let Some(&(outer, at)) = path.last() {
+                closed.push(&outer[at]);
+            }
+        }
+        Some(Following { next: None, closed })
     }
 
     /// The step after `name`, or the first step when `name` is `None`.
     pub fn next_step(&self, after: Option<&str>) -> Option<&StepDef> {
         match after {
             None => self.steps.first(),
-            Some(name) => {
-                let index = self.steps.iter().position(|s| s.name == name)?;
-                self.steps.get(index + 1)
-            }
+            Some(name) => self.after(name)?.next,
         }
     }
+}
+
+/// What follows a step that is done.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Following<'a> {
+    /// The next step to run; `None` at the end of the flow.
+    pub next: Option<&'a StepDef>,
+    /// The branch steps whose branch just ended (innermost first): each takes the output of
+    /// the step that ended it.
+    pub closed: Vec<&'a StepDef>,
 }
 
 /// An immutable, validated version of a flow, with piece versions resolved.
@@ -512,112 +694,23 @@ pub async fn validate(
     if definition.steps.is_empty() {
         issue("steps".into(), "a flow needs at least one step".into());
     }
-    if definition.steps.len() > MAX_STEPS {
+    let count = definition.all_steps().len();
+    if count > MAX_STEPS {
         issue(
             "steps".into(),
             format!(
-                "a flow has at most {MAX_STEPS} steps, this one has {}",
-                definition.steps.len()
+                "a flow has at most {MAX_STEPS} steps (branches included), this one has {count}"
             ),
         );
     }
-    let mut earlier: HashSet<&str> = HashSet::new();
-    let all_names: HashSet<&str> = definition.steps.iter().map(|s| s.name.as_str()).collect();
-    for (i, step) in definition.steps.iter().enumerate() {
-        let at = format!("steps[{i}] ({})", step.name);
-        if !piecework_sdk::piece::is_identifier(&step.name) || step.name.len() > MAX_STEP_NAME {
-            issue(
-                format!("steps[{i}].name"),
-                format!(
-                    "{:?} must be snake_case (a-z, 0-9, _), at most {MAX_STEP_NAME} characters",
-                    step.name
-                ),
-            );
-        }
-        if step.name == "trigger" {
-            issue(format!("steps[{i}].name"), "`trigger` is reserved".into());
-        }
-        if earlier.contains(step.name.as_str()) {
-            issue(
-                format!("steps[{i}].name"),
-                format!("step `{}` is defined twice", step.name),
-            );
-        }
-        let range = step.version.clone().unwrap_or(VersionReq::STAR);
-        match resolve(registry, &step.piece, &range) {
-            Err(message) => issue(format!("{at}.piece"), message),
-            Ok(piece) => {
-                resolved.insert(step.name.clone(), piece.version().clone());
-                if step.connection.is_some() && !piece.auth().is_required() {
-                    issue(
-                        format!("{at}.connection"),
-                        format!(
-                            "piece `{}` takes no connection: remove `connection`",
-                            step.piece
-                        ),
-                    );
-                }
-                match piece.action(&step.action) {
-                    None => issue(
-                        format!("{at}.action"),
-                        unknown(
-                            "action",
-                            &step.action,
-                            &step.piece,
-                            piece.actions().map(|a| a.spec().name.as_str()),
-                        ),
-                    ),
-                    Some(action) => {
-                        let spec = action.spec();
-                        let check = Check::Static {
-                            deferred: template::is_template,
-                        };
-                        for err in check_props(&spec.props, &step.input, check) {
-                            issue(format!("{at}.input.{}", err.prop), err.problem);
-                        }
-                        if spec.require_auth && step.connection.is_none() {
-                            issue(
-                                format!("{at}.connection"),
-                                format!("action `{}` needs a connection", spec.name),
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        check_references(step, &earlier, &all_names, &at, &mut issue);
-        if let Some(policy) = &step.retry
-            && let Err(message) = policy.validate()
-        {
-            issue(format!("{at}.retry"), message);
-        }
-        match step.timeout {
-            Some(t) if t.is_zero() => {
-                issue(format!("{at}.timeout"), "must be greater than zero".into());
-            }
-            Some(t) if t > MAX_STEP_TIMEOUT => {
-                issue(format!("{at}.timeout"), "must be at most 24h".into());
-            }
-            _ => {}
-        }
-        if let Some(max) = step.max_response_bytes
-            && !(1..=MAX_RESPONSE_BYTES).contains(&max)
-        {
-            issue(
-                format!("{at}.max_response_bytes"),
-                format!("must be between 1 and {MAX_RESPONSE_BYTES} (1 GiB)"),
-            );
-        }
-        if let Some(queue) = &step.queue
-            && !is_queue_name(queue)
-        {
-            issue(
-                format!("{at}.queue"),
-                format!("{queue:?} must be lowercase letters, digits, '-' or '_'"),
-            );
-        }
-        earlier.insert(step.name.as_str());
-    }
+    let mut steps = StepChecker {
+        registry,
+        scope: Scope::of(&definition),
+        seen: HashSet::new(),
+        resolved: &mut resolved,
+        issues: &mut issues,
+    };
+    steps.block(&definition.steps, "steps", &HashSet::new());
     if issues.is_empty() {
         let mut definition = definition;
         if webhook {
@@ -635,56 +728,356 @@ pub async fn validate(
     }
 }
 
-fn check_references(
-    step: &StepDef,
-    earlier: &HashSet<&str>,
-    all_names: &HashSet<&str>,
-    at: &str,
-    issue: &mut impl FnMut(String, String),
-) {
-    let refs = match template::analyze(&Value::Object(step.input.clone())) {
-        Ok(refs) => refs,
-        Err(err) => {
-            issue(
-                format!("{at}.{}", err.path),
-                format!("template error: {}", err.message),
-            );
-            return;
+/// Where each step sits, for reference checks: its depth-first position and the branch steps
+/// around it (outermost first).
+struct Scope<'d> {
+    index: HashMap<&'d str, usize>,
+    enclosing: HashMap<&'d str, Vec<&'d str>>,
+}
+
+impl<'d> Scope<'d> {
+    fn of(definition: &'d FlowDefinition) -> Self {
+        fn walk<'d>(steps: &'d [StepDef], around: &mut Vec<&'d str>, scope: &mut Scope<'d>) {
+            for step in steps {
+                let next = scope.index.len();
+                scope.index.entry(&step.name).or_insert(next);
+                scope
+                    .enclosing
+                    .entry(&step.name)
+                    .or_insert_with(|| around.clone());
+                around.push(&step.name);
+                for branch in step.branches() {
+                    walk(branch.steps, around, scope);
+                }
+                around.pop();
+            }
         }
-    };
-    for template_ref in refs {
-        for variable in &template_ref.variables {
-            let mut parts = variable.split('.');
-            let root = parts.next().unwrap_or_default();
-            if !ROOTS.contains(&root) {
-                issue(
-                    format!("{at}.{}", template_ref.path),
+        let mut scope = Scope {
+            index: HashMap::new(),
+            enclosing: HashMap::new(),
+        };
+        walk(&definition.steps, &mut Vec::new(), &mut scope);
+        scope
+    }
+
+    /// Why `step` may not refer to `target`, which it cannot see.
+    fn unreachable(&self, step: &str, target: &str) -> String {
+        let around = |name: &str| self.enclosing.get(name).cloned().unwrap_or_default();
+        if around(step).contains(&target) {
+            return format!(
+                "refers to step `{target}`, which this step is a branch of: its output is known only when the branch ends"
+            );
+        }
+        match (self.index.get(step), self.index.get(target)) {
+            (_, None) => format!("refers to step `{target}`, which does not exist"),
+            (Some(here), Some(there)) if there > here => {
+                format!("refers to step `{target}`, which runs after this step")
+            }
+            _ => {
+                let mine = around(step);
+                let outer = around(target)
+                    .into_iter()
+                    .find(|name| !mine.contains(name))
+                    .unwrap_or(target);
+                format!(
+                    "refers to step `{target}`, inside a branch of `{outer}` that may not have run: refer to `steps.{outer}.output` (the output of the branch that ran) or `steps.{outer}.branch`"
+                )
+            }
+        }
+    }
+}
+
+/// Checks the steps of a flow, block by block.
+struct StepChecker<'d, 'r> {
+    registry: &'r Registry,
+    scope: Scope<'d>,
+    /// Step names met so far, anywhere in the flow.
+    seen: HashSet<&'d str>,
+    resolved: &'r mut BTreeMap<String, Version>,
+    issues: &'r mut Vec<Issue>,
+}
+
+impl<'d> StepChecker<'d, '_> {
+    fn issue(&mut self, path: String, message: String) {
+        self.issues.push(Issue { path, message });
+    }
+
+    /// Checks a block of steps at `prefix`, whose templates may refer to `visible` steps and
+    /// to the block's earlier steps.
+    fn block(&mut self, steps: &'d [StepDef], prefix: &str, visible: &HashSet<&'d str>) {
+        let mut visible = visible.clone();
+        for (i, step) in steps.iter().enumerate() {
+            let at = format!("{prefix}[{i}] ({})", step.name);
+            if !piecework_sdk::piece::is_identifier(&step.name) || step.name.len() > MAX_STEP_NAME {
+                self.issue(
+                    format!("{prefix}[{i}].name"),
                     format!(
-                        "unknown variable `{root}` (templates can use {})",
-                        ROOTS.join(", ")
+                        "{:?} must be snake_case (a-z, 0-9, _), at most {MAX_STEP_NAME} characters",
+                        step.name
                     ),
                 );
-                continue;
             }
-            if root != "steps" {
-                continue;
+            if step.name == "trigger" {
+                self.issue(
+                    format!("{prefix}[{i}].name"),
+                    "`trigger` is reserved".into(),
+                );
             }
-            let Some(target) = parts.next() else { continue };
-            if target == step.name {
-                issue(
-                    format!("{at}.{}", template_ref.path),
-                    format!("step `{target}` cannot refer to its own output"),
+            if !self.seen.insert(&step.name) {
+                self.issue(
+                    format!("{prefix}[{i}].name"),
+                    format!("step `{}` is defined twice", step.name),
                 );
-            } else if !earlier.contains(target) {
-                let why = if all_names.contains(target) {
-                    "runs after this step"
-                } else {
-                    "does not exist"
-                };
-                issue(
-                    format!("{at}.{}", template_ref.path),
-                    format!("refers to step `{target}`, which {why}"),
+            }
+            if step.is_branch() {
+                self.branch_step(step, &at, &visible);
+            } else {
+                self.action_step(step, &at, &visible);
+            }
+            visible.insert(&step.name);
+        }
+    }
+
+    fn branch_step(&mut self, step: &'d StepDef, at: &str, visible: &HashSet<&'d str>) {
+        let action_only = [
+            ("piece", !step.piece.is_empty()),
+            ("version", step.version.is_some()),
+            ("action", !step.action.is_empty()),
+            ("connection", step.connection.is_some()),
+            ("input", !step.input.is_empty()),
+            ("retry", step.retry.is_some()),
+            ("timeout", step.timeout.is_some()),
+            ("queue", step.queue.is_some()),
+            ("max_response_bytes", step.max_response_bytes.is_some()),
+        ];
+        for (field, present) in action_only {
+            if present {
+                self.issue(
+                    format!("{at}.{field}"),
+                    "is for action steps; a branch step only chooses which steps run".into(),
                 );
+            }
+        }
+        let mut conditions = Map::new();
+        if let Some(condition) = &step.condition {
+            if !step.router.is_empty() || !step.default.is_empty() {
+                self.issue(
+                    format!("{at}.router"),
+                    "a step has either `if` (with `then`/`else`) or `router` (with `default`), not both".into(),
+                );
+            }
+            if step.then.is_empty() && step.otherwise.is_empty() {
+                self.issue(
+                    format!("{at}.then"),
+                    "an `if` step needs steps in `then`, `else` or both".into(),
+                );
+            }
+            conditions.insert("if".to_owned(), Value::String(condition.clone()));
+        } else {
+            if !step.then.is_empty() || !step.otherwise.is_empty() {
+                self.issue(
+                    format!("{at}.then"),
+                    "`then` and `else` go with `if`, not `router` (whose fallback is `default`)"
+                        .into(),
+                );
+            }
+            let mut names = HashSet::new();
+            for (j, branch) in step.router.iter().enumerate() {
+                let name_ok = piecework_sdk::piece::is_identifier(&branch.name)
+                    && branch.name.len() <= MAX_STEP_NAME
+                    && branch.name != DEFAULT_BRANCH;
+                if !name_ok {
+                    self.issue(
+                        format!("{at}.router[{j}].name"),
+                        format!(
+                            "{:?} must be snake_case (a-z, 0-9, _), at most {MAX_STEP_NAME} characters, and not `{DEFAULT_BRANCH}`",
+                            branch.name
+                        ),
+                    );
+                }
+                if !names.insert(branch.name.as_str()) {
+                    self.issue(
+                        format!("{at}.router[{j}].name"),
+                        format!("branch `{}` is defined twice", branch.name),
+                    );
+                }
+                conditions.insert(
+                    format!("router[{j}].when"),
+                    Value::String(branch.when.clone()),
+                );
+            }
+        }
+        for (path, condition) in &conditions {
+            if !template::is_template(condition) {
+                self.issue(
+                    format!("{at}.{path}"),
+                    format!(
+                        "{condition} is not a template: write a condition such as \"{{{{ trigger.body.priority == 'critical' }}}}\""
+                    ),
+                );
+            }
+        }
+        self.references(step, &Value::Object(conditions), "input.", at, visible);
+        let locations: Vec<String> = if step.condition.is_some() {
+            vec![format!("{at}.then"), format!("{at}.else")]
+        } else {
+            let named = step
+                .router
+                .iter()
+                .enumerate()
+                .map(|(j, b)| format!("{at}.router[{j}] ({}).steps", b.name));
+            named
+                .chain(std::iter::once(format!("{at}.default")))
+                .collect()
+        };
+        for (branch, location) in step.branches().into_iter().zip(locations) {
+            self.block(branch.steps, &location, visible);
+        }
+    }
+
+    fn action_step(&mut self, step: &'d StepDef, at: &str, visible: &HashSet<&'d str>) {
+        if !step.then.is_empty() || !step.otherwise.is_empty() {
+            self.issue(
+                format!("{at}.then"),
+                "`then` and `else` need an `if`".into(),
+            );
+        }
+        if !step.default.is_empty() {
+            self.issue(format!("{at}.default"), "`default` needs a `router`".into());
+        }
+        if step.piece.is_empty() || step.action.is_empty() {
+            self.issue(
+                at.to_owned(),
+                "an action step needs `piece` and `action` (a branch step needs `if` or `router`)"
+                    .into(),
+            );
+        } else {
+            self.piece_and_action(step, at);
+        }
+        let input = Value::Object(step.input.clone());
+        self.references(step, &input, "", at, visible);
+        if let Some(policy) = &step.retry
+            && let Err(message) = policy.validate()
+        {
+            self.issue(format!("{at}.retry"), message);
+        }
+        match step.timeout {
+            Some(t) if t.is_zero() => {
+                self.issue(format!("{at}.timeout"), "must be greater than zero".into());
+            }
+            Some(t) if t > MAX_STEP_TIMEOUT => {
+                self.issue(format!("{at}.timeout"), "must be at most 24h".into());
+            }
+            _ => {}
+        }
+        if let Some(max) = step.max_response_bytes
+            && !(1..=MAX_RESPONSE_BYTES).contains(&max)
+        {
+            self.issue(
+                format!("{at}.max_response_bytes"),
+                format!("must be between 1 and {MAX_RESPONSE_BYTES} (1 GiB)"),
+            );
+        }
+        if let Some(queue) = &step.queue
+            && !is_queue_name(queue)
+        {
+            self.issue(
+                format!("{at}.queue"),
+                format!("{queue:?} must be lowercase letters, digits, '-' or '_'"),
+            );
+        }
+    }
+
+    /// Resolves the step's piece and checks its action, connection and input.
+    fn piece_and_action(&mut self, step: &StepDef, at: &str) {
+        let range = step.version.clone().unwrap_or(VersionReq::STAR);
+        let piece = match resolve(self.registry, &step.piece, &range) {
+            Err(message) => return self.issue(format!("{at}.piece"), message),
+            Ok(piece) => piece,
+        };
+        self.resolved
+            .insert(step.name.clone(), piece.version().clone());
+        if step.connection.is_some() && !piece.auth().is_required() {
+            self.issue(
+                format!("{at}.connection"),
+                format!(
+                    "piece `{}` takes no connection: remove `connection`",
+                    step.piece
+                ),
+            );
+        }
+        let Some(action) = piece.action(&step.action) else {
+            let message = unknown(
+                "action",
+                &step.action,
+                &step.piece,
+                piece.actions().map(|a| a.spec().name.as_str()),
+            );
+            return self.issue(format!("{at}.action"), message);
+        };
+        let spec = action.spec();
+        let check = Check::Static {
+            deferred: template::is_template,
+        };
+        for err in check_props(&spec.props, &step.input, check) {
+            self.issue(format!("{at}.input.{}", err.prop), err.problem);
+        }
+        if spec.require_auth && step.connection.is_none() {
+            self.issue(
+                format!("{at}.connection"),
+                format!("action `{}` needs a connection", spec.name),
+            );
+        }
+    }
+
+    /// Checks the templates in `templates` (the step's input, or a branch step's conditions,
+    /// whose paths lose the leading `strip`): they parse, and read only roots that exist and
+    /// steps the step can see.
+    fn references(
+        &mut self,
+        step: &StepDef,
+        templates: &Value,
+        strip: &str,
+        at: &str,
+        visible: &HashSet<&'d str>,
+    ) {
+        let located = |path: &str| format!("{at}.{}", path.strip_prefix(strip).unwrap_or(path));
+        let refs = match template::analyze(templates) {
+            Ok(refs) => refs,
+            Err(err) => {
+                return self.issue(
+                    located(&err.path),
+                    format!("template error: {}", err.message),
+                );
+            }
+        };
+        for template_ref in refs {
+            for variable in &template_ref.variables {
+                let mut parts = variable.split('.');
+                let root = parts.next().unwrap_or_default();
+                if !ROOTS.contains(&root) {
+                    self.issue(
+                        located(&template_ref.path),
+                        format!(
+                            "unknown variable `{root}` (templates can use {})",
+                            ROOTS.join(", ")
+                        ),
+                    );
+                    continue;
+                }
+                if root != "steps" {
+                    continue;
+                }
+                let Some(target) = parts.next() else { continue };
+                if target == step.name {
+                    self.issue(
+                        located(&template_ref.path),
+                        format!("step `{target}` cannot refer to its own output"),
+                    );
+                } else if !visible.contains(target) {
+                    let why = self.scope.unreachable(&step.name, target);
+                    self.issue(located(&template_ref.path), why);
+                }
             }
         }
     }

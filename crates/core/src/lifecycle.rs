@@ -19,7 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::engine::StepOutcome;
-use crate::flow::{FlowDefinition, OnFailure, StepDef};
+use crate::flow::{FlowDefinition, Following, OnFailure, StepDef};
 use crate::run::{Run, RunStatus, StepState, StepStatus};
 
 /// Where the next step runs.
@@ -86,6 +86,9 @@ pub struct AfterAttempt<'a> {
     pub run_end: Option<RunEnd>,
     pub next: Next<'a>,
     pub settle: Settle,
+    /// The branch steps whose branch this attempt ended (innermost first): each is recorded
+    /// with this step's output as its own.
+    pub closed: Vec<&'a StepDef>,
 }
 
 /// The first step of a run of `flow`, if it has any.
@@ -93,11 +96,13 @@ pub fn first_step(flow: &FlowDefinition) -> Option<&StepDef> {
     flow.steps.first()
 }
 
-/// Decides what follows an attempt of `step` that ended with `outcome` at `now`.
+/// Decides what follows an attempt of `step` that ended with `outcome` at `now` (for a branch
+/// step, having chosen `branch`).
 pub fn after_attempt<'a>(
     flow: &'a FlowDefinition,
     step: &'a StepDef,
     outcome: &StepOutcome,
+    branch: Option<&str>,
     position: Position<'_>,
     now: DateTime<Utc>,
 ) -> AfterAttempt<'a> {
@@ -119,6 +124,7 @@ pub fn after_attempt<'a>(
                 run_end: None,
                 next,
                 settle,
+                closed: Vec::new(),
             };
         }
     };
@@ -138,9 +144,11 @@ pub fn after_attempt<'a>(
             }),
             next: Next::Done,
             settle: Settle::Term(Termination::Failed),
+            closed: Vec::new(),
         };
     }
-    match following(flow, step) {
+    let Following { next, closed } = advance(flow, step, branch);
+    match next {
         None => AfterAttempt {
             status,
             retry_at: None,
@@ -151,18 +159,23 @@ pub fn after_attempt<'a>(
             }),
             next: Next::Done,
             settle: Settle::Ack,
+            closed,
         },
         Some(next) => AfterAttempt {
             status,
             retry_at: None,
             retry_in: None,
             run_end: None,
-            next: if next.queue() == position.queue && position.inline_budget > 0 {
+            // A branch step runs anywhere: it only evaluates its conditions.
+            next: if (next.is_branch() || next.queue() == position.queue)
+                && position.inline_budget > 0
+            {
                 Next::Inline(next)
             } else {
                 Next::Publish(next)
             },
             settle: Settle::Ack,
+            closed,
         },
     }
 }
@@ -226,10 +239,12 @@ pub fn on_delivery<'a>(
             StepStatus::Failed if current.on_failure == OnFailure::Stop => {
                 return Resume::HandOff(Next::Done);
             }
-            StepStatus::Succeeded | StepStatus::Failed => match following(flow, current) {
-                Some(next) => current = next,
-                None => return Resume::HandOff(Next::Done),
-            },
+            StepStatus::Succeeded | StepStatus::Failed => {
+                match advance(flow, current, state.branch.as_deref()).next {
+                    Some(next) => current = next,
+                    None => return Resume::HandOff(Next::Done),
+                }
+            }
         }
     }
     if current.name != step.name {
@@ -271,9 +286,23 @@ pub fn attempt_in_epoch(state: Option<&StepState>, job_epoch: u32) -> u32 {
     recorded.saturating_sub(epoch).saturating_add(1)
 }
 
-/// The step after `step` in the flow.
-fn following<'a>(flow: &'a FlowDefinition, step: &StepDef) -> Option<&'a StepDef> {
-    flow.next_step(Some(&step.name))
+/// What follows `step` once it is done: for a branch step that chose a branch with steps,
+/// that branch's first step; otherwise the next step of the flow (ending the branches
+/// `step` was the last step of).
+fn advance<'a>(flow: &'a FlowDefinition, step: &'a StepDef, branch: Option<&str>) -> Following<'a> {
+    let first = branch
+        .and_then(|name| step.branch(name))
+        .and_then(<[StepDef]>::first);
+    if let Some(first) = first {
+        return Following {
+            next: Some(first),
+            closed: Vec::new(),
+        };
+    }
+    flow.after(&step.name).unwrap_or(Following {
+        next: None,
+        closed: Vec::new(),
+    })
 }
 
 /// Why a run cannot be retried or cancelled.
@@ -409,6 +438,7 @@ mod tests {
                 .collect(),
             retry_at: None,
             epoch: 0,
+            branch: None,
         }
     }
 
@@ -431,12 +461,12 @@ mod tests {
     fn a_success_runs_the_next_step_inline_on_the_same_queue_and_hands_over_across_queues() {
         let flow = three();
         let (a, b) = (flow.step("a").unwrap(), flow.step("b").unwrap());
-        let after = after_attempt(&flow, a, &succeeded(), OWN, now());
+        let after = after_attempt(&flow, a, &succeeded(), None, OWN, now());
         assert_eq!(after.status, StepStatus::Succeeded);
         assert_eq!(after.next, Next::Inline(b));
         assert_eq!((after.run_end, after.settle), (None, Settle::Ack));
         // `c` is on another queue: a job of its own.
-        let after = after_attempt(&flow, b, &succeeded(), INLINE, now());
+        let after = after_attempt(&flow, b, &succeeded(), None, INLINE, now());
         assert_eq!(after.next, Next::Publish(flow.step("c").unwrap()));
         assert_eq!(after.settle, Settle::Ack);
     }
@@ -448,7 +478,14 @@ mod tests {
             inline_budget: 0,
             ..OWN
         };
-        let after = after_attempt(&flow, flow.step("a").unwrap(), &succeeded(), spent, now());
+        let after = after_attempt(
+            &flow,
+            flow.step("a").unwrap(),
+            &succeeded(),
+            None,
+            spent,
+            now(),
+        );
         assert_eq!(after.next, Next::Publish(flow.step("b").unwrap()));
     }
 
@@ -460,7 +497,7 @@ mod tests {
             queue: "vpn",
             ..OWN
         };
-        let after = after_attempt(&flow, c, &succeeded(), vpn, now());
+        let after = after_attempt(&flow, c, &succeeded(), None, vpn, now());
         assert_eq!(
             after.run_end,
             Some(RunEnd {
@@ -477,11 +514,11 @@ mod tests {
             "  - {name: a, piece: p, action: x, on_failure: continue}\n  - {name: b, piece: p, action: x}\n",
         );
         let (a, b) = (flow.step("a").unwrap(), flow.step("b").unwrap());
-        let after = after_attempt(&flow, a, &failed(), OWN, now());
+        let after = after_attempt(&flow, a, &failed(), None, OWN, now());
         assert_eq!(after.status, StepStatus::Failed);
         assert_eq!(after.next, Next::Inline(b));
         assert_eq!((after.run_end, after.settle), (None, Settle::Ack));
-        let after = after_attempt(&flow, b, &failed(), INLINE, now());
+        let after = after_attempt(&flow, b, &failed(), None, INLINE, now());
         assert_eq!(after.status, StepStatus::Failed);
         assert_eq!(
             after.run_end,
@@ -497,7 +534,7 @@ mod tests {
     #[test]
     fn a_continued_failure_of_the_last_step_ends_the_run_as_succeeded() {
         let flow = flow("  - {name: a, piece: p, action: x, on_failure: continue}\n");
-        let after = after_attempt(&flow, flow.step("a").unwrap(), &failed(), OWN, now());
+        let after = after_attempt(&flow, flow.step("a").unwrap(), &failed(), None, OWN, now());
         assert_eq!(after.run_end.unwrap().status, RunStatus::Succeeded);
     }
 
@@ -505,13 +542,13 @@ mod tests {
     fn a_retry_of_the_own_step_puts_the_job_back_and_of_an_inline_step_hands_over() {
         let flow = three();
         let b = flow.step("b").unwrap();
-        let after = after_attempt(&flow, b, &retry_in(4), OWN, now());
+        let after = after_attempt(&flow, b, &retry_in(4), None, OWN, now());
         assert_eq!(after.status, StepStatus::Retrying);
         assert_eq!(after.settle, Settle::Nak(Duration::from_secs(4)));
         assert_eq!(after.next, Next::Done);
         assert_eq!(after.retry_at, Some(now() + chrono::Duration::seconds(4)));
         assert_eq!(after.run_end, None);
-        let after = after_attempt(&flow, b, &retry_in(4), INLINE, now());
+        let after = after_attempt(&flow, b, &retry_in(4), None, INLINE, now());
         assert_eq!((after.next, after.settle), (Next::Publish(b), Settle::Ack));
         assert_eq!(after.retry_at, Some(now() + chrono::Duration::seconds(4)));
     }
@@ -707,5 +744,67 @@ mod tests {
     #[test]
     fn the_first_step_is_the_first_declared() {
         assert_eq!(first_step(&three()).unwrap().name, "a");
+    }
+
+    /// `gate` chooses `then` (a, on queue vpn, then b) or `else` (nothing); `z` follows.
+    fn branching() -> FlowDefinition {
+        flow(concat!(
+            "  - name: gate\n",
+            "    if: \"{{ trigger.go }}\"\n",
+            "    then:\n",
+            "      - {name: a, piece: p, action: x}\n",
+            "      - {name: b, piece: p, action: x, queue: vpn}\n",
+            "  - {name: z, piece: p, action: x}\n",
+        ))
+    }
+
+    #[test]
+    fn a_branch_step_goes_into_the_branch_it_chose_and_its_end_closes_the_branch() {
+        let flow = branching();
+        let step = |name| flow.step(name).unwrap();
+        let after = after_attempt(&flow, step("gate"), &succeeded(), Some("then"), OWN, now());
+        assert_eq!(after.next, Next::Inline(step("a")));
+        assert!(after.closed.is_empty());
+        // The branch's last step ends it: `gate` takes its output, `z` follows.
+        let vpn = Position {
+            queue: "vpn",
+            ..OWN
+        };
+        let after = after_attempt(&flow, step("b"), &succeeded(), None, vpn, now());
+        assert_eq!(after.next, Next::Publish(step("z")));
+        assert_eq!(after.closed, vec![step("gate")]);
+        // An empty branch goes straight on.
+        let after = after_attempt(&flow, step("gate"), &succeeded(), Some("else"), OWN, now());
+        assert_eq!(after.next, Next::Inline(step("z")));
+        // The branch's first step is on another queue than the delivery: a job of its own.
+        // A condition that failed for good fails the run like any step.
+        let after = after_attempt(&flow, step("gate"), &succeeded(), Some("then"), vpn, now());
+        assert_eq!(after.next, Next::Publish(step("a")));
+        let after = after_attempt(&flow, step("gate"), &failed(), None, OWN, now());
+        assert_eq!(after.settle, Settle::Term(Termination::Failed));
+        assert!(after.closed.is_empty());
+    }
+
+    #[test]
+    fn a_redelivery_follows_the_recorded_branch() {
+        let flow = branching();
+        let step = |name| flow.step(name).unwrap();
+        let mut gate = state("gate", StepStatus::Succeeded, 1);
+        gate.branch = Some("then".into());
+        let run = run_with(vec![gate.clone()]);
+        assert_eq!(
+            on_delivery(&flow, &run, job("gate", 2), 10),
+            Resume::HandOff(Next::Publish(step("a")))
+        );
+        let run = run_with(vec![gate.clone(), state("a", StepStatus::Succeeded, 1)]);
+        assert_eq!(
+            on_delivery(&flow, &run, job("gate", 2), 10),
+            Resume::HandOff(Next::Publish(step("b")))
+        );
+        gate.branch = Some("else".into());
+        assert_eq!(
+            on_delivery(&flow, &run_with(vec![gate]), job("gate", 2), 10),
+            Resume::HandOff(Next::Publish(step("z")))
+        );
     }
 }

@@ -80,8 +80,12 @@ pub struct Attempt {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepState {
     pub name: String,
+    /// Empty for a branch step.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub piece: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub action: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub version: String,
     pub status: StepStatus,
     /// The rendered input, secrets replaced by `"***"`.
@@ -97,6 +101,10 @@ pub struct StepState {
     /// Attempts recorded before the last manual retry: the retry policy counts from here.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub epoch: u32,
+    /// A branch step: the branch it chose (its `input` holds the conditions it evaluated,
+    /// its `output` is the output of the branch's last step once the branch ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -186,7 +194,7 @@ impl Run {
         }
     }
 
-    /// What templates see: `trigger`, `steps.<name>.{output,status,error}`, `run`, `flow`.
+    /// What templates see: `trigger`, `steps.<name>.{output,status,error,branch}`, `run`, `flow`.
     pub fn template_context(&self) -> minijinja::Value {
         let steps: serde_json::Map<String, Value> = self
             .steps
@@ -196,6 +204,7 @@ impl Run {
                     "output": s.output.clone().unwrap_or(Value::Null),
                     "status": s.status.as_str(),
                     "error": s.error,
+                    "branch": s.branch,
                 });
                 (s.name.clone(), view)
             })

@@ -66,6 +66,22 @@ pub fn has_templates(value: &Value) -> bool {
     }
 }
 
+/// Evaluates a branch condition: a template that must come out `true` or `false`.
+pub fn condition(template: &str, context: &minijinja::Value) -> Result<bool, String> {
+    let value = render_at(
+        &Value::String(template.to_owned()),
+        context,
+        &mut String::new(),
+    )
+    .map_err(|err| err.message)?;
+    match value {
+        Value::Bool(value) => Ok(value),
+        other => Err(format!(
+            "evaluated to {other}, not true or false (compare it, e.g. `== 'critical'`, or test it with `is defined`)"
+        )),
+    }
+}
+
 /// Renders every template in `input` against `context`.
 pub fn render(input: &Value, context: &minijinja::Value) -> Result<Value, TemplateError> {
     render_at(input, context, &mut String::from("input"))

@@ -364,3 +364,137 @@ fn webhook_flows_default_to_signed_calls_and_only_they_take_auth() {
     assert_eq!(scheduled_ok.definition.trigger.auth, None, "not a webhook");
     assert!(valid.definition.trigger.auth.is_some());
 }
+
+const BRANCHES: &str = r#"
+apiVersion: piecework/v1
+kind: Flow
+name: branches
+trigger: { piece: data, trigger: catch }
+steps:
+  - name: triage
+    if: "{{ trigger.body.priority == 'critical' }}"
+    then:
+      - { name: page, piece: data, action: set, input: { value: "page" } }
+      - name: escalate
+        router:
+          - name: night
+            when: "{{ trigger.body.hour < 8 }}"
+            steps: [ { name: wake, piece: data, action: set, input: { value: "{{ steps.page.output }}" } } ]
+        default: [ { name: mail, piece: data, action: set, input: { value: "mail" } } ]
+    else:
+      - { name: queue, piece: data, action: set, input: { value: "queue" } }
+  - { name: report, piece: data, action: set, input: { value: "{{ steps.triage.output }} via {{ steps.triage.branch }}" } }
+"#;
+
+#[test]
+fn branch_steps_validate_and_the_flow_walks_into_and_out_of_their_branches() {
+    let def = FlowDefinition::parse(BRANCHES, Format::Yaml).unwrap();
+    let valid = validated(def.clone()).unwrap();
+    assert!(valid.resolved.contains_key("wake"));
+    assert!(!valid.resolved.contains_key("triage"));
+    let names: Vec<&str> = def.all_steps().iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "triage", "page", "escalate", "wake", "mail", "queue", "report"
+        ]
+    );
+    let triage = def.step("triage").unwrap();
+    assert!(triage.is_branch());
+    let branches: Vec<(&str, Option<&str>)> =
+        triage.branches().iter().map(|b| (b.name, b.when)).collect();
+    assert_eq!(
+        branches,
+        [
+            ("then", Some("{{ trigger.body.priority == 'critical' }}")),
+            ("else", None)
+        ]
+    );
+    let after = |name: &str| {
+        let following = def.after(name).unwrap();
+        (
+            following.next.map(|s| s.name.as_str()),
+            following
+                .closed
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(after("page"), (Some("escalate"), vec![]));
+    // The last step of a nested branch ends both branches around it.
+    assert_eq!(after("wake"), (Some("report"), vec!["escalate", "triage"]));
+    assert_eq!(after("mail"), (Some("report"), vec!["escalate", "triage"]));
+    assert_eq!(after("queue"), (Some("report"), vec!["triage"]));
+    assert_eq!(after("report"), (None, vec![]));
+    assert!(def.after("ghost").is_none());
+    // What is stored reads back the same.
+    let json = serde_json::to_string(&def).unwrap();
+    assert_eq!(FlowDefinition::parse(&json, Format::Json).unwrap(), def);
+    assert!(
+        json.contains(r#""if":"#) && json.contains(r#""else":"#),
+        "{json}"
+    );
+}
+
+#[test]
+fn branch_step_problems_are_reported_where_they_are() {
+    let text = r#"
+apiVersion: piecework/v1
+kind: Flow
+name: bad
+trigger: { piece: data, trigger: catch }
+steps:
+  - name: a
+    if: "yes"
+    piece: data
+    then: [ { name: b, piece: data, action: set, input: { value: "{{ steps.a.output }}" } } ]
+    router: [ { name: x, when: "{{ true }}" } ]
+  - name: c
+    router:
+      - { name: default, when: "{{ steps.d.output }}", steps: [ { name: d, piece: data, action: set, input: { value: 1 } } ] }
+      - { name: e, when: "{{ true }}" }
+      - { name: e, when: "{{ true }}" }
+    then: [ { name: f, piece: data, action: set, input: { value: 1 } } ]
+  - { name: g, if: "{{ true }}" }
+  - { name: h, piece: data, action: set, input: { value: "{{ steps.b.output }}" }, default: [ { name: i, piece: data, action: set, input: { value: 1 } } ] }
+  - { name: j }
+"#;
+    assert_eq!(
+        issues(text),
+        [
+            "steps[0] (a).piece: is for action steps; a branch step only chooses which steps run",
+            "steps[0] (a).router: a step has either `if` (with `then`/`else`) or `router` (with `default`), not both",
+            "steps[0] (a).if: \"yes\" is not a template: write a condition such as \"{{ trigger.body.priority == 'critical' }}\"",
+            "steps[0] (a).then[0] (b).input.value: refers to step `a`, which this step is a branch of: its output is known only when the branch ends",
+            "steps[1] (c).then: `then` and `else` go with `if`, not `router` (whose fallback is `default`)",
+            "steps[1] (c).router[0].name: \"default\" must be snake_case (a-z, 0-9, _), at most 64 characters, and not `default`",
+            "steps[1] (c).router[2].name: branch `e` is defined twice",
+            "steps[1] (c).router[0].when: refers to step `d`, which runs after this step",
+            "steps[2] (g).then: an `if` step needs steps in `then`, `else` or both",
+            "steps[3] (h).default: `default` needs a `router`",
+            "steps[3] (h).input.value: refers to step `b`, inside a branch of `a` that may not have run: refer to `steps.a.output` (the output of the branch that ran) or `steps.a.branch`",
+            "steps[4] (j): an action step needs `piece` and `action` (a branch step needs `if` or `router`)",
+        ]
+    );
+}
+
+#[test]
+fn a_branch_counts_its_steps_toward_the_limit_and_names_are_unique_across_branches() {
+    let inner: Vec<String> = (0..200)
+        .map(|i| format!("{{ name: s{i}, piece: data, action: set, input: {{ value: 1 }} }}"))
+        .collect();
+    let text = format!(
+        "apiVersion: piecework/v1\nkind: Flow\nname: big\ntrigger: {{ piece: data, trigger: catch }}\nsteps:\n  - {{ name: top, if: \"{{{{ true }}}}\", then: [{}] }}\n",
+        inner.join(", ")
+    );
+    assert_eq!(
+        issues(&text),
+        ["steps: a flow has at most 200 steps (branches included), this one has 201"]
+    );
+    let text = BRANCHES.replace("name: queue", "name: page");
+    assert_eq!(
+        issues(&text),
+        ["steps[0] (triage).else[0].name: step `page` is defined twice"]
+    );
+}

@@ -828,7 +828,8 @@ impl Runtime {
             };
             let definition = &flow.definition;
             let mut pieces: Vec<&str> = std::iter::once(definition.trigger.piece.as_str())
-                .chain(definition.steps.iter().map(|s| s.piece.as_str()))
+                .chain(definition.all_steps().into_iter().map(|s| s.piece.as_str()))
+                .filter(|piece| !piece.is_empty())
                 .collect();
             pieces.sort_unstable();
             pieces.dedup();

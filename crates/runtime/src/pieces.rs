@@ -198,8 +198,8 @@ impl Runtime {
             let uses = std::iter::once(("trigger", definition.trigger.piece.as_str()))
                 .chain(
                     definition
-                        .steps
-                        .iter()
+                        .all_steps()
+                        .into_iter()
                         .map(|s| (s.name.as_str(), s.piece.as_str())),
                 )
                 .any(|(key, piece)| piece == name && flow.resolved.get(key) == Some(version));

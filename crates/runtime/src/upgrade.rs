@@ -93,12 +93,14 @@ impl Runtime {
                 definition.trigger.version = Some(to.clone());
             }
         }
-        for step in definition.steps.iter_mut().filter(|s| s.piece == piece) {
-            keys.push(step.name.clone());
-            if let Some(to) = &to {
-                step.version = Some(to.clone());
+        definition.visit_steps_mut(&mut |_, step| {
+            if step.piece == piece {
+                keys.push(step.name.clone());
+                if let Some(to) = &to {
+                    step.version = Some(to.clone());
+                }
             }
-        }
+        });
         if keys.is_empty() {
             return Err(RuntimeError::Conflict(format!(
                 "flow `{flow_id}` does not use piece `{piece}`"

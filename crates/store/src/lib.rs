@@ -139,6 +139,8 @@ pub struct RunUpdate {
 pub struct StepUpdate {
     pub run_id: String,
     pub step: StepState,
+    /// The branch steps whose branch this attempt ended, with its output as theirs.
+    pub closed: Vec<StepState>,
     /// The entry for `pw:results`.
     pub result: StepResult,
     /// The entry for `pw:audit` (the step execution), written in the same round trip.

@@ -359,6 +359,9 @@ impl Store for MemoryStore {
                 StoreError::Conflict(format!("run {} does not exist", update.run_id))
             })?;
             run.upsert_step(update.step);
+            for closed in update.closed {
+                run.upsert_step(closed);
+            }
             if update.response.is_some() {
                 run.response = update.response;
             }

@@ -666,7 +666,7 @@ fn xadd(stream: &str, maxlen: usize, fields: Vec<(&'static str, String)>) -> red
 }
 
 fn result_fields(r: &StepResult) -> Vec<(&'static str, String)> {
-    vec![
+    let mut fields = vec![
         ("run", r.run_id.clone()),
         ("flow", r.flow_id.clone()),
         ("flow_version", r.flow_version.to_string()),
@@ -680,7 +680,11 @@ fn result_fields(r: &StepResult) -> Vec<(&'static str, String)> {
         ("error", r.error.clone()),
         ("run_status", run_status_name(r.run_status)),
         ("finished_ms", r.finished_unix_ms.to_string()),
-    ]
+    ];
+    if !r.branch.is_empty() {
+        fields.push(("branch", r.branch.clone()));
+    }
+    fields
 }
 
 fn field<T: std::str::FromStr + Default>(entry: &StreamId, name: &str) -> T {
@@ -705,6 +709,7 @@ fn result_from(entry: &StreamId) -> StepResult {
         error: field(entry, "error"),
         run_status: run_status_from(&field::<String>(entry, "run_status")) as i32,
         finished_unix_ms: field(entry, "finished_ms"),
+        branch: field(entry, "branch"),
     }
 }
 
@@ -978,6 +983,10 @@ impl Store for RedisStore {
         hset.arg(&key)
             .arg(format!("step:{}", update.step.name))
             .arg(to_json(&update.step));
+        for closed in &update.closed {
+            hset.arg(format!("step:{}", closed.name))
+                .arg(to_json(closed));
+        }
         if let Some(response) = &update.response {
             hset.arg("response").arg(to_json(response));
         }

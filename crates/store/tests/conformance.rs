@@ -49,6 +49,7 @@ fn step(name: &str, status: StepStatus, attempt: u32) -> StepState {
             .collect(),
         retry_at: None,
         epoch: 0,
+        branch: None,
     }
 }
 
@@ -67,6 +68,7 @@ fn result(run: &str, step: &str, attempt: u32, run_status: v1::RunStatus) -> Ste
         error: String::new(),
         run_status: run_status as i32,
         finished_unix_ms: 1_700_000_000_000,
+        branch: String::new(),
     }
 }
 
@@ -152,6 +154,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
     assert!(!store.create_run(&run).await.unwrap());
     store
         .record_step(StepUpdate {
+            closed: Vec::new(),
             run_id: "r1".into(),
             step: step("a", StepStatus::Retrying, 1),
             result: result("r1", "a", 1, v1::RunStatus::Running),
@@ -163,6 +166,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
         .unwrap();
     store
         .record_step(StepUpdate {
+            closed: Vec::new(),
             run_id: "r1".into(),
             step: step("a", StepStatus::Succeeded, 2),
             result: result("r1", "a", 2, v1::RunStatus::Running),
@@ -180,6 +184,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
     };
     let status = store
         .record_step(StepUpdate {
+            closed: Vec::new(),
             run_id: "r1".into(),
             step: step("b", StepStatus::Succeeded, 1),
             result: result("r1", "b", 1, v1::RunStatus::Succeeded),
@@ -327,6 +332,7 @@ async fn a_watch_registered_first_learns_how_the_run_ended(store: Arc<dyn Store>
             last.output = Some(json!({"answer": 42}));
             store
                 .record_step(StepUpdate {
+                    closed: Vec::new(),
                     run_id: "w1".into(),
                     step: step("a", StepStatus::Succeeded, 1),
                     result: result("w1", "a", 1, v1::RunStatus::Running),
@@ -338,6 +344,7 @@ async fn a_watch_registered_first_learns_how_the_run_ended(store: Arc<dyn Store>
                 .unwrap();
             store
                 .record_step(StepUpdate {
+                    closed: Vec::new(),
                     run_id: "w1".into(),
                     step: last,
                     result: result("w1", "b", 1, v1::RunStatus::Succeeded),
@@ -511,6 +518,7 @@ async fn streams_and_the_piece_store_work(store: Arc<dyn Store>) {
         .unwrap();
     store
         .record_step(StepUpdate {
+            closed: Vec::new(),
             run_id: "s".into(),
             step: step("a", StepStatus::Succeeded, 1),
             result: result("s", "a", 1, v1::RunStatus::Running),
@@ -596,6 +604,7 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
     };
     let status = store
         .record_step(StepUpdate {
+            closed: Vec::new(),
             run_id: "c".into(),
             step: step("a", StepStatus::Succeeded, 1),
             result: result("c", "a", 1, v1::RunStatus::Succeeded),
@@ -625,6 +634,7 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
     };
     store
         .record_step(StepUpdate {
+            closed: Vec::new(),
             run_id: "r".into(),
             step: step("a", StepStatus::Failed, 2),
             result: result("r", "a", 2, v1::RunStatus::Failed),
@@ -934,6 +944,59 @@ async fn audit_queries_filter_page_and_bound_time(store: Arc<dyn Store>) {
     assert_eq!(page.next, None);
 }
 
+async fn a_step_that_ends_a_branch_records_the_branch_step_with_it(store: Arc<dyn Store>) {
+    let run = Run::new("r1".into(), "f", 1, json!({}));
+    store.create_run(&run).await.unwrap();
+    let mut gate = step("gate", StepStatus::Succeeded, 1);
+    gate.branch = Some("then".into());
+    gate.output = None;
+    let mut chosen = result("r1", "gate", 1, v1::RunStatus::Running);
+    chosen.branch = "then".into();
+    store
+        .record_step(StepUpdate {
+            closed: Vec::new(),
+            run_id: "r1".into(),
+            step: gate.clone(),
+            result: chosen.clone(),
+            audit: None,
+            response: None,
+            run: None,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let last = step("inside", StepStatus::Succeeded, 1);
+    let mut closed = gate.clone();
+    closed.output.clone_from(&last.output);
+    store
+        .record_step(StepUpdate {
+            closed: vec![closed],
+            run_id: "r1".into(),
+            step: last.clone(),
+            result: result("r1", "inside", 1, v1::RunStatus::Running),
+            audit: None,
+            response: None,
+            run: None,
+        })
+        .await
+        .unwrap();
+    let stored = store.get_run("r1").await.unwrap().unwrap();
+    let names: Vec<&str> = stored.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["gate", "inside"], "the branch step keeps its place");
+    let gate = stored.step("gate").unwrap();
+    assert_eq!(gate.branch.as_deref(), Some("then"));
+    assert_eq!(
+        gate.output, last.output,
+        "the branch's output is the branch step's"
+    );
+    let results = store.read_results(None, 10, Duration::ZERO).await.unwrap();
+    assert_eq!(
+        results[0].event, chosen,
+        "the branch round-trips in pw:results"
+    );
+    assert_eq!(results[1].event.branch, "");
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -959,6 +1022,7 @@ macro_rules! suite {
 }
 
 suite!(
+    a_step_that_ends_a_branch_records_the_branch_step_with_it,
     flows_are_versioned_and_keep_their_cursor,
     runs_are_created_once_and_record_steps,
     runs_are_listed_newest_first_with_filters,
@@ -1307,6 +1371,7 @@ async fn redis_step_updates_written_together_each_get_their_own_outcome() {
         .await
         .unwrap();
     let update = |run: String, last: bool| StepUpdate {
+        closed: Vec::new(),
         step: step("a", StepStatus::Succeeded, 1),
         result: result(&run, "a", 1, v1::RunStatus::Succeeded),
         run_id: run,
@@ -1379,6 +1444,7 @@ async fn redis_run_finished_notifications_carry_the_run_end() {
     last.output = Some(json!({"ok": "yes \"quoted\""}));
     store
         .record_step(StepUpdate {
+            closed: Vec::new(),
             run_id: "n1".into(),
             step: last,
             result: result("n1", "a", 1, v1::RunStatus::Succeeded),

@@ -990,9 +990,11 @@ async fn a_job_redelivered_mid_journal_resumes_after_the_recorded_steps() {
             }],
             retry_at: None,
             epoch: 0,
+            branch: None,
         };
         h.store
             .record_step(StepUpdate {
+                closed: Vec::new(),
                 run_id: "r1".into(),
                 step: state,
                 result: Default::default(),
@@ -1029,5 +1031,87 @@ async fn a_job_redelivered_mid_journal_resumes_after_the_recorded_steps() {
         assert_eq!(attempts.len(), 1, "{name}");
         assert_eq!(attempts[0].worker, worker, "{name}");
     }
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_branch_step_runs_the_branch_its_condition_chose_and_takes_its_output() {
+    let probe = Arc::new(Probe::default());
+    let steps = concat!(
+        "  - name: triage\n",
+        "    if: \"{{ trigger.priority == 'critical' }}\"\n",
+        "    then:\n",
+        "      - { name: page, piece: test, action: echo, input: { value: \"page\" } }\n",
+        "      - name: when\n",
+        "        router:\n",
+        "          - { name: night, when: \"{{ trigger.hour < 8 }}\", steps: [ { name: wake, piece: test, action: echo, input: { value: \"{{ steps.page.output }} now\" } } ] }\n",
+        "        default: [ { name: later, piece: test, action: echo, input: { value: \"{{ steps.page.output }} later\" } } ]\n",
+        "    else:\n",
+        "      - { name: queue, piece: test, action: echo, input: { value: \"queue\" } }\n",
+        "  - { name: report, piece: test, action: echo, input: { value: \"{{ steps.triage.branch }}: {{ steps.triage.output }}\" } }\n",
+    );
+    let h = Harness::start(&probe, &flow(steps)).await;
+    let cases = [
+        (
+            "r1",
+            json!({"priority": "critical", "hour": 3}),
+            "then: page now",
+            vec!["triage", "page", "when", "wake", "report"],
+        ),
+        (
+            "r2",
+            json!({"priority": "critical", "hour": 12}),
+            "then: page later",
+            vec!["triage", "page", "when", "later", "report"],
+        ),
+        (
+            "r3",
+            json!({"priority": "low", "hour": 3}),
+            "else: queue",
+            vec!["triage", "queue", "report"],
+        ),
+    ];
+    for (id, trigger, report, ran) in cases {
+        h.start_run(id, trigger).await;
+        let run = h.finished(id).await;
+        assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+        let names: Vec<&str> = run.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ran, "{id}");
+        assert_eq!(run.step("report").unwrap().output, Some(json!(report)));
+    }
+    // The run shows which branch ran and why; the branch step's output is its branch's.
+    let run = h.store.get_run("r2").await.unwrap().unwrap();
+    let triage = run.step("triage").unwrap();
+    assert_eq!(triage.branch.as_deref(), Some("then"));
+    assert_eq!(triage.input, json!({"then": true}));
+    assert_eq!(triage.output, Some(json!("page later")));
+    let when = run.step("when").unwrap();
+    assert_eq!(
+        (when.branch.as_deref(), &when.input),
+        (Some("default"), &json!({"night": false}))
+    );
+    assert_eq!(when.output, Some(json!("page later")));
+    assert_eq!(
+        h.step_deliveries(),
+        3,
+        "one delivery per run: branch steps run inline"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_condition_that_is_not_a_boolean_fails_the_run_naming_the_branch() {
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: gate, if: \"{{ trigger.flag }}\", then: [ { name: a, piece: test, action: echo, input: { value: 1 } } ] }\n";
+    let h = Harness::start(&probe, &flow(steps)).await;
+    h.start_run("r1", json!({"flag": "yes"})).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Failed);
+    let error = run.error.clone().unwrap();
+    assert!(
+        error.contains("step `gate` failed: condition of branch `then`: evaluated to \"yes\", not true or false"),
+        "{error}"
+    );
+    assert!(run.step("a").is_none());
     h.stop().await;
 }

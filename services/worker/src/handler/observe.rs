@@ -34,6 +34,10 @@ impl Handler {
             span.record("otel.status_code", "ERROR");
             span.record("otel.status_description", error);
         }
+        if step.is_branch() {
+            // Not a piece call: the run's record and trace say which branch ran.
+            return;
+        }
         self.runtime.metrics.step_attempted(
             &step.piece,
             &step.action,

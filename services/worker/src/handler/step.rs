@@ -264,6 +264,13 @@ impl Handler {
                 executed: None,
             });
         }
+        if step.is_branch() {
+            return Ok(Attempted {
+                started,
+                execution: engine::choose_branch(step, run),
+                executed: None,
+            });
+        }
         let flow = chain.flow;
         let epoch = if own_step { chain.job.epoch } else { 0 };
         let attempt = lifecycle::attempt_in_epoch(run.step(&step.name), epoch);
@@ -361,9 +368,16 @@ impl Handler {
             outcome,
             recorded_input,
             duration,
+            branch,
         } = execution;
-        let after =
-            lifecycle::after_attempt(&flow.definition, step, &outcome, position, Utc::now());
+        let after = lifecycle::after_attempt(
+            &flow.definition,
+            step,
+            &outcome,
+            branch.as_deref(),
+            position,
+            Utc::now(),
+        );
         let (output, error) = match outcome {
             StepOutcome::Succeeded { output } => (Some(output), None),
             StepOutcome::Retry { error, .. } | StepOutcome::Failed { error } => (None, Some(error)),
@@ -397,7 +411,18 @@ impl Handler {
             attempts,
             retry_at: after.retry_at,
             epoch,
+            branch,
         };
+        // The branches this step ended take its output as theirs.
+        let closed: Vec<StepState> = after
+            .closed
+            .iter()
+            .filter_map(|around| {
+                let mut closed = run.step(&around.name)?.clone();
+                closed.output.clone_from(&state.output);
+                Some(closed)
+            })
+            .collect();
         let run_update = after.run_end.as_ref().map(|end| RunUpdate {
             status: end.status,
             error: end.error.clone(),
@@ -443,6 +468,7 @@ impl Handler {
             error: error.clone().unwrap_or_default(),
             run_status: observe::proto_run_status(run_status) as i32,
             finished_unix_ms: Utc::now().timestamp_millis(),
+            branch: state.branch.clone().unwrap_or_default(),
         };
         let audit = audit_event(
             &self.actor,
@@ -458,6 +484,7 @@ impl Handler {
             .record_attempt(StepUpdate {
                 run_id: run.id.clone(),
                 step: state.clone(),
+                closed: closed.clone(),
                 result,
                 response: response.clone(),
                 run: run_update.clone(),
@@ -465,6 +492,9 @@ impl Handler {
             })
             .await?;
         run.upsert_step(state);
+        for closed in closed {
+            run.upsert_step(closed);
+        }
         if response.is_some() {
             run.response = response;
         }
