@@ -18,7 +18,7 @@ use piecework_runtime::secrets::Keyring;
 
 fn serve_queues_of(config: &mut Config, flows: &[FlowDefinition]) {
     let used = flows.iter().flat_map(|f| {
-        let steps = f.all_steps().into_iter().filter(|s| !s.is_branch());
+        let steps = f.all_steps().into_iter().filter(|s| !s.is_control());
         std::iter::once(f.trigger.queue()).chain(steps.map(StepDef::queue))
     });
     for queue in used {

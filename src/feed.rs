@@ -62,6 +62,7 @@ pub fn line(result: &StepResult, color: bool) -> String {
         StepStatus::Succeeded => ("✓", "succeeded", "32"),
         StepStatus::Retrying => ("↻", "retrying", "33"),
         StepStatus::Failed => ("✗", "failed", "31"),
+        StepStatus::Waiting => ("⏸", "waiting", "36"),
         StepStatus::Skipped | StepStatus::Unspecified => ("·", "skipped", "2"),
     };
     let attempt = if result.attempt > 1 {
@@ -97,6 +98,7 @@ fn run_line(result: &StepResult, color: bool) -> Option<String> {
         RunStatus::Succeeded => ("run succeeded", "1;32"),
         RunStatus::Failed => ("run failed", "1;31"),
         RunStatus::Cancelled => ("run cancelled", "1;33"),
+        RunStatus::Waiting => ("run waiting", "1;36"),
         RunStatus::Running | RunStatus::Unspecified => return None,
     };
     Some(format!(

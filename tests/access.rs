@@ -71,6 +71,7 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("GET", "/v1/runs/{id}", "adov"),
     ("POST", "/v1/runs/{id}/cancel", "ao"),
     ("POST", "/v1/runs/{id}/retry", "ao"),
+    ("POST", "/v1/runs/{id}/resume", "ao"),
     ("GET", "/v1/audit", "adov"),
     ("GET", "/v1/connections", "adov"),
     ("POST", "/v1/connections", "ad"),

@@ -593,3 +593,100 @@ async fn branches_run_across_workers_and_queues_and_survive_a_kill_inside_a_bran
     assert_eq!(step("report")["output"], "then: paged 200");
     assert_eq!(step("report")["attempts"][0]["worker"], "rescuer");
 }
+
+/// A delay and an approval wait on the production topology: waiting runs hold no job and
+/// survive a kill -9 of every piecework process and a restart of NATS and Redis; the delay's
+/// timer wakes the run on the new processes and the approval resumes it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_runs_survive_restarts_of_every_process_and_resume_exactly_once() {
+    let mut fleet = Fleet::start("[scheduler]\ntimer_poll = \"1s\"\n").await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    fleet.start_scheduler("s1").await;
+    let steps = concat!(
+        "  - { name: pause, delay: 3s }\n",
+        "  - { name: approval, wait_for: approval, timeout: 1h }\n",
+        "  - { name: done, piece: data, action: set, input: { value: \"{{ steps.approval.output.by }}\" } }\n",
+    );
+    fleet.apply(&webhook_flow("gated", steps)).await;
+    let id = fleet.webhook("gated", json!({})).await;
+    let run = fleet.run_in(&id, "waiting", Duration::from_secs(30)).await;
+    assert_eq!(run["steps"][0]["name"], "pause");
+    assert_eq!(run["steps"][0]["status"], "waiting");
+    assert_eq!(run["steps"][0]["input"]["waiting_for"], "delay");
+
+    // Everything goes down while the run waits; the delay ends meanwhile.
+    fleet.kill("w1");
+    fleet.kill("s1");
+    fleet.kill("api");
+    fleet.nats.restart().await.unwrap();
+    fleet.redis.restart().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fleet.start_api().await;
+    fleet.start_worker("w2", &[]).await;
+    fleet.start_scheduler("s2").await;
+
+    // The delay's timer wakes it on the new processes; then it waits for the approval.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let run = loop {
+        let run = fleet.run(&id).await;
+        if run["steps"][1]["status"] == "waiting" {
+            break run;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{run}\n{}",
+            fleet.log_tails()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(run["status"], "waiting");
+    assert_eq!(run["steps"][0]["status"], "succeeded");
+    assert_eq!(
+        run["steps"][0]["attempts"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()["worker"],
+        "w2"
+    );
+
+    // Resumed by an operator, once; a second resume is refused.
+    let resume = |by: &str| {
+        client()
+            .post(format!("{}/v1/runs/{id}/resume", fleet.api))
+            .json(&json!({"step": "approval", "payload": {"by": by}}))
+            .send()
+    };
+    let first = resume("ada").await.unwrap();
+    assert_eq!(first.status(), 202, "{}", first.text().await.unwrap());
+    let second = resume("bob").await.unwrap();
+    assert_eq!(second.status(), 409);
+    let body: Value = second.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not waiting on step `approval`"),
+        "{body}"
+    );
+    let bad = client()
+        .post(format!("{}/v1/runs/{id}/resume", fleet.api))
+        .json(&json!({"payload": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    let run = fleet.finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["steps"][2]["output"], "ada");
+    let audit = fleet.stream("pw:audit").await;
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|e| e["action"] == "run.resume" && e["outcome"] == "success")
+            .count(),
+        1
+    );
+}

@@ -411,12 +411,22 @@ impl Fleet {
         response.json::<Value>().await.unwrap()["run"].clone()
     }
 
-    /// Waits until the run is no longer running; returns it.
+    /// Waits until the run has ended (neither running nor waiting); returns it.
     pub async fn finished(&self, id: &str, timeout: Duration) -> Value {
+        self.until_run(id, timeout, |s| s != "running" && s != "waiting")
+            .await
+    }
+
+    /// Waits until the run's status is `status`; returns it.
+    pub async fn run_in(&self, id: &str, status: &str, timeout: Duration) -> Value {
+        self.until_run(id, timeout, |s| s == status).await
+    }
+
+    async fn until_run(&self, id: &str, timeout: Duration, done: impl Fn(&str) -> bool) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             let run = self.run(id).await;
-            if run["status"].as_str().is_some_and(|s| s != "running") {
+            if run["status"].as_str().is_some_and(&done) {
                 return run;
             }
             assert!(

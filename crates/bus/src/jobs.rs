@@ -56,9 +56,12 @@ pub fn poll_msg_id(job: &PollJob) -> String {
     format!("{}:{}", job.flow_id, job.tick_unix_ms)
 }
 
-/// `<run>:<step>`, plus the retry epoch once a run has been retried by hand.
+/// `<run>:<step>`, plus the retry epoch once a run has been retried by hand, or `:wake:<ms>`
+/// for a job that wakes a waiting step.
 pub fn step_msg_id(job: &StepJob) -> String {
-    if job.epoch == 0 {
+    if job.wake_ms > 0 {
+        format!("{}:{}:wake:{}", job.run_id, job.step, job.wake_ms)
+    } else if job.epoch == 0 {
         format!("{}:{}", job.run_id, job.step)
     } else {
         format!("{}:{}:{}", job.run_id, job.step, job.epoch)
@@ -159,9 +162,12 @@ mod tests {
             step: "s".into(),
             epoch: 0,
             delay_ms: 0,
+            wake_ms: 0,
         };
         assert_eq!(step_msg_id(&step), "r:s");
         step.epoch = 2;
         assert_eq!(step_msg_id(&step), "r:s:2");
+        step.wake_ms = 1_800_000_000_000;
+        assert_eq!(step_msg_id(&step), "r:s:wake:1800000000000");
     }
 }

@@ -11,8 +11,11 @@ use piecework_sdk::prop::redact_secrets;
 use piecework_sdk::{Context, DynAction, PieceError};
 use serde_json::Value;
 
-use crate::flow::StepDef;
-use crate::run::Run;
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use crate::flow::{StepDef, StepKind, TIMEOUT_BRANCH, WaitFor};
+use crate::run::{Run, StepState};
 use crate::template;
 
 /// What happened to one attempt.
@@ -42,6 +45,8 @@ pub struct Execution {
     pub duration: Duration,
     /// The branch a branch step chose.
     pub branch: Option<String>,
+    /// A delay or wait step that pauses the run: until when (`None`: until resumed).
+    pub pause: Option<Option<DateTime<Utc>>>,
 }
 
 impl Execution {
@@ -53,6 +58,7 @@ impl Execution {
             recorded_input: Value::Null,
             duration: Duration::ZERO,
             branch: None,
+            pause: None,
         }
     }
 
@@ -104,6 +110,7 @@ impl Execution {
             recorded_input: Value::Null,
             duration: Duration::ZERO,
             branch: None,
+            pause: None,
         }
     }
 }
@@ -184,6 +191,7 @@ pub async fn execute(
         recorded_input,
         duration: started.elapsed(),
         branch: None,
+        pause: None,
     }
 }
 
@@ -229,7 +237,101 @@ pub fn choose_branch(step: &StepDef, run: &Run) -> Execution {
         outcome,
         recorded_input: Value::Object(evaluated),
         duration: started.elapsed(),
+        pause: None,
     }
+}
+
+/// Starts a delay or wait step at `now`: the run pauses until the delay's end or the wait's
+/// timeout (a wait without one pauses until it is resumed). A delay whose instant has passed
+/// does not pause; an `until` that does not render to an RFC 3339 instant fails the step for
+/// good. Records what it waits for and until when as the step's input.
+pub fn start_pause(step: &StepDef, run: &Run, now: DateTime<Utc>) -> Execution {
+    let started = Instant::now();
+    let (waiting_for, until) = match step.kind() {
+        StepKind::Wait => (
+            step.wait_for.map_or("resume", WaitFor::as_str),
+            Ok(step.timeout.map(|t| now + chrono_duration(t))),
+        ),
+        _ => ("delay", delay_end(step, run, now).map(Some)),
+    };
+    let mut execution = Execution {
+        outcome: StepOutcome::Succeeded {
+            output: Value::Null,
+        },
+        recorded_input: Value::Null,
+        duration: Duration::ZERO,
+        branch: None,
+        pause: None,
+    };
+    match until {
+        Err(error) => execution.outcome = StepOutcome::Failed { error },
+        Ok(until) => {
+            execution.recorded_input = json!({ "waiting_for": waiting_for, "until": until });
+            if step.kind() == StepKind::Delay && until.is_some_and(|at| at <= now) {
+                execution.outcome = StepOutcome::Succeeded {
+                    output: json!({ "waited_until": until }),
+                };
+            } else {
+                execution.pause = Some(until);
+            }
+        }
+    }
+    execution.duration = started.elapsed();
+    execution
+}
+
+/// When a delay step that starts at `now` ends.
+fn delay_end(step: &StepDef, run: &Run, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    if let Some(delay) = step.delay {
+        return Ok(now + chrono_duration(delay));
+    }
+    let until = step.until.as_deref().unwrap_or_default();
+    let rendered = template::render(&Value::String(until.to_owned()), &run.template_context())
+        .map_err(|e| format!("template error in until: {}", e.message))?;
+    let text = rendered.as_str().unwrap_or_default();
+    DateTime::parse_from_rfc3339(text)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|e| format!("until rendered to {rendered}, not an RFC 3339 instant: {e}"))
+}
+
+/// Wakes a delay or wait step whose timer came due: a delay succeeds; a wait has timed out,
+/// and runs its `on_timeout` steps or, without them, fails for good.
+pub fn wake(step: &StepDef, state: &StepState) -> Execution {
+    let until = state.retry_at;
+    let (outcome, branch) = match step.kind() {
+        StepKind::Wait if !step.on_timeout.is_empty() => (
+            StepOutcome::Succeeded {
+                output: Value::Null,
+            },
+            Some(TIMEOUT_BRANCH.to_owned()),
+        ),
+        StepKind::Wait => (
+            StepOutcome::Failed {
+                error: format!(
+                    "timed out: not resumed within {}",
+                    humantime_duration(step.timeout.unwrap_or_default())
+                ),
+            },
+            None,
+        ),
+        _ => (
+            StepOutcome::Succeeded {
+                output: json!({ "waited_until": until }),
+            },
+            None,
+        ),
+    };
+    Execution {
+        outcome,
+        recorded_input: state.input.clone(),
+        duration: Duration::ZERO,
+        branch,
+        pause: None,
+    }
+}
+
+fn chrono_duration(duration: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
 }
 
 /// Applies the retry policy to an attempt's result.
@@ -345,6 +447,7 @@ mod tests {
             recorded_input: big.clone(),
             duration: Duration::ZERO,
             branch: None,
+            pause: None,
         };
         execution.limit(6000);
         assert!(matches!(execution.outcome, StepOutcome::Succeeded { .. }));

@@ -188,7 +188,57 @@ pub struct StepDef {
     pub router: Vec<Branch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub default: Vec<StepDef>,
+    /// A delay step: how long the run pauses (`30s`, `2h`).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub delay: Option<Duration>,
+    /// A delay step: the instant the run pauses until, a template that renders to RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// A wait step: what resumes the run. Its `timeout` is how long it waits at most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_for: Option<WaitFor>,
+    /// A wait step: the steps that run when the wait times out (without them, the step fails).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_timeout: Vec<StepDef>,
 }
+
+/// What resumes a wait step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitFor {
+    /// Someone with the operator role: `POST /v1/runs/{id}/resume` with `{"step", "payload"}`.
+    Approval,
+}
+
+impl WaitFor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitFor::Approval => "approval",
+        }
+    }
+}
+
+/// What a step does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    /// Runs a piece's action.
+    Action,
+    /// Chooses a branch (`if` or `router`).
+    Branch,
+    /// Pauses the run for a time (`delay` or `until`).
+    Delay,
+    /// Pauses the run until it is resumed (`wait_for`), or times out.
+    Wait,
+}
+
+/// The longest a delay or wait step may pause a run.
+pub const MAX_WAIT: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The name of a wait step's timeout branch.
+pub const TIMEOUT_BRANCH: &str = "timeout";
 
 /// One named branch of a `router` step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -224,14 +274,40 @@ pub const MAX_STEP_NAME: usize = 64;
 pub const MAX_RESPONSE_BYTES: u64 = 1024 * 1024 * 1024;
 
 impl StepDef {
-    /// Whether this is a branch step (`if` or `router`) rather than an action.
-    pub fn is_branch(&self) -> bool {
-        self.condition.is_some() || !self.router.is_empty()
+    /// What the step does, from the fields it has (validation refuses mixtures).
+    pub fn kind(&self) -> StepKind {
+        if self.condition.is_some() || !self.router.is_empty() {
+            StepKind::Branch
+        } else if self.delay.is_some() || self.until.is_some() {
+            StepKind::Delay
+        } else if self.wait_for.is_some() {
+            StepKind::Wait
+        } else {
+            StepKind::Action
+        }
     }
 
-    /// A branch step's branches in the order they are tried, the fallback last; none for an
-    /// action.
+    /// Whether this is a branch step (`if` or `router`).
+    pub fn is_branch(&self) -> bool {
+        self.kind() == StepKind::Branch
+    }
+
+    /// Whether the step runs no piece (a branch, delay or wait step): it runs on whichever
+    /// worker reaches it.
+    pub fn is_control(&self) -> bool {
+        self.kind() != StepKind::Action
+    }
+
+    /// A branch step's branches in the order they are tried, the fallback last; a wait
+    /// step's timeout branch; none for other steps.
     pub fn branches(&self) -> Vec<BranchRef<'_>> {
+        if self.wait_for.is_some() && !self.on_timeout.is_empty() {
+            return vec![BranchRef {
+                name: TIMEOUT_BRANCH,
+                when: None,
+                steps: &self.on_timeout,
+            }];
+        }
         if let Some(condition) = &self.condition {
             vec![
                 BranchRef {
@@ -421,6 +497,7 @@ impl FlowDefinition {
                     walk(&mut branch.steps, &prefix, f);
                 }
                 walk(&mut step.default, &format!("{at}.default"), f);
+                walk(&mut step.on_timeout, &format!("{at}.on_timeout"), f);
             }
         }
         walk(&mut self.steps, "steps", f);
@@ -829,16 +906,40 @@ impl<'d> StepChecker<'d, '_> {
                     format!("step `{}` is defined twice", step.name),
                 );
             }
-            if step.is_branch() {
-                self.branch_step(step, &at, &visible);
-            } else {
-                self.action_step(step, &at, &visible);
+            let kinds = [
+                (
+                    "`if`/`router`",
+                    step.condition.is_some() || !step.router.is_empty(),
+                ),
+                (
+                    "`delay`/`until`",
+                    step.delay.is_some() || step.until.is_some(),
+                ),
+                ("`wait_for`", step.wait_for.is_some()),
+            ];
+            let given: Vec<&str> = kinds.iter().filter(|k| k.1).map(|k| k.0).collect();
+            if given.len() > 1 {
+                self.issue(
+                    at.clone(),
+                    format!(
+                        "has {}: a step is an action, a branch, a delay or a wait, one at a time",
+                        given.join(" and ")
+                    ),
+                );
+            }
+            match step.kind() {
+                StepKind::Action => self.action_step(step, &at, &visible),
+                StepKind::Branch => self.branch_step(step, &at, &visible),
+                StepKind::Delay => self.delay_step(step, &at, &visible),
+                StepKind::Wait => self.wait_step(step, &at, &visible),
             }
             visible.insert(&step.name);
         }
     }
 
-    fn branch_step(&mut self, step: &'d StepDef, at: &str, visible: &HashSet<&'d str>) {
+    /// Refuses the fields of action steps on a step that runs no piece (but `timeout` on a
+    /// wait step), saying what the step does instead.
+    fn no_action_fields(&mut self, step: &StepDef, at: &str, does: &str) {
         let action_only = [
             ("piece", !step.piece.is_empty()),
             ("version", step.version.is_some()),
@@ -846,7 +947,10 @@ impl<'d> StepChecker<'d, '_> {
             ("connection", step.connection.is_some()),
             ("input", !step.input.is_empty()),
             ("retry", step.retry.is_some()),
-            ("timeout", step.timeout.is_some()),
+            (
+                "timeout",
+                step.timeout.is_some() && step.kind() != StepKind::Wait,
+            ),
             ("queue", step.queue.is_some()),
             ("max_response_bytes", step.max_response_bytes.is_some()),
         ];
@@ -854,10 +958,93 @@ impl<'d> StepChecker<'d, '_> {
             if present {
                 self.issue(
                     format!("{at}.{field}"),
-                    "is for action steps; a branch step only chooses which steps run".into(),
+                    format!("is for action steps; a {does}"),
                 );
             }
         }
+        if step.kind() != StepKind::Wait && !step.on_timeout.is_empty() {
+            self.issue(
+                format!("{at}.on_timeout"),
+                "is for wait steps (`wait_for`)".into(),
+            );
+        }
+    }
+
+    fn delay_step(&mut self, step: &'d StepDef, at: &str, visible: &HashSet<&'d str>) {
+        self.no_action_fields(step, at, "delay step only pauses the run");
+        self.no_branches(step, at);
+        match (step.delay, &step.until) {
+            (Some(_), Some(_)) => self.issue(
+                format!("{at}.until"),
+                "a delay step takes `delay` (a duration) or `until` (an instant), not both".into(),
+            ),
+            (Some(delay), None) if delay.is_zero() || delay > MAX_WAIT => self.issue(
+                format!("{at}.delay"),
+                "must be more than zero and at most 366 days".into(),
+            ),
+            (None, Some(until)) => {
+                if !template::is_template(&Value::String(until.clone()))
+                    && DateTime::parse_from_rfc3339(until).is_err()
+                {
+                    self.issue(
+                        format!("{at}.until"),
+                        format!(
+                            "{until:?} is neither an RFC 3339 instant (2026-12-24T18:00:00Z) nor a template that renders to one"
+                        ),
+                    );
+                }
+                let templates = Value::Object(Map::from_iter([(
+                    "until".to_owned(),
+                    Value::String(until.clone()),
+                )]));
+                self.references(step, &templates, "input.", at, visible);
+            }
+            _ => {}
+        }
+    }
+
+    fn wait_step(&mut self, step: &'d StepDef, at: &str, visible: &HashSet<&'d str>) {
+        self.no_action_fields(
+            step,
+            at,
+            "wait step only pauses the run until it is resumed",
+        );
+        match step.timeout {
+            Some(t) if t.is_zero() || t > MAX_WAIT => self.issue(
+                format!("{at}.timeout"),
+                "must be more than zero and at most 366 days".into(),
+            ),
+            None if !step.on_timeout.is_empty() => self.issue(
+                format!("{at}.on_timeout"),
+                "needs a `timeout`: without one the step waits until it is resumed or cancelled"
+                    .into(),
+            ),
+            _ => {}
+        }
+        if !step.then.is_empty() || !step.otherwise.is_empty() || !step.default.is_empty() {
+            self.issue(
+                format!("{at}.then"),
+                "a wait step's only branch is `on_timeout`".into(),
+            );
+        }
+        self.block(&step.on_timeout, &format!("{at}.on_timeout"), visible);
+    }
+
+    /// Refuses branches on a step that has none.
+    fn no_branches(&mut self, step: &StepDef, at: &str) {
+        if !step.then.is_empty() || !step.otherwise.is_empty() {
+            self.issue(
+                format!("{at}.then"),
+                "`then` and `else` need an `if`".into(),
+            );
+        }
+        if !step.default.is_empty() {
+            self.issue(format!("{at}.default"), "`default` needs a `router`".into());
+        }
+    }
+
+    fn branch_step(&mut self, step: &'d StepDef, at: &str, visible: &HashSet<&'d str>) {
+        self.no_action_fields(step, at, "branch step only chooses which steps run");
         let mut conditions = Map::new();
         if let Some(condition) = &step.condition {
             if !step.router.is_empty() || !step.default.is_empty() {
@@ -936,19 +1123,17 @@ impl<'d> StepChecker<'d, '_> {
     }
 
     fn action_step(&mut self, step: &'d StepDef, at: &str, visible: &HashSet<&'d str>) {
-        if !step.then.is_empty() || !step.otherwise.is_empty() {
+        self.no_branches(step, at);
+        if !step.on_timeout.is_empty() {
             self.issue(
-                format!("{at}.then"),
-                "`then` and `else` need an `if`".into(),
+                format!("{at}.on_timeout"),
+                "is for wait steps (`wait_for`)".into(),
             );
-        }
-        if !step.default.is_empty() {
-            self.issue(format!("{at}.default"), "`default` needs a `router`".into());
         }
         if step.piece.is_empty() || step.action.is_empty() {
             self.issue(
                 at.to_owned(),
-                "an action step needs `piece` and `action` (a branch step needs `if` or `router`)"
+                "an action step needs `piece` and `action` (other steps: `if`/`router`, `delay`/`until` or `wait_for`)"
                     .into(),
             );
         } else {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::engine::StepOutcome;
-use crate::flow::{FlowDefinition, Following, OnFailure, StepDef};
+use crate::flow::{FlowDefinition, Following, OnFailure, StepDef, StepKind};
 use crate::run::{Run, RunStatus, StepState, StepStatus};
 
 /// Where the next step runs.
@@ -167,7 +167,7 @@ pub fn after_attempt<'a>(
             retry_in: None,
             run_end: None,
             // A branch step runs anywhere: it only evaluates its conditions.
-            next: if (next.is_branch() || next.queue() == position.queue)
+            next: if (next.is_control() || next.queue() == position.queue)
                 && position.inline_budget > 0
             {
                 Next::Inline(next)
@@ -180,9 +180,30 @@ pub fn after_attempt<'a>(
     }
 }
 
+/// What starting a delay or wait records: the step waits (until `until`, when it has a
+/// timer), the run pauses, and the delivery is done — a waiting run holds no job.
+pub fn start_wait(until: Option<DateTime<Utc>>) -> AfterAttempt<'static> {
+    AfterAttempt {
+        status: StepStatus::Waiting,
+        retry_at: until,
+        retry_in: None,
+        run_end: None,
+        next: Next::Done,
+        settle: Settle::Ack,
+        closed: Vec::new(),
+    }
+}
+
+/// How early a job for a waiting step may come and still wake it: the clocks of the
+/// scheduler that fired its timer and of the worker may differ by this much.
+pub const WAKE_TOLERANCE: Duration = Duration::from_secs(1);
+
 /// What a delivered step job should do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume<'a> {
+    /// The run waits on `step` and its time has come (a delay ended, a wait timed out):
+    /// wake it, if no one else did first.
+    Wake(&'a StepDef),
     /// The run is over (finished or cancelled): drop the job.
     Finished,
     /// Run `step` now, as attempt `attempt` of its current retry budget (1 for the first).
@@ -210,6 +231,8 @@ pub struct Delivered<'j> {
     pub epoch: u32,
     /// How long its first delivery waits before the attempt (a handed-over retry).
     pub delay: Option<Duration>,
+    /// When it was delivered.
+    pub now: DateTime<Utc>,
 }
 
 /// Decides what a delivery of `job` does, from what `run` recorded. `infra_allowance` is how
@@ -236,6 +259,18 @@ pub fn on_delivery<'a>(
     while let Some(state) = run.step(&current.name) {
         match state.status {
             StepStatus::Retrying => break,
+            StepStatus::Waiting => {
+                // Only a job for the waiting step, once its timer is due, wakes the run;
+                // anything else leaves it to the timer (or to whoever resumes it).
+                let due = state
+                    .retry_at
+                    .is_some_and(|at| at <= job.now + chrono_duration(WAKE_TOLERANCE));
+                return if current.name == step.name && due {
+                    Resume::Wake(current)
+                } else {
+                    Resume::HandOff(Next::Done)
+                };
+            }
             StepStatus::Failed if current.on_failure == OnFailure::Stop => {
                 return Resume::HandOff(Next::Done);
             }
@@ -314,6 +349,16 @@ pub enum Refusal {
     NothingToRetry(String),
     #[error("run `{0}` is not running")]
     NotRunning(String),
+    #[error("the flow of run `{run}` has no step `{step}`")]
+    NoSuchStep { run: String, step: String },
+    #[error("step `{step}` is not a wait step (`wait_for`): only waits are resumed by hand")]
+    NotAWait { step: String },
+    #[error("run `{run}` is not waiting on step `{step}` ({now})")]
+    NotWaitingOn {
+        run: String,
+        step: String,
+        now: String,
+    },
 }
 
 /// A manual retry: the failed step, reset to run again with a fresh retry budget.
@@ -348,7 +393,46 @@ pub fn retry(run: &Run) -> Result<Retry, Refusal> {
     Ok(Retry { step, epoch })
 }
 
-/// Checks that a run may be cancelled: only while it runs. The step in flight finishes;
+/// Plans resuming run `run` by hand at its wait step `step`: the step's waiting state, and
+/// when its timer is due (if it has one).
+pub fn resume(
+    flow: &FlowDefinition,
+    run: &Run,
+    step: &str,
+) -> Result<(StepState, Option<DateTime<Utc>>), Refusal> {
+    let Some(def) = flow.step(step) else {
+        return Err(Refusal::NoSuchStep {
+            run: run.id.clone(),
+            step: step.to_owned(),
+        });
+    };
+    if def.kind() != StepKind::Wait {
+        return Err(Refusal::NotAWait {
+            step: step.to_owned(),
+        });
+    }
+    let waiting = run.steps.iter().find(|s| s.status == StepStatus::Waiting);
+    match waiting {
+        Some(state) if run.status == RunStatus::Waiting && state.name == step => {
+            Ok((state.clone(), state.retry_at))
+        }
+        _ => {
+            let now = match waiting {
+                Some(other) if run.status == RunStatus::Waiting => {
+                    format!("it waits on `{}`", other.name)
+                }
+                _ => format!("it is {}", run.status.as_str()),
+            };
+            Err(Refusal::NotWaitingOn {
+                run: run.id.clone(),
+                step: step.to_owned(),
+                now,
+            })
+        }
+    }
+}
+
+/// Checks that a run may be cancelled: while it runs or waits. The step in flight finishes;
 /// nothing after it runs.
 pub fn cancel(run: &Run) -> Result<(), Refusal> {
     if run.status.is_terminal() {
@@ -448,6 +532,7 @@ mod tests {
             delivered,
             epoch: 0,
             delay: None,
+            now: now(),
         }
     }
 
@@ -744,6 +829,64 @@ mod tests {
     #[test]
     fn the_first_step_is_the_first_declared() {
         assert_eq!(first_step(&three()).unwrap().name, "a");
+    }
+
+    #[test]
+    fn a_waiting_run_wakes_only_from_a_due_job_for_its_waiting_step() {
+        let flow = flow(concat!(
+            "  - {name: a, piece: p, action: x}\n",
+            "  - {name: pause, delay: 1h}\n",
+            "  - {name: z, piece: p, action: x}\n",
+        ));
+        let pause = flow.step("pause").unwrap();
+        let after = start_wait(Some(now()));
+        assert_eq!(
+            (after.status, after.next, after.settle),
+            (StepStatus::Waiting, Next::Done, Settle::Ack)
+        );
+        let mut waiting = state("pause", StepStatus::Waiting, 1);
+        waiting.retry_at = Some(now() + chrono::Duration::seconds(30));
+        let mut run = run_with(vec![state("a", StepStatus::Succeeded, 1), waiting.clone()]);
+        run.status = RunStatus::Waiting;
+        let at = |step, secs| Delivered {
+            now: now() + chrono::Duration::seconds(secs),
+            ..job(step, 1)
+        };
+        // Early (a redelivered job from before the wait): the timer will come.
+        assert_eq!(
+            on_delivery(&flow, &run, at("pause", 0), 10),
+            Resume::HandOff(Next::Done)
+        );
+        // Due, or within the clocks' tolerance of due: wake.
+        assert_eq!(
+            on_delivery(&flow, &run, at("pause", 29), 10),
+            Resume::Wake(pause)
+        );
+        assert_eq!(
+            on_delivery(&flow, &run, at("pause", 90), 10),
+            Resume::Wake(pause)
+        );
+        // A redelivery of the job before the wait leaves the run to its timer.
+        assert_eq!(
+            on_delivery(&flow, &run, at("a", 90), 10),
+            Resume::HandOff(Next::Done)
+        );
+        // A wait with no timeout is woken by nobody but whoever resumes it.
+        waiting.retry_at = None;
+        let run = run_with(vec![state("a", StepStatus::Succeeded, 1), waiting]);
+        assert_eq!(
+            on_delivery(&flow, &run, at("pause", 90), 10),
+            Resume::HandOff(Next::Done)
+        );
+        // Once woken (recorded as done), the run goes on after it.
+        let run = run_with(vec![
+            state("a", StepStatus::Succeeded, 1),
+            state("pause", StepStatus::Succeeded, 1),
+        ]);
+        assert_eq!(
+            on_delivery(&flow, &run, at("pause", 90), 10),
+            Resume::HandOff(Next::Publish(flow.step("z").unwrap()))
+        );
     }
 
     /// `gate` chooses `then` (a, on queue vpn, then b) or `else` (nothing); `z` follows.

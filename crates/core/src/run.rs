@@ -16,11 +16,13 @@ pub enum RunStatus {
     Succeeded,
     Failed,
     Cancelled,
+    /// Paused at a delay or wait step, until its timer fires or it is resumed.
+    Waiting,
 }
 
 impl RunStatus {
     pub fn is_terminal(self) -> bool {
-        !matches!(self, RunStatus::Running)
+        !matches!(self, RunStatus::Running | RunStatus::Waiting)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -29,6 +31,7 @@ impl RunStatus {
             RunStatus::Succeeded => "succeeded",
             RunStatus::Failed => "failed",
             RunStatus::Cancelled => "cancelled",
+            RunStatus::Waiting => "waiting",
         }
     }
 }
@@ -38,7 +41,7 @@ impl std::str::FromStr for RunStatus {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         serde_json::from_value(Value::String(s.to_owned())).map_err(|_| {
-            format!("unknown run status {s:?} (running, succeeded, failed, cancelled)")
+            format!("unknown run status {s:?} (running, waiting, succeeded, failed, cancelled)")
         })
     }
 }
@@ -50,6 +53,8 @@ pub enum StepStatus {
     Retrying,
     Succeeded,
     Failed,
+    /// A delay or wait step the run is waiting on; `retry_at` is when its timer fires.
+    Waiting,
 }
 
 impl StepStatus {
@@ -58,6 +63,7 @@ impl StepStatus {
             StepStatus::Retrying => "retrying",
             StepStatus::Succeeded => "succeeded",
             StepStatus::Failed => "failed",
+            StepStatus::Waiting => "waiting",
         }
     }
 }
@@ -95,7 +101,8 @@ pub struct StepState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub attempts: Vec<Attempt>,
-    /// While retrying: when the next attempt may start.
+    /// While retrying: when the next attempt may start; while waiting: when the delay ends or
+    /// the wait times out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<DateTime<Utc>>,
     /// Attempts recorded before the last manual retry: the retry policy counts from here.

@@ -474,7 +474,7 @@ steps:
             "steps[2] (g).then: an `if` step needs steps in `then`, `else` or both",
             "steps[3] (h).default: `default` needs a `router`",
             "steps[3] (h).input.value: refers to step `b`, inside a branch of `a` that may not have run: refer to `steps.a.output` (the output of the branch that ran) or `steps.a.branch`",
-            "steps[4] (j): an action step needs `piece` and `action` (a branch step needs `if` or `router`)",
+            "steps[4] (j): an action step needs `piece` and `action` (other steps: `if`/`router`, `delay`/`until` or `wait_for`)",
         ]
     );
 }
@@ -496,5 +496,51 @@ fn a_branch_counts_its_steps_toward_the_limit_and_names_are_unique_across_branch
     assert_eq!(
         issues(&text),
         ["steps[0] (triage).else[0].name: step `page` is defined twice"]
+    );
+}
+
+#[test]
+fn delay_and_wait_steps_validate_and_their_problems_are_named() {
+    let good = r#"
+apiVersion: piecework/v1
+kind: Flow
+name: waits
+trigger: { piece: data, trigger: catch }
+steps:
+  - { name: pause, delay: 2s }
+  - { name: later, until: "{{ trigger.body.at }}" }
+  - name: approval
+    wait_for: approval
+    timeout: 1h
+    on_timeout: [ { name: escalate, piece: data, action: set, input: { value: "{{ steps.pause.output }}" } } ]
+  - { name: done, piece: data, action: set, input: { value: "{{ steps.approval.output }}" } }
+"#;
+    assert_eq!(issues(good), Vec::<String>::new());
+    let def = FlowDefinition::parse(good, Format::Yaml).unwrap();
+    assert_eq!(def.after("escalate").unwrap().next.unwrap().name, "done");
+    let bad = r#"
+apiVersion: piecework/v1
+kind: Flow
+name: waits
+trigger: { piece: data, trigger: catch }
+steps:
+  - { name: a, delay: 0s }
+  - { name: b, delay: 1s, until: "2026-01-01T00:00:00Z", piece: data }
+  - { name: c, until: "tomorrow" }
+  - { name: d, wait_for: approval, on_timeout: [ { name: e, piece: data, action: set, input: { value: 1 } } ] }
+  - { name: f, wait_for: approval, if: "{{ true }}", then: [ { name: g, piece: data, action: set, input: { value: 1 } } ] }
+  - { name: h, piece: data, action: set, input: { value: 1 }, on_timeout: [ { name: i, piece: data, action: set, input: { value: 1 } } ] }
+"#;
+    assert_eq!(
+        issues(bad),
+        [
+            "steps[0] (a).delay: must be more than zero and at most 366 days",
+            "steps[1] (b).piece: is for action steps; a delay step only pauses the run",
+            "steps[1] (b).until: a delay step takes `delay` (a duration) or `until` (an instant), not both",
+            "steps[2] (c).until: \"tomorrow\" is neither an RFC 3339 instant (2026-12-24T18:00:00Z) nor a template that renders to one",
+            "steps[3] (d).on_timeout: needs a `timeout`: without one the step waits until it is resumed or cancelled",
+            "steps[4] (f): has `if`/`router` and `wait_for`: a step is an action, a branch, a delay or a wait, one at a time",
+            "steps[5] (h).on_timeout: is for wait steps (`wait_for`)",
+        ]
     );
 }

@@ -10,24 +10,27 @@
 //! services; the separate processes each build their own on NATS and Redis.
 
 pub mod access;
+mod clock;
 pub mod pieces;
 pub mod rotation;
 pub mod secrets;
 pub mod upgrade;
 pub mod webhooks;
 
+pub use clock::Clock;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use piecework_bus::Bus;
 use piecework_bus::jobs;
 use piecework_core::flow::{self, FlowDefinition, FlowVersion};
-use piecework_core::{Catalog, FlowError, Registry, Run, RunStatus, lifecycle};
-use piecework_proto::v1::{AuditEvent, StepJob};
+use piecework_core::{Catalog, FlowError, Registry, Run, RunStatus, StepStatus, lifecycle};
+use piecework_proto::v1::{AuditEvent, StepJob, StepResult};
 use piecework_sdk::{Context, EgressPolicy, HttpClient, Owner, PieceError, RunInfo, ScopedStore};
-use piecework_store::{Applied, ConnectionRecord, StepUpdate, Store, StoreError};
+use piecework_store::{Applied, ConnectionRecord, StepUpdate, Store, StoreError, Timer};
 use piecework_telemetry::Metrics;
 use piecework_telemetry::metrics::TriggerKind;
 use piecework_telemetry::propagation;
@@ -170,6 +173,9 @@ pub struct Runtime {
     admissions: Mutex<HashMap<String, piecework_store::FlowRecord>>,
     /// Runs this process's bundles; `None` where none run (some CLI tools).
     host: Option<Arc<piecework_host::PieceHost>>,
+    /// The time as this process sees it: wall time advancing with the runtime's monotonic
+    /// clock, so tests with a paused clock drive delays and timers.
+    clock: Clock,
 }
 
 impl Runtime {
@@ -180,6 +186,7 @@ impl Runtime {
         egress: EgressPolicy,
     ) -> Result<Self, RuntimeError> {
         Ok(Self {
+            clock: Clock::new(),
             store,
             bus,
             catalog,
@@ -614,9 +621,170 @@ impl Runtime {
             step: step.to_owned(),
             epoch,
             delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            wake_ms: 0,
         };
         jobs::publish_step(self.bus.as_ref(), queue, &job).await?;
         Ok(())
+    }
+
+    /// Publishes the job that wakes the run of `timer`, waiting on its step, at `at`.
+    async fn publish_wake(&self, timer: &Timer, at: DateTime<Utc>) -> Result<(), RuntimeError> {
+        let Some(flow) = self
+            .flow_version(&timer.flow_id, timer.flow_version)
+            .await?
+        else {
+            return Err(RuntimeError::Conflict(format!(
+                "flow `{}` version {} no longer exists",
+                timer.flow_id, timer.flow_version
+            )));
+        };
+        let queue = flow
+            .definition
+            .step(&timer.step)
+            .map_or(flow::DEFAULT_QUEUE, |s| s.queue());
+        let job = StepJob {
+            run_id: timer.run_id.clone(),
+            flow_id: timer.flow_id.clone(),
+            flow_version: timer.flow_version,
+            step: timer.step.clone(),
+            epoch: 0,
+            delay_ms: 0,
+            wake_ms: u64::try_from(at.timestamp_millis()).unwrap_or_default(),
+        };
+        jobs::publish_step(self.bus.as_ref(), queue, &job).await?;
+        Ok(())
+    }
+
+    /// Publishes a wake-up job for every waiting step whose timer is due at `now` (at most
+    /// `limit`); a timer whose wake is not recorded within `again_after` fires again. Returns
+    /// how many fired.
+    pub async fn fire_due_timers(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+        again_after: std::time::Duration,
+    ) -> Result<usize, RuntimeError> {
+        let due = self.store.take_due_timers(now, limit, again_after).await?;
+        for timer in &due {
+            if let Err(err) = self.publish_wake(timer, timer.due).await {
+                tracing::warn!(run_id = %timer.run_id, step = %timer.step, error = %err, "could not wake a waiting run; its timer fires again");
+            }
+        }
+        Ok(due.len())
+    }
+
+    /// The time now, for delays and timers: [`Clock`].
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// When the earliest timer of a waiting run is due.
+    pub async fn next_timer(&self) -> Result<Option<DateTime<Utc>>, RuntimeError> {
+        Ok(self.store.next_timer().await?)
+    }
+
+    /// A signal that moves whenever a run starts waiting with a timer.
+    pub async fn watch_timers(&self) -> Result<tokio::sync::watch::Receiver<u64>, RuntimeError> {
+        Ok(self.store.watch_timers().await?)
+    }
+
+    /// Claims the wake of a waiting run whose timer came due: `false` if it was resumed,
+    /// cancelled or woken by someone else.
+    pub async fn claim_wake(&self, timer: &Timer) -> Result<bool, RuntimeError> {
+        Ok(self.store.claim_wake(timer).await?)
+    }
+
+    /// Forgets the timer of a run that no longer waits on it.
+    pub async fn drop_timer(&self, timer: &Timer) -> Result<(), RuntimeError> {
+        Ok(self.store.drop_timer(timer).await?)
+    }
+
+    /// Resumes a run waiting on its wait step `step` with `payload` as the step's output,
+    /// and publishes the job that takes it on. Audited as `run.resume`.
+    pub async fn resume_waiting_run(
+        &self,
+        run_id: &str,
+        step: &str,
+        payload: Value,
+        actor: &Actor,
+    ) -> Result<Run, RuntimeError> {
+        let resume = async {
+            let run = self
+                .store
+                .get_run(run_id)
+                .await?
+                .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_owned()))?;
+            let flow = self
+                .flow_version(&run.flow_id, run.flow_version)
+                .await?
+                .ok_or_else(|| {
+                    RuntimeError::Conflict(format!(
+                        "flow `{}` version {} no longer exists",
+                        run.flow_id, run.flow_version
+                    ))
+                })?;
+            let (state, timer) = lifecycle::resume(&flow.definition, &run, step).map_err(
+                |refusal| match refusal {
+                    lifecycle::Refusal::NoSuchStep { .. } | lifecycle::Refusal::NotAWait { .. } => {
+                        RuntimeError::Invalid(refusal.to_string())
+                    }
+                    _ => RuntimeError::Conflict(refusal.to_string()),
+                },
+            )?;
+            let mut state = state;
+            let now = Utc::now();
+            let number = u32::try_from(state.attempts.len()).unwrap_or(u32::MAX) + 1;
+            state.status = StepStatus::Succeeded;
+            state.output = Some(payload);
+            state.retry_at = None;
+            state.attempts.push(piecework_core::run::Attempt {
+                attempt: number,
+                status: StepStatus::Succeeded,
+                started_at: now,
+                duration_ms: 0,
+                error: None,
+                worker: actor.0.clone(),
+            });
+            let timer = Timer {
+                run_id: run.id.clone(),
+                flow_id: run.flow_id.clone(),
+                flow_version: run.flow_version,
+                step: step.to_owned(),
+                due: timer.unwrap_or(now),
+            };
+            let result = StepResult {
+                run_id: run.id.clone(),
+                flow_id: run.flow_id.clone(),
+                flow_version: run.flow_version,
+                step: step.to_owned(),
+                attempt: number,
+                status: piecework_proto::v1::StepStatus::Succeeded as i32,
+                run_status: piecework_proto::v1::RunStatus::Running as i32,
+                finished_unix_ms: now.timestamp_millis(),
+                ..StepResult::default()
+            };
+            match self.store.resume_waiting(&timer, &state, &result).await? {
+                None => return Err(RuntimeError::NoSuchRun(run_id.to_owned())),
+                Some(false) => {
+                    return Err(RuntimeError::Conflict(format!(
+                        "run `{run_id}` is no longer waiting on step `{step}`"
+                    )));
+                }
+                Some(true) => {}
+            }
+            self.publish_wake(&timer, now).await
+        };
+        self.audited(
+            actor,
+            "run.resume",
+            &format!("run/{run_id}/step/{step}"),
+            resume,
+        )
+        .await?;
+        self.store
+            .get_run(run_id)
+            .await?
+            .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_owned()))
     }
 
     /// A run as recorded.

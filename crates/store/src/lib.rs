@@ -150,6 +150,26 @@ pub struct StepUpdate {
     /// Set when the attempt ended the run; ignored if the run is no longer running (it was
     /// cancelled meanwhile).
     pub run: Option<RunUpdate>,
+    /// Set when the attempt started a delay or wait: the run waits (unless it is no longer
+    /// running), with a timer when the step has one.
+    pub pause: Option<Pause>,
+}
+
+/// A run starting to wait on a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pause {
+    /// When the run is woken, if it is not resumed first.
+    pub timer: Option<Timer>,
+}
+
+/// When a waiting run's step is to be woken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timer {
+    pub run_id: String,
+    pub flow_id: String,
+    pub flow_version: u32,
+    pub step: String,
+    pub due: DateTime<Utc>,
 }
 
 /// A stored connection. `secret` is the sealed value, opaque to the store: only the worker
@@ -234,6 +254,39 @@ pub trait Store: Send + Sync + 'static {
     /// Sets a failed run running again with `step` (its failed step, marked `retrying`) to be
     /// executed anew: `None` if there is no such run, `Some(false)` if it was not failed.
     async fn resume_run(&self, run_id: &str, step: &StepState) -> Result<Option<bool>, StoreError>;
+    /// Wakes a run waiting on `timer.step` (its timer came due): the run is running again
+    /// and the timer is gone. `true` to the one caller that may go on with the run:
+    /// the run was waiting, or a wake of this step was claimed before but its step not yet
+    /// recorded (a worker died between the two). `false` when the run was resumed, cancelled
+    /// or woken and recorded by someone else.
+    async fn claim_wake(&self, timer: &Timer) -> Result<bool, StoreError>;
+    /// Forgets a timer whose run no longer waits on it (cancelled meanwhile).
+    async fn drop_timer(&self, timer: &Timer) -> Result<(), StoreError>;
+    /// Resumes a run waiting on `timer.step` by hand: records `step` (done, with the resume's
+    /// payload), its `pw:results` entry, and the run as running again, and drops the timer,
+    /// only if the run is waiting on that step. `None` if there is no such run, `Some(false)` if it was not
+    /// waiting on it.
+    async fn resume_waiting(
+        &self,
+        timer: &Timer,
+        step: &StepState,
+        result: &StepResult,
+    ) -> Result<Option<bool>, StoreError>;
+    /// Timers due at `now`, at most `limit`, earliest first. Each is pushed back by
+    /// `again_after` rather than removed: it fires again unless the wake it causes is
+    /// recorded first (which removes it), so a lost wake-up is retried, and schedulers taking
+    /// timers at the same moment do not take the same ones.
+    async fn take_due_timers(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+        again_after: Duration,
+    ) -> Result<Vec<Timer>, StoreError>;
+    /// When the earliest timer is due, if there is any.
+    async fn next_timer(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
+    /// A signal that moves whenever a timer is added, for schedulers sleeping until the next
+    /// one. Best effort: callers also look every so often.
+    async fn watch_timers(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError>;
     /// Watches for the end of run `run_id`, which may not exist yet: register first, then
     /// create the run, then await [`RunWatch::ended`].
     async fn watch_run(&self, run_id: &str) -> Result<Box<dyn RunWatch>, StoreError>;

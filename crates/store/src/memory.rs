@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use crate::{
     Admission, ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunEnded, RunQuery,
-    RunUpdate, RunWatch, StepUpdate, Store, StoreError,
+    RunUpdate, RunWatch, StepUpdate, Store, StoreError, Timer,
 };
 
 /// Default cap of each stream, as Redis' `MAXLEN ~`.
@@ -78,6 +78,8 @@ struct State {
     swept_at: std::time::Instant,
     /// Incremented by every apply, enable and disable.
     flows_revision: u64,
+    /// Timers of waiting runs, by run and step.
+    timers: HashMap<(String, String), Timer>,
 }
 
 impl State {
@@ -143,6 +145,8 @@ pub struct MemoryStore {
     kv: Arc<MemoryKv>,
     /// Woken whenever a run changes or a result is appended.
     changed: Arc<Notify>,
+    /// Bumped whenever a timer is added.
+    timers_added: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Default for MemoryStore {
@@ -172,7 +176,9 @@ impl MemoryStore {
                 run_retention: crate::DEFAULT_RUN_RETENTION,
                 swept_at: std::time::Instant::now(),
                 flows_revision: 0,
+                timers: HashMap::new(),
             })),
+            timers_added: Arc::new(tokio::sync::watch::channel(0).0),
             kv: Arc::new(MemoryKv::default()),
             changed: Arc::new(Notify::new()),
         }
@@ -353,11 +359,21 @@ impl Store for MemoryStore {
     }
 
     async fn record_step(&self, update: StepUpdate) -> Result<RunStatus, StoreError> {
+        let mut state_timers = Vec::new();
         let status = {
             let mut state = self.state.lock().unwrap();
             let run = state.runs.get_mut(&update.run_id).ok_or_else(|| {
                 StoreError::Conflict(format!("run {} does not exist", update.run_id))
             })?;
+            if let Some(pause) = update.pause
+                && run.status == piecework_core::RunStatus::Running
+            {
+                run.status = piecework_core::RunStatus::Waiting;
+                if let Some(timer) = pause.timer {
+                    let key = (timer.run_id.clone(), timer.step.clone());
+                    state_timers.push((key, timer));
+                }
+            }
             run.upsert_step(update.step);
             for closed in update.closed {
                 run.upsert_step(closed);
@@ -372,6 +388,11 @@ impl Store for MemoryStore {
             state.results.push(update.result);
             if let Some(event) = update.audit {
                 state.audit.push(event);
+            }
+            let added = !state_timers.is_empty();
+            state.timers.extend(state_timers);
+            if added {
+                self.timers_added.send_modify(|n| *n += 1);
             }
             status
         };
@@ -402,7 +423,7 @@ impl Store for MemoryStore {
             let Some(run) = state.runs.get_mut(run_id) else {
                 return Ok(None);
             };
-            if run.status != piecework_core::RunStatus::Running {
+            if run.status.is_terminal() {
                 return Ok(Some(false));
             }
             run.status = piecework_core::RunStatus::Cancelled;
@@ -430,6 +451,99 @@ impl Store for MemoryStore {
         run.finished_at = None;
         run.upsert_step(step.clone());
         Ok(Some(true))
+    }
+
+    async fn claim_wake(&self, timer: &Timer) -> Result<bool, StoreError> {
+        use piecework_core::{RunStatus, StepStatus};
+        let mut state = self.state.lock().unwrap();
+        let Some(run) = state.runs.get_mut(&timer.run_id) else {
+            return Ok(false);
+        };
+        let step_waits = run
+            .step(&timer.step)
+            .is_some_and(|s| s.status == StepStatus::Waiting);
+        let claimed =
+            run.status == RunStatus::Waiting || (run.status == RunStatus::Running && step_waits);
+        if claimed {
+            run.status = RunStatus::Running;
+            state
+                .timers
+                .remove(&(timer.run_id.clone(), timer.step.clone()));
+        }
+        Ok(claimed)
+    }
+
+    async fn drop_timer(&self, timer: &Timer) -> Result<(), StoreError> {
+        let mut state = self.state.lock().unwrap();
+        state
+            .timers
+            .remove(&(timer.run_id.clone(), timer.step.clone()));
+        Ok(())
+    }
+
+    async fn resume_waiting(
+        &self,
+        timer: &Timer,
+        step: &piecework_core::StepState,
+        result: &StepResult,
+    ) -> Result<Option<bool>, StoreError> {
+        use piecework_core::{RunStatus, StepStatus};
+        {
+            let mut state = self.state.lock().unwrap();
+            let Some(run) = state.runs.get_mut(&timer.run_id) else {
+                return Ok(None);
+            };
+            let step_waits = run
+                .step(&timer.step)
+                .is_some_and(|s| s.status == StepStatus::Waiting);
+            if run.status != RunStatus::Waiting || !step_waits {
+                return Ok(Some(false));
+            }
+            run.status = RunStatus::Running;
+            run.upsert_step(step.clone());
+            state
+                .timers
+                .remove(&(timer.run_id.clone(), timer.step.clone()));
+            state.results.push(result.clone());
+        }
+        self.changed.notify_waiters();
+        Ok(Some(true))
+    }
+
+    async fn take_due_timers(
+        &self,
+        now: chrono::DateTime<Utc>,
+        limit: usize,
+        again_after: Duration,
+    ) -> Result<Vec<Timer>, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        let mut due: Vec<Timer> = state
+            .timers
+            .values()
+            .filter(|t| t.due <= now)
+            .cloned()
+            .collect();
+        due.sort_by_key(|t| t.due);
+        due.truncate(limit);
+        let again = now + chrono::Duration::from_std(again_after).unwrap_or(chrono::Duration::MAX);
+        for timer in &due {
+            if let Some(kept) = state
+                .timers
+                .get_mut(&(timer.run_id.clone(), timer.step.clone()))
+            {
+                kept.due = again;
+            }
+        }
+        Ok(due)
+    }
+
+    async fn next_timer(&self) -> Result<Option<chrono::DateTime<Utc>>, StoreError> {
+        let state = self.state.lock().unwrap();
+        Ok(state.timers.values().map(|t| t.due).min())
+    }
+
+    async fn watch_timers(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {
+        Ok(self.timers_added.subscribe())
     }
 
     async fn watch_run(&self, run_id: &str) -> Result<Box<dyn RunWatch>, StoreError> {

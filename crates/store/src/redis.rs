@@ -48,7 +48,7 @@ use crate::group_commit::GroupCommit;
 use crate::run_done::{self, RunDone};
 use crate::{
     Admission, ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunEnded, RunQuery,
-    RunUpdate, RunWatch, StepUpdate, Store, StoreError,
+    RunUpdate, RunWatch, StepUpdate, Store, StoreError, Timer,
 };
 
 /// A registered waiter for one run's end. The finish notification says how the run ended;
@@ -176,6 +176,9 @@ impl Default for RedisConfig {
 }
 
 const RESULTS: &str = "pw:results";
+/// Timers of waiting runs: members `run\nflow\nversion\step`, scored by due time (ms); a
+/// message on the channel of the same name when one is added.
+const TIMERS: &str = "pw:timers";
 const AUDIT: &str = "pw:audit";
 const FLOWS: &str = "pw:flows";
 const FLOWS_REVISION: &str = "pw:flows:revision";
@@ -245,12 +248,12 @@ end
 return 1
 "#;
 
-/// Cancels a run only while it is running, to expire after `ARGV[3]` ms (`0`: never).
-/// 0: no such run, 1: cancelled, 2: not running.
+/// Cancels a run only while it is running or waiting, to expire after `ARGV[3]` ms (`0`:
+/// never). 0: no such run, 1: cancelled, 2: not running.
 const CANCEL_RUN: &str = r#"
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
-if status ~= 'running' then return 2 end
+if status ~= 'running' and status ~= 'waiting' then return 2 end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
 if ARGV[3] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 redis.call('PUBLISH', ARGV[2], '{"status":"cancelled"}')
@@ -267,6 +270,104 @@ redis.call('HDEL', KEYS[1], 'finished_at')
 redis.call('PERSIST', KEYS[1])
 return 1
 "#;
+
+/// Inside a step update's `MULTI`: the run `KEYS[1]` waits, if it is still running, with
+/// timer `ARGV[1]` (none when empty) due at `ARGV[2]` ms in `KEYS[2]`, announced on the
+/// channel `KEYS[2]`.
+const START_WAIT: &str = r#"
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'waiting')
+if ARGV[1] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  redis.call('PUBLISH', KEYS[2], ARGV[2])
+end
+return 1
+"#;
+
+/// Claims the wake of step field `ARGV[2]` of run `KEYS[1]` and drops its timer `ARGV[1]`
+/// from `KEYS[2]`: 1 when the run was waiting, or was claimed before but its step is still
+/// waiting (the claimer died before recording it); else 0.
+const CLAIM_WAKE: &str = r#"
+local status = redis.call('HGET', KEYS[1], 'status')
+local claimed = status == 'waiting'
+if not claimed and status == 'running' then
+  local step = redis.call('HGET', KEYS[1], ARGV[2])
+  claimed = step ~= false and cjson.decode(step).status == 'waiting'
+end
+if not claimed then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'running')
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"#;
+
+/// Resumes run `KEYS[1]` waiting on step field `ARGV[1]`: records the step `ARGV[2]`, drops
+/// its timer `ARGV[3]` from `KEYS[2]`, appends the result (fields `ARGV[5..]`, stream capped
+/// at `ARGV[4]`) to `KEYS[3]`. 0: no such run, 1: resumed, 2: not waiting on that step.
+const RESUME_WAITING: &str = r#"
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 0 end
+if status ~= 'waiting' then return 2 end
+local step = redis.call('HGET', KEYS[1], ARGV[1])
+if not step or cjson.decode(step).status ~= 'waiting' then return 2 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], 'status', 'running')
+redis.call('ZREM', KEYS[2], ARGV[3])
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+return 1
+"#;
+
+/// Takes the timers of `KEYS[1]` due at `ARGV[1]` ms, at most `ARGV[2]`, pushing each back by
+/// `ARGV[3]` ms; returns members and scores.
+const TAKE_TIMERS: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+for i = 1, #due, 2 do
+  redis.call('ZADD', KEYS[1], 'XX', tonumber(ARGV[1]) + tonumber(ARGV[3]), due[i])
+end
+return due
+"#;
+
+/// Bumps `sender` on every message on `pw:timers`, resubscribing when the subscription drops,
+/// until every receiver is gone.
+async fn listen_timers(client: redis::Client, sender: tokio::sync::watch::Sender<u64>) {
+    use futures::StreamExt as _;
+    while !sender.is_closed() {
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => {
+                if pubsub.subscribe(TIMERS).await.is_ok() {
+                    // Timers added while unsubscribed: have the watchers look.
+                    sender.send_modify(|n| *n += 1);
+                    let mut messages = pubsub.on_message();
+                    while messages.next().await.is_some() {
+                        sender.send_modify(|n| *n += 1);
+                    }
+                }
+            }
+            Err(err) => tracing::debug!(error = %err, "timer notifications unavailable"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A timer's member in `pw:timers`.
+fn timer_member(run_id: &str, flow_id: &str, flow_version: u32, step: &str) -> String {
+    format!("{run_id}\n{flow_id}\n{flow_version}\n{step}")
+}
+
+fn timer_from(member: &str, due_ms: f64) -> Option<Timer> {
+    let mut parts = member.splitn(4, '\n');
+    let (run_id, flow_id, version, step) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    #[allow(clippy::cast_possible_truncation)]
+    let due = DateTime::from_timestamp_millis(due_ms as i64)?;
+    Some(Timer {
+        run_id: run_id.to_owned(),
+        flow_id: flow_id.to_owned(),
+        flow_version: version.parse().ok()?,
+        step: step.to_owned(),
+        due,
+    })
+}
 
 /// Replaces a JSON string record whose field `ARGV[1]` still equals `ARGV[2]` by `ARGV[3]`.
 const SWAP_RECORD: &str = r#"
@@ -311,6 +412,12 @@ pub struct RedisStore {
     create_admitted_run: Arc<Script>,
     cancel_run: Arc<Script>,
     resume_run: Arc<Script>,
+    claim_wake: Arc<Script>,
+    resume_waiting: Arc<Script>,
+    take_timers: Arc<Script>,
+    /// Timer notifications, subscribed on the first `watch_timers`.
+    timers: Arc<tokio::sync::OnceCell<tokio::sync::watch::Sender<u64>>>,
+    client: redis::Client,
     unlock: Arc<Script>,
     /// Run-finished notifications, subscribed on the first `wait_run_finished`.
     done: Arc<RunDone>,
@@ -420,7 +527,12 @@ impl RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(Self {
-            done: Arc::new(RunDone::new(client)),
+            done: Arc::new(RunDone::new(client.clone())),
+            client,
+            claim_wake: Arc::new(Script::new(CLAIM_WAKE)),
+            resume_waiting: Arc::new(Script::new(RESUME_WAITING)),
+            take_timers: Arc::new(Script::new(TAKE_TIMERS)),
+            timers: Arc::default(),
             results_trimmed_at: Arc::new(std::sync::atomic::AtomicI64::new(0)),
             audit_trimmed_at: Arc::new(std::sync::atomic::AtomicI64::new(0)),
             steps: GroupCommit::start(conn.clone()),
@@ -992,6 +1104,17 @@ impl Store for RedisStore {
         }
         commands.push(hset);
         let retention = self.config.run_retention;
+        if let Some(pause) = &update.pause {
+            let mut wait = redis::cmd("EVAL");
+            wait.arg(START_WAIT).arg(2).arg(&key).arg(TIMERS);
+            match &pause.timer {
+                Some(t) => wait
+                    .arg(timer_member(&t.run_id, &t.flow_id, t.flow_version, &t.step))
+                    .arg(t.due.timestamp_millis()),
+                None => wait.arg("").arg(0),
+            };
+            commands.push(wait);
+        }
         if let Some(run) = &update.run {
             commands.push(finish_run(
                 &update.run_id,
@@ -1059,6 +1182,128 @@ impl Store for RedisStore {
             1 => Some(true),
             _ => Some(false),
         })
+    }
+
+    async fn claim_wake(&self, timer: &Timer) -> Result<bool, StoreError> {
+        let claimed: i64 = self
+            .claim_wake
+            .key(run_key(&timer.run_id))
+            .key(TIMERS)
+            .arg(timer_member(
+                &timer.run_id,
+                &timer.flow_id,
+                timer.flow_version,
+                &timer.step,
+            ))
+            .arg(format!("step:{}", timer.step))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(claimed == 1)
+    }
+
+    async fn drop_timer(&self, timer: &Timer) -> Result<(), StoreError> {
+        let member = timer_member(
+            &timer.run_id,
+            &timer.flow_id,
+            timer.flow_version,
+            &timer.step,
+        );
+        let _: i64 = redis::cmd("ZREM")
+            .arg(TIMERS)
+            .arg(member)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn resume_waiting(
+        &self,
+        timer: &Timer,
+        step: &StepState,
+        result: &StepResult,
+    ) -> Result<Option<bool>, StoreError> {
+        let mut invocation = self.resume_waiting.prepare_invoke();
+        invocation
+            .key(run_key(&timer.run_id))
+            .key(TIMERS)
+            .key(RESULTS)
+            .arg(format!("step:{}", step.name))
+            .arg(to_json(step))
+            .arg(timer_member(
+                &timer.run_id,
+                &timer.flow_id,
+                timer.flow_version,
+                &timer.step,
+            ))
+            .arg(self.config.stream_maxlen);
+        for (name, value) in result_fields(result) {
+            invocation.arg(name).arg(value);
+        }
+        let outcome: i64 = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(match outcome {
+            0 => None,
+            1 => Some(true),
+            _ => Some(false),
+        })
+    }
+
+    async fn take_due_timers(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+        again_after: Duration,
+    ) -> Result<Vec<Timer>, StoreError> {
+        let due: Vec<(String, f64)> = self
+            .take_timers
+            .key(TIMERS)
+            .arg(now.timestamp_millis())
+            .arg(limit)
+            .arg(millis(again_after))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(due
+            .iter()
+            .filter_map(|(member, due)| {
+                let timer = timer_from(member, *due);
+                if timer.is_none() {
+                    tracing::warn!(member = %member.escape_debug(), "unreadable timer in pw:timers");
+                }
+                timer
+            })
+            .collect())
+    }
+
+    async fn next_timer(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let first: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(TIMERS)
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        #[allow(clippy::cast_possible_truncation)]
+        Ok(first
+            .first()
+            .and_then(|(_, due)| DateTime::from_timestamp_millis(*due as i64)))
+    }
+
+    async fn watch_timers(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {
+        let sender = self
+            .timers
+            .get_or_init(|| async {
+                let (sender, _) = tokio::sync::watch::channel(0);
+                tokio::spawn(listen_timers(self.client.clone(), sender.clone()));
+                sender
+            })
+            .await;
+        Ok(sender.subscribe())
     }
 
     async fn watch_run(&self, run_id: &str) -> Result<Box<dyn RunWatch>, StoreError> {

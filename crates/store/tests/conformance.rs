@@ -13,7 +13,7 @@ use piecework_sdk::PollState;
 use piecework_store::audit::{self, AuditQuery};
 use piecework_store::memory::MemoryStore;
 use piecework_store::redis::{RedisConfig, RedisStore};
-use piecework_store::{RunQuery, RunUpdate, StepUpdate, Store};
+use piecework_store::{Pause, RunQuery, RunUpdate, StepUpdate, Store, Timer};
 use piecework_testkit::RedisServer;
 use serde_json::json;
 
@@ -155,6 +155,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
     store
         .record_step(StepUpdate {
             closed: Vec::new(),
+            pause: None,
             run_id: "r1".into(),
             step: step("a", StepStatus::Retrying, 1),
             result: result("r1", "a", 1, v1::RunStatus::Running),
@@ -167,6 +168,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
     store
         .record_step(StepUpdate {
             closed: Vec::new(),
+            pause: None,
             run_id: "r1".into(),
             step: step("a", StepStatus::Succeeded, 2),
             result: result("r1", "a", 2, v1::RunStatus::Running),
@@ -185,6 +187,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
     let status = store
         .record_step(StepUpdate {
             closed: Vec::new(),
+            pause: None,
             run_id: "r1".into(),
             step: step("b", StepStatus::Succeeded, 1),
             result: result("r1", "b", 1, v1::RunStatus::Succeeded),
@@ -333,6 +336,7 @@ async fn a_watch_registered_first_learns_how_the_run_ended(store: Arc<dyn Store>
             store
                 .record_step(StepUpdate {
                     closed: Vec::new(),
+                    pause: None,
                     run_id: "w1".into(),
                     step: step("a", StepStatus::Succeeded, 1),
                     result: result("w1", "a", 1, v1::RunStatus::Running),
@@ -345,6 +349,7 @@ async fn a_watch_registered_first_learns_how_the_run_ended(store: Arc<dyn Store>
             store
                 .record_step(StepUpdate {
                     closed: Vec::new(),
+                    pause: None,
                     run_id: "w1".into(),
                     step: last,
                     result: result("w1", "b", 1, v1::RunStatus::Succeeded),
@@ -519,6 +524,7 @@ async fn streams_and_the_piece_store_work(store: Arc<dyn Store>) {
     store
         .record_step(StepUpdate {
             closed: Vec::new(),
+            pause: None,
             run_id: "s".into(),
             step: step("a", StepStatus::Succeeded, 1),
             result: result("s", "a", 1, v1::RunStatus::Running),
@@ -605,6 +611,7 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
     let status = store
         .record_step(StepUpdate {
             closed: Vec::new(),
+            pause: None,
             run_id: "c".into(),
             step: step("a", StepStatus::Succeeded, 1),
             result: result("c", "a", 1, v1::RunStatus::Succeeded),
@@ -635,6 +642,7 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
     store
         .record_step(StepUpdate {
             closed: Vec::new(),
+            pause: None,
             run_id: "r".into(),
             step: step("a", StepStatus::Failed, 2),
             result: result("r", "a", 2, v1::RunStatus::Failed),
@@ -955,6 +963,7 @@ async fn a_step_that_ends_a_branch_records_the_branch_step_with_it(store: Arc<dy
     store
         .record_step(StepUpdate {
             closed: Vec::new(),
+            pause: None,
             run_id: "r1".into(),
             step: gate.clone(),
             result: chosen.clone(),
@@ -971,6 +980,7 @@ async fn a_step_that_ends_a_branch_records_the_branch_step_with_it(store: Arc<dy
     store
         .record_step(StepUpdate {
             closed: vec![closed],
+            pause: None,
             run_id: "r1".into(),
             step: last.clone(),
             result: result("r1", "inside", 1, v1::RunStatus::Running),
@@ -995,6 +1005,202 @@ async fn a_step_that_ends_a_branch_records_the_branch_step_with_it(store: Arc<dy
         "the branch round-trips in pw:results"
     );
     assert_eq!(results[1].event.branch, "");
+}
+
+/// Records step `name` of run `run` as waiting, with a timer due at `due` when given.
+async fn start_waiting(
+    store: &Arc<dyn Store>,
+    run: &str,
+    name: &str,
+    due: Option<chrono::DateTime<Utc>>,
+) -> RunStatus {
+    let mut waiting = step(name, StepStatus::Waiting, 1);
+    waiting.retry_at = due;
+    let timer = due.map(|due| Timer {
+        run_id: run.into(),
+        flow_id: "f".into(),
+        flow_version: 1,
+        step: name.into(),
+        due,
+    });
+    store
+        .record_step(StepUpdate {
+            closed: Vec::new(),
+            pause: Some(Pause { timer }),
+            run_id: run.into(),
+            step: waiting,
+            result: result(run, name, 1, v1::RunStatus::Waiting),
+            audit: None,
+            response: None,
+            run: None,
+        })
+        .await
+        .unwrap()
+}
+
+async fn waiting_runs_wake_once_from_their_timers_or_resume_by_hand(store: Arc<dyn Store>) {
+    let mut added = store.watch_timers().await.unwrap();
+    added.borrow_and_update();
+    for id in ["r1", "r2", "r3"] {
+        store
+            .create_run(&Run::new(id.into(), "f", 1, json!({})))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.next_timer().await.unwrap(), None);
+    let now = Utc::now();
+    let due = now - chrono::Duration::seconds(1);
+    assert_eq!(
+        start_waiting(&store, "r1", "pause", Some(due)).await,
+        RunStatus::Waiting
+    );
+    tokio::time::timeout(Duration::from_secs(5), added.changed())
+        .await
+        .expect("a new timer is announced")
+        .unwrap();
+    let later = now + chrono::Duration::hours(1);
+    assert_eq!(
+        start_waiting(&store, "r2", "approve", Some(later)).await,
+        RunStatus::Waiting
+    );
+    assert_eq!(
+        start_waiting(&store, "r3", "approve", None).await,
+        RunStatus::Waiting
+    );
+    let next = store.next_timer().await.unwrap().unwrap();
+    assert_eq!(next.timestamp_millis(), due.timestamp_millis());
+
+    // Due timers are taken once per `again_after`: the second look finds none.
+    let taken = store
+        .take_due_timers(now, 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    let timer = taken[0].clone();
+    assert_eq!(
+        (
+            timer.run_id.as_str(),
+            timer.flow_id.as_str(),
+            timer.flow_version,
+            timer.step.as_str()
+        ),
+        ("r1", "f", 1, "pause")
+    );
+    assert_eq!(timer.due.timestamp_millis(), due.timestamp_millis());
+    assert!(
+        store
+            .take_due_timers(now, 10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Pushed back, it fires again if its wake is lost.
+    let again = now + chrono::Duration::seconds(61);
+    assert_eq!(
+        store
+            .take_due_timers(again, 10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // The wake is claimed by one; a claimer that died before recording may claim again.
+    assert!(store.claim_wake(&timer).await.unwrap());
+    assert_eq!(
+        store.get_run("r1").await.unwrap().unwrap().status,
+        RunStatus::Running
+    );
+    assert!(store.claim_wake(&timer).await.unwrap());
+    store
+        .record_step(StepUpdate {
+            closed: Vec::new(),
+            pause: None,
+            run_id: "r1".into(),
+            step: step("pause", StepStatus::Succeeded, 1),
+            result: result("r1", "pause", 1, v1::RunStatus::Running),
+            audit: None,
+            response: None,
+            run: None,
+        })
+        .await
+        .unwrap();
+    assert!(
+        !store.claim_wake(&timer).await.unwrap(),
+        "woken and recorded"
+    );
+    assert!(
+        store
+            .take_due_timers(again, 10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty(),
+        "the claim dropped the timer"
+    );
+
+    // By hand: only a run waiting on that step.
+    let approve = |run: &str| Timer {
+        run_id: run.into(),
+        flow_id: "f".into(),
+        flow_version: 1,
+        step: "approve".into(),
+        due: later,
+    };
+    let mut done = step("approve", StepStatus::Succeeded, 1);
+    done.output = Some(json!({"approved": true}));
+    let resumed = result("r2", "approve", 1, v1::RunStatus::Running);
+    assert_eq!(
+        store
+            .resume_waiting(&approve("r2"), &done, &resumed)
+            .await
+            .unwrap(),
+        Some(true)
+    );
+    let run = store.get_run("r2").await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Running);
+    assert_eq!(
+        run.step("approve").unwrap().output,
+        Some(json!({"approved": true}))
+    );
+    assert_eq!(
+        store
+            .resume_waiting(&approve("r2"), &done, &resumed)
+            .await
+            .unwrap(),
+        Some(false),
+        "resumed once"
+    );
+    assert!(
+        !store.claim_wake(&approve("r2")).await.unwrap(),
+        "a late timer loses to the resume"
+    );
+    assert_eq!(
+        store
+            .resume_waiting(&approve("nope"), &done, &resumed)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.next_timer().await.unwrap(),
+        None,
+        "r2's timer went with the resume"
+    );
+    let results = store.read_results(None, 100, Duration::ZERO).await.unwrap();
+    assert!(results.iter().any(|r| r.event == resumed));
+
+    // A waiting run can be cancelled; it then resumes no more.
+    assert_eq!(
+        store.cancel_run("r3", Utc::now()).await.unwrap(),
+        Some(true)
+    );
+    assert_eq!(
+        store
+            .resume_waiting(&approve("r3"), &done, &resumed)
+            .await
+            .unwrap(),
+        Some(false)
+    );
 }
 
 macro_rules! suite {
@@ -1023,6 +1229,7 @@ macro_rules! suite {
 
 suite!(
     a_step_that_ends_a_branch_records_the_branch_step_with_it,
+    waiting_runs_wake_once_from_their_timers_or_resume_by_hand,
     flows_are_versioned_and_keep_their_cursor,
     runs_are_created_once_and_record_steps,
     runs_are_listed_newest_first_with_filters,
@@ -1372,6 +1579,7 @@ async fn redis_step_updates_written_together_each_get_their_own_outcome() {
         .unwrap();
     let update = |run: String, last: bool| StepUpdate {
         closed: Vec::new(),
+        pause: None,
         step: step("a", StepStatus::Succeeded, 1),
         result: result(&run, "a", 1, v1::RunStatus::Succeeded),
         run_id: run,
@@ -1445,6 +1653,7 @@ async fn redis_run_finished_notifications_carry_the_run_end() {
     store
         .record_step(StepUpdate {
             closed: Vec::new(),
+            pause: None,
             run_id: "n1".into(),
             step: last,
             result: result("n1", "a", 1, v1::RunStatus::Succeeded),

@@ -168,7 +168,7 @@ fn describe(permission: Permission) -> &'static str {
         Permission::ToggleFlows => "enable or disable flows",
         Permission::ManagePieces => "publish or yank pieces",
         Permission::ManageConnections => "save or delete connections",
-        Permission::OperateRuns => "retry or cancel runs",
+        Permission::OperateRuns => "retry, cancel or resume runs",
         Permission::StartRuns => "start runs",
         Permission::ManageKeys => "manage API keys",
         Permission::ReadSecrets => "read or rotate webhook secrets",

@@ -166,6 +166,7 @@ pub(crate) fn all_routes(config: &ApiConfig) -> (Router<AppState>, Vec<RouteInfo
         .add(GET, "/runs/{id}", Needs(Read), get_run)
         .add(POST, "/runs/{id}/cancel", Needs(OperateRuns), cancel_run)
         .add(POST, "/runs/{id}/retry", Needs(OperateRuns), retry_run)
+        .add(POST, "/runs/{id}/resume", Needs(OperateRuns), resume_run)
         .add(GET, "/audit", Needs(Read), list_audit)
         .add(GET, "/connections", Needs(Read), list_connections)
         .add(
@@ -503,6 +504,31 @@ async fn retry_run(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let run = state.runtime.retry_run(&id, &caller.actor()).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "run": run }))).into_response())
+}
+
+/// `POST /v1/runs/{id}/resume`: `{"step": "approval", "payload": {…}}` resumes a run waiting on
+/// its wait step `step`; the payload (default `{}`) becomes the step's output.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumeRun {
+    step: String,
+    #[serde(default = "empty_object")]
+    payload: Value,
+}
+
+async fn resume_run(
+    State(state): State<AppState>,
+    Extension(caller): Authorized,
+    Path(id): Path<String>,
+    Body(body): Body,
+) -> ApiResult<Response> {
+    let request: ResumeRun = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"step\", \"payload\"}}: {e}")))?;
+    let run = state
+        .runtime
+        .resume_waiting_run(&id, &request.step, request.payload, &caller.actor())
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "run": run }))).into_response())
 }
 

@@ -16,8 +16,6 @@
 //! when the store's flows revision moved (every apply, enable and disable moves it), checked
 //! every `refresh_interval` with one cheap read, and in full every `full_refresh`.
 
-mod clock;
-
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-pub use clock::Clock;
+pub use piecework_runtime::Clock;
 
 /// Poll jobs published at once when many ticks are due together.
 const PUBLISHES_IN_FLIGHT: usize = 256;
@@ -51,6 +49,14 @@ pub struct SchedulerConfig {
     /// arrived since, for example).
     #[serde(with = "humantime_serde")]
     pub full_refresh: Duration,
+    /// How often the timers of waiting runs are looked at when no new one is announced (a
+    /// new timer is announced at once; this bounds a lost announcement).
+    #[serde(with = "humantime_serde")]
+    pub timer_poll: Duration,
+    /// How long after firing a timer fires again if the wake-up it caused was not recorded
+    /// (its job lost, its worker gone).
+    #[serde(with = "humantime_serde")]
+    pub timer_retry: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -58,6 +64,8 @@ impl Default for SchedulerConfig {
         Self {
             refresh_interval: Duration::from_secs(5),
             full_refresh: Duration::from_secs(300),
+            timer_poll: Duration::from_secs(30),
+            timer_retry: Duration::from_secs(60),
         }
     }
 }
@@ -69,6 +77,10 @@ impl SchedulerConfig {
         }
         if self.full_refresh < self.refresh_interval {
             return Err("full_refresh: must not be shorter than refresh_interval".into());
+        }
+        if self.timer_poll < Duration::from_millis(100) || self.timer_retry < Duration::from_secs(1)
+        {
+            return Err("timer_poll: must be at least 100ms, timer_retry at least 1s".into());
         }
         Ok(())
     }
@@ -191,6 +203,7 @@ pub async fn run(
         plans,
         shutdown.clone(),
     ));
+    let waking = tokio::spawn(timers(runtime.clone(), config.clone(), shutdown.clone()));
     tracing::info!("scheduler started");
     loop {
         let now = clock.now();
@@ -233,8 +246,64 @@ pub async fn run(
         }
     }
     refreshing.abort();
+    waking.abort();
     tracing::info!("scheduler stopped");
     Ok(())
+}
+
+/// Timers fired at once.
+const TIMERS_AT_ONCE: usize = 256;
+
+/// Wakes waiting runs as their timers come due: sleeps until the earliest timer, a new one is
+/// announced, or `timer_poll` passes. Several schedulers take different timers (a taken timer
+/// is pushed back by `timer_retry`), and a wake-up job's message id makes a duplicate harmless.
+async fn timers(runtime: Arc<Runtime>, config: SchedulerConfig, shutdown: CancellationToken) {
+    let mut added = loop {
+        match runtime.watch_timers().await {
+            Ok(added) => break added,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot watch timers; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        }
+    };
+    loop {
+        let wait = match fire_timers(&runtime, &config).await {
+            Ok(Some(next)) => (next - runtime.now())
+                .to_std()
+                .unwrap_or_default()
+                .min(config.timer_poll),
+            Ok(None) => config.timer_poll,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read timers");
+                Duration::from_secs(1)
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            changed = added.changed() => if changed.is_err() { return },
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Fires every due timer; returns when the next one is due.
+async fn fire_timers(
+    runtime: &Runtime,
+    config: &SchedulerConfig,
+) -> Result<Option<DateTime<Utc>>, RuntimeError> {
+    loop {
+        let fired = runtime
+            .fire_due_timers(runtime.now(), TIMERS_AT_ONCE, config.timer_retry)
+            .await?;
+        if fired < TIMERS_AT_ONCE {
+            break;
+        }
+    }
+    runtime.next_timer().await
 }
 
 /// Checks the flows revision every `refresh_interval` and hands the tick loop a new plan when

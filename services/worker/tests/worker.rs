@@ -578,6 +578,7 @@ async fn a_redelivered_step_that_was_recorded_is_not_run_again() {
         step: "call".into(),
         epoch: 0,
         delay_ms: 0,
+        wake_ms: 0,
     };
     let message = Message {
         subject: subject::step("default"),
@@ -995,6 +996,7 @@ async fn a_job_redelivered_mid_journal_resumes_after_the_recorded_steps() {
         h.store
             .record_step(StepUpdate {
                 closed: Vec::new(),
+                pause: None,
                 run_id: "r1".into(),
                 step: state,
                 result: Default::default(),
@@ -1013,6 +1015,7 @@ async fn a_job_redelivered_mid_journal_resumes_after_the_recorded_steps() {
         step: "a".into(),
         epoch: 0,
         delay_ms: 0,
+        wake_ms: 0,
     };
     h.bus
         .publish(Message {
@@ -1113,5 +1116,174 @@ async fn a_condition_that_is_not_a_boolean_fails_the_run_naming_the_branch() {
         "{error}"
     );
     assert!(run.step("a").is_none());
+    h.stop().await;
+}
+
+/// Fires the timers due now, as a scheduler would.
+async fn fire_timers(h: &Harness) -> usize {
+    h.runtime
+        .fire_due_timers(h.runtime.now(), 100, Duration::from_secs(60))
+        .await
+        .unwrap()
+}
+
+/// Waits (on the paused clock) until run `id` has status `status`.
+async fn until_status(h: &Harness, id: &str, status: RunStatus) -> Run {
+    for _ in 0..1000 {
+        let run = h.store.get_run(id).await.unwrap().unwrap();
+        if run.status == status {
+            return run;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("run {id} never became {status:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delay_pauses_the_run_without_a_job_until_its_timer_wakes_it() {
+    let probe = Arc::new(Probe::default());
+    let steps = concat!(
+        "  - { name: a, piece: test, action: echo, input: { value: 1 } }\n",
+        "  - { name: pause, delay: 30s }\n",
+        "  - { name: b, piece: test, action: echo, input: { value: \"{{ steps.pause.output.waited_until }}\" } }\n",
+    );
+    let h = Harness::start(&probe, &flow(steps)).await;
+    let started = h.runtime.now();
+    h.start_run("r1", json!({})).await;
+    let run = until_status(&h, "r1", RunStatus::Waiting).await;
+    let pause = run.step("pause").unwrap();
+    assert_eq!(pause.status, StepStatus::Waiting);
+    let until = pause.retry_at.unwrap();
+    assert!(until >= started + chrono::Duration::seconds(30), "{until}");
+    assert_eq!(pause.input["waiting_for"], "delay");
+    assert_eq!(h.step_deliveries(), 1, "the wait holds no job");
+    // Not due yet: nothing fires.
+    assert_eq!(fire_timers(&h).await, 0);
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert_eq!(fire_timers(&h).await, 1);
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(run.step("pause").unwrap().status, StepStatus::Succeeded);
+    assert_eq!(
+        run.step("b").unwrap().output,
+        Some(json!(until)),
+        "the delay's output is when it ended"
+    );
+    // A timer that fires again (its wake lost, say) finds nothing to wake.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(fire_timers(&h).await, 0, "the wake dropped the timer");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_approval_wait_resumes_once_with_its_payload_or_times_out_into_its_branch() {
+    let probe = Arc::new(Probe::default());
+    let steps = concat!(
+        "  - name: approval\n",
+        "    wait_for: approval\n",
+        "    timeout: 1h\n",
+        "    on_timeout: [ { name: escalate, piece: test, action: echo, input: { value: \"nobody answered\" } } ]\n",
+        "  - { name: after, piece: test, action: echo, input: { value: \"{{ steps.approval.output }}\" } }\n",
+    );
+    let h = Harness::start(&probe, &flow(steps)).await;
+    let admin = piecework_runtime::Actor("api:ops".into());
+
+    // Resumed by hand: the payload is the step's output.
+    h.start_run("r1", json!({})).await;
+    until_status(&h, "r1", RunStatus::Waiting).await;
+    let resumed = h
+        .runtime
+        .resume_waiting_run("r1", "approval", json!({"approved": true}), &admin)
+        .await
+        .unwrap();
+    assert_eq!(resumed.status, RunStatus::Running);
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(
+        run.step("after").unwrap().output,
+        Some(json!({"approved": true}))
+    );
+    assert!(run.step("escalate").is_none());
+    let approval = run.step("approval").unwrap();
+    assert_eq!(approval.attempts.last().unwrap().worker, "api:ops");
+    // Once only, and only a wait step of a waiting run.
+    let again = h
+        .runtime
+        .resume_waiting_run("r1", "approval", json!({}), &admin)
+        .await
+        .unwrap_err();
+    assert!(
+        again
+            .to_string()
+            .contains("is not waiting on step `approval` (it is succeeded)"),
+        "{again}"
+    );
+    let wrong = h
+        .runtime
+        .resume_waiting_run("r1", "after", json!({}), &admin)
+        .await
+        .unwrap_err();
+    assert!(
+        wrong.to_string().contains("`after` is not a wait step"),
+        "{wrong}"
+    );
+
+    // Not resumed within the timeout: the timeout branch runs and its output is the wait's.
+    h.start_run("r2", json!({})).await;
+    until_status(&h, "r2", RunStatus::Waiting).await;
+    tokio::time::sleep(Duration::from_secs(3601)).await;
+    assert_eq!(fire_timers(&h).await, 1);
+    let run = h.finished("r2").await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    let approval = run.step("approval").unwrap();
+    assert_eq!(approval.branch.as_deref(), Some("timeout"));
+    assert_eq!(approval.output, Some(json!("nobody answered")));
+    assert_eq!(
+        run.step("after").unwrap().output,
+        Some(json!("nobody answered"))
+    );
+    // The late resume is refused.
+    let late = h
+        .runtime
+        .resume_waiting_run("r2", "approval", json!({}), &admin)
+        .await
+        .unwrap_err();
+    assert!(late.to_string().contains("not waiting"), "{late}");
+
+    // A waiting run is cancelled at once, and its timer goes when it fires.
+    h.start_run("r3", json!({})).await;
+    until_status(&h, "r3", RunStatus::Waiting).await;
+    h.runtime.cancel_run("r3", &admin).await.unwrap();
+    assert_eq!(h.finished("r3").await.status, RunStatus::Cancelled);
+    tokio::time::sleep(Duration::from_secs(3601)).await;
+    assert_eq!(fire_timers(&h).await, 1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(
+        fire_timers(&h).await,
+        0,
+        "the cancelled run's timer was dropped"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_without_a_timeout_branch_fails_when_it_times_out() {
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: approval, wait_for: approval, timeout: 10m }\n  - { name: after, piece: test, action: echo, input: { value: 1 } }\n";
+    let h = Harness::start(&probe, &flow(steps)).await;
+    h.start_run("r1", json!({})).await;
+    until_status(&h, "r1", RunStatus::Waiting).await;
+    tokio::time::sleep(Duration::from_secs(601)).await;
+    assert_eq!(fire_timers(&h).await, 1);
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Failed);
+    assert!(
+        run.error
+            .as_deref()
+            .unwrap()
+            .contains("step `approval` failed: timed out: not resumed within 600s"),
+        "{run:?}"
+    );
     h.stop().await;
 }

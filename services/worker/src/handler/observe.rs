@@ -20,11 +20,6 @@ impl Handler {
         duration: Duration,
         error: Option<&str>,
     ) {
-        let outcome = match status {
-            StepStatus::Succeeded => metrics::StepOutcome::succeeded,
-            StepStatus::Retrying => metrics::StepOutcome::retrying,
-            StepStatus::Failed => metrics::StepOutcome::failed,
-        };
         let span = tracing::Span::current();
         span.record("piecework.piece.version", version);
         span.record("piecework.attempt", attempt);
@@ -34,8 +29,15 @@ impl Handler {
             span.record("otel.status_code", "ERROR");
             span.record("otel.status_description", error);
         }
-        if step.is_branch() {
-            // Not a piece call: the run's record and trace say which branch ran.
+        let outcome = match status {
+            StepStatus::Succeeded => metrics::StepOutcome::succeeded,
+            StepStatus::Retrying => metrics::StepOutcome::retrying,
+            StepStatus::Failed => metrics::StepOutcome::failed,
+            // Not a piece call's outcome.
+            StepStatus::Waiting => return,
+        };
+        if step.is_control() {
+            // Not a piece call: the run's record and trace say what the step decided.
             return;
         }
         self.runtime.metrics.step_attempted(
@@ -90,6 +92,9 @@ pub(super) fn log_attempt(
         StepStatus::Failed => {
             tracing::warn!(run_id = %run.id, flow = %run.flow_id, step = %step.name, attempt, error, "step failed")
         }
+        StepStatus::Waiting => {
+            tracing::debug!(run_id = %run.id, flow = %run.flow_id, step = %step.name, "run waits")
+        }
     }
 }
 
@@ -97,7 +102,7 @@ pub(super) fn run_outcome(status: RunStatus) -> RunOutcome {
     match status {
         RunStatus::Failed => RunOutcome::failed,
         RunStatus::Cancelled => RunOutcome::cancelled,
-        RunStatus::Running | RunStatus::Succeeded => RunOutcome::succeeded,
+        RunStatus::Running | RunStatus::Waiting | RunStatus::Succeeded => RunOutcome::succeeded,
     }
 }
 
@@ -110,6 +115,7 @@ pub(super) fn proto_step_status(status: StepStatus) -> v1::StepStatus {
         StepStatus::Succeeded => v1::StepStatus::Succeeded,
         StepStatus::Retrying => v1::StepStatus::Retrying,
         StepStatus::Failed => v1::StepStatus::Failed,
+        StepStatus::Waiting => v1::StepStatus::Waiting,
     }
 }
 
@@ -119,5 +125,6 @@ pub(super) fn proto_run_status(status: RunStatus) -> v1::RunStatus {
         RunStatus::Succeeded => v1::RunStatus::Succeeded,
         RunStatus::Failed => v1::RunStatus::Failed,
         RunStatus::Cancelled => v1::RunStatus::Cancelled,
+        RunStatus::Waiting => v1::RunStatus::Waiting,
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use piecework_bus::Delivery;
 use piecework_core::engine::{self, StepOutcome};
-use piecework_core::flow::{FlowVersion, StepDef};
+use piecework_core::flow::{FlowVersion, StepDef, StepKind};
 use piecework_core::lifecycle::{
     self, AfterAttempt, Delivered, Next, Position, Resume, Settle, Termination,
 };
@@ -24,7 +24,7 @@ use piecework_proto::v1::{StepJob, StepResult};
 use piecework_runtime::{RuntimeError, audit_event};
 use piecework_sdk::mask::Secrets;
 use piecework_sdk::{DynAction, Piece, PieceError, RunInfo};
-use piecework_store::{RunUpdate, StepUpdate};
+use piecework_store::{Pause, RunUpdate, StepUpdate, Timer};
 use piecework_telemetry::propagation;
 use tracing::Instrument as _;
 use tracing::field::Empty;
@@ -77,6 +77,7 @@ impl Handler {
             delivered: delivery.delivered,
             epoch: job.epoch,
             delay: (job.delay_ms > 0).then(|| Duration::from_millis(job.delay_ms)),
+            now: self.runtime.now(),
         };
         let resume = lifecycle::on_delivery(
             &flow.definition,
@@ -93,7 +94,24 @@ impl Handler {
         match resume {
             Resume::Finished => {
                 tracing::debug!(run_id = %run.id, step = %job.step, status = run.status.as_str(), "run already finished; dropping step");
+                if run
+                    .step(&job.step)
+                    .is_some_and(|s| s.status == StepStatus::Waiting)
+                {
+                    // Cancelled while it waited: its timer goes too.
+                    self.runtime.drop_timer(&timer_of(&job, &run)).await?;
+                }
                 Ok(Settle::Ack)
+            }
+            Resume::Wake(step) => {
+                if !self.runtime.claim_wake(&timer_of(&job, &run)).await? {
+                    tracing::debug!(run_id = %run.id, step = %step.name, "woken by someone else; dropping");
+                    return Ok(Settle::Ack);
+                }
+                let mut run = run;
+                run.status = RunStatus::Running;
+                let woke = run.step(&step.name).map(|state| engine::wake(step, state));
+                self.drive(&chain, run, step, woke).await
             }
             Resume::Poison(why) => {
                 let error = format!("flow {} version {}: {why}", flow.flow_id, flow.version);
@@ -264,10 +282,17 @@ impl Handler {
                 executed: None,
             });
         }
-        if step.is_branch() {
+        let control = match step.kind() {
+            StepKind::Action => None,
+            StepKind::Branch => Some(engine::choose_branch(step, run)),
+            StepKind::Delay | StepKind::Wait => {
+                Some(engine::start_pause(step, run, self.runtime.now()))
+            }
+        };
+        if let Some(execution) = control {
             return Ok(Attempted {
                 started,
-                execution: engine::choose_branch(step, run),
+                execution,
                 executed: None,
             });
         }
@@ -369,15 +394,19 @@ impl Handler {
             recorded_input,
             duration,
             branch,
+            pause,
         } = execution;
-        let after = lifecycle::after_attempt(
-            &flow.definition,
-            step,
-            &outcome,
-            branch.as_deref(),
-            position,
-            Utc::now(),
-        );
+        let after = match pause {
+            Some(until) => lifecycle::start_wait(until),
+            None => lifecycle::after_attempt(
+                &flow.definition,
+                step,
+                &outcome,
+                branch.as_deref(),
+                position,
+                Utc::now(),
+            ),
+        };
         let (output, error) = match outcome {
             StepOutcome::Succeeded { output } => (Some(output), None),
             StepOutcome::Retry { error, .. } | StepOutcome::Failed { error } => (None, Some(error)),
@@ -428,7 +457,20 @@ impl Handler {
             error: end.error.clone(),
             finished_at: Some(Utc::now()),
         });
-        let run_status = run_update.as_ref().map_or(RunStatus::Running, |u| u.status);
+        let pause = pause.map(|until| Pause {
+            timer: until.map(|due| Timer {
+                run_id: run.id.clone(),
+                flow_id: flow.flow_id.clone(),
+                flow_version: flow.version,
+                step: step.name.clone(),
+                due,
+            }),
+        });
+        let run_status = match (&run_update, &pause) {
+            (Some(update), _) => update.status,
+            (None, Some(_)) => RunStatus::Waiting,
+            (None, None) => RunStatus::Running,
+        };
         let response = match (&executed, &state.output) {
             (Some((_, action)), Some(output)) if action.spec().webhook_response => {
                 Some(output.clone())
@@ -488,6 +530,7 @@ impl Handler {
                 result,
                 response: response.clone(),
                 run: run_update.clone(),
+                pause,
                 audit: Some(audit),
             })
             .await?;
@@ -523,6 +566,20 @@ impl Handler {
             .metrics
             .run_finished(&run.flow_id, observe::run_outcome(RunStatus::Failed));
         Ok(())
+    }
+}
+
+/// The timer of the step `job` names, in `run`.
+fn timer_of(job: &StepJob, run: &Run) -> Timer {
+    Timer {
+        run_id: job.run_id.clone(),
+        flow_id: job.flow_id.clone(),
+        flow_version: job.flow_version,
+        step: job.step.clone(),
+        due: run
+            .step(&job.step)
+            .and_then(|s| s.retry_at)
+            .unwrap_or_default(),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Wall-clock time derived from the runtime's monotonic clock.
 //!
 //! Anchoring once and advancing with `tokio::time::Instant` keeps ticks monotonic (a wall-clock
-//! step back cannot replay a tick) and lets tests drive the scheduler with a paused clock.
+//! step back cannot replay a tick) and lets tests drive schedules, delays and the timers of waiting runs with a paused clock.
 
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
