@@ -690,3 +690,38 @@ async fn waiting_runs_survive_restarts_of_every_process_and_resume_exactly_once(
         1
     );
 }
+
+/// `rate: 10/s` holds across two worker processes: no 11 calls within 0.9 s, and waiting for
+/// the limit spends no attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_holds_across_workers_without_spending_attempts() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start(BASE).await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &["--concurrency", "8"]).await;
+    fleet.start_worker("w2", &["--concurrency", "8"]).await;
+    let steps = format!(
+        "  - {{ name: call, piece: http, action: send_request, rate: 10/s, rate_key: internal-api, input: {{ url: \"{}/slow/limited?ms=1\" }}, retry: {{ max_attempts: 1 }} }}\n",
+        target.url
+    );
+    fleet.apply(&webhook_flow("limited", &steps)).await;
+    let runs = join_all((0..30).map(|n| fleet.webhook("limited", json!({"n": n})))).await;
+    let mut workers = BTreeSet::new();
+    for id in &runs {
+        let run = fleet.finished(id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(run["steps"][0]["attempts"].as_array().unwrap().len(), 1);
+        workers.extend(workers_of(&run));
+    }
+    assert_eq!(workers.len(), 2, "both workers called: {workers:?}");
+    let mut hits = target.hits("limited");
+    hits.sort();
+    assert_eq!(hits.len(), 30);
+    for window in hits.windows(11) {
+        let span = window[10] - window[0];
+        assert!(
+            span >= Duration::from_millis(900),
+            "11 calls within {span:?}: the limit is 10/s"
+        );
+    }
+}

@@ -174,6 +174,14 @@ pub struct StepDef {
     /// `[egress] max_response_bytes`, 10 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_response_bytes: Option<u64>,
+    /// At most this many starts of the step's action per period across the whole fleet
+    /// (`10/s`, `600/m`, `5000/h`), shared by every step with the same [`StepDef::rate_key`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    /// The name of the limit `rate` counts against (default: the step's connection, or its
+    /// piece when it has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_key: Option<String>,
     /// A branch step: a template that evaluates to `true` (the `then` steps run) or `false`
     /// (the `else` steps run).
     #[serde(rename = "if", default, skip_serializing_if = "Option::is_none")]
@@ -204,6 +212,65 @@ pub struct StepDef {
     /// A wait step: the steps that run when the wait times out (without them, the step fails).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub on_timeout: Vec<StepDef>,
+}
+
+/// A rate: `count` starts per `period`, written `10/s`, `600/m` or `5000/h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub period: Duration,
+}
+
+impl Rate {
+    /// The time between two starts: the limit spaces them evenly, so no window of one period
+    /// ever holds more than `count`.
+    pub fn interval(&self) -> Duration {
+        self.period / self.count.max(1)
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{text:?} is not a rate: write a count per s, m or h, like `10/s`");
+        let (count, unit) = text.trim().split_once('/').ok_or_else(bad)?;
+        let count: u32 = count.trim().parse().map_err(|_| bad())?;
+        let period = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return Err(bad()),
+        };
+        if !(1..=1_000_000).contains(&count) {
+            return Err(format!("{text:?}: the count must be between 1 and 1000000"));
+        }
+        Ok(Self { count, period })
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.period.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// What resumes a wait step.
@@ -345,6 +412,16 @@ impl StepDef {
             .into_iter()
             .find(|b| b.name == name)
             .map(|b| b.steps)
+    }
+
+    /// The limit `rate` counts against: `rate_key`, else `connection:NAME`, else
+    /// `piece:NAME`.
+    pub fn rate_key(&self) -> String {
+        match (&self.rate_key, &self.connection) {
+            (Some(key), _) => key.clone(),
+            (None, Some(connection)) => format!("connection:{connection}"),
+            (None, None) => format!("piece:{}", self.piece),
+        }
     }
 
     pub fn retry_policy(&self) -> RetryPolicy {
@@ -953,6 +1030,8 @@ impl<'d> StepChecker<'d, '_> {
             ),
             ("queue", step.queue.is_some()),
             ("max_response_bytes", step.max_response_bytes.is_some()),
+            ("rate", step.rate.is_some()),
+            ("rate_key", step.rate_key.is_some()),
         ];
         for (field, present) in action_only {
             if present {
@@ -1170,6 +1249,16 @@ impl<'d> StepChecker<'d, '_> {
                 format!("{at}.queue"),
                 format!("{queue:?} must be lowercase letters, digits, '-' or '_'"),
             );
+        }
+        if let Some(key) = &step.rate_key {
+            if step.rate.is_none() {
+                self.issue(format!("{at}.rate_key"), "goes with `rate`".into());
+            } else if !is_queue_name(key) {
+                self.issue(
+                    format!("{at}.rate_key"),
+                    format!("{key:?} must be lowercase letters, digits, '-' or '_'"),
+                );
+            }
         }
     }
 

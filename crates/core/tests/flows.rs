@@ -544,3 +544,41 @@ steps:
         ]
     );
 }
+
+#[test]
+fn rates_parse_and_are_checked() {
+    let def = FlowDefinition::parse(
+        "apiVersion: piecework/v1\nkind: Flow\nname: r\ntrigger: { piece: data, trigger: catch }\nsteps:\n  - { name: a, piece: data, action: set, input: { value: 1 }, rate: 10/s }\n  - { name: b, piece: data, action: set, input: { value: 1 }, rate: 600/m, rate_key: shared }\n",
+        Format::Yaml,
+    )
+    .unwrap();
+    assert_eq!(
+        def.steps[0].rate.unwrap().interval(),
+        std::time::Duration::from_millis(100)
+    );
+    assert_eq!(def.steps[0].rate_key(), "piece:data");
+    assert_eq!(def.steps[1].rate_key(), "shared");
+    assert_eq!(
+        serde_json::to_value(def.steps[1].rate).unwrap(),
+        json!("600/m")
+    );
+    assert!(validated(def).is_ok());
+    let err = FlowDefinition::parse(
+        "apiVersion: piecework/v1\nkind: Flow\nname: r\ntrigger: { piece: data, trigger: catch }\nsteps:\n  - { name: a, piece: data, action: set, rate: 10/d }\n",
+        Format::Yaml,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("\"10/d\" is not a rate: write a count per s, m or h, like `10/s`"),
+        "{err}"
+    );
+    let text = "apiVersion: piecework/v1\nkind: Flow\nname: r\ntrigger: { piece: data, trigger: catch }\nsteps:\n  - { name: a, piece: data, action: set, input: { value: 1 }, rate_key: x }\n  - { name: b, delay: 1s, rate: 1/s }\n";
+    assert_eq!(
+        issues(text),
+        [
+            "steps[0] (a).rate_key: goes with `rate`",
+            "steps[1] (b).rate: is for action steps; a delay step only pauses the run",
+        ]
+    );
+}

@@ -678,6 +678,16 @@ impl Runtime {
         self.clock.now()
     }
 
+    /// Reserves the next start under the fleet-wide rate limit `key` (starts spaced
+    /// `interval` apart); returns how long to wait before starting.
+    pub async fn reserve_rate(
+        &self,
+        key: &str,
+        interval: std::time::Duration,
+    ) -> Result<std::time::Duration, RuntimeError> {
+        Ok(self.store.reserve_rate(key, interval).await?)
+    }
+
     /// When the earliest timer of a waiting run is due.
     pub async fn next_timer(&self) -> Result<Option<DateTime<Utc>>, RuntimeError> {
         Ok(self.store.next_timer().await?)

@@ -282,6 +282,10 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         again_after: Duration,
     ) -> Result<Vec<Timer>, StoreError>;
+    /// Reserves the next start under the rate limit `key`, whose starts are spaced `interval`
+    /// apart across every caller of every process: returns how long this caller waits before
+    /// its start. The limit's clock is the store's, so callers' clocks need not agree.
+    async fn reserve_rate(&self, key: &str, interval: Duration) -> Result<Duration, StoreError>;
     /// When the earliest timer is due, if there is any.
     async fn next_timer(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
     /// A signal that moves whenever a timer is added, for schedulers sleeping until the next

@@ -80,6 +80,8 @@ struct State {
     flows_revision: u64,
     /// Timers of waiting runs, by run and step.
     timers: HashMap<(String, String), Timer>,
+    /// The next free start of each rate limit.
+    rates: HashMap<String, tokio::time::Instant>,
 }
 
 impl State {
@@ -177,6 +179,7 @@ impl MemoryStore {
                 swept_at: std::time::Instant::now(),
                 flows_revision: 0,
                 timers: HashMap::new(),
+                rates: HashMap::new(),
             })),
             timers_added: Arc::new(tokio::sync::watch::channel(0).0),
             kv: Arc::new(MemoryKv::default()),
@@ -535,6 +538,15 @@ impl Store for MemoryStore {
             }
         }
         Ok(due)
+    }
+
+    async fn reserve_rate(&self, key: &str, interval: Duration) -> Result<Duration, StoreError> {
+        let now = tokio::time::Instant::now();
+        let mut state = self.state.lock().unwrap();
+        let next = state.rates.entry(key.to_owned()).or_insert(now);
+        let start = (*next).max(now);
+        *next = start + interval;
+        Ok(start - now)
     }
 
     async fn next_timer(&self) -> Result<Option<chrono::DateTime<Utc>>, StoreError> {

@@ -349,6 +349,18 @@ async fn listen_timers(client: redis::Client, sender: tokio::sync::watch::Sender
     }
 }
 
+/// Reserves a start under the rate limit `KEYS[1]` (starts spaced `ARGV[1]` µs apart) on the
+/// server's clock; returns the wait in µs.
+const RESERVE_RATE: &str = r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local interval = tonumber(ARGV[1])
+local next_start = tonumber(redis.call('GET', KEYS[1]) or '0')
+local start = math.max(next_start, now)
+redis.call('SET', KEYS[1], string.format('%d', start + interval), 'PX', math.ceil((start + interval - now) / 1000) + 1000)
+return start - now
+"#;
+
 /// A timer's member in `pw:timers`.
 fn timer_member(run_id: &str, flow_id: &str, flow_version: u32, step: &str) -> String {
     format!("{run_id}\n{flow_id}\n{flow_version}\n{step}")
@@ -413,6 +425,7 @@ pub struct RedisStore {
     cancel_run: Arc<Script>,
     resume_run: Arc<Script>,
     claim_wake: Arc<Script>,
+    reserve_rate: Arc<Script>,
     resume_waiting: Arc<Script>,
     take_timers: Arc<Script>,
     /// Timer notifications, subscribed on the first `watch_timers`.
@@ -530,6 +543,7 @@ impl RedisStore {
             done: Arc::new(RunDone::new(client.clone())),
             client,
             claim_wake: Arc::new(Script::new(CLAIM_WAKE)),
+            reserve_rate: Arc::new(Script::new(RESERVE_RATE)),
             resume_waiting: Arc::new(Script::new(RESUME_WAITING)),
             take_timers: Arc::new(Script::new(TAKE_TIMERS)),
             timers: Arc::default(),
@@ -1277,6 +1291,17 @@ impl Store for RedisStore {
                 timer
             })
             .collect())
+    }
+
+    async fn reserve_rate(&self, key: &str, interval: Duration) -> Result<Duration, StoreError> {
+        let wait_us: i64 = self
+            .reserve_rate
+            .key(format!("pw:rate:{key}"))
+            .arg(u64::try_from(interval.as_micros()).unwrap_or(u64::MAX))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(Duration::from_micros(u64::try_from(wait_us).unwrap_or(0)))
     }
 
     async fn next_timer(&self) -> Result<Option<DateTime<Utc>>, StoreError> {

@@ -1203,6 +1203,26 @@ async fn waiting_runs_wake_once_from_their_timers_or_resume_by_hand(store: Arc<d
     );
 }
 
+async fn rate_limits_space_starts_across_callers(store: Arc<dyn Store>) {
+    let interval = Duration::from_millis(200);
+    let first = store.reserve_rate("api", interval).await.unwrap();
+    let second = store.reserve_rate("api", interval).await.unwrap();
+    let third = store.reserve_rate("api", interval).await.unwrap();
+    let other = store.reserve_rate("other", interval).await.unwrap();
+    assert_eq!(first, Duration::ZERO);
+    assert_eq!(other, Duration::ZERO, "limits are per key");
+    // Reserved back to back: each start one interval after the one before (less the time the
+    // calls took).
+    assert!(
+        second > Duration::from_millis(100) && second <= interval,
+        "{second:?}"
+    );
+    assert!(
+        third > Duration::from_millis(300) && third <= interval * 2,
+        "{third:?}"
+    );
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -1228,6 +1248,7 @@ macro_rules! suite {
 }
 
 suite!(
+    rate_limits_space_starts_across_callers,
     a_step_that_ends_a_branch_records_the_branch_step_with_it,
     waiting_runs_wake_once_from_their_timers_or_resume_by_hand,
     flows_are_versioned_and_keep_their_cursor,

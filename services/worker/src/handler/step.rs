@@ -274,7 +274,7 @@ impl Handler {
         own_step: bool,
         refused: Option<engine::Execution>,
     ) -> Result<Attempted, RuntimeError> {
-        let started = Utc::now();
+        let mut started = Utc::now();
         if let Some(execution) = refused {
             return Ok(Attempted {
                 started,
@@ -304,6 +304,22 @@ impl Handler {
         let auth = self
             .connection_for(step.connection.as_deref(), &step.piece)
             .await?;
+        if let Some(rate) = step.rate
+            && resolved.is_ok()
+        {
+            // Fleet-wide: the store spaces the starts of every worker. Waiting spends no
+            // attempt; the delivery is kept alive meanwhile.
+            let wait = self
+                .runtime
+                .reserve_rate(&step.rate_key(), rate.interval())
+                .await?;
+            if !wait.is_zero() {
+                tracing::debug!(run_id = %run.id, step = %step.name, ?wait, key = %step.rate_key(), "rate limited; waiting");
+                self.with_progress(chain.delivery, tokio::time::sleep(wait))
+                    .await;
+                started = Utc::now();
+            }
+        }
         let mut execution = match (&resolved, &auth) {
             (Err(error), _) => engine::Execution::refused(error.clone(), step, attempt),
             (Ok(_), Err(error)) => engine::Execution::failed(error.clone()),
