@@ -1,4 +1,5 @@
-//! The `schedule` piece: start a run every N (aligned to the clock) or on a cron expression.
+//! The `schedule` piece: start a run every N (aligned to the clock) or on a cron expression in
+//! a time zone.
 //! Each run's trigger output is `{scheduled_at, fired_at}`.
 
 mod triggers;
@@ -10,7 +11,7 @@ pub const NAME: &str = "schedule";
 pub fn piece() -> Result<Piece, PieceDefinitionError> {
     Piece::builder(NAME, "Schedule")
         .description("Start runs at an interval or on a cron schedule")
-        .version("0.1.0")
+        .version("0.2.0")
         .categories([category::CORE])
         .authors(["piecework"])
         .schedule_trigger(triggers::Every)
