@@ -11,7 +11,7 @@ pub const NAME: &str = "schedule";
 pub fn piece() -> Result<Piece, PieceDefinitionError> {
     Piece::builder(NAME, "Schedule")
         .description("Start runs at an interval or on a cron schedule")
-        .version("0.2.0")
+        .version("0.1.0")
         .categories([category::CORE])
         .authors(["piecework"])
         .schedule_trigger(triggers::Every)
