@@ -725,3 +725,67 @@ async fn a_rate_limit_holds_across_workers_without_spending_attempts() {
         );
     }
 }
+
+/// A loop on the production topology: each item calls a slow endpoint (the worker is killed
+/// during the second item's call), then hops to a step on another queue and back; every item
+/// is recorded once, in order, and the loop's output lists them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loop_survives_a_kill_mid_item_and_hops_queues_per_item() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start("[worker]\nack_wait = \"2s\"\n").await;
+    fleet.start_api().await;
+    fleet.start_worker("doomed", &["--queues", "default"]).await;
+    fleet.start_worker("vpn", &["--queues", "vpn"]).await;
+    let steps = format!(
+        concat!(
+            "  - name: each\n",
+            "    for_each: \"{{{{ trigger.body.items }}}}\"\n",
+            "    steps:\n",
+            "      - {{ name: call, piece: http, action: send_request, input: {{ url: \"{url}/slow/loop-{{{{ item }}}}?ms=700\" }} }}\n",
+            "      - {{ name: mark, piece: data, action: set, queue: vpn, input: {{ value: \"{{{{ item }}}}:{{{{ steps.call.output.status }}}}\" }} }}\n",
+            "  - {{ name: report, piece: data, action: set, input: {{ value: \"{{{{ steps.each.output | join(' ') }}}}\" }} }}\n",
+        ),
+        url = target.url
+    );
+    fleet.apply(&webhook_flow("looped", &steps)).await;
+    let id = fleet.webhook("looped", json!({"items": [1, 2, 3]})).await;
+    target
+        .wait_for_hits("loop-2", 1, Duration::from_secs(30))
+        .await;
+    fleet.kill("doomed");
+    fleet
+        .start_worker("rescuer", &["--queues", "default"])
+        .await;
+
+    let run = fleet.finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let step = |name: &str| {
+        run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no step {name} in {run}"))
+            .clone()
+    };
+    assert_eq!(step("each")["output"], json!(["1:200", "2:200", "3:200"]));
+    assert_eq!(step("report")["output"], "1:200 2:200 3:200");
+    for item in 0..3 {
+        let call = step(&format!("call[{item}]"));
+        assert_eq!(
+            call["attempts"].as_array().unwrap().len(),
+            1,
+            "each item's call is recorded once: {call}"
+        );
+        assert_eq!(
+            step(&format!("mark[{item}]"))["attempts"][0]["worker"],
+            "vpn"
+        );
+    }
+    assert_eq!(step("call[0]")["attempts"][0]["worker"], "doomed");
+    assert_eq!(step("call[1]")["attempts"][0]["worker"], "rescuer");
+    // Item 1's call ran again after the kill (at least once); the others once.
+    assert_eq!(target.hits("loop-1").len(), 1);
+    assert_eq!(target.hits("loop-2").len(), 2);
+    assert_eq!(target.hits("loop-3").len(), 1);
+}

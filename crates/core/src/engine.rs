@@ -14,8 +14,8 @@ use serde_json::Value;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use crate::flow::{StepDef, StepKind, TIMEOUT_BRANCH, WaitFor};
-use crate::run::{Run, StepState};
+use crate::flow::{DEFAULT_MAX_ITEMS, EACH, StepDef, StepKind, TIMEOUT_BRANCH, WaitFor};
+use crate::run::{Iteration, Run, StepState};
 use crate::template;
 
 /// What happened to one attempt.
@@ -151,12 +151,16 @@ fn cut(text: &mut String, max: usize) {
 
 /// Renders the step's input against the run so far. An input without templates is taken as
 /// it is: building the templates' view of the run (every earlier output) is the costly part.
-pub fn render_input(step: &StepDef, run: &Run) -> Result<Value, PieceError> {
+pub fn render_input(
+    step: &StepDef,
+    run: &Run,
+    iteration: Option<Iteration<'_>>,
+) -> Result<Value, PieceError> {
     let input = Value::Object(step.input.clone());
     if !template::has_templates(&input) {
         return Ok(input);
     }
-    template::render(&input, &run.template_context())
+    template::render(&input, &run.template_context_in(iteration))
         .map_err(|e| PieceError::fatal(format!("template error at {}: {}", e.path, e.message)))
 }
 
@@ -165,11 +169,12 @@ pub async fn execute(
     action: &dyn DynAction,
     step: &StepDef,
     run: &Run,
+    iteration: Option<Iteration<'_>>,
     ctx: &Context,
     attempt: u32,
 ) -> Execution {
     let started = Instant::now();
-    let (result, recorded_input) = match render_input(step, run) {
+    let (result, recorded_input) = match render_input(step, run, iteration) {
         Err(err) => (Err(err), Value::Null),
         Ok(input) => {
             let mut recorded = input.clone();
@@ -199,9 +204,9 @@ pub async fn execute(
 /// is true chooses its branch (the fallback, `else` or `default`, when none is). Records the
 /// conditions evaluated, by branch, as the step's input: why the branch ran. A condition that
 /// cannot be evaluated, or is not a boolean, fails the step for good.
-pub fn choose_branch(step: &StepDef, run: &Run) -> Execution {
+pub fn choose_branch(step: &StepDef, run: &Run, iteration: Option<Iteration<'_>>) -> Execution {
     let started = Instant::now();
-    let context = run.template_context();
+    let context = run.template_context_in(iteration);
     let mut evaluated = serde_json::Map::new();
     let mut chosen = None;
     let mut error = None;
@@ -245,14 +250,19 @@ pub fn choose_branch(step: &StepDef, run: &Run) -> Execution {
 /// timeout (a wait without one pauses until it is resumed). A delay whose instant has passed
 /// does not pause; an `until` that does not render to an RFC 3339 instant fails the step for
 /// good. Records what it waits for and until when as the step's input.
-pub fn start_pause(step: &StepDef, run: &Run, now: DateTime<Utc>) -> Execution {
+pub fn start_pause(
+    step: &StepDef,
+    run: &Run,
+    iteration: Option<Iteration<'_>>,
+    now: DateTime<Utc>,
+) -> Execution {
     let started = Instant::now();
     let (waiting_for, until) = match step.kind() {
         StepKind::Wait => (
             step.wait_for.map_or("resume", WaitFor::as_str),
             Ok(step.timeout.map(|t| now + chrono_duration(t))),
         ),
-        _ => ("delay", delay_end(step, run, now).map(Some)),
+        _ => ("delay", delay_end(step, run, iteration, now).map(Some)),
     };
     let mut execution = Execution {
         outcome: StepOutcome::Succeeded {
@@ -281,17 +291,79 @@ pub fn start_pause(step: &StepDef, run: &Run, now: DateTime<Utc>) -> Execution {
 }
 
 /// When a delay step that starts at `now` ends.
-fn delay_end(step: &StepDef, run: &Run, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+fn delay_end(
+    step: &StepDef,
+    run: &Run,
+    iteration: Option<Iteration<'_>>,
+    now: DateTime<Utc>,
+) -> Result<DateTime<Utc>, String> {
     if let Some(delay) = step.delay {
         return Ok(now + chrono_duration(delay));
     }
     let until = step.until.as_deref().unwrap_or_default();
-    let rendered = template::render(&Value::String(until.to_owned()), &run.template_context())
+    let context = run.template_context_in(iteration);
+    let rendered = template::render(&Value::String(until.to_owned()), &context)
         .map_err(|e| format!("template error in until: {}", e.message))?;
     let text = rendered.as_str().unwrap_or_default();
     DateTime::parse_from_rfc3339(text)
         .map(|at| at.with_timezone(&Utc))
         .map_err(|e| format!("until rendered to {rendered}, not an RFC 3339 instant: {e}"))
+}
+
+/// Starts a loop step: renders its list (recorded as the step's input, `{"items": […]}`, so
+/// every item reads the list as it was) and enters its steps for the first item — or, for an
+/// empty list, succeeds with `[]`. Anything but a list, or more items than `max_items`, fails
+/// the step for good.
+pub fn start_loop(step: &StepDef, run: &Run) -> Execution {
+    let started = Instant::now();
+    let list = step.for_each.as_deref().unwrap_or_default();
+    let rendered = template::render(&Value::String(list.to_owned()), &run.template_context());
+    let max = step.max_items.unwrap_or(DEFAULT_MAX_ITEMS);
+    let (outcome, recorded_input, branch) = match rendered {
+        Err(err) => (
+            StepOutcome::Failed {
+                error: format!("template error in for_each: {}", err.message),
+            },
+            Value::Null,
+            None,
+        ),
+        Ok(Value::Array(items)) if items.len() > max as usize => (
+            StepOutcome::Failed {
+                error: format!(
+                    "for_each gave {} items, more than max_items ({max})",
+                    items.len()
+                ),
+            },
+            Value::Null,
+            None,
+        ),
+        Ok(Value::Array(items)) if items.is_empty() => (
+            StepOutcome::Succeeded { output: json!([]) },
+            json!({ "items": [] }),
+            None,
+        ),
+        Ok(Value::Array(items)) => (
+            StepOutcome::Succeeded {
+                output: Value::Null,
+            },
+            json!({ "items": items }),
+            Some(EACH.to_owned()),
+        ),
+        Ok(other) => (
+            StepOutcome::Failed {
+                error: format!("for_each gave {other}, not a list"),
+            },
+            Value::Null,
+            None,
+        ),
+    };
+    Execution {
+        outcome,
+        recorded_input,
+        duration: started.elapsed(),
+        branch,
+        pause: None,
+    }
 }
 
 /// Wakes a delay or wait step whose timer came due: a delay succeeds; a wait has timed out,
@@ -477,9 +549,9 @@ mod tests {
     #[test]
     fn inputs_render_against_the_run() {
         let run = Run::new("r".into(), "f", 1, json!({"n": 7}));
-        assert_eq!(render_input(&step(1), &run).unwrap(), json!({"v": 7}));
+        assert_eq!(render_input(&step(1), &run, None).unwrap(), json!({"v": 7}));
         let run = Run::new("r".into(), "f", 1, json!({}));
-        let err = render_input(&step(1), &run).unwrap_err();
+        let err = render_input(&step(1), &run, None).unwrap_err();
         assert!(
             err.to_string().starts_with("template error at input.v"),
             "{err}"
@@ -502,7 +574,7 @@ mod tests {
         .unwrap();
         let step = &def.steps[0];
         let chosen = |trigger: Value| {
-            let execution = choose_branch(step, &Run::new("r".into(), "f", 1, trigger));
+            let execution = choose_branch(step, &Run::new("r".into(), "f", 1, trigger), None);
             (
                 execution.branch,
                 execution.recorded_input,

@@ -32,7 +32,7 @@ use serde_json::{Map, Value};
 
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
-use crate::template::{self, ROOTS};
+use crate::template::{self, LOOP_ROOTS, ROOTS};
 
 pub const API_VERSION: &str = "piecework/v1";
 pub const KIND: &str = "Flow";
@@ -212,6 +212,43 @@ pub struct StepDef {
     /// A wait step: the steps that run when the wait times out (without them, the step fails).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub on_timeout: Vec<StepDef>,
+    /// A loop step: a template that renders to a list; `steps` run once per item, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_each: Option<String>,
+    /// A loop step: how many items run at once (only 1 for now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallelism: Option<u32>,
+    /// A loop step: the most items it takes (default 1000); a longer list fails the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_items: Option<u32>,
+    /// A loop step's block: the steps run for each item.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepDef>,
+}
+
+/// Items a loop takes unless it says otherwise, and the most it may say.
+pub const DEFAULT_MAX_ITEMS: u32 = 1000;
+pub const MAX_ITEMS: u32 = 10_000;
+/// The name of a loop step's one block, as a branch.
+pub const EACH: &str = "each";
+
+/// The recorded name of step `name` for item `index` of its loop: `double[3]`.
+pub fn instance_name(name: &str, item: Option<u32>) -> String {
+    match item {
+        Some(index) => format!("{name}[{index}]"),
+        None => name.to_owned(),
+    }
+}
+
+/// Splits a recorded step name into the step and its item: `double[3]` → (`double`, 3).
+pub fn split_instance(name: &str) -> (&str, Option<u32>) {
+    if let Some(open) = name.find('[')
+        && let Some(index) = name[open + 1..].strip_suffix(']')
+        && let Ok(index) = index.parse()
+    {
+        return (&name[..open], Some(index));
+    }
+    (name, None)
 }
 
 /// A rate: `count` starts per `period`, written `10/s`, `600/m` or `5000/h`.
@@ -300,6 +337,8 @@ pub enum StepKind {
     Delay,
     /// Pauses the run until it is resumed (`wait_for`), or times out.
     Wait,
+    /// Runs its block once per item of a list (`for_each`).
+    Loop,
 }
 
 /// The longest a delay or wait step may pause a run.
@@ -349,6 +388,8 @@ impl StepDef {
             StepKind::Delay
         } else if self.wait_for.is_some() {
             StepKind::Wait
+        } else if self.for_each.is_some() {
+            StepKind::Loop
         } else {
             StepKind::Action
         }
@@ -368,6 +409,13 @@ impl StepDef {
     /// A branch step's branches in the order they are tried, the fallback last; a wait
     /// step's timeout branch; none for other steps.
     pub fn branches(&self) -> Vec<BranchRef<'_>> {
+        if self.for_each.is_some() {
+            return vec![BranchRef {
+                name: EACH,
+                when: None,
+                steps: &self.steps,
+            }];
+        }
         if self.wait_for.is_some() && !self.on_timeout.is_empty() {
             return vec![BranchRef {
                 name: TIMEOUT_BRANCH,
@@ -575,6 +623,7 @@ impl FlowDefinition {
                 }
                 walk(&mut step.default, &format!("{at}.default"), f);
                 walk(&mut step.on_timeout, &format!("{at}.on_timeout"), f);
+                walk(&mut step.steps, &format!("{at}.steps"), f);
             }
         }
         walk(&mut self.steps, "steps", f);
@@ -638,6 +687,22 @@ impl FlowDefinition {
             }
         }
         Some(Following { next: None, closed })
+    }
+
+    /// The loop step whose block step `name` is in, if any.
+    pub fn enclosing_loop(&self, name: &str) -> Option<&StepDef> {
+        let path = self.path(name)?;
+        path.iter()
+            .rev()
+            .skip(1)
+            .map(|(block, index)| &block[*index])
+            .find(|step| step.kind() == StepKind::Loop)
+    }
+
+    /// Where step `name` is: the block it is in and its index there, after the same for each
+    /// step around it, outermost first.
+    pub fn locate(&self, name: &str) -> Option<Vec<(&[StepDef], usize)>> {
+        self.path(name)
     }
 
     /// The step after `name`, or the first step when `name` is `None`.
@@ -863,6 +928,7 @@ pub async fn validate(
         seen: HashSet::new(),
         resolved: &mut resolved,
         issues: &mut issues,
+        in_loop: false,
     };
     steps.block(&definition.steps, "steps", &HashSet::new());
     if issues.is_empty() {
@@ -887,6 +953,8 @@ pub async fn validate(
 struct Scope<'d> {
     index: HashMap<&'d str, usize>,
     enclosing: HashMap<&'d str, Vec<&'d str>>,
+    /// The loop steps.
+    loops: HashSet<&'d str>,
 }
 
 impl<'d> Scope<'d> {
@@ -899,6 +967,9 @@ impl<'d> Scope<'d> {
                     .enclosing
                     .entry(&step.name)
                     .or_insert_with(|| around.clone());
+                if step.kind() == StepKind::Loop {
+                    scope.loops.insert(&step.name);
+                }
                 around.push(&step.name);
                 for branch in step.branches() {
                     walk(branch.steps, around, scope);
@@ -909,6 +980,7 @@ impl<'d> Scope<'d> {
         let mut scope = Scope {
             index: HashMap::new(),
             enclosing: HashMap::new(),
+            loops: HashSet::new(),
         };
         walk(&definition.steps, &mut Vec::new(), &mut scope);
         scope
@@ -919,7 +991,7 @@ impl<'d> Scope<'d> {
         let around = |name: &str| self.enclosing.get(name).cloned().unwrap_or_default();
         if around(step).contains(&target) {
             return format!(
-                "refers to step `{target}`, which this step is a branch of: its output is known only when the branch ends"
+                "refers to step `{target}`, which this step is part of: its output is known only when it ends"
             );
         }
         match (self.index.get(step), self.index.get(target)) {
@@ -933,9 +1005,15 @@ impl<'d> Scope<'d> {
                     .into_iter()
                     .find(|name| !mine.contains(name))
                     .unwrap_or(target);
-                format!(
-                    "refers to step `{target}`, inside a branch of `{outer}` that may not have run: refer to `steps.{outer}.output` (the output of the branch that ran) or `steps.{outer}.branch`"
-                )
+                if self.loops.contains(outer) {
+                    format!(
+                        "refers to step `{target}`, inside the loop `{outer}`: refer to `steps.{outer}.output`, the list of each item's last output"
+                    )
+                } else {
+                    format!(
+                        "refers to step `{target}`, inside a branch of `{outer}` that may not have run: refer to `steps.{outer}.output` (the output of the branch that ran) or `steps.{outer}.branch`"
+                    )
+                }
             }
         }
     }
@@ -949,6 +1027,8 @@ struct StepChecker<'d, 'r> {
     seen: HashSet<&'d str>,
     resolved: &'r mut BTreeMap<String, Version>,
     issues: &'r mut Vec<Issue>,
+    /// Whether the block being checked is a loop's, where `item` and `loop` are defined.
+    in_loop: bool,
 }
 
 impl<'d> StepChecker<'d, '_> {
@@ -993,6 +1073,7 @@ impl<'d> StepChecker<'d, '_> {
                     step.delay.is_some() || step.until.is_some(),
                 ),
                 ("`wait_for`", step.wait_for.is_some()),
+                ("`for_each`", step.for_each.is_some()),
             ];
             let given: Vec<&str> = kinds.iter().filter(|k| k.1).map(|k| k.0).collect();
             if given.len() > 1 {
@@ -1009,6 +1090,22 @@ impl<'d> StepChecker<'d, '_> {
                 StepKind::Branch => self.branch_step(step, &at, &visible),
                 StepKind::Delay => self.delay_step(step, &at, &visible),
                 StepKind::Wait => self.wait_step(step, &at, &visible),
+                StepKind::Loop => self.loop_step(step, &at, &visible),
+            }
+            if step.kind() != StepKind::Loop {
+                let loop_only = [
+                    ("steps", !step.steps.is_empty()),
+                    ("parallelism", step.parallelism.is_some()),
+                    ("max_items", step.max_items.is_some()),
+                ];
+                for (field, present) in loop_only {
+                    if present {
+                        self.issue(
+                            format!("{at}.{field}"),
+                            "is for loop steps (`for_each`)".into(),
+                        );
+                    }
+                }
             }
             visible.insert(&step.name);
         }
@@ -1107,6 +1204,57 @@ impl<'d> StepChecker<'d, '_> {
             );
         }
         self.block(&step.on_timeout, &format!("{at}.on_timeout"), visible);
+    }
+
+    fn loop_step(&mut self, step: &'d StepDef, at: &str, visible: &HashSet<&'d str>) {
+        self.no_action_fields(step, at, "loop step only runs its `steps` for each item");
+        self.no_branches(step, at);
+        let list = step.for_each.clone().unwrap_or_default();
+        if !template::is_template(&Value::String(list.clone())) {
+            self.issue(
+                format!("{at}.for_each"),
+                format!(
+                    "{list:?} is not a template: write the list to loop over, such as \"{{{{ trigger.body.items }}}}\""
+                ),
+            );
+        }
+        let templates = Value::Object(Map::from_iter([(
+            "for_each".to_owned(),
+            Value::String(list),
+        )]));
+        self.references(step, &templates, "input.", at, visible);
+        if step.steps.is_empty() {
+            self.issue(
+                format!("{at}.steps"),
+                "a loop needs steps to run for each item".into(),
+            );
+        }
+        if let Some(parallelism) = step.parallelism
+            && parallelism != 1
+        {
+            self.issue(
+                format!("{at}.parallelism"),
+                "only 1 for now: items run one after another".into(),
+            );
+        }
+        if let Some(max) = step.max_items
+            && !(1..=MAX_ITEMS).contains(&max)
+        {
+            self.issue(
+                format!("{at}.max_items"),
+                format!("must be between 1 and {MAX_ITEMS}"),
+            );
+        }
+        if self.in_loop {
+            self.issue(
+                format!("{at}.for_each"),
+                "a loop inside a loop is not supported: move the inner loop into a sub-flow, or flatten the list".into(),
+            );
+            return;
+        }
+        self.in_loop = true;
+        self.block(&step.steps, &format!("{at}.steps"), visible);
+        self.in_loop = false;
     }
 
     /// Refuses branches on a step that has none.
@@ -1329,6 +1477,16 @@ impl<'d> StepChecker<'d, '_> {
             for variable in &template_ref.variables {
                 let mut parts = variable.split('.');
                 let root = parts.next().unwrap_or_default();
+                if self.in_loop && LOOP_ROOTS.contains(&root) {
+                    continue;
+                }
+                if LOOP_ROOTS.contains(&root) {
+                    self.issue(
+                        located(&template_ref.path),
+                        format!("`{root}` is defined only in the steps of a `for_each` loop"),
+                    );
+                    continue;
+                }
                 if !ROOTS.contains(&root) {
                     self.issue(
                         located(&template_ref.path),

@@ -19,8 +19,46 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::engine::StepOutcome;
-use crate::flow::{FlowDefinition, Following, OnFailure, StepDef, StepKind};
-use crate::run::{Run, RunStatus, StepState, StepStatus};
+use crate::flow::{FlowDefinition, OnFailure, StepDef, StepKind, instance_name, split_instance};
+use crate::run::{Iteration, Run, RunStatus, StepState, StepStatus};
+
+/// A step as it runs: the step, and in the steps of a loop, the item it runs for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct At<'a> {
+    pub step: &'a StepDef,
+    pub item: Option<u32>,
+}
+
+impl<'a> At<'a> {
+    /// A step outside any loop.
+    pub fn top(step: &'a StepDef) -> Self {
+        Self { step, item: None }
+    }
+
+    /// The name its state is recorded under, and its job names: `double[3]` for item 3.
+    pub fn name(&self) -> String {
+        instance_name(&self.step.name, self.item)
+    }
+
+    /// The step a recorded name (`double[3]`) stands for in `flow`: an item only for a step
+    /// of a loop, and no item for any other.
+    pub fn parse(flow: &'a FlowDefinition, name: &str) -> Option<Self> {
+        let (base, item) = split_instance(name);
+        let step = flow.step(base)?;
+        let in_loop = flow.enclosing_loop(base).is_some();
+        (in_loop == item.is_some()).then_some(Self { step, item })
+    }
+
+    /// The loop and item it runs in, for its templates.
+    pub fn iteration(&self, flow: &'a FlowDefinition) -> Option<Iteration<'a>> {
+        let index = self.item?;
+        let around = flow.enclosing_loop(&self.step.name)?;
+        Some(Iteration {
+            loop_step: &around.name,
+            index,
+        })
+    }
+}
 
 /// Where the next step runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -28,9 +66,9 @@ pub enum Next<'a> {
     /// Nothing follows: the run ended, or the step waits for its retry.
     Done,
     /// Run this step now, in the same delivery.
-    Inline(&'a StepDef),
+    Inline(At<'a>),
     /// Hand this step to a new job on its queue.
-    Publish(&'a StepDef),
+    Publish(At<'a>),
 }
 
 /// Why a delivery is terminated rather than acknowledged.
@@ -86,9 +124,10 @@ pub struct AfterAttempt<'a> {
     pub run_end: Option<RunEnd>,
     pub next: Next<'a>,
     pub settle: Settle,
-    /// The branch steps whose branch this attempt ended (innermost first): each is recorded
-    /// with this step's output as its own.
-    pub closed: Vec<&'a StepDef>,
+    /// The steps around this one whose branch or loop this attempt ended (innermost first):
+    /// a branch step is recorded with this step's output as its own, a loop with the list of
+    /// its items' outputs.
+    pub closed: Vec<At<'a>>,
 }
 
 /// The first step of a run of `flow`, if it has any.
@@ -96,17 +135,31 @@ pub fn first_step(flow: &FlowDefinition) -> Option<&StepDef> {
     flow.steps.first()
 }
 
-/// Decides what follows an attempt of `step` that ended with `outcome` at `now` (for a branch
-/// step, having chosen `branch`).
+/// What follows a step that is done.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Advance<'a> {
+    /// The next step to run; `None` at the end of the flow.
+    pub next: Option<At<'a>>,
+    /// The steps around it whose branch or loop it ended, innermost first.
+    pub closed: Vec<At<'a>>,
+}
+
+/// Decides what follows an attempt of `at` in `run` that ended with `outcome` at `now` (for
+/// a branch step, having chosen `branch`; for a loop that has items, `each`).
 pub fn after_attempt<'a>(
     flow: &'a FlowDefinition,
-    step: &'a StepDef,
+    run: &Run,
+    at: At<'a>,
     outcome: &StepOutcome,
     branch: Option<&str>,
     position: Position<'_>,
     now: DateTime<Utc>,
 ) -> AfterAttempt<'a> {
+    let step = at.step;
     let (status, error) = match outcome {
+        StepOutcome::Succeeded { .. } if step.kind() == StepKind::Loop && branch.is_some() => {
+            (StepStatus::Running, None)
+        }
         StepOutcome::Succeeded { .. } => (StepStatus::Succeeded, None),
         StepOutcome::Failed { error } => (StepStatus::Failed, Some(error.as_str())),
         StepOutcome::Retry { delay, .. } => {
@@ -115,7 +168,7 @@ pub fn after_attempt<'a>(
             let (next, settle) = if position.own_step {
                 (Next::Done, Settle::Nak(*delay))
             } else {
-                (Next::Publish(step), Settle::Ack)
+                (Next::Publish(at), Settle::Ack)
             };
             return AfterAttempt {
                 status: StepStatus::Retrying,
@@ -128,7 +181,7 @@ pub fn after_attempt<'a>(
             };
         }
     };
-    let goes_on = status == StepStatus::Succeeded || step.on_failure == OnFailure::Continue;
+    let goes_on = status != StepStatus::Failed || step.on_failure == OnFailure::Continue;
     if !goes_on {
         return AfterAttempt {
             status,
@@ -147,7 +200,7 @@ pub fn after_attempt<'a>(
             closed: Vec::new(),
         };
     }
-    let Following { next, closed } = advance(flow, step, branch);
+    let Advance { next, closed } = advance(flow, run, at, branch);
     match next {
         None => AfterAttempt {
             status,
@@ -167,7 +220,7 @@ pub fn after_attempt<'a>(
             retry_in: None,
             run_end: None,
             // A branch step runs anywhere: it only evaluates its conditions.
-            next: if (next.is_control() || next.queue() == position.queue)
+            next: if (next.step.is_control() || next.step.queue() == position.queue)
                 && position.inline_budget > 0
             {
                 Next::Inline(next)
@@ -203,11 +256,11 @@ pub const WAKE_TOLERANCE: Duration = Duration::from_secs(1);
 pub enum Resume<'a> {
     /// The run waits on `step` and its time has come (a delay ended, a wait timed out):
     /// wake it, if no one else did first.
-    Wake(&'a StepDef),
+    Wake(At<'a>),
     /// The run is over (finished or cancelled): drop the job.
     Finished,
     /// Run `step` now, as attempt `attempt` of its current retry budget (1 for the first).
-    Run { step: &'a StepDef, attempt: u32 },
+    Run { step: At<'a>, attempt: u32 },
     /// The job carries a retry's wait: put it back for this long.
     Wait(Duration),
     /// The job's step was recorded by a delivery that died before handing over: continue
@@ -215,7 +268,7 @@ pub enum Resume<'a> {
     HandOff(Next<'a>),
     /// The step was delivered more often than its attempts and the infrastructure allowance
     /// allow: the results of its attempts keep getting lost. Fail it without running it.
-    GiveUp { step: &'a StepDef, deliveries: u32 },
+    GiveUp { step: At<'a>, deliveries: u32 },
     /// The job names a step the flow does not have.
     Poison(String),
 }
@@ -248,15 +301,16 @@ pub fn on_delivery<'a>(
     if run.status.is_terminal() {
         return Resume::Finished;
     }
-    let Some(step) = flow.step(step_name) else {
+    let Some(at) = At::parse(flow, step_name) else {
         return Resume::Poison(format!("the flow has no step `{step_name}`"));
     };
+    let step = at.step;
     // Follow what was recorded, from the job's step on, to the first step still to run.
     // (A run's end is recorded with its last step, so "all recorded, still running" and "a
     // step failed for good, still running" only arise if that write was lost: nothing is
     // left to run then.)
-    let mut current = step;
-    while let Some(state) = run.step(&current.name) {
+    let mut current = at;
+    while let Some(state) = run.step(&current.name()) {
         match state.status {
             StepStatus::Retrying => break,
             StepStatus::Waiting => {
@@ -265,24 +319,24 @@ pub fn on_delivery<'a>(
                 let due = state
                     .retry_at
                     .is_some_and(|at| at <= job.now + chrono_duration(WAKE_TOLERANCE));
-                return if current.name == step.name && due {
+                return if current == at && due {
                     Resume::Wake(current)
                 } else {
                     Resume::HandOff(Next::Done)
                 };
             }
-            StepStatus::Failed if current.on_failure == OnFailure::Stop => {
+            StepStatus::Failed if current.step.on_failure == OnFailure::Stop => {
                 return Resume::HandOff(Next::Done);
             }
-            StepStatus::Succeeded | StepStatus::Failed => {
-                match advance(flow, current, state.branch.as_deref()).next {
+            StepStatus::Succeeded | StepStatus::Failed | StepStatus::Running => {
+                match advance(flow, run, current, state.branch.as_deref()).next {
                     Some(next) => current = next,
                     None => return Resume::HandOff(Next::Done),
                 }
             }
         }
     }
-    if current.name != step.name {
+    if current != at {
         return Resume::HandOff(Next::Publish(current));
     }
     // A job handed a retry that must wait: its first delivery only waits (on the broker's
@@ -292,7 +346,7 @@ pub fn on_delivery<'a>(
     {
         return Resume::Wait(delay);
     }
-    let state = run.step(&step.name);
+    let state = run.step(&at.name());
     let waited = u32::from(job.delay.is_some_and(|d| !d.is_zero()));
     let budget = step
         .retry_policy()
@@ -302,12 +356,12 @@ pub fn on_delivery<'a>(
     let delivered = job.delivered;
     if delivered > budget {
         return Resume::GiveUp {
-            step,
+            step: at,
             deliveries: delivered,
         };
     }
     Resume::Run {
-        step,
+        step: at,
         attempt: attempt_in_epoch(state, epoch),
     }
 }
@@ -321,23 +375,66 @@ pub fn attempt_in_epoch(state: Option<&StepState>, job_epoch: u32) -> u32 {
     recorded.saturating_sub(epoch).saturating_add(1)
 }
 
-/// What follows `step` once it is done: for a branch step that chose a branch with steps,
-/// that branch's first step; otherwise the next step of the flow (ending the branches
-/// `step` was the last step of).
-fn advance<'a>(flow: &'a FlowDefinition, step: &'a StepDef, branch: Option<&str>) -> Following<'a> {
+/// What follows `at` in `run` once it is done: for a branch step that chose a branch with
+/// steps, that branch's first step; for a loop with items, the first item's first step;
+/// otherwise the next step of its block — or, at the end of a loop's steps, the next item's
+/// first step, and at the end of a block, what follows the step around it, which it closes.
+pub fn advance<'a>(
+    flow: &'a FlowDefinition,
+    run: &Run,
+    at: At<'a>,
+    branch: Option<&str>,
+) -> Advance<'a> {
     let first = branch
-        .and_then(|name| step.branch(name))
+        .and_then(|name| at.step.branch(name))
         .and_then(<[StepDef]>::first);
     if let Some(first) = first {
-        return Following {
-            next: Some(first),
+        let item = if at.step.kind() == StepKind::Loop {
+            Some(0)
+        } else {
+            at.item
+        };
+        return Advance {
+            next: Some(At { step: first, item }),
             closed: Vec::new(),
         };
     }
-    flow.after(&step.name).unwrap_or(Following {
-        next: None,
-        closed: Vec::new(),
-    })
+    let mut closed = Vec::new();
+    let mut item = at.item;
+    let Some(mut path) = flow.locate(&at.step.name) else {
+        return Advance { next: None, closed };
+    };
+    while let Some((block, index)) = path.pop() {
+        if let Some(next) = block.get(index + 1) {
+            return Advance {
+                next: Some(At { step: next, item }),
+                closed,
+            };
+        }
+        let Some(&(outer, position)) = path.last() else {
+            break;
+        };
+        let around = &outer[position];
+        if around.kind() == StepKind::Loop {
+            let next_item = item.map_or(0, |i| i + 1);
+            let count = run.loop_items(&around.name).map_or(0, Vec::len);
+            if let Some(first) = around.steps.first()
+                && (next_item as usize) < count
+            {
+                return Advance {
+                    next: Some(At {
+                        step: first,
+                        item: Some(next_item),
+                    }),
+                    closed,
+                };
+            }
+            // Loops do not nest: the loop itself is outside any.
+            item = None;
+        }
+        closed.push(At { step: around, item });
+    }
+    Advance { next: None, closed }
 }
 
 /// Why a run cannot be retried or cancelled.
@@ -400,7 +497,7 @@ pub fn resume(
     run: &Run,
     step: &str,
 ) -> Result<(StepState, Option<DateTime<Utc>>), Refusal> {
-    let Some(def) = flow.step(step) else {
+    let Some(def) = flow.step(split_instance(step).0) else {
         return Err(Refusal::NoSuchStep {
             run: run.id.clone(),
             step: step.to_owned(),
@@ -546,13 +643,29 @@ mod tests {
     fn a_success_runs_the_next_step_inline_on_the_same_queue_and_hands_over_across_queues() {
         let flow = three();
         let (a, b) = (flow.step("a").unwrap(), flow.step("b").unwrap());
-        let after = after_attempt(&flow, a, &succeeded(), None, OWN, now());
+        let after = after_attempt(
+            &flow,
+            &run_with(vec![]),
+            At::top(a),
+            &succeeded(),
+            None,
+            OWN,
+            now(),
+        );
         assert_eq!(after.status, StepStatus::Succeeded);
-        assert_eq!(after.next, Next::Inline(b));
+        assert_eq!(after.next, Next::Inline(At::top(b)));
         assert_eq!((after.run_end, after.settle), (None, Settle::Ack));
         // `c` is on another queue: a job of its own.
-        let after = after_attempt(&flow, b, &succeeded(), None, INLINE, now());
-        assert_eq!(after.next, Next::Publish(flow.step("c").unwrap()));
+        let after = after_attempt(
+            &flow,
+            &run_with(vec![]),
+            At::top(b),
+            &succeeded(),
+            None,
+            INLINE,
+            now(),
+        );
+        assert_eq!(after.next, Next::Publish(At::top(flow.step("c").unwrap())));
         assert_eq!(after.settle, Settle::Ack);
     }
 
@@ -565,13 +678,14 @@ mod tests {
         };
         let after = after_attempt(
             &flow,
-            flow.step("a").unwrap(),
+            &run_with(vec![]),
+            At::top(flow.step("a").unwrap()),
             &succeeded(),
             None,
             spent,
             now(),
         );
-        assert_eq!(after.next, Next::Publish(flow.step("b").unwrap()));
+        assert_eq!(after.next, Next::Publish(At::top(flow.step("b").unwrap())));
     }
 
     #[test]
@@ -582,7 +696,15 @@ mod tests {
             queue: "vpn",
             ..OWN
         };
-        let after = after_attempt(&flow, c, &succeeded(), None, vpn, now());
+        let after = after_attempt(
+            &flow,
+            &run_with(vec![]),
+            At::top(c),
+            &succeeded(),
+            None,
+            vpn,
+            now(),
+        );
         assert_eq!(
             after.run_end,
             Some(RunEnd {
@@ -599,11 +721,27 @@ mod tests {
             "  - {name: a, piece: p, action: x, on_failure: continue}\n  - {name: b, piece: p, action: x}\n",
         );
         let (a, b) = (flow.step("a").unwrap(), flow.step("b").unwrap());
-        let after = after_attempt(&flow, a, &failed(), None, OWN, now());
+        let after = after_attempt(
+            &flow,
+            &run_with(vec![]),
+            At::top(a),
+            &failed(),
+            None,
+            OWN,
+            now(),
+        );
         assert_eq!(after.status, StepStatus::Failed);
-        assert_eq!(after.next, Next::Inline(b));
+        assert_eq!(after.next, Next::Inline(At::top(b)));
         assert_eq!((after.run_end, after.settle), (None, Settle::Ack));
-        let after = after_attempt(&flow, b, &failed(), None, INLINE, now());
+        let after = after_attempt(
+            &flow,
+            &run_with(vec![]),
+            At::top(b),
+            &failed(),
+            None,
+            INLINE,
+            now(),
+        );
         assert_eq!(after.status, StepStatus::Failed);
         assert_eq!(
             after.run_end,
@@ -619,7 +757,15 @@ mod tests {
     #[test]
     fn a_continued_failure_of_the_last_step_ends_the_run_as_succeeded() {
         let flow = flow("  - {name: a, piece: p, action: x, on_failure: continue}\n");
-        let after = after_attempt(&flow, flow.step("a").unwrap(), &failed(), None, OWN, now());
+        let after = after_attempt(
+            &flow,
+            &run_with(vec![]),
+            At::top(flow.step("a").unwrap()),
+            &failed(),
+            None,
+            OWN,
+            now(),
+        );
         assert_eq!(after.run_end.unwrap().status, RunStatus::Succeeded);
     }
 
@@ -627,14 +773,33 @@ mod tests {
     fn a_retry_of_the_own_step_puts_the_job_back_and_of_an_inline_step_hands_over() {
         let flow = three();
         let b = flow.step("b").unwrap();
-        let after = after_attempt(&flow, b, &retry_in(4), None, OWN, now());
+        let after = after_attempt(
+            &flow,
+            &run_with(vec![]),
+            At::top(b),
+            &retry_in(4),
+            None,
+            OWN,
+            now(),
+        );
         assert_eq!(after.status, StepStatus::Retrying);
         assert_eq!(after.settle, Settle::Nak(Duration::from_secs(4)));
         assert_eq!(after.next, Next::Done);
         assert_eq!(after.retry_at, Some(now() + chrono::Duration::seconds(4)));
         assert_eq!(after.run_end, None);
-        let after = after_attempt(&flow, b, &retry_in(4), None, INLINE, now());
-        assert_eq!((after.next, after.settle), (Next::Publish(b), Settle::Ack));
+        let after = after_attempt(
+            &flow,
+            &run_with(vec![]),
+            At::top(b),
+            &retry_in(4),
+            None,
+            INLINE,
+            now(),
+        );
+        assert_eq!(
+            (after.next, after.settle),
+            (Next::Publish(At::top(b)), Settle::Ack)
+        );
         assert_eq!(after.retry_at, Some(now() + chrono::Duration::seconds(4)));
     }
 
@@ -645,7 +810,7 @@ mod tests {
         assert_eq!(
             on_delivery(&flow, &run, job("a", 1), 10),
             Resume::Run {
-                step: flow.step("a").unwrap(),
+                step: At::top(flow.step("a").unwrap()),
                 attempt: 1
             }
         );
@@ -684,13 +849,13 @@ mod tests {
         ]);
         assert_eq!(
             on_delivery(&flow, &run, job("a", 2), 10),
-            Resume::HandOff(Next::Publish(flow.step("c").unwrap()))
+            Resume::HandOff(Next::Publish(At::top(flow.step("c").unwrap())))
         );
         // Only `a` recorded: `b` (interrupted inline) gets a job of its own.
         let run = run_with(vec![state("a", StepStatus::Succeeded, 1)]);
         assert_eq!(
             on_delivery(&flow, &run, job("a", 2), 10),
-            Resume::HandOff(Next::Publish(flow.step("b").unwrap()))
+            Resume::HandOff(Next::Publish(At::top(flow.step("b").unwrap())))
         );
         // Everything recorded but the run's end: nothing to run.
         let run = run_with(vec![
@@ -731,7 +896,7 @@ mod tests {
         assert_eq!(
             on_delivery(&flow, &run, delayed(2), 10),
             Resume::Run {
-                step: flow.step("b").unwrap(),
+                step: At::top(flow.step("b").unwrap()),
                 attempt: 2
             }
         );
@@ -757,7 +922,7 @@ mod tests {
         ]);
         assert_eq!(
             on_delivery(&flow, &run, job("a", 2), 10),
-            Resume::HandOff(Next::Publish(flow.step("b").unwrap()))
+            Resume::HandOff(Next::Publish(At::top(flow.step("b").unwrap())))
         );
     }
 
@@ -778,7 +943,7 @@ mod tests {
         assert_eq!(
             on_delivery(&flow, &run, job("a", 4), 1),
             Resume::GiveUp {
-                step: flow.step("a").unwrap(),
+                step: At::top(flow.step("a").unwrap()),
                 deliveries: 4
             }
         );
@@ -860,11 +1025,11 @@ mod tests {
         // Due, or within the clocks' tolerance of due: wake.
         assert_eq!(
             on_delivery(&flow, &run, at("pause", 29), 10),
-            Resume::Wake(pause)
+            Resume::Wake(At::top(pause))
         );
         assert_eq!(
             on_delivery(&flow, &run, at("pause", 90), 10),
-            Resume::Wake(pause)
+            Resume::Wake(At::top(pause))
         );
         // A redelivery of the job before the wait leaves the run to its timer.
         assert_eq!(
@@ -885,7 +1050,7 @@ mod tests {
         ]);
         assert_eq!(
             on_delivery(&flow, &run, at("pause", 90), 10),
-            Resume::HandOff(Next::Publish(flow.step("z").unwrap()))
+            Resume::HandOff(Next::Publish(At::top(flow.step("z").unwrap())))
         );
     }
 
@@ -905,25 +1070,65 @@ mod tests {
     fn a_branch_step_goes_into_the_branch_it_chose_and_its_end_closes_the_branch() {
         let flow = branching();
         let step = |name| flow.step(name).unwrap();
-        let after = after_attempt(&flow, step("gate"), &succeeded(), Some("then"), OWN, now());
-        assert_eq!(after.next, Next::Inline(step("a")));
+        let after = after_attempt(
+            &flow,
+            &run_with(vec![]),
+            At::top(step("gate")),
+            &succeeded(),
+            Some("then"),
+            OWN,
+            now(),
+        );
+        assert_eq!(after.next, Next::Inline(At::top(step("a"))));
         assert!(after.closed.is_empty());
         // The branch's last step ends it: `gate` takes its output, `z` follows.
         let vpn = Position {
             queue: "vpn",
             ..OWN
         };
-        let after = after_attempt(&flow, step("b"), &succeeded(), None, vpn, now());
-        assert_eq!(after.next, Next::Publish(step("z")));
-        assert_eq!(after.closed, vec![step("gate")]);
+        let after = after_attempt(
+            &flow,
+            &run_with(vec![]),
+            At::top(step("b")),
+            &succeeded(),
+            None,
+            vpn,
+            now(),
+        );
+        assert_eq!(after.next, Next::Publish(At::top(step("z"))));
+        assert_eq!(after.closed, vec![At::top(step("gate"))]);
         // An empty branch goes straight on.
-        let after = after_attempt(&flow, step("gate"), &succeeded(), Some("else"), OWN, now());
-        assert_eq!(after.next, Next::Inline(step("z")));
+        let after = after_attempt(
+            &flow,
+            &run_with(vec![]),
+            At::top(step("gate")),
+            &succeeded(),
+            Some("else"),
+            OWN,
+            now(),
+        );
+        assert_eq!(after.next, Next::Inline(At::top(step("z"))));
         // The branch's first step is on another queue than the delivery: a job of its own.
         // A condition that failed for good fails the run like any step.
-        let after = after_attempt(&flow, step("gate"), &succeeded(), Some("then"), vpn, now());
-        assert_eq!(after.next, Next::Publish(step("a")));
-        let after = after_attempt(&flow, step("gate"), &failed(), None, OWN, now());
+        let after = after_attempt(
+            &flow,
+            &run_with(vec![]),
+            At::top(step("gate")),
+            &succeeded(),
+            Some("then"),
+            vpn,
+            now(),
+        );
+        assert_eq!(after.next, Next::Publish(At::top(step("a"))));
+        let after = after_attempt(
+            &flow,
+            &run_with(vec![]),
+            At::top(step("gate")),
+            &failed(),
+            None,
+            OWN,
+            now(),
+        );
         assert_eq!(after.settle, Settle::Term(Termination::Failed));
         assert!(after.closed.is_empty());
     }
@@ -937,17 +1142,81 @@ mod tests {
         let run = run_with(vec![gate.clone()]);
         assert_eq!(
             on_delivery(&flow, &run, job("gate", 2), 10),
-            Resume::HandOff(Next::Publish(step("a")))
+            Resume::HandOff(Next::Publish(At::top(step("a"))))
         );
         let run = run_with(vec![gate.clone(), state("a", StepStatus::Succeeded, 1)]);
         assert_eq!(
             on_delivery(&flow, &run, job("gate", 2), 10),
-            Resume::HandOff(Next::Publish(step("b")))
+            Resume::HandOff(Next::Publish(At::top(step("b"))))
         );
         gate.branch = Some("else".into());
         assert_eq!(
             on_delivery(&flow, &run_with(vec![gate]), job("gate", 2), 10),
-            Resume::HandOff(Next::Publish(step("z")))
+            Resume::HandOff(Next::Publish(At::top(step("z"))))
         );
+    }
+
+    #[test]
+    fn a_loop_walks_its_items_in_order_and_a_redelivery_resumes_at_the_first_unrecorded_one() {
+        let flow = flow(concat!(
+            "  - name: each\n",
+            "    for_each: \"{{ trigger.items }}\"\n",
+            "    steps:\n",
+            "      - {name: a, piece: p, action: x}\n",
+            "      - {name: b, piece: p, action: x}\n",
+            "  - {name: z, piece: p, action: x}\n",
+        ));
+        let step = |name| flow.step(name).unwrap();
+        let item = |name, i| At {
+            step: step(name),
+            item: Some(i),
+        };
+        let mut each = state("each", StepStatus::Running, 1);
+        each.input = json!({"items": ["x", "y"]});
+        each.branch = Some("each".into());
+        let run = run_with(vec![each.clone()]);
+        // Starting: the first item's first step, inline.
+        let after = after_attempt(
+            &flow,
+            &run,
+            At::top(step("each")),
+            &succeeded(),
+            Some("each"),
+            OWN,
+            now(),
+        );
+        assert_eq!(after.status, StepStatus::Running);
+        assert_eq!(after.next, Next::Inline(item("a", 0)));
+        // The end of an item's steps: the next item.
+        let after = after_attempt(&flow, &run, item("b", 0), &succeeded(), None, INLINE, now());
+        assert_eq!(after.next, Next::Inline(item("a", 1)));
+        assert!(after.closed.is_empty());
+        // The end of the last item closes the loop and goes on after it.
+        let after = after_attempt(&flow, &run, item("b", 1), &succeeded(), None, INLINE, now());
+        assert_eq!(after.next, Next::Inline(At::top(step("z"))));
+        assert_eq!(after.closed, vec![At::top(step("each"))]);
+        // A redelivered job for the loop resumes at the first item step not recorded.
+        let run = run_with(vec![
+            each,
+            state("a[0]", StepStatus::Succeeded, 1),
+            state("b[0]", StepStatus::Succeeded, 1),
+            state("a[1]", StepStatus::Succeeded, 1),
+        ]);
+        assert_eq!(
+            on_delivery(&flow, &run, job("each", 2), 10),
+            Resume::HandOff(Next::Publish(item("b", 1)))
+        );
+        // A job names an item step as recorded; a name that does not fit the flow is poison.
+        assert_eq!(At::parse(&flow, "b[1]"), Some(item("b", 1)));
+        assert_eq!(At::parse(&flow, "b"), None, "a loop's step needs its item");
+        assert_eq!(
+            At::parse(&flow, "z[1]"),
+            None,
+            "only a loop's steps have items"
+        );
+        assert!(matches!(
+            on_delivery(&flow, &run, job("z[1]", 1), 10),
+            Resume::Poison(_)
+        ));
     }
 }

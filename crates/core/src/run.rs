@@ -55,6 +55,8 @@ pub enum StepStatus {
     Failed,
     /// A delay or wait step the run is waiting on; `retry_at` is when its timer fires.
     Waiting,
+    /// A loop step whose items are running.
+    Running,
 }
 
 impl StepStatus {
@@ -64,6 +66,7 @@ impl StepStatus {
             StepStatus::Succeeded => "succeeded",
             StepStatus::Failed => "failed",
             StepStatus::Waiting => "waiting",
+            StepStatus::Running => "running",
         }
     }
 }
@@ -203,26 +206,66 @@ impl Run {
 
     /// What templates see: `trigger`, `steps.<name>.{output,status,error,branch}`, `run`, `flow`.
     pub fn template_context(&self) -> minijinja::Value {
+        self.template_context_in(None)
+    }
+
+    /// What templates see in the steps of a loop's item, besides [`Run::template_context`]:
+    /// `item` and `loop.{index0,index,length,first,last}`, and `steps.<name>` of the loop's
+    /// steps are this item's.
+    pub fn template_context_in(&self, iteration: Option<Iteration<'_>>) -> minijinja::Value {
         let steps: serde_json::Map<String, Value> = self
             .steps
             .iter()
-            .map(|s| {
+            .filter_map(|s| {
+                let (name, item) = crate::flow::split_instance(&s.name);
+                if item.is_some() && item != iteration.map(|i| i.index) {
+                    return None;
+                }
                 let view = json!({
                     "output": s.output.clone().unwrap_or(Value::Null),
                     "status": s.status.as_str(),
                     "error": s.error,
                     "branch": s.branch,
                 });
-                (s.name.clone(), view)
+                Some((name.to_owned(), view))
             })
             .collect();
-        minijinja::Value::from(minijinja::value::Serde(json!({
+        let mut context = json!({
             "trigger": self.trigger,
             "steps": steps,
             "run": { "id": self.id, "created_at": self.created_at },
             "flow": { "id": self.flow_id, "version": self.flow_version },
-        })))
+        });
+        if let Some(iteration) = iteration {
+            let items = self.loop_items(iteration.loop_step);
+            let length = items.map_or(0, Vec::len);
+            let index = iteration.index as usize;
+            context["item"] = items
+                .and_then(|items| items.get(index))
+                .cloned()
+                .unwrap_or(Value::Null);
+            context["loop"] = json!({
+                "index0": index,
+                "index": index + 1,
+                "length": length,
+                "first": index == 0,
+                "last": index + 1 == length,
+            });
+        }
+        minijinja::Value::from(minijinja::value::Serde(context))
     }
+
+    /// The items of loop step `name`, as it recorded them when it started.
+    pub fn loop_items(&self, name: &str) -> Option<&Vec<Value>> {
+        self.step(name)?.input.get("items")?.as_array()
+    }
+}
+
+/// Where a step runs inside a loop: the loop step, and the index of the item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Iteration<'a> {
+    pub loop_step: &'a str,
+    pub index: u32,
 }
 
 /// A summary row for run listings.

@@ -13,6 +13,8 @@ use serde_json::{Map, Value};
 
 /// Roots a template may refer to.
 pub const ROOTS: &[&str] = &["trigger", "steps", "run", "flow"];
+/// Roots defined in the steps of a `for_each` loop: the item, and where it is in the list.
+pub const LOOP_ROOTS: &[&str] = &["item", "loop"];
 
 /// Enough for any reasonable input mapping, small enough to stop a runaway loop quickly.
 const FUEL: u64 = 50_000;

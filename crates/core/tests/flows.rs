@@ -466,7 +466,7 @@ steps:
             "steps[0] (a).piece: is for action steps; a branch step only chooses which steps run",
             "steps[0] (a).router: a step has either `if` (with `then`/`else`) or `router` (with `default`), not both",
             "steps[0] (a).if: \"yes\" is not a template: write a condition such as \"{{ trigger.body.priority == 'critical' }}\"",
-            "steps[0] (a).then[0] (b).input.value: refers to step `a`, which this step is a branch of: its output is known only when the branch ends",
+            "steps[0] (a).then[0] (b).input.value: refers to step `a`, which this step is part of: its output is known only when it ends",
             "steps[1] (c).then: `then` and `else` go with `if`, not `router` (whose fallback is `default`)",
             "steps[1] (c).router[0].name: \"default\" must be snake_case (a-z, 0-9, _), at most 64 characters, and not `default`",
             "steps[1] (c).router[2].name: branch `e` is defined twice",
@@ -579,6 +579,58 @@ fn rates_parse_and_are_checked() {
         [
             "steps[0] (a).rate_key: goes with `rate`",
             "steps[1] (b).rate: is for action steps; a delay step only pauses the run",
+        ]
+    );
+}
+
+#[test]
+fn loops_validate_with_their_own_scope_and_their_problems_are_named() {
+    let good = r#"
+apiVersion: piecework/v1
+kind: Flow
+name: loops
+trigger: { piece: data, trigger: catch }
+steps:
+  - name: each
+    for_each: "{{ trigger.body.items }}"
+    max_items: 50
+    steps:
+      - { name: double, piece: data, action: set, input: { value: "{{ item * 2 }}" } }
+      - { name: label, piece: data, action: set, input: { value: "{{ loop.index0 }}: {{ steps.double.output }}" } }
+  - { name: after, piece: data, action: set, input: { value: "{{ steps.each.output }}" } }
+"#;
+    assert_eq!(issues(good), Vec::<String>::new());
+    let def = FlowDefinition::parse(good, Format::Yaml).unwrap();
+    assert_eq!(def.enclosing_loop("label").unwrap().name, "each");
+    assert!(def.enclosing_loop("after").is_none());
+    let bad = r#"
+apiVersion: piecework/v1
+kind: Flow
+name: loops
+trigger: { piece: data, trigger: catch }
+steps:
+  - name: each
+    for_each: "items"
+    parallelism: 4
+    max_items: 0
+    steps:
+      - { name: inner, for_each: "{{ item }}", steps: [ { name: deep, piece: data, action: set, input: { value: 1 } } ] }
+      - { name: own, piece: data, action: set, input: { value: "{{ steps.each.output }}" } }
+  - { name: empty, for_each: "{{ trigger.body }}" }
+  - { name: after, piece: data, action: set, input: { value: "{{ steps.own.output }} {{ item }}" }, max_items: 3 }
+"#;
+    assert_eq!(
+        issues(bad),
+        [
+            "steps[0] (each).for_each: \"items\" is not a template: write the list to loop over, such as \"{{ trigger.body.items }}\"",
+            "steps[0] (each).parallelism: only 1 for now: items run one after another",
+            "steps[0] (each).max_items: must be between 1 and 10000",
+            "steps[0] (each).steps[0] (inner).for_each: a loop inside a loop is not supported: move the inner loop into a sub-flow, or flatten the list",
+            "steps[0] (each).steps[1] (own).input.value: refers to step `each`, which this step is part of: its output is known only when it ends",
+            "steps[1] (empty).steps: a loop needs steps to run for each item",
+            "steps[2] (after).input.value: `item` is defined only in the steps of a `for_each` loop",
+            "steps[2] (after).input.value: refers to step `own`, inside the loop `each`: refer to `steps.each.output`, the list of each item's last output",
+            "steps[2] (after).max_items: is for loop steps (`for_each`)",
         ]
     );
 }

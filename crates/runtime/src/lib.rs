@@ -612,7 +612,7 @@ impl Runtime {
     ) -> Result<(), RuntimeError> {
         let queue = flow
             .definition
-            .step(step)
+            .step(flow::split_instance(step).0)
             .map_or(flow::DEFAULT_QUEUE, |s| s.queue());
         let job = StepJob {
             run_id: run_id.to_owned(),
@@ -640,7 +640,7 @@ impl Runtime {
         };
         let queue = flow
             .definition
-            .step(&timer.step)
+            .step(flow::split_instance(&timer.step).0)
             .map_or(flow::DEFAULT_QUEUE, |s| s.queue());
         let job = StepJob {
             run_id: timer.run_id.clone(),

@@ -1287,3 +1287,105 @@ async fn a_wait_without_a_timeout_branch_fails_when_it_times_out() {
     );
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_loop_runs_its_steps_for_each_item_in_order_and_collects_their_outputs() {
+    let probe = Arc::new(Probe::default());
+    let steps = concat!(
+        "  - name: each_ticket\n",
+        "    for_each: \"{{ trigger.items }}\"\n",
+        "    steps:\n",
+        "      - { name: double, piece: test, action: echo, input: { value: \"{{ item * 2 }}\" } }\n",
+        "      - name: label\n",
+        "        if: \"{{ steps.double.output > 4 }}\"\n",
+        "        then: [ { name: big, piece: test, action: echo, input: { value: \"{{ loop.index0 }}:{{ steps.double.output }} big\" } } ]\n",
+        "        else: [ { name: small, piece: test, action: echo, input: { value: \"{{ loop.index }}/{{ loop.length }} small\" } } ]\n",
+        "  - { name: after, piece: test, action: echo, input: { value: \"{{ steps.each_ticket.output | length }} items: {{ steps.each_ticket.output | join(', ') }}\" } }\n",
+    );
+    let h = Harness::start(&probe, &flow(steps)).await;
+    h.start_run("r1", json!({"items": [1, 2, 3]})).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    let each = run.step("each_ticket").unwrap();
+    assert_eq!(each.status, StepStatus::Succeeded);
+    assert_eq!(each.input, json!({"items": [1, 2, 3]}));
+    assert_eq!(
+        each.output,
+        Some(json!(["1/3 small", "2/3 small", "2:6 big"])),
+        "the outputs of each item's last step, in item order"
+    );
+    let names: Vec<&str> = run.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "each_ticket",
+            "double[0]",
+            "label[0]",
+            "small[0]",
+            "double[1]",
+            "label[1]",
+            "small[1]",
+            "double[2]",
+            "label[2]",
+            "big[2]",
+            "after"
+        ]
+    );
+    assert_eq!(run.step("double[2]").unwrap().output, Some(json!(6)));
+    assert_eq!(
+        run.step("after").unwrap().output,
+        Some(json!("3 items: 1/3 small, 2/3 small, 2:6 big"))
+    );
+    assert_eq!(h.step_deliveries(), 1, "the whole loop ran inline");
+
+    // An empty list runs nothing and gives []; anything but a list fails the loop.
+    h.start_run("r2", json!({"items": []})).await;
+    let run = h.finished("r2").await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(run.step("each_ticket").unwrap().output, Some(json!([])));
+    assert_eq!(run.step("after").unwrap().output, Some(json!("0 items: ")));
+    h.start_run("r3", json!({"items": "nope"})).await;
+    let run = h.finished("r3").await;
+    assert_eq!(run.status, RunStatus::Failed);
+    assert!(
+        run.error
+            .as_deref()
+            .unwrap()
+            .contains("for_each gave \"nope\", not a list"),
+        "{run:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delay_inside_a_loop_pauses_each_item() {
+    let probe = Arc::new(Probe::default());
+    let steps = concat!(
+        "  - name: each\n",
+        "    for_each: \"{{ trigger.items }}\"\n",
+        "    steps:\n",
+        "      - { name: pause, delay: 10s }\n",
+        "      - { name: echo, piece: test, action: echo, input: { value: \"{{ item }}\" } }\n",
+    );
+    let h = Harness::start(&probe, &flow(steps)).await;
+    h.start_run("r1", json!({"items": ["a", "b"]})).await;
+    for waiting in ["pause[0]", "pause[1]"] {
+        for _ in 0..1000 {
+            let run = h.store.get_run("r1").await.unwrap().unwrap();
+            if run
+                .step(waiting)
+                .is_some_and(|s| s.status == StepStatus::Waiting)
+            {
+                assert_eq!(run.status, RunStatus::Waiting);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(fire_timers(&h).await, 1, "{waiting}");
+    }
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(run.step("each").unwrap().output, Some(json!(["a", "b"])));
+    h.stop().await;
+}

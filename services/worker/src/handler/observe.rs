@@ -34,7 +34,7 @@ impl Handler {
             StepStatus::Retrying => metrics::StepOutcome::retrying,
             StepStatus::Failed => metrics::StepOutcome::failed,
             // Not a piece call's outcome.
-            StepStatus::Waiting => return,
+            StepStatus::Waiting | StepStatus::Running => return,
         };
         if step.is_control() {
             // Not a piece call: the run's record and trace say what the step decided.
@@ -95,6 +95,9 @@ pub(super) fn log_attempt(
         StepStatus::Waiting => {
             tracing::debug!(run_id = %run.id, flow = %run.flow_id, step = %step.name, "run waits")
         }
+        StepStatus::Running => {
+            tracing::debug!(run_id = %run.id, flow = %run.flow_id, step = %step.name, "loop started")
+        }
     }
 }
 
@@ -116,6 +119,7 @@ pub(super) fn proto_step_status(status: StepStatus) -> v1::StepStatus {
         StepStatus::Retrying => v1::StepStatus::Retrying,
         StepStatus::Failed => v1::StepStatus::Failed,
         StepStatus::Waiting => v1::StepStatus::Waiting,
+        StepStatus::Running => v1::StepStatus::Running,
     }
 }
 

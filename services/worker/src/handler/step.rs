@@ -8,15 +8,16 @@
 //! resumes from the journal (`lifecycle::on_delivery`): a step recorded as done never runs
 //! again.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use piecework_bus::Delivery;
 use piecework_core::engine::{self, StepOutcome};
-use piecework_core::flow::{FlowVersion, StepDef, StepKind};
+use piecework_core::flow::{FlowVersion, StepDef, StepKind, instance_name};
 use piecework_core::lifecycle::{
-    self, AfterAttempt, Delivered, Next, Position, Resume, Settle, Termination,
+    self, AfterAttempt, At, Delivered, Next, Position, Resume, Settle, Termination,
 };
 use piecework_core::run::Attempt;
 use piecework_core::{Run, RunStatus, StepState, StepStatus};
@@ -26,6 +27,7 @@ use piecework_sdk::mask::Secrets;
 use piecework_sdk::{DynAction, Piece, PieceError, RunInfo};
 use piecework_store::{Pause, RunUpdate, StepUpdate, Timer};
 use piecework_telemetry::propagation;
+use serde_json::Value;
 use tracing::Instrument as _;
 use tracing::field::Empty;
 
@@ -105,12 +107,14 @@ impl Handler {
             }
             Resume::Wake(step) => {
                 if !self.runtime.claim_wake(&timer_of(&job, &run)).await? {
-                    tracing::debug!(run_id = %run.id, step = %step.name, "woken by someone else; dropping");
+                    tracing::debug!(run_id = %run.id, step = %job.step, "woken by someone else; dropping");
                     return Ok(Settle::Ack);
                 }
                 let mut run = run;
                 run.status = RunStatus::Running;
-                let woke = run.step(&step.name).map(|state| engine::wake(step, state));
+                let woke = run
+                    .step(&step.name())
+                    .map(|state| engine::wake(step.step, state));
                 self.drive(&chain, run, step, woke).await
             }
             Resume::Poison(why) => {
@@ -123,14 +127,14 @@ impl Handler {
                 // A delivery that died after recording: finish its hand-over.
                 if let Next::Publish(step) = next {
                     self.runtime
-                        .publish_step(&flow, &run.id, &step.name, job.epoch)
+                        .publish_step(&flow, &run.id, &step.name(), job.epoch)
                         .await?;
                 }
                 tracing::debug!(run_id = %run.id, step = %job.step, "step already recorded; handed over");
                 Ok(Settle::Ack)
             }
             Resume::GiveUp { step, deliveries } => {
-                tracing::warn!(run_id = %run.id, step = %step.name, deliveries, "step delivered past its budget; failing it without running it");
+                tracing::warn!(run_id = %run.id, step = %job.step, deliveries, "step delivered past its budget; failing it without running it");
                 let refused = engine::Execution::failed(format!(
                     "gave up after {deliveries} deliveries: the results of earlier attempts could not be recorded (store or bus errors, see the worker log)"
                 ));
@@ -146,11 +150,11 @@ impl Handler {
 
     /// Runs `first` and, while the lifecycle says so, the steps after it; returns how to
     /// settle the delivery. `refused` stands in for `first`'s execution when it must not run.
-    async fn drive(
+    async fn drive<'f>(
         &self,
-        chain: &Chain<'_>,
+        chain: &Chain<'f>,
         mut run: Run,
-        first: &StepDef,
+        first: At<'f>,
         mut refused: Option<engine::Execution>,
     ) -> Result<Settle, RuntimeError> {
         let mut step = first;
@@ -184,10 +188,10 @@ impl Handler {
         &self,
         chain: &Chain<'f>,
         run: &mut Run,
-        step: &'f StepDef,
+        step: At<'f>,
         position: Position<'_>,
         refused: Option<engine::Execution>,
-    ) -> Result<Result<Settle, &'f StepDef>, RuntimeError> {
+    ) -> Result<Result<Settle, At<'f>>, RuntimeError> {
         let attempted = self
             .attempt(chain, run, step, position.own_step, refused)
             .await?;
@@ -204,7 +208,7 @@ impl Handler {
         let (after, status) = self.record(chain, run, step, position, attempted).await?;
         if status.is_terminal() && after.run_end.is_none() {
             // Cancelled while the step ran: nothing after it runs.
-            tracing::debug!(run_id = %run.id, step = %step.name, "run cancelled; stopping");
+            tracing::debug!(run_id = %run.id, step = %step.name(), "run cancelled; stopping");
             return Ok(Ok(Settle::Ack));
         }
         match after.next {
@@ -214,7 +218,7 @@ impl Handler {
                 // A retry handed over carries its wait; a next step runs at once.
                 let delay = after.retry_in.unwrap_or_default();
                 self.runtime
-                    .publish_step_after(chain.flow, &run.id, &next.name, chain.job.epoch, delay)
+                    .publish_step_after(chain.flow, &run.id, &next.name(), chain.job.epoch, delay)
                     .await?;
                 Ok(Ok(after.settle))
             }
@@ -223,11 +227,12 @@ impl Handler {
 
     /// The span of one step: a child of the run's span (wherever the run started), linked to
     /// the `publish` span that sent the job.
-    fn step_span(&self, chain: &Chain<'_>, run: &Run, step: &StepDef, own: bool) -> tracing::Span {
+    fn step_span(&self, chain: &Chain<'_>, run: &Run, at: At<'_>, own: bool) -> tracing::Span {
+        let (step, name) = (at.step, at.name());
         let delivery = chain.delivery;
         let span = tracing::info_span!(
             "step",
-            otel.name = %format_args!("step {}", step.name),
+            otel.name = %format_args!("step {name}"),
             otel.kind = "consumer",
             otel.status_code = Empty,
             otel.status_description = Empty,
@@ -240,7 +245,7 @@ impl Handler {
             piecework.run.id = %run.id,
             piecework.flow.id = %run.flow_id,
             piecework.flow.version = run.flow_version,
-            piecework.step = %step.name,
+            piecework.step = %name,
             piecework.piece = %step.piece,
             piecework.action = %step.action,
             piecework.piece.version = Empty,
@@ -270,10 +275,12 @@ impl Handler {
         &self,
         chain: &Chain<'_>,
         run: &Run,
-        step: &StepDef,
+        at: At<'_>,
         own_step: bool,
         refused: Option<engine::Execution>,
     ) -> Result<Attempted, RuntimeError> {
+        let (step, name) = (at.step, at.name());
+        let iteration = at.iteration(&chain.flow.definition);
         let mut started = Utc::now();
         if let Some(execution) = refused {
             return Ok(Attempted {
@@ -284,10 +291,14 @@ impl Handler {
         }
         let control = match step.kind() {
             StepKind::Action => None,
-            StepKind::Branch => Some(engine::choose_branch(step, run)),
-            StepKind::Delay | StepKind::Wait => {
-                Some(engine::start_pause(step, run, self.runtime.now()))
-            }
+            StepKind::Branch => Some(engine::choose_branch(step, run, iteration)),
+            StepKind::Delay | StepKind::Wait => Some(engine::start_pause(
+                step,
+                run,
+                iteration,
+                self.runtime.now(),
+            )),
+            StepKind::Loop => Some(engine::start_loop(step, run)),
         };
         if let Some(execution) = control {
             return Ok(Attempted {
@@ -298,8 +309,8 @@ impl Handler {
         }
         let flow = chain.flow;
         let epoch = if own_step { chain.job.epoch } else { 0 };
-        let attempt = lifecycle::attempt_in_epoch(run.step(&step.name), epoch);
-        let number = recorded_attempts(run, &step.name) + 1;
+        let attempt = lifecycle::attempt_in_epoch(run.step(&name), epoch);
+        let number = recorded_attempts(run, &name) + 1;
         let resolved = self.resolve_action(flow, step).await;
         let auth = self
             .connection_for(step.connection.as_deref(), &step.piece)
@@ -314,7 +325,7 @@ impl Handler {
                 .reserve_rate(&step.rate_key(), rate.interval())
                 .await?;
             if !wait.is_zero() {
-                tracing::debug!(run_id = %run.id, step = %step.name, ?wait, key = %step.rate_key(), "rate limited; waiting");
+                tracing::debug!(run_id = %run.id, step = %name, ?wait, key = %step.rate_key(), "rate limited; waiting");
                 self.with_progress(chain.delivery, tokio::time::sleep(wait))
                     .await;
                 started = Utc::now();
@@ -324,14 +335,13 @@ impl Handler {
             (Err(error), _) => engine::Execution::refused(error.clone(), step, attempt),
             (Ok(_), Err(error)) => engine::Execution::failed(error.clone()),
             (Ok((_, action)), Ok(auth)) => {
-                let run_info =
-                    RunInfo::new(&run.id, &flow.flow_id, flow.version, &step.name, number)
-                        .started_by(run.started_by.clone());
+                let run_info = RunInfo::new(&run.id, &flow.flow_id, flow.version, &name, number)
+                    .started_by(run.started_by.clone());
                 let mut ctx = self.runtime.context(run_info, flow, auth.clone());
                 if let Some(max) = step.max_response_bytes {
                     ctx.http = ctx.http.with_max_response_bytes(max);
                 }
-                let work = engine::execute(action.as_ref(), step, run, &ctx, attempt);
+                let work = engine::execute(action.as_ref(), step, run, iteration, &ctx, attempt);
                 self.with_progress(chain.delivery, work).await
             }
         };
@@ -395,11 +405,12 @@ impl Handler {
         &self,
         chain: &Chain<'f>,
         run: &mut Run,
-        step: &'f StepDef,
+        at: At<'f>,
         position: Position<'_>,
         attempted: Attempted,
     ) -> Result<(AfterAttempt<'f>, RunStatus), RuntimeError> {
         let flow = chain.flow;
+        let (step, name) = (at.step, at.name());
         let Attempted {
             started,
             execution,
@@ -416,7 +427,8 @@ impl Handler {
             Some(until) => lifecycle::start_wait(until),
             None => lifecycle::after_attempt(
                 &flow.definition,
-                step,
+                run,
+                at,
                 &outcome,
                 branch.as_deref(),
                 position,
@@ -432,8 +444,8 @@ impl Handler {
             .map(|(piece, _)| piece.version().to_string())
             .or_else(|| flow.step_version(&step.name).map(ToString::to_string))
             .unwrap_or_default();
-        let previous = run.step(&step.name);
-        let number = recorded_attempts(run, &step.name) + 1;
+        let previous = run.step(&name);
+        let number = recorded_attempts(run, &name) + 1;
         let mut attempts = previous.map(|s| s.attempts.clone()).unwrap_or_default();
         attempts.push(Attempt {
             attempt: number,
@@ -445,7 +457,7 @@ impl Handler {
         });
         let epoch = previous.map_or(0, |s| s.epoch);
         let state = StepState {
-            name: step.name.clone(),
+            name: name.clone(),
             piece: step.piece.clone(),
             action: step.action.clone(),
             version: version.clone(),
@@ -458,16 +470,7 @@ impl Handler {
             epoch,
             branch,
         };
-        // The branches this step ended take its output as theirs.
-        let closed: Vec<StepState> = after
-            .closed
-            .iter()
-            .filter_map(|around| {
-                let mut closed = run.step(&around.name)?.clone();
-                closed.output.clone_from(&state.output);
-                Some(closed)
-            })
-            .collect();
+        let closed = closed_states(run, &state, &after.closed);
         let run_update = after.run_end.as_ref().map(|end| RunUpdate {
             status: end.status,
             error: end.error.clone(),
@@ -478,7 +481,7 @@ impl Handler {
                 run_id: run.id.clone(),
                 flow_id: flow.flow_id.clone(),
                 flow_version: flow.version,
-                step: step.name.clone(),
+                step: name.clone(),
                 due,
             }),
         });
@@ -516,7 +519,7 @@ impl Handler {
             run_id: run.id.clone(),
             flow_id: flow.flow_id.clone(),
             flow_version: flow.version,
-            step: step.name.clone(),
+            step: name.clone(),
             piece: step.piece.clone(),
             action: step.action.clone(),
             version,
@@ -531,7 +534,7 @@ impl Handler {
         let audit = audit_event(
             &self.actor,
             "step.execute",
-            &format!("run/{}/step/{}", run.id, step.name),
+            &format!("run/{}/step/{name}", run.id),
             duration,
             error
                 .as_ref()
@@ -583,6 +586,43 @@ impl Handler {
             .run_finished(&run.flow_id, observe::run_outcome(RunStatus::Failed));
         Ok(())
     }
+}
+
+/// The records of the steps whose branch or loop the attempt recorded as `state` ended
+/// (`closed`, innermost first): a branch step takes the output of what ended it, a loop the
+/// list of its items' last outputs and is done.
+fn closed_states(run: &Run, state: &StepState, closed: &[At<'_>]) -> Vec<StepState> {
+    // Outputs written by this attempt, which `run` does not hold yet.
+    let mut written: HashMap<String, Option<Value>> = HashMap::new();
+    written.insert(state.name.clone(), state.output.clone());
+    let mut last = state.output.clone();
+    let mut records = Vec::with_capacity(closed.len());
+    for around in closed {
+        let around_name = around.name();
+        let Some(mut record) = run.step(&around_name).cloned() else {
+            continue;
+        };
+        if around.step.kind() == StepKind::Loop {
+            let block_end = around.step.steps.last().map_or("", |s| s.name.as_str());
+            let count = run.loop_items(&around.step.name).map_or(0, Vec::len);
+            let outputs = (0..count)
+                .map(|i| {
+                    let item = instance_name(block_end, u32::try_from(i).ok());
+                    written
+                        .get(&item)
+                        .cloned()
+                        .unwrap_or_else(|| run.step(&item).and_then(|s| s.output.clone()))
+                        .unwrap_or(Value::Null)
+                })
+                .collect();
+            record.status = StepStatus::Succeeded;
+            last = Some(Value::Array(outputs));
+        }
+        record.output.clone_from(&last);
+        written.insert(around_name, last.clone());
+        records.push(record);
+    }
+    records
 }
 
 /// The timer of the step `job` names, in `run`.
