@@ -16,6 +16,10 @@ pub const EXAMPLES: &[(&str, &str)] = &[
         include_str!("../examples/flows/echo.yaml"),
     ),
     (
+        "examples/flows/incident-batch.yaml",
+        include_str!("../examples/flows/incident-batch.yaml"),
+    ),
+    (
         "examples/flows/auto-assign.yaml",
         include_str!("../examples/flows/auto-assign.yaml"),
     ),

@@ -998,3 +998,106 @@ async fn the_auto_assign_demo_assigns_each_new_ticket_exactly_once() {
     assert_eq!(patches, summaries.len(), "one update per run");
     sandbox.stop().await.unwrap();
 }
+
+/// The flow-control example end to end against the ticketing mock: a loop over the
+/// incidents, a branch by priority, an approval wait for the critical one (resumed through
+/// the API) and a rate limit on every call to the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_incident_batch_example_loops_branches_waits_for_approval_and_keeps_its_rate() {
+    let (sandbox, base) = sandbox(None).await;
+    let mock = piecework::demo::start(&sandbox.runtime, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let http = client();
+    let incidents = json!({"incidents": [
+        {"title": "disk full", "priority": "critical"},
+        {"title": "slow page", "priority": "low"},
+        {"title": "typo", "priority": "medium"},
+    ]});
+    let started: Value = http
+        .post(format!("{base}/v1/webhooks/incident-batch"))
+        .json(&incidents)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = started["run_id"].as_str().unwrap().to_owned();
+    let run_of = || async {
+        http.get(format!("{base}/v1/runs/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()["run"]
+            .clone()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let run = loop {
+        let run = run_of().await;
+        if run["status"] == "waiting" {
+            break run;
+        }
+        assert!(std::time::Instant::now() < deadline, "{run}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let waiting: Vec<&str> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "waiting")
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        waiting,
+        ["approval[0]"],
+        "the critical incident waits: {run}"
+    );
+
+    let resumed = http
+        .post(format!("{base}/v1/runs/{id}/resume"))
+        .json(&json!({"step": "approval[0]", "payload": {"assignee": "ada"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 202, "{}", resumed.text().await.unwrap());
+    let run = sandbox
+        .runtime
+        .wait_run_finished(&id, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.status, piecework_core::RunStatus::Succeeded, "{run:?}");
+    assert_eq!(
+        run.step("summary").unwrap().output,
+        Some(json!("3 incidents filed"))
+    );
+    let mut tickets = mock.tickets();
+    tickets.sort_by(|a, b| a.title.cmp(&b.title));
+    let filed: Vec<(&str, Option<&str>)> = tickets
+        .iter()
+        .map(|t| (t.title.as_str(), t.assignee.as_deref()))
+        .collect();
+    assert_eq!(
+        filed,
+        [
+            ("disk full", Some("ada")),
+            ("slow page", Some("triage")),
+            ("typo", Some("triage"))
+        ]
+    );
+    // The calls to the API kept to 5 starts a second: the 5 made after the approval (one
+    // update, then two creates and two updates) started at least 4 × 200 ms apart in all.
+    let starts: Vec<_> = run
+        .steps
+        .iter()
+        .filter(|s| s.piece == "my-company-api" && s.name != "file[0]")
+        .map(|s| s.attempts[0].started_at)
+        .collect();
+    assert_eq!(starts.len(), 5);
+    let span = *starts.iter().max().unwrap() - *starts.iter().min().unwrap();
+    assert!(span >= chrono::Duration::milliseconds(750), "{span}");
+    sandbox.stop().await.unwrap();
+}
