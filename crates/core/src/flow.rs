@@ -137,6 +137,9 @@ pub enum OnFailure {
     Stop,
     /// The step is marked failed and the run goes on with the next step.
     Continue,
+    /// The step is marked failed, its `catch` steps run (they see its `error`), and the run
+    /// goes on after the step.
+    Branch,
 }
 
 /// One step: a piece's action with its input, or a branch step (`if` with `then`/`else`, or a
@@ -224,6 +227,9 @@ pub struct StepDef {
     /// A loop step's block: the steps run for each item.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepDef>,
+    /// With `on_failure: branch`: the steps that run when this step fails for good.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub catch: Vec<StepDef>,
 }
 
 /// Items a loop takes unless it says otherwise, and the most it may say.
@@ -231,6 +237,8 @@ pub const DEFAULT_MAX_ITEMS: u32 = 1000;
 pub const MAX_ITEMS: u32 = 10_000;
 /// The name of a loop step's one block, as a branch.
 pub const EACH: &str = "each";
+/// The name of the block `on_failure: branch` runs.
+pub const CATCH: &str = "catch";
 
 /// The recorded name of step `name` for item `index` of its loop: `double[3]`.
 pub fn instance_name(name: &str, item: Option<u32>) -> String {
@@ -409,6 +417,19 @@ impl StepDef {
     /// A branch step's branches in the order they are tried, the fallback last; a wait
     /// step's timeout branch; none for other steps.
     pub fn branches(&self) -> Vec<BranchRef<'_>> {
+        let mut branches = self.own_branches();
+        if !self.catch.is_empty() {
+            // Last, so no condition or fallback ever chooses it.
+            branches.push(BranchRef {
+                name: CATCH,
+                when: None,
+                steps: &self.catch,
+            });
+        }
+        branches
+    }
+
+    fn own_branches(&self) -> Vec<BranchRef<'_>> {
         if self.for_each.is_some() {
             return vec![BranchRef {
                 name: EACH,
@@ -624,6 +645,7 @@ impl FlowDefinition {
                 walk(&mut step.default, &format!("{at}.default"), f);
                 walk(&mut step.on_timeout, &format!("{at}.on_timeout"), f);
                 walk(&mut step.steps, &format!("{at}.steps"), f);
+                walk(&mut step.catch, &format!("{at}.catch"), f);
             }
         }
         walk(&mut self.steps, "steps", f);
@@ -1106,6 +1128,24 @@ impl<'d> StepChecker<'d, '_> {
                         );
                     }
                 }
+            }
+            match (step.on_failure, step.catch.is_empty()) {
+                (OnFailure::Branch, true) => self.issue(
+                    format!("{at}.catch"),
+                    "`on_failure: branch` needs the `catch` steps to run when the step fails"
+                        .into(),
+                ),
+                (OnFailure::Branch, false) => {
+                    // The catch steps see the failed step (its `error`).
+                    let mut seen = visible.clone();
+                    seen.insert(&step.name);
+                    self.block(&step.catch, &format!("{at}.catch"), &seen);
+                }
+                (_, false) => self.issue(
+                    format!("{at}.catch"),
+                    "goes with `on_failure: branch`".into(),
+                ),
+                (_, true) => {}
             }
             visible.insert(&step.name);
         }

@@ -19,7 +19,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::engine::StepOutcome;
-use crate::flow::{FlowDefinition, OnFailure, StepDef, StepKind, instance_name, split_instance};
+use crate::flow::{
+    CATCH, FlowDefinition, OnFailure, StepDef, StepKind, instance_name, split_instance,
+};
 use crate::run::{Iteration, Run, RunStatus, StepState, StepStatus};
 
 /// A step as it runs: the step, and in the steps of a loop, the item it runs for.
@@ -128,6 +130,9 @@ pub struct AfterAttempt<'a> {
     /// a branch step is recorded with this step's output as its own, a loop with the list of
     /// its items' outputs.
     pub closed: Vec<At<'a>>,
+    /// The block the lifecycle entered by itself: `catch`, when the step failed for good
+    /// and says `on_failure: branch`.
+    pub branch: Option<&'static str>,
 }
 
 /// The first step of a run of `flow`, if it has any.
@@ -178,10 +183,15 @@ pub fn after_attempt<'a>(
                 next,
                 settle,
                 closed: Vec::new(),
+                branch: None,
             };
         }
     };
-    let goes_on = status != StepStatus::Failed || step.on_failure == OnFailure::Continue;
+    let goes_on = status != StepStatus::Failed || step.on_failure != OnFailure::Stop;
+    // A step that failed for good with `on_failure: branch` goes into its `catch` steps.
+    let caught =
+        (status == StepStatus::Failed && step.on_failure == OnFailure::Branch).then_some(CATCH);
+    let branch = branch.or(caught);
     if !goes_on {
         return AfterAttempt {
             status,
@@ -198,6 +208,7 @@ pub fn after_attempt<'a>(
             next: Next::Done,
             settle: Settle::Term(Termination::Failed),
             closed: Vec::new(),
+            branch: None,
         };
     }
     let Advance { next, closed } = advance(flow, run, at, branch);
@@ -213,6 +224,7 @@ pub fn after_attempt<'a>(
             next: Next::Done,
             settle: Settle::Ack,
             closed,
+            branch: caught,
         },
         Some(next) => AfterAttempt {
             status,
@@ -229,6 +241,7 @@ pub fn after_attempt<'a>(
             },
             settle: Settle::Ack,
             closed,
+            branch: caught,
         },
     }
 }
@@ -244,6 +257,7 @@ pub fn start_wait(until: Option<DateTime<Utc>>) -> AfterAttempt<'static> {
         next: Next::Done,
         settle: Settle::Ack,
         closed: Vec::new(),
+        branch: None,
     }
 }
 

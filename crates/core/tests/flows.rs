@@ -634,3 +634,33 @@ steps:
         ]
     );
 }
+
+#[test]
+fn on_failure_branch_needs_catch_steps_which_see_the_failed_step() {
+    let text = r#"
+apiVersion: piecework/v1
+kind: Flow
+name: caught
+trigger: { piece: data, trigger: catch }
+steps:
+  - name: risky
+    piece: data
+    action: set
+    input: { value: 1 }
+    on_failure: branch
+    catch: [ { name: report, piece: data, action: set, input: { value: "{{ steps.risky.error }}" } } ]
+  - { name: a, piece: data, action: set, input: { value: 1 }, on_failure: branch }
+  - { name: b, piece: data, action: set, input: { value: 1 }, catch: [ { name: c, piece: data, action: set, input: { value: 1 } } ] }
+  - { name: after, piece: data, action: set, input: { value: "{{ steps.report.output }}" } }
+"#;
+    assert_eq!(
+        issues(text),
+        [
+            "steps[1] (a).catch: `on_failure: branch` needs the `catch` steps to run when the step fails",
+            "steps[2] (b).catch: goes with `on_failure: branch`",
+            "steps[3] (after).input.value: refers to step `report`, inside a branch of `risky` that may not have run: refer to `steps.risky.output` (the output of the branch that ran) or `steps.risky.branch`",
+        ]
+    );
+    let def = FlowDefinition::parse(text, Format::Yaml).unwrap();
+    assert_eq!(def.after("report").unwrap().next.unwrap().name, "a");
+}

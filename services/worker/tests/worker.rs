@@ -1389,3 +1389,42 @@ async fn a_delay_inside_a_loop_pauses_each_item() {
     assert_eq!(run.step("each").unwrap().output, Some(json!(["a", "b"])));
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_step_that_fails_for_good_with_on_failure_branch_runs_its_catch_steps_and_the_run_goes_on()
+ {
+    let probe = Arc::new(Probe::default());
+    let steps = concat!(
+        "  - name: call\n",
+        "    piece: test\n",
+        "    action: flaky\n",
+        "    input: { failures: 5, fatal: true }\n",
+        "    on_failure: branch\n",
+        "    catch:\n",
+        "      - { name: report, piece: test, action: echo, input: { value: \"handled: {{ steps.call.error }}\" } }\n",
+        "  - { name: after, piece: test, action: echo, input: { value: \"{{ steps.call.status }} / {{ steps.call.output }}\" } }\n",
+    );
+    let h = Harness::start(&probe, &flow(steps)).await;
+    h.start_run("r1", json!({})).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    let call = run.step("call").unwrap();
+    assert_eq!(call.status, StepStatus::Failed);
+    assert_eq!(call.branch.as_deref(), Some("catch"));
+    assert_eq!(call.attempts.len(), 1, "a fatal error is not retried");
+    let report = run.step("report").unwrap().output.clone().unwrap();
+    assert!(
+        report.as_str().unwrap().starts_with("handled: "),
+        "{report}"
+    );
+    assert_eq!(
+        call.output.as_ref(),
+        Some(&report),
+        "the catch steps' output is the step's"
+    );
+    assert_eq!(
+        run.step("after").unwrap().output,
+        Some(json!(format!("failed / {}", report.as_str().unwrap())))
+    );
+    h.stop().await;
+}

@@ -468,7 +468,7 @@ impl Handler {
             attempts,
             retry_at: after.retry_at,
             epoch,
-            branch,
+            branch: branch.or_else(|| after.branch.map(str::to_owned)),
         };
         let closed = closed_states(run, &state, &after.closed);
         let run_update = after.run_end.as_ref().map(|end| RunUpdate {
