@@ -789,3 +789,38 @@ async fn a_loop_survives_a_kill_mid_item_and_hops_queues_per_item() {
     assert_eq!(target.hits("loop-2").len(), 2);
     assert_eq!(target.hits("loop-3").len(), 1);
 }
+
+/// The flow's `timeout` on the production topology: the only worker dies mid-step and none
+/// replaces it; the scheduler fails the run as timed out instead of leaving it running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_worker_vanished_is_failed_at_the_flows_timeout() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start("[scheduler]\ntimer_poll = \"1s\"\n").await;
+    fleet.start_api().await;
+    fleet.start_scheduler("s1").await;
+    fleet.start_worker("doomed", &[]).await;
+    let steps = format!(
+        "  - {{ name: slow, piece: http, action: send_request, input: {{ url: \"{}/slow/vanish?ms=60000\" }} }}\n",
+        target.url
+    );
+    let flow = webhook_flow("bounded", &steps).replace("steps:\n", "timeout: 3s\nsteps:\n");
+    fleet.apply(&flow).await;
+    let id = fleet.webhook("bounded", json!({})).await;
+    target
+        .wait_for_hits("vanish", 1, Duration::from_secs(30))
+        .await;
+    fleet.kill("doomed");
+
+    let run = fleet.finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(
+        run["error"],
+        "timed out: the run did not end within the flow's timeout (3s)"
+    );
+    let audit = fleet.stream("pw:audit").await;
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["action"] == "run.timeout" && e["resource"] == format!("run/{id}"))
+    );
+}

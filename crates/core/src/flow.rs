@@ -57,6 +57,14 @@ pub struct FlowDefinition {
     pub enabled: bool,
     pub trigger: TriggerDef,
     pub steps: Vec<StepDef>,
+    /// The longest a run may take, waits included: a run still going after it is failed
+    /// ("timed out") by the schedulers.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
 }
 
 fn default_true() -> bool {
@@ -930,6 +938,15 @@ pub async fn validate(
         });
     }
     let mut issue = |path: String, message: String| issues.push(Issue { path, message });
+
+    if let Some(timeout) = definition.timeout
+        && (timeout < Duration::from_secs(1) || timeout > MAX_WAIT)
+    {
+        issue(
+            "timeout".into(),
+            "must be at least 1s and at most 366 days".into(),
+        );
+    }
 
     // Steps.
     if definition.steps.is_empty() {

@@ -149,6 +149,9 @@ pub struct Run {
     /// `ctx.run.started_by`.
     #[serde(default, skip_serializing_if = "is_nobody")]
     pub started_by: Principal,
+    /// When the run is failed as timed out if it has not ended (the flow's `timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
 }
 
 fn is_nobody(principal: &Principal) -> bool {
@@ -184,6 +187,7 @@ impl Run {
             response: None,
             trace: None,
             started_by: Principal::default(),
+            deadline: None,
         }
     }
 

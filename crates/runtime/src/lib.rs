@@ -666,6 +666,10 @@ impl Runtime {
     ) -> Result<usize, RuntimeError> {
         let due = self.store.take_due_timers(now, limit, again_after).await?;
         for timer in &due {
+            if timer.step.is_empty() {
+                self.expire(timer).await;
+                continue;
+            }
             if let Err(err) = self.publish_wake(timer, timer.due).await {
                 tracing::warn!(run_id = %timer.run_id, step = %timer.step, error = %err, "could not wake a waiting run; its timer fires again");
             }
@@ -686,6 +690,34 @@ impl Runtime {
         interval: std::time::Duration,
     ) -> Result<std::time::Duration, RuntimeError> {
         Ok(self.store.reserve_rate(key, interval).await?)
+    }
+
+    /// Fails a run whose deadline passed, if it has not ended: its flow's `timeout`.
+    async fn expire(&self, timer: &Timer) {
+        let timeout = self
+            .flow_version(&timer.flow_id, timer.flow_version)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|flow| flow.definition.timeout)
+            .map(|t| humantime::format_duration(t).to_string())
+            .unwrap_or_else(|| "its timeout".into());
+        let error = format!("timed out: the run did not end within the flow's timeout ({timeout})");
+        let expire = async {
+            if self.store.expire_run(timer, &error).await? {
+                tracing::warn!(run_id = %timer.run_id, flow = %timer.flow_id, "run timed out");
+                self.metrics.run_finished(
+                    &timer.flow_id,
+                    piecework_telemetry::metrics::RunOutcome::failed,
+                );
+            }
+            Ok::<_, RuntimeError>(())
+        };
+        let actor = Actor("scheduler".into());
+        let resource = format!("run/{}", timer.run_id);
+        if let Err(err) = self.audited(&actor, "run.timeout", &resource, expire).await {
+            tracing::warn!(run_id = %timer.run_id, error = %err, "could not time out a run; its timer fires again");
+        }
     }
 
     /// When the earliest timer of a waiting run is due.
@@ -1110,5 +1142,10 @@ pub(crate) fn new_run(
     let mut run = Run::new(run_id, &flow.flow_id, flow.version, trigger);
     run.trace = propagation::traceparent_of(&span);
     run.started_by = started_by;
+    run.deadline = flow
+        .definition
+        .timeout
+        .and_then(|timeout| chrono::Duration::from_std(timeout).ok())
+        .map(|timeout| run.created_at + timeout);
     (run, span)
 }

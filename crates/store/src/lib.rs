@@ -162,7 +162,8 @@ pub struct Pause {
     pub timer: Option<Timer>,
 }
 
-/// When a waiting run's step is to be woken.
+/// When a waiting run's step is to be woken, or (with an empty `step`) when a run that has
+/// not ended is failed as timed out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timer {
     pub run_id: String,
@@ -260,6 +261,9 @@ pub trait Store: Send + Sync + 'static {
     /// recorded (a worker died between the two). `false` when the run was resumed, cancelled
     /// or woken and recorded by someone else.
     async fn claim_wake(&self, timer: &Timer) -> Result<bool, StoreError>;
+    /// Fails the run of deadline timer `timer` (its `step` is empty) with `error` if it has
+    /// not ended, and drops the timer: `true` if it ended it.
+    async fn expire_run(&self, timer: &Timer, error: &str) -> Result<bool, StoreError>;
     /// Forgets a timer whose run no longer waits on it (cancelled meanwhile).
     async fn drop_timer(&self, timer: &Timer) -> Result<(), StoreError>;
     /// Resumes a run waiting on `timer.step` by hand: records `step` (done, with the resume's

@@ -162,6 +162,21 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// The deadline timer of a new run with one (its step is empty).
+    fn add_deadline(&self, state: &mut State, run: &Run) {
+        if let Some(due) = run.deadline {
+            let timer = Timer {
+                run_id: run.id.clone(),
+                flow_id: run.flow_id.clone(),
+                flow_version: run.flow_version,
+                step: String::new(),
+                due,
+            };
+            state.timers.insert((run.id.clone(), String::new()), timer);
+            self.timers_added.send_modify(|n| *n += 1);
+        }
+    }
+
     pub fn with_stream_maxlen(maxlen: usize) -> Self {
         Self {
             state: Arc::new(Mutex::new(State {
@@ -304,6 +319,7 @@ impl Store for MemoryStore {
             return Ok(false);
         }
         state.runs.insert(run.id.clone(), run.clone());
+        self.add_deadline(&mut state, run);
         Ok(true)
     }
 
@@ -325,6 +341,7 @@ impl Store for MemoryStore {
             return Ok(Admission::Exists);
         }
         state.runs.insert(run.id.clone(), run.clone());
+        self.add_deadline(&mut state, run);
         if let Some(event) = audit {
             state.audit.push(event.clone());
         }
@@ -474,6 +491,26 @@ impl Store for MemoryStore {
                 .remove(&(timer.run_id.clone(), timer.step.clone()));
         }
         Ok(claimed)
+    }
+
+    async fn expire_run(&self, timer: &Timer, error: &str) -> Result<bool, StoreError> {
+        let ended = {
+            let mut state = self.state.lock().unwrap();
+            state
+                .timers
+                .remove(&(timer.run_id.clone(), timer.step.clone()));
+            match state.runs.get_mut(&timer.run_id) {
+                Some(run) if !run.status.is_terminal() => {
+                    run.status = piecework_core::RunStatus::Failed;
+                    run.error = Some(error.to_owned());
+                    run.finished_at = Some(Utc::now());
+                    true
+                }
+                _ => false,
+            }
+        };
+        self.changed.notify_waiters();
+        Ok(ended)
     }
 
     async fn drop_timer(&self, timer: &Timer) -> Result<(), StoreError> {

@@ -211,7 +211,8 @@ fn trigger_key(flow: &str) -> String {
 }
 
 /// Creates a run only if its hash does not exist, and indexes it; index entries created
-/// before `ARGV[4]` (ms; `0`: keep all) are dropped, as their runs have expired.
+/// before `ARGV[4]` (ms; `0`: keep all) are dropped, as their runs have expired. A run with a
+/// deadline gets its timer `ARGV[5]` due at `ARGV[6]` in `KEYS[4]`.
 const CREATE_RUN: &str = r#"
 if redis.call('HSETNX', KEYS[1], 'meta', ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'running')
@@ -221,12 +222,30 @@ if ARGV[4] ~= '0' then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[4])
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[4])
 end
+if ARGV[5] ~= '' then
+  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
+  redis.call('PUBLISH', KEYS[4], ARGV[6])
+end
+return 1
+"#;
+
+/// Fails run `KEYS[1]` as timed out if it has not ended (`ARGV[1]` the error, `ARGV[2]` the
+/// end as JSON, expiring after `ARGV[3]` ms, `0`: never), tells waiters on `ARGV[4]`, and
+/// drops its deadline timer `ARGV[5]` from `KEYS[2]`. 1 if it ended it.
+const EXPIRE_RUN: &str = r#"
+redis.call('ZREM', KEYS[2], ARGV[5])
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' and status ~= 'waiting' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[1], 'finished_at', ARGV[2])
+if ARGV[3] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+redis.call('PUBLISH', ARGV[4], '{"status":"failed","error":' .. cjson.encode(ARGV[1]) .. '}')
 return 1
 "#;
 
 /// [`CREATE_RUN`] for an admitted webhook call: only while the flow record (`KEYS[4]`) is
-/// enabled at version `ARGV[5]` (-1 otherwise: stale), then the audit entry (fields from
-/// `ARGV[7]` on) appended to `KEYS[5]`, capped at `ARGV[6]`.
+/// enabled at version `ARGV[5]` (-1 otherwise: stale), then the deadline timer (`ARGV[7]`,
+/// due at `ARGV[8]`, in `KEYS[6]`) and the audit entry (fields from `ARGV[9]` on) appended to
+/// `KEYS[5]`, capped at `ARGV[6]`.
 const CREATE_ADMITTED_RUN: &str = r#"
 local text = redis.call('GET', KEYS[4])
 if not text then return -1 end
@@ -240,9 +259,13 @@ if ARGV[4] ~= '0' then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[4])
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[4])
 end
-if #ARGV > 6 then
+if ARGV[7] ~= '' then
+  redis.call('ZADD', KEYS[6], ARGV[8], ARGV[7])
+  redis.call('PUBLISH', KEYS[6], ARGV[8])
+end
+if #ARGV > 8 then
   local fields = {}
-  for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(fields))
 end
 return 1
@@ -361,6 +384,15 @@ redis.call('SET', KEYS[1], string.format('%d', start + interval), 'PX', math.cei
 return start - now
 "#;
 
+/// The member of a run's deadline timer (its step is empty), or `""` for a run without one.
+fn deadline_member(run: &Run) -> String {
+    if run.deadline.is_some() {
+        timer_member(&run.id, &run.flow_id, run.flow_version, "")
+    } else {
+        String::new()
+    }
+}
+
 /// A timer's member in `pw:timers`.
 fn timer_member(run_id: &str, flow_id: &str, flow_version: u32, step: &str) -> String {
     format!("{run_id}\n{flow_id}\n{flow_version}\n{step}")
@@ -426,6 +458,7 @@ pub struct RedisStore {
     resume_run: Arc<Script>,
     claim_wake: Arc<Script>,
     reserve_rate: Arc<Script>,
+    expire_run: Arc<Script>,
     resume_waiting: Arc<Script>,
     take_timers: Arc<Script>,
     /// Timer notifications, subscribed on the first `watch_timers`.
@@ -470,6 +503,7 @@ fn run_meta(run: &Run) -> RunMeta {
         created_at: run.created_at,
         trace: run.trace.clone(),
         started_by: run.started_by.clone(),
+        deadline: run.deadline,
     }
 }
 
@@ -485,6 +519,8 @@ struct RunMeta {
     trace: Option<String>,
     #[serde(default)]
     started_by: piecework_sdk::Principal,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deadline: Option<DateTime<Utc>>,
 }
 
 impl RedisStore {
@@ -544,6 +580,7 @@ impl RedisStore {
             client,
             claim_wake: Arc::new(Script::new(CLAIM_WAKE)),
             reserve_rate: Arc::new(Script::new(RESERVE_RATE)),
+            expire_run: Arc::new(Script::new(EXPIRE_RUN)),
             resume_waiting: Arc::new(Script::new(RESUME_WAITING)),
             take_timers: Arc::new(Script::new(TAKE_TIMERS)),
             timers: Arc::default(),
@@ -671,6 +708,7 @@ impl RedisStore {
             created_at: meta.created_at,
             trace: meta.trace,
             started_by: meta.started_by,
+            deadline: meta.deadline,
             finished_at: fields
                 .get("finished_at")
                 .map(|t| from_json(&key, t))
@@ -985,10 +1023,13 @@ impl Store for RedisStore {
             .key(run_key(&run.id))
             .key(RUNS)
             .key(runs_of_flow_key(&run.flow_id))
+            .key(TIMERS)
             .arg(to_json(&run_meta(run)))
             .arg(run.created_at.timestamp_millis())
             .arg(&run.id)
             .arg(cutoff(self.config.run_retention))
+            .arg(deadline_member(run))
+            .arg(run.deadline.map_or(0, |d| d.timestamp_millis()))
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
@@ -1007,12 +1048,15 @@ impl Store for RedisStore {
             .key(runs_of_flow_key(&run.flow_id))
             .key(flow_key(&run.flow_id))
             .key(AUDIT)
+            .key(TIMERS)
             .arg(to_json(&run_meta(run)))
             .arg(run.created_at.timestamp_millis())
             .arg(&run.id)
             .arg(cutoff(self.config.run_retention))
             .arg(run.flow_version)
-            .arg(self.config.stream_maxlen);
+            .arg(self.config.stream_maxlen)
+            .arg(deadline_member(run))
+            .arg(run.deadline.map_or(0, |d| d.timestamp_millis()));
         if let Some(event) = audit {
             for (name, value) in audit_fields(event) {
                 invocation.arg(name).arg(value);
@@ -1214,6 +1258,27 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(claimed == 1)
+    }
+
+    async fn expire_run(&self, timer: &Timer, error: &str) -> Result<bool, StoreError> {
+        let ended: i64 = self
+            .expire_run
+            .key(run_key(&timer.run_id))
+            .key(TIMERS)
+            .arg(error)
+            .arg(to_json(&Utc::now()))
+            .arg(millis(self.config.run_retention))
+            .arg(done_channel(&timer.run_id))
+            .arg(timer_member(
+                &timer.run_id,
+                &timer.flow_id,
+                timer.flow_version,
+                &timer.step,
+            ))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(ended == 1)
     }
 
     async fn drop_timer(&self, timer: &Timer) -> Result<(), StoreError> {

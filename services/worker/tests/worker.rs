@@ -1428,3 +1428,55 @@ async fn a_step_that_fails_for_good_with_on_failure_branch_runs_its_catch_steps_
     );
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_run_past_its_flows_timeout_is_failed_and_one_that_ended_is_left_alone() {
+    let probe = Arc::new(Probe::default());
+    let text = flow("  - { name: approval, wait_for: approval }\n  - { name: after, piece: test, action: echo, input: { value: 1 } }\n")
+        .replace("steps:\n", "timeout: 1m\nsteps:\n");
+    let h = Harness::start(&probe, &text).await;
+    h.start_run("r1", json!({})).await;
+    let run = until_status(&h, "r1", RunStatus::Waiting).await;
+    assert!(run.deadline.is_some());
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(fire_timers(&h).await, 0, "not yet");
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert_eq!(fire_timers(&h).await, 1);
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(
+        run.error.as_deref(),
+        Some("timed out: the run did not end within the flow's timeout (1m)")
+    );
+    let late = h
+        .runtime
+        .resume_waiting_run(
+            "r1",
+            "approval",
+            json!({}),
+            &piecework_runtime::Actor("ops".into()),
+        )
+        .await
+        .unwrap_err();
+    assert!(late.to_string().contains("not waiting"), "{late}");
+
+    // Resumed in time: the run ends, and its deadline then changes nothing.
+    h.start_run("r2", json!({})).await;
+    until_status(&h, "r2", RunStatus::Waiting).await;
+    h.runtime
+        .resume_waiting_run(
+            "r2",
+            "approval",
+            json!({}),
+            &piecework_runtime::Actor("ops".into()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(h.finished("r2").await.status, RunStatus::Succeeded);
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(fire_timers(&h).await, 1);
+    assert_eq!(h.finished("r2").await.status, RunStatus::Succeeded);
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(fire_timers(&h).await, 0, "the deadline timer is gone");
+    h.stop().await;
+}
