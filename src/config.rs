@@ -84,6 +84,12 @@ impl Config {
         if let Some(key) = api_key_from_env()? {
             config.api.api_key = Some(key);
         }
+        if let Some(url) = std::env::var("PW_PUBLIC_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        {
+            config.api.public_url = Some(url);
+        }
         if let Some(allow) = std::env::var("PW_EGRESS_ALLOW")
             .ok()
             .filter(|a| !a.is_empty())

@@ -97,7 +97,14 @@ pub async fn runtime_with(
     };
     let catalog = Arc::new(piecework_core::Catalog::new(registry));
     let (host, sources) = crate::pieces::load(config, &bus, &catalog, files).await?;
-    let runtime = Runtime::new(store, bus, catalog, config.egress.clone())?.with_host(host);
+    let public_url = config
+        .api
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", config.api.listen));
+    let runtime = Runtime::new(store, bus, catalog, config.egress.clone())?
+        .with_host(host)
+        .with_public_url(public_url);
     let runtime = Arc::new(match keyring {
         Some(keyring) => runtime.with_keyring(keyring),
         None => runtime,

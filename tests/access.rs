@@ -51,6 +51,7 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("GET", "/metrics", "adov"),
     ("POST", "/v1/webhooks/{flow}", "public"),
     ("POST", "/v1/webhooks/{flow}/sync", "public"),
+    ("POST", "/v1/resume/{token}", "public"),
     ("GET", "/v1/pieces", "adov"),
     ("POST", "/v1/pieces", "ad"),
     ("GET", "/v1/pieces/{name}", "adov"),
@@ -94,6 +95,7 @@ fn concrete(path: &str) -> String {
         .replace("{name}", "no-such-thing")
         .replace("{id}", "no-such-thing")
         .replace("{flow}", "no-such-thing")
+        .replace("{token}", "no-such-thing")
 }
 
 /// `/metrics` names flows: on the API's port it takes a key; Prometheus scrapes the api's

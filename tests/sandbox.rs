@@ -1101,3 +1101,100 @@ async fn the_incident_batch_example_loops_branches_waits_for_approval_and_keeps_
     assert!(span >= chrono::Duration::milliseconds(750), "{span}");
     sandbox.stop().await.unwrap();
 }
+
+/// A webhook wait: a step hands out the run's resume URL; a POST to it (no API key, the
+/// token is the proof) resumes the run once, with the body as the wait's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_wait_resumes_once_from_its_signed_url() {
+    let (sandbox, base) = sandbox(None).await;
+    let http = client();
+    let flow = r#"
+apiVersion: piecework/v1
+kind: Flow
+name: sign-off
+trigger: { piece: webhook, trigger: catch, auth: none }
+steps:
+  - { name: ask, piece: data, action: set, input: { value: "{{ run.resume_url }}" } }
+  - { name: sign_off, wait_for: webhook, timeout: 1h }
+  - { name: done, piece: data, action: set, input: { value: "signed by {{ steps.sign_off.output.by }}" } }
+"#;
+    let applied = http
+        .post(format!("{base}/v1/flows"))
+        .body(flow)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 201, "{}", applied.text().await.unwrap());
+    let started: Value = http
+        .post(format!("{base}/v1/webhooks/sign-off"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = started["run_id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let url = loop {
+        let run: Value = http
+            .get(format!("{base}/v1/runs/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if run["run"]["status"] == "waiting" {
+            break run["run"]["steps"][0]["output"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "{run}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let path = &url[url.find("/v1/resume/").expect("a resume URL")..];
+    assert!(path.len() > "/v1/resume/".len() + id.len() + 20, "{url}");
+    let anonymous = reqwest::Client::new();
+    // A forged or altered token is refused like an unknown one.
+    for forged in [
+        format!("/v1/resume/{id}.test.AAAA"),
+        format!("{}x", path),
+        "/v1/resume/nothing".to_owned(),
+    ] {
+        let refused = anonymous
+            .post(format!("{base}{forged}"))
+            .json(&json!({"by": "mallory"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 404, "{forged}");
+    }
+    let resumed = anonymous
+        .post(format!("{base}{path}"))
+        .json(&json!({"by": "ada"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 202, "{}", resumed.text().await.unwrap());
+    let run = sandbox
+        .runtime
+        .wait_run_finished(&id, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.status, piecework_core::RunStatus::Succeeded, "{run:?}");
+    assert_eq!(
+        run.step("done").unwrap().output,
+        Some(json!("signed by ada"))
+    );
+    let again = anonymous
+        .post(format!("{base}{path}"))
+        .json(&json!({"by": "bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409, "a run resumes once");
+    sandbox.stop().await.unwrap();
+}

@@ -332,12 +332,16 @@ impl<'de> Deserialize<'de> for Rate {
 pub enum WaitFor {
     /// Someone with the operator role: `POST /v1/runs/{id}/resume` with `{"step", "payload"}`.
     Approval,
+    /// Whoever holds the run's resume URL (`{{ run.resume_url }}`): `POST` to it, the body
+    /// is the payload.
+    Webhook,
 }
 
 impl WaitFor {
     pub fn as_str(self) -> &'static str {
         match self {
             WaitFor::Approval => "approval",
+            WaitFor::Webhook => "webhook",
         }
     }
 }
@@ -717,6 +721,21 @@ impl FlowDefinition {
             }
         }
         Some(Following { next: None, closed })
+    }
+
+    /// Whether a template of the flow reads `run.resume_url` (so runs need it computed).
+    pub fn uses_resume_url(&self) -> bool {
+        fn mentions(value: &Value) -> bool {
+            match value {
+                Value::String(text) => text.contains("resume_url"),
+                Value::Array(items) => items.iter().any(mentions),
+                Value::Object(map) => map.values().any(mentions),
+                _ => false,
+            }
+        }
+        self.all_steps()
+            .iter()
+            .any(|s| s.input.values().any(mentions))
     }
 
     /// The loop step whose block step `name` is in, if any.

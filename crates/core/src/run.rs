@@ -152,6 +152,10 @@ pub struct Run {
     /// When the run is failed as timed out if it has not ended (the flow's `timeout`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<DateTime<Utc>>,
+    /// The URL that resumes its webhook waits, for templates (`run.resume_url`): derived by
+    /// the worker, never stored.
+    #[serde(skip)]
+    pub resume_url: Option<String>,
 }
 
 fn is_nobody(principal: &Principal) -> bool {
@@ -188,6 +192,7 @@ impl Run {
             trace: None,
             started_by: Principal::default(),
             deadline: None,
+            resume_url: None,
         }
     }
 
@@ -240,6 +245,9 @@ impl Run {
             "run": { "id": self.id, "created_at": self.created_at },
             "flow": { "id": self.flow_id, "version": self.flow_version },
         });
+        if let Some(url) = &self.resume_url {
+            context["run"]["resume_url"] = Value::String(url.clone());
+        }
         if let Some(iteration) = iteration {
             let items = self.loop_items(iteration.loop_step);
             let length = items.map_or(0, Vec::len);

@@ -176,6 +176,8 @@ pub struct Runtime {
     /// The time as this process sees it: wall time advancing with the runtime's monotonic
     /// clock, so tests with a paused clock drive delays and timers.
     clock: Clock,
+    /// The API as callers outside reach it, for resume URLs.
+    public_url: String,
 }
 
 impl Runtime {
@@ -187,6 +189,7 @@ impl Runtime {
     ) -> Result<Self, RuntimeError> {
         Ok(Self {
             clock: Clock::new(),
+            public_url: "http://127.0.0.1:8080".into(),
             store,
             bus,
             catalog,
@@ -677,6 +680,54 @@ impl Runtime {
         Ok(due.len())
     }
 
+    /// Sets the API's address as callers outside reach it (`[api] public_url`).
+    pub fn with_public_url(mut self, url: String) -> Self {
+        self.public_url = url.trim_end_matches('/').to_owned();
+        self
+    }
+
+    /// The URL that resumes run `run_id` where it waits for a call (`wait_for: webhook`):
+    /// `<public url>/v1/resume/<run>.<signature>`, signed with the encryption keyring so only
+    /// the URL's holder can resume the run. `None` in processes without the keyring.
+    pub fn resume_url(&self, run_id: &str) -> Option<String> {
+        let keyring = self.keyring.as_ref()?;
+        let signature = keyring.sign(resume_message(run_id).as_bytes());
+        Some(format!(
+            "{}/v1/resume/{run_id}.{signature}",
+            self.public_url
+        ))
+    }
+
+    /// Resumes the run a resume URL's token names, at the webhook wait it waits on, with
+    /// `payload`; refuses a token that is not genuine as [`RuntimeError::NoSuchRun`], so a
+    /// caller without a real URL learns nothing.
+    pub async fn resume_by_token(&self, token: &str, payload: Value) -> Result<Run, RuntimeError> {
+        let unknown = || RuntimeError::NoSuchRun("(resume URL)".into());
+        let (run_id, signature) = token.split_once('.').ok_or_else(unknown)?;
+        let keyring = self.keyring.as_ref().ok_or_else(unknown)?;
+        if !keyring.verify(resume_message(run_id).as_bytes(), signature) {
+            return Err(unknown());
+        }
+        let run = self.store.get_run(run_id).await?.ok_or_else(unknown)?;
+        let flow = self.flow_version(&run.flow_id, run.flow_version).await?;
+        let waiting = run.steps.iter().find(|s| {
+            s.status == StepStatus::Waiting
+                && flow.as_ref().is_some_and(|flow| {
+                    flow.definition
+                        .step(flow::split_instance(&s.name).0)
+                        .is_some_and(|d| d.wait_for == Some(flow::WaitFor::Webhook))
+                })
+        });
+        let Some(step) = waiting.map(|s| s.name.clone()) else {
+            return Err(RuntimeError::Conflict(format!(
+                "run `{run_id}` is {}, not waiting for a resume call",
+                run.status.as_str()
+            )));
+        };
+        self.resume_waiting_run(run_id, &step, payload, &Actor("resume-url".into()))
+            .await
+    }
+
     /// The time now, for delays and timers: [`Clock`].
     pub fn now(&self) -> DateTime<Utc> {
         self.clock.now()
@@ -1123,6 +1174,11 @@ pub fn audit_event(
 
 /// A new run of `flow` and its span (a child of the caller's: the webhook request or the
 /// poll), whose `traceparent` the run carries so that every step's span becomes its child.
+/// What a resume URL signs.
+fn resume_message(run_id: &str) -> String {
+    format!("piecework resume\n{run_id}")
+}
+
 pub(crate) fn new_run(
     flow: &FlowVersion,
     run_id: String,

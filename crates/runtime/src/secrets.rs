@@ -17,7 +17,7 @@ use std::fmt;
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -193,6 +193,25 @@ impl Keyring {
             return false;
         };
         ring::hmac::verify(key, secret, &tag).is_ok()
+    }
+
+    /// A URL-safe tag of `message` under the current key: `<key id>.<base64url HMAC-SHA256>`,
+    /// for tokens the API verifies later (resume URLs).
+    pub fn sign(&self, message: &[u8]) -> String {
+        let tag = ring::hmac::sign(&self.hash_keys[&self.current], message);
+        format!("{}.{}", self.current, URL_SAFE_NO_PAD.encode(tag.as_ref()))
+    }
+
+    /// Whether `token` is [`Keyring::sign`] of `message` under a configured key, compared in
+    /// constant time.
+    pub fn verify(&self, message: &[u8], token: &str) -> bool {
+        let Some((key_id, tag)) = token.rsplit_once('.') else {
+            return false;
+        };
+        let (Some(key), Ok(tag)) = (self.hash_keys.get(key_id), URL_SAFE_NO_PAD.decode(tag)) else {
+            return false;
+        };
+        ring::hmac::verify(key, message, &tag).is_ok()
     }
 
     /// Encrypts `plaintext`, bound to `context` (the connection's name).

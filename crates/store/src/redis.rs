@@ -709,6 +709,7 @@ impl RedisStore {
             trace: meta.trace,
             started_by: meta.started_by,
             deadline: meta.deadline,
+            resume_url: None,
             finished_at: fields
                 .get("finished_at")
                 .map(|t| from_json(&key, t))

@@ -64,6 +64,9 @@ pub struct ApiConfig {
     /// On shutdown, how long open requests may take before their connections are dropped.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// The API's address as callers outside reach it (`PW_PUBLIC_URL`), for the resume URLs
+    /// of webhook waits (default: `http://` and `listen`).
+    pub public_url: Option<String>,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -82,6 +85,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("header_read_timeout", &self.header_read_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("public_url", &self.public_url)
             .finish()
     }
 }
@@ -101,6 +105,7 @@ impl Default for ApiConfig {
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            public_url: None,
         }
     }
 }

@@ -202,6 +202,12 @@ pub(crate) fn all_routes(config: &ApiConfig) -> (Router<AppState>, Vec<RouteInfo
             "/webhooks/{flow}/sync",
             Public,
             webhook_sync.layer(DefaultBodyLimit::max(config.max_webhook_bytes)),
+        )
+        .add(
+            POST,
+            "/resume/{token}",
+            Public,
+            resume_by_url.layer(DefaultBodyLimit::max(config.max_webhook_bytes)),
         );
     let (v1, mut table) = v1.into_parts();
     let (top, top_table) = Routes::new("")
@@ -530,6 +536,28 @@ async fn resume_run(
         .resume_waiting_run(&id, &request.step, request.payload, &caller.actor())
         .await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "run": run }))).into_response())
+}
+
+/// `POST /v1/resume/{token}`: a run's resume URL (`{{ run.resume_url }}`), for whoever holds
+/// it — no API key, the token is the proof. The JSON body (none: `{}`) becomes the output of
+/// the webhook wait the run waits on. A token that is not genuine gets 404.
+async fn resume_by_url(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+    Body(body): Body,
+) -> ApiResult<Response> {
+    let payload = if body.is_empty() {
+        empty_object()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("the body is not JSON: {e}")))?
+    };
+    let run = state.runtime.resume_by_token(&token, payload).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "run_id": run.id, "status": run.status })),
+    )
+        .into_response())
 }
 
 /// `POST /v1/flows/{id}/runs`: `{"trigger": …}` (default `{}`) starts a run of the flow's

@@ -57,7 +57,7 @@ impl Handler {
         delivery: &Delivery,
         queue: &str,
     ) -> Result<Settle, RuntimeError> {
-        let Some(run) = self.runtime.run(&job.run_id).await? else {
+        let Some(mut run) = self.runtime.run(&job.run_id).await? else {
             return self
                 .poison(delivery, &format!("run {} does not exist", job.run_id))
                 .await;
@@ -74,6 +74,9 @@ impl Handler {
             self.fail_run(&run, error).await?;
             return Ok(Settle::Term(Termination::Poison));
         };
+        if flow.definition.uses_resume_url() {
+            run.resume_url = self.runtime.resume_url(&run.id);
+        }
         let delivered = Delivered {
             step: &job.step,
             delivered: delivery.delivered,
