@@ -824,3 +824,42 @@ async fn a_run_whose_worker_vanished_is_failed_at_the_flows_timeout() {
             .any(|e| e["action"] == "run.timeout" && e["resource"] == format!("run/{id}"))
     );
 }
+
+/// `max_concurrent_runs: 2` across two worker processes: never more than two runs' calls
+/// in flight at once, and every run completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrent_runs_holds_across_workers() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start(BASE).await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &["--concurrency", "8"]).await;
+    fleet.start_worker("w2", &["--concurrency", "8"]).await;
+    let steps = format!(
+        "  - {{ name: call, piece: http, action: send_request, input: {{ url: \"{}/slow/slots?ms=400\" }} }}\n",
+        target.url
+    );
+    let flow =
+        webhook_flow("slotted", &steps).replace("steps:\n", "max_concurrent_runs: 2\nsteps:\n");
+    fleet.apply(&flow).await;
+    let runs = join_all((0..6).map(|n| fleet.webhook("slotted", json!({"n": n})))).await;
+    for id in &runs {
+        let run = fleet.finished(id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+    }
+    let mut starts = target.hits("slots");
+    starts.sort();
+    assert_eq!(starts.len(), 6);
+    // Each call lasts 400 ms: at any call's start, at most one other started within 400 ms
+    // before it (the slot of a run frees only when it ends).
+    for (i, start) in starts.iter().enumerate() {
+        let overlapping = starts[..i]
+            .iter()
+            .filter(|earlier| *start - **earlier < Duration::from_millis(400))
+            .count();
+        assert!(
+            overlapping <= 1,
+            "{} calls in flight at once",
+            overlapping + 1
+        );
+    }
+}

@@ -65,6 +65,10 @@ pub struct FlowDefinition {
         skip_serializing_if = "Option::is_none"
     )]
     pub timeout: Option<Duration>,
+    /// At most this many runs of the flow running or waiting at once, across the fleet;
+    /// more wait, unstarted, for a free slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_runs: Option<u32>,
 }
 
 fn default_true() -> bool {
@@ -958,6 +962,14 @@ pub async fn validate(
     }
     let mut issue = |path: String, message: String| issues.push(Issue { path, message });
 
+    if let Some(max) = definition.max_concurrent_runs
+        && !(1..=100_000).contains(&max)
+    {
+        issue(
+            "max_concurrent_runs".into(),
+            "must be between 1 and 100000".into(),
+        );
+    }
     if let Some(timeout) = definition.timeout
         && (timeout < Duration::from_secs(1) || timeout > MAX_WAIT)
     {

@@ -733,6 +733,44 @@ impl Runtime {
         self.clock.now()
     }
 
+    /// Takes a run slot of flow `flow_id` (at most `max` runs running or waiting) for
+    /// `run_id`: `false` when all are taken.
+    pub async fn acquire_run_slot(
+        &self,
+        flow_id: &str,
+        run_id: &str,
+        max: u32,
+    ) -> Result<bool, RuntimeError> {
+        Ok(self.store.acquire_run_slot(flow_id, run_id, max).await?)
+    }
+
+    /// Hands step `step` of run `run_id` to a new job whose first delivery waits `delay` (a
+    /// run waiting for a slot): a fresh message, so waiting spends none of the step's
+    /// deliveries.
+    pub async fn requeue_step(
+        &self,
+        flow: &FlowVersion,
+        run_id: &str,
+        step: &str,
+        delay: std::time::Duration,
+    ) -> Result<(), RuntimeError> {
+        let queue = flow
+            .definition
+            .step(flow::split_instance(step).0)
+            .map_or(flow::DEFAULT_QUEUE, |s| s.queue());
+        let job = StepJob {
+            run_id: run_id.to_owned(),
+            flow_id: flow.flow_id.clone(),
+            flow_version: flow.version,
+            step: step.to_owned(),
+            epoch: 0,
+            delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            wake_ms: u64::try_from(self.now().timestamp_millis()).unwrap_or_default(),
+        };
+        jobs::publish_step(self.bus.as_ref(), queue, &job).await?;
+        Ok(())
+    }
+
     /// Reserves the next start under the fleet-wide rate limit `key` (starts spaced
     /// `interval` apart); returns how long to wait before starting.
     pub async fn reserve_rate(

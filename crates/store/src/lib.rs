@@ -286,6 +286,15 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         again_after: Duration,
     ) -> Result<Vec<Timer>, StoreError>;
+    /// Takes one of the `max` run slots of flow `flow_id` for run `run_id` (kept if it holds
+    /// one already), counting only runs still running or waiting — a slot frees itself when
+    /// its run ends. `false` when all are taken.
+    async fn acquire_run_slot(
+        &self,
+        flow_id: &str,
+        run_id: &str,
+        max: u32,
+    ) -> Result<bool, StoreError>;
     /// Reserves the next start under the rate limit `key`, whose starts are spaced `interval`
     /// apart across every caller of every process: returns how long this caller waits before
     /// its start. The limit's clock is the store's, so callers' clocks need not agree.

@@ -82,6 +82,8 @@ struct State {
     timers: HashMap<(String, String), Timer>,
     /// The next free start of each rate limit.
     rates: HashMap<String, tokio::time::Instant>,
+    /// Run slots taken, by flow.
+    slots: HashMap<String, Vec<String>>,
 }
 
 impl State {
@@ -195,6 +197,7 @@ impl MemoryStore {
                 flows_revision: 0,
                 timers: HashMap::new(),
                 rates: HashMap::new(),
+                slots: HashMap::new(),
             })),
             timers_added: Arc::new(tokio::sync::watch::channel(0).0),
             kv: Arc::new(MemoryKv::default()),
@@ -575,6 +578,26 @@ impl Store for MemoryStore {
             }
         }
         Ok(due)
+    }
+
+    async fn acquire_run_slot(
+        &self,
+        flow_id: &str,
+        run_id: &str,
+        max: u32,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        let State { slots, runs, .. } = &mut *state;
+        let held = slots.entry(flow_id.to_owned()).or_default();
+        if held.iter().any(|r| r == run_id) {
+            return Ok(true);
+        }
+        held.retain(|r| runs.get(r).is_some_and(|run| !run.status.is_terminal()));
+        if held.len() >= max as usize {
+            return Ok(false);
+        }
+        held.push(run_id.to_owned());
+        Ok(true)
     }
 
     async fn reserve_rate(&self, key: &str, interval: Duration) -> Result<Duration, StoreError> {

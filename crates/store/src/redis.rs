@@ -393,6 +393,25 @@ fn deadline_member(run: &Run) -> String {
     }
 }
 
+/// Takes a run slot of `KEYS[1]` (a sorted set of run ids) for run `ARGV[1]` if fewer than
+/// `ARGV[2]` of its members are still running or waiting (run hashes `ARGV[3]` + id); members
+/// whose run ended are dropped on the way. 1: taken (or held already), 0: full.
+const ACQUIRE_RUN_SLOT: &str = r#"
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
+local live = 0
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local status = redis.call('HGET', ARGV[3] .. member, 'status')
+  if status == 'running' or status == 'waiting' then
+    live = live + 1
+  else
+    redis.call('ZREM', KEYS[1], member)
+  end
+end
+if live >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+return 1
+"#;
+
 /// A timer's member in `pw:timers`.
 fn timer_member(run_id: &str, flow_id: &str, flow_version: u32, step: &str) -> String {
     format!("{run_id}\n{flow_id}\n{flow_version}\n{step}")
@@ -459,6 +478,7 @@ pub struct RedisStore {
     claim_wake: Arc<Script>,
     reserve_rate: Arc<Script>,
     expire_run: Arc<Script>,
+    acquire_run_slot: Arc<Script>,
     resume_waiting: Arc<Script>,
     take_timers: Arc<Script>,
     /// Timer notifications, subscribed on the first `watch_timers`.
@@ -581,6 +601,7 @@ impl RedisStore {
             claim_wake: Arc::new(Script::new(CLAIM_WAKE)),
             reserve_rate: Arc::new(Script::new(RESERVE_RATE)),
             expire_run: Arc::new(Script::new(EXPIRE_RUN)),
+            acquire_run_slot: Arc::new(Script::new(ACQUIRE_RUN_SLOT)),
             resume_waiting: Arc::new(Script::new(RESUME_WAITING)),
             take_timers: Arc::new(Script::new(TAKE_TIMERS)),
             timers: Arc::default(),
@@ -1357,6 +1378,25 @@ impl Store for RedisStore {
                 timer
             })
             .collect())
+    }
+
+    async fn acquire_run_slot(
+        &self,
+        flow_id: &str,
+        run_id: &str,
+        max: u32,
+    ) -> Result<bool, StoreError> {
+        let taken: i64 = self
+            .acquire_run_slot
+            .key(format!("pw:slots:flow:{flow_id}"))
+            .arg(run_id)
+            .arg(max)
+            .arg("pw:run:")
+            .arg(Utc::now().timestamp_millis())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(taken == 1)
     }
 
     async fn reserve_rate(&self, key: &str, interval: Duration) -> Result<Duration, StoreError> {

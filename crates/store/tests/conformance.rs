@@ -1223,6 +1223,30 @@ async fn rate_limits_space_starts_across_callers(store: Arc<dyn Store>) {
     );
 }
 
+async fn run_slots_count_only_runs_still_going(store: Arc<dyn Store>) {
+    for id in ["a", "b", "c"] {
+        store
+            .create_run(&Run::new(id.into(), "f", 1, json!({})))
+            .await
+            .unwrap();
+    }
+    assert!(store.acquire_run_slot("f", "a", 2).await.unwrap());
+    assert!(
+        store.acquire_run_slot("f", "a", 2).await.unwrap(),
+        "held already"
+    );
+    assert!(store.acquire_run_slot("f", "b", 2).await.unwrap());
+    assert!(!store.acquire_run_slot("f", "c", 2).await.unwrap(), "full");
+    assert!(
+        store.acquire_run_slot("g", "c", 2).await.unwrap(),
+        "per flow"
+    );
+    // A run that ends frees its slot.
+    store.cancel_run("a", Utc::now()).await.unwrap();
+    assert!(store.acquire_run_slot("f", "c", 2).await.unwrap());
+    assert!(!store.acquire_run_slot("f", "d", 2).await.unwrap());
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -1248,6 +1272,7 @@ macro_rules! suite {
 }
 
 suite!(
+    run_slots_count_only_runs_still_going,
     rate_limits_space_starts_across_callers,
     a_step_that_ends_a_branch_records_the_branch_step_with_it,
     waiting_runs_wake_once_from_their_timers_or_resume_by_hand,

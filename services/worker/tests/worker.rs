@@ -1480,3 +1480,29 @@ async fn a_run_past_its_flows_timeout_is_failed_and_one_that_ended_is_left_alone
     assert_eq!(fire_timers(&h).await, 0, "the deadline timer is gone");
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn runs_beyond_max_concurrent_runs_wait_unstarted_for_a_free_slot() {
+    let probe = Arc::new(Probe::default());
+    let text = flow("  - { name: approval, wait_for: approval }\n  - { name: after, piece: test, action: echo, input: { value: 1 } }\n")
+        .replace("steps:\n", "max_concurrent_runs: 1\nsteps:\n");
+    let h = Harness::start(&probe, &text).await;
+    let ops = piecework_runtime::Actor("ops".into());
+    h.start_run("r1", json!({})).await;
+    until_status(&h, "r1", RunStatus::Waiting).await;
+    h.start_run("r2", json!({})).await;
+    // r1 holds the one slot while it waits: r2 does not start, however long.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let r2 = h.store.get_run("r2").await.unwrap().unwrap();
+    assert_eq!(r2.status, RunStatus::Running);
+    assert!(r2.steps.is_empty(), "r2 has not started: {r2:?}");
+    // r1 ends: r2 takes the slot on its next try.
+    h.runtime
+        .resume_waiting_run("r1", "approval", json!({}), &ops)
+        .await
+        .unwrap();
+    assert_eq!(h.finished("r1").await.status, RunStatus::Succeeded);
+    let r2 = until_status(&h, "r2", RunStatus::Waiting).await;
+    assert_eq!(r2.step("approval").unwrap().attempts.len(), 1);
+    h.stop().await;
+}

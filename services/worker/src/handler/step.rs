@@ -34,6 +34,9 @@ use tracing::field::Empty;
 use super::Handler;
 use super::observe::{self, millis};
 
+/// How long a run that found its flow's run slots all taken waits before trying again.
+const SLOT_WAIT: Duration = Duration::from_secs(2);
+
 /// One attempt as executed, before it is recorded.
 struct Attempted {
     started: DateTime<Utc>,
@@ -147,7 +150,23 @@ impl Handler {
                     other => other,
                 })
             }
-            Resume::Run { step, .. } => self.drive(&chain, run, step, None).await,
+            Resume::Run { step, .. } => {
+                if let Some(max) = flow.definition.max_concurrent_runs
+                    && run.steps.is_empty()
+                    && !self
+                        .runtime
+                        .acquire_run_slot(&flow.flow_id, &run.id, max)
+                        .await?
+                {
+                    // All slots taken: the run waits, unstarted, in a job of its own.
+                    tracing::debug!(run_id = %run.id, flow = %flow.flow_id, max, "flow at max_concurrent_runs; run waits");
+                    self.runtime
+                        .requeue_step(&flow, &run.id, &job.step, SLOT_WAIT)
+                        .await?;
+                    return Ok(Settle::Ack);
+                }
+                self.drive(&chain, run, step, None).await
+            }
         }
     }
 
