@@ -863,3 +863,39 @@ async fn max_concurrent_runs_holds_across_workers() {
         );
     }
 }
+
+/// `max_in_flight: 2` across two worker processes: never more than two calls in flight to the
+/// limited system, waiting spends no attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_holds_across_workers() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start(BASE).await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &["--concurrency", "8"]).await;
+    fleet.start_worker("w2", &["--concurrency", "8"]).await;
+    let steps = format!(
+        "  - {{ name: call, piece: http, action: send_request, max_in_flight: 2, rate_key: slow-api, input: {{ url: \"{}/slow/inflight?ms=400\" }}, retry: {{ max_attempts: 1 }} }}\n",
+        target.url
+    );
+    fleet.apply(&webhook_flow("bounded-calls", &steps)).await;
+    let runs = join_all((0..6).map(|n| fleet.webhook("bounded-calls", json!({"n": n})))).await;
+    for id in &runs {
+        let run = fleet.finished(id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(run["steps"][0]["attempts"].as_array().unwrap().len(), 1);
+    }
+    let mut starts = target.hits("inflight");
+    starts.sort();
+    assert_eq!(starts.len(), 6);
+    for (i, start) in starts.iter().enumerate() {
+        let overlapping = starts[..i]
+            .iter()
+            .filter(|earlier| *start - **earlier < Duration::from_millis(400))
+            .count();
+        assert!(
+            overlapping <= 1,
+            "{} calls in flight at once",
+            overlapping + 1
+        );
+    }
+}

@@ -193,10 +193,14 @@ pub struct StepDef {
     /// (`10/s`, `600/m`, `5000/h`), shared by every step with the same [`StepDef::rate_key`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<Rate>,
-    /// The name of the limit `rate` counts against (default: the step's connection, or its
-    /// piece when it has none).
+    /// The name of the limit `rate` and `max_in_flight` count against (default: the step's
+    /// connection, or its piece when it has none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_key: Option<String>,
+    /// At most this many calls of the step's action in flight at once across the whole
+    /// fleet, shared by every step with the same [`StepDef::rate_key`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
     /// A branch step: a template that evaluates to `true` (the `then` steps run) or `false`
     /// (the `else` steps run).
     #[serde(rename = "if", default, skip_serializing_if = "Option::is_none")]
@@ -1217,6 +1221,7 @@ impl<'d> StepChecker<'d, '_> {
             ("max_response_bytes", step.max_response_bytes.is_some()),
             ("rate", step.rate.is_some()),
             ("rate_key", step.rate_key.is_some()),
+            ("max_in_flight", step.max_in_flight.is_some()),
         ];
         for (field, present) in action_only {
             if present {
@@ -1486,9 +1491,20 @@ impl<'d> StepChecker<'d, '_> {
                 format!("{queue:?} must be lowercase letters, digits, '-' or '_'"),
             );
         }
+        if let Some(max) = step.max_in_flight
+            && !(1..=100_000).contains(&max)
+        {
+            self.issue(
+                format!("{at}.max_in_flight"),
+                "must be between 1 and 100000".into(),
+            );
+        }
         if let Some(key) = &step.rate_key {
-            if step.rate.is_none() {
-                self.issue(format!("{at}.rate_key"), "goes with `rate`".into());
+            if step.rate.is_none() && step.max_in_flight.is_none() {
+                self.issue(
+                    format!("{at}.rate_key"),
+                    "goes with `rate` or `max_in_flight`".into(),
+                );
             } else if !is_queue_name(key) {
                 self.issue(
                     format!("{at}.rate_key"),

@@ -577,7 +577,7 @@ fn rates_parse_and_are_checked() {
     assert_eq!(
         issues(text),
         [
-            "steps[0] (a).rate_key: goes with `rate`",
+            "steps[0] (a).rate_key: goes with `rate` or `max_in_flight`",
             "steps[1] (b).rate: is for action steps; a delay step only pauses the run",
         ]
     );

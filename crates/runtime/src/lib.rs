@@ -771,6 +771,26 @@ impl Runtime {
         Ok(())
     }
 
+    /// Takes one of the `max` fleet-wide in-flight places of limit `key` for `holder`, leased
+    /// for `lease`: `false` when all are taken.
+    pub async fn acquire_in_flight(
+        &self,
+        key: &str,
+        holder: &str,
+        max: u32,
+        lease: std::time::Duration,
+    ) -> Result<bool, RuntimeError> {
+        Ok(self
+            .store
+            .acquire_in_flight(key, holder, max, lease)
+            .await?)
+    }
+
+    /// Gives back an in-flight place.
+    pub async fn release_in_flight(&self, key: &str, holder: &str) -> Result<(), RuntimeError> {
+        Ok(self.store.release_in_flight(key, holder).await?)
+    }
+
     /// Reserves the next start under the fleet-wide rate limit `key` (starts spaced
     /// `interval` apart); returns how long to wait before starting.
     pub async fn reserve_rate(

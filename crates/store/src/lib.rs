@@ -295,6 +295,18 @@ pub trait Store: Send + Sync + 'static {
         run_id: &str,
         max: u32,
     ) -> Result<bool, StoreError>;
+    /// Takes one of the `max` in-flight places of limit `key` for `holder` (kept if it holds
+    /// one already) until `lease` passes — places of holders that never released them lapse
+    /// then. `false` when all are taken.
+    async fn acquire_in_flight(
+        &self,
+        key: &str,
+        holder: &str,
+        max: u32,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Gives back `holder`'s in-flight place of limit `key`.
+    async fn release_in_flight(&self, key: &str, holder: &str) -> Result<(), StoreError>;
     /// Reserves the next start under the rate limit `key`, whose starts are spaced `interval`
     /// apart across every caller of every process: returns how long this caller waits before
     /// its start. The limit's clock is the store's, so callers' clocks need not agree.

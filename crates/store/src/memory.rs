@@ -84,6 +84,8 @@ struct State {
     rates: HashMap<String, tokio::time::Instant>,
     /// Run slots taken, by flow.
     slots: HashMap<String, Vec<String>>,
+    /// In-flight places taken, by limit: holders and when their lease lapses.
+    in_flight: HashMap<String, HashMap<String, tokio::time::Instant>>,
 }
 
 impl State {
@@ -198,6 +200,7 @@ impl MemoryStore {
                 timers: HashMap::new(),
                 rates: HashMap::new(),
                 slots: HashMap::new(),
+                in_flight: HashMap::new(),
             })),
             timers_added: Arc::new(tokio::sync::watch::channel(0).0),
             kv: Arc::new(MemoryKv::default()),
@@ -598,6 +601,32 @@ impl Store for MemoryStore {
         }
         held.push(run_id.to_owned());
         Ok(true)
+    }
+
+    async fn acquire_in_flight(
+        &self,
+        key: &str,
+        holder: &str,
+        max: u32,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = tokio::time::Instant::now();
+        let mut state = self.state.lock().unwrap();
+        let holders = state.in_flight.entry(key.to_owned()).or_default();
+        holders.retain(|_, until| *until > now);
+        if !holders.contains_key(holder) && holders.len() >= max as usize {
+            return Ok(false);
+        }
+        holders.insert(holder.to_owned(), now + lease);
+        Ok(true)
+    }
+
+    async fn release_in_flight(&self, key: &str, holder: &str) -> Result<(), StoreError> {
+        let mut state = self.state.lock().unwrap();
+        if let Some(holders) = state.in_flight.get_mut(key) {
+            holders.remove(holder);
+        }
+        Ok(())
     }
 
     async fn reserve_rate(&self, key: &str, interval: Duration) -> Result<Duration, StoreError> {

@@ -412,6 +412,24 @@ redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
 return 1
 "#;
 
+/// Takes an in-flight place of `KEYS[1]` (holders scored by lease end, ms on the server's
+/// clock) for `ARGV[1]` if fewer than `ARGV[2]` unexpired holders have one; the lease lasts
+/// `ARGV[3]` ms. 1: taken (or held), 0: full.
+const ACQUIRE_IN_FLIGHT: &str = r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local lease_end = now + tonumber(ARGV[3])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], lease_end, ARGV[1])
+  return 1
+end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], lease_end, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + 1000)
+return 1
+"#;
+
 /// A timer's member in `pw:timers`.
 fn timer_member(run_id: &str, flow_id: &str, flow_version: u32, step: &str) -> String {
     format!("{run_id}\n{flow_id}\n{flow_version}\n{step}")
@@ -479,6 +497,7 @@ pub struct RedisStore {
     reserve_rate: Arc<Script>,
     expire_run: Arc<Script>,
     acquire_run_slot: Arc<Script>,
+    acquire_in_flight: Arc<Script>,
     resume_waiting: Arc<Script>,
     take_timers: Arc<Script>,
     /// Timer notifications, subscribed on the first `watch_timers`.
@@ -602,6 +621,7 @@ impl RedisStore {
             reserve_rate: Arc::new(Script::new(RESERVE_RATE)),
             expire_run: Arc::new(Script::new(EXPIRE_RUN)),
             acquire_run_slot: Arc::new(Script::new(ACQUIRE_RUN_SLOT)),
+            acquire_in_flight: Arc::new(Script::new(ACQUIRE_IN_FLIGHT)),
             resume_waiting: Arc::new(Script::new(RESUME_WAITING)),
             take_timers: Arc::new(Script::new(TAKE_TIMERS)),
             timers: Arc::default(),
@@ -1397,6 +1417,35 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(taken == 1)
+    }
+
+    async fn acquire_in_flight(
+        &self,
+        key: &str,
+        holder: &str,
+        max: u32,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let taken: i64 = self
+            .acquire_in_flight
+            .key(format!("pw:inflight:{key}"))
+            .arg(holder)
+            .arg(max)
+            .arg(millis(lease))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(taken == 1)
+    }
+
+    async fn release_in_flight(&self, key: &str, holder: &str) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("ZREM")
+            .arg(format!("pw:inflight:{key}"))
+            .arg(holder)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn reserve_rate(&self, key: &str, interval: Duration) -> Result<Duration, StoreError> {

@@ -1247,6 +1247,49 @@ async fn run_slots_count_only_runs_still_going(store: Arc<dyn Store>) {
     assert!(!store.acquire_run_slot("f", "d", 2).await.unwrap());
 }
 
+async fn in_flight_places_are_bounded_leased_and_given_back(store: Arc<dyn Store>) {
+    let lease = Duration::from_secs(60);
+    assert!(store.acquire_in_flight("api", "a", 2, lease).await.unwrap());
+    assert!(
+        store.acquire_in_flight("api", "a", 2, lease).await.unwrap(),
+        "held already"
+    );
+    assert!(store.acquire_in_flight("api", "b", 2, lease).await.unwrap());
+    assert!(
+        !store.acquire_in_flight("api", "c", 2, lease).await.unwrap(),
+        "full"
+    );
+    assert!(
+        store
+            .acquire_in_flight("other", "c", 2, lease)
+            .await
+            .unwrap(),
+        "per key"
+    );
+    store.release_in_flight("api", "a").await.unwrap();
+    assert!(store.acquire_in_flight("api", "c", 2, lease).await.unwrap());
+    // A holder that never gives its place back loses it when its lease lapses.
+    assert!(
+        store
+            .acquire_in_flight("short", "x", 1, Duration::from_millis(50))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .acquire_in_flight("short", "y", 1, lease)
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert!(
+        store
+            .acquire_in_flight("short", "y", 1, lease)
+            .await
+            .unwrap()
+    );
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -1272,6 +1315,7 @@ macro_rules! suite {
 }
 
 suite!(
+    in_flight_places_are_bounded_leased_and_given_back,
     run_slots_count_only_runs_still_going,
     rate_limits_space_starts_across_callers,
     a_step_that_ends_a_branch_records_the_branch_step_with_it,

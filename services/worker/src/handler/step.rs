@@ -353,6 +353,15 @@ impl Handler {
                 started = Utc::now();
             }
         }
+        let in_flight = match step.max_in_flight {
+            Some(max) if resolved.is_ok() => {
+                let holder = format!("{}:{name}:{number}", run.id);
+                self.take_in_flight(chain, step, &holder, max).await?;
+                started = Utc::now();
+                Some(holder)
+            }
+            _ => None,
+        };
         let mut execution = match (&resolved, &auth) {
             (Err(error), _) => engine::Execution::refused(error.clone(), step, attempt),
             (Ok(_), Err(error)) => engine::Execution::failed(error.clone()),
@@ -367,6 +376,15 @@ impl Handler {
                 self.with_progress(chain.delivery, work).await
             }
         };
+        if let Some(holder) = &in_flight
+            && let Err(err) = self
+                .runtime
+                .release_in_flight(&step.rate_key(), holder)
+                .await
+        {
+            // Its lease lapses by itself.
+            tracing::warn!(step = %name, error = %err, "could not give back an in-flight place");
+        }
         // Whatever leaves the step — output, error, the recorded input — may echo the
         // connection's secrets (an upstream quoting the Authorization header): masked before
         // it is recorded, logged, traced, audited or answered.
@@ -379,6 +397,31 @@ impl Handler {
             execution,
             executed: resolved.ok(),
         })
+    }
+
+    /// Waits for one of the `max` fleet-wide in-flight places of the step's limit, retrying
+    /// with backoff while the delivery is kept alive: waiting spends no attempt. The place is
+    /// leased for the step's timeout and a minute, so a worker that dies holding it frees it.
+    async fn take_in_flight(
+        &self,
+        chain: &Chain<'_>,
+        step: &StepDef,
+        holder: &str,
+        max: u32,
+    ) -> Result<(), RuntimeError> {
+        let key = step.rate_key();
+        let lease = step.timeout() + Duration::from_secs(60);
+        let mut pause = Duration::from_millis(20);
+        while !self
+            .runtime
+            .acquire_in_flight(&key, holder, max, lease)
+            .await?
+        {
+            self.with_progress(chain.delivery, tokio::time::sleep(pause))
+                .await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+        Ok(())
     }
 
     /// Runs `work` while telling the broker, every third of the ack wait, that the job is alive.
