@@ -899,3 +899,37 @@ async fn max_in_flight_holds_across_workers() {
         );
     }
 }
+
+/// A sub-flow on the production topology: the parent waits without a job while the child runs
+/// on another worker; the child's end wakes the parent, which takes its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subflow_runs_as_its_own_run_and_hands_its_output_back() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start("[scheduler]\ntimer_poll = \"1s\"\n").await;
+    fleet.start_api().await;
+    fleet.start_scheduler("s1").await;
+    fleet.start_worker("w1", &[]).await;
+    fleet.start_worker("w2", &[]).await;
+    let child = format!(
+        "apiVersion: piecework/v1\nkind: Flow\nname: lookup\ntrigger: {{ piece: webhook, trigger: catch, auth: none }}\nsteps:\n  - {{ name: fetch, piece: http, action: send_request, input: {{ url: \"{}/slow/child?ms=300\" }} }}\n  - {{ name: shape, piece: data, action: set, input: {{ value: {{ asked: \"{{{{ trigger.who }}}}\", status: \"{{{{ steps.fetch.output.status }}}}\" }} }} }}\n",
+        target.url
+    );
+    fleet.apply(&child).await;
+    fleet
+        .apply(&webhook_flow(
+            "caller",
+            "  - { name: ask, subflow: lookup, input: { who: \"{{ trigger.body.who }}\" } }\n  - { name: done, piece: data, action: set, input: { value: \"{{ steps.ask.output.asked }} got {{ steps.ask.output.status }}\" } }\n",
+        ))
+        .await;
+    let id = fleet.webhook("caller", json!({"who": "ada"})).await;
+    let run = fleet.finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["steps"][1]["output"], "ada got 200");
+    let child_id = run["steps"][0]["input"]["run_id"].as_str().unwrap();
+    let child = fleet.run(child_id).await;
+    assert_eq!(child["status"], "succeeded");
+    assert_eq!(child["parent"]["run_id"], id.as_str());
+    assert_eq!(child["parent"]["step"], "ask");
+    assert_eq!(child["started_by"]["name"], "flow:caller");
+    assert_eq!(target.hits("child").len(), 1, "the child ran once");
+}

@@ -246,7 +246,18 @@ pub struct StepDef {
     /// With `on_failure: branch`: the steps that run when this step fails for good.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub catch: Vec<StepDef>,
+    /// A sub-flow step: the flow whose run it starts, with its rendered `input` as the run's
+    /// trigger output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subflow: Option<String>,
+    /// A sub-flow step: whether it waits for the run to end and takes its output (default);
+    /// `false` starts it and goes on at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<bool>,
 }
+
+/// How deep sub-flows may nest: a run started by a sub-flow step of a run … this many times.
+pub const MAX_SUBFLOW_DEPTH: u32 = 8;
 
 /// Items a loop takes unless it says otherwise, and the most it may say.
 pub const DEFAULT_MAX_ITEMS: u32 = 1000;
@@ -367,6 +378,8 @@ pub enum StepKind {
     Wait,
     /// Runs its block once per item of a list (`for_each`).
     Loop,
+    /// Starts a run of another flow and (by default) waits for it (`subflow`).
+    Subflow,
 }
 
 /// The longest a delay or wait step may pause a run.
@@ -418,6 +431,8 @@ impl StepDef {
             StepKind::Wait
         } else if self.for_each.is_some() {
             StepKind::Loop
+        } else if self.subflow.is_some() {
+            StepKind::Subflow
         } else {
             StepKind::Action
         }
@@ -1148,6 +1163,7 @@ impl<'d> StepChecker<'d, '_> {
                 ),
                 ("`wait_for`", step.wait_for.is_some()),
                 ("`for_each`", step.for_each.is_some()),
+                ("`subflow`", step.subflow.is_some()),
             ];
             let given: Vec<&str> = kinds.iter().filter(|k| k.1).map(|k| k.0).collect();
             if given.len() > 1 {
@@ -1165,6 +1181,13 @@ impl<'d> StepChecker<'d, '_> {
                 StepKind::Delay => self.delay_step(step, &at, &visible),
                 StepKind::Wait => self.wait_step(step, &at, &visible),
                 StepKind::Loop => self.loop_step(step, &at, &visible),
+                StepKind::Subflow => self.subflow_step(step, &at, &visible),
+            }
+            if step.wait.is_some() && step.kind() != StepKind::Subflow {
+                self.issue(
+                    format!("{at}.wait"),
+                    "is for sub-flow steps (`subflow`)".into(),
+                );
             }
             if step.kind() != StepKind::Loop {
                 let loop_only = [
@@ -1348,6 +1371,56 @@ impl<'d> StepChecker<'d, '_> {
         self.in_loop = true;
         self.block(&step.steps, &format!("{at}.steps"), visible);
         self.in_loop = false;
+    }
+
+    fn subflow_step(&mut self, step: &'d StepDef, at: &str, visible: &HashSet<&'d str>) {
+        let action_only = [
+            ("piece", !step.piece.is_empty()),
+            ("version", step.version.is_some()),
+            ("action", !step.action.is_empty()),
+            ("connection", step.connection.is_some()),
+            ("retry", step.retry.is_some()),
+            ("max_response_bytes", step.max_response_bytes.is_some()),
+            ("rate", step.rate.is_some()),
+            ("max_in_flight", step.max_in_flight.is_some()),
+        ];
+        for (field, present) in action_only {
+            if present {
+                self.issue(
+                    format!("{at}.{field}"),
+                    "is for action steps; a sub-flow step starts a run of another flow".into(),
+                );
+            }
+        }
+        self.no_branches(step, at);
+        let name = step.subflow.as_deref().unwrap_or_default();
+        if !is_flow_name(name) {
+            self.issue(
+                format!("{at}.subflow"),
+                format!("{name:?} is not a flow name (lowercase letters, digits, '-' or '_')"),
+            );
+        }
+        match step.timeout {
+            Some(t) if t.is_zero() || t > MAX_WAIT => self.issue(
+                format!("{at}.timeout"),
+                "must be more than zero and at most 366 days".into(),
+            ),
+            Some(_) if step.wait == Some(false) => self.issue(
+                format!("{at}.timeout"),
+                "is how long the step waits for the run: it needs `wait` (the default)".into(),
+            ),
+            _ => {}
+        }
+        if let Some(queue) = &step.queue
+            && !is_queue_name(queue)
+        {
+            self.issue(
+                format!("{at}.queue"),
+                format!("{queue:?} must be lowercase letters, digits, '-' or '_'"),
+            );
+        }
+        let input = Value::Object(step.input.clone());
+        self.references(step, &input, "", at, visible);
     }
 
     /// Refuses branches on a step that has none.

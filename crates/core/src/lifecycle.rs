@@ -330,9 +330,12 @@ pub fn on_delivery<'a>(
             StepStatus::Waiting => {
                 // Only a job for the waiting step, once its timer is due, wakes the run;
                 // anything else leaves it to the timer (or to whoever resumes it).
-                let due = state
-                    .retry_at
-                    .is_some_and(|at| at <= job.now + chrono_duration(WAKE_TOLERANCE));
+                // A sub-flow step may look early: the run it waits on ended and brought its
+                // timer forward.
+                let due = current.step.kind() == StepKind::Subflow
+                    || state
+                        .retry_at
+                        .is_some_and(|at| at <= job.now + chrono_duration(WAKE_TOLERANCE));
                 return if current == at && due {
                     Resume::Wake(current)
                 } else {

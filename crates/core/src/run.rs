@@ -156,6 +156,23 @@ pub struct Run {
     /// the worker, never stored.
     #[serde(skip)]
     pub resume_url: Option<String>,
+    /// For a run started by a sub-flow step: that step, which waits for this run's end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentStep>,
+    /// How many sub-flow steps started the runs above this one (0 for a run started by its
+    /// trigger).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub depth: u32,
+}
+
+/// The sub-flow step a run was started by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentStep {
+    pub run_id: String,
+    pub flow_id: String,
+    pub flow_version: u32,
+    /// The step's recorded name (`start_child[2]` in a loop).
+    pub step: String,
 }
 
 fn is_nobody(principal: &Principal) -> bool {
@@ -193,6 +210,8 @@ impl Run {
             started_by: Principal::default(),
             deadline: None,
             resume_url: None,
+            parent: None,
+            depth: 0,
         }
     }
 

@@ -664,3 +664,27 @@ steps:
     let def = FlowDefinition::parse(text, Format::Yaml).unwrap();
     assert_eq!(def.after("report").unwrap().next.unwrap().name, "a");
 }
+
+#[test]
+fn subflow_steps_name_a_flow_and_take_no_action_fields() {
+    let text = r#"
+apiVersion: piecework/v1
+kind: Flow
+name: parent
+trigger: { piece: data, trigger: catch }
+steps:
+  - { name: a, subflow: child, input: { n: "{{ trigger.body.n }}" }, timeout: 1h }
+  - { name: b, subflow: "Not A Flow", piece: data }
+  - { name: c, subflow: child, wait: false, timeout: 1m }
+  - { name: d, piece: data, action: set, input: { value: 1 }, wait: true }
+"#;
+    assert_eq!(
+        issues(text),
+        [
+            "steps[1] (b).piece: is for action steps; a sub-flow step starts a run of another flow",
+            "steps[1] (b).subflow: \"Not A Flow\" is not a flow name (lowercase letters, digits, '-' or '_')",
+            "steps[2] (c).timeout: is how long the step waits for the run: it needs `wait` (the default)",
+            "steps[3] (d).wait: is for sub-flow steps (`subflow`)",
+        ]
+    );
+}

@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use piecework_bus::Bus;
 use piecework_bus::jobs;
 use piecework_core::flow::{self, FlowDefinition, FlowVersion};
-use piecework_core::{Catalog, FlowError, Registry, Run, RunStatus, StepStatus, lifecycle};
+use piecework_core::{Catalog, FlowError, Registry, Run, RunStatus, StepStatus, lifecycle, run};
 use piecework_proto::v1::{AuditEvent, StepJob, StepResult};
 use piecework_sdk::{Context, EgressPolicy, HttpClient, Owner, PieceError, RunInfo, ScopedStore};
 use piecework_store::{Applied, ConnectionRecord, StepUpdate, Store, StoreError, Timer};
@@ -515,6 +515,63 @@ impl Runtime {
             self.publish_step(flow, &run.id, &first.name, 0).await?;
         }
         Ok(created)
+    }
+
+    /// Starts the run of flow `child` that sub-flow step `step` (its recorded name) of run
+    /// `parent` asks for, with `trigger` as its trigger output, and returns its id. The id is
+    /// derived from the parent run and step, so a step that runs again starts no second run.
+    /// When `wait`, the run records its parent step, whose wait its end brings forward.
+    pub async fn start_subflow(
+        &self,
+        parent: &Run,
+        step: &str,
+        child: &str,
+        trigger: Value,
+        wait: bool,
+    ) -> Result<String, RuntimeError> {
+        let depth = parent.depth + 1;
+        if depth > flow::MAX_SUBFLOW_DEPTH {
+            return Err(RuntimeError::Invalid(format!(
+                "sub-flows nest deeper than {}: run `{}` is already {} levels down",
+                flow::MAX_SUBFLOW_DEPTH,
+                parent.id,
+                parent.depth
+            )));
+        }
+        let record = self
+            .store
+            .get_flow(child)
+            .await?
+            .ok_or_else(|| RuntimeError::Invalid(format!("no flow `{child}` to start")))?;
+        if !record.enabled {
+            return Err(RuntimeError::Invalid(format!("flow `{child}` is disabled")));
+        }
+        let flow = self
+            .flow_version(child, record.latest_version)
+            .await?
+            .ok_or_else(|| RuntimeError::NoSuchFlow(child.to_owned()))?;
+        let run_id = run::deterministic_run_id(&parent.id, &format!("subflow:{step}"));
+        let started_by = piecework_sdk::Principal::new(format!("flow:{}", parent.flow_id), None);
+        let (mut run, span) = new_run(
+            &flow,
+            run_id.clone(),
+            trigger,
+            TriggerKind::manual,
+            started_by,
+        );
+        run.depth = depth;
+        if wait {
+            run.parent = Some(run::ParentStep {
+                run_id: parent.id.clone(),
+                flow_id: parent.flow_id.clone(),
+                flow_version: parent.flow_version,
+                step: step.to_owned(),
+            });
+        }
+        self.create_run(&flow, run, TriggerKind::manual)
+            .instrument(span)
+            .await?;
+        Ok(run_id)
     }
 
     /// Cancels a running run. Its current step finishes; nothing after it runs. Audited as

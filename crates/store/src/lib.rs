@@ -153,6 +153,9 @@ pub struct StepUpdate {
     /// Set when the attempt started a delay or wait: the run waits (unless it is no longer
     /// running), with a timer when the step has one.
     pub pause: Option<Pause>,
+    /// A timer to set (or bring forward) with this write: the sub-flow step waiting on a run
+    /// this attempt ended.
+    pub wake: Option<Timer>,
 }
 
 /// A run starting to wait on a step.

@@ -400,6 +400,10 @@ impl Store for MemoryStore {
                     state_timers.push((key, timer));
                 }
             }
+            if let Some(timer) = update.wake {
+                let key = (timer.run_id.clone(), timer.step.clone());
+                state_timers.push((key, timer));
+            }
             run.upsert_step(update.step);
             for closed in update.closed {
                 run.upsert_step(closed);

@@ -543,6 +543,8 @@ fn run_meta(run: &Run) -> RunMeta {
         trace: run.trace.clone(),
         started_by: run.started_by.clone(),
         deadline: run.deadline,
+        parent: run.parent.clone(),
+        depth: run.depth,
     }
 }
 
@@ -560,6 +562,10 @@ struct RunMeta {
     started_by: piecework_sdk::Principal,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     deadline: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parent: Option<piecework_core::run::ParentStep>,
+    #[serde(default)]
+    depth: u32,
 }
 
 impl RedisStore {
@@ -751,6 +757,8 @@ impl RedisStore {
             started_by: meta.started_by,
             deadline: meta.deadline,
             resume_url: None,
+            parent: meta.parent,
+            depth: meta.depth,
             finished_at: fields
                 .get("finished_at")
                 .map(|t| from_json(&key, t))
@@ -1214,6 +1222,15 @@ impl Store for RedisStore {
                 None => wait.arg("").arg(0),
             };
             commands.push(wait);
+        }
+        if let Some(t) = &update.wake {
+            let member = timer_member(&t.run_id, &t.flow_id, t.flow_version, &t.step);
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(TIMERS).arg(t.due.timestamp_millis()).arg(member);
+            commands.push(zadd);
+            let mut announce = redis::cmd("PUBLISH");
+            announce.arg(TIMERS).arg(t.due.timestamp_millis());
+            commands.push(announce);
         }
         if let Some(run) = &update.run {
             commands.push(finish_run(

@@ -156,6 +156,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
         .record_step(StepUpdate {
             closed: Vec::new(),
             pause: None,
+            wake: None,
             run_id: "r1".into(),
             step: step("a", StepStatus::Retrying, 1),
             result: result("r1", "a", 1, v1::RunStatus::Running),
@@ -169,6 +170,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
         .record_step(StepUpdate {
             closed: Vec::new(),
             pause: None,
+            wake: None,
             run_id: "r1".into(),
             step: step("a", StepStatus::Succeeded, 2),
             result: result("r1", "a", 2, v1::RunStatus::Running),
@@ -188,6 +190,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
         .record_step(StepUpdate {
             closed: Vec::new(),
             pause: None,
+            wake: None,
             run_id: "r1".into(),
             step: step("b", StepStatus::Succeeded, 1),
             result: result("r1", "b", 1, v1::RunStatus::Succeeded),
@@ -337,6 +340,7 @@ async fn a_watch_registered_first_learns_how_the_run_ended(store: Arc<dyn Store>
                 .record_step(StepUpdate {
                     closed: Vec::new(),
                     pause: None,
+                    wake: None,
                     run_id: "w1".into(),
                     step: step("a", StepStatus::Succeeded, 1),
                     result: result("w1", "a", 1, v1::RunStatus::Running),
@@ -350,6 +354,7 @@ async fn a_watch_registered_first_learns_how_the_run_ended(store: Arc<dyn Store>
                 .record_step(StepUpdate {
                     closed: Vec::new(),
                     pause: None,
+                    wake: None,
                     run_id: "w1".into(),
                     step: last,
                     result: result("w1", "b", 1, v1::RunStatus::Succeeded),
@@ -525,6 +530,7 @@ async fn streams_and_the_piece_store_work(store: Arc<dyn Store>) {
         .record_step(StepUpdate {
             closed: Vec::new(),
             pause: None,
+            wake: None,
             run_id: "s".into(),
             step: step("a", StepStatus::Succeeded, 1),
             result: result("s", "a", 1, v1::RunStatus::Running),
@@ -612,6 +618,7 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
         .record_step(StepUpdate {
             closed: Vec::new(),
             pause: None,
+            wake: None,
             run_id: "c".into(),
             step: step("a", StepStatus::Succeeded, 1),
             result: result("c", "a", 1, v1::RunStatus::Succeeded),
@@ -643,6 +650,7 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
         .record_step(StepUpdate {
             closed: Vec::new(),
             pause: None,
+            wake: None,
             run_id: "r".into(),
             step: step("a", StepStatus::Failed, 2),
             result: result("r", "a", 2, v1::RunStatus::Failed),
@@ -964,6 +972,7 @@ async fn a_step_that_ends_a_branch_records_the_branch_step_with_it(store: Arc<dy
         .record_step(StepUpdate {
             closed: Vec::new(),
             pause: None,
+            wake: None,
             run_id: "r1".into(),
             step: gate.clone(),
             result: chosen.clone(),
@@ -981,6 +990,7 @@ async fn a_step_that_ends_a_branch_records_the_branch_step_with_it(store: Arc<dy
         .record_step(StepUpdate {
             closed: vec![closed],
             pause: None,
+            wake: None,
             run_id: "r1".into(),
             step: last.clone(),
             result: result("r1", "inside", 1, v1::RunStatus::Running),
@@ -1027,6 +1037,7 @@ async fn start_waiting(
         .record_step(StepUpdate {
             closed: Vec::new(),
             pause: Some(Pause { timer }),
+            wake: None,
             run_id: run.into(),
             step: waiting,
             result: result(run, name, 1, v1::RunStatus::Waiting),
@@ -1116,6 +1127,7 @@ async fn waiting_runs_wake_once_from_their_timers_or_resume_by_hand(store: Arc<d
         .record_step(StepUpdate {
             closed: Vec::new(),
             pause: None,
+            wake: None,
             run_id: "r1".into(),
             step: step("pause", StepStatus::Succeeded, 1),
             result: result("r1", "pause", 1, v1::RunStatus::Running),
@@ -1670,6 +1682,7 @@ async fn redis_step_updates_written_together_each_get_their_own_outcome() {
     let update = |run: String, last: bool| StepUpdate {
         closed: Vec::new(),
         pause: None,
+        wake: None,
         step: step("a", StepStatus::Succeeded, 1),
         result: result(&run, "a", 1, v1::RunStatus::Succeeded),
         run_id: run,
@@ -1744,6 +1757,7 @@ async fn redis_run_finished_notifications_carry_the_run_end() {
         .record_step(StepUpdate {
             closed: Vec::new(),
             pause: None,
+            wake: None,
             run_id: "n1".into(),
             step: last,
             result: result("n1", "a", 1, v1::RunStatus::Succeeded),

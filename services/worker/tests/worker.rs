@@ -997,6 +997,7 @@ async fn a_job_redelivered_mid_journal_resumes_after_the_recorded_steps() {
             .record_step(StepUpdate {
                 closed: Vec::new(),
                 pause: None,
+                wake: None,
                 run_id: "r1".into(),
                 step: state,
                 result: Default::default(),
@@ -1504,5 +1505,93 @@ async fn runs_beyond_max_concurrent_runs_wait_unstarted_for_a_free_slot() {
     assert_eq!(h.finished("r1").await.status, RunStatus::Succeeded);
     let r2 = until_status(&h, "r2", RunStatus::Waiting).await;
     assert_eq!(r2.step("approval").unwrap().attempts.len(), 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_subflow_step_starts_the_other_flow_once_and_takes_its_output_when_it_ends() {
+    let probe = Arc::new(Probe::default());
+    let parent = flow(concat!(
+        "  - { name: sub, subflow: child, input: { n: \"{{ trigger.n }}\" } }\n",
+        "  - { name: after, piece: test, action: echo, input: { value: \"{{ steps.sub.output }}\" } }\n",
+    ));
+    let h = Harness::start(&probe, &parent).await;
+    let child = flow(concat!(
+        "  - { name: pause, delay: 10s }\n",
+        "  - { name: double, piece: test, action: echo, input: { value: \"{{ trigger.n * 2 }}\" } }\n",
+    ))
+    .replace("name: f\n", "name: child\n");
+    h.runtime
+        .apply_flow(
+            FlowDefinition::parse(&child, Format::Yaml).unwrap(),
+            &Actor("test".into()),
+        )
+        .await
+        .unwrap();
+    h.start_run("r1", json!({"n": 21})).await;
+    let run = until_status(&h, "r1", RunStatus::Waiting).await;
+    let sub = run.step("sub").unwrap();
+    assert_eq!(sub.input["waiting_for"], "subflow");
+    let child_id = sub.input["run_id"].as_str().unwrap().to_owned();
+    let child_run = h.store.get_run(&child_id).await.unwrap().unwrap();
+    let parent = child_run.parent.clone().unwrap();
+    assert_eq!(
+        (parent.run_id.as_str(), parent.step.as_str()),
+        ("r1", "sub")
+    );
+    assert_eq!(
+        (child_run.depth, child_run.started_by.name.as_str()),
+        (1, "flow:f")
+    );
+    // The child's delay ends; its end brings the parent's timer forward: one firing wakes
+    // the child, the next the parent.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    fire_timers(&h).await;
+    assert_eq!(h.finished(&child_id).await.status, RunStatus::Succeeded);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    fire_timers(&h).await;
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(run.step("sub").unwrap().output, Some(json!(42)));
+    assert_eq!(run.step("after").unwrap().output, Some(json!(42)));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_or_too_deep_subflow_fails_its_step() {
+    let probe = Arc::new(Probe::default());
+    // `f` starts itself: the ninth level is refused.
+    let text = flow("  - { name: again, subflow: f }\n");
+    let h = Harness::start(&probe, &text).await;
+    h.start_run("r1", json!({})).await;
+    let mut id = "r1".to_owned();
+    for _ in 0..8 {
+        let run = until_status(&h, &id, RunStatus::Waiting).await;
+        id = run.step("again").unwrap().input["run_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    }
+    let deepest = h.finished(&id).await;
+    assert_eq!(deepest.status, RunStatus::Failed);
+    assert!(
+        deepest
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("sub-flows nest deeper than 8"),
+        "{deepest:?}"
+    );
+    // The failure climbs back up: each parent's step fails naming its child's run.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        fire_timers(&h).await;
+    }
+    let top = h.finished("r1").await;
+    assert_eq!(top.status, RunStatus::Failed);
+    assert!(
+        top.error.as_deref().unwrap().contains("sub-flow run"),
+        "{top:?}"
+    );
     h.stop().await;
 }

@@ -118,9 +118,13 @@ impl Handler {
                 }
                 let mut run = run;
                 run.status = RunStatus::Running;
-                let woke = run
-                    .step(&step.name())
-                    .map(|state| engine::wake(step.step, state));
+                let woke = match run.step(&step.name()) {
+                    Some(state) if step.step.kind() == StepKind::Subflow => {
+                        Some(self.child_result(step.step, state).await?)
+                    }
+                    Some(state) => Some(engine::wake(step.step, state)),
+                    None => None,
+                };
                 self.drive(&chain, run, step, woke).await
             }
             Resume::Poison(why) => {
@@ -321,6 +325,7 @@ impl Handler {
                 self.runtime.now(),
             )),
             StepKind::Loop => Some(engine::start_loop(step, run)),
+            StepKind::Subflow => Some(self.start_child(run, at, iteration).await?),
         };
         if let Some(execution) = control {
             return Ok(Attempted {
@@ -397,6 +402,126 @@ impl Handler {
             execution,
             executed: resolved.ok(),
         })
+    }
+
+    /// Runs a sub-flow step: starts the other flow's run (once, whatever the deliveries) with
+    /// the rendered input as its trigger output; with `wait` (the default) the step then
+    /// waits for it, looking again when the run ends (it brings the step's timer forward) or,
+    /// failing that, on a backing-off timer.
+    async fn start_child(
+        &self,
+        run: &Run,
+        at: At<'_>,
+        iteration: Option<piecework_core::run::Iteration<'_>>,
+    ) -> Result<engine::Execution, RuntimeError> {
+        let step = at.step;
+        let child = step.subflow.as_deref().unwrap_or_default();
+        let trigger = match engine::render_input(step, run, iteration) {
+            Ok(trigger) => trigger,
+            Err(err) => return Ok(engine::Execution::failed(err.to_string())),
+        };
+        let wait = step.wait.unwrap_or(true);
+        let started = self
+            .runtime
+            .start_subflow(run, &at.name(), child, trigger.clone(), wait)
+            .await;
+        let child_id = match started {
+            Ok(id) => id,
+            Err(RuntimeError::Invalid(why)) => return Ok(engine::Execution::failed(why)),
+            Err(RuntimeError::NoSuchFlow(flow)) => {
+                return Ok(engine::Execution::failed(format!(
+                    "no flow `{flow}` to start"
+                )));
+            }
+            Err(err) => return Err(err),
+        };
+        let now = self.runtime.now();
+        let mut execution = engine::Execution::failed(String::new());
+        if wait {
+            let until = step
+                .timeout
+                .and_then(|t| chrono::Duration::from_std(t).ok())
+                .map(|t| now + t);
+            execution.outcome = StepOutcome::Succeeded {
+                output: Value::Null,
+            };
+            execution.recorded_input = serde_json::json!({
+                "waiting_for": "subflow",
+                "flow": child,
+                "run_id": child_id,
+                "input": trigger,
+                "until": until,
+            });
+            execution.pause = Some(Some(now + subflow_poll(1)));
+        } else {
+            execution.outcome = StepOutcome::Succeeded {
+                output: serde_json::json!({ "run_id": child_id }),
+            };
+            execution.recorded_input =
+                serde_json::json!({ "flow": child, "run_id": child_id, "input": trigger });
+        }
+        Ok(execution)
+    }
+
+    /// What a waiting sub-flow step makes of its run, when woken: the run's output once it
+    /// succeeded, a failure naming it once it failed or was cancelled, a timeout past the
+    /// step's `timeout`, and otherwise another wait.
+    async fn child_result(
+        &self,
+        step: &StepDef,
+        state: &StepState,
+    ) -> Result<engine::Execution, RuntimeError> {
+        let child_id = state.input["run_id"].as_str().unwrap_or_default();
+        let now = self.runtime.now();
+        let mut execution = engine::Execution::failed(String::new());
+        execution.recorded_input = state.input.clone();
+        let Some(child) = self.runtime.run(child_id).await? else {
+            execution.outcome = StepOutcome::Failed {
+                error: format!("sub-flow run {child_id} no longer exists"),
+            };
+            return Ok(execution);
+        };
+        let until = state.input["until"]
+            .as_str()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc));
+        execution.outcome = match child.status {
+            RunStatus::Succeeded => StepOutcome::Succeeded {
+                output: child
+                    .steps
+                    .last()
+                    .and_then(|s| s.output.clone())
+                    .unwrap_or(Value::Null),
+            },
+            RunStatus::Failed | RunStatus::Cancelled => StepOutcome::Failed {
+                error: format!(
+                    "sub-flow run {} of `{}` {}: {}",
+                    child.id,
+                    child.flow_id,
+                    child.status.as_str(),
+                    child.error.as_deref().unwrap_or("no error recorded")
+                ),
+            },
+            RunStatus::Running | RunStatus::Waiting if until.is_some_and(|u| u <= now) => {
+                StepOutcome::Failed {
+                    error: format!(
+                        "timed out waiting for sub-flow run {} of `{}` ({})",
+                        child.id,
+                        child.flow_id,
+                        humantime_duration(step.timeout.unwrap_or_default())
+                    ),
+                }
+            }
+            RunStatus::Running | RunStatus::Waiting => {
+                let looks = u32::try_from(state.attempts.len()).unwrap_or(u32::MAX);
+                let next = now + subflow_poll(looks + 1);
+                execution.pause = Some(Some(until.map_or(next, |u| next.min(u))));
+                StepOutcome::Succeeded {
+                    output: Value::Null,
+                }
+            }
+        };
+        Ok(execution)
     }
 
     /// Waits for one of the `max` fleet-wide in-flight places of the step's limit, retrying
@@ -615,6 +740,16 @@ impl Handler {
                 response: response.clone(),
                 run: run_update.clone(),
                 pause,
+                wake: run_update
+                    .as_ref()
+                    .and(run.parent.as_ref())
+                    .map(|parent| Timer {
+                        run_id: parent.run_id.clone(),
+                        flow_id: parent.flow_id.clone(),
+                        flow_version: parent.flow_version,
+                        step: parent.step.clone(),
+                        due: self.runtime.now(),
+                    }),
                 audit: Some(audit),
             })
             .await?;
@@ -688,6 +823,17 @@ fn closed_states(run: &Run, state: &StepState, closed: &[At<'_>]) -> Vec<StepSta
         records.push(record);
     }
     records
+}
+
+/// How long a sub-flow step waits before its `look`-th look at its run when the run's end
+/// does not wake it first: 5 s, doubling, at most 5 minutes.
+fn subflow_poll(look: u32) -> chrono::Duration {
+    let seconds = 5_i64.saturating_mul(1 << look.saturating_sub(1).min(6));
+    chrono::Duration::seconds(seconds.min(300))
+}
+
+fn humantime_duration(duration: Duration) -> String {
+    format!("{}s", duration.as_secs())
 }
 
 /// The timer of the step `job` names, in `run`.
