@@ -670,6 +670,21 @@ impl Runtime {
         epoch: u32,
         delay: std::time::Duration,
     ) -> Result<(), RuntimeError> {
+        self.publish_job(flow, run_id, step, epoch, delay, 0).await
+    }
+
+    /// Publishes a `StepJob` for step `step` (a recorded name, `double[3]` in a loop) of run
+    /// `run_id` on the step's queue. `wake_ms`, when not 0, makes it a fresh message (a
+    /// wake-up or a requeue) rather than the step's first job.
+    async fn publish_job(
+        &self,
+        flow: &FlowVersion,
+        run_id: &str,
+        step: &str,
+        epoch: u32,
+        delay: std::time::Duration,
+        wake_ms: u64,
+    ) -> Result<(), RuntimeError> {
         let queue = flow
             .definition
             .step(flow::split_instance(step).0)
@@ -681,7 +696,7 @@ impl Runtime {
             step: step.to_owned(),
             epoch,
             delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-            wake_ms: 0,
+            wake_ms,
         };
         jobs::publish_step(self.bus.as_ref(), queue, &job).await?;
         Ok(())
@@ -698,21 +713,16 @@ impl Runtime {
                 timer.flow_id, timer.flow_version
             )));
         };
-        let queue = flow
-            .definition
-            .step(flow::split_instance(&timer.step).0)
-            .map_or(flow::DEFAULT_QUEUE, |s| s.queue());
-        let job = StepJob {
-            run_id: timer.run_id.clone(),
-            flow_id: timer.flow_id.clone(),
-            flow_version: timer.flow_version,
-            step: timer.step.clone(),
-            epoch: 0,
-            delay_ms: 0,
-            wake_ms: u64::try_from(at.timestamp_millis()).unwrap_or_default(),
-        };
-        jobs::publish_step(self.bus.as_ref(), queue, &job).await?;
-        Ok(())
+        let wake_ms = u64::try_from(at.timestamp_millis()).unwrap_or_default();
+        self.publish_job(
+            &flow,
+            &timer.run_id,
+            &timer.step,
+            0,
+            std::time::Duration::ZERO,
+            wake_ms,
+        )
+        .await
     }
 
     /// Publishes a wake-up job for every waiting step whose timer is due at `now` (at most
@@ -811,21 +821,9 @@ impl Runtime {
         step: &str,
         delay: std::time::Duration,
     ) -> Result<(), RuntimeError> {
-        let queue = flow
-            .definition
-            .step(flow::split_instance(step).0)
-            .map_or(flow::DEFAULT_QUEUE, |s| s.queue());
-        let job = StepJob {
-            run_id: run_id.to_owned(),
-            flow_id: flow.flow_id.clone(),
-            flow_version: flow.version,
-            step: step.to_owned(),
-            epoch: 0,
-            delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-            wake_ms: u64::try_from(self.now().timestamp_millis()).unwrap_or_default(),
-        };
-        jobs::publish_step(self.bus.as_ref(), queue, &job).await?;
-        Ok(())
+        let wake_ms = u64::try_from(self.now().timestamp_millis()).unwrap_or_default();
+        self.publish_job(flow, run_id, step, 0, delay, wake_ms)
+            .await
     }
 
     /// Takes one of the `max` fleet-wide in-flight places of limit `key` for `holder`, leased
