@@ -867,20 +867,28 @@ impl Runtime {
             .map(|t| humantime::format_duration(t).to_string())
             .unwrap_or_else(|| "its timeout".into());
         let error = format!("timed out: the run did not end within the flow's timeout ({timeout})");
-        let expire = async {
-            if self.store.expire_run(timer, &error).await? {
+        match self.store.expire_run(timer, &error).await {
+            // Ended in time: the deadline changes nothing.
+            Ok(false) => {}
+            Ok(true) => {
                 tracing::warn!(run_id = %timer.run_id, flow = %timer.flow_id, "run timed out");
                 self.metrics.run_finished(
                     &timer.flow_id,
                     piecework_telemetry::metrics::RunOutcome::failed,
                 );
+                let actor = Actor("scheduler".into());
+                let resource = format!("run/{}", timer.run_id);
+                let timed_out = async { Ok::<_, RuntimeError>(()) };
+                if let Err(err) = self
+                    .audited(&actor, "run.timeout", &resource, timed_out)
+                    .await
+                {
+                    tracing::warn!(run_id = %timer.run_id, error = %err, "could not audit a run's timeout");
+                }
             }
-            Ok::<_, RuntimeError>(())
-        };
-        let actor = Actor("scheduler".into());
-        let resource = format!("run/{}", timer.run_id);
-        if let Err(err) = self.audited(&actor, "run.timeout", &resource, expire).await {
-            tracing::warn!(run_id = %timer.run_id, error = %err, "could not time out a run; its timer fires again");
+            Err(err) => {
+                tracing::warn!(run_id = %timer.run_id, error = %err, "could not time out a run; its timer fires again");
+            }
         }
     }
 

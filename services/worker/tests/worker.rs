@@ -1477,6 +1477,17 @@ async fn a_run_past_its_flows_timeout_is_failed_and_one_that_ended_is_left_alone
     tokio::time::sleep(Duration::from_secs(61)).await;
     assert_eq!(fire_timers(&h).await, 1);
     assert_eq!(h.finished("r2").await.status, RunStatus::Succeeded);
+    let audit = h.store.read_audit(None, 1000).await.unwrap();
+    let timeouts: Vec<&str> = audit
+        .iter()
+        .filter(|e| e.event.action == "run.timeout")
+        .map(|e| e.event.resource.as_str())
+        .collect();
+    assert_eq!(
+        timeouts,
+        ["run/r1"],
+        "only the run that timed out is audited"
+    );
     tokio::time::sleep(Duration::from_secs(61)).await;
     assert_eq!(fire_timers(&h).await, 0, "the deadline timer is gone");
     h.stop().await;
