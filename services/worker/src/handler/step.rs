@@ -792,6 +792,9 @@ impl Handler {
 /// (`closed`, innermost first): a branch step takes the output of what ended it, a loop the
 /// list of its items' last outputs and is done.
 fn closed_states(run: &Run, state: &StepState, closed: &[At<'_>]) -> Vec<StepState> {
+    if closed.is_empty() {
+        return Vec::new();
+    }
     // Outputs written by this attempt, which `run` does not hold yet.
     let mut written: HashMap<String, Option<Value>> = HashMap::new();
     written.insert(state.name.clone(), state.output.clone());
