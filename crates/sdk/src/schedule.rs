@@ -16,10 +16,11 @@ use crate::error::PieceError;
 pub enum Schedule {
     /// Every `Duration`, aligned to the Unix epoch.
     Every(Duration),
-    /// A cron expression (5 fields, or 6 with seconds), evaluated in an IANA time zone
-    /// (UTC unless given): `0 9 * * 1-5` in `Europe/Berlin` is 9:00 Berlin time, summer and
-    /// winter.
-    Cron(Box<croner::Cron>, chrono_tz::Tz),
+    /// A cron expression (5 fields, or 6 with seconds), evaluated in UTC or in an IANA time
+    /// zone: `0 9 * * 1-5` in `Europe/Berlin` is 9:00 Berlin time, summer and winter. The zone
+    /// rules come from the time zone database bundled into the binary (jiff), so a host
+    /// without `tzdata` evaluates them the same.
+    Cron(Box<croner::Cron>, Option<jiff::tz::TimeZone>),
 }
 
 /// On the wire (piece protocol) a schedule is `{"every": "5m"}` or `{"cron": "*/15 * * * *"}`,
@@ -34,8 +35,8 @@ impl serde::Serialize for Schedule {
             }
             Schedule::Cron(cron, tz) => {
                 map.serialize_entry("cron", cron.as_str())?;
-                if *tz != chrono_tz::UTC {
-                    map.serialize_entry("timezone", tz.name())?;
+                if let Some(name) = tz.as_ref().and_then(jiff::tz::TimeZone::iana_name) {
+                    map.serialize_entry("timezone", name)?;
                 }
             }
         }
@@ -102,11 +103,16 @@ impl Schedule {
         let cron = croner::Cron::from_str(expression).map_err(|e| {
             PieceError::fatal(format!("invalid cron expression {expression:?}: {e}"))
         })?;
-        let tz = timezone.trim().parse::<chrono_tz::Tz>().map_err(|_| {
-            PieceError::fatal(format!(
-                "unknown time zone {timezone:?}: use an IANA name such as \"Europe/Berlin\" or \"America/New_York\""
-            ))
-        })?;
+        let name = timezone.trim();
+        let tz = if name.eq_ignore_ascii_case("UTC") {
+            None
+        } else {
+            Some(jiff::tz::TimeZone::get(name).map_err(|_| {
+                PieceError::fatal(format!(
+                    "unknown time zone {timezone:?}: use an IANA name such as \"Europe/Berlin\" or \"America/New_York\""
+                ))
+            })?)
+        };
         Ok(Schedule::Cron(Box::new(cron), tz))
     }
 
@@ -119,10 +125,14 @@ impl Schedule {
                 let next = (now.div_euclid(step) + 1) * step;
                 DateTime::from_timestamp_millis(next)
             }
-            Schedule::Cron(cron, tz) => cron
-                .find_next_occurrence(&after.with_timezone(tz), false)
-                .ok()
-                .map(|next| next.with_timezone(&Utc)),
+            Schedule::Cron(cron, None) => cron.find_next_occurrence(&after, false).ok(),
+            Schedule::Cron(cron, Some(tz)) => {
+                let at = jiff::Timestamp::from_microsecond(after.timestamp_micros()).ok()?;
+                let next = cron
+                    .find_next_occurrence(&at.to_zoned(tz.clone()), false)
+                    .ok()?;
+                DateTime::from_timestamp_micros(next.timestamp().as_microsecond())
+            }
         }
     }
 }
