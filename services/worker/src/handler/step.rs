@@ -120,7 +120,7 @@ impl Handler {
                 run.status = RunStatus::Running;
                 let woke = match run.step(&step.name()) {
                     Some(state) if step.step.kind() == StepKind::Subflow => {
-                        Some(self.child_result(step.step, state).await?)
+                        Some(Box::pin(self.child_result(step.step, state)).await?)
                     }
                     Some(state) => Some(engine::wake(step.step, state)),
                     None => None,
@@ -325,7 +325,9 @@ impl Handler {
                 self.runtime.now(),
             )),
             StepKind::Loop => Some(engine::start_loop(step, run)),
-            StepKind::Subflow => Some(self.start_child(run, at, iteration).await?),
+            // Boxed, as the rarer paths below: the future of every step in flight is sized
+            // for its largest path.
+            StepKind::Subflow => Some(Box::pin(self.start_child(run, at, iteration)).await?),
         };
         if let Some(execution) = control {
             return Ok(Attempted {
@@ -361,7 +363,7 @@ impl Handler {
         let in_flight = match step.max_in_flight {
             Some(max) if resolved.is_ok() => {
                 let holder = format!("{}:{name}:{number}", run.id);
-                self.take_in_flight(chain, step, &holder, max).await?;
+                Box::pin(self.take_in_flight(chain, step, &holder, max)).await?;
                 started = Utc::now();
                 Some(holder)
             }
