@@ -19,27 +19,7 @@ pub async fn run(url: &str, count: usize) -> anyhow::Result<Duration> {
         .await
         .context("connecting to NATS")?;
     let js = jetstream::new(client);
-    let name = "BENCH_RAW";
-    let _ = js.delete_stream(name).await;
-    let stream = js
-        .create_stream(stream::Config {
-            name: name.into(),
-            subjects: vec!["bench.raw.>".into()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .context("creating the stream")?;
-    let consumer: consumer::PullConsumer = stream
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("bench".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            max_ack_pending: 10_000,
-            ..Default::default()
-        })
-        .await
-        .context("creating the consumer")?;
+    let consumer = work_queue(&js, "BENCH_RAW", "bench.raw.>", "bench", 10_000).await?;
     let payload = bytes_payload();
     let started = Instant::now();
     let publisher = {
@@ -81,8 +61,39 @@ pub async fn run(url: &str, count: usize) -> anyhow::Result<Duration> {
     };
     tokio::try_join!(publisher, subscriber)?;
     let elapsed = started.elapsed();
-    let _ = js.delete_stream(name).await;
+    let _ = js.delete_stream("BENCH_RAW").await;
     Ok(elapsed)
+}
+
+/// A fresh work-queue stream `name` on file storage, like `PW_JOBS`, taking `subjects`, and
+/// its durable pull consumer acking explicitly.
+async fn work_queue(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: &str,
+    durable: &str,
+    max_ack_pending: i64,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let _ = js.delete_stream(name).await;
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec![subjects.into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .context("creating the stream")?;
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(durable.into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending,
+            ..Default::default()
+        })
+        .await
+        .context("creating the consumer")
 }
 
 /// About the size of an encoded `StepJob`.
@@ -99,26 +110,8 @@ pub async fn request_reply(url: &str, count: usize) -> anyhow::Result<crate::sta
         .await
         .context("connecting to NATS")?;
     let js = jetstream::new(client.clone());
-    let name = "BENCH_RR";
-    let _ = js.delete_stream(name).await;
-    let stream = js
-        .create_stream(stream::Config {
-            name: name.into(),
-            subjects: vec!["bench.rr.>".into()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .context("creating the stream")?;
-    let consumer: consumer::PullConsumer = stream
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("bench-rr".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await
-        .context("creating the consumer")?;
+    let default_pending = consumer::pull::Config::default().max_ack_pending;
+    let consumer = work_queue(&js, "BENCH_RR", "bench.rr.>", "bench-rr", default_pending).await?;
     let mut replies = client.subscribe("bench.rr-reply").await?;
     let responder = {
         let client = client.clone();
@@ -152,6 +145,6 @@ pub async fn request_reply(url: &str, count: usize) -> anyhow::Result<crate::sta
         latencies.push(sent.elapsed());
     }
     responder.abort();
-    let _ = js.delete_stream(name).await;
+    let _ = js.delete_stream("BENCH_RR").await;
     Ok(crate::stats::Latency::of(latencies))
 }

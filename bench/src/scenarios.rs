@@ -422,16 +422,35 @@ pub(crate) async fn load(
     clients: usize,
     duration: Duration,
 ) -> anyhow::Result<WebhookLoad> {
+    load_with(http, url, clients, duration, |http, url| async move {
+        post(&http, &url).await
+    })
+    .await
+}
+
+/// `clients` concurrent clients each sending `request` to `url` again as soon as it is
+/// answered, for `duration`: requests per second and latencies.
+async fn load_with<F, Fut>(
+    http: &reqwest::Client,
+    url: &str,
+    clients: usize,
+    duration: Duration,
+    request: F,
+) -> anyhow::Result<WebhookLoad>
+where
+    F: Fn(reqwest::Client, String) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
     let started = Instant::now();
     let deadline = started + duration;
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
-            let (http, url) = (http.clone(), url.to_owned());
+            let (http, url, request) = (http.clone(), url.to_owned(), request.clone());
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 while Instant::now() < deadline {
                     let sent = Instant::now();
-                    post(&http, &url).await?;
+                    request(http.clone(), url.clone()).await?;
                     latencies.push(sent.elapsed());
                 }
                 anyhow::Ok(latencies)
@@ -616,32 +635,9 @@ async fn load_get(
     clients: usize,
     duration: Duration,
 ) -> anyhow::Result<WebhookLoad> {
-    let started = Instant::now();
-    let deadline = started + duration;
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let (http, url) = (http.clone(), url.to_owned());
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                while Instant::now() < deadline {
-                    let sent = Instant::now();
-                    http.get(&url).send().await?.bytes().await?;
-                    latencies.push(sent.elapsed());
-                }
-                anyhow::Ok(latencies)
-            })
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await??);
-    }
-    let elapsed = started.elapsed();
-    Ok(WebhookLoad {
-        clients,
-        requests: latencies.len(),
-        seconds: elapsed.as_secs_f64(),
-        requests_per_sec: rate(latencies.len(), elapsed),
-        latency: Latency::of(latencies),
+    load_with(http, url, clients, duration, |http, url| async move {
+        http.get(&url).send().await?.bytes().await?;
+        Ok(())
     })
+    .await
 }
