@@ -210,10 +210,14 @@ fn trigger_key(flow: &str) -> String {
     format!("pw:trigger:{flow}")
 }
 
-/// Creates a run only if its hash does not exist, and indexes it; index entries created
-/// before `ARGV[4]` (ms; `0`: keep all) are dropped, as their runs have expired. A run with a
-/// deadline gets its timer `ARGV[5]` due at `ARGV[6]` in `KEYS[4]`.
-const CREATE_RUN: &str = r#"
+/// The body shared by [`CREATE_RUN`] and [`CREATE_ADMITTED_RUN`]: creates run `KEYS[1]`
+/// (meta `ARGV[1]`) only if its hash does not exist (else returns 0), indexes it in `KEYS[2]`
+/// and `KEYS[3]` at `ARGV[2]` under `ARGV[3]`, drops index entries created before `ARGV[4]`
+/// (ms; `0`: keep all) as their runs have expired, and sets the deadline timer `ARGV[5]` due
+/// at `ARGV[6]` in `KEYS[4]` when it has one.
+macro_rules! create_run_lua {
+    () => {
+        r#"
 if redis.call('HSETNX', KEYS[1], 'meta', ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'running')
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
@@ -226,8 +230,12 @@ if ARGV[5] ~= '' then
   redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
   redis.call('PUBLISH', KEYS[4], ARGV[6])
 end
-return 1
-"#;
+"#
+    };
+}
+
+/// Creates a run ([`create_run_lua`]): 1 when created, 0 when it existed.
+const CREATE_RUN: &str = concat!(create_run_lua!(), "return 1\n");
 
 /// Fails run `KEYS[1]` as timed out if it has not ended (`ARGV[1]` the error, `ARGV[2]` the
 /// end as JSON, expiring after `ARGV[3]` ms, `0`: never), tells waiters on `ARGV[4]`, and
@@ -242,34 +250,26 @@ redis.call('PUBLISH', ARGV[4], '{"status":"failed","error":' .. cjson.encode(ARG
 return 1
 "#;
 
-/// [`CREATE_RUN`] for an admitted webhook call: only while the flow record (`KEYS[4]`) is
-/// enabled at version `ARGV[5]` (-1 otherwise: stale), then the deadline timer (`ARGV[7]`,
-/// due at `ARGV[8]`, in `KEYS[6]`) and the audit entry (fields from `ARGV[9]` on) appended to
-/// `KEYS[5]`, capped at `ARGV[6]`.
-const CREATE_ADMITTED_RUN: &str = r#"
-local text = redis.call('GET', KEYS[4])
+/// [`CREATE_RUN`] for an admitted webhook call: only while the flow record (`KEYS[5]`) is
+/// enabled at version `ARGV[7]` (-1 otherwise: stale), then the audit entry (fields from
+/// `ARGV[9]` on) appended to `KEYS[6]`, capped at `ARGV[8]`.
+const CREATE_ADMITTED_RUN: &str = concat!(
+    r#"
+local text = redis.call('GET', KEYS[5])
 if not text then return -1 end
 local flow = cjson.decode(text)
-if flow.enabled ~= true or tonumber(flow.latest_version) ~= tonumber(ARGV[5]) then return -1 end
-if redis.call('HSETNX', KEYS[1], 'meta', ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'running')
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
-if ARGV[4] ~= '0' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[4])
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[4])
-end
-if ARGV[7] ~= '' then
-  redis.call('ZADD', KEYS[6], ARGV[8], ARGV[7])
-  redis.call('PUBLISH', KEYS[6], ARGV[8])
-end
+if flow.enabled ~= true or tonumber(flow.latest_version) ~= tonumber(ARGV[7]) then return -1 end
+"#,
+    create_run_lua!(),
+    r#"
 if #ARGV > 8 then
   local fields = {}
   for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(fields))
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[8], '*', unpack(fields))
 end
 return 1
-"#;
+"#
+);
 
 /// Cancels a run only while it is running or waiting, to expire after `ARGV[3]` ms (`0`:
 /// never). 0: no such run, 1: cancelled, 2: not running.
@@ -1096,17 +1096,17 @@ impl Store for RedisStore {
             .key(run_key(&run.id))
             .key(RUNS)
             .key(runs_of_flow_key(&run.flow_id))
+            .key(TIMERS)
             .key(flow_key(&run.flow_id))
             .key(AUDIT)
-            .key(TIMERS)
             .arg(to_json(&run_meta(run)))
             .arg(run.created_at.timestamp_millis())
             .arg(&run.id)
             .arg(cutoff(self.config.run_retention))
-            .arg(run.flow_version)
-            .arg(self.config.stream_maxlen)
             .arg(deadline_member(run))
-            .arg(run.deadline.map_or(0, |d| d.timestamp_millis()));
+            .arg(run.deadline.map_or(0, |d| d.timestamp_millis()))
+            .arg(run.flow_version)
+            .arg(self.config.stream_maxlen);
         if let Some(event) = audit {
             for (name, value) in audit_fields(event) {
                 invocation.arg(name).arg(value);
