@@ -702,8 +702,8 @@ impl FlowDefinition {
     }
 
     /// Where step `name` is: the block it is in and its index there, after the same for each
-    /// branch step around it, outermost first.
-    fn path(&self, name: &str) -> Option<Vec<(&[StepDef], usize)>> {
+    /// step around it (branch, loop, wait), outermost first.
+    pub fn locate(&self, name: &str) -> Option<Vec<(&[StepDef], usize)>> {
         fn locate<'a>(
             steps: &'a [StepDef],
             name: &str,
@@ -727,25 +727,6 @@ impl FlowDefinition {
         locate(&self.steps, name, &mut path).then_some(path)
     }
 
-    /// What follows step `name` once it is done: the next step of its block or, when it
-    /// ends its block, what follows the branch step around it — whose branch it completes.
-    pub fn after(&self, name: &str) -> Option<Following<'_>> {
-        let mut path = self.path(name)?;
-        let mut closed = Vec::new();
-        while let Some((block, index)) = path.pop() {
-            if let Some(next) = block.get(index + 1) {
-                return Some(Following {
-                    next: Some(next),
-                    closed,
-                });
-            }
-            if let Some(&(outer, at)) = path.last() {
-                closed.push(&outer[at]);
-            }
-        }
-        Some(Following { next: None, closed })
-    }
-
     /// Whether a template of the flow reads `run.resume_url` (so runs need it computed).
     pub fn uses_resume_url(&self) -> bool {
         fn mentions(value: &Value) -> bool {
@@ -763,39 +744,14 @@ impl FlowDefinition {
 
     /// The loop step whose block step `name` is in, if any.
     pub fn enclosing_loop(&self, name: &str) -> Option<&StepDef> {
-        let path = self.path(name)?;
+        let path = self.locate(name)?;
         path.iter()
             .rev()
             .skip(1)
             .map(|(block, index)| &block[*index])
             .find(|step| step.kind() == StepKind::Loop)
     }
-
-    /// Where step `name` is: the block it is in and its index there, after the same for each
-    /// step around it, outermost first.
-    pub fn locate(&self, name: &str) -> Option<Vec<(&[StepDef], usize)>> {
-        self.path(name)
-    }
-
-    /// The step after `name`, or the first step when `name` is `None`.
-    pub fn next_step(&self, after: Option<&str>) -> Option<&StepDef> {
-        match after {
-            None => self.steps.first(),
-            Some(name) => self.after(name)?.next,
-        }
-    }
 }
-
-/// What follows a step that is done.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Following<'a> {
-    /// The next step to run; `None` at the end of the flow.
-    pub next: Option<&'a StepDef>,
-    /// The branch steps whose branch just ended (innermost first): each takes the output of
-    /// the step that ended it.
-    pub closed: Vec<&'a StepDef>,
-}
-
 /// An immutable, validated version of a flow, with piece versions resolved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FlowVersion {

@@ -1,7 +1,8 @@
 //! Flow parsing and validation: every problem is reported with its location.
 
 use piecework_core::flow::{FlowDefinition, FlowError, Format, validate};
-use piecework_core::{OnFailure, Registry};
+use piecework_core::lifecycle::{self, At};
+use piecework_core::{OnFailure, Registry, Run};
 use piecework_sdk::prelude::*;
 use serde_json::{Value, json};
 
@@ -111,6 +112,19 @@ fn validated(def: FlowDefinition) -> Result<piecework_core::ValidFlow, FlowError
         .build()
         .unwrap()
         .block_on(validate(def, &registry()))
+}
+
+/// What follows step `name` (outside any loop) once it is done, as the run lifecycle walks
+/// the flow: the next step, and the steps around it whose blocks it closes.
+fn after<'a>(def: &'a FlowDefinition, name: &str) -> (Option<&'a str>, Vec<&'a str>) {
+    let run = Run::new("r".into(), &def.name, 1, json!({}));
+    let at = At::top(def.step(name).expect("the step"));
+    let advance = lifecycle::advance(def, &run, at, None);
+    let names = |at: &At<'a>| at.step.name.as_str();
+    (
+        advance.next.as_ref().map(names),
+        advance.closed.iter().map(names).collect(),
+    )
 }
 
 fn issues(text: &str) -> Vec<String> {
@@ -304,9 +318,9 @@ fn empty_flows_are_rejected() {
 #[test]
 fn next_step_walks_in_order() {
     let def = FlowDefinition::parse(GOOD, Format::Yaml).unwrap();
-    assert_eq!(def.next_step(None).unwrap().name, "first");
-    assert_eq!(def.next_step(Some("first")).unwrap().name, "second");
-    assert!(def.next_step(Some("second")).is_none());
+    assert_eq!(lifecycle::first_step(&def).unwrap().name, "first");
+    assert_eq!(after(&def, "first").0, Some("second"));
+    assert!(after(&def, "second").0.is_none());
     let _ = json!(null);
 }
 
@@ -410,24 +424,14 @@ fn branch_steps_validate_and_the_flow_walks_into_and_out_of_their_branches() {
             ("else", None)
         ]
     );
-    let after = |name: &str| {
-        let following = def.after(name).unwrap();
-        (
-            following.next.map(|s| s.name.as_str()),
-            following
-                .closed
-                .iter()
-                .map(|s| s.name.as_str())
-                .collect::<Vec<_>>(),
-        )
-    };
+    let after = |name: &str| after(&def, name);
     assert_eq!(after("page"), (Some("escalate"), vec![]));
     // The last step of a nested branch ends both branches around it.
     assert_eq!(after("wake"), (Some("report"), vec!["escalate", "triage"]));
     assert_eq!(after("mail"), (Some("report"), vec!["escalate", "triage"]));
     assert_eq!(after("queue"), (Some("report"), vec!["triage"]));
     assert_eq!(after("report"), (None, vec![]));
-    assert!(def.after("ghost").is_none());
+    assert!(def.locate("ghost").is_none());
     // What is stored reads back the same.
     let json = serde_json::to_string(&def).unwrap();
     assert_eq!(FlowDefinition::parse(&json, Format::Json).unwrap(), def);
@@ -517,7 +521,7 @@ steps:
 "#;
     assert_eq!(issues(good), Vec::<String>::new());
     let def = FlowDefinition::parse(good, Format::Yaml).unwrap();
-    assert_eq!(def.after("escalate").unwrap().next.unwrap().name, "done");
+    assert_eq!(after(&def, "escalate").0, Some("done"));
     let bad = r#"
 apiVersion: piecework/v1
 kind: Flow
@@ -662,7 +666,7 @@ steps:
         ]
     );
     let def = FlowDefinition::parse(text, Format::Yaml).unwrap();
-    assert_eq!(def.after("report").unwrap().next.unwrap().name, "a");
+    assert_eq!(after(&def, "report").0, Some("a"));
 }
 
 #[test]
