@@ -10,9 +10,11 @@
 //! | `pw:flow:{id}:v:{n}` | string | version `n` (JSON), never changed once written |
 //! | `pw:flow:{id}:webhook-secret` | string | a webhook flow's secret (JSON), sealed (AES-256-GCM) |
 //! | `pw:flow:{id}:lock` | string | held while a flow is applied or enabled (expires) |
-//! | `pw:run:{id}` | hash | `meta` (JSON: ids, trigger, created_at, trace, started_by), `status`, `error`, `finished_at`, `response`, `step:{name}` (JSON per step); expires `run_retention` after the run finished |
+//! | `pw:run:{id}` | hash | `meta` (JSON: ids, trigger, created_at, trace, started_by, deadline, parent, depth), `status` (running, waiting, …), `error`, `finished_at`, `response`, `step:{name}` (JSON per step); expires `run_retention` after the run finished |
 //! | `pw:runs`, `pw:runs:flow:{id}` | sorted set | run ids by creation time; ids older than `run_retention` are trimmed as runs are created |
 //! | `pw:run-done:{id}` | pub/sub channel | a message when the run finishes |
+//! | `pw:timers` | sorted set and pub/sub channel | timers of waiting runs and run deadlines (`run\nflow\nversion\nstep`, by due ms); a message when one is added |
+//! | `pw:rate:{key}`, `pw:inflight:{key}`, `pw:slots:flow:{id}` | string, sorted sets | fleet-wide step rate limits, in-flight places and run slots |
 //! | `pw:trigger:{flow}` | string | the polling cursor (JSON) |
 //! | `pw:lease:{name}` | string | a lease's holder, expiring (`poll:{flow}`: one poll per flow at a time) |
 //! | `pw:connections` | set | connection names |
