@@ -790,6 +790,63 @@ async fn a_loop_survives_a_kill_mid_item_and_hops_queues_per_item() {
     assert_eq!(target.hits("loop-3").len(), 1);
 }
 
+/// A loop with `parallelism: 3` on the production topology: three items in flight at once
+/// (never more), the worker running them killed mid-item; its lanes move to the worker that
+/// replaces it, every item is recorded once and the loop's output keeps item order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_loop_runs_its_lanes_at_once_and_survives_a_kill_mid_lane() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start("[worker]\nack_wait = \"2s\"\n").await;
+    fleet.start_api().await;
+    fleet.start_worker("doomed", &[]).await;
+    let steps = format!(
+        concat!(
+            "  - name: each\n",
+            "    for_each: \"{{{{ trigger.body.items }}}}\"\n",
+            "    parallelism: 3\n",
+            "    steps:\n",
+            "      - {{ name: call, piece: http, action: send_request, input: {{ url: \"{url}/slow/par?ms=600&item={{{{ item }}}}\" }} }}\n",
+            "      - {{ name: mark, piece: data, action: set, input: {{ value: \"{{{{ item }}}}:{{{{ steps.call.output.status }}}}\" }} }}\n",
+            "  - {{ name: report, piece: data, action: set, input: {{ value: \"{{{{ steps.each.output | join(' ') }}}}\" }} }}\n",
+        ),
+        url = target.url
+    );
+    fleet.apply(&webhook_flow("fanout", &steps)).await;
+    let id = fleet
+        .webhook("fanout", json!({"items": [0, 1, 2, 3, 4, 5, 6, 7]}))
+        .await;
+    // The first three items' calls are in flight on the doomed worker.
+    target
+        .wait_for_hits("par", 3, Duration::from_secs(30))
+        .await;
+    fleet.kill("doomed");
+    fleet.start_worker("rescuer", &[]).await;
+
+    let run = fleet.finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let step = |name: &str| {
+        run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no step {name} in {run}"))
+            .clone()
+    };
+    let marks: Vec<String> = (0..8).map(|i| format!("{i}:200")).collect();
+    assert_eq!(step("each")["output"], json!(marks));
+    assert_eq!(step("report")["output"], marks.join(" "));
+    for item in 0..8 {
+        let call = step(&format!("call[{item}]"));
+        assert_eq!(call["attempts"].as_array().unwrap().len(), 1, "{call}");
+    }
+    // The three calls the kill interrupted ran again; at most three were ever in flight.
+    let hits = target.hits("par");
+    assert_eq!(hits.len(), 11, "8 items, 3 of them interrupted");
+    let most = most_in_flight(&hits, 11, Duration::from_millis(600));
+    assert_eq!(most, 3, "three lanes, one call each at a time");
+}
+
 /// The flow's `timeout` on the production topology: the only worker dies mid-step and none
 /// replaces it; the scheduler fails the run as timed out instead of leaving it running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -847,21 +904,21 @@ async fn max_concurrent_runs_holds_across_workers() {
         assert_eq!(run["status"], "succeeded", "{run}");
     }
     // The slot of a run frees only when it ends.
-    assert_eq!(most_in_flight(&target.hits("slots"), 6), 2);
+    assert_eq!(
+        most_in_flight(&target.hits("slots"), 6, Duration::from_millis(400)),
+        2
+    );
 }
 
-/// The most of `count` calls of 400 ms, started at `starts`, in flight at once.
-fn most_in_flight(starts: &[std::time::Instant], count: usize) -> usize {
+/// The most of `count` calls of `length`, started at `starts`, in flight at once.
+fn most_in_flight(starts: &[std::time::Instant], count: usize, length: Duration) -> usize {
     let mut starts = starts.to_vec();
     starts.sort();
     assert_eq!(starts.len(), count);
     (0..starts.len())
         .map(|i| {
             let earlier = &starts[..i];
-            1 + earlier
-                .iter()
-                .filter(|e| starts[i] - **e < Duration::from_millis(400))
-                .count()
+            1 + earlier.iter().filter(|e| starts[i] - **e < length).count()
         })
         .max()
         .unwrap_or(0)
@@ -887,7 +944,10 @@ async fn max_in_flight_holds_across_workers() {
         assert_eq!(run["status"], "succeeded", "{run}");
         assert_eq!(run["steps"][0]["attempts"].as_array().unwrap().len(), 1);
     }
-    assert_eq!(most_in_flight(&target.hits("inflight"), 6), 2);
+    assert_eq!(
+        most_in_flight(&target.hits("inflight"), 6, Duration::from_millis(400)),
+        2
+    );
 }
 
 /// A sub-flow on the production topology: the parent waits without a job while the child runs

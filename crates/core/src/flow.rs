@@ -234,7 +234,9 @@ pub struct StepDef {
     /// A loop step: a template that renders to a list; `steps` run once per item, in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub for_each: Option<String>,
-    /// A loop step: how many items run at once (only 1 for now).
+    /// A loop step: how many items run at once (default 1: one after another; at most
+    /// [`MAX_PARALLELISM`]). With more, item `i` runs in lane `i % parallelism`, each lane
+    /// taking its items in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallelism: Option<u32>,
     /// A loop step: the most items it takes (default 1000); a longer list fails the step.
@@ -262,6 +264,8 @@ pub const MAX_SUBFLOW_DEPTH: u32 = 8;
 /// Items a loop takes unless it says otherwise, and the most it may say.
 pub const DEFAULT_MAX_ITEMS: u32 = 1000;
 pub const MAX_ITEMS: u32 = 10_000;
+/// The most items of a loop that may run at once.
+pub const MAX_PARALLELISM: u32 = 64;
 /// The name of a loop step's one block, as a branch.
 pub const EACH: &str = "each";
 /// The name of the block `on_failure: branch` runs.
@@ -974,6 +978,7 @@ pub async fn validate(
         resolved: &mut resolved,
         issues: &mut issues,
         in_loop: false,
+        in_parallel_loop: false,
     };
     steps.block(&definition.steps, "steps", &HashSet::new());
     if issues.is_empty() {
@@ -1074,6 +1079,8 @@ struct StepChecker<'d, 'r> {
     issues: &'r mut Vec<Issue>,
     /// Whether the block being checked is a loop's, where `item` and `loop` are defined.
     in_loop: bool,
+    /// Whether that loop runs items side by side (`parallelism` above 1).
+    in_parallel_loop: bool,
 }
 
 impl<'d> StepChecker<'d, '_> {
@@ -1129,6 +1136,14 @@ impl<'d> StepChecker<'d, '_> {
                         "has {}: a step is an action, a branch, a delay or a wait, one at a time",
                         given.join(" and ")
                     ),
+                );
+            }
+            let pauses = matches!(step.kind(), StepKind::Delay | StepKind::Wait)
+                || (step.kind() == StepKind::Subflow && step.wait != Some(false));
+            if self.in_parallel_loop && pauses {
+                self.issue(
+                    at.clone(),
+                    "a loop with `parallelism` above 1 cannot pause its items (delays, waits, sub-flows that wait): run them one after another, or start the sub-flow with `wait: false`".into(),
                 );
             }
             match step.kind() {
@@ -1302,11 +1317,11 @@ impl<'d> StepChecker<'d, '_> {
             );
         }
         if let Some(parallelism) = step.parallelism
-            && parallelism != 1
+            && !(1..=MAX_PARALLELISM).contains(&parallelism)
         {
             self.issue(
                 format!("{at}.parallelism"),
-                "only 1 for now: items run one after another".into(),
+                format!("must be between 1 and {MAX_PARALLELISM}"),
             );
         }
         if let Some(max) = step.max_items
@@ -1325,8 +1340,10 @@ impl<'d> StepChecker<'d, '_> {
             return;
         }
         self.in_loop = true;
+        self.in_parallel_loop = step.parallelism.is_some_and(|p| p > 1);
         self.block(&step.steps, &format!("{at}.steps"), visible);
         self.in_loop = false;
+        self.in_parallel_loop = false;
     }
 
     fn subflow_step(&mut self, step: &'d StepDef, at: &str, visible: &HashSet<&'d str>) {

@@ -71,6 +71,24 @@ pub enum Next<'a> {
     Inline(At<'a>),
     /// Hand this step to a new job on its queue.
     Publish(At<'a>),
+    /// A lane of a loop running items side by side ended: the loop goes on only once every
+    /// lane has ended, which the store counts. The caller that completes the count closes
+    /// the loop: an attempt of the loop with its items' outputs, after which the next step
+    /// gets a job of its own (two callers may both see the count complete, one of them a
+    /// redelivery; the job's message id drops the second).
+    Join(Join<'a>),
+}
+
+/// The end of one lane of a loop whose items run side by side (`parallelism` above 1): item
+/// `i` runs in lane `i % lanes`, each lane taking its items in order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Join<'a> {
+    /// The loop.
+    pub around: &'a StepDef,
+    /// The lane that ended.
+    pub lane: u32,
+    /// How many lanes the loop runs.
+    pub lanes: u32,
 }
 
 /// Why a delivery is terminated rather than acknowledged.
@@ -133,6 +151,9 @@ pub struct AfterAttempt<'a> {
     /// The block the lifecycle entered by itself: `catch`, when the step failed for good
     /// and says `on_failure: branch`.
     pub branch: Option<&'static str>,
+    /// Steps that start besides `next`, each in a job of its own: the first steps of the
+    /// other lanes of a loop this attempt started.
+    pub forks: Vec<At<'a>>,
 }
 
 /// The first step of a run of `flow`, if it has any.
@@ -147,6 +168,11 @@ pub struct Advance<'a> {
     pub next: Option<At<'a>>,
     /// The steps around it whose branch or loop it ended, innermost first.
     pub closed: Vec<At<'a>>,
+    /// Steps that start besides `next`: entering a loop whose items run side by side, the
+    /// first step of each lane but the first.
+    pub forks: Vec<At<'a>>,
+    /// Instead of a next step: the lane of a loop whose items run side by side ended.
+    pub join: Option<Join<'a>>,
 }
 
 /// Decides what follows an attempt of `at` in `run` that ended with `outcome` at `now` (for
@@ -184,6 +210,7 @@ pub fn after_attempt<'a>(
                 settle,
                 closed: Vec::new(),
                 branch: None,
+                forks: Vec::new(),
             };
         }
     };
@@ -209,11 +236,28 @@ pub fn after_attempt<'a>(
             settle: Settle::Term(Termination::Failed),
             closed: Vec::new(),
             branch: None,
+            forks: Vec::new(),
         };
     }
-    let Advance { next, closed } = advance(flow, run, at, branch);
-    match next {
-        None => AfterAttempt {
+    let Advance {
+        next,
+        closed,
+        forks,
+        join,
+    } = advance(flow, run, at, branch);
+    match (next, join) {
+        (None, Some(join)) => AfterAttempt {
+            status,
+            retry_at: None,
+            retry_in: None,
+            run_end: None,
+            next: Next::Join(join),
+            settle: Settle::Ack,
+            closed,
+            branch: caught,
+            forks,
+        },
+        (None, None) => AfterAttempt {
             status,
             retry_at: None,
             retry_in: None,
@@ -225,8 +269,9 @@ pub fn after_attempt<'a>(
             settle: Settle::Ack,
             closed,
             branch: caught,
+            forks,
         },
-        Some(next) => AfterAttempt {
+        (Some(next), _) => AfterAttempt {
             status,
             retry_at: None,
             retry_in: None,
@@ -242,6 +287,7 @@ pub fn after_attempt<'a>(
             settle: Settle::Ack,
             closed,
             branch: caught,
+            forks,
         },
     }
 }
@@ -258,6 +304,7 @@ pub fn start_wait(until: Option<DateTime<Utc>>) -> AfterAttempt<'static> {
         settle: Settle::Ack,
         closed: Vec::new(),
         branch: None,
+        forks: Vec::new(),
     }
 }
 
@@ -280,6 +327,9 @@ pub enum Resume<'a> {
     /// The job's step was recorded by a delivery that died before handing over: continue
     /// with `next` in a job of its own (or nothing, when the run has nowhere to go).
     HandOff(Next<'a>),
+    /// As [`Resume::HandOff`], and the delivery also died before starting the other lanes
+    /// of a loop it entered: start `forks` too.
+    Fork { next: Next<'a>, forks: Vec<At<'a>> },
     /// The step was delivered more often than its attempts and the infrastructure allowance
     /// allow: the results of its attempts keep getting lost. Fail it without running it.
     GiveUp { step: At<'a>, deliveries: u32 },
@@ -324,6 +374,15 @@ pub fn on_delivery<'a>(
     // step failed for good, still running" only arise if that write was lost: nothing is
     // left to run then.)
     let mut current = at;
+    // Lanes of a loop passed on the way that never started.
+    let mut forks = Vec::new();
+    let hand_off = |next, forks: Vec<At<'a>>| {
+        if forks.is_empty() {
+            Resume::HandOff(next)
+        } else {
+            Resume::Fork { next, forks }
+        }
+    };
     while let Some(state) = run.step(&current.name()) {
         match state.status {
             StepStatus::Retrying => break,
@@ -339,22 +398,30 @@ pub fn on_delivery<'a>(
                 return if current == at && due {
                     Resume::Wake(current)
                 } else {
-                    Resume::HandOff(Next::Done)
+                    hand_off(Next::Done, forks)
                 };
             }
             StepStatus::Failed if current.step.on_failure == OnFailure::Stop => {
-                return Resume::HandOff(Next::Done);
+                return hand_off(Next::Done, forks);
             }
             StepStatus::Succeeded | StepStatus::Failed | StepStatus::Running => {
-                match advance(flow, run, current, state.branch.as_deref()).next {
-                    Some(next) => current = next,
-                    None => return Resume::HandOff(Next::Done),
+                let advance = advance(flow, run, current, state.branch.as_deref());
+                forks.extend(
+                    advance
+                        .forks
+                        .into_iter()
+                        .filter(|fork| run.step(&fork.name()).is_none()),
+                );
+                match (advance.next, advance.join) {
+                    (Some(next), _) => current = next,
+                    (None, Some(join)) => return hand_off(Next::Join(join), forks),
+                    (None, None) => return hand_off(Next::Done, forks),
                 }
             }
         }
     }
     if current != at {
-        return Resume::HandOff(Next::Publish(current));
+        return hand_off(Next::Publish(current), forks);
     }
     // A job handed a retry that must wait: its first delivery only waits (on the broker's
     // clock, not this machine's).
@@ -406,26 +473,51 @@ pub fn advance<'a>(
         .and_then(|name| at.step.branch(name))
         .and_then(<[StepDef]>::first);
     if let Some(first) = first {
-        let item = if at.step.kind() == StepKind::Loop {
-            Some(0)
-        } else {
-            at.item
-        };
+        if at.step.kind() == StepKind::Loop {
+            let lanes = lanes(at.step, run);
+            return Advance {
+                next: Some(At {
+                    step: first,
+                    item: Some(0),
+                }),
+                closed: Vec::new(),
+                forks: (1..lanes)
+                    .map(|lane| At {
+                        step: first,
+                        item: Some(lane),
+                    })
+                    .collect(),
+                join: None,
+            };
+        }
         return Advance {
-            next: Some(At { step: first, item }),
+            next: Some(At {
+                step: first,
+                item: at.item,
+            }),
             closed: Vec::new(),
+            forks: Vec::new(),
+            join: None,
         };
     }
     let mut closed = Vec::new();
     let mut item = at.item;
+    let ended = |closed| Advance {
+        next: None,
+        closed,
+        forks: Vec::new(),
+        join: None,
+    };
     let Some(mut path) = flow.locate(&at.step.name) else {
-        return Advance { next: None, closed };
+        return ended(closed);
     };
     while let Some((block, index)) = path.pop() {
         if let Some(next) = block.get(index + 1) {
             return Advance {
                 next: Some(At { step: next, item }),
                 closed,
+                forks: Vec::new(),
+                join: None,
             };
         }
         let Some(&(outer, position)) = path.last() else {
@@ -433,7 +525,10 @@ pub fn advance<'a>(
         };
         let around = &outer[position];
         if around.kind() == StepKind::Loop {
-            let next_item = item.map_or(0, |i| i + 1);
+            // The next item of this item's lane.
+            let lanes = lanes(around, run).max(1);
+            let this = item.unwrap_or_default();
+            let next_item = this.saturating_add(lanes);
             let count = run.loop_items(&around.name).map_or(0, Vec::len);
             if let Some(first) = around.steps.first()
                 && (next_item as usize) < count
@@ -444,6 +539,20 @@ pub fn advance<'a>(
                         item: Some(next_item),
                     }),
                     closed,
+                    forks: Vec::new(),
+                    join: None,
+                };
+            }
+            if lanes > 1 {
+                return Advance {
+                    next: None,
+                    closed,
+                    forks: Vec::new(),
+                    join: Some(Join {
+                        around,
+                        lane: this % lanes,
+                        lanes,
+                    }),
                 };
             }
             // Loops do not nest: the loop itself is outside any.
@@ -451,7 +560,17 @@ pub fn advance<'a>(
         }
         closed.push(At { step: around, item });
     }
-    Advance { next: None, closed }
+    ended(closed)
+}
+
+/// How many lanes `around`, a loop, runs in `run`: its `parallelism`, or fewer when it has
+/// fewer items.
+fn lanes(around: &StepDef, run: &Run) -> u32 {
+    let count = run.loop_items(&around.name).map_or(0, Vec::len);
+    around
+        .parallelism
+        .unwrap_or(1)
+        .min(u32::try_from(count).unwrap_or(u32::MAX))
 }
 
 /// Why a run cannot be retried or cancelled.
@@ -480,13 +599,17 @@ pub enum Refusal {
 pub struct Retry {
     /// The step's state as it is recorded when the run resumes.
     pub step: StepState,
-    /// The job's retry epoch: the attempts recorded before this retry.
+    /// The job's retry epoch: attempts recorded before this retry.
     pub epoch: u32,
+    /// When the step runs in a lane of a loop whose items run side by side: the first steps
+    /// of the other lanes (`first[2]`), which stopped when the run failed. A job for each
+    /// follows what its lane recorded to where it stopped.
+    pub lanes: Vec<String>,
 }
 
-/// Plans a manual retry of a failed run: its last failed step runs again, its attempts
-/// numbered after the earlier ones.
-pub fn retry(run: &Run) -> Result<Retry, Refusal> {
+/// Plans a manual retry of a failed run of `flow`: its last failed step runs again, its
+/// attempts numbered after the earlier ones.
+pub fn retry(flow: &FlowDefinition, run: &Run) -> Result<Retry, Refusal> {
     if run.status != RunStatus::Failed {
         return Err(Refusal::NotFailed {
             run: run.id.clone(),
@@ -504,7 +627,18 @@ pub fn retry(run: &Run) -> Result<Retry, Refusal> {
     step.status = StepStatus::Retrying;
     step.epoch = epoch;
     step.retry_at = None;
-    Ok(Retry { step, epoch })
+    let lanes = At::parse(flow, &failed.name)
+        .and_then(|at| Some((at.item?, flow.enclosing_loop(&at.step.name)?)))
+        .map(|(item, around)| {
+            let lanes = lanes(around, run).max(1);
+            let first = around.steps.first().map_or("", |s| s.name.as_str());
+            (0..lanes)
+                .filter(|lane| *lane != item % lanes)
+                .map(|lane| instance_name(first, Some(lane)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Retry { step, epoch, lanes })
 }
 
 /// Plans resuming run `run` by hand at its wait step `step`: the step's waiting state, and
@@ -986,9 +1120,10 @@ mod tests {
             state("a", StepStatus::Succeeded, 1),
             state("b", StepStatus::Failed, 3),
         ]);
-        assert!(matches!(retry(&run), Err(Refusal::NotFailed { .. })));
+        let flow = three();
+        assert!(matches!(retry(&flow, &run), Err(Refusal::NotFailed { .. })));
         run.status = RunStatus::Failed;
-        let plan = retry(&run).unwrap();
+        let plan = retry(&flow, &run).unwrap();
         assert_eq!(plan.epoch, 3);
         assert_eq!(plan.step.name, "b");
         assert_eq!(plan.step.status, StepStatus::Retrying);
@@ -997,7 +1132,11 @@ mod tests {
             status: RunStatus::Failed,
             ..run_with(vec![])
         };
-        assert_eq!(retry(&empty), Err(Refusal::NothingToRetry("r".into())));
+        assert!(plan.lanes.is_empty());
+        assert_eq!(
+            retry(&flow, &empty),
+            Err(Refusal::NothingToRetry("r".into()))
+        );
     }
 
     #[test]
@@ -1235,5 +1374,172 @@ mod tests {
             on_delivery(&flow, &run, job("z[1]", 1), 10),
             Resume::Poison(_)
         ));
+    }
+
+    fn parallel() -> FlowDefinition {
+        flow(concat!(
+            "  - name: each\n",
+            "    for_each: \"{{ trigger.items }}\"\n",
+            "    parallelism: 2\n",
+            "    steps:\n",
+            "      - {name: a, piece: p, action: x}\n",
+            "      - {name: b, piece: p, action: x}\n",
+            "  - {name: z, piece: p, action: x}\n",
+        ))
+    }
+
+    fn started(items: serde_json::Value) -> StepState {
+        let mut each = state("each", StepStatus::Running, 1);
+        each.input = json!({ "items": items });
+        each.branch = Some("each".into());
+        each
+    }
+
+    #[test]
+    fn a_parallel_loop_starts_its_lanes_and_each_lane_takes_every_nth_item() {
+        let flow = parallel();
+        let step = |name| flow.step(name).unwrap();
+        let item = |name, i| At {
+            step: step(name),
+            item: Some(i),
+        };
+        let run = run_with(vec![started(json!([1, 2, 3, 4, 5]))]);
+        let after = after_attempt(
+            &flow,
+            &run,
+            At::top(step("each")),
+            &succeeded(),
+            Some("each"),
+            OWN,
+            now(),
+        );
+        assert_eq!(after.next, Next::Inline(item("a", 0)));
+        assert_eq!(after.forks, vec![item("a", 1)]);
+        // Lane 1 takes items 1 and 3, then ends: the loop waits for lane 0.
+        let after = after_attempt(&flow, &run, item("b", 1), &succeeded(), None, INLINE, now());
+        assert_eq!(after.next, Next::Inline(item("a", 3)));
+        let after = after_attempt(&flow, &run, item("b", 3), &succeeded(), None, INLINE, now());
+        let join = Join {
+            around: step("each"),
+            lane: 1,
+            lanes: 2,
+        };
+        assert_eq!(after.next, Next::Join(join));
+        assert_eq!((after.run_end, after.settle), (None, Settle::Ack));
+        assert!(after.closed.is_empty(), "the loop closes only at the join");
+        // Fewer items than lanes: as many lanes as items.
+        let two = run_with(vec![started(json!([1, 2]))]);
+        let after = after_attempt(&flow, &two, item("b", 0), &succeeded(), None, INLINE, now());
+        assert_eq!(after.next, Next::Join(Join { lane: 0, ..join }));
+        // Closing: the loop's output in item order, what follows in a job of its own.
+        let mut done = vec![started(json!([1, 2]))];
+        for i in 0..2 {
+            let mut b = state(&format!("b[{i}]"), StepStatus::Succeeded, 1);
+            b.output = Some(json!(i * 10));
+            done.push(b);
+        }
+        let done = run_with(done);
+        let closing = StepOutcome::Succeeded {
+            output: done.loop_output(step("each"), |_| None),
+        };
+        assert_eq!(
+            closing,
+            StepOutcome::Succeeded {
+                output: json!([0, 10])
+            }
+        );
+        // The worker closes it with no inline budget: two workers may both see the count
+        // complete (one a redelivery), and the next job's message id drops the second.
+        let joined = Position {
+            inline_budget: 0,
+            ..INLINE
+        };
+        let after = after_attempt(
+            &flow,
+            &done,
+            At::top(step("each")),
+            &closing,
+            None,
+            joined,
+            now(),
+        );
+        assert_eq!(after.status, StepStatus::Succeeded);
+        assert_eq!(after.next, Next::Publish(At::top(step("z"))));
+        let one = Run {
+            steps: vec![started(json!([1]))],
+            ..run_with(vec![])
+        };
+        let sequential =
+            after_attempt(&flow, &one, item("b", 0), &succeeded(), None, INLINE, now());
+        assert_eq!(
+            sequential.next,
+            Next::Inline(At::top(step("z"))),
+            "one item, one lane: the loop closes as a sequential one does"
+        );
+    }
+
+    #[test]
+    fn a_redelivered_loop_start_starts_the_lanes_that_never_started_and_joins_its_own() {
+        let flow = parallel();
+        let step = |name| flow.step(name).unwrap();
+        let item = |name, i| At {
+            step: step(name),
+            item: Some(i),
+        };
+        // The worker died after recording the loop's start: lane 1 never got its job.
+        let run = run_with(vec![started(json!([1, 2, 3]))]);
+        assert_eq!(
+            on_delivery(&flow, &run, job("each", 2), 10),
+            Resume::Fork {
+                next: Next::Publish(item("a", 0)),
+                forks: vec![item("a", 1)],
+            }
+        );
+        // Lane 1 started; lane 0 ran to its end but died before counting it.
+        let mut steps = vec![
+            started(json!([1, 2, 3])),
+            state("a[1]", StepStatus::Succeeded, 1),
+        ];
+        for name in ["a[0]", "b[0]", "a[2]", "b[2]"] {
+            steps.push(state(name, StepStatus::Succeeded, 1));
+        }
+        let run = run_with(steps);
+        assert_eq!(
+            on_delivery(&flow, &run, job("each", 3), 10),
+            Resume::HandOff(Next::Join(Join {
+                around: step("each"),
+                lane: 0,
+                lanes: 2,
+            }))
+        );
+        // A job for lane 1's first step follows its lane.
+        assert_eq!(
+            on_delivery(&flow, &run, job("a[1]", 2), 10),
+            Resume::HandOff(Next::Publish(item("b", 1)))
+        );
+    }
+
+    #[test]
+    fn retrying_a_run_failed_in_a_lane_restarts_the_other_lanes_where_they_stopped() {
+        let flow = parallel();
+        let mut run = run_with(vec![
+            started(json!([1, 2, 3, 4, 5])),
+            state("a[0]", StepStatus::Succeeded, 1),
+            state("a[1]", StepStatus::Succeeded, 1),
+            state("b[1]", StepStatus::Failed, 2),
+        ]);
+        run.status = RunStatus::Failed;
+        let plan = retry(&flow, &run).unwrap();
+        assert_eq!(plan.step.name, "b[1]");
+        assert_eq!(plan.lanes, vec!["a[0]".to_owned()]);
+        // Lane 0's job goes on from what it recorded.
+        run.status = RunStatus::Running;
+        assert_eq!(
+            on_delivery(&flow, &run, job("a[0]", 1), 10),
+            Resume::HandOff(Next::Publish(At {
+                step: flow.step("b").unwrap(),
+                item: Some(0)
+            }))
+        );
     }
 }

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::flow::{StepDef, instance_name};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
@@ -289,6 +291,26 @@ impl Run {
     /// The items of loop step `name`, as it recorded them when it started.
     pub fn loop_items(&self, name: &str) -> Option<&Vec<Value>> {
         self.step(name)?.input.get("items")?.as_array()
+    }
+
+    /// The output of `around`, a loop: the last output of its block for each item, in item
+    /// order (`null` for an item without one). `written` gives outputs written but not yet
+    /// in the run (`Some` for a step it knows of).
+    pub fn loop_output(
+        &self,
+        around: &StepDef,
+        written: impl Fn(&str) -> Option<Option<Value>>,
+    ) -> Value {
+        let block_end = around.steps.last().map_or("", |s| s.name.as_str());
+        let count = self.loop_items(&around.name).map_or(0, Vec::len);
+        (0..count)
+            .map(|i| {
+                let item = instance_name(block_end, u32::try_from(i).ok());
+                written(&item)
+                    .unwrap_or_else(|| self.step(&item).and_then(|s| s.output.clone()))
+                    .unwrap_or(Value::Null)
+            })
+            .collect()
     }
 }
 

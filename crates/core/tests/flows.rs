@@ -615,7 +615,7 @@ trigger: { piece: data, trigger: catch }
 steps:
   - name: each
     for_each: "items"
-    parallelism: 4
+    parallelism: 65
     max_items: 0
     steps:
       - { name: inner, for_each: "{{ item }}", steps: [ { name: deep, piece: data, action: set, input: { value: 1 } } ] }
@@ -627,7 +627,7 @@ steps:
         issues(bad),
         [
             "steps[0] (each).for_each: \"items\" is not a template: write the list to loop over, such as \"{{ trigger.body.items }}\"",
-            "steps[0] (each).parallelism: only 1 for now: items run one after another",
+            "steps[0] (each).parallelism: must be between 1 and 64",
             "steps[0] (each).max_items: must be between 1 and 10000",
             "steps[0] (each).steps[0] (inner).for_each: a loop inside a loop is not supported: move the inner loop into a sub-flow, or flatten the list",
             "steps[0] (each).steps[1] (own).input.value: refers to step `each`, which this step is part of: its output is known only when it ends",
@@ -637,6 +637,44 @@ steps:
             "steps[2] (after).max_items: is for loop steps (`for_each`)",
         ]
     );
+}
+
+#[test]
+fn a_parallel_loop_holds_no_pauses() {
+    let flow = |step: &str| {
+        format!(
+            r#"
+apiVersion: piecework/v1
+kind: Flow
+name: fanout
+trigger: {{ piece: data, trigger: catch }}
+steps:
+  - name: each
+    for_each: "{{{{ trigger.body.items }}}}"
+    parallelism: 4
+    steps:
+      - {{ name: double, piece: data, action: set, input: {{ value: "{{{{ item * 2 }}}}" }} }}
+      - {step}
+"#
+        )
+    };
+    assert_eq!(
+        issues(&flow("{ name: later, subflow: other, wait: false }")),
+        Vec::<String>::new()
+    );
+    for pause in [
+        "{ name: later, delay: 1s }",
+        "{ name: later, wait_for: approval, timeout: 1h }",
+        "{ name: later, subflow: other }",
+    ] {
+        assert_eq!(
+            issues(&flow(pause)),
+            [
+                "steps[0] (each).steps[1] (later): a loop with `parallelism` above 1 cannot pause its items (delays, waits, sub-flows that wait): run them one after another, or start the sub-flow with `wait: false`"
+            ],
+            "{pause}"
+        );
+    }
 }
 
 #[test]

@@ -620,8 +620,6 @@ impl Runtime {
             .get_run(run_id)
             .await?
             .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_owned()))?;
-        let plan = lifecycle::retry(&run)
-            .map_err(|refusal| RuntimeError::Conflict(refusal.to_string()))?;
         let flow = self
             .flow_version(&run.flow_id, run.flow_version)
             .await?
@@ -631,6 +629,8 @@ impl Runtime {
                     run.flow_id, run.flow_version
                 ))
             })?;
+        let plan = lifecycle::retry(&flow.definition, &run)
+            .map_err(|refusal| RuntimeError::Conflict(refusal.to_string()))?;
         match self.store.resume_run(run_id, &plan.step).await? {
             Some(true) => {}
             Some(false) => {
@@ -642,6 +642,9 @@ impl Runtime {
         }
         self.publish_step(&flow, run_id, &plan.step.name, plan.epoch)
             .await?;
+        for lane in &plan.lanes {
+            self.publish_step(&flow, run_id, lane, plan.epoch).await?;
+        }
         self.store
             .get_run(run_id)
             .await?
@@ -809,6 +812,18 @@ impl Runtime {
         max: u32,
     ) -> Result<bool, RuntimeError> {
         Ok(self.store.acquire_run_slot(flow_id, run_id, max).await?)
+    }
+
+    /// Counts the end of lane `lane` of loop `around` in run `run_id`; `true` once all
+    /// `lanes` ended.
+    pub async fn join_lane(
+        &self,
+        run_id: &str,
+        around: &str,
+        lane: u32,
+        lanes: u32,
+    ) -> Result<bool, RuntimeError> {
+        Ok(self.store.join_lane(run_id, around, lane, lanes).await?)
     }
 
     /// Hands step `step` of run `run_id` to a new job whose first delivery waits `delay` (a

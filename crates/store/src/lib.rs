@@ -298,6 +298,16 @@ pub trait Store: Send + Sync + 'static {
         run_id: &str,
         max: u32,
     ) -> Result<bool, StoreError>;
+    /// Counts the end of lane `lane` of `around`, a loop of run `run_id` running its items in
+    /// `lanes` lanes; `true` once every lane has ended (again `true` for a lane counted
+    /// twice then). `false` for a run that no longer exists.
+    async fn join_lane(
+        &self,
+        run_id: &str,
+        around: &str,
+        lane: u32,
+        lanes: u32,
+    ) -> Result<bool, StoreError>;
     /// Takes one of the `max` in-flight places of limit `key` for `holder` (kept if it holds
     /// one already) until `lease` passes — places of holders that never released them lapse
     /// then. `false` when all are taken.

@@ -84,6 +84,8 @@ struct State {
     rates: HashMap<String, tokio::time::Instant>,
     /// Run slots taken, by flow.
     slots: HashMap<String, Vec<String>>,
+    /// The lanes of loops whose items run side by side that ended, by run and loop.
+    lanes: HashMap<(String, String), std::collections::BTreeSet<u32>>,
     /// In-flight places taken, by limit: holders and when their lease lapses.
     in_flight: HashMap<String, HashMap<String, tokio::time::Instant>>,
 }
@@ -110,8 +112,11 @@ impl State {
             .filter(|run| self.expired(run, now))
             .map(|run| run.id.clone())
             .collect();
-        for id in expired {
-            self.runs.remove(&id);
+        for id in &expired {
+            self.runs.remove(id);
+        }
+        if !expired.is_empty() {
+            self.lanes.retain(|(run, _), _| self.runs.contains_key(run));
         }
     }
 }
@@ -200,6 +205,7 @@ impl MemoryStore {
                 timers: HashMap::new(),
                 rates: HashMap::new(),
                 slots: HashMap::new(),
+                lanes: HashMap::new(),
                 in_flight: HashMap::new(),
             })),
             timers_added: Arc::new(tokio::sync::watch::channel(0).0),
@@ -605,6 +611,25 @@ impl Store for MemoryStore {
         }
         held.push(run_id.to_owned());
         Ok(true)
+    }
+
+    async fn join_lane(
+        &self,
+        run_id: &str,
+        around: &str,
+        lane: u32,
+        lanes: u32,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().unwrap();
+        if !state.runs.contains_key(run_id) {
+            return Ok(false);
+        }
+        let ended = state
+            .lanes
+            .entry((run_id.to_owned(), around.to_owned()))
+            .or_default();
+        ended.insert(lane);
+        Ok(ended.range(..lanes).count() >= lanes as usize)
     }
 
     async fn acquire_in_flight(

@@ -414,6 +414,19 @@ redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
 return 1
 "#;
 
+/// Counts the end of lane `ARGV[2]` of a loop in run hash `KEYS[1]`, as field `ARGV[1]<lane>`
+/// (so the count goes with the run), and answers how many of lanes `0..ARGV[3]` ended; 0 for
+/// a run that no longer exists.
+const JOIN_LANE: &str = r#"
+if redis.call('HEXISTS', KEYS[1], 'meta') == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1] .. ARGV[2], '1')
+local ended = 0
+for lane = 0, tonumber(ARGV[3]) - 1 do
+  ended = ended + redis.call('HEXISTS', KEYS[1], ARGV[1] .. lane)
+end
+return ended
+"#;
+
 /// Takes an in-flight place of `KEYS[1]` (holders scored by lease end, ms on the server's
 /// clock) for `ARGV[1]` if fewer than `ARGV[2]` unexpired holders have one; the lease lasts
 /// `ARGV[3]` ms. 1: taken (or held), 0: full.
@@ -499,6 +512,7 @@ pub struct RedisStore {
     reserve_rate: Arc<Script>,
     expire_run: Arc<Script>,
     acquire_run_slot: Arc<Script>,
+    join_lane: Arc<Script>,
     acquire_in_flight: Arc<Script>,
     resume_waiting: Arc<Script>,
     take_timers: Arc<Script>,
@@ -629,6 +643,7 @@ impl RedisStore {
             reserve_rate: Arc::new(Script::new(RESERVE_RATE)),
             expire_run: Arc::new(Script::new(EXPIRE_RUN)),
             acquire_run_slot: Arc::new(Script::new(ACQUIRE_RUN_SLOT)),
+            join_lane: Arc::new(Script::new(JOIN_LANE)),
             acquire_in_flight: Arc::new(Script::new(ACQUIRE_IN_FLIGHT)),
             resume_waiting: Arc::new(Script::new(RESUME_WAITING)),
             take_timers: Arc::new(Script::new(TAKE_TIMERS)),
@@ -1436,6 +1451,25 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(taken == 1)
+    }
+
+    async fn join_lane(
+        &self,
+        run_id: &str,
+        around: &str,
+        lane: u32,
+        lanes: u32,
+    ) -> Result<bool, StoreError> {
+        let ended: u32 = self
+            .join_lane
+            .key(run_key(run_id))
+            .arg(format!("lane:{around}:"))
+            .arg(lane)
+            .arg(lanes)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(ended >= lanes)
     }
 
     async fn acquire_in_flight(

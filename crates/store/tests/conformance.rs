@@ -1259,6 +1259,36 @@ async fn run_slots_count_only_runs_still_going(store: Arc<dyn Store>) {
     assert!(!store.acquire_run_slot("f", "d", 2).await.unwrap());
 }
 
+async fn a_loop_joins_once_every_lane_ended(store: Arc<dyn Store>) {
+    let run = Run::new("r".into(), "f", 1, json!({}));
+    store.create_run(&run).await.unwrap();
+    assert!(!store.join_lane("r", "each", 1, 3).await.unwrap());
+    assert!(
+        !store.join_lane("r", "each", 1, 3).await.unwrap(),
+        "a lane counted twice counts once"
+    );
+    assert!(
+        store.join_lane("r", "other", 0, 1).await.unwrap(),
+        "loops count apart: one lane of one"
+    );
+    assert!(!store.join_lane("r", "each", 0, 3).await.unwrap());
+    assert!(
+        store.join_lane("r", "each", 2, 3).await.unwrap(),
+        "the last lane"
+    );
+    assert!(
+        store.join_lane("r", "each", 0, 3).await.unwrap(),
+        "a redelivered lane end sees the loop complete too"
+    );
+    // The count is not part of the run's record.
+    let read = store.get_run("r").await.unwrap().unwrap();
+    assert!(read.steps.is_empty(), "{read:?}");
+    assert!(
+        !store.join_lane("gone", "each", 0, 1).await.unwrap(),
+        "a run that no longer exists joins nothing"
+    );
+}
+
 async fn in_flight_places_are_bounded_leased_and_given_back(store: Arc<dyn Store>) {
     let lease = Duration::from_secs(60);
     assert!(store.acquire_in_flight("api", "a", 2, lease).await.unwrap());
@@ -1327,6 +1357,7 @@ macro_rules! suite {
 }
 
 suite!(
+    a_loop_joins_once_every_lane_ended,
     in_flight_places_are_bounded_leased_and_given_back,
     run_slots_count_only_runs_still_going,
     rate_limits_space_starts_across_callers,

@@ -1359,6 +1359,101 @@ async fn a_loop_runs_its_steps_for_each_item_in_order_and_collects_their_outputs
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_parallel_loop_runs_its_lanes_side_by_side_and_keeps_item_order() {
+    let probe = Arc::new(Probe::default());
+    let steps = concat!(
+        "  - name: each\n",
+        "    for_each: \"{{ trigger.items }}\"\n",
+        "    parallelism: 2\n",
+        "    steps:\n",
+        "      - { name: nap, piece: test, action: sleepy, input: { seconds: \"{{ item }}\" } }\n",
+        "      - name: size\n",
+        "        if: \"{{ item > 2 }}\"\n",
+        "        then: [ { name: big, piece: test, action: echo, input: { value: \"{{ item }} big\" } } ]\n",
+        "        else: [ { name: small, piece: test, action: echo, input: { value: \"{{ item }} small\" } } ]\n",
+        "  - { name: after, piece: test, action: echo, input: { value: \"{{ steps.each.output | join(', ') }}\" } }\n",
+    );
+    let h = Harness::start(&probe, &flow(steps)).await;
+    let started = Instant::now();
+    // Lane 0 takes items 0, 2, 4 (3 + 1 + 2 s), lane 1 items 1 and 3 (1 + 3 s).
+    h.start_run("r1", json!({"items": [3, 1, 1, 3, 2]})).await;
+    let run = h.finished("r1").await;
+    let took = started.elapsed();
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert!(
+        took >= Duration::from_secs(6) && took < Duration::from_secs(10),
+        "the lanes ran side by side: {took:?}"
+    );
+    let each = run.step("each").unwrap();
+    assert_eq!(
+        each.output,
+        Some(json!(["3 big", "1 small", "1 small", "3 big", "2 small"])),
+        "the outputs in item order, whichever lane ended first"
+    );
+    assert_eq!(
+        each.attempts.len(),
+        1,
+        "the loop is closed, not attempted again"
+    );
+    for i in 0..5 {
+        assert_eq!(run.step(&format!("nap[{i}]")).unwrap().attempts.len(), 1);
+        assert_eq!(
+            run.step(&format!("size[{i}]")).unwrap().status,
+            StepStatus::Succeeded
+        );
+    }
+    assert_eq!(
+        run.step("after").unwrap().output,
+        Some(json!("3 big, 1 small, 1 small, 3 big, 2 small"))
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_failed_in_one_lane_retried_by_hand_finishes_every_lane() {
+    let probe = Arc::new(Probe::default());
+    let steps = concat!(
+        "  - name: each\n",
+        "    for_each: \"{{ trigger.items }}\"\n",
+        "    parallelism: 2\n",
+        "    steps:\n",
+        "      - { name: call, piece: test, action: flaky, input: { failures: \"{{ 2 if item == 'bad' else 0 }}\" }, retry: { max_attempts: 1 } }\n",
+        "      - { name: nap, piece: test, action: sleepy, input: { seconds: 5 } }\n",
+        "      - { name: done, piece: test, action: echo, input: { value: \"{{ item }}\" } }\n",
+    );
+    let h = Harness::start(&probe, &flow(steps)).await;
+    h.start_run("r1", json!({"items": ["a", "bad", "c", "d"]}))
+        .await;
+    let failed = h.finished("r1").await;
+    assert_eq!(failed.status, RunStatus::Failed, "{failed:?}");
+    assert_eq!(
+        failed.step("call[1]").unwrap().status,
+        StepStatus::Failed,
+        "{failed:?}"
+    );
+    // Let lane 0's step in flight end: it stops there, the run having failed.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let stopped = h.store.get_run("r1").await.unwrap().unwrap();
+    assert!(stopped.step("call[2]").is_none(), "{stopped:?}");
+
+    h.runtime
+        .retry_run("r1", &Actor("test".into()))
+        .await
+        .unwrap();
+    let run = h.finished("r1").await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(
+        run.step("each").unwrap().output,
+        Some(json!(["a", "bad", "c", "d"]))
+    );
+    assert_eq!(run.step("call[1]").unwrap().attempts.len(), 2);
+    for step in ["call[0]", "nap[0]", "call[2]", "call[3]"] {
+        assert_eq!(run.step(step).unwrap().attempts.len(), 1, "{step}");
+    }
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_delay_inside_a_loop_pauses_each_item() {
     let probe = Arc::new(Probe::default());
     let steps = concat!(

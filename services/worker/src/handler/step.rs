@@ -15,9 +15,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use piecework_bus::Delivery;
 use piecework_core::engine::{self, StepOutcome};
-use piecework_core::flow::{FlowVersion, StepDef, StepKind, instance_name};
+use piecework_core::flow::{FlowVersion, StepDef, StepKind};
 use piecework_core::lifecycle::{
-    self, AfterAttempt, At, Delivered, Next, Position, Resume, Settle, Termination,
+    self, AfterAttempt, At, Delivered, Join, Next, Position, Resume, Settle, Termination,
 };
 use piecework_core::run::Attempt;
 use piecework_core::{Run, RunStatus, StepState, StepStatus};
@@ -43,6 +43,17 @@ struct Attempted {
     execution: engine::Execution,
     /// The piece and action that ran; `None` when they could not be resolved.
     executed: Option<(Piece, Arc<dyn DynAction>)>,
+}
+
+/// How one step of a chain ends.
+enum Then<'f> {
+    /// The delivery is done: settle it so.
+    Settle(Settle),
+    /// Run this step next, inline.
+    Inline(At<'f>),
+    /// The last lane of a loop whose items run side by side ended: close the loop, in
+    /// `run` as it now is (with every lane's items).
+    Close { around: &'f StepDef, run: Box<Run> },
 }
 
 /// Where the chain of a delivery is.
@@ -125,7 +136,8 @@ impl Handler {
                     Some(state) => Some(engine::wake(step.step, state)),
                     None => None,
                 };
-                self.drive(&chain, run, step, woke).await
+                self.drive(&chain, run, step, woke, self.inline_budget())
+                    .await
             }
             Resume::Poison(why) => {
                 let error = format!("flow {} version {}: {why}", flow.flow_id, flow.version);
@@ -133,22 +145,16 @@ impl Handler {
                 Ok(Settle::Term(Termination::Poison))
             }
             Resume::Wait(delay) => Ok(Settle::Nak(delay)),
-            Resume::HandOff(next) => {
-                // A delivery that died after recording: finish its hand-over.
-                if let Next::Publish(step) = next {
-                    self.runtime
-                        .publish_step(&flow, &run.id, &step.name(), job.epoch)
-                        .await?;
-                }
-                tracing::debug!(run_id = %run.id, step = %job.step, "step already recorded; handed over");
-                Ok(Settle::Ack)
-            }
+            Resume::HandOff(next) => self.hand_off(&chain, run, next, &[]).await,
+            Resume::Fork { next, forks } => self.hand_off(&chain, run, next, &forks).await,
             Resume::GiveUp { step, deliveries } => {
                 tracing::warn!(run_id = %run.id, step = %job.step, deliveries, "step delivered past its budget; failing it without running it");
                 let refused = engine::Execution::failed(format!(
                     "gave up after {deliveries} deliveries: the results of earlier attempts could not be recorded (store or bus errors, see the worker log)"
                 ));
-                let settle = self.drive(&chain, run, step, Some(refused)).await?;
+                let settle = self
+                    .drive(&chain, run, step, Some(refused), self.inline_budget())
+                    .await?;
                 Ok(match settle {
                     Settle::Term(Termination::Failed) => Settle::Term(Termination::GaveUp),
                     other => other,
@@ -169,9 +175,70 @@ impl Handler {
                         .await?;
                     return Ok(Settle::Ack);
                 }
-                self.drive(&chain, run, step, None).await
+                self.drive(&chain, run, step, None, self.inline_budget())
+                    .await
             }
         }
+    }
+
+    /// How many steps a delivery may run inline after its own.
+    fn inline_budget(&self) -> u32 {
+        self.config.max_steps_per_delivery.saturating_sub(1)
+    }
+
+    /// Finishes the hand-over of a delivery that died after recording: publishes `next`
+    /// and the lanes it never started (`forks`), or joins the lane it ended.
+    async fn hand_off<'f>(
+        &self,
+        chain: &Chain<'f>,
+        run: Run,
+        next: Next<'f>,
+        forks: &[At<'f>],
+    ) -> Result<Settle, RuntimeError> {
+        tracing::debug!(run_id = %run.id, step = %chain.job.step, "step already recorded; handing over");
+        for fork in forks {
+            self.runtime
+                .publish_step(chain.flow, &run.id, &fork.name(), chain.job.epoch)
+                .await?;
+        }
+        match next {
+            Next::Publish(step) => {
+                self.runtime
+                    .publish_step(chain.flow, &run.id, &step.name(), chain.job.epoch)
+                    .await?;
+                Ok(Settle::Ack)
+            }
+            Next::Join(join) => match self.join(&run, join).await? {
+                Some(Then::Close { around, run }) => {
+                    let closing = closing(&run, around);
+                    self.drive(chain, *run, At::top(around), Some(closing), 0)
+                        .await
+                }
+                _ => Ok(Settle::Ack),
+            },
+            Next::Done | Next::Inline(_) => Ok(Settle::Ack),
+        }
+    }
+
+    /// Counts the end of a lane in the store; once every lane of the loop ended, the loop is
+    /// to be closed (`Then::Close`) in the run as it now is.
+    async fn join<'f>(&self, run: &Run, join: Join<'f>) -> Result<Option<Then<'f>>, RuntimeError> {
+        let around = join.around;
+        if !self
+            .runtime
+            .join_lane(&run.id, &around.name, join.lane, join.lanes)
+            .await?
+        {
+            tracing::debug!(run_id = %run.id, step = %around.name, lane = join.lane, "lane ended; others still run");
+            return Ok(None);
+        }
+        let Some(run) = self.runtime.run(&run.id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Then::Close {
+            around,
+            run: Box::new(run),
+        }))
     }
 
     /// Runs `first` and, while the lifecycle says so, the steps after it; returns how to
@@ -182,10 +249,10 @@ impl Handler {
         mut run: Run,
         first: At<'f>,
         mut refused: Option<engine::Execution>,
+        mut budget: u32,
     ) -> Result<Settle, RuntimeError> {
         let mut step = first;
         let mut own_step = true;
-        let mut budget = self.config.max_steps_per_delivery.saturating_sub(1);
         loop {
             let position = Position {
                 queue: chain.queue,
@@ -198,18 +265,26 @@ impl Handler {
                 .instrument(span)
                 .await?;
             match next {
-                Ok(settle) => return Ok(settle),
-                Err(inline) => {
+                Then::Settle(settle) => return Ok(settle),
+                Then::Inline(inline) => {
                     step = inline;
                     own_step = false;
                     budget = budget.saturating_sub(1);
+                }
+                Then::Close { around, run: now } => {
+                    refused = Some(closing(&now, around));
+                    run = *now;
+                    step = At::top(around);
+                    own_step = false;
+                    // What follows the loop gets a job of its own (see `close_loop`).
+                    budget = 0;
                 }
             }
         }
     }
 
     /// One step of the chain, in its span: attempt, record, and hand over when the chain
-    /// ends here. `Ok(settle)` ends the delivery; `Err(step)` is the step to run inline next.
+    /// ends here.
     async fn step_once<'f>(
         &self,
         chain: &Chain<'f>,
@@ -217,7 +292,7 @@ impl Handler {
         step: At<'f>,
         position: Position<'_>,
         refused: Option<engine::Execution>,
-    ) -> Result<Result<Settle, At<'f>>, RuntimeError> {
+    ) -> Result<Then<'f>, RuntimeError> {
         let attempted = self
             .attempt(chain, run, step, position.own_step, refused)
             .await?;
@@ -234,20 +309,30 @@ impl Handler {
         let (after, status) = self.record(chain, run, step, position, attempted).await?;
         if status.is_terminal() && after.run_end.is_none() {
             // Cancelled while the step ran: nothing after it runs.
-            tracing::debug!(run_id = %run.id, step = %step.name(), "run cancelled; stopping");
-            return Ok(Ok(Settle::Ack));
+            tracing::debug!(run_id = %run.id, step = %step.name(), "run ended; stopping");
+            return Ok(Then::Settle(Settle::Ack));
+        }
+        // The other lanes of a loop this step started, each in a job of its own.
+        for fork in &after.forks {
+            self.runtime
+                .publish_step(chain.flow, &run.id, &fork.name(), chain.job.epoch)
+                .await?;
         }
         match after.next {
-            Next::Done => Ok(Ok(after.settle)),
-            Next::Inline(next) => Ok(Err(next)),
+            Next::Done => Ok(Then::Settle(after.settle)),
+            Next::Inline(next) => Ok(Then::Inline(next)),
             Next::Publish(next) => {
                 // A retry handed over carries its wait; a next step runs at once.
                 let delay = after.retry_in.unwrap_or_default();
                 self.runtime
                     .publish_step_after(chain.flow, &run.id, &next.name(), chain.job.epoch, delay)
                     .await?;
-                Ok(Ok(after.settle))
+                Ok(Then::Settle(after.settle))
             }
+            Next::Join(join) => Ok(self
+                .join(run, join)
+                .await?
+                .unwrap_or(Then::Settle(after.settle))),
         }
     }
 
@@ -615,6 +700,28 @@ impl Handler {
             branch,
             pause,
         } = execution;
+        if step.kind() == StepKind::Loop && branch.is_some() {
+            // A loop starting: the lifecycle counts its lanes from the items this attempt
+            // records. (The state is replaced by the one recorded below; should the write
+            // fail, this copy of the run goes with the delivery.)
+            let earlier = run.step(&name);
+            let attempts = earlier.map(|s| s.attempts.clone()).unwrap_or_default();
+            let epoch = earlier.map_or(0, |s| s.epoch);
+            run.upsert_step(StepState {
+                name: name.clone(),
+                piece: String::new(),
+                action: String::new(),
+                version: String::new(),
+                status: StepStatus::Running,
+                input: recorded_input.clone(),
+                output: None,
+                error: None,
+                attempts,
+                retry_at: None,
+                epoch,
+                branch: branch.clone(),
+            });
+        }
         let after = match pause {
             Some(until) => lifecycle::start_wait(until),
             None => lifecycle::after_attempt(
@@ -637,16 +744,22 @@ impl Handler {
             .or_else(|| flow.step_version(&step.name).map(ToString::to_string))
             .unwrap_or_default();
         let previous = run.step(&name);
-        let number = recorded_attempts(run, &name) + 1;
+        // A loop whose lanes all ended is closed, not attempted again.
+        let closing = step.kind() == StepKind::Loop
+            && previous.is_some_and(|s| s.status == StepStatus::Running)
+            && branch.is_none();
+        let number = recorded_attempts(run, &name) + u32::from(!closing);
         let mut attempts = previous.map(|s| s.attempts.clone()).unwrap_or_default();
-        attempts.push(Attempt {
-            attempt: number,
-            status: after.status,
-            started_at: started,
-            duration_ms: millis(duration),
-            error: error.clone(),
-            worker: self.config.id.clone(),
-        });
+        if !closing {
+            attempts.push(Attempt {
+                attempt: number,
+                status: after.status,
+                started_at: started,
+                duration_ms: millis(duration),
+                error: error.clone(),
+                worker: self.config.id.clone(),
+            });
+        }
         let epoch = previous.map_or(0, |s| s.epoch);
         let state = StepState {
             name: name.clone(),
@@ -808,26 +921,27 @@ fn closed_states(run: &Run, state: &StepState, closed: &[At<'_>]) -> Vec<StepSta
             continue;
         };
         if around.step.kind() == StepKind::Loop {
-            let block_end = around.step.steps.last().map_or("", |s| s.name.as_str());
-            let count = run.loop_items(&around.step.name).map_or(0, Vec::len);
-            let outputs = (0..count)
-                .map(|i| {
-                    let item = instance_name(block_end, u32::try_from(i).ok());
-                    written
-                        .get(&item)
-                        .cloned()
-                        .unwrap_or_else(|| run.step(&item).and_then(|s| s.output.clone()))
-                        .unwrap_or(Value::Null)
-                })
-                .collect();
             record.status = StepStatus::Succeeded;
-            last = Some(Value::Array(outputs));
+            last = Some(run.loop_output(around.step, |item| written.get(item).cloned()));
         }
         record.output.clone_from(&last);
         written.insert(around_name, last.clone());
         records.push(record);
     }
     records
+}
+
+/// What closing `around`, a loop whose lanes all ended, records as its attempt: its items'
+/// outputs, its input as it was.
+fn closing(run: &Run, around: &StepDef) -> engine::Execution {
+    let mut execution = engine::Execution::failed(String::new());
+    execution.outcome = StepOutcome::Succeeded {
+        output: run.loop_output(around, |_| None),
+    };
+    execution.recorded_input = run
+        .step(&around.name)
+        .map_or(Value::Null, |s| s.input.clone());
+    execution
 }
 
 /// How long a sub-flow step waits before its `look`-th look at its run when the run's end
