@@ -64,6 +64,7 @@ pub fn line(result: &StepResult, color: bool) -> String {
         StepStatus::Failed => ("✗", "failed", "31"),
         StepStatus::Waiting => ("⏸", "waiting", "36"),
         StepStatus::Running => ("↺", "looping", "36"),
+        StepStatus::Stopped => ("■", "stopped", "35"),
         StepStatus::Skipped | StepStatus::Unspecified => ("·", "skipped", "2"),
     };
     let attempt = if result.attempt > 1 {

@@ -250,6 +250,64 @@ async fn a_crashing_or_hanging_piece_fails_its_attempts_and_the_worker_carries_o
     assert_eq!(fine["status"], "succeeded", "{fine}\n{}", fleet.log_tails());
 }
 
+/// Cancelling a run reaches into the piece process: the worker stops the step in flight and
+/// the piece gets `cancel` for its call (the probe says so when its sleep is cut short).
+#[tokio::test]
+async fn cancelling_a_run_stops_its_call_inside_the_piece_process() {
+    let mut fleet = Fleet::start("").await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    publish(&fleet, &probe_bundle("1.0.0").await, None).await;
+    fleet
+        .apply(&flow("long", "probe", "sleep", "{ ms: 60000 }", ""))
+        .await;
+    let id = fleet.webhook("long", json!({})).await;
+    // The call is in flight in the piece process.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !fleet.logs("w1").contains("probe: sleeping 60000 ms") {
+        assert!(std::time::Instant::now() < deadline, "{}", fleet.logs("w1"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cancelled = client()
+        .post(format!("{}/v1/runs/{id}/cancel", fleet.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 200);
+    let asked = std::time::Instant::now();
+
+    let deadline = asked + Duration::from_secs(10);
+    let run = loop {
+        let run = fleet.run(&id).await;
+        if run["steps"][0]["status"] == "stopped" {
+            break run;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{run}\n{}",
+            fleet.logs("w1")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(
+        run["steps"][0]["error"],
+        "stopped: the run was cancelled while the step ran"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !fleet
+        .logs("w1")
+        .contains("probe: sleep of 60000 ms stopped after")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", fleet.logs("w1"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "stopped long before the 60 s sleep would have ended"
+    );
+}
+
 #[tokio::test]
 async fn a_piece_sees_none_of_the_workers_secrets() {
     let mut fleet = Fleet::start("").await;

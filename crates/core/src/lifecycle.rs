@@ -308,6 +308,23 @@ pub fn start_wait(until: Option<DateTime<Utc>>) -> AfterAttempt<'static> {
     }
 }
 
+/// What an attempt stopped because its run ended meanwhile (cancelled, or failed by its
+/// flow's timeout or by another lane) records: the step stopped, and nothing follows — the
+/// run's end is recorded already. A retry of the run runs it again.
+pub fn stopped() -> AfterAttempt<'static> {
+    AfterAttempt {
+        status: StepStatus::Stopped,
+        retry_at: None,
+        retry_in: None,
+        run_end: None,
+        next: Next::Done,
+        settle: Settle::Ack,
+        closed: Vec::new(),
+        branch: None,
+        forks: Vec::new(),
+    }
+}
+
 /// How early a job for a waiting step may come and still wake it: the clocks of the
 /// scheduler that fired its timer and of the worker may differ by this much.
 pub const WAKE_TOLERANCE: Duration = Duration::from_secs(1);
@@ -385,7 +402,9 @@ pub fn on_delivery<'a>(
     };
     while let Some(state) = run.step(&current.name()) {
         match state.status {
-            StepStatus::Retrying => break,
+            // To run again: a retry, or an attempt stopped by the run's end (the run was
+            // retried since).
+            StepStatus::Retrying | StepStatus::Stopped => break,
             StepStatus::Waiting => {
                 // Only a job for the waiting step, once its timer is due, wakes the run;
                 // anything else leaves it to the timer (or to whoever resumes it).
@@ -616,11 +635,10 @@ pub fn retry(flow: &FlowDefinition, run: &Run) -> Result<Retry, Refusal> {
             status: run.status.as_str(),
         });
     }
-    let failed = run
-        .steps
-        .iter()
-        .rev()
-        .find(|s| s.status == StepStatus::Failed)
+    // The step whose failure ended the run; else (the run timed out) one it stopped.
+    let last = |status| run.steps.iter().rev().find(|s| s.status == status);
+    let failed = last(StepStatus::Failed)
+        .or_else(|| last(StepStatus::Stopped))
         .ok_or_else(|| Refusal::NothingToRetry(run.id.clone()))?;
     let epoch = u32::try_from(failed.attempts.len()).unwrap_or(u32::MAX);
     let mut step = failed.clone();
@@ -680,8 +698,8 @@ pub fn resume(
     }
 }
 
-/// Checks that a run may be cancelled: while it runs or waits. The step in flight finishes;
-/// nothing after it runs.
+/// Checks that a run may be cancelled: while it runs or waits. Nothing after the step in
+/// flight runs; that step is [`stopped`] by its worker.
 pub fn cancel(run: &Run) -> Result<(), Refusal> {
     if run.status.is_terminal() {
         return Err(Refusal::NotRunning(run.id.clone()));

@@ -59,6 +59,9 @@ pub enum StepStatus {
     Waiting,
     /// A loop step whose items are running.
     Running,
+    /// Stopped mid-attempt: the run ended while it ran (cancelled, past the flow's timeout,
+    /// failed in another lane). A retry of the run runs it again.
+    Stopped,
 }
 
 impl StepStatus {
@@ -69,6 +72,7 @@ impl StepStatus {
             StepStatus::Failed => "failed",
             StepStatus::Waiting => "waiting",
             StepStatus::Running => "running",
+            StepStatus::Stopped => "stopped",
         }
     }
 }

@@ -574,7 +574,8 @@ impl Runtime {
         Ok(run_id)
     }
 
-    /// Cancels a running run. Its current step finishes; nothing after it runs. Audited as
+    /// Cancels a running or waiting run. Nothing after its step in flight runs, and workers
+    /// stop that step (see the worker's `unless_run_ends`). Audited as
     /// `run.cancel`.
     pub async fn cancel_run(&self, run_id: &str, actor: &Actor) -> Result<Run, RuntimeError> {
         let cancel = async {
@@ -812,6 +813,14 @@ impl Runtime {
         max: u32,
     ) -> Result<bool, RuntimeError> {
         Ok(self.store.acquire_run_slot(flow_id, run_id, max).await?)
+    }
+
+    /// Registers interest in run `run_id`'s end (see [`piecework_store::RunWatch`]).
+    pub async fn watch_run(
+        &self,
+        run_id: &str,
+    ) -> Result<Box<dyn piecework_store::RunWatch>, RuntimeError> {
+        Ok(self.store.watch_run(run_id).await?)
     }
 
     /// Counts the end of lane `lane` of loop `around` in run `run_id`; `true` once all

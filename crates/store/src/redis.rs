@@ -82,9 +82,18 @@ impl RunWatch for RedisRunWatch {
                     return Ok(run.as_ref().and_then(RunEnded::of));
                 }
                 () = tokio::time::sleep_until(next_look) => {
-                    let run = store.get_run(&run_id).await?;
-                    if let Some(ended) = run.as_ref().and_then(RunEnded::of) {
-                        return Ok(Some(ended));
+                    // A look at the status alone: a watch may last as long as a step does.
+                    let status: Option<String> = store
+                        .conn()
+                        .hget(run_key(&run_id), "status")
+                        .await
+                        .map_err(unavailable)?;
+                    let ended = status.is_none_or(|s| {
+                        s.parse::<RunStatus>().is_ok_and(RunStatus::is_terminal)
+                    });
+                    if ended {
+                        let run = store.get_run(&run_id).await?;
+                        return Ok(run.as_ref().and_then(RunEnded::of));
                     }
                     if tokio::time::Instant::now() >= deadline {
                         return Ok(None);

@@ -55,6 +55,8 @@ pub enum StepOutcome {
     succeeded,
     retrying,
     failed,
+    /// Stopped mid-attempt because the run ended (cancelled, past its timeout).
+    stopped,
 }
 
 /// How a run ended.

@@ -445,7 +445,7 @@ async fn a_failed_run_retried_by_hand_resumes_from_its_failed_step() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_cancelled_run_stops_after_its_current_step() {
+async fn a_cancelled_run_stops_its_step_in_flight_at_once() {
     let probe = Arc::new(Probe::default());
     let steps = "  - { name: nap, piece: test, action: sleepy, input: { seconds: 10 } }\n  - { name: after, piece: test, action: flaky, input: { failures: 0 } }\n";
     let h = Harness::start(&probe, &flow(steps)).await;
@@ -462,9 +462,20 @@ async fn a_cancelled_run_stops_after_its_current_step() {
     assert_eq!(
         run.status,
         RunStatus::Cancelled,
-        "the finishing step did not overwrite the cancel"
+        "the stopped step did not overwrite the cancel"
     );
-    assert_eq!(run.step("nap").unwrap().status, StepStatus::Succeeded);
+    // The 10 s nap was stopped when the cancel came, not left to finish.
+    let nap = run.step("nap").unwrap();
+    assert_eq!(nap.status, StepStatus::Stopped);
+    assert_eq!(
+        nap.error.as_deref(),
+        Some("stopped: the run was cancelled while the step ran")
+    );
+    assert!(
+        (1900..3000).contains(&nap.attempts[0].duration_ms),
+        "{:?}",
+        nap.attempts
+    );
     assert!(run.step("after").is_none());
     assert!(
         probe.calls.lock().unwrap().is_empty(),
@@ -1431,9 +1442,14 @@ async fn a_run_failed_in_one_lane_retried_by_hand_finishes_every_lane() {
         StepStatus::Failed,
         "{failed:?}"
     );
-    // Let lane 0's step in flight end: it stops there, the run having failed.
+    // Lane 0's nap in flight is stopped: the run failed.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let stopped = h.store.get_run("r1").await.unwrap().unwrap();
+    assert_eq!(
+        stopped.step("nap[0]").unwrap().status,
+        StepStatus::Stopped,
+        "{stopped:?}"
+    );
     assert!(stopped.step("call[2]").is_none(), "{stopped:?}");
 
     h.runtime
@@ -1447,7 +1463,19 @@ async fn a_run_failed_in_one_lane_retried_by_hand_finishes_every_lane() {
         Some(json!(["a", "bad", "c", "d"]))
     );
     assert_eq!(run.step("call[1]").unwrap().attempts.len(), 2);
-    for step in ["call[0]", "nap[0]", "call[2]", "call[3]"] {
+    let nap: Vec<StepStatus> = run
+        .step("nap[0]")
+        .unwrap()
+        .attempts
+        .iter()
+        .map(|a| a.status)
+        .collect();
+    assert_eq!(
+        nap,
+        [StepStatus::Stopped, StepStatus::Succeeded],
+        "the stopped nap ran again"
+    );
+    for step in ["call[0]", "call[2]", "call[3]"] {
         assert_eq!(run.step(step).unwrap().attempts.len(), 1, "{step}");
     }
     h.stop().await;

@@ -115,12 +115,41 @@ struct Millis {
     ms: u64,
 }
 
+/// Says on stderr when a long sleep starts, and when a sleep is stopped early (the host's
+/// `cancel` drops it).
+struct Sleeping {
+    ms: u64,
+    since: std::time::Instant,
+    done: bool,
+}
+
+impl Drop for Sleeping {
+    fn drop(&mut self) {
+        if !self.done {
+            eprintln!(
+                "probe: sleep of {} ms stopped after {} ms",
+                self.ms,
+                self.since.elapsed().as_millis()
+            );
+        }
+    }
+}
+
 action!(
     Sleep,
     "sleep",
     Millis,
     |_ctx, input| {
+        if input.ms >= 10_000 {
+            eprintln!("probe: sleeping {} ms", input.ms);
+        }
+        let mut sleeping = Sleeping {
+            ms: input.ms,
+            since: std::time::Instant::now(),
+            done: false,
+        };
         tokio::time::sleep(Duration::from_millis(input.ms)).await;
+        sleeping.done = true;
         Ok(json!({ "slept_ms": input.ms, "version": *VERSION }))
     },
     Prop::number("ms", "Milliseconds").required()

@@ -33,6 +33,7 @@ impl Handler {
             StepStatus::Succeeded => metrics::StepOutcome::succeeded,
             StepStatus::Retrying => metrics::StepOutcome::retrying,
             StepStatus::Failed => metrics::StepOutcome::failed,
+            StepStatus::Stopped => metrics::StepOutcome::stopped,
             // Not a piece call's outcome.
             StepStatus::Waiting | StepStatus::Running => return,
         };
@@ -98,6 +99,9 @@ pub(super) fn log_attempt(
         StepStatus::Running => {
             tracing::debug!(run_id = %run.id, flow = %run.flow_id, step = %step.name, "loop started")
         }
+        StepStatus::Stopped => {
+            tracing::info!(run_id = %run.id, flow = %run.flow_id, step = %step.name, attempt, "step stopped: the run ended")
+        }
     }
 }
 
@@ -120,6 +124,7 @@ pub(super) fn proto_step_status(status: StepStatus) -> v1::StepStatus {
         StepStatus::Failed => v1::StepStatus::Failed,
         StepStatus::Waiting => v1::StepStatus::Waiting,
         StepStatus::Running => v1::StepStatus::Running,
+        StepStatus::Stopped => v1::StepStatus::Stopped,
     }
 }
 

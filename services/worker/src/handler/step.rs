@@ -37,12 +37,19 @@ use super::observe::{self, millis};
 /// How long a run that found its flow's run slots all taken waits before trying again.
 const SLOT_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a step runs before its worker watches for the run's end (a cancel, the flow's
+/// timeout, a failure in another lane) to stop the step when it comes: most steps end sooner
+/// and pay nothing for it.
+const WATCH_RUN_AFTER: Duration = Duration::from_secs(1);
+
 /// One attempt as executed, before it is recorded.
 struct Attempted {
     started: DateTime<Utc>,
     execution: engine::Execution,
     /// The piece and action that ran; `None` when they could not be resolved.
     executed: Option<(Piece, Arc<dyn DynAction>)>,
+    /// The run ended while the action ran, which was stopped.
+    stopped: bool,
 }
 
 /// How one step of a chain ends.
@@ -398,6 +405,7 @@ impl Handler {
                 started,
                 execution,
                 executed: None,
+                stopped: false,
             });
         }
         let control = match step.kind() {
@@ -419,6 +427,7 @@ impl Handler {
                 started,
                 execution,
                 executed: None,
+                stopped: false,
             });
         }
         let flow = chain.flow;
@@ -454,6 +463,7 @@ impl Handler {
             }
             _ => None,
         };
+        let mut stopped = false;
         let mut execution = match (&resolved, &auth) {
             (Err(error), _) => engine::Execution::refused(error.clone(), step, attempt),
             (Ok(_), Err(error)) => engine::Execution::failed(error.clone()),
@@ -464,8 +474,22 @@ impl Handler {
                 if let Some(max) = step.max_response_bytes {
                     ctx.http = ctx.http.with_max_response_bytes(max);
                 }
+                let began = tokio::time::Instant::now();
                 let work = engine::execute(action.as_ref(), step, run, iteration, &ctx, attempt);
-                self.with_progress(chain.delivery, work).await
+                let work = self.unless_run_ends(&run.id, step.timeout() + WATCH_RUN_AFTER, work);
+                match self.with_progress(chain.delivery, work).await {
+                    Ok(execution) => execution,
+                    Err(status) => {
+                        tracing::info!(run_id = %run.id, step = %name, status = status.as_str(), "run ended while the step ran; stopped it");
+                        stopped = true;
+                        let mut execution = engine::Execution::failed(format!(
+                            "stopped: the run was {} while the step ran",
+                            status.as_str()
+                        ));
+                        execution.duration = began.elapsed();
+                        execution
+                    }
+                }
             }
         };
         if let Some(holder) = &in_flight
@@ -488,7 +512,41 @@ impl Handler {
             started,
             execution,
             executed: resolved.ok(),
+            stopped,
         })
+    }
+
+    /// Runs `work` unless run `run_id` ends first (cancelled, or failed by its flow's timeout
+    /// or another lane): then `work` is dropped at once — a piece process gets `cancel` for
+    /// its call, an in-binary action stops at its next `.await` — and the run's status is
+    /// returned. The run is watched only once `work` has run for [`WATCH_RUN_AFTER`], for
+    /// at most `limit`.
+    async fn unless_run_ends<T>(
+        &self,
+        run_id: &str,
+        limit: Duration,
+        work: impl Future<Output = T>,
+    ) -> Result<T, RunStatus> {
+        tokio::pin!(work);
+        tokio::select! {
+            out = &mut work => return Ok(out),
+            () = tokio::time::sleep(WATCH_RUN_AFTER) => {}
+        }
+        let ended = async {
+            let watch = self.runtime.watch_run(run_id).await?;
+            Ok::<_, RuntimeError>(watch.ended(limit).await?)
+        };
+        tokio::select! {
+            out = &mut work => Ok(out),
+            ended = ended => match ended {
+                Ok(Some(ended)) => Err(ended.status),
+                Ok(None) => Ok(work.await),
+                Err(err) => {
+                    tracing::debug!(run_id, error = %err, "cannot watch the run; the step runs to its end");
+                    Ok(work.await)
+                }
+            },
+        }
     }
 
     /// Runs a sub-flow step: starts the other flow's run (once, whatever the deliveries) with
@@ -692,6 +750,7 @@ impl Handler {
             started,
             execution,
             executed,
+            stopped,
         } = attempted;
         let engine::Execution {
             outcome,
@@ -723,6 +782,7 @@ impl Handler {
             });
         }
         let after = match pause {
+            _ if stopped => lifecycle::stopped(),
             Some(until) => lifecycle::start_wait(until),
             None => lifecycle::after_attempt(
                 &flow.definition,
