@@ -58,6 +58,7 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("GET", "/v1/pieces/{name}/versions", "adov"),
     ("GET", "/v1/pieces/{name}/versions/{version}", "adov"),
     ("DELETE", "/v1/pieces/{name}/versions/{version}", "ad"),
+    ("GET", "/v1/pieces/{name}/props/{prop}/options", "ad"),
     ("GET", "/v1/flows", "adov"),
     ("POST", "/v1/flows", "ad"),
     ("GET", "/v1/flows/{id}", "adov"),
@@ -96,6 +97,7 @@ fn concrete(path: &str) -> String {
         .replace("{id}", "no-such-thing")
         .replace("{flow}", "no-such-thing")
         .replace("{token}", "no-such-thing")
+        .replace("{prop}", "no-such-thing")
 }
 
 /// `/metrics` names flows: on the API's port it takes a key; Prometheus scrapes the api's

@@ -572,3 +572,96 @@ async fn upgrades_are_checked_and_yanks_refused_while_a_flow_uses_the_version() 
         .unwrap();
     assert_eq!(gone.status().as_u16(), 404);
 }
+
+/// Dynamic dropdowns while a flow is written: the api asks the piece, in its own process, with
+/// the chosen connection, and the piece asks its system.
+#[tokio::test]
+async fn dropdown_options_come_from_the_piece_process_with_the_connection() {
+    const KEY: &str = "options-secret-key-4711";
+    let mock = piecework_mock_ticketing::MockTicketing::start("127.0.0.1:0".parse().unwrap(), KEY)
+        .await
+        .unwrap();
+    let mut fleet = Fleet::start("").await;
+    fleet.with_demo_piece();
+    fleet.start_api().await;
+    fleet
+        .save_connection(
+            "tickets",
+            "my-company-api",
+            json!({ "api_key": KEY, "environment": "dev", "base_url": mock.url }),
+        )
+        .await;
+    let options = |query: &str| {
+        let url = format!("{}/v1/pieces/my-company-api/props/{query}", fleet.api);
+        async move {
+            let response = client().get(url).send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+
+    let (status, teams) = options("team/options?action=create_ticket&connection=tickets").await;
+    assert_eq!(status, 200, "{teams}");
+    assert_eq!(
+        teams,
+        json!({"options": [
+            {"label": "Support", "value": "support"},
+            {"label": "Platform", "value": "platform"},
+            {"label": "Billing", "value": "billing"},
+        ]})
+    );
+    // The refresher as a parameter; the action found by the prop alone.
+    let (status, members) = options("assignee/options?connection=tickets&team=platform").await;
+    assert_eq!(status, 200, "{members}");
+    assert_eq!(
+        members["options"][0],
+        json!({"label": "Linus", "value": "u-linus"})
+    );
+    let (_, waiting) = options("assignee/options?connection=tickets").await;
+    assert_eq!(
+        waiting,
+        json!({"options": [], "placeholder": "Choose a team first", "disabled": true})
+    );
+    let (_, typed) =
+        options("assignee/options?connection=tickets&input=%7B%22team%22%3A%22billing%22%7D").await;
+    assert_eq!(
+        typed["options"],
+        json!([{"label": "Joan", "value": "u-joan"}])
+    );
+    assert_eq!(
+        mock.requests()
+            .iter()
+            .filter(|r| r.path.starts_with("/v1/teams"))
+            .count(),
+        3,
+        "each load asked the ticketing API once"
+    );
+
+    // Bad requests name their problem; a failing system is the piece's error, not the api's.
+    let (status, body) = options("priority/options?connection=tickets").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "piece `my-company-api` has no dynamic dropdown `priority`"
+    );
+    let (status, body) = options("priority/options?action=create_ticket").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "prop `priority` of `create_ticket` is not a dynamic dropdown: its options are in its metadata"
+    );
+    let (status, body) = options("team/options?action=nope").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = options("team/options?action=create_ticket&connection=missing").await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = options("assignee/options?connection=tickets&team=nope").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "piece_failed");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("could not load the options of `assignee`"),
+        "{message}"
+    );
+    assert!(message.contains("404"), "{message}");
+    assert!(!fleet.all_logs().contains(KEY), "the key reached a log");
+}

@@ -451,7 +451,7 @@ async fn doctor_reports_unreachable_endpoints_bad_connections_and_missing_server
     let report = text(&out);
     assert!(!out.status.success(), "{report}");
     for expected in [
-        "✓ my-company-api 1.0.0 (3 actions, 1 triggers)",
+        "✓ my-company-api 1.1.0 (3 actions, 1 triggers)",
         "✓ encryption keys: k1",
         "✓ NATS at",
         "✓ Redis at",
@@ -539,7 +539,7 @@ fn a_bundle_built_twice_from_the_same_source_has_the_same_digest() {
                 "--json",
                 out_dir
                     .path()
-                    .join("my-company-api-1.0.0.piece.tgz")
+                    .join("my-company-api-1.1.0.piece.tgz")
                     .to_str()
                     .unwrap(),
             ],

@@ -144,6 +144,17 @@ fn props_list(out: &mut String, props: &[Prop]) {
                 let values: Vec<String> = options.iter().map(|o| o.label.clone()).collect();
                 format!("one of {}", values.join("/"))
             }
+            PropKind::DynamicDropdown { refreshers } if refreshers.is_empty() => {
+                "one of the options the piece loads with a connection".to_owned()
+            }
+            PropKind::DynamicDropdown { refreshers } => format!(
+                "one of the options the piece loads with a connection, given {}",
+                refreshers
+                    .iter()
+                    .map(|r| format!("`{r}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             PropKind::SecretText => "secret".to_owned(),
             other => serde_json::to_value(other)
                 .ok()

@@ -246,6 +246,13 @@ fn compare_props(owner: &str, old: &[Prop], new: &[Prop], change: &mut impl FnMu
                     );
                 }
             }
+            // Any text a flow holds is still a value a dynamic dropdown takes.
+            (PropKind::ShortText | PropKind::LongText, PropKind::DynamicDropdown { .. }) => {
+                change(
+                    Bump::Minor,
+                    format!("{owner}: prop `{}` now offers options", old_prop.name),
+                );
+            }
             (before, after) if std::mem::discriminant(before) != std::mem::discriminant(after) => {
                 change(
                     Bump::Major,
@@ -391,6 +398,18 @@ mod tests {
         );
         assert!(whats.contains(&"action `close` was added"), "{whats:?}");
         assert!(check_with("1.3.0", more).is_ok());
+        // A text prop that now loads its options still takes every text a flow holds.
+        let options = vec![create(vec![
+            Prop::dynamic_dropdown("title", "Title", Vec::<String>::new()).required(),
+            base_props()[1].clone(),
+        ])];
+        let report = check_with("1.3.0", options);
+        assert_eq!(report.required, Bump::Minor);
+        assert!(report.is_ok(), "{:?}", report.changes);
+        assert_eq!(
+            report.changes[0].what,
+            "action `create`: prop `title` now offers options"
+        );
     }
 
     #[test]

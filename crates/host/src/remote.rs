@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use piecework_sdk::action::{ActionSpec, DynAction};
 use piecework_sdk::auth::DynValidateAuth;
 use piecework_sdk::mask::Secrets;
-use piecework_sdk::prop::validate_props;
+use piecework_sdk::prop::{DropdownOptions, dynamic_dropdown, validate_props};
 use piecework_sdk::protocol::{self, CallContext, method};
 use piecework_sdk::trigger::{DynPolling, DynSchedule, DynWebhook, TriggerHandle, TriggerSpec};
 use piecework_sdk::{
@@ -110,6 +110,27 @@ impl DynAction for RemoteAction {
                 .await
         })
     }
+
+    fn options_json<'a>(
+        &'a self,
+        ctx: &'a Context,
+        prop: &'a str,
+        input: Value,
+    ) -> BoxFuture<'a, Result<DropdownOptions, PieceError>> {
+        Box::pin(async move {
+            dynamic_dropdown(&self.spec.props, &self.spec.name, prop)?;
+            let params = protocol::OptionsOf {
+                action: Some(Cow::Borrowed(&self.spec.name)),
+                trigger: None,
+                prop: Cow::Borrowed(prop),
+                input,
+                context: call_context(ctx),
+            };
+            self.pool
+                .call(method::OPTIONS, &params, Some(scope(ctx, &self.auth)))
+                .await
+        })
+    }
 }
 
 /// One type for the three trigger kinds: the handle says which it is.
@@ -143,6 +164,27 @@ impl DynPolling for RemoteTrigger {
             };
             self.pool
                 .call(method::POLL, &params, Some(scope(ctx, &self.auth)))
+                .await
+        })
+    }
+
+    fn options_json<'a>(
+        &'a self,
+        ctx: &'a Context,
+        prop: &'a str,
+        input: Value,
+    ) -> BoxFuture<'a, Result<DropdownOptions, PieceError>> {
+        Box::pin(async move {
+            dynamic_dropdown(&self.spec.props, &self.spec.name, prop)?;
+            let params = protocol::OptionsOf {
+                action: None,
+                trigger: Some(Cow::Borrowed(&self.spec.name)),
+                prop: Cow::Borrowed(prop),
+                input,
+                context: call_context(ctx),
+            };
+            self.pool
+                .call(method::OPTIONS, &params, Some(scope(ctx, &self.auth)))
                 .await
         })
     }

@@ -29,7 +29,10 @@ use piecework_bus::jobs;
 use piecework_core::flow::{self, FlowDefinition, FlowVersion};
 use piecework_core::{Catalog, FlowError, Registry, Run, RunStatus, StepStatus, lifecycle, run};
 use piecework_proto::v1::{AuditEvent, StepJob, StepResult};
-use piecework_sdk::{Context, EgressPolicy, HttpClient, Owner, PieceError, RunInfo, ScopedStore};
+use piecework_sdk::{
+    Context, DropdownOptions, EgressPolicy, HttpClient, Owner, Piece, PieceError, RunInfo,
+    ScopedStore,
+};
 use piecework_store::{Applied, ConnectionRecord, StepUpdate, Store, StoreError, Timer};
 use piecework_telemetry::Metrics;
 use piecework_telemetry::metrics::TriggerKind;
@@ -78,6 +81,9 @@ pub enum RuntimeError {
     /// Something the operation needs is not answering; trying again later may work.
     #[error("{0}")]
     Unavailable(String),
+    /// A piece asked for something (dropdown options) answered with an error.
+    #[error("{0}")]
+    PieceFailed(String),
 }
 
 /// What the API shows of a connection: never its values.
@@ -108,6 +114,88 @@ pub(crate) const CONNECTION_BINDING: u8 = 1;
 
 /// The associated data of a connection's sealed values. Names and pieces never contain `@`,
 /// so the two forms cannot collide.
+/// How long a piece may take to load a dropdown's options.
+pub const OPTIONS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What [`Runtime::prop_options`] loads.
+#[derive(Debug, Clone)]
+pub struct OptionsQuery<'a> {
+    pub piece: &'a str,
+    /// The piece's version; the newest when absent.
+    pub version: Option<&'a str>,
+    pub action: Option<&'a str>,
+    pub trigger: Option<&'a str>,
+    pub prop: &'a str,
+    pub connection: Option<&'a str>,
+    /// The values of the member's props given so far.
+    pub input: Value,
+}
+
+/// The member of a piece whose dropdown's options are loaded.
+enum OptionsMember<'p> {
+    Action(&'p Arc<dyn piecework_sdk::DynAction>),
+    Trigger(&'p Arc<dyn piecework_sdk::trigger::DynPolling>),
+}
+
+/// Finds the member of `piece` that declares dynamic dropdown `prop`: the one named, or the
+/// only one with such a prop.
+fn options_member<'p>(
+    piece: &'p Piece,
+    action: Option<&str>,
+    trigger: Option<&str>,
+    prop: &str,
+) -> Result<OptionsMember<'p>, RuntimeError> {
+    let has_dropdown = |props: &[piecework_sdk::Prop]| {
+        props.iter().any(|p| {
+            p.name == prop && matches!(p.kind, piecework_sdk::PropKind::DynamicDropdown { .. })
+        })
+    };
+    let name = piece.name();
+    match (action, trigger) {
+        (Some(_), Some(_)) => Err(RuntimeError::Invalid(
+            "name an action or a trigger, not both".into(),
+        )),
+        (Some(action), None) => piece
+            .action(action)
+            .map(OptionsMember::Action)
+            .ok_or_else(|| {
+                RuntimeError::Invalid(format!("piece `{name}` has no action `{action}`"))
+            }),
+        (None, Some(trigger)) => match piece.trigger(trigger) {
+            Some(piecework_sdk::TriggerHandle::Polling(polling)) => {
+                Ok(OptionsMember::Trigger(polling))
+            }
+            Some(_) => Err(RuntimeError::Invalid(format!(
+                "trigger `{trigger}` of `{name}` is not a polling trigger: only actions and polling triggers load options"
+            ))),
+            None => Err(RuntimeError::Invalid(format!(
+                "piece `{name}` has no trigger `{trigger}`"
+            ))),
+        },
+        (None, None) => {
+            let mut found = piece
+                .actions()
+                .filter(|a| has_dropdown(&a.spec().props))
+                .map(OptionsMember::Action)
+                .chain(piece.triggers().filter_map(|t| match t {
+                    piecework_sdk::TriggerHandle::Polling(p) if has_dropdown(&p.spec().props) => {
+                        Some(OptionsMember::Trigger(p))
+                    }
+                    _ => None,
+                }));
+            match (found.next(), found.next()) {
+                (Some(member), None) => Ok(member),
+                (None, _) => Err(RuntimeError::Invalid(format!(
+                    "piece `{name}` has no dynamic dropdown `{prop}`"
+                ))),
+                (Some(_), Some(_)) => Err(RuntimeError::Invalid(format!(
+                    "several members of `{name}` have a dropdown `{prop}`: say which with `action` or `trigger`"
+                ))),
+            }
+        }
+    }
+}
+
 fn connection_context(name: &str, piece: &str, binding: u8) -> String {
     match binding {
         0 => name.to_owned(),
@@ -317,6 +405,93 @@ impl Runtime {
         };
         self.store.put_connection(&record).await?;
         Ok(ConnectionInfo::from(&record))
+    }
+
+    /// Loads the options of dynamic dropdown `prop` through its piece, as someone writing a
+    /// flow asks for them: from the member that declares it (`action` or `trigger`; either
+    /// may be left out when only one member of the piece has a dynamic dropdown of that
+    /// name), with `connection`'s values as the piece's auth, on `version` (default the
+    /// newest). The piece's answer is masked for the connection's secrets; it gets
+    /// [`OPTIONS_TIMEOUT`] at most and calls out through the egress guard like any step.
+    pub async fn prop_options(
+        &self,
+        query: OptionsQuery<'_>,
+    ) -> Result<DropdownOptions, RuntimeError> {
+        let registry = self.pieces();
+        let piece = match query.version {
+            None => registry.newest(query.piece),
+            Some(version) => {
+                let version = semver::Version::parse(version).map_err(|e| {
+                    RuntimeError::Invalid(format!(
+                        "version {version:?} is not a semantic version: {e}"
+                    ))
+                })?;
+                registry.get(query.piece, &version)
+            }
+        }
+        .ok_or_else(|| {
+            RuntimeError::NoSuchPiece(match query.version {
+                Some(version) => format!("{}@{version}", query.piece),
+                None => query.piece.to_owned(),
+            })
+        })?;
+        let member = options_member(piece, query.action, query.trigger, query.prop)?;
+        let (member_name, props) = match &member {
+            OptionsMember::Action(action) => (&action.spec().name, &action.spec().props),
+            OptionsMember::Trigger(trigger) => (&trigger.spec().name, &trigger.spec().props),
+        };
+        piecework_sdk::prop::dynamic_dropdown(props, member_name, query.prop)
+            .map_err(|e| RuntimeError::Invalid(e.message().to_owned()))?;
+        let auth = match query.connection {
+            Some(name) => Some(self.connection_values(name, piece.name()).await?),
+            None => None,
+        };
+        let secrets = auth
+            .as_ref()
+            .map(|values| piecework_sdk::mask::Secrets::of(piece.auth(), values))
+            .unwrap_or_default();
+        let ctx = Context::new(
+            RunInfo::new("options", "", 0, query.prop, 1),
+            Owner::default(),
+            ScopedStore::new(self.store.kv(), ""),
+            self.http.clone(),
+        )
+        .with_auth(auth);
+        let input = query.input;
+        let load = async {
+            match member {
+                OptionsMember::Action(action) => action.options_json(&ctx, query.prop, input).await,
+                OptionsMember::Trigger(trigger) => {
+                    trigger.options_json(&ctx, query.prop, input).await
+                }
+            }
+        };
+        let loaded = tokio::time::timeout(OPTIONS_TIMEOUT, load)
+            .await
+            .map_err(|_| {
+                RuntimeError::PieceFailed(format!(
+                    "`{}` did not load the options of `{}` within {}s",
+                    piece.name(),
+                    query.prop,
+                    OPTIONS_TIMEOUT.as_secs()
+                ))
+            })?;
+        match loaded {
+            Ok(mut options) => {
+                if !secrets.is_empty() {
+                    let mut value = serde_json::to_value(&options).expect("options serialize");
+                    secrets.mask_value(&mut value);
+                    options = serde_json::from_value(value).expect("masked options deserialize");
+                }
+                Ok(options)
+            }
+            Err(err) => Err(RuntimeError::PieceFailed(format!(
+                "`{}` could not load the options of `{}`: {}",
+                piece.name(),
+                query.prop,
+                secrets.mask(err.message())
+            ))),
+        }
     }
 
     /// The decrypted values of connection `name` for a step of `piece`.

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::context::Context;
 use crate::error::PieceError;
-use crate::prop::{Prop, validate_props};
+use crate::prop::{DropdownOptions, Prop, dynamic_dropdown, validate_props};
 
 /// An action's metadata: the guide's `createAction` fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,6 +122,23 @@ pub trait Action: Send + Sync + 'static {
         ctx: &Context,
         input: Self::Input,
     ) -> impl Future<Output = Result<Self::Output, PieceError>> + Send;
+
+    /// Loads the options of the dynamic dropdown `prop` while a flow is written
+    /// (`GET /v1/pieces/{piece}/props/{prop}/options`): `ctx.auth()` is the chosen connection,
+    /// `input` the values of the other props given so far (its refreshers), unvalidated. Only
+    /// called for a prop declared with [`Prop::dynamic_dropdown`]; the default loads none.
+    fn options(
+        &self,
+        ctx: &Context,
+        prop: &str,
+        input: Value,
+    ) -> impl Future<Output = Result<DropdownOptions, PieceError>> + Send {
+        let _ = (ctx, input);
+        let none = PieceError::fatal(format!(
+            "the action loads no options for `{prop}` (it does not implement `Action::options`)"
+        ));
+        async move { Err(none) }
+    }
 }
 
 /// The object-safe form of [`Action`] that the engine calls.
@@ -134,6 +151,15 @@ pub trait DynAction: Send + Sync {
         ctx: &'a Context,
         input: Value,
     ) -> BoxFuture<'a, Result<Value, PieceError>>;
+
+    /// Loads the options of dynamic dropdown `prop` (see [`Action::options`]); a prop that is
+    /// not one is refused.
+    fn options_json<'a>(
+        &'a self,
+        ctx: &'a Context,
+        prop: &'a str,
+        input: Value,
+    ) -> BoxFuture<'a, Result<DropdownOptions, PieceError>>;
 }
 
 pub(crate) struct ActionHandle<A> {
@@ -175,6 +201,18 @@ impl<A: Action> DynAction for ActionHandle<A> {
             let output = self.action.run(ctx, input).await?;
             serde_json::to_value(output)
                 .map_err(|e| PieceError::fatal(format!("output is not serializable as JSON: {e}")))
+        })
+    }
+
+    fn options_json<'a>(
+        &'a self,
+        ctx: &'a Context,
+        prop: &'a str,
+        input: Value,
+    ) -> BoxFuture<'a, Result<DropdownOptions, PieceError>> {
+        Box::pin(async move {
+            dynamic_dropdown(&self.spec.props, &self.spec.name, prop)?;
+            self.action.options(ctx, prop, input).await
         })
     }
 }

@@ -42,7 +42,7 @@ pub use error::{ErrorKind, PieceError};
 pub use http::{EgressPolicy, HttpClient};
 pub use piece::{Piece, PieceBuilder, PieceDefinitionError, PieceMetadata, category};
 pub use polling::{DedupeStrategy, PollState, PolledItem};
-pub use prop::{DropdownOption, Prop, PropError, PropKind};
+pub use prop::{DropdownOption, DropdownOptions, Prop, PropError, PropKind};
 pub use schedule::Schedule;
 pub use serve::serve;
 pub use trigger::{
@@ -56,8 +56,8 @@ pub use {chrono, reqwest, semver, serde, serde_json};
 /// Everything a piece module usually needs.
 pub mod prelude {
     pub use crate::{
-        Action, ActionSpec, Context, DedupeStrategy, Piece, PieceAuth, PieceError, PolledItem,
-        PollingTrigger, Prop, PropKind, Schedule, ScheduleTrigger, Scope, TriggerSpec,
+        Action, ActionSpec, Context, DedupeStrategy, DropdownOptions, Piece, PieceAuth, PieceError,
+        PolledItem, PollingTrigger, Prop, PropKind, Schedule, ScheduleTrigger, Scope, TriggerSpec,
         ValidateAuth, WebhookRequest, WebhookTrigger, category,
     };
 }

@@ -16,6 +16,67 @@ pub struct DropdownOption {
     pub value: Value,
 }
 
+/// The options of a dynamic dropdown as its piece loads them, with a connection, while a flow
+/// is written (the framework's `DropdownState`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DropdownOptions {
+    pub options: Vec<DropdownOption>,
+    /// What to show instead when there are none (or the dropdown is disabled), such as
+    /// "Choose a project first".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placeholder: Option<String>,
+    /// The dropdown cannot be filled in yet: a prop it depends on is missing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
+}
+
+impl DropdownOptions {
+    /// Options from `(label, value)` pairs.
+    pub fn new<L, V>(options: impl IntoIterator<Item = (L, V)>) -> Self
+    where
+        L: Into<String>,
+        V: Into<Value>,
+    {
+        Self {
+            options: options
+                .into_iter()
+                .map(|(label, value)| DropdownOption {
+                    label: label.into(),
+                    value: value.into(),
+                })
+                .collect(),
+            placeholder: None,
+            disabled: false,
+        }
+    }
+
+    /// No options yet, saying why: a refresher is missing, no connection was given.
+    pub fn disabled(placeholder: impl Into<String>) -> Self {
+        Self {
+            options: Vec::new(),
+            placeholder: Some(placeholder.into()),
+            disabled: true,
+        }
+    }
+}
+
+/// Checks that `name` is a dynamic dropdown among `props` (of `member`, for the error).
+pub fn dynamic_dropdown<'p>(
+    props: &'p [Prop],
+    member: &str,
+    name: &str,
+) -> Result<&'p Prop, crate::PieceError> {
+    match props.iter().find(|p| p.name == name) {
+        Some(prop) if matches!(prop.kind, PropKind::DynamicDropdown { .. }) => Ok(prop),
+        Some(_) => Err(crate::PieceError::fatal(format!(
+            "prop `{name}` of `{member}` is not a dynamic dropdown: its options are in its metadata"
+        ))),
+        None => Err(crate::PieceError::fatal(format!(
+            "`{member}` has no prop `{name}`"
+        ))),
+    }
+}
+
 /// What kind of value a prop holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -28,7 +28,7 @@ use crate::trigger::WebhookRequest;
 
 /// The protocol version this crate speaks: `major.minor`. Minor versions only add optional
 /// fields and methods; a different major is refused.
-pub const VERSION: &str = "1.1";
+pub const VERSION: &str = "1.2";
 /// The major part of [`VERSION`].
 pub const MAJOR: u64 = 1;
 /// The largest frame either side accepts unless the manifest says otherwise.
@@ -44,6 +44,8 @@ pub mod method {
     pub const WEBHOOK: &str = "webhook";
     pub const SCHEDULE: &str = "schedule";
     pub const HEALTH: &str = "health";
+    /// The options of a dynamic dropdown (1.2).
+    pub const OPTIONS: &str = "options";
     /// A notification: stop working on request `id` and answer it with an error.
     pub const CANCEL: &str = "cancel";
     // piece → host, during a call
@@ -271,6 +273,22 @@ pub struct Webhook<'a> {
 pub struct ScheduleOf<'a> {
     pub trigger: Cow<'a, str>,
     pub input: Value,
+}
+
+/// `options` params (1.2): the options of dynamic dropdown `prop` of an action or of a
+/// polling trigger (exactly one named), with the props given so far as `input`
+/// (unvalidated) and the chosen connection in `context.auth`. The result is a
+/// [`crate::DropdownOptions`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OptionsOf<'a> {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<Cow<'a, str>>,
+    pub prop: Cow<'a, str>,
+    #[serde(default)]
+    pub input: Value,
+    pub context: CallContext<'a>,
 }
 
 /// `validate_auth` params: the values being saved are `context.auth`; the result is `null`.

@@ -232,6 +232,7 @@ impl Session {
             | method::POLL
             | method::WEBHOOK
             | method::SCHEDULE
+            | method::OPTIONS
             | method::VALIDATE_AUTH => self.start_call(id, frame),
             other => {
                 let err = PieceError::fatal(format!("unknown method `{other}`"));
@@ -313,6 +314,37 @@ impl Session {
                 };
                 let schedule = trigger.schedule_json(params.input).await?;
                 to_value(&schedule)
+            }
+            method::OPTIONS => {
+                let params: protocol::OptionsOf = frame.params()?;
+                let ctx = self.context(id, params.context);
+                let options = match (params.action, params.trigger) {
+                    (Some(name), None) => {
+                        let action = piece.action(&name).ok_or_else(|| {
+                            PieceError::fatal(format!(
+                                "piece `{}` has no action `{name}`",
+                                piece.name()
+                            ))
+                        })?;
+                        action
+                            .options_json(&ctx, &params.prop, params.input)
+                            .await?
+                    }
+                    (None, Some(name)) => {
+                        let Some(TriggerHandle::Polling(trigger)) = piece.trigger(&name) else {
+                            return Err(self.no_trigger(&name, "polling"));
+                        };
+                        trigger
+                            .options_json(&ctx, &params.prop, params.input)
+                            .await?
+                    }
+                    _ => {
+                        return Err(PieceError::fatal(
+                            "`options` names exactly one of `action` and `trigger`",
+                        ));
+                    }
+                };
+                to_value(&options)
             }
             method::VALIDATE_AUTH => {
                 let params: protocol::ValidateAuth = frame.params()?;

@@ -21,7 +21,7 @@ use crate::action::typed_input;
 use crate::context::Context;
 use crate::error::PieceError;
 use crate::polling::{DedupeStrategy, PolledItem};
-use crate::prop::Prop;
+use crate::prop::{DropdownOptions, Prop, dynamic_dropdown};
 use crate::schedule::Schedule;
 
 /// How a trigger is driven, as shown in the metadata.
@@ -138,6 +138,20 @@ pub trait PollingTrigger: Send + Sync + 'static {
         ctx: &Context,
         input: Self::Input,
     ) -> impl Future<Output = Result<Vec<PolledItem>, PieceError>> + Send;
+
+    /// Loads the options of the dynamic dropdown `prop`, as [`crate::Action::options`] does.
+    fn options(
+        &self,
+        ctx: &Context,
+        prop: &str,
+        input: Value,
+    ) -> impl Future<Output = Result<DropdownOptions, PieceError>> + Send {
+        let _ = (ctx, input);
+        let none = PieceError::fatal(format!(
+            "the trigger loads no options for `{prop}` (it does not implement `PollingTrigger::options`)"
+        ));
+        async move { Err(none) }
+    }
 }
 
 /// An incoming webhook request, as the webhook trigger sees it.
@@ -208,6 +222,13 @@ pub trait DynPolling: Send + Sync {
         ctx: &'a Context,
         input: Value,
     ) -> BoxFuture<'a, Result<Vec<PolledItem>, PieceError>>;
+    /// Loads the options of dynamic dropdown `prop`; a prop that is not one is refused.
+    fn options_json<'a>(
+        &'a self,
+        ctx: &'a Context,
+        prop: &'a str,
+        input: Value,
+    ) -> BoxFuture<'a, Result<DropdownOptions, PieceError>>;
 }
 
 /// Asynchronous, unlike [`WebhookTrigger::handle`], because a host may run the trigger in
@@ -263,6 +284,18 @@ impl<T: PollingTrigger> DynPolling for Erased<T> {
         Box::pin(async move {
             let input = typed_input(&self.spec.props, &input)?;
             self.trigger.poll(ctx, input).await
+        })
+    }
+
+    fn options_json<'a>(
+        &'a self,
+        ctx: &'a Context,
+        prop: &'a str,
+        input: Value,
+    ) -> BoxFuture<'a, Result<DropdownOptions, PieceError>> {
+        Box::pin(async move {
+            dynamic_dropdown(&self.spec.props, &self.spec.name, prop)?;
+            self.trigger.options(ctx, prop, input).await
         })
     }
 }

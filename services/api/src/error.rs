@@ -40,6 +40,9 @@ pub enum ApiError {
     RequestTimeout(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A piece asked on the caller's behalf answered with an error.
+    #[error("{0}")]
+    PieceFailed(String),
 }
 
 impl ApiError {
@@ -61,6 +64,7 @@ impl ApiError {
             ApiError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::PieceFailed(_) => (StatusCode::BAD_GATEWAY, "piece_failed"),
         }
     }
 }
@@ -136,6 +140,7 @@ impl From<RuntimeError> for ApiError {
             RuntimeError::NoSuchApiKey(name) => ApiError::NotFound(format!("no API key `{name}`")),
             RuntimeError::Invalid(message) => ApiError::BadRequest(message),
             RuntimeError::Unavailable(message) => ApiError::Unavailable(message),
+            RuntimeError::PieceFailed(message) => ApiError::PieceFailed(message),
             err @ RuntimeError::StaleAdmission(_) => ApiError::Unavailable(err.to_string()),
             RuntimeError::Registry(err) => match err {
                 piecework_bus::pieces::RegistryError::Conflict(message) => {

@@ -1,5 +1,5 @@
 //! `/v1/pieces`: the catalog, each piece's versions, publishing bundles to the registry and
-//! yanking them.
+//! yanking them, and the options of dynamic dropdowns, loaded through the piece.
 //!
 //! `POST /v1/pieces` takes the `.piece.tgz` as the body (any content type) and its signature,
 //! when there is one, as the JSON of the `.sig` file in the `Piecework-Signature` header.
@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use crate::ApiConfig;
 use crate::access::{Access::Needs, Authorized, Routes};
 use crate::error::ApiError;
-use crate::routes::{ApiResult, AppState, Body, Path};
+use crate::routes::{ApiResult, AppState, Body, Path, Query};
 use piecework_core::access::Permission;
 
 /// The header that carries a bundle's signature on publish.
@@ -48,6 +48,52 @@ pub(crate) fn routes(config: &ApiConfig) -> Routes {
             Needs(ManagePieces),
             yank,
         )
+        // Writing a flow: the options come from the system behind the connection.
+        .add(
+            Method::GET,
+            "/pieces/{name}/props/{prop}/options",
+            Needs(ManageFlows),
+            prop_options,
+        )
+}
+
+/// Query parameters of the options route that are not prop values.
+const OPTIONS_PARAMS: [&str; 5] = ["action", "trigger", "connection", "version", "input"];
+
+/// `GET /v1/pieces/{name}/props/{prop}/options?action=…&connection=…&project=ops`: the options
+/// of a dynamic dropdown, loaded by the piece with the connection. The member's other props
+/// given so far come as `input` (a JSON object) and as further parameters (strings).
+async fn prop_options(
+    State(state): State<AppState>,
+    Path((name, prop)): Path<(String, String)>,
+    Query(params): Query<std::collections::BTreeMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let mut input = match params.get("input") {
+        None => serde_json::Map::new(),
+        Some(text) => match serde_json::from_str(text) {
+            Ok(Value::Object(values)) => values,
+            Ok(_) => return Err(ApiError::BadRequest("`input` must be a JSON object".into())),
+            Err(e) => {
+                return Err(ApiError::BadRequest(format!("`input` is not JSON: {e}")));
+            }
+        },
+    };
+    for (key, value) in &params {
+        if !OPTIONS_PARAMS.contains(&key.as_str()) {
+            input.insert(key.clone(), Value::String(value.clone()));
+        }
+    }
+    let query = piecework_runtime::OptionsQuery {
+        piece: &name,
+        version: params.get("version").map(String::as_str),
+        action: params.get("action").map(String::as_str),
+        trigger: params.get("trigger").map(String::as_str),
+        prop: &prop,
+        connection: params.get("connection").map(String::as_str),
+        input: Value::Object(input),
+    };
+    let options = state.runtime.prop_options(query).await?;
+    Ok(Json(json!(options)))
 }
 
 async fn list_pieces(State(state): State<AppState>) -> Json<Value> {

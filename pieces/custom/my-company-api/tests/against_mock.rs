@@ -237,3 +237,63 @@ async fn auth_validation_calls_the_api_with_the_key() {
     );
     assert!(!err.to_string().contains("stolen"));
 }
+
+#[tokio::test]
+async fn the_team_and_assignee_dropdowns_load_their_options_from_the_api() {
+    let mock = mock().await;
+    let piece = piece();
+    let create = piece.action("create_ticket").unwrap();
+    let ctx = ctx(&mock.url, "prod", TOKEN, "ada");
+    let teams = create.options_json(&ctx, "team", json!({})).await.unwrap();
+    let values: Vec<&Value> = teams.options.iter().map(|o| &o.value).collect();
+    assert_eq!(
+        values,
+        [&json!("support"), &json!("platform"), &json!("billing")]
+    );
+    assert_eq!(teams.options[1].label, "Platform");
+    assert_eq!(mock.requests().last().unwrap().path, "/v2/teams");
+
+    // The assignee depends on the team: disabled until one is chosen.
+    let waiting = create
+        .options_json(&ctx, "assignee", json!({}))
+        .await
+        .unwrap();
+    assert!(waiting.disabled && waiting.options.is_empty());
+    assert_eq!(waiting.placeholder.as_deref(), Some("Choose a team first"));
+    let members = create
+        .options_json(&ctx, "assignee", json!({"team": "platform"}))
+        .await
+        .unwrap();
+    let labels: Vec<&str> = members.options.iter().map(|o| o.label.as_str()).collect();
+    assert_eq!(labels, ["Linus", "Ken"]);
+
+    // An unknown team is the API's 404, a prop without options is refused before any call.
+    let err = create
+        .options_json(&ctx, "assignee", json!({"team": "nope"}))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("404"), "{err}");
+    let err = create
+        .options_json(&ctx, "priority", json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.message(),
+        "prop `priority` of `create_ticket` is not a dynamic dropdown: its options are in its metadata"
+    );
+    // Without a connection: nothing to ask yet.
+    let anonymous = Context::new(
+        RunInfo::new("options", "", 0, "team", 1),
+        Owner::default(),
+        ScopedStore::new(Arc::new(MemoryKv::default()), ""),
+        HttpClient::new(EgressPolicy::allowing_loopback()).unwrap(),
+    );
+    let none = create
+        .options_json(&anonymous, "team", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        none.placeholder.as_deref(),
+        Some("Choose a connection first")
+    );
+}

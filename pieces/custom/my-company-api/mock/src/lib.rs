@@ -204,6 +204,8 @@ fn router(mock: MockTicketing) -> Router {
     Router::new()
         .route("/{version}/health", get(health))
         .route("/{version}/me", get(me))
+        .route("/{version}/teams", get(teams))
+        .route("/{version}/teams/{team}/members", get(members))
         .route("/{version}/tickets", get(list_tickets).post(create_ticket))
         .route("/{version}/tickets/{id}", patch(update_ticket))
         .route("/{version}/permissions/{user}/{action}", get(permission))
@@ -292,6 +294,49 @@ async fn health() -> Json<Value> {
 
 async fn me() -> Json<Value> {
     Json(json!({ "user": "piecework-service-account" }))
+}
+
+/// A team: its id, its name, and its members' ids and names.
+type Team = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
+/// The teams tickets are filed for, and who is in each.
+const TEAMS: [Team; 3] = [
+    (
+        "support",
+        "Support",
+        &[("u-ada", "Ada"), ("u-grace", "Grace")],
+    ),
+    (
+        "platform",
+        "Platform",
+        &[("u-linus", "Linus"), ("u-ken", "Ken")],
+    ),
+    ("billing", "Billing", &[("u-joan", "Joan")]),
+];
+
+async fn teams() -> Json<Value> {
+    let teams: Vec<Value> = TEAMS
+        .iter()
+        .map(|(id, name, _)| json!({ "id": id, "name": name }))
+        .collect();
+    Json(json!({ "teams": teams }))
+}
+
+async fn members(Path((_, team)): Path<(String, String)>) -> Response {
+    match TEAMS.iter().find(|(id, _, _)| *id == team) {
+        Some((_, _, people)) => {
+            let members: Vec<Value> = people
+                .iter()
+                .map(|(id, name)| json!({ "id": id, "name": name }))
+                .collect();
+            Json(json!({ "members": members })).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, &format!("no team `{team}`")),
+    }
 }
 
 #[derive(Deserialize)]

@@ -51,8 +51,44 @@ impl Action for CreateTicket {
             .prop(
                 Prop::static_dropdown("priority", "Priority", priorities()).default_value("medium"),
             )
-            .prop(Prop::short_text("assignee", "Assignee").description("User ID of the assignee"))
-            .prop(Prop::short_text("team", "Team"))
+            .prop(
+                Prop::dynamic_dropdown("team", "Team", Vec::<String>::new())
+                    .description("The team the ticket is for, from the ticketing system"),
+            )
+            .prop(
+                Prop::dynamic_dropdown("assignee", "Assignee", ["team"])
+                    .description("User ID of the assignee: a member of the team"),
+            )
+    }
+
+    /// The teams, and the chosen team's members, from the ticketing system.
+    async fn options(
+        &self,
+        ctx: &Context,
+        prop: &str,
+        input: Value,
+    ) -> Result<DropdownOptions, PieceError> {
+        let Ok(auth) = ctx.auth::<MyCompanyAuth>() else {
+            return Ok(DropdownOptions::disabled("Choose a connection first"));
+        };
+        let (path, list) = match prop {
+            "team" => ("/teams".to_owned(), "teams"),
+            "assignee" => match input["team"].as_str().filter(|t| !t.is_empty()) {
+                Some(team) => (format!("/teams/{team}/members"), "members"),
+                None => return Ok(DropdownOptions::disabled("Choose a team first")),
+            },
+            other => return Err(PieceError::fatal(format!("no options for `{other}`"))),
+        };
+        let request = ctx
+            .http
+            .get(&auth.endpoint(&path))?
+            .bearer_auth(&auth.api_key);
+        let found: Value = ctx.http.send_json(request).await?;
+        let options = found[list].as_array().into_iter().flatten().map(|entry| {
+            let label = entry["name"].as_str().unwrap_or_default().to_owned();
+            (label, entry["id"].clone())
+        });
+        Ok(DropdownOptions::new(options))
     }
 
     async fn run(&self, ctx: &Context, input: Input) -> Result<Value, PieceError> {
