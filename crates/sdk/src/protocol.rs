@@ -460,7 +460,7 @@ mod tests {
         let err = check_version("2.0", "piece").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "the piece speaks piece protocol 2.0, this side speaks 1.1: major versions differ"
+            "the piece speaks piece protocol 2.0, this side speaks 1.2: major versions differ"
         );
         assert!(!err.is_retryable());
         assert!(
