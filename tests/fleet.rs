@@ -983,3 +983,105 @@ async fn a_subflow_runs_as_its_own_run_and_hands_its_output_back() {
     assert_eq!(child["started_by"]["name"], "flow:caller");
     assert_eq!(target.hits("child").len(), 1, "the child ran once");
 }
+
+/// `debounce` on the production topology: a burst of webhook calls per ticket starts one run
+/// per ticket, with its last call's body, after the calls stop — and the held items survive a
+/// kill of the only scheduler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debounced_burst_starts_one_run_per_key_with_its_last_item_despite_a_scheduler_kill() {
+    let mut fleet = Fleet::start("[scheduler]\ntimer_poll = \"1s\"\n").await;
+    fleet.start_api().await;
+    fleet.start_scheduler("s1").await;
+    fleet.start_worker("w1", &[]).await;
+    let steps = "  - { name: note, piece: data, action: set, input: { value: \"{{ trigger.body.ticket }}#{{ trigger.body.n }}\" } }\n";
+    let flow = webhook_flow("calm", steps).replace(
+        "steps:\n",
+        "debounce: 3s\ndebounce_key: \"{{ trigger.body.ticket }}\"\nsteps:\n",
+    );
+    fleet.apply(&flow).await;
+    for (ticket, n) in [("t-1", 1), ("t-2", 1), ("t-1", 2), ("t-1", 3), ("t-2", 2)] {
+        let response = client()
+            .post(format!("{}/v1/webhooks/calm", fleet.api))
+            .json(&json!({ "ticket": ticket, "n": n }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["run_ids"], json!([]), "{answer}");
+        assert!(answer["run_id"].is_null(), "{answer}");
+        let until = answer["held_until"].as_str().unwrap();
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(until).is_ok(),
+            "{answer}"
+        );
+    }
+    // A synchronous call cannot wait for a run that starts later.
+    let sync = client()
+        .post(format!("{}/v1/webhooks/calm/sync", fleet.api))
+        .json(&json!({ "ticket": "t-3", "n": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sync.status(), 400);
+    // The only scheduler dies while the items wait; its replacement starts their runs.
+    fleet.kill("s1");
+    fleet.start_scheduler("s2").await;
+
+    let list = |fleet: &Fleet| {
+        let url = format!("{}/v1/runs?flow=calm", fleet.api);
+        async move {
+            let body: Value = client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body["runs"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let runs = loop {
+        let runs = list(&fleet).await;
+        if runs.len() >= 2 {
+            break runs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            fleet.log_tails()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut notes = Vec::new();
+    for summary in &runs {
+        let run = fleet
+            .finished(summary["id"].as_str().unwrap(), Duration::from_secs(30))
+            .await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        notes.push(run["steps"][0]["output"].as_str().unwrap().to_owned());
+    }
+    notes.sort();
+    assert_eq!(
+        notes,
+        ["t-1#3", "t-2#2"],
+        "one run per ticket, with its last call"
+    );
+    // Nothing more comes of the burst.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(list(&fleet).await.len(), 2);
+    let metrics = client()
+        .get(format!("{}/metrics", fleet.api))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("piecework_trigger_items_held_total{flow=\"calm\"} 5"),
+        "{metrics}"
+    );
+}

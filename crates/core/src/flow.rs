@@ -69,7 +69,31 @@ pub struct FlowDefinition {
     /// more wait, unstarted, for a free slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_runs: Option<u32>,
+    /// Debounce trigger items: a run starts only once no new item (of the same
+    /// `debounce_key`) has come for this long, with the last item; the ones it replaced start
+    /// no run.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub debounce: Option<Duration>,
+    /// With `debounce`: a template over `trigger` whose value groups items (one pending run
+    /// per value, such as a ticket id); without it, all the flow's items are one group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debounce_key: Option<String>,
+    /// With `debounce`: the longest a group's first item waits for its run, however often
+    /// new items come (default ten times `debounce`).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub debounce_max: Option<Duration>,
 }
+
+/// The longest `debounce` and `debounce_max` may be.
+pub const MAX_DEBOUNCE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 fn default_true() -> bool {
     true
@@ -756,6 +780,63 @@ impl FlowDefinition {
             .find(|step| step.kind() == StepKind::Loop)
     }
 }
+/// Checks `debounce`, `debounce_key` and `debounce_max`.
+fn check_debounce(definition: &FlowDefinition, issue: &mut impl FnMut(String, String)) {
+    let bounds = Duration::from_secs(1)..=MAX_DEBOUNCE;
+    let Some(debounce) = definition.debounce else {
+        for (field, given) in [
+            ("debounce_key", definition.debounce_key.is_some()),
+            ("debounce_max", definition.debounce_max.is_some()),
+        ] {
+            if given {
+                issue(field.into(), "is only used with `debounce`".into());
+            }
+        }
+        return;
+    };
+    if !bounds.contains(&debounce) {
+        issue(
+            "debounce".into(),
+            "must be at least 1s and at most 7 days".into(),
+        );
+    }
+    if let Some(max) = definition.debounce_max
+        && (max < debounce || max > MAX_DEBOUNCE)
+    {
+        issue(
+            "debounce_max".into(),
+            "must be at least `debounce` and at most 7 days".into(),
+        );
+    }
+    let Some(key) = &definition.debounce_key else {
+        return;
+    };
+    let key = Value::String(key.clone());
+    if !template::is_template(&key) {
+        issue(
+            "debounce_key".into(),
+            format!(
+                "{key} is not a template: write what groups items, such as \"{{{{ trigger.body.ticket_id }}}}\""
+            ),
+        );
+        return;
+    }
+    match template::analyze(&key) {
+        Err(err) => issue("debounce_key".into(), err.message),
+        Ok(refs) => {
+            for variable in refs.iter().flat_map(|r| &r.variables) {
+                let root = variable.split('.').next().unwrap_or_default();
+                if root != "trigger" {
+                    issue(
+                        "debounce_key".into(),
+                        format!("refers to `{root}`: a debounce key sees only `trigger`, the item"),
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// An immutable, validated version of a flow, with piece versions resolved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FlowVersion {
@@ -957,6 +1038,7 @@ pub async fn validate(
             "must be at least 1s and at most 366 days".into(),
         );
     }
+    check_debounce(&definition, &mut issue);
 
     // Steps.
     if definition.steps.is_empty() {

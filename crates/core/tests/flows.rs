@@ -730,3 +730,44 @@ steps:
         ]
     );
 }
+
+#[test]
+fn debounce_takes_a_period_a_key_over_the_trigger_and_a_bound() {
+    let flow = |fields: &str| {
+        format!(
+            "apiVersion: piecework/v1\nkind: Flow\nname: calm\ntrigger: {{ piece: data, trigger: catch }}\n{fields}steps:\n  - {{ name: a, piece: data, action: set, input: {{ value: 1 }} }}\n"
+        )
+    };
+    assert_eq!(
+        issues(&flow(
+            "debounce: 30s\ndebounce_key: \"{{ trigger.body.ticket_id }}\"\ndebounce_max: 5m\n"
+        )),
+        Vec::<String>::new()
+    );
+    assert_eq!(issues(&flow("debounce: 1s\n")), Vec::<String>::new());
+    assert_eq!(
+        issues(&flow(
+            "debounce: 0s\ndebounce_key: \"{{ steps.a.output }}\"\ndebounce_max: 8d\n"
+        )),
+        [
+            "debounce: must be at least 1s and at most 7 days",
+            "debounce_max: must be at least `debounce` and at most 7 days",
+            "debounce_key: refers to `steps`: a debounce key sees only `trigger`, the item",
+        ]
+    );
+    assert_eq!(
+        issues(&flow("debounce: 1m\ndebounce_key: ticket\n")),
+        [
+            "debounce_key: \"ticket\" is not a template: write what groups items, such as \"{{ trigger.body.ticket_id }}\""
+        ]
+    );
+    assert_eq!(
+        issues(&flow(
+            "debounce_key: \"{{ trigger.body }}\"\ndebounce_max: 1m\n"
+        )),
+        [
+            "debounce_key: is only used with `debounce`",
+            "debounce_max: is only used with `debounce`",
+        ]
+    );
+}

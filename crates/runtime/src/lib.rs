@@ -652,6 +652,26 @@ impl Runtime {
             .await
     }
 
+    /// What a trigger item of `flow` starts: run `run_id` at once, or, when the flow
+    /// debounces, its group's run later ([`Runtime::hold_item`], `item_id` naming the item).
+    pub async fn start_or_hold(
+        &self,
+        flow: &FlowVersion,
+        run_id: String,
+        item: Value,
+        kind: TriggerKind,
+        item_id: &str,
+    ) -> Result<(), RuntimeError> {
+        if flow.definition.debounce.is_some() {
+            let started_by = piecework_sdk::Principal::new("schedule", None);
+            self.hold_item(flow, item, kind, started_by, Some(item_id.to_owned()))
+                .await?;
+        } else {
+            self.start_run(flow, run_id, item, kind).await?;
+        }
+        Ok(())
+    }
+
     /// [`Runtime::start_run`], saying who started it.
     pub async fn start_run_as(
         &self,
@@ -690,6 +710,97 @@ impl Runtime {
             self.publish_step(flow, &run.id, &first.name, 0).await?;
         }
         Ok(created)
+    }
+
+    /// Holds trigger item `item` of `flow`, which debounces (`debounce`), in its group — the
+    /// value of `debounce_key` for it — instead of starting a run: the group's run starts,
+    /// with its last item, once no new item has come for `debounce` (at most `debounce_max`
+    /// after its first). `item_id` (a polled item's) makes holding the same item again
+    /// change nothing. Returns when the group's run is due.
+    pub async fn hold_item(
+        &self,
+        flow: &FlowVersion,
+        item: Value,
+        kind: TriggerKind,
+        started_by: piecework_sdk::Principal,
+        item_id: Option<String>,
+    ) -> Result<DateTime<Utc>, RuntimeError> {
+        let definition = &flow.definition;
+        let Some(period) = definition.debounce else {
+            return Err(RuntimeError::Invalid(format!(
+                "flow `{}` does not debounce its items",
+                flow.flow_id
+            )));
+        };
+        let key = match &definition.debounce_key {
+            None => String::new(),
+            Some(template) => {
+                let context = Run::new(String::new(), &flow.flow_id, flow.version, item.clone())
+                    .template_context();
+                match piecework_core::template::render(&Value::String(template.clone()), &context) {
+                    Ok(Value::String(key)) => key,
+                    Ok(other) => other.to_string(),
+                    Err(err) => {
+                        return Err(RuntimeError::Invalid(format!(
+                            "debounce_key of flow `{}`: {}",
+                            flow.flow_id, err.message
+                        )));
+                    }
+                }
+            }
+        };
+        let held = piecework_store::Held {
+            flow_id: flow.flow_id.clone(),
+            slot: run::deterministic_run_id(&flow.flow_id, &format!("debounce:{key}")),
+            item_id,
+            item,
+            meta: piecework_store::HeldMeta {
+                flow_version: flow.version,
+                key,
+                trigger: kind.as_str().to_owned(),
+                started_by,
+            },
+            period,
+            max: definition.debounce_max.unwrap_or(period * 10).max(period),
+            now: self.now(),
+        };
+        let due = self.store.hold_item(&held).await?;
+        self.metrics
+            .trigger_items_held
+            .get_or_create(&piecework_telemetry::metrics::FlowLabels {
+                flow: flow.flow_id.clone(),
+            })
+            .inc();
+        tracing::debug!(flow = %flow.flow_id, key = %held.meta.key, %due, "trigger item held by debounce");
+        Ok(due)
+    }
+
+    /// Starts the run of the debounced group whose timer fired, with the group's last item,
+    /// and ends the group. The run's id is the group's and item count's, so a timer that
+    /// fires twice (a scheduler died in between) starts one run.
+    async fn start_held(&self, timer: &Timer) -> Result<(), RuntimeError> {
+        let (flow_id, slot) = (&timer.flow_id, &timer.run_id);
+        let Some(pending) = self.store.pending_item(flow_id, slot).await? else {
+            // Started already: only its timer was left.
+            return Ok(self.store.release_item(flow_id, slot, 0).await?);
+        };
+        let version = pending.meta.flow_version;
+        let Some(flow) = self.flow_version(flow_id, version).await? else {
+            tracing::warn!(flow = %flow_id, version, "a debounced item's flow version is gone; dropping it");
+            return Ok(self.store.release_item(flow_id, slot, pending.seq).await?);
+        };
+        let run_id = run::deterministic_run_id(
+            flow_id,
+            &format!(
+                "debounce:{slot}:{}:{}",
+                pending.first.timestamp_millis(),
+                pending.seq
+            ),
+        );
+        let kind = TriggerKind::parse(&pending.meta.trigger).unwrap_or(TriggerKind::webhook);
+        self.start_run_as(&flow, run_id, pending.item, kind, pending.meta.started_by)
+            .await?;
+        Ok(self.store.release_item(flow_id, slot, pending.seq).await?)
     }
 
     /// Starts the run of flow `child` that sub-flow step `step` (its recorded name) of run
@@ -917,6 +1028,12 @@ impl Runtime {
         for timer in &due {
             if timer.step.is_empty() {
                 self.expire(timer).await;
+                continue;
+            }
+            if timer.step == piecework_store::DEBOUNCE_STEP {
+                if let Err(err) = self.start_held(timer).await {
+                    tracing::warn!(flow = %timer.flow_id, error = %err, "could not start a debounced run; its timer fires again");
+                }
                 continue;
             }
             if let Err(err) = self.publish_wake(timer, timer.due).await {

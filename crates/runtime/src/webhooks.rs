@@ -123,6 +123,15 @@ fn context(flow_id: &str) -> String {
     format!("webhook:{flow_id}")
 }
 
+/// What a webhook call started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookRuns {
+    /// One run per item, started now.
+    pub run_ids: Vec<String>,
+    /// When the flow debounces: its items were held, and their runs start by then.
+    pub held_until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 impl Runtime {
     /// The flow record a webhook call is admitted on: from this process's cache of records
     /// that admitted a call before, else read from the store. Creating the run checks it
@@ -163,10 +172,27 @@ impl Runtime {
         flow: &piecework_core::FlowVersion,
         webhook: &dyn piecework_sdk::trigger::DynWebhook,
         request: &piecework_sdk::WebhookRequest,
-    ) -> Result<Vec<String>, RuntimeError> {
+    ) -> Result<WebhookRuns, RuntimeError> {
         let received = std::time::Instant::now();
         let result = async {
             let items = self.webhook_items(flow, webhook, request).await?;
+            if flow.definition.debounce.is_some() {
+                // Held back: the call's audit entry goes on its own.
+                let started_by =
+                    piecework_sdk::Principal::new(format!("webhook:{}", flow.flow_id), None);
+                let mut held_until = None;
+                for item in items {
+                    let kind = piecework_telemetry::metrics::TriggerKind::webhook;
+                    let due = self
+                        .hold_item(flow, item, kind, started_by.clone(), None)
+                        .await?;
+                    held_until = held_until.max(Some(due));
+                }
+                return Ok(WebhookRuns {
+                    run_ids: Vec::new(),
+                    held_until,
+                });
+            }
             let mut run_ids = Vec::with_capacity(items.len());
             for item in items {
                 let run_id = piecework_core::run::new_run_id();
@@ -177,10 +203,15 @@ impl Runtime {
                     .await?;
                 run_ids.push(run_id);
             }
-            Ok(run_ids)
+            Ok(WebhookRuns {
+                run_ids,
+                held_until: None,
+            })
         }
         .await;
-        if let Some(error) = Self::receive_audit_owed(&result, |ids: &Vec<String>| ids.is_empty()) {
+        if let Some(error) =
+            Self::receive_audit_owed(&result, |runs: &WebhookRuns| runs.run_ids.is_empty())
+        {
             self.append_receive_audit(flow, received, error).await;
         }
         result
@@ -198,6 +229,12 @@ impl Runtime {
     ) -> Result<(String, Box<dyn piecework_store::RunWatch>), RuntimeError> {
         let received = std::time::Instant::now();
         let result = async {
+            if flow.definition.debounce.is_some() {
+                return Err(RuntimeError::Invalid(format!(
+                    "flow `{id}` debounces its items, so a call cannot wait for its run: call POST /v1/webhooks/{id}",
+                    id = flow.flow_id
+                )));
+            }
             let items = self.webhook_items(flow, webhook, request).await?;
             let count = items.len();
             let Ok([item]) = <[serde_json::Value; 1]>::try_from(items) else {

@@ -176,6 +176,53 @@ pub struct Timer {
     pub due: DateTime<Utc>,
 }
 
+/// The `step` of a timer that starts a debounced group's run (its `run_id` is the group's
+/// slot, its `flow_version` 0).
+pub const DEBOUNCE_STEP: &str = "#debounce";
+
+/// A trigger item a flow's `debounce` holds back, as it arrives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Held {
+    pub flow_id: String,
+    /// The group: one pending run per flow and debounce key.
+    pub slot: String,
+    /// The item's own id (a polled item's), so the same item held twice changes nothing.
+    pub item_id: Option<String>,
+    pub item: Value,
+    /// What the run is started with when the group is due.
+    pub meta: HeldMeta,
+    /// The group's run starts this long after its last item …
+    pub period: Duration,
+    /// … but no later than this long after its first.
+    pub max: Duration,
+    /// When it arrived (the caller's clock).
+    pub now: DateTime<Utc>,
+}
+
+/// What a debounced group's run is started with, besides its item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldMeta {
+    /// The flow version the last item came to.
+    pub flow_version: u32,
+    /// The debounce key's value.
+    pub key: String,
+    /// `webhook`, `polling` or `schedule`.
+    pub trigger: String,
+    pub started_by: piecework_sdk::Principal,
+}
+
+/// A debounced group waiting for its run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    /// The last item.
+    pub item: Value,
+    pub meta: HeldMeta,
+    /// How many items the group took (each new item bumps it).
+    pub seq: u64,
+    pub first: DateTime<Utc>,
+    pub due: DateTime<Utc>,
+}
+
 /// A stored connection. `secret` is the sealed value, opaque to the store: only the worker
 /// (and the API, to validate) hold the key to open it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -298,6 +345,16 @@ pub trait Store: Send + Sync + 'static {
         run_id: &str,
         max: u32,
     ) -> Result<bool, StoreError>;
+    /// Holds `held` as the last item of its debounce group (creating the group with its
+    /// first item) and sets the group's timer ([`DEBOUNCE_STEP`]) to when its run starts:
+    /// `period` after this item, at most `max` after the first; returns that time. An item
+    /// whose `item_id` is the group's last changes nothing.
+    async fn hold_item(&self, held: &Held) -> Result<DateTime<Utc>, StoreError>;
+    /// The group `slot` of `flow_id`, if it holds an item.
+    async fn pending_item(&self, flow_id: &str, slot: &str) -> Result<Option<Pending>, StoreError>;
+    /// Ends group `slot` once its run started with its item `seq`, with its timer; a group
+    /// that took another item meanwhile is kept (its timer fires again).
+    async fn release_item(&self, flow_id: &str, slot: &str, seq: u64) -> Result<(), StoreError>;
     /// Counts the end of lane `lane` of `around`, a loop of run `run_id` running its items in
     /// `lanes` lanes; `true` once every lane has ended (again `true` for a lane counted
     /// twice then). `false` for a run that no longer exists.

@@ -13,8 +13,8 @@ use piecework_sdk::{KvStore, MemoryKv, PollState};
 use tokio::sync::Notify;
 
 use crate::{
-    Admission, ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunEnded, RunQuery,
-    RunUpdate, RunWatch, StepUpdate, Store, StoreError, Timer,
+    Admission, ApiKeyRecord, Applied, ConnectionRecord, DEBOUNCE_STEP, Entry, FlowRecord, Held,
+    Pending, RunEnded, RunQuery, RunUpdate, RunWatch, StepUpdate, Store, StoreError, Timer,
 };
 
 /// Default cap of each stream, as Redis' `MAXLEN ~`.
@@ -84,6 +84,8 @@ struct State {
     rates: HashMap<String, tokio::time::Instant>,
     /// Run slots taken, by flow.
     slots: HashMap<String, Vec<String>>,
+    /// Debounced groups waiting for their run, by flow and slot, with their last item's id.
+    held: HashMap<(String, String), (Pending, Option<String>)>,
     /// The lanes of loops whose items run side by side that ended, by run and loop.
     lanes: HashMap<(String, String), std::collections::BTreeSet<u32>>,
     /// In-flight places taken, by limit: holders and when their lease lapses.
@@ -206,6 +208,7 @@ impl MemoryStore {
                 rates: HashMap::new(),
                 slots: HashMap::new(),
                 lanes: HashMap::new(),
+                held: HashMap::new(),
                 in_flight: HashMap::new(),
             })),
             timers_added: Arc::new(tokio::sync::watch::channel(0).0),
@@ -611,6 +614,66 @@ impl Store for MemoryStore {
         }
         held.push(run_id.to_owned());
         Ok(true)
+    }
+
+    async fn hold_item(&self, held: &Held) -> Result<chrono::DateTime<Utc>, StoreError> {
+        let due = {
+            let mut state = self.state.lock().unwrap();
+            let group = (held.flow_id.clone(), held.slot.clone());
+            let earlier = state.held.get(&group);
+            if let Some((pending, last)) = earlier
+                && held.item_id.is_some()
+                && *last == held.item_id
+            {
+                return Ok(pending.due);
+            }
+            let first = earlier.map_or(held.now, |(p, _)| p.first);
+            let seq = earlier.map_or(0, |(p, _)| p.seq) + 1;
+            let span = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+            let due = (held.now + span(held.period)).min(first + span(held.max));
+            let pending = Pending {
+                item: held.item.clone(),
+                meta: held.meta.clone(),
+                seq,
+                first,
+                due,
+            };
+            state.held.insert(group, (pending, held.item_id.clone()));
+            state.timers.insert(
+                (held.slot.clone(), DEBOUNCE_STEP.to_owned()),
+                Timer {
+                    run_id: held.slot.clone(),
+                    flow_id: held.flow_id.clone(),
+                    flow_version: 0,
+                    step: DEBOUNCE_STEP.to_owned(),
+                    due,
+                },
+            );
+            due
+        };
+        self.timers_added.send_modify(|n| *n += 1);
+        Ok(due)
+    }
+
+    async fn pending_item(&self, flow_id: &str, slot: &str) -> Result<Option<Pending>, StoreError> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .held
+            .get(&(flow_id.to_owned(), slot.to_owned()))
+            .map(|(pending, _)| pending.clone()))
+    }
+
+    async fn release_item(&self, flow_id: &str, slot: &str, seq: u64) -> Result<(), StoreError> {
+        let mut state = self.state.lock().unwrap();
+        let group = (flow_id.to_owned(), slot.to_owned());
+        let taken = state.held.get(&group).is_none_or(|(p, _)| p.seq == seq);
+        if taken {
+            state.held.remove(&group);
+            state
+                .timers
+                .remove(&(slot.to_owned(), DEBOUNCE_STEP.to_owned()));
+        }
+        Ok(())
     }
 
     async fn join_lane(

@@ -16,6 +16,7 @@
 //! | `pw:timers` | sorted set and pub/sub channel | timers of waiting runs and run deadlines (`run\nflow\nversion\nstep`, by due ms); a message when one is added |
 //! | `pw:rate:{key}`, `pw:inflight:{key}`, `pw:slots:flow:{id}` | string, sorted sets | fleet-wide step rate limits, in-flight places and run slots |
 //! | `pw:trigger:{flow}` | string | the polling cursor (JSON) |
+//! | `pw:debounce:{flow}:{slot}` | hash | a debounced group: its last `item` (JSON), `item_id`, `meta` (JSON), `seq`, `first_ms`, `due_ms`; its timer is `slot\nflow\n0\n#debounce` in `pw:timers`; expires a day after it was due |
 //! | `pw:lease:{name}` | string | a lease's holder, expiring (`poll:{flow}`: one poll per flow at a time) |
 //! | `pw:connections` | set | connection names |
 //! | `pw:connection:{name}` | string | a connection (JSON) whose values are sealed (AES-256-GCM) |
@@ -49,8 +50,8 @@ use tokio::sync::Mutex;
 use crate::group_commit::GroupCommit;
 use crate::run_done::{self, RunDone};
 use crate::{
-    Admission, ApiKeyRecord, Applied, ConnectionRecord, Entry, FlowRecord, RunEnded, RunQuery,
-    RunUpdate, RunWatch, StepUpdate, Store, StoreError, Timer,
+    Admission, ApiKeyRecord, Applied, ConnectionRecord, DEBOUNCE_STEP, Entry, FlowRecord, Held,
+    Pending, RunEnded, RunQuery, RunUpdate, RunWatch, StepUpdate, Store, StoreError, Timer,
 };
 
 /// A registered waiter for one run's end. The finish notification says how the run ended;
@@ -423,6 +424,37 @@ redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
 return 1
 "#;
 
+/// Holds item `ARGV[1]` (id `ARGV[2]`, meta `ARGV[3]`) as the last of debounce group
+/// `KEYS[1]` at `ARGV[4]` ms: due `ARGV[5]` ms later, at most `ARGV[6]` ms after the group's
+/// first item; sets its timer `ARGV[7]` in `KEYS[2]` (and announces it); the group expires
+/// `ARGV[8]` ms after it is due. Returns when it is due.
+const HOLD_ITEM: &str = r#"
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'item_id') == ARGV[2] then
+  return tonumber(redis.call('HGET', KEYS[1], 'due_ms'))
+end
+local now = tonumber(ARGV[4])
+local first = tonumber(redis.call('HGET', KEYS[1], 'first_ms') or ARGV[4])
+local due = math.min(now + tonumber(ARGV[5]), first + tonumber(ARGV[6]))
+redis.call('HSET', KEYS[1], 'item', ARGV[1], 'item_id', ARGV[2], 'meta', ARGV[3],
+  'first_ms', string.format('%d', first), 'due_ms', string.format('%d', due))
+redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('PEXPIRE', KEYS[1], due - now + tonumber(ARGV[8]))
+redis.call('ZADD', KEYS[2], due, ARGV[7])
+redis.call('PUBLISH', KEYS[2], string.format('%d', due))
+return due
+"#;
+
+/// Ends debounce group `KEYS[1]` if it is still at item `ARGV[1]`, with its timer `ARGV[2]`
+/// in `KEYS[2]` (also when the group is gone).
+const RELEASE_ITEM: &str = r#"
+local seq = redis.call('HGET', KEYS[1], 'seq')
+if seq == false or seq == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+end
+return 0
+"#;
+
 /// Counts the end of lane `ARGV[2]` of a loop in run hash `KEYS[1]`, as field `ARGV[1]<lane>`
 /// (so the count goes with the run), and answers how many of lanes `0..ARGV[3]` ended; 0 for
 /// a run that no longer exists.
@@ -453,6 +485,11 @@ redis.call('ZADD', KEYS[1], lease_end, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + 1000)
 return 1
 "#;
+
+/// The hash of debounce group `slot` of `flow_id`.
+fn debounce_key(flow_id: &str, slot: &str) -> String {
+    format!("pw:debounce:{flow_id}:{slot}")
+}
 
 /// A timer's member in `pw:timers`.
 fn timer_member(run_id: &str, flow_id: &str, flow_version: u32, step: &str) -> String {
@@ -522,6 +559,8 @@ pub struct RedisStore {
     expire_run: Arc<Script>,
     acquire_run_slot: Arc<Script>,
     join_lane: Arc<Script>,
+    hold_item: Arc<Script>,
+    release_item: Arc<Script>,
     acquire_in_flight: Arc<Script>,
     resume_waiting: Arc<Script>,
     take_timers: Arc<Script>,
@@ -653,6 +692,8 @@ impl RedisStore {
             expire_run: Arc::new(Script::new(EXPIRE_RUN)),
             acquire_run_slot: Arc::new(Script::new(ACQUIRE_RUN_SLOT)),
             join_lane: Arc::new(Script::new(JOIN_LANE)),
+            hold_item: Arc::new(Script::new(HOLD_ITEM)),
+            release_item: Arc::new(Script::new(RELEASE_ITEM)),
             acquire_in_flight: Arc::new(Script::new(ACQUIRE_IN_FLIGHT)),
             resume_waiting: Arc::new(Script::new(RESUME_WAITING)),
             take_timers: Arc::new(Script::new(TAKE_TIMERS)),
@@ -1460,6 +1501,64 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(taken == 1)
+    }
+
+    async fn hold_item(&self, held: &Held) -> Result<DateTime<Utc>, StoreError> {
+        let due: i64 = self
+            .hold_item
+            .key(debounce_key(&held.flow_id, &held.slot))
+            .key(TIMERS)
+            .arg(to_json(&held.item))
+            .arg(held.item_id.as_deref().unwrap_or_default())
+            .arg(to_json(&held.meta))
+            .arg(held.now.timestamp_millis())
+            .arg(millis(held.period))
+            .arg(millis(held.max))
+            .arg(timer_member(&held.slot, &held.flow_id, 0, DEBOUNCE_STEP))
+            .arg(millis(Duration::from_secs(24 * 3600)))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(DateTime::from_timestamp_millis(due).unwrap_or(held.now))
+    }
+
+    async fn pending_item(&self, flow_id: &str, slot: &str) -> Result<Option<Pending>, StoreError> {
+        let key = debounce_key(flow_id, slot);
+        let fields: HashMap<String, String> =
+            self.conn().hgetall(&key).await.map_err(unavailable)?;
+        let (Some(item), Some(meta)) = (fields.get("item"), fields.get("meta")) else {
+            return Ok(None);
+        };
+        let number = |field: &str| -> Result<i64, StoreError> {
+            fields
+                .get(field)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| corrupt(&key, format!("no number `{field}`")))
+        };
+        let time = |field: &str| -> Result<DateTime<Utc>, StoreError> {
+            DateTime::from_timestamp_millis(number(field)?)
+                .ok_or_else(|| corrupt(&key, format!("`{field}` is not a time")))
+        };
+        Ok(Some(Pending {
+            item: from_json(&key, item)?,
+            meta: from_json(&key, meta)?,
+            seq: u64::try_from(number("seq")?).unwrap_or_default(),
+            first: time("first_ms")?,
+            due: time("due_ms")?,
+        }))
+    }
+
+    async fn release_item(&self, flow_id: &str, slot: &str, seq: u64) -> Result<(), StoreError> {
+        let _: i64 = self
+            .release_item
+            .key(debounce_key(flow_id, slot))
+            .key(TIMERS)
+            .arg(seq)
+            .arg(timer_member(slot, flow_id, 0, DEBOUNCE_STEP))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn join_lane(

@@ -13,7 +13,9 @@ use piecework_sdk::PollState;
 use piecework_store::audit::{self, AuditQuery};
 use piecework_store::memory::MemoryStore;
 use piecework_store::redis::{RedisConfig, RedisStore};
-use piecework_store::{Pause, RunQuery, RunUpdate, StepUpdate, Store, Timer};
+use piecework_store::{
+    DEBOUNCE_STEP, Held, HeldMeta, Pause, RunQuery, RunUpdate, StepUpdate, Store, Timer,
+};
 use piecework_testkit::RedisServer;
 use serde_json::json;
 
@@ -1289,6 +1291,91 @@ async fn a_loop_joins_once_every_lane_ended(store: Arc<dyn Store>) {
     );
 }
 
+async fn debounced_items_wait_in_their_group_until_it_is_quiet(store: Arc<dyn Store>) {
+    let t0 = chrono::DateTime::from_timestamp(1_900_000_000, 0).unwrap();
+    let held = |slot: &str, n: u64, id: Option<&str>, at: i64| Held {
+        flow_id: "f".into(),
+        slot: slot.into(),
+        item_id: id.map(str::to_owned),
+        item: json!({ "n": n, "big": 12_345_678_901_234_567_u64 }),
+        meta: HeldMeta {
+            flow_version: 2,
+            key: format!("key-{slot}"),
+            trigger: "webhook".into(),
+            started_by: piecework_sdk::Principal::new("webhook:f", None),
+        },
+        period: Duration::from_secs(10),
+        max: Duration::from_secs(25),
+        now: t0 + chrono::Duration::seconds(at),
+    };
+    let secs = |s: i64| t0 + chrono::Duration::seconds(s);
+    assert_eq!(
+        store.hold_item(&held("a", 1, None, 0)).await.unwrap(),
+        secs(10)
+    );
+    assert_eq!(
+        store.hold_item(&held("a", 2, None, 8)).await.unwrap(),
+        secs(18)
+    );
+    assert_eq!(
+        store.hold_item(&held("b", 9, Some("x"), 8)).await.unwrap(),
+        secs(18)
+    );
+    assert_eq!(
+        store.hold_item(&held("b", 10, Some("x"), 9)).await.unwrap(),
+        secs(18),
+        "the same item again changes nothing"
+    );
+    // Items keep coming: the first one waits at most `max`.
+    assert_eq!(
+        store.hold_item(&held("a", 3, None, 20)).await.unwrap(),
+        secs(25)
+    );
+    let a = store.pending_item("f", "a").await.unwrap().unwrap();
+    assert_eq!(
+        a.item,
+        json!({ "n": 3, "big": 12_345_678_901_234_567_u64 }),
+        "the last item, as it came"
+    );
+    assert_eq!((a.seq, a.first, a.due), (3, t0, secs(25)));
+    assert_eq!(a.meta.flow_version, 2);
+    assert_eq!(a.meta.key, "key-a");
+    assert_eq!(store.pending_item("f", "b").await.unwrap().unwrap().seq, 1);
+    assert!(store.pending_item("f", "zz").await.unwrap().is_none());
+
+    // Their timers come due with the others.
+    let due = store
+        .take_due_timers(secs(30), 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut slots: Vec<(&str, &str, u32)> = due
+        .iter()
+        .map(|t| (t.run_id.as_str(), t.step.as_str(), t.flow_version))
+        .collect();
+    slots.sort_unstable();
+    assert_eq!(slots, [("a", DEBOUNCE_STEP, 0), ("b", DEBOUNCE_STEP, 0)]);
+    // A group that took another item since its run started is kept; one that did not ends.
+    store.release_item("f", "a", 2).await.unwrap();
+    assert!(store.pending_item("f", "a").await.unwrap().is_some());
+    store.release_item("f", "a", 3).await.unwrap();
+    assert!(store.pending_item("f", "a").await.unwrap().is_none());
+    store.release_item("f", "b", 1).await.unwrap();
+    let later = store
+        .take_due_timers(secs(1000), 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(
+        later.is_empty(),
+        "released groups leave no timer: {later:?}"
+    );
+    // A new item after the release starts a new group.
+    assert_eq!(
+        store.hold_item(&held("a", 4, None, 100)).await.unwrap(),
+        secs(110)
+    );
+    assert_eq!(store.pending_item("f", "a").await.unwrap().unwrap().seq, 1);
+}
+
 async fn in_flight_places_are_bounded_leased_and_given_back(store: Arc<dyn Store>) {
     let lease = Duration::from_secs(60);
     assert!(store.acquire_in_flight("api", "a", 2, lease).await.unwrap());
@@ -1357,6 +1444,7 @@ macro_rules! suite {
 }
 
 suite!(
+    debounced_items_wait_in_their_group_until_it_is_quiet,
     a_loop_joins_once_every_lane_ended,
     in_flight_places_are_bounded_leased_and_given_back,
     run_slots_count_only_runs_still_going,

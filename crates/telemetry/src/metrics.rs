@@ -28,6 +28,7 @@ pub const NAMES: &[&str] = &[
     "piecework_step_retries_total",
     "piecework_runs_started_total",
     "piecework_runs_finished_total",
+    "piecework_trigger_items_held_total",
     "piecework_polls_total",
     "piecework_poll_items_total",
     "piecework_poll_dedupe_dropped_total",
@@ -77,6 +78,29 @@ pub enum TriggerKind {
     schedule,
     /// Started through the API (`POST /v1/flows/{id}/runs`).
     manual,
+}
+
+impl TriggerKind {
+    pub const ALL: [TriggerKind; 4] = [
+        TriggerKind::webhook,
+        TriggerKind::polling,
+        TriggerKind::schedule,
+        TriggerKind::manual,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerKind::webhook => "webhook",
+            TriggerKind::polling => "polling",
+            TriggerKind::schedule => "schedule",
+            TriggerKind::manual => "manual",
+        }
+    }
+
+    /// The kind [`TriggerKind::as_str`] names.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
 }
 
 /// How a poll ended.
@@ -260,6 +284,9 @@ pub struct Metrics {
     pub runs_started: Family<RunStartLabels, Counter>,
     /// Runs ended, by flow and final status.
     pub runs_finished: Family<RunEndLabels, Counter>,
+    /// Trigger items a flow's `debounce` held back, by flow: each replaced the one before it
+    /// in its group, and each group starts one run (in `runs_started`).
+    pub trigger_items_held: Family<FlowLabels, Counter>,
     /// Polls of polling triggers, by flow and outcome.
     pub polls: Family<PollLabels, Counter>,
     /// Items polling triggers returned, before deduplication.
@@ -326,6 +353,7 @@ impl Metrics {
             step_retries: Family::default(),
             runs_started: Family::default(),
             runs_finished: Family::default(),
+            trigger_items_held: Family::default(),
             polls: Family::default(),
             poll_items: Family::default(),
             poll_dedupe_dropped: Family::default(),
@@ -372,6 +400,11 @@ impl Metrics {
             "runs_finished",
             "Runs ended, by flow and final status",
             m.runs_finished.clone(),
+        );
+        r.register(
+            "trigger_items_held",
+            "Trigger items held back by a flow's debounce, by flow",
+            m.trigger_items_held.clone(),
         );
         r.register(
             "polls",
@@ -580,6 +613,10 @@ mod tests {
             .flows_enabled
             .get_or_create(&PieceLabels { piece: "p".into() })
             .set(1);
+        metrics
+            .trigger_items_held
+            .get_or_create(&FlowLabels { flow: "f".into() })
+            .inc();
         metrics
             .piece_healthy
             .get_or_create(&HealthLabels {

@@ -1005,9 +1005,13 @@ async fn webhook(
     headers: HeaderMap,
     Body(body): Body,
 ) -> ApiResult<Response> {
-    let run_ids = audited_webhook(&state, &flow_id, &headers, query, body).await?;
-    let run_id = run_ids.first().cloned();
-    let mut answer = json!({ "run_id": run_id, "run_ids": run_ids });
+    let started = audited_webhook(&state, &flow_id, &headers, query, body).await?;
+    let run_id = started.run_ids.first().cloned();
+    let mut answer = json!({ "run_id": run_id, "run_ids": started.run_ids });
+    if let Some(until) = started.held_until {
+        // The flow debounces: the run starts once the calls stop.
+        answer["held_until"] = json!(until);
+    }
     if let Some(trace_id) = propagation::trace_id_of(&tracing::Span::current()) {
         answer["trace_id"] = json!(trace_id);
     }
@@ -1021,7 +1025,7 @@ async fn audited_webhook(
     headers: &HeaderMap,
     query: BTreeMap<String, String>,
     body: Bytes,
-) -> ApiResult<Vec<String>> {
+) -> ApiResult<piecework_runtime::webhooks::WebhookRuns> {
     let request = webhook_request(headers, query, &body)?;
     let mut fresh = false;
     loop {

@@ -1482,6 +1482,90 @@ async fn a_run_failed_in_one_lane_retried_by_hand_finishes_every_lane() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn debounced_items_start_one_run_per_group_with_its_last_item() {
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: echo, piece: test, action: echo, input: { value: \"{{ trigger.ticket }}:{{ trigger.n }}\" } }\n";
+    let definition = flow(steps).replace(
+        "steps:\n",
+        "debounce: 10s\ndebounce_key: \"{{ trigger.ticket }}\"\ndebounce_max: 30s\nsteps:\n",
+    );
+    let h = Harness::start(&probe, &definition).await;
+    let flow = h.runtime.flow_version("f", 1).await.unwrap().unwrap();
+    let hold = |ticket: &'static str, n: u32| {
+        let (runtime, flow) = (h.runtime.clone(), flow.clone());
+        async move {
+            runtime
+                .hold_item(
+                    &flow,
+                    json!({ "ticket": ticket, "n": n }),
+                    TriggerKind::webhook,
+                    piecework_sdk::Principal::new("webhook:f", None),
+                    None,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let runs = || async {
+        let query = piecework_store::RunQuery {
+            flow_id: Some("f".into()),
+            status: None,
+            limit: 100,
+        };
+        h.store.list_runs(&query).await.unwrap()
+    };
+    for (ticket, n) in [("a", 1), ("a", 2), ("b", 1), ("a", 3)] {
+        hold(ticket, n).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    // Eight seconds in, `a` was held four seconds ago: nothing is due.
+    assert_eq!(fire_timers(&h).await, 0);
+    assert!(runs().await.is_empty());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(fire_timers(&h).await, 2, "one run per ticket");
+    let mut outputs = Vec::new();
+    for summary in runs().await {
+        let run = h.finished(&summary.id).await;
+        assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+        assert_eq!(run.started_by.name, "webhook:f");
+        outputs.push(run.step("echo").unwrap().output.clone().unwrap());
+    }
+    outputs.sort_by_key(ToString::to_string);
+    assert_eq!(
+        outputs,
+        [json!("a:3"), json!("b:1")],
+        "each with its last item"
+    );
+    assert_eq!(fire_timers(&h).await, 0, "the groups are gone");
+
+    // Items every 5 s would hold a group forever: `debounce_max` starts it anyway.
+    let started = h.runtime.now();
+    let due = hold("c", 1).await;
+    assert_eq!(due, started + chrono::Duration::seconds(10));
+    for n in 2..=7 {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        fire_timers(&h).await;
+        hold("c", n).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fire_timers(&h).await;
+    let all = runs().await;
+    assert_eq!(all.len(), 3, "`c` started its run at debounce_max: {all:?}");
+    let newest = h.finished(&all[0].id).await;
+    assert_eq!(
+        newest.step("echo").unwrap().output,
+        Some(json!("c:6")),
+        "the last item before debounce_max; item 7 opened a new group"
+    );
+    let metrics = h.runtime.metrics.encode();
+    assert!(
+        metrics.contains("piecework_trigger_items_held_total{flow=\"f\"} 11"),
+        "{metrics}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_delay_inside_a_loop_pauses_each_item() {
     let probe = Arc::new(Probe::default());
     let steps = concat!(

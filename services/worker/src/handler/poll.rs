@@ -84,10 +84,10 @@ impl Handler {
                 let tick =
                     DateTime::from_timestamp_millis(job.tick_unix_ms).unwrap_or_else(Utc::now);
                 let item = json!({ "scheduled_at": tick, "fired_at": Utc::now() });
-                let run_id =
-                    deterministic_run_id(&flow.flow_id, &format!("tick:{}", job.tick_unix_ms));
+                let tick = format!("tick:{}", job.tick_unix_ms);
+                let run_id = deterministic_run_id(&flow.flow_id, &tick);
                 runtime
-                    .start_run(&flow, run_id, item, metrics::TriggerKind::schedule)
+                    .start_or_hold(&flow, run_id, item, metrics::TriggerKind::schedule, &tick)
                     .await?;
                 Ok(Settle::Ack)
             }
@@ -202,10 +202,11 @@ impl Handler {
             };
         let new_items = outcome.new_items.len();
         for mut item in outcome.new_items {
-            let run_id = deterministic_run_id(&flow.flow_id, &item.dedupe_key());
+            let key = item.dedupe_key();
+            let run_id = deterministic_run_id(&flow.flow_id, &key);
             secrets.mask_value(&mut item.data);
             runtime
-                .start_run(flow, run_id, item.data, metrics::TriggerKind::polling)
+                .start_or_hold(flow, run_id, item.data, metrics::TriggerKind::polling, &key)
                 .await?;
         }
         // The cursor moves only after every run exists: a crash before this line
