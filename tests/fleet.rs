@@ -1085,3 +1085,57 @@ async fn a_debounced_burst_starts_one_run_per_key_with_its_last_item_despite_a_s
         "{metrics}"
     );
 }
+
+/// A cron schedule in a time zone on the production topology: an expression for a local time
+/// in Asia/Kolkata (UTC+05:30) a few seconds away fires then — read as UTC it would be five
+/// and a half hours off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_schedule_fires_at_its_local_time_in_its_time_zone() {
+    use chrono::Timelike as _;
+    let mut fleet = Fleet::start("").await;
+    fleet.start_api().await;
+    fleet.start_scheduler("s1").await;
+    fleet.start_worker("w1", &[]).await;
+    let offset = chrono::Duration::minutes(5 * 60 + 30);
+    let due = (chrono::Utc::now() + chrono::Duration::seconds(8))
+        .with_nanosecond(0)
+        .unwrap();
+    let local = due + offset;
+    let expression = format!(
+        "{} {} {} * * *",
+        local.second(),
+        local.minute(),
+        local.hour()
+    );
+    let flow = format!(
+        "apiVersion: piecework/v1\nkind: Flow\nname: kolkata\ntrigger: {{ piece: schedule, trigger: cron, input: {{ expression: \"{expression}\", timezone: Asia/Kolkata }} }}\nsteps:\n  - {{ name: at, piece: data, action: set, input: {{ value: \"{{{{ trigger.scheduled_at }}}}\" }} }}\n"
+    );
+    fleet.apply(&flow).await;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let run = loop {
+        let body: Value = client()
+            .get(format!("{}/v1/runs?flow=kolkata", fleet.api))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(first) = body["runs"].as_array().and_then(|r| r.first()) {
+            break fleet
+                .finished(first["id"].as_str().unwrap(), Duration::from_secs(30))
+                .await;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            fleet.log_tails()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let scheduled =
+        chrono::DateTime::parse_from_rfc3339(run["steps"][0]["output"].as_str().unwrap()).unwrap();
+    assert_eq!(scheduled, due, "{expression} in Asia/Kolkata is {due} UTC");
+}

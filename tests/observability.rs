@@ -1247,3 +1247,70 @@ async fn a_secret_echoed_by_an_upstream_reaches_no_sink() {
         assert!(!text.contains(CANARY), "the canary reached {sink}");
     }
 }
+
+/// A sub-flow's run is part of its parent's trace: its run span is a child of the sub-flow
+/// step's span, and its steps are children of its run, though another worker runs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subflow_run_is_traced_under_the_step_that_started_it() {
+    let collector = Collector::start().await;
+    let mut fleet = Fleet::start("[scheduler]\ntimer_poll = \"1s\"\n").await;
+    fleet.env = vec![
+        ("PW_OTLP_ENDPOINT".into(), collector.url.clone()),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+    ];
+    fleet.start_api().await;
+    fleet.start_scheduler("s1").await;
+    fleet.start_worker("w1", &[]).await;
+    fleet.start_worker("w2", &[]).await;
+    fleet
+        .apply(&webhook_flow(
+            "child",
+            "  - { name: double, piece: data, action: set, input: { value: \"{{ trigger.n * 2 }}\" } }\n",
+        ))
+        .await;
+    fleet
+        .apply(&webhook_flow(
+            "parent",
+            "  - { name: call, subflow: child, input: { n: \"{{ trigger.body.n }}\" } }\n  - { name: after, piece: data, action: set, input: { value: \"{{ steps.call.output }}\" } }\n",
+        ))
+        .await;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let response = client()
+        .post(format!("{}/v1/webhooks/parent", fleet.api))
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .json(&json!({ "n": 21 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let answer: Value = response.json().await.unwrap();
+    let run = fleet
+        .finished(answer["run_id"].as_str().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["steps"][1]["output"], 42, "{run}");
+
+    let spans = collector
+        .wait_for(
+            trace_id,
+            &[
+                "run parent",
+                "step call",
+                "run child",
+                "step double",
+                "step after",
+            ],
+        )
+        .await;
+    let step_call: Vec<&Exported> = spans
+        .iter()
+        .filter(|s| s.span.name == "step call")
+        .collect();
+    let child_run = one(&spans, "run child");
+    assert!(
+        step_call.iter().any(|s| s.id() == child_run.parent()),
+        "the child run is a child of the step that started it: {child_run:#?}"
+    );
+    assert_eq!(one(&spans, "step double").parent(), child_run.id());
+    assert!(spans.iter().all(|s| s.trace_id() == trace_id));
+}

@@ -1609,13 +1609,14 @@ pub fn audit_event(
     }
 }
 
-/// A new run of `flow` and its span (a child of the caller's: the webhook request or the
-/// poll), whose `traceparent` the run carries so that every step's span becomes its child.
 /// What a resume URL signs.
 fn resume_message(run_id: &str) -> String {
     format!("piecework resume\n{run_id}")
 }
 
+/// A new run of `flow` and its span (a child of the caller's: the webhook request, the poll,
+/// the sub-flow step), whose `traceparent` the run carries so that every step's span becomes
+/// its child.
 pub(crate) fn new_run(
     flow: &FlowVersion,
     run_id: String,
