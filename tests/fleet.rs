@@ -1028,23 +1028,9 @@ async fn a_debounced_burst_starts_one_run_per_key_with_its_last_item_despite_a_s
     fleet.kill("s1");
     fleet.start_scheduler("s2").await;
 
-    let list = |fleet: &Fleet| {
-        let url = format!("{}/v1/runs?flow=calm", fleet.api);
-        async move {
-            let body: Value = client()
-                .get(url)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            body["runs"].as_array().cloned().unwrap_or_default()
-        }
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let runs = loop {
-        let runs = list(&fleet).await;
+        let runs = fleet.runs_of("calm").await;
         if runs.len() >= 2 {
             break runs;
         }
@@ -1071,7 +1057,7 @@ async fn a_debounced_burst_starts_one_run_per_key_with_its_last_item_despite_a_s
     );
     // Nothing more comes of the burst.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(list(&fleet).await.len(), 2);
+    assert_eq!(fleet.runs_of("calm").await.len(), 2);
     let metrics = client()
         .get(format!("{}/metrics", fleet.api))
         .send()
@@ -1114,15 +1100,7 @@ async fn a_cron_schedule_fires_at_its_local_time_in_its_time_zone() {
 
     let deadline = std::time::Instant::now() + Duration::from_secs(40);
     let run = loop {
-        let body: Value = client()
-            .get(format!("{}/v1/runs?flow=kolkata", fleet.api))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if let Some(first) = body["runs"].as_array().and_then(|r| r.first()) {
+        if let Some(first) = fleet.runs_of("kolkata").await.first() {
             break fleet
                 .finished(first["id"].as_str().unwrap(), Duration::from_secs(30))
                 .await;

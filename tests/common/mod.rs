@@ -402,6 +402,22 @@ impl Fleet {
             .to_owned()
     }
 
+    /// `GET` an API path (with the admin key), as JSON.
+    pub async fn get(&self, path: &str) -> Value {
+        let response = client()
+            .get(format!("{}{path}", self.api))
+            .send()
+            .await
+            .unwrap();
+        response.json().await.unwrap()
+    }
+
+    /// The runs of `flow`, newest first.
+    pub async fn runs_of(&self, flow: &str) -> Vec<Value> {
+        let runs = self.get(&format!("/v1/runs?flow={flow}")).await;
+        runs["runs"].as_array().cloned().unwrap_or_default()
+    }
+
     pub async fn run(&self, id: &str) -> Value {
         let response = client()
             .get(format!("{}/v1/runs/{id}", self.api))

@@ -82,6 +82,40 @@ fn scope(ctx: &Context, auth: &PieceAuth) -> CallScope {
     CallScope::of(ctx, secrets)
 }
 
+/// The member of a piece whose dropdown's options are loaded.
+#[derive(Clone, Copy)]
+enum Member<'a> {
+    Action(&'a str),
+    Trigger(&'a str),
+}
+
+/// Asks the piece for the options of `member`'s dynamic dropdown `prop`, after checking it is
+/// one.
+async fn load_options(
+    pool: &Pool,
+    auth: &PieceAuth,
+    ctx: &Context,
+    member: Member<'_>,
+    props: &[piecework_sdk::Prop],
+    prop: &str,
+    input: Value,
+) -> Result<DropdownOptions, PieceError> {
+    let (action, trigger, name) = match member {
+        Member::Action(name) => (Some(Cow::Borrowed(name)), None, name),
+        Member::Trigger(name) => (None, Some(Cow::Borrowed(name)), name),
+    };
+    dynamic_dropdown(props, name, prop)?;
+    let params = protocol::OptionsOf {
+        action,
+        trigger,
+        prop: Cow::Borrowed(prop),
+        input,
+        context: call_context(ctx),
+    };
+    pool.call(method::OPTIONS, &params, Some(scope(ctx, auth)))
+        .await
+}
+
 struct RemoteAction {
     spec: ActionSpec,
     pool: Arc<Pool>,
@@ -117,19 +151,16 @@ impl DynAction for RemoteAction {
         prop: &'a str,
         input: Value,
     ) -> BoxFuture<'a, Result<DropdownOptions, PieceError>> {
-        Box::pin(async move {
-            dynamic_dropdown(&self.spec.props, &self.spec.name, prop)?;
-            let params = protocol::OptionsOf {
-                action: Some(Cow::Borrowed(&self.spec.name)),
-                trigger: None,
-                prop: Cow::Borrowed(prop),
-                input,
-                context: call_context(ctx),
-            };
-            self.pool
-                .call(method::OPTIONS, &params, Some(scope(ctx, &self.auth)))
-                .await
-        })
+        let member = Member::Action(&self.spec.name);
+        Box::pin(load_options(
+            &self.pool,
+            &self.auth,
+            ctx,
+            member,
+            &self.spec.props,
+            prop,
+            input,
+        ))
     }
 }
 
@@ -174,19 +205,16 @@ impl DynPolling for RemoteTrigger {
         prop: &'a str,
         input: Value,
     ) -> BoxFuture<'a, Result<DropdownOptions, PieceError>> {
-        Box::pin(async move {
-            dynamic_dropdown(&self.spec.props, &self.spec.name, prop)?;
-            let params = protocol::OptionsOf {
-                action: None,
-                trigger: Some(Cow::Borrowed(&self.spec.name)),
-                prop: Cow::Borrowed(prop),
-                input,
-                context: call_context(ctx),
-            };
-            self.pool
-                .call(method::OPTIONS, &params, Some(scope(ctx, &self.auth)))
-                .await
-        })
+        let member = Member::Trigger(&self.spec.name);
+        Box::pin(load_options(
+            &self.pool,
+            &self.auth,
+            ctx,
+            member,
+            &self.spec.props,
+            prop,
+            input,
+        ))
     }
 }
 
