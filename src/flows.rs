@@ -87,4 +87,31 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }
+
+    /// The documented `data.merge` form: a template among fixed objects keeps its JSON type at
+    /// run time, so it is not checked as a string when the flow is applied.
+    #[tokio::test]
+    async fn templates_inside_list_items_are_left_to_run_time() {
+        let registry = crate::registry::pieces().unwrap();
+        let flow = |objects: &str| {
+            let text = format!(
+                "apiVersion: piecework/v1\nkind: Flow\nname: merged\ntrigger: {{ piece: webhook, trigger: catch, auth: none }}\nsteps:\n  - {{ name: label, piece: data, action: set, input: {{ value: {{ body: 1 }} }} }}\n  - {{ name: merge, piece: data, action: merge, input: {{ objects: {objects} }} }}\n"
+            );
+            piecework_core::flow::FlowDefinition::parse(&text, piecework_core::flow::Format::Yaml)
+                .unwrap()
+        };
+        let good = flow("[\"{{ steps.label.output }}\", { b: 2 }]");
+        piecework_core::flow::validate(good, &registry)
+            .await
+            .unwrap();
+        let bad = flow("[\"{{ steps.label.output }}\", \"plain\"]");
+        let err = piecework_core::flow::validate(bad, &registry)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("steps[1] (merge).input.objects: item 1: expected object, got a string"),
+            "{err}"
+        );
+    }
 }

@@ -52,9 +52,11 @@ pub struct FlowDefinition {
     /// Who owns the flow; pieces see it for permission checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
-    /// Whether the flow runs once applied. Applying with `enabled: false` pauses it.
-    #[serde(default = "default_true")]
-    pub enabled: bool,
+    /// Whether the flow runs once applied: a new flow is enabled unless this says `false`.
+    /// For a flow that exists, only a changed definition that says so changes whether it is
+    /// enabled; re-applying leaves what an operator set with enable/disable alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
     pub trigger: TriggerDef,
     pub steps: Vec<StepDef>,
     /// The longest a run may take, waits included: a run still going after it is failed
@@ -94,10 +96,6 @@ pub struct FlowDefinition {
 
 /// The longest `debounce` and `debounce_max` may be.
 pub const MAX_DEBOUNCE: Duration = Duration::from_secs(7 * 24 * 3600);
-
-fn default_true() -> bool {
-    true
-}
 
 /// What starts the flow.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

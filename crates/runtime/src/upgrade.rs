@@ -107,7 +107,7 @@ impl Runtime {
             )));
         }
         // Keep the operator's pause: an upgrade is not a re-enable.
-        definition.enabled = record.enabled;
+        definition.enabled = None;
         let registry = self.pieces();
         let valid = flow::validate(definition, &registry).await?;
         let mut resolved = valid.resolved.clone();

@@ -295,7 +295,7 @@ pub fn check_props(props: &[Prop], input: &Map<String, Value>, check: Check) -> 
             }
             Some(value) if check.defers(value) => {}
             Some(value) => {
-                if let Err(problem) = check_value(&prop.kind, value) {
+                if let Err(problem) = check_value(&prop.kind, value, check) {
                     errors.push(PropError::new(&prop.name, problem));
                 }
             }
@@ -378,7 +378,9 @@ fn coerce(kind: &PropKind, value: &mut Value) {
     }
 }
 
-fn check_value(kind: &PropKind, value: &Value) -> Result<(), String> {
+/// Checks `value` against `kind`; inside a list, an item `check` defers (a template among
+/// fixed items) is left to run time like a whole value.
+fn check_value(kind: &PropKind, value: &Value, check: Check) -> Result<(), String> {
     let ok = match kind {
         PropKind::ShortText | PropKind::LongText | PropKind::SecretText => value.is_string(),
         PropKind::Number => value.is_number(),
@@ -415,7 +417,11 @@ fn check_value(kind: &PropKind, value: &Value) -> Result<(), String> {
             Value::Array(values) => {
                 if let Some(item_kind) = items {
                     for (i, item) in values.iter().enumerate() {
-                        check_value(item_kind, item).map_err(|e| format!("item {i}: {e}"))?;
+                        if check.defers(item) {
+                            continue;
+                        }
+                        check_value(item_kind, item, check)
+                            .map_err(|e| format!("item {i}: {e}"))?;
                     }
                 }
                 true
@@ -529,6 +535,31 @@ mod tests {
             },
         );
         assert_eq!(errors, vec![PropError::new("title", "is required")]);
+    }
+
+    #[test]
+    fn static_check_defers_templates_inside_lists_but_checks_fixed_items() {
+        let is_template = |v: &Value| v.as_str().is_some_and(|s| s.contains("{{"));
+        let objects = [Prop::array_of("objects", "Objects", PropKind::Object).required()];
+        let check = Check::Static {
+            deferred: is_template,
+        };
+        let templated = json!({"objects": ["{{ steps.label.output.body }}", {"a": 1}]});
+        let errors = check_props(&objects, templated.as_object().unwrap(), check);
+        assert!(errors.is_empty(), "{errors:?}");
+        let wrong = json!({"objects": ["{{ steps.label.output.body }}", "plain"]});
+        let errors = check_props(&objects, wrong.as_object().unwrap(), check);
+        assert_eq!(
+            errors,
+            vec![PropError::new(
+                "objects",
+                "item 1: expected object, got a string"
+            )]
+        );
+        // At run time the template is rendered: a string is a string.
+        let rendered = json!({"objects": ["{{ not rendered }}", {"a": 1}]});
+        let errors = check_props(&objects, rendered.as_object().unwrap(), Check::Runtime);
+        assert_eq!(errors.len(), 1, "{errors:?}");
     }
 
     #[test]

@@ -176,6 +176,21 @@ pub struct Timer {
     pub due: DateTime<Utc>,
 }
 
+/// Whether a flow is enabled after a definition is applied to it: a new flow unless the
+/// definition says `enabled: false`; an existing one as an operator left it, unless a
+/// changed definition says otherwise explicitly.
+pub(crate) fn enabled_after_apply(
+    record: Option<&FlowRecord>,
+    definition: &piecework_core::FlowDefinition,
+    unchanged: bool,
+) -> bool {
+    match (record, definition.enabled) {
+        (None, explicit) => explicit.unwrap_or(true),
+        (Some(_), Some(explicit)) if !unchanged => explicit,
+        (Some(record), _) => record.enabled,
+    }
+}
+
 /// The `step` of a timer that starts a debounced group's run (its `run_id` is the group's
 /// slot, its `flow_version` 0).
 pub const DEBOUNCE_STEP: &str = "#debounce";

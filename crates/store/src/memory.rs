@@ -232,14 +232,6 @@ impl MemoryStore {
 
 /// Two definitions are the same version if they differ at most in `enabled`, which is state
 /// of the flow rather than part of a version.
-pub(crate) fn same_definition(
-    a: &piecework_core::FlowDefinition,
-    b: &piecework_core::FlowDefinition,
-) -> bool {
-    let mut b = b.clone();
-    b.enabled = a.enabled;
-    *a == b
-}
 
 #[async_trait]
 impl Store for MemoryStore {
@@ -249,10 +241,12 @@ impl Store for MemoryStore {
         state.flows_revision += 1;
         let id = flow.definition.name.clone();
         let latest = state.flows.get(&id).map(|r| r.latest_version).unwrap_or(0);
-        let unchanged = state.versions.get(&(id.clone(), latest)).is_some_and(|v| {
-            same_definition(&v.definition, &flow.definition) && v.resolved == flow.resolved
-        });
+        let unchanged = state
+            .versions
+            .get(&(id.clone(), latest))
+            .is_some_and(|v| v.definition == flow.definition && v.resolved == flow.resolved);
         let version = if unchanged { latest } else { latest + 1 };
+        let enabled = crate::enabled_after_apply(state.flows.get(&id), &flow.definition, unchanged);
         if !unchanged {
             let stored = FlowVersion {
                 flow_id: id.clone(),
@@ -266,14 +260,14 @@ impl Store for MemoryStore {
         let record = state.flows.entry(id.clone()).or_insert_with(|| FlowRecord {
             id: id.clone(),
             latest_version: version,
-            enabled: flow.definition.enabled,
+            enabled,
             owner: None,
             description: String::new(),
             created_at: now,
             updated_at: now,
         });
         record.latest_version = version;
-        record.enabled = flow.definition.enabled;
+        record.enabled = enabled;
         record.owner = flow.definition.owner.clone();
         record.description = flow.definition.description.clone();
         record.updated_at = now;

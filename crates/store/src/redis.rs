@@ -1035,18 +1035,16 @@ impl Store for RedisStore {
             let unchanged = match latest {
                 0 => false,
                 n => match store.get_flow_version(&id, n).await? {
-                    Some(v) => {
-                        crate::memory::same_definition(&v.definition, &flow.definition)
-                            && v.resolved == flow.resolved
-                    }
+                    Some(v) => v.definition == flow.definition && v.resolved == flow.resolved,
                     None => false,
                 },
             };
             let version = if unchanged { latest } else { latest + 1 };
+            let enabled = crate::enabled_after_apply(record.as_ref(), &flow.definition, unchanged);
             let record = FlowRecord {
                 id: id.clone(),
                 latest_version: version,
-                enabled: flow.definition.enabled,
+                enabled,
                 owner: flow.definition.owner.clone(),
                 description: flow.definition.description.clone(),
                 created_at: record.map_or(now, |r| r.created_at),

@@ -29,6 +29,13 @@ fn flow(name: &str, description: &str, enabled: bool) -> ValidFlow {
     }
 }
 
+/// A flow whose definition says nothing of `enabled`.
+fn unmarked(name: &str, description: &str) -> ValidFlow {
+    let mut valid = flow(name, description, true);
+    valid.definition.enabled = None;
+    valid
+}
+
 fn step(name: &str, status: StepStatus, attempt: u32) -> StepState {
     StepState {
         name: name.into(),
@@ -80,18 +87,43 @@ async fn flows_are_versioned_and_keep_their_cursor(store: Arc<dyn Store>) {
     let applied = store.flows_revision().await.unwrap();
     assert!(applied > revision, "applying moves the flows revision");
     assert_eq!((first.version, first.created), (1, true));
-    let same = store.apply_flow(flow("f", "a", false)).await.unwrap();
+    // An operator pauses the flow; re-applying the same definition (CI does) leaves it paused.
+    store.set_flow_enabled("f", false).await.unwrap();
+    let same = store.apply_flow(flow("f", "a", true)).await.unwrap();
     assert_eq!(
         (same.version, same.created, same.record.enabled),
         (1, false, false)
     );
+    store.set_flow_enabled("f", true).await.unwrap();
     let cursor = PollState {
         recent_ids: ["7".to_owned()].into(),
         ..PollState::default()
     };
     store.put_trigger_state("f", &cursor).await.unwrap();
-    let changed = store.apply_flow(flow("f", "b", true)).await.unwrap();
-    assert_eq!((changed.version, changed.created), (2, true));
+    // A definition that changes `enabled` is a new version, and its word counts.
+    let paused = store.apply_flow(flow("f", "a", false)).await.unwrap();
+    assert_eq!(
+        (paused.version, paused.created, paused.record.enabled),
+        (2, true, false)
+    );
+    store.set_flow_enabled("f", true).await.unwrap();
+    let again = store.apply_flow(flow("f", "a", false)).await.unwrap();
+    assert_eq!(
+        (again.version, again.created, again.record.enabled),
+        (2, false, true),
+        "the same definition again changes nothing an operator set"
+    );
+    let changed = store.apply_flow(unmarked("f", "b")).await.unwrap();
+    assert_eq!(
+        (changed.version, changed.created, changed.record.enabled),
+        (3, true, true),
+        "a changed definition that says nothing of `enabled` keeps it"
+    );
+    let fresh = store.apply_flow(unmarked("g", "new")).await.unwrap();
+    assert!(
+        fresh.record.enabled,
+        "a new flow is enabled unless it says not"
+    );
     assert_eq!(
         store
             .get_flow_version("f", 1)
@@ -104,7 +136,7 @@ async fn flows_are_versioned_and_keep_their_cursor(store: Arc<dyn Store>) {
     );
     assert_eq!(
         store
-            .get_flow_version("f", 2)
+            .get_flow_version("f", 3)
             .await
             .unwrap()
             .unwrap()
@@ -112,7 +144,7 @@ async fn flows_are_versioned_and_keep_their_cursor(store: Arc<dyn Store>) {
             .to_string(),
         "1.0.0"
     );
-    assert!(store.get_flow_version("f", 3).await.unwrap().is_none());
+    assert!(store.get_flow_version("f", 4).await.unwrap().is_none());
     let before_disable = store.flows_revision().await.unwrap();
     assert!(
         !store
@@ -141,7 +173,7 @@ async fn flows_are_versioned_and_keep_their_cursor(store: Arc<dyn Store>) {
         .into_iter()
         .map(|f| f.id)
         .collect();
-    assert_eq!(ids, ["e", "f"]);
+    assert_eq!(ids, ["e", "f", "g"]);
     assert_eq!(
         store.trigger_state("f").await.unwrap(),
         Some(cursor),
