@@ -47,6 +47,8 @@ pub enum Command {
     ApiKey(ApiKeyArgs),
     /// Read the audit trail (through the API).
     Audit(AuditArgs),
+    /// List, count, inspect, follow, retry and cancel runs (through the API).
+    Runs(RunsArgs),
     /// Check pieces, NATS, Redis, queues and every connection; say what to fix.
     Doctor(DoctorArgs),
     /// Work with flow files.
@@ -389,6 +391,77 @@ pub struct AuditArgs {
     pub api: ApiClientArgs,
     #[command(subcommand)]
     pub command: AuditCommand,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    #[command(flatten)]
+    pub api: ApiClientArgs,
+    #[command(subcommand)]
+    pub command: RunsCommand,
+}
+
+/// Which runs: the filters `list`, `stats` and `tail` share.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunFilters {
+    /// Only runs of this flow.
+    #[arg(long)]
+    pub flow: Option<String>,
+    /// Only runs created since: RFC 3339 or a duration back (`15m`, `2h`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only runs created before: RFC 3339 or a duration back.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only runs started by `webhook`, `schedule` (polls and ticks), `api` (by hand) or
+    /// `flow` (sub-flows).
+    #[arg(long)]
+    pub trigger: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// List runs, newest first, one per line.
+    List {
+        #[command(flatten)]
+        filters: RunFilters,
+        /// Only runs in this status (running, waiting, succeeded, failed, cancelled).
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many (1-1000); with `--all`, the page size.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Follow the pages to the end: every run that matches.
+        #[arg(long)]
+        all: bool,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Count runs per status.
+    Stats {
+        #[command(flatten)]
+        filters: RunFilters,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one run: its steps, attempts, outputs and errors.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retry a failed run from its failed step.
+    Retry { id: String },
+    /// Cancel a running or waiting run: its step in flight is stopped.
+    Cancel { id: String },
+    /// Print runs as they start and as they end, until interrupted.
+    Tail {
+        #[command(flatten)]
+        filters: RunFilters,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

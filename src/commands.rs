@@ -26,6 +26,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Connection(args) => connection(args).await,
         Command::ApiKey(args) => api_key(args).await,
         Command::Audit(args) => crate::audit::run(args, shutdown).await,
+        Command::Runs(args) => crate::runs::run(args, shutdown).await,
         Command::Doctor(args) => crate::doctor::run(&args.common).await,
         Command::Key(KeyCommand::Generate { id, env }) => {
             let key = piecework_runtime::secrets::Keyring::generate_spec(&id);

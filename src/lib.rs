@@ -22,4 +22,5 @@ pub mod infra;
 pub mod piece_test;
 pub mod pieces;
 pub mod registry;
+pub mod runs;
 pub mod scaffold;

@@ -70,6 +70,7 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("GET", "/v1/flows/{id}/webhook-secret", "a"),
     ("POST", "/v1/flows/{id}/webhook-secret/rotate", "a"),
     ("GET", "/v1/runs", "adov"),
+    ("GET", "/v1/runs/stats", "adov"),
     ("GET", "/v1/runs/{id}", "adov"),
     ("POST", "/v1/runs/{id}/cancel", "ao"),
     ("POST", "/v1/runs/{id}/retry", "ao"),

@@ -1117,3 +1117,81 @@ async fn a_cron_schedule_fires_at_its_local_time_in_its_time_zone() {
         chrono::DateTime::parse_from_rfc3339(run["steps"][0]["output"].as_str().unwrap()).unwrap();
     assert_eq!(scheduled, due, "{expression} in Asia/Kolkata is {due} UTC");
 }
+
+/// The operator's view of runs through the CLI: every run across cursor-linked pages, filters,
+/// counts per status, one run in detail, and retry and cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_page_count_show_retry_and_cancel_runs_from_the_cli() {
+    let mut fleet = Fleet::start("").await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    let steps = "  - { name: divide, piece: data, action: set, input: { value: \"{{ trigger.body.n / trigger.body.d }}\" }, retry: { max_attempts: 1 } }\n";
+    fleet.apply(&webhook_flow("ops", steps)).await;
+    let mut ids = Vec::new();
+    for n in 0..7 {
+        let d = if n % 3 == 0 { 0 } else { 1 };
+        ids.push(fleet.webhook("ops", json!({ "n": n, "d": d })).await);
+    }
+    for id in &ids {
+        fleet.finished(id, Duration::from_secs(60)).await;
+    }
+    let cli = |args: &[&str]| {
+        let out = common::piecework_command()
+            .arg("runs")
+            .args(args)
+            .env("PW_API_URL", &fleet.api)
+            .env("PW_API_KEY", common::ADMIN_KEY)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), stdout, stderr)
+    };
+
+    // Pages of three, followed to the end: every run once, newest first.
+    let (ok, listed, err) = cli(&["list", "--flow", "ops", "--limit", "3", "--all"]);
+    assert!(ok, "{err}");
+    let listed_ids: Vec<&str> = listed
+        .lines()
+        .map(|l| l.split_whitespace().nth(3).unwrap())
+        .collect();
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(listed_ids, newest_first, "{listed}");
+    let (_, failed, _) = cli(&["list", "--flow", "ops", "--status", "failed", "--json"]);
+    let failed: Vec<Value> = failed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(failed.len(), 3);
+    assert!(failed.iter().all(|r| r["started_by"] == "webhook:ops"));
+    let (ok, stats, err) = cli(&["stats", "--flow", "ops", "--json"]);
+    assert!(ok, "{err}");
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["counts"], json!({"failed": 3, "succeeded": 4}));
+    assert_eq!(stats["total"], 7);
+    // The API's own page: `next` until the last one.
+    let page = fleet.get("/v1/runs?flow=ops&limit=7").await;
+    assert_eq!(page["runs"].as_array().unwrap().len(), 7);
+    let next = page["next"].as_str().unwrap();
+    let rest = fleet
+        .get(&format!("/v1/runs?flow=ops&limit=7&after={next}"))
+        .await;
+    assert_eq!(rest["runs"], json!([]));
+    assert!(rest["next"].is_null());
+
+    let failed_id = failed[0]["id"].as_str().unwrap();
+    let (ok, shown, err) = cli(&["show", failed_id]);
+    assert!(ok, "{err}");
+    assert!(shown.contains("divide"), "{shown}");
+    assert!(shown.contains("failed"), "{shown}");
+    let (ok, _, err) = cli(&["cancel", failed_id]);
+    assert!(!ok);
+    assert!(err.contains("is not running"), "{err}");
+    let (ok, retried, err) = cli(&["retry", failed_id]);
+    assert!(ok, "{err}");
+    assert!(
+        retried.contains(&format!("retrying run {failed_id}")),
+        "{retried}"
+    );
+}

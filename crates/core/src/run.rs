@@ -337,6 +337,9 @@ pub struct RunSummary {
     pub finished_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Who or what started it (`webhook:FLOW`, `schedule`, `api:KEY`, `flow:PARENT`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub started_by: String,
 }
 
 impl From<&Run> for RunSummary {
@@ -349,6 +352,7 @@ impl From<&Run> for RunSummary {
             created_at: run.created_at,
             finished_at: run.finished_at,
             error: run.error.clone(),
+            started_by: run.started_by.name.clone(),
         }
     }
 }

@@ -1333,6 +1333,14 @@ impl Runtime {
     /// Journals one step attempt (and the run's end, when it ended it) before anything
     /// follows; returns the run's status after the write (`cancelled` stops a worker's inline
     /// steps).
+    /// How many runs `query` finds in each status.
+    pub async fn run_stats(
+        &self,
+        query: &piecework_store::RunQuery,
+    ) -> Result<piecework_store::RunStats, RuntimeError> {
+        Ok(self.store.run_stats(query).await?)
+    }
+
     pub async fn record_attempt(&self, update: StepUpdate) -> Result<RunStatus, RuntimeError> {
         Ok(self.store.record_step(update).await?)
     }

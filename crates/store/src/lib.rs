@@ -76,7 +76,83 @@ pub struct Applied {
 pub struct RunQuery {
     pub flow_id: Option<String>,
     pub status: Option<RunStatus>,
+    /// Created at or after this.
+    pub since: Option<DateTime<Utc>>,
+    /// Created before this.
+    pub until: Option<DateTime<Utc>>,
+    /// What started them: the kind before the `:` of `started_by` — `webhook`, `schedule`
+    /// (polls and ticks), `api` (by hand), `flow` (a sub-flow step).
+    pub started_by: Option<String>,
+    /// Only the runs after this one in the listing's order (newest first): the last row of
+    /// the page before.
+    pub after: Option<RunCursor>,
+    /// At most this many (at least one); ignored by counts.
     pub limit: usize,
+}
+
+impl RunQuery {
+    /// Whether a run that started with `started_by` passes the `started_by` filter.
+    pub fn started_by_matches(&self, started_by: &str) -> bool {
+        self.started_by
+            .as_deref()
+            .is_none_or(|kind| started_by.split_once(':').map_or(started_by, |(k, _)| k) == kind)
+    }
+}
+
+/// A place in the listing of runs (newest first, ties by id descending), as the API's opaque
+/// `next` token: `<created ms>.<run id>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunCursor {
+    pub created_ms: i64,
+    pub id: String,
+}
+
+impl RunCursor {
+    /// The cursor just after `run`.
+    pub fn after(run: &RunSummary) -> Self {
+        Self {
+            created_ms: run.created_at.timestamp_millis(),
+            id: run.id.clone(),
+        }
+    }
+
+    /// Whether a run created at `created_ms` with id `id` comes after this cursor.
+    pub fn precedes(&self, created_ms: i64, id: &str) -> bool {
+        created_ms < self.created_ms || (created_ms == self.created_ms && id < self.id.as_str())
+    }
+}
+
+impl std::fmt::Display for RunCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.created_ms, self.id)
+    }
+}
+
+impl std::str::FromStr for RunCursor {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("{text:?} is not a cursor of this listing (use `next` as given)");
+        let (ms, id) = text.split_once('.').ok_or_else(bad)?;
+        Ok(Self {
+            created_ms: ms.parse().map_err(|_| bad())?,
+            id: id.to_owned(),
+        })
+    }
+}
+
+/// How many runs are in each status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunStats {
+    pub counts: std::collections::BTreeMap<String, u64>,
+    pub total: u64,
+}
+
+impl RunStats {
+    pub fn add(&mut self, status: RunStatus) {
+        *self.counts.entry(status.as_str().to_owned()).or_default() += 1;
+        self.total += 1;
+    }
 }
 
 /// How a run ended, as a caller waiting for it needs it: carried by the run-finished
@@ -308,6 +384,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Admission, StoreError>;
     async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError>;
     async fn list_runs(&self, query: &RunQuery) -> Result<Vec<RunSummary>, StoreError>;
+    /// How many runs `query` finds (all pages) in each status; its `status`, `after` and
+    /// `limit` are ignored.
+    async fn run_stats(&self, query: &RunQuery) -> Result<RunStats, StoreError>;
     /// Records a step attempt (and the run's end, if it ended it); returns the run's status
     /// after the write — `cancelled` tells a worker running steps inline to stop.
     async fn record_step(&self, update: StepUpdate) -> Result<RunStatus, StoreError>;

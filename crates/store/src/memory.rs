@@ -14,7 +14,8 @@ use tokio::sync::Notify;
 
 use crate::{
     Admission, ApiKeyRecord, Applied, ConnectionRecord, DEBOUNCE_STEP, Entry, FlowRecord, Held,
-    Pending, RunEnded, RunQuery, RunUpdate, RunWatch, StepUpdate, Store, StoreError, Timer,
+    Pending, RunEnded, RunQuery, RunStats, RunUpdate, RunWatch, StepUpdate, Store, StoreError,
+    Timer,
 };
 
 /// Default cap of each stream, as Redis' `MAXLEN ~`.
@@ -121,6 +122,14 @@ impl State {
             self.lanes.retain(|(run, _), _| self.runs.contains_key(run));
         }
     }
+}
+
+/// Whether `run` is of the query's flow, time and starter (status and cursor aside).
+fn in_query(query: &RunQuery, run: &Run) -> bool {
+    query.flow_id.as_deref().is_none_or(|f| run.flow_id == f)
+        && query.since.is_none_or(|since| run.created_at >= since)
+        && query.until.is_none_or(|until| run.created_at < until)
+        && query.started_by_matches(&run.started_by.name)
 }
 
 /// Waits for a run's end by watching the store's change notifications.
@@ -373,9 +382,14 @@ impl Store for MemoryStore {
         let mut runs: Vec<RunSummary> = state
             .runs
             .values()
-            .filter(|r| !state.expired(r, now))
-            .filter(|r| query.flow_id.as_deref().is_none_or(|f| r.flow_id == f))
+            .filter(|r| !state.expired(r, now) && in_query(query, r))
             .filter(|r| query.status.is_none_or(|s| r.status == s))
+            .filter(|r| {
+                query
+                    .after
+                    .as_ref()
+                    .is_none_or(|after| after.precedes(r.created_at.timestamp_millis(), &r.id))
+            })
             .map(RunSummary::from)
             .collect();
         runs.sort_by(|a, b| {
@@ -385,6 +399,18 @@ impl Store for MemoryStore {
         });
         runs.truncate(query.limit.max(1));
         Ok(runs)
+    }
+
+    async fn run_stats(&self, query: &RunQuery) -> Result<RunStats, StoreError> {
+        let state = self.state.lock().unwrap();
+        let now = Utc::now();
+        let mut stats = RunStats::default();
+        for run in state.runs.values() {
+            if !state.expired(run, now) && in_query(query, run) {
+                stats.add(run.status);
+            }
+        }
+        Ok(stats)
     }
 
     async fn record_step(&self, update: StepUpdate) -> Result<RunStatus, StoreError> {

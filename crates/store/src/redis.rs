@@ -51,7 +51,8 @@ use crate::group_commit::GroupCommit;
 use crate::run_done::{self, RunDone};
 use crate::{
     Admission, ApiKeyRecord, Applied, ConnectionRecord, DEBOUNCE_STEP, Entry, FlowRecord, Held,
-    Pending, RunEnded, RunQuery, RunUpdate, RunWatch, StepUpdate, Store, StoreError, Timer,
+    Pending, RunCursor, RunEnded, RunQuery, RunStats, RunUpdate, RunWatch, StepUpdate, Store,
+    StoreError, Timer,
 };
 
 /// A registered waiter for one run's end. The finish notification says how the run ended;
@@ -485,6 +486,86 @@ redis.call('ZADD', KEYS[1], lease_end, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + 1000)
 return 1
 "#;
+
+/// A run's status as stored (a run without one is running).
+fn parse_status(key: &str, status: Option<&str>) -> Result<RunStatus, StoreError> {
+    status
+        .unwrap_or("running")
+        .parse::<RunStatus>()
+        .map_err(|e| corrupt(key, e))
+}
+
+/// The run ids a [`RunQuery`] walks, newest first (ties by id descending), a page at a time:
+/// the flow's index or all runs', between `since` and `until`, after the cursor.
+struct IndexPages {
+    index: String,
+    /// The newest score still to read (inclusive), and the lowest.
+    max: String,
+    min: String,
+    /// Members with the score of the cursor that are not after it are skipped.
+    after: Option<RunCursor>,
+    offset: usize,
+    page: usize,
+}
+
+impl IndexPages {
+    fn new(query: &RunQuery, page: usize) -> Self {
+        let until = query.until.map(|t| t.timestamp_millis());
+        let max = match (&query.after, until) {
+            (Some(after), Some(until)) if until <= after.created_ms => format!("({until}"),
+            (Some(after), _) => after.created_ms.to_string(),
+            (None, Some(until)) => format!("({until}"),
+            (None, None) => "+inf".to_owned(),
+        };
+        Self {
+            index: query
+                .flow_id
+                .as_deref()
+                .map_or_else(|| RUNS.to_owned(), runs_of_flow_key),
+            max,
+            min: query
+                .since
+                .map_or_else(|| "-inf".to_owned(), |t| t.timestamp_millis().to_string()),
+            after: query.after.clone(),
+            offset: 0,
+            page,
+        }
+    }
+
+    /// The next page's ids (empty at the end).
+    async fn next(&mut self, conn: &mut ConnectionManager) -> Result<Vec<String>, StoreError> {
+        loop {
+            let rows: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
+                .arg(&self.index)
+                .arg(&self.max)
+                .arg(&self.min)
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(self.offset)
+                .arg(self.page)
+                .query_async(conn)
+                .await
+                .map_err(unavailable)?;
+            if rows.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.offset += rows.len();
+            #[allow(clippy::cast_possible_truncation)]
+            let ids: Vec<String> = rows
+                .into_iter()
+                .filter(|(id, score)| {
+                    self.after
+                        .as_ref()
+                        .is_none_or(|after| after.precedes(*score as i64, id))
+                })
+                .map(|(id, _)| id)
+                .collect();
+            if !ids.is_empty() {
+                return Ok(ids);
+            }
+        }
+    }
+}
 
 /// The hash of debounce group `slot` of `flow_id`.
 fn debounce_key(flow_id: &str, slot: &str) -> String {
@@ -1198,25 +1279,16 @@ impl Store for RedisStore {
     }
 
     async fn list_runs(&self, query: &RunQuery) -> Result<Vec<RunSummary>, StoreError> {
-        let index = query
-            .flow_id
-            .as_deref()
-            .map_or_else(|| RUNS.to_owned(), runs_of_flow_key);
         let limit = query.limit.max(1);
-        let mut conn = self.conn();
         let mut out = Vec::new();
-        let mut offset = 0isize;
-        let page = limit.max(50) as isize;
-        // Newest first, in pages, filtering by status, until `limit` rows or the end.
+        // Newest first, a page of the index at a time, filtering, until `limit` rows or the end.
+        let page = limit.clamp(50, 1000);
+        let mut pages = IndexPages::new(query, page);
         while out.len() < limit {
-            let ids: Vec<String> = conn
-                .zrevrange(&index, offset, offset + page - 1)
-                .await
-                .map_err(unavailable)?;
+            let ids = pages.next(&mut self.conn()).await?;
             if ids.is_empty() {
                 break;
             }
-            offset += page;
             let mut pipe = redis::pipe();
             for id in &ids {
                 pipe.cmd("HMGET")
@@ -1231,17 +1303,18 @@ impl Store for RedisStore {
                 Option<String>,
                 Option<String>,
                 Option<String>,
-            )> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            )> = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
             for (id, (meta, status, error, finished)) in ids.iter().zip(rows) {
                 let Some(meta) = meta else { continue };
                 let key = run_key(id);
                 let meta: RunMeta = from_json(&key, &meta)?;
-                let status = status
-                    .as_deref()
-                    .unwrap_or("running")
-                    .parse::<RunStatus>()
-                    .map_err(|e| corrupt(&key, e))?;
-                if query.status.is_some_and(|s| s != status) {
+                let status = parse_status(&key, status.as_deref())?;
+                if query.status.is_some_and(|s| s != status)
+                    || !query.started_by_matches(&meta.started_by.name)
+                {
                     continue;
                 }
                 out.push(RunSummary {
@@ -1252,6 +1325,7 @@ impl Store for RedisStore {
                     created_at: meta.created_at,
                     finished_at: finished.map(|f| from_json(&key, &f)).transpose()?,
                     error: error.filter(|e| !e.is_empty()),
+                    started_by: meta.started_by.name,
                 });
                 if out.len() == limit {
                     break;
@@ -1259,6 +1333,50 @@ impl Store for RedisStore {
             }
         }
         Ok(out)
+    }
+
+    async fn run_stats(&self, query: &RunQuery) -> Result<RunStats, StoreError> {
+        let query = RunQuery {
+            after: None,
+            ..query.clone()
+        };
+        let mut stats = RunStats::default();
+        let mut pages = IndexPages::new(&query, 1000);
+        loop {
+            let ids = pages.next(&mut self.conn()).await?;
+            if ids.is_empty() {
+                return Ok(stats);
+            }
+            // The status alone, unless the starter is asked for: it is in the meta.
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                if query.started_by.is_some() {
+                    pipe.cmd("HMGET").arg(run_key(id)).arg("status").arg("meta");
+                } else {
+                    pipe.cmd("HMGET")
+                        .arg(run_key(id))
+                        .arg("status")
+                        .arg("status");
+                }
+            }
+            let rows: Vec<(Option<String>, Option<String>)> = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+            for (id, (status, meta)) in ids.iter().zip(rows) {
+                // A run indexed but expired has no fields left.
+                let Some(status) = status else { continue };
+                let key = run_key(id);
+                if query.started_by.is_some() {
+                    let Some(meta) = meta else { continue };
+                    let meta: RunMeta = from_json(&key, &meta)?;
+                    if !query.started_by_matches(&meta.started_by.name) {
+                        continue;
+                    }
+                }
+                stats.add(parse_status(&key, Some(&status))?);
+            }
+        }
     }
 
     async fn record_step(&self, update: StepUpdate) -> Result<RunStatus, StoreError> {

@@ -325,6 +325,110 @@ async fn runs_are_listed_newest_first_with_filters(store: Arc<dyn Store>) {
     assert_eq!(one.len(), 1);
 }
 
+async fn runs_page_by_cursor_and_filter_by_time_and_starter(store: Arc<dyn Store>) {
+    let t0 = Utc::now() - chrono::Duration::minutes(10);
+    // 25 runs; runs 10..13 share one millisecond, so the cursor must break ties.
+    for i in 0..25_i64 {
+        let mut run = Run::new(
+            format!("r{i:02}"),
+            if i % 2 == 0 { "f" } else { "g" },
+            1,
+            json!({}),
+        );
+        let ms = if (10..13).contains(&i) { 10 } else { i };
+        run.created_at = t0 + chrono::Duration::milliseconds(ms * 1000);
+        run.started_by =
+            piecework_sdk::Principal::new(if i % 5 == 0 { "api:ops" } else { "webhook:f" }, None);
+        store.create_run(&run).await.unwrap();
+    }
+    store
+        .update_run(
+            "r03",
+            RunUpdate {
+                status: RunStatus::Failed,
+                error: Some("no".into()),
+                finished_at: Some(Utc::now()),
+            },
+        )
+        .await
+        .unwrap();
+    // Every run exactly once across pages of 4, newest first.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_runs(&RunQuery {
+                after: after.clone(),
+                limit: 4,
+                ..RunQuery::default()
+            })
+            .await
+            .unwrap();
+        seen.extend(page.iter().map(|r| r.id.clone()));
+        if page.len() < 4 {
+            break;
+        }
+        after = page.last().map(piecework_store::RunCursor::after);
+    }
+    let mut expected: Vec<String> = (0..25).map(|i| format!("r{i:02}")).collect();
+    expected.reverse();
+    assert_eq!(seen, expected);
+    let cursor: piecework_store::RunCursor = "1700000000000.r10".parse().unwrap();
+    assert_eq!(cursor.to_string(), "1700000000000.r10");
+    assert!("r10".parse::<piecework_store::RunCursor>().is_err());
+
+    // Time, flow and starter filters; counts over the same.
+    let window = RunQuery {
+        since: Some(t0 + chrono::Duration::seconds(5)),
+        until: Some(t0 + chrono::Duration::seconds(15)),
+        limit: 100,
+        ..RunQuery::default()
+    };
+    let ids: Vec<String> = store
+        .list_runs(&window)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "r14", "r13", "r12", "r11", "r10", "r09", "r08", "r07", "r06", "r05"
+        ]
+    );
+    let by_hand = store
+        .list_runs(&RunQuery {
+            started_by: Some("api".into()),
+            flow_id: Some("f".into()),
+            limit: 100,
+            ..RunQuery::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<&str> = by_hand.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["r20", "r10", "r00"]);
+    assert_eq!(by_hand[0].started_by, "api:ops");
+    let stats = store
+        .run_stats(&RunQuery {
+            flow_id: Some("g".into()),
+            ..RunQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(stats.total, 12);
+    assert_eq!(stats.counts["running"], 11);
+    assert_eq!(stats.counts["failed"], 1);
+    let stats = store
+        .run_stats(&RunQuery {
+            started_by: Some("webhook".into()),
+            ..window
+        })
+        .await
+        .unwrap();
+    assert_eq!(stats.total, 8, "{stats:?}");
+}
+
 async fn waiting_for_a_run_wakes_on_its_finish(store: Arc<dyn Store>) {
     store
         .create_run(&Run::new("w".into(), "f", 1, json!({})))
@@ -1476,6 +1580,7 @@ macro_rules! suite {
 }
 
 suite!(
+    runs_page_by_cursor_and_filter_by_time_and_starter,
     debounced_items_wait_in_their_group_until_it_is_quiet,
     a_loop_joins_once_every_lane_ended,
     in_flight_places_are_bounded_leased_and_given_back,

@@ -20,8 +20,8 @@ use piecework_core::run::new_run_id;
 use piecework_runtime::webhooks;
 use piecework_runtime::{Runtime, RuntimeError};
 use piecework_sdk::{TriggerHandle, WebhookRequest};
-use piecework_store::RunQuery;
 use piecework_store::audit::AuditQuery;
+use piecework_store::{RunCursor, RunQuery};
 use piecework_telemetry::metrics::{
     self, HttpLabels, HttpRouteLabels, TriggerKind, WebhookRefusal, WebhookRefusedLabels,
 };
@@ -163,6 +163,7 @@ pub(crate) fn all_routes(config: &ApiConfig) -> (Router<AppState>, Vec<RouteInfo
             rotate_webhook_secret,
         )
         .add(GET, "/runs", Needs(Read), list_runs)
+        .add(GET, "/runs/stats", Needs(Read), run_stats)
         .add(GET, "/runs/{id}", Needs(Read), get_run)
         .add(POST, "/runs/{id}/cancel", Needs(OperateRuns), cancel_run)
         .add(POST, "/runs/{id}/retry", Needs(OperateRuns), retry_run)
@@ -450,30 +451,84 @@ async fn set_enabled(
     Ok(Json(json!({ "flow": record })))
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RunsParams {
     flow: Option<String>,
     status: Option<String>,
+    /// RFC 3339 time, or a duration back from now (`15m`, `2h`).
+    since: Option<String>,
+    until: Option<String>,
+    /// What started them: `webhook`, `schedule`, `api`, `flow`.
+    trigger: Option<String>,
+    /// The `next` of the page before.
+    after: Option<String>,
     limit: Option<usize>,
 }
 
+impl RunsParams {
+    /// The store's query for these parameters, with `limit` rows.
+    fn query(&self, limit: usize) -> ApiResult<RunQuery> {
+        let status = self
+            .status
+            .as_deref()
+            .map(str::parse::<RunStatus>)
+            .transpose()
+            .map_err(ApiError::BadRequest)?;
+        if let Some(trigger) = self.trigger.as_deref()
+            && !matches!(trigger, "webhook" | "schedule" | "api" | "flow")
+        {
+            return Err(ApiError::BadRequest(format!(
+                "trigger must be webhook, schedule, api or flow, not {trigger:?}"
+            )));
+        }
+        let time = |name: &str, value: &Option<String>| {
+            time_param(name, value.as_deref())
+                .map(|ms| ms.and_then(chrono::DateTime::from_timestamp_millis))
+        };
+        Ok(RunQuery {
+            flow_id: self.flow.clone(),
+            status,
+            since: time("since", &self.since)?,
+            until: time("until", &self.until)?,
+            started_by: self.trigger.clone(),
+            after: self
+                .after
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(ApiError::BadRequest)?,
+            limit,
+        })
+    }
+}
+
+/// A page of runs, newest first, and the cursor of the next (`null` at the end).
 async fn list_runs(
     State(state): State<AppState>,
     Query(params): Query<RunsParams>,
 ) -> ApiResult<Json<Value>> {
-    let status = params
-        .status
-        .map(|s| s.parse::<RunStatus>())
-        .transpose()
-        .map_err(ApiError::BadRequest)?;
     let limit = page_limit(params.limit, 50)?;
-    let query = RunQuery {
-        flow_id: params.flow,
-        status,
-        limit,
-    };
-    Ok(Json(json!({ "runs": state.runtime.runs(&query).await? })))
+    let query = params.query(limit)?;
+    let runs = state.runtime.runs(&query).await?;
+    let next = (runs.len() == limit)
+        .then(|| runs.last().map(|last| RunCursor::after(last).to_string()))
+        .flatten();
+    Ok(Json(json!({ "runs": runs, "next": next })))
+}
+
+/// How many runs are in each status, over the same filters as the listing.
+async fn run_stats(
+    State(state): State<AppState>,
+    Query(params): Query<RunsParams>,
+) -> ApiResult<Json<Value>> {
+    if params.status.is_some() || params.after.is_some() || params.limit.is_some() {
+        return Err(ApiError::BadRequest(
+            "stats take flow, since, until and trigger; they count every status and page".into(),
+        ));
+    }
+    let stats = state.runtime.run_stats(&params.query(1)?).await?;
+    Ok(Json(json!(stats)))
 }
 
 async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {

@@ -1509,8 +1509,8 @@ async fn debounced_items_start_one_run_per_group_with_its_last_item() {
     let runs = || async {
         let query = piecework_store::RunQuery {
             flow_id: Some("f".into()),
-            status: None,
             limit: 100,
+            ..Default::default()
         };
         h.store.list_runs(&query).await.unwrap()
     };
