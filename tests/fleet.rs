@@ -1195,3 +1195,70 @@ async fn operators_page_count_show_retry_and_cancel_runs_from_the_cli() {
         "{retried}"
     );
 }
+
+/// Fast recovery with the default `ack_wait`: a worker killed two seconds into a step; the step
+/// runs again on another worker within 10 s of the kill, and the run records the lost attempt
+/// with the worker it was lost with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_lost_with_its_worker_is_back_within_seconds_and_recorded_as_lost() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start("").await;
+    fleet.start_api().await;
+    fleet.start_worker("doomed", &[]).await;
+    let steps = format!(
+        "  - {{ name: slow, piece: http, action: send_request, input: {{ url: \"{}/slow/lost?ms=3000\" }} }}\n",
+        target.url
+    );
+    fleet.apply(&webhook_flow("recover", &steps)).await;
+    let id = fleet.webhook("recover", json!({})).await;
+    target
+        .wait_for_hits("lost", 1, Duration::from_secs(30))
+        .await;
+    // Past the first second, the attempt is marked in flight in the run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fleet.run(&id).await["in_flight"].as_array().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            fleet.run(&id).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let marked = fleet.run(&id).await;
+    assert_eq!(marked["in_flight"][0]["worker"], "doomed", "{marked}");
+    assert_eq!(marked["in_flight"][0]["step"], "slow");
+    fleet.kill("doomed");
+    let killed = std::time::Instant::now();
+    let rescuer = fleet.start_worker("rescuer", &[]).await;
+
+    target
+        .wait_for_hits("lost", 2, Duration::from_secs(30))
+        .await;
+    let back_after = killed.elapsed();
+    assert!(
+        back_after < Duration::from_secs(10),
+        "the step came back {back_after:?} after the kill"
+    );
+    let run = fleet.finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(run.get("in_flight").is_none(), "the mark is cleared: {run}");
+    let attempts = run["steps"][0]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{run}");
+    assert_eq!(attempts[0]["worker"], "doomed");
+    assert_eq!(attempts[0]["error"], "worker doomed lost during attempt 1");
+    assert_eq!(attempts[1]["worker"], "rescuer");
+    assert_eq!(attempts[1]["attempt"], 2);
+    assert_eq!(attempts[1]["status"], "succeeded");
+    let metrics = client()
+        .get(rescuer.replace("/readyz", "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("piecework_attempts_lost_total{flow=\"recover\"} 1"),
+        "{metrics}"
+    );
+}

@@ -169,6 +169,22 @@ pub struct Run {
     /// trigger).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub depth: u32,
+    /// Steps running for a while (a second or more) whose attempt has not been recorded yet:
+    /// where, since when. A redelivered step finds here the attempt its worker lost.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_flight: Vec<InFlight>,
+}
+
+/// An attempt in flight, as its worker marks it once it has run for a while.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    /// The step's recorded name.
+    pub step: String,
+    pub worker: String,
+    pub attempt: u32,
+    /// The delivery of its job that runs it (1 the first time).
+    pub delivery: u32,
+    pub started_at: DateTime<Utc>,
 }
 
 /// The sub-flow step a run was started by.
@@ -218,7 +234,13 @@ impl Run {
             resume_url: None,
             parent: None,
             depth: 0,
+            in_flight: Vec::new(),
         }
+    }
+
+    /// The attempt of `step` marked in flight, if any.
+    pub fn in_flight(&self, step: &str) -> Option<&InFlight> {
+        self.in_flight.iter().find(|m| m.step == step)
     }
 
     /// The run's trace id, from [`Run::trace`].

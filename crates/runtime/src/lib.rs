@@ -1107,6 +1107,15 @@ impl Runtime {
         Ok(self.store.acquire_run_slot(flow_id, run_id, max).await?)
     }
 
+    /// Marks an attempt in flight in its run (see [`piecework_core::run::InFlight`]).
+    pub async fn mark_in_flight(
+        &self,
+        run_id: &str,
+        marker: &piecework_core::run::InFlight,
+    ) -> Result<(), RuntimeError> {
+        Ok(self.store.mark_in_flight(run_id, marker).await?)
+    }
+
     /// Registers interest in run `run_id`'s end (see [`piecework_store::RunWatch`]).
     pub async fn watch_run(
         &self,

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use piecework_core::run::InFlight;
 use piecework_core::{FlowVersion, Run, RunStatus, RunSummary, StepState, ValidFlow};
 use piecework_proto::v1::{AuditEvent, StepResult};
 use piecework_sdk::{KvStore, PollState};
@@ -232,6 +233,8 @@ pub struct StepUpdate {
     /// A timer to set (or bring forward) with this write: the sub-flow step waiting on a run
     /// this attempt ended.
     pub wake: Option<Timer>,
+    /// The attempt was marked in flight ([`Store::mark_in_flight`]): clear the mark.
+    pub unmark: bool,
 }
 
 /// A run starting to wait on a step.
@@ -449,6 +452,9 @@ pub trait Store: Send + Sync + 'static {
     /// Ends group `slot` once its run started with its item `seq`, with its timer; a group
     /// that took another item meanwhile is kept (its timer fires again).
     async fn release_item(&self, flow_id: &str, slot: &str, seq: u64) -> Result<(), StoreError>;
+    /// Marks an attempt of a step of run `run_id` as in flight (until its attempt is
+    /// recorded, which clears the mark); nothing for a run that no longer exists.
+    async fn mark_in_flight(&self, run_id: &str, marker: &InFlight) -> Result<(), StoreError>;
     /// Counts the end of lane `lane` of `around`, a loop of run `run_id` running its items in
     /// `lanes` lanes; `true` once every lane has ended (again `true` for a lane counted
     /// twice then). `false` for a run that no longer exists.

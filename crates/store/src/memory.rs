@@ -373,7 +373,14 @@ impl Store for MemoryStore {
             .runs
             .get(id)
             .filter(|run| !state.expired(run, now))
-            .cloned())
+            .cloned()
+            .map(|mut run| {
+                // A run that ended has no attempt in flight left to speak of.
+                if run.status.is_terminal() {
+                    run.in_flight.clear();
+                }
+                run
+            }))
     }
 
     async fn list_runs(&self, query: &RunQuery) -> Result<Vec<RunSummary>, StoreError> {
@@ -432,6 +439,9 @@ impl Store for MemoryStore {
             if let Some(timer) = update.wake {
                 let key = (timer.run_id.clone(), timer.step.clone());
                 state_timers.push((key, timer));
+            }
+            if update.unmark {
+                run.in_flight.retain(|m| m.step != update.step.name);
             }
             run.upsert_step(update.step);
             for closed in update.closed {
@@ -634,6 +644,19 @@ impl Store for MemoryStore {
         }
         held.push(run_id.to_owned());
         Ok(true)
+    }
+
+    async fn mark_in_flight(
+        &self,
+        run_id: &str,
+        marker: &piecework_core::run::InFlight,
+    ) -> Result<(), StoreError> {
+        let mut state = self.state.lock().unwrap();
+        if let Some(run) = state.runs.get_mut(run_id) {
+            run.in_flight.retain(|m| m.step != marker.step);
+            run.in_flight.push(marker.clone());
+        }
+        Ok(())
     }
 
     async fn hold_item(&self, held: &Held) -> Result<chrono::DateTime<Utc>, StoreError> {
@@ -1058,13 +1081,16 @@ mod tests {
         let store = MemoryStore::new();
         let first = store.apply_flow(flow("a", true)).await.unwrap();
         assert_eq!((first.version, first.created), (1, true));
-        let same = store.apply_flow(flow("a", false)).await.unwrap();
+        let same = store.apply_flow(flow("a", true)).await.unwrap();
+        assert_eq!((same.version, same.created), (1, false));
+        let paused = store.apply_flow(flow("a", false)).await.unwrap();
         assert_eq!(
-            (same.version, same.created, same.record.enabled),
-            (1, false, false)
+            (paused.version, paused.created, paused.record.enabled),
+            (2, true, false),
+            "`enabled` is part of the definition"
         );
         let changed = store.apply_flow(flow("b", true)).await.unwrap();
-        assert_eq!((changed.version, changed.created), (2, true));
+        assert_eq!((changed.version, changed.created), (3, true));
         let v1 = store.get_flow_version("f", 1).await.unwrap().unwrap();
         assert_eq!(v1.definition.description, "a", "versions are immutable");
     }

@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use piecework_core::run::InFlight;
 use piecework_core::{FlowVersion, Run, RunStatus, RunSummary, StepState, ValidFlow};
 use piecework_proto::v1::{self, AuditEvent, StepResult};
 use piecework_sdk::{KvStore, PieceError, PollState};
@@ -456,6 +457,13 @@ end
 return 0
 "#;
 
+/// Sets field `ARGV[1]` of run `KEYS[1]` to `ARGV[2]` if the run exists.
+const MARK_IN_FLIGHT: &str = r#"
+if redis.call('HEXISTS', KEYS[1], 'meta') == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"#;
+
 /// Counts the end of lane `ARGV[2]` of a loop in run hash `KEYS[1]`, as field `ARGV[1]<lane>`
 /// (so the count goes with the run), and answers how many of lanes `0..ARGV[3]` ended; 0 for
 /// a run that no longer exists.
@@ -640,6 +648,7 @@ pub struct RedisStore {
     expire_run: Arc<Script>,
     acquire_run_slot: Arc<Script>,
     join_lane: Arc<Script>,
+    mark_in_flight: Arc<Script>,
     hold_item: Arc<Script>,
     release_item: Arc<Script>,
     acquire_in_flight: Arc<Script>,
@@ -773,6 +782,7 @@ impl RedisStore {
             expire_run: Arc::new(Script::new(EXPIRE_RUN)),
             acquire_run_slot: Arc::new(Script::new(ACQUIRE_RUN_SLOT)),
             join_lane: Arc::new(Script::new(JOIN_LANE)),
+            mark_in_flight: Arc::new(Script::new(MARK_IN_FLIGHT)),
             hold_item: Arc::new(Script::new(HOLD_ITEM)),
             release_item: Arc::new(Script::new(RELEASE_ITEM)),
             acquire_in_flight: Arc::new(Script::new(ACQUIRE_IN_FLIGHT)),
@@ -893,6 +903,17 @@ impl RedisStore {
             let first = |s: &StepState| s.attempts.first().map(|a| a.started_at);
             first(a).cmp(&first(b)).then_with(|| a.name.cmp(&b.name))
         });
+        // Marks of attempts in flight; a run that ended has none left to speak of.
+        let mut in_flight: Vec<InFlight> = if status.is_terminal() {
+            Vec::new()
+        } else {
+            fields
+                .iter()
+                .filter(|(k, _)| k.starts_with("inflight:"))
+                .map(|(_, v)| from_json(&key, v))
+                .collect::<Result<_, _>>()?
+        };
+        in_flight.sort_by(|a, b| a.step.cmp(&b.step));
         Ok(Some(Run {
             id: meta.id,
             flow_id: meta.flow_id,
@@ -907,6 +928,7 @@ impl RedisStore {
             resume_url: None,
             parent: meta.parent,
             depth: meta.depth,
+            in_flight,
             finished_at: fields
                 .get("finished_at")
                 .map(|t| from_json(&key, t))
@@ -1394,6 +1416,11 @@ impl Store for RedisStore {
             hset.arg("response").arg(to_json(response));
         }
         commands.push(hset);
+        if update.unmark {
+            let mut hdel = redis::cmd("HDEL");
+            hdel.arg(&key).arg(format!("inflight:{}", update.step.name));
+            commands.push(hdel);
+        }
         let retention = self.config.run_retention;
         if let Some(pause) = &update.pause {
             let mut wait = redis::cmd("EVAL");
@@ -1617,6 +1644,18 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(taken == 1)
+    }
+
+    async fn mark_in_flight(&self, run_id: &str, marker: &InFlight) -> Result<(), StoreError> {
+        let _: i64 = self
+            .mark_in_flight
+            .key(run_key(run_id))
+            .arg(format!("inflight:{}", marker.step))
+            .arg(to_json(marker))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn hold_item(&self, held: &Held) -> Result<DateTime<Utc>, StoreError> {

@@ -188,6 +188,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
     assert!(!store.create_run(&run).await.unwrap());
     store
         .record_step(StepUpdate {
+            unmark: false,
             closed: Vec::new(),
             pause: None,
             wake: None,
@@ -202,6 +203,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
         .unwrap();
     store
         .record_step(StepUpdate {
+            unmark: false,
             closed: Vec::new(),
             pause: None,
             wake: None,
@@ -222,6 +224,7 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
     };
     let status = store
         .record_step(StepUpdate {
+            unmark: false,
             closed: Vec::new(),
             pause: None,
             wake: None,
@@ -476,6 +479,7 @@ async fn a_watch_registered_first_learns_how_the_run_ended(store: Arc<dyn Store>
             last.output = Some(json!({"answer": 42}));
             store
                 .record_step(StepUpdate {
+                    unmark: false,
                     closed: Vec::new(),
                     pause: None,
                     wake: None,
@@ -490,6 +494,7 @@ async fn a_watch_registered_first_learns_how_the_run_ended(store: Arc<dyn Store>
                 .unwrap();
             store
                 .record_step(StepUpdate {
+                    unmark: false,
                     closed: Vec::new(),
                     pause: None,
                     wake: None,
@@ -666,6 +671,7 @@ async fn streams_and_the_piece_store_work(store: Arc<dyn Store>) {
         .unwrap();
     store
         .record_step(StepUpdate {
+            unmark: false,
             closed: Vec::new(),
             pause: None,
             wake: None,
@@ -754,6 +760,7 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
     };
     let status = store
         .record_step(StepUpdate {
+            unmark: false,
             closed: Vec::new(),
             pause: None,
             wake: None,
@@ -786,6 +793,7 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
     };
     store
         .record_step(StepUpdate {
+            unmark: false,
             closed: Vec::new(),
             pause: None,
             wake: None,
@@ -1108,6 +1116,7 @@ async fn a_step_that_ends_a_branch_records_the_branch_step_with_it(store: Arc<dy
     chosen.branch = "then".into();
     store
         .record_step(StepUpdate {
+            unmark: false,
             closed: Vec::new(),
             pause: None,
             wake: None,
@@ -1126,6 +1135,7 @@ async fn a_step_that_ends_a_branch_records_the_branch_step_with_it(store: Arc<dy
     closed.output.clone_from(&last.output);
     store
         .record_step(StepUpdate {
+            unmark: false,
             closed: vec![closed],
             pause: None,
             wake: None,
@@ -1173,6 +1183,7 @@ async fn start_waiting(
     });
     store
         .record_step(StepUpdate {
+            unmark: false,
             closed: Vec::new(),
             pause: Some(Pause { timer }),
             wake: None,
@@ -1263,6 +1274,7 @@ async fn waiting_runs_wake_once_from_their_timers_or_resume_by_hand(store: Arc<d
     assert!(store.claim_wake(&timer).await.unwrap());
     store
         .record_step(StepUpdate {
+            unmark: false,
             closed: Vec::new(),
             pause: None,
             wake: None,
@@ -1936,6 +1948,7 @@ async fn redis_step_updates_written_together_each_get_their_own_outcome() {
         .await
         .unwrap();
     let update = |run: String, last: bool| StepUpdate {
+        unmark: false,
         closed: Vec::new(),
         pause: None,
         wake: None,
@@ -2011,6 +2024,7 @@ async fn redis_run_finished_notifications_carry_the_run_end() {
     last.output = Some(json!({"ok": "yes \"quoted\""}));
     store
         .record_step(StepUpdate {
+            unmark: false,
             closed: Vec::new(),
             pause: None,
             wake: None,

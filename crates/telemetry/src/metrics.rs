@@ -29,6 +29,7 @@ pub const NAMES: &[&str] = &[
     "piecework_runs_started_total",
     "piecework_runs_finished_total",
     "piecework_trigger_items_held_total",
+    "piecework_attempts_lost_total",
     "piecework_polls_total",
     "piecework_poll_items_total",
     "piecework_poll_dedupe_dropped_total",
@@ -287,6 +288,9 @@ pub struct Metrics {
     /// Trigger items a flow's `debounce` held back, by flow: each replaced the one before it
     /// in its group, and each group starts one run (in `runs_started`).
     pub trigger_items_held: Family<FlowLabels, Counter>,
+    /// Step attempts whose worker stopped before recording them (found on redelivery), by
+    /// flow.
+    pub attempts_lost: Family<FlowLabels, Counter>,
     /// Polls of polling triggers, by flow and outcome.
     pub polls: Family<PollLabels, Counter>,
     /// Items polling triggers returned, before deduplication.
@@ -354,6 +358,7 @@ impl Metrics {
             runs_started: Family::default(),
             runs_finished: Family::default(),
             trigger_items_held: Family::default(),
+            attempts_lost: Family::default(),
             polls: Family::default(),
             poll_items: Family::default(),
             poll_dedupe_dropped: Family::default(),
@@ -400,6 +405,11 @@ impl Metrics {
             "runs_finished",
             "Runs ended, by flow and final status",
             m.runs_finished.clone(),
+        );
+        r.register(
+            "attempts_lost",
+            "Step attempts whose worker stopped before recording them, by flow",
+            m.attempts_lost.clone(),
         );
         r.register(
             "trigger_items_held",
@@ -615,6 +625,10 @@ mod tests {
             .set(1);
         metrics
             .trigger_items_held
+            .get_or_create(&FlowLabels { flow: "f".into() })
+            .inc();
+        metrics
+            .attempts_lost
             .get_or_create(&FlowLabels { flow: "f".into() })
             .inc();
         metrics

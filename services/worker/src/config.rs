@@ -47,7 +47,9 @@ impl Default for WorkerConfig {
             queues: vec!["default".into()],
             concurrency: 16,
             max_ack_pending: 1000,
-            ack_wait: Duration::from_secs(30),
+            // Short, so the step of a worker that died comes back within seconds: steps
+            // longer than a third of it send progress.
+            ack_wait: Duration::from_secs(6),
             shutdown_grace: Duration::from_secs(30),
             max_items_per_poll: 100,
             poll_timeout: Duration::from_secs(60),

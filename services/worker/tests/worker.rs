@@ -1006,6 +1006,7 @@ async fn a_job_redelivered_mid_journal_resumes_after_the_recorded_steps() {
         };
         h.store
             .record_step(StepUpdate {
+                unmark: false,
                 closed: Vec::new(),
                 pause: None,
                 wake: None,

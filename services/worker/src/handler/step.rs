@@ -19,7 +19,7 @@ use piecework_core::flow::{FlowVersion, StepDef, StepKind};
 use piecework_core::lifecycle::{
     self, AfterAttempt, At, Delivered, Join, Next, Position, Resume, Settle, Termination,
 };
-use piecework_core::run::Attempt;
+use piecework_core::run::{Attempt, InFlight};
 use piecework_core::{Run, RunStatus, StepState, StepStatus};
 use piecework_proto::v1::{StepJob, StepResult};
 use piecework_runtime::{RuntimeError, audit_event};
@@ -50,6 +50,9 @@ struct Attempted {
     executed: Option<(Piece, Arc<dyn DynAction>)>,
     /// The run ended while the action ran, which was stopped.
     stopped: bool,
+    /// The attempt was marked in flight (it ran a while), or one before it was found lost:
+    /// the record clears the mark.
+    unmark: bool,
 }
 
 /// How one step of a chain ends.
@@ -300,9 +303,14 @@ impl Handler {
         position: Position<'_>,
         refused: Option<engine::Execution>,
     ) -> Result<Then<'f>, RuntimeError> {
-        let attempted = self
+        let lost = run.in_flight(&step.name()).cloned();
+        if let Some(lost) = &lost {
+            self.note_lost(chain, run, step, lost);
+        }
+        let mut attempted = self
             .attempt(chain, run, step, position.own_step, refused)
             .await?;
+        attempted.unmark |= lost.is_some();
         // A worker that began to stop while the step ran hands the next step over instead of
         // running it.
         let position = Position {
@@ -341,6 +349,57 @@ impl Handler {
                 .await?
                 .unwrap_or(Then::Settle(after.settle))),
         }
+    }
+
+    /// Puts the attempt `lost` describes into the step's record, as one that failed: its
+    /// worker marked it in flight and stopped before recording it (killed, lost its node). It
+    /// is written with the attempt that follows, and counts against the step's attempts.
+    fn note_lost(&self, chain: &Chain<'_>, run: &mut Run, at: At<'_>, lost: &InFlight) {
+        let name = at.name();
+        let error = format!(
+            "worker {} lost during attempt {}",
+            lost.worker, lost.attempt
+        );
+        tracing::warn!(run_id = %run.id, step = %name, worker = %lost.worker, attempt = lost.attempt, "a worker was lost during this step; running it again");
+        self.runtime
+            .metrics
+            .attempts_lost
+            .get_or_create(&piecework_telemetry::metrics::FlowLabels {
+                flow: run.flow_id.clone(),
+            })
+            .inc();
+        let attempt = Attempt {
+            attempt: lost.attempt,
+            status: StepStatus::Retrying,
+            started_at: lost.started_at,
+            duration_ms: u64::try_from((Utc::now() - lost.started_at).num_milliseconds())
+                .unwrap_or_default(),
+            error: Some(error.clone()),
+            worker: lost.worker.clone(),
+        };
+        let mut state = run.step(&name).cloned().unwrap_or_else(|| StepState {
+            name: name.clone(),
+            piece: at.step.piece.clone(),
+            action: at.step.action.clone(),
+            version: chain
+                .flow
+                .step_version(&at.step.name)
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            status: StepStatus::Retrying,
+            input: Value::Null,
+            output: None,
+            error: None,
+            attempts: Vec::new(),
+            retry_at: None,
+            epoch: 0,
+            branch: None,
+        });
+        state.status = StepStatus::Retrying;
+        state.error = Some(error);
+        state.attempts.push(attempt);
+        run.upsert_step(state);
+        run.in_flight.retain(|m| m.step != name);
     }
 
     /// The span of one step: a child of the run's span (wherever the run started), linked to
@@ -406,6 +465,7 @@ impl Handler {
                 execution,
                 executed: None,
                 stopped: false,
+                unmark: false,
             });
         }
         let control = match step.kind() {
@@ -428,6 +488,7 @@ impl Handler {
                 execution,
                 executed: None,
                 stopped: false,
+                unmark: false,
             });
         }
         let flow = chain.flow;
@@ -464,6 +525,7 @@ impl Handler {
             _ => None,
         };
         let mut stopped = false;
+        let mut marked = false;
         let mut execution = match (&resolved, &auth) {
             (Err(error), _) => engine::Execution::refused(error.clone(), step, attempt),
             (Ok(_), Err(error)) => engine::Execution::failed(error.clone()),
@@ -476,7 +538,15 @@ impl Handler {
                 }
                 let began = tokio::time::Instant::now();
                 let work = engine::execute(action.as_ref(), step, run, iteration, &ctx, attempt);
-                let work = self.unless_run_ends(&run.id, step.timeout() + WATCH_RUN_AFTER, work);
+                let marker = InFlight {
+                    step: name.clone(),
+                    worker: self.config.id.clone(),
+                    attempt: number,
+                    delivery: chain.delivery.delivered,
+                    started_at: started,
+                };
+                let limit = step.timeout() + WATCH_RUN_AFTER;
+                let work = self.watch_long_step(&run.id, marker, limit, work, &mut marked);
                 match self.with_progress(chain.delivery, work).await {
                     Ok(execution) => execution,
                     Err(status) => {
@@ -513,24 +583,35 @@ impl Handler {
             execution,
             executed: resolved.ok(),
             stopped,
+            unmark: marked,
         })
     }
 
-    /// Runs `work` unless run `run_id` ends first (cancelled, or failed by its flow's timeout
-    /// or another lane): then `work` is dropped at once — a piece process gets `cancel` for
-    /// its call, an in-binary action stops at its next `.await` — and the run's status is
-    /// returned. The run is watched only once `work` has run for [`WATCH_RUN_AFTER`], for
-    /// at most `limit`.
-    async fn unless_run_ends<T>(
+    /// Runs `work`, the attempt `marker` describes; once it has run for [`WATCH_RUN_AFTER`]
+    /// (most steps are done sooner and pay nothing), marks it in flight in the run (so a
+    /// redelivery after this worker dies records the lost attempt; `marked` says so) and
+    /// watches the run, for at most `limit`: when the run ends first (cancelled, failed by
+    /// its flow's timeout or another lane), `work` is dropped at once — a piece process gets
+    /// `cancel` for its call, an in-binary action stops at its next `.await` — and the run's
+    /// status is returned.
+    async fn watch_long_step<T>(
         &self,
         run_id: &str,
+        marker: InFlight,
         limit: Duration,
         work: impl Future<Output = T>,
+        marked: &mut bool,
     ) -> Result<T, RunStatus> {
         tokio::pin!(work);
         tokio::select! {
             out = &mut work => return Ok(out),
             () = tokio::time::sleep(WATCH_RUN_AFTER) => {}
+        }
+        match self.runtime.mark_in_flight(run_id, &marker).await {
+            Ok(()) => *marked = true,
+            Err(err) => {
+                tracing::debug!(run_id, step = %marker.step, error = %err, "cannot mark the step in flight");
+            }
         }
         let ended = async {
             let watch = self.runtime.watch_run(run_id).await?;
@@ -751,6 +832,7 @@ impl Handler {
             execution,
             executed,
             stopped,
+            unmark,
         } = attempted;
         let engine::Execution {
             outcome,
@@ -926,6 +1008,7 @@ impl Handler {
                         due: self.runtime.now(),
                     }),
                 audit: Some(audit),
+                unmark,
             })
             .await?;
         run.upsert_step(state);
