@@ -56,6 +56,25 @@ pub struct Config {
     pub health: HealthConfig,
     /// How bundles are found and run: the pieces directory, trusted keys, limits.
     pub pieces: HostConfig,
+    /// The in-memory store of `piecework dev` without Redis.
+    pub memory: MemoryConfig,
+}
+
+/// The embedded store's bounds (runs also expire after `[redis] run_retention`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Finished runs kept at most (`PW_MEMORY_MAX_FINISHED_RUNS`): the oldest to finish go
+    /// first, so a long `piecework dev` session holds a flat footprint.
+    pub max_finished_runs: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            max_finished_runs: piecework_store::memory::DEFAULT_MAX_FINISHED_RUNS,
+        }
+    }
 }
 
 impl Config {
@@ -89,6 +108,15 @@ impl Config {
             .filter(|u| !u.is_empty())
         {
             config.api.public_url = Some(url);
+        }
+        if let Some(retention) = env_value("PW_RUN_RETENTION") {
+            config.redis.run_retention = humantime::parse_duration(&retention)
+                .with_context(|| format!("PW_RUN_RETENTION={retention:?} is not a duration"))?;
+        }
+        if let Some(max) = env_value("PW_MEMORY_MAX_FINISHED_RUNS") {
+            config.memory.max_finished_runs = max
+                .parse()
+                .with_context(|| format!("PW_MEMORY_MAX_FINISHED_RUNS={max:?} is not a number"))?;
         }
         if let Some(allow) = std::env::var("PW_EGRESS_ALLOW")
             .ok()
@@ -150,6 +178,11 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A `PW_*` variable that is set and not empty.
+fn env_value(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 /// The API key from `PW_API_KEY`, or from the file `PW_API_KEY_FILE` names — never from a
@@ -233,6 +266,7 @@ mod tests {
             config.pieces.env["my-company-api"]["MY_COMPANY_CA_FILE"],
             "/etc/company/ca.pem"
         );
+        assert_eq!(config.memory.max_finished_runs, 5000);
     }
 
     #[test]

@@ -93,7 +93,11 @@ pub async fn runtime_with(
                 .context("Redis")?,
         )
     } else {
-        Arc::new(MemoryStore::new().with_run_retention(config.redis.run_retention))
+        Arc::new(
+            MemoryStore::new()
+                .with_run_retention(config.redis.run_retention)
+                .with_max_finished_runs(config.memory.max_finished_runs),
+        )
     };
     let catalog = Arc::new(piecework_core::Catalog::new(registry));
     let (host, sources) = crate::pieces::load(config, &bus, &catalog, files).await?;

@@ -18,6 +18,10 @@ use crate::{
     Timer,
 };
 
+/// How many finished runs the in-memory store keeps unless told otherwise: enough to look
+/// back on while developing, bounded so `piecework dev` under load holds a flat footprint.
+pub const DEFAULT_MAX_FINISHED_RUNS: usize = 5_000;
+
 /// Default cap of each stream, as Redis' `MAXLEN ~`.
 pub const DEFAULT_STREAM_MAXLEN: usize = 100_000;
 
@@ -75,6 +79,11 @@ struct State {
     audit: Stream<AuditEvent>,
     /// How long a finished run is kept (zero: forever).
     run_retention: Duration,
+    /// How many finished runs are kept at most: the oldest to finish go first.
+    max_finished_runs: usize,
+    /// Ids of runs in the order they finished (a run retried and finished again may be in
+    /// it twice), for evicting the oldest beyond `max_finished_runs`.
+    finished: VecDeque<String>,
     /// When expired runs were last swept out.
     swept_at: std::time::Instant,
     /// Incremented by every apply, enable and disable.
@@ -100,6 +109,25 @@ impl State {
             && run.finished_at.is_some_and(|finished| {
                 (now - finished).to_std().unwrap_or_default() > self.run_retention
             })
+    }
+
+    /// Notes that run `id` finished, and evicts the runs that finished longest ago beyond
+    /// `max_finished_runs`.
+    fn finished(&mut self, id: &str) {
+        self.finished.push_back(id.to_owned());
+        while self.finished.len() > self.max_finished_runs {
+            let Some(oldest) = self.finished.pop_front() else {
+                break;
+            };
+            if self
+                .runs
+                .get(&oldest)
+                .is_some_and(|r| r.status.is_terminal())
+            {
+                self.runs.remove(&oldest);
+                self.lanes.retain(|(run, _), _| run != &oldest);
+            }
+        }
     }
 
     /// Drops expired runs, at most once a second (a scan of every run).
@@ -211,6 +239,8 @@ impl MemoryStore {
                 results: Stream::new(maxlen),
                 audit: Stream::new(maxlen),
                 run_retention: crate::DEFAULT_RUN_RETENTION,
+                max_finished_runs: DEFAULT_MAX_FINISHED_RUNS,
+                finished: VecDeque::new(),
                 swept_at: std::time::Instant::now(),
                 flows_revision: 0,
                 timers: HashMap::new(),
@@ -228,6 +258,11 @@ impl MemoryStore {
 
     /// Keeps finished runs for `retention` (zero: forever), as Redis does with
     /// `run_retention`.
+    pub fn with_max_finished_runs(self, max: usize) -> Self {
+        self.state.lock().unwrap().max_finished_runs = max.max(1);
+        self
+    }
+
     pub fn with_run_retention(self, retention: Duration) -> Self {
         self.state.lock().unwrap().run_retention = retention;
         self
@@ -450,10 +485,14 @@ impl Store for MemoryStore {
             if update.response.is_some() {
                 run.response = update.response;
             }
+            let ends = update.run.is_some();
             if let Some(change) = update.run {
                 apply_run_update(run, change);
             }
             let status = run.status;
+            if ends && status.is_terminal() {
+                state.finished(&update.run_id);
+            }
             state.results.push(update.result);
             if let Some(event) = update.audit {
                 state.audit.push(event);
@@ -477,6 +516,9 @@ impl Store for MemoryStore {
                 .get_mut(run_id)
                 .ok_or_else(|| StoreError::Conflict(format!("run {run_id} does not exist")))?;
             apply_run_update(run, update);
+            if run.status.is_terminal() {
+                state.finished(run_id);
+            }
         }
         self.changed.notify_waiters();
         Ok(())
@@ -497,6 +539,7 @@ impl Store for MemoryStore {
             }
             run.status = piecework_core::RunStatus::Cancelled;
             run.finished_at = Some(at);
+            state.finished(run_id);
             true
         };
         self.changed.notify_waiters();
@@ -553,6 +596,7 @@ impl Store for MemoryStore {
                     run.status = piecework_core::RunStatus::Failed;
                     run.error = Some(error.to_owned());
                     run.finished_at = Some(Utc::now());
+                    state.finished(&timer.run_id);
                     true
                 }
                 _ => false,
@@ -1093,6 +1137,43 @@ mod tests {
         assert_eq!((changed.version, changed.created), (3, true));
         let v1 = store.get_flow_version("f", 1).await.unwrap().unwrap();
         assert_eq!(v1.definition.description, "a", "versions are immutable");
+    }
+
+    /// `piecework dev` under endless load: 200,000 runs through the store, which keeps only
+    /// the newest finished ones (and every one still going).
+    #[tokio::test]
+    async fn finished_runs_beyond_the_bound_are_evicted_oldest_first() {
+        let store = MemoryStore::new().with_max_finished_runs(1_000);
+        let done = |status| RunUpdate {
+            status,
+            error: None,
+            finished_at: Some(Utc::now()),
+        };
+        for i in 0..200_000_u32 {
+            let id = format!("r{i}");
+            store
+                .create_run(&Run::new(id.clone(), "f", 1, serde_json::json!({ "i": i })))
+                .await
+                .unwrap();
+            if i % 1000 == 0 {
+                continue; // still running
+            }
+            let status = if i % 7 == 0 {
+                RunStatus::Failed
+            } else {
+                RunStatus::Succeeded
+            };
+            store.update_run(&id, done(status)).await.unwrap();
+        }
+        let state = store.state.lock().unwrap();
+        assert_eq!(state.runs.len(), 1_000 + 200, "1000 finished, 200 running");
+        assert!(state.finished.len() <= 1_000);
+        assert!(state.runs.contains_key("r199999"), "the newest stays");
+        assert!(!state.runs.contains_key("r1"), "the oldest finished went");
+        assert!(
+            state.runs.contains_key("r0"),
+            "a run still going is never evicted"
+        );
     }
 
     #[tokio::test]
