@@ -192,6 +192,7 @@ impl DynPolling for RemoteTrigger {
                 trigger: Cow::Borrowed(&self.spec.name),
                 input: self.input(&input)?,
                 context: call_context(ctx),
+                cursor: ctx.poll_cursor().map(Cow::Borrowed),
             };
             self.pool
                 .call(method::POLL, &params, Some(scope(ctx, &self.auth)))

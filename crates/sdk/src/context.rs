@@ -180,6 +180,7 @@ pub struct Context {
     pub http: HttpClient,
     auth: Option<Value>,
     progress: Option<ProgressSink>,
+    poll_cursor: Option<crate::polling::PollCursor>,
 }
 
 impl Context {
@@ -191,7 +192,22 @@ impl Context {
             http,
             auth: None,
             progress: None,
+            poll_cursor: None,
         }
+    }
+
+    /// Tells a polling trigger how far its flow has read the source.
+    pub fn with_poll_cursor(mut self, cursor: Option<crate::polling::PollCursor>) -> Self {
+        self.poll_cursor = cursor;
+        self
+    }
+
+    /// In a poll: how far the flow has read the source before (`None` on its first poll). A
+    /// trigger that reads pages reads older ones until one [reaches] it.
+    ///
+    /// [reaches]: crate::polling::PollCursor::reaches
+    pub fn poll_cursor(&self) -> Option<&crate::polling::PollCursor> {
+        self.poll_cursor.as_ref()
     }
 
     /// Attaches the decrypted connection values.
@@ -240,6 +256,7 @@ impl Context {
             http: self.http.clone(),
             auth: None,
             progress: self.progress.clone(),
+            poll_cursor: self.poll_cursor.clone(),
         }
     }
 }

@@ -41,7 +41,7 @@ pub use context::{
 pub use error::{ErrorKind, PieceError};
 pub use http::{EgressPolicy, HttpClient};
 pub use piece::{Piece, PieceBuilder, PieceDefinitionError, PieceMetadata, category};
-pub use polling::{DedupeStrategy, PollState, PolledItem};
+pub use polling::{DedupeStrategy, PollCursor, PollState, PolledItem};
 pub use prop::{DropdownOption, DropdownOptions, Prop, PropError, PropKind};
 pub use schedule::Schedule;
 pub use serve::serve;

@@ -82,6 +82,55 @@ pub struct PollState {
     pub recent_ids: VecDeque<String>,
 }
 
+/// How far a flow's trigger has read its source, as a polling trigger sees it
+/// (`ctx.poll_cursor()`): a trigger that reads its source in pages keeps reading older pages
+/// until one [`reaches`](PollCursor::reaches) the cursor, so nothing between is skipped.
+/// Absent on a flow's first poll, which only takes the newest items as its baseline.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PollCursor {
+    /// The ids emitted last, newest first (`LastItem`; at most [`CURSOR_IDS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub last_ids: Vec<String>,
+    /// The newest timestamp emitted (`TimeBased`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+}
+
+/// How many of the last emitted ids a [`PollCursor`] carries.
+pub const CURSOR_IDS: usize = 20;
+
+impl PollCursor {
+    /// The cursor of `state`, as the trigger is told it.
+    pub fn of(state: &PollState) -> Self {
+        Self {
+            last_ids: state
+                .recent_ids
+                .iter()
+                .rev()
+                .take(CURSOR_IDS)
+                .cloned()
+                .collect(),
+            since: state.cursor_time,
+        }
+    }
+
+    /// Whether `page` reaches back to what was read before: it holds an item already emitted
+    /// (by id), or one no newer than the cursor's time. An empty page is the end of the
+    /// source and reaches it too. A cursor of an empty source is reached only by the end.
+    pub fn reaches(&self, page: &[PolledItem]) -> bool {
+        page.is_empty()
+            || page.iter().any(|item| {
+                item.id
+                    .as_ref()
+                    .is_some_and(|id| self.last_ids.contains(id))
+                    || item
+                        .timestamp
+                        .zip(self.since)
+                        .is_some_and(|(at, since)| at <= since)
+            })
+    }
+}
+
 /// The result of deduplicating one poll.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PollOutcome {
@@ -91,6 +140,9 @@ pub struct PollOutcome {
     /// were already seen (on a flow's first poll: every item, which only sets the cursor).
     pub deferred: usize,
     pub state: PollState,
+    /// The poll did not reach back to the last item emitted before (`LastItem`): items
+    /// between the oldest it returned and that one may have been missed.
+    pub gap: bool,
 }
 
 /// Decides which of `items` are new given the previous state (`None` on the first poll), and
@@ -132,6 +184,7 @@ fn time_based(
                 cursor_time,
                 ..PollState::default()
             },
+            gap: false,
         });
     };
     let fresh: Vec<_> = stamped
@@ -157,6 +210,7 @@ fn time_based(
             cursor_time,
             ..previous
         },
+        gap: false,
     })
 }
 
@@ -182,8 +236,14 @@ fn last_item(
                 recent_ids,
                 ..PollState::default()
             },
+            gap: false,
         });
     };
+    let gap = !state.recent_ids.is_empty()
+        && !items.is_empty()
+        && !items
+            .iter()
+            .any(|item| state.recent_ids.contains(&id(item)));
     // Newest first: everything before the first item already seen is new.
     let mut fresh: Vec<PolledItem> = Vec::new();
     for item in items {
@@ -211,6 +271,7 @@ fn last_item(
         new_items: fresh,
         deferred,
         state,
+        gap,
     })
 }
 
@@ -365,5 +426,57 @@ mod tests {
         assert_eq!(ided("7").dedupe_key(), "id:7");
         assert_eq!(timed("x", 5).dedupe_key(), timed("x", 5).dedupe_key());
         assert_ne!(timed("x", 5).dedupe_key(), timed("y", 5).dedupe_key());
+    }
+
+    #[test]
+    fn a_cursor_is_reached_by_a_page_holding_a_seen_item_or_the_end() {
+        let mut state = PollState::default();
+        for id in ["1", "2", "3"] {
+            state.recent_ids.push_back(id.into());
+        }
+        state.cursor_time = Some(at(100));
+        let cursor = PollCursor::of(&state);
+        assert_eq!(cursor.last_ids, ["3", "2", "1"], "newest first");
+        assert!(!cursor.reaches(&[ided("5"), ided("4")]));
+        assert!(cursor.reaches(&[ided("4"), ided("3")]));
+        assert!(cursor.reaches(&[]), "the end of the source");
+        assert!(
+            cursor.reaches(&[timed("a", 100)]),
+            "no newer than the cursor"
+        );
+        assert!(!cursor.reaches(&[timed("a", 101)]));
+        assert!(
+            !PollCursor::of(&PollState::default()).reaches(&[ided("1")]),
+            "a source empty at the baseline is read to its end"
+        );
+    }
+
+    #[test]
+    fn a_poll_that_does_not_reach_the_last_seen_item_reports_a_gap() {
+        let baseline = dedupe(
+            DedupeStrategy::LastItem,
+            None,
+            vec![ided("2"), ided("1")],
+            10,
+        )
+        .unwrap();
+        assert!(!baseline.gap);
+        let reached = dedupe(
+            DedupeStrategy::LastItem,
+            Some(baseline.state.clone()),
+            vec![ided("3"), ided("2")],
+            10,
+        )
+        .unwrap();
+        assert!(!reached.gap);
+        let short = dedupe(
+            DedupeStrategy::LastItem,
+            Some(baseline.state),
+            vec![ided("9"), ided("8")],
+            10,
+        )
+        .unwrap();
+        assert!(short.gap, "8 and 9 are new, 3 to 7 may have been missed");
+        assert_eq!(ids(&short.new_items), ["8", "9"]);
     }
 }

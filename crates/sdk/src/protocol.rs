@@ -258,6 +258,9 @@ pub struct Poll<'a> {
     pub trigger: Cow<'a, str>,
     pub input: Value,
     pub context: CallContext<'a>,
+    /// How far the flow has read the source (1.2; absent on its first poll).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<Cow<'a, crate::polling::PollCursor>>,
 }
 
 /// `webhook` params; the result is the list of items that start runs.

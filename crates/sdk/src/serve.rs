@@ -295,7 +295,9 @@ impl Session {
                 let Some(TriggerHandle::Polling(trigger)) = piece.trigger(&params.trigger) else {
                     return Err(self.no_trigger(&params.trigger, "polling"));
                 };
-                let ctx = self.context(id, params.context);
+                let ctx = self
+                    .context(id, params.context)
+                    .with_poll_cursor(params.cursor.map(std::borrow::Cow::into_owned));
                 let items = trigger.poll_json(&ctx, params.input).await?;
                 to_value(&items)
             }

@@ -30,6 +30,7 @@ pub const NAMES: &[&str] = &[
     "piecework_runs_finished_total",
     "piecework_trigger_items_held_total",
     "piecework_attempts_lost_total",
+    "piecework_poll_gaps_total",
     "piecework_polls_total",
     "piecework_poll_items_total",
     "piecework_poll_dedupe_dropped_total",
@@ -291,6 +292,8 @@ pub struct Metrics {
     /// Step attempts whose worker stopped before recording them (found on redelivery), by
     /// flow.
     pub attempts_lost: Family<FlowLabels, Counter>,
+    /// Polls that did not reach back to the last item emitted before, by flow.
+    pub poll_gaps: Family<FlowLabels, Counter>,
     /// Polls of polling triggers, by flow and outcome.
     pub polls: Family<PollLabels, Counter>,
     /// Items polling triggers returned, before deduplication.
@@ -359,6 +362,7 @@ impl Metrics {
             runs_finished: Family::default(),
             trigger_items_held: Family::default(),
             attempts_lost: Family::default(),
+            poll_gaps: Family::default(),
             polls: Family::default(),
             poll_items: Family::default(),
             poll_dedupe_dropped: Family::default(),
@@ -405,6 +409,11 @@ impl Metrics {
             "runs_finished",
             "Runs ended, by flow and final status",
             m.runs_finished.clone(),
+        );
+        r.register(
+            "poll_gaps",
+            "Polls that did not reach back to the last item emitted before, by flow",
+            m.poll_gaps.clone(),
         );
         r.register(
             "attempts_lost",
@@ -629,6 +638,10 @@ mod tests {
             .inc();
         metrics
             .attempts_lost
+            .get_or_create(&FlowLabels { flow: "f".into() })
+            .inc();
+        metrics
+            .poll_gaps
             .get_or_create(&FlowLabels { flow: "f".into() })
             .inc();
         metrics

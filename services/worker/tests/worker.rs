@@ -666,6 +666,29 @@ async fn polling_starts_one_run_per_new_item_even_when_polls_repeat() {
     outputs.sort_by_key(|v| v.to_string());
     assert_eq!(outputs, [json!("2"), json!("3")]);
     assert_eq!(*probe.polls.lock().unwrap(), 3);
+
+    // A poll whose one page no longer reaches the last item seen: the items it returns run,
+    // and the gap between is said, never passed over in silence.
+    *probe.items.lock().unwrap() = vec![json!({"id": "9"}), json!({"id": "8"})];
+    poll(4).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.store.list_runs(&query).await.unwrap().len(), 4);
+    let metrics = h.runtime.metrics.encode();
+    assert!(
+        metrics.contains("piecework_poll_gaps_total{flow=\"f\"} 1"),
+        "{metrics}"
+    );
+    let audit = h
+        .runtime
+        .query_audit(&piecework_store::audit::AuditQuery {
+            action: Some("trigger.gap".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit.entries.len(), 1, "{audit:?}");
+    assert_eq!(audit.entries[0].event.resource, "flow/f");
     h.stop().await;
 }
 

@@ -171,7 +171,12 @@ impl Handler {
             .as_ref()
             .map(|values| Secrets::of(piece.auth(), values))
             .unwrap_or_default();
-        let ctx = runtime.context(run_info, flow, auth);
+        // How far the flow has read: a trigger reading pages goes back until it gets there.
+        let previous = runtime.trigger_state(&flow.flow_id).await?;
+        let cursor = previous.as_ref().map(piecework_sdk::PollCursor::of);
+        let ctx = runtime
+            .context(run_info, flow, auth)
+            .with_poll_cursor(cursor);
         let input = serde_json::Value::Object(trigger.input.clone());
         let polled =
             match tokio::time::timeout(self.config.poll_timeout, polling.poll_json(&ctx, input))
@@ -194,13 +199,15 @@ impl Handler {
             }
         };
         let polled_items = items.len();
-        let previous = runtime.trigger_state(&flow.flow_id).await?;
         let outcome =
             match polling::dedupe(strategy, previous, items, self.config.max_items_per_poll) {
                 Ok(outcome) => outcome,
                 Err(err) => return self.poll_failed(flow, &err.to_string()).await,
             };
         let new_items = outcome.new_items.len();
+        if outcome.gap {
+            self.poll_gap(flow).await;
+        }
         for mut item in outcome.new_items {
             let key = item.dedupe_key();
             let run_id = deterministic_run_id(&flow.flow_id, &key);
@@ -235,6 +242,31 @@ impl Handler {
                 polled_items.saturating_sub(new_items + outcome.deferred),
             ));
         Ok(Settle::Ack)
+    }
+
+    /// Says, never silently, that a poll did not reach back to the last item emitted: the
+    /// trigger reads one page, or more items came than it reads pages of. A warning, the
+    /// `piecework_poll_gaps_total` metric and a `trigger.gap` audit entry.
+    async fn poll_gap(&self, flow: &FlowVersion) {
+        let error = "the poll did not reach the last item it emitted before: items between may have been missed (the trigger reads too few pages)";
+        tracing::warn!(flow = %flow.flow_id, "{error}");
+        self.runtime
+            .metrics
+            .poll_gaps
+            .get_or_create(&FlowLabels {
+                flow: flow.flow_id.clone(),
+            })
+            .inc();
+        let resource = format!("flow/{}", flow.flow_id);
+        self.runtime
+            .audit(
+                &self.actor,
+                "trigger.gap",
+                &resource,
+                Instant::now(),
+                Some(&error),
+            )
+            .await;
     }
 
     fn count_poll(&self, flow: &str, outcome: PollOutcome) {

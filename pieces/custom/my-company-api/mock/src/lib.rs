@@ -344,6 +344,8 @@ struct ListParams {
     team: Option<String>,
     priority: Option<String>,
     limit: Option<usize>,
+    /// Only tickets older than this one: the next page.
+    before: Option<String>,
 }
 
 async fn list_tickets(
@@ -355,6 +357,8 @@ async fn list_tickets(
         .tickets
         .iter()
         .rev()
+        .skip_while(|t| params.before.as_ref().is_some_and(|id| &t.id != id))
+        .skip(usize::from(params.before.is_some()))
         .filter(|t| params.team.as_ref().is_none_or(|team| &t.team == team))
         .filter(|t| params.priority.as_ref().is_none_or(|p| &t.priority == p))
         .take(params.limit.unwrap_or(50))

@@ -35,25 +35,53 @@ impl PollingTrigger for NewTicket {
             )
     }
 
+    /// The newest page of tickets and, when the flow has read them before, older pages until
+    /// one reaches the last ticket it saw (at most [`MAX_PAGES`]): a backlog filed while the
+    /// flow was paused is read whole.
     async fn poll(&self, ctx: &Context, input: Input) -> Result<Vec<PolledItem>, PieceError> {
         let auth: MyCompanyAuth = ctx.auth()?;
-        let mut query = vec![("limit", "100".to_owned())];
-        query.extend(input.team.map(|team| ("team", team)));
-        query.extend(input.priority.map(|priority| ("priority", priority)));
-        let request = ctx
-            .http
-            .get(&auth.endpoint("/tickets"))?
-            .bearer_auth(&auth.api_key)
-            .query(&query);
-        let page: Value = ctx.http.send_json(request).await?;
-        let tickets = page["tickets"]
-            .as_array()
-            .ok_or_else(|| PieceError::fatal("the ticket list has no `tickets` array"))?;
-        Ok(tickets
-            .iter()
-            .map(|ticket| {
-                PolledItem::new(ticket.clone()).id(ticket["id"].as_str().unwrap_or_default())
-            })
-            .collect())
+        let mut items: Vec<PolledItem> = Vec::new();
+        for _ in 0..MAX_PAGES {
+            let mut query = vec![("limit", PAGE.to_string())];
+            query.extend(input.team.clone().map(|team| ("team", team)));
+            query.extend(
+                input
+                    .priority
+                    .clone()
+                    .map(|priority| ("priority", priority)),
+            );
+            query.extend(
+                items
+                    .last()
+                    .and_then(|t| t.id.clone())
+                    .map(|id| ("before", id)),
+            );
+            let request = ctx
+                .http
+                .get(&auth.endpoint("/tickets"))?
+                .bearer_auth(&auth.api_key)
+                .query(&query);
+            let page: Value = ctx.http.send_json(request).await?;
+            let tickets = page["tickets"]
+                .as_array()
+                .ok_or_else(|| PieceError::fatal("the ticket list has no `tickets` array"))?;
+            let page: Vec<PolledItem> = tickets
+                .iter()
+                .map(|ticket| {
+                    PolledItem::new(ticket.clone()).id(ticket["id"].as_str().unwrap_or_default())
+                })
+                .collect();
+            let done = page.len() < PAGE || ctx.poll_cursor().is_none_or(|c| c.reaches(&page));
+            items.extend(page);
+            if done {
+                break;
+            }
+        }
+        Ok(items)
     }
 }
+
+/// Tickets per request.
+const PAGE: usize = 100;
+/// Pages one poll reads at most: a backlog longer than this is reported as a gap.
+const MAX_PAGES: usize = 10;
