@@ -109,6 +109,11 @@ impl Config {
         {
             config.api.public_url = Some(url);
         }
+        if let Some(replicas) = env_value("PW_NATS_REPLICAS") {
+            config.nats.replicas = replicas
+                .parse()
+                .with_context(|| format!("PW_NATS_REPLICAS={replicas:?} is not a number"))?;
+        }
         if let Some(retention) = env_value("PW_RUN_RETENTION") {
             config.redis.run_retention = humantime::parse_duration(&retention)
                 .with_context(|| format!("PW_RUN_RETENTION={retention:?} is not a duration"))?;

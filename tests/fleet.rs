@@ -1353,3 +1353,77 @@ async fn a_backlog_filed_while_a_polling_flow_was_paused_gets_one_run_per_item()
         "no gap was reported"
     );
 }
+
+/// A three-node NATS cluster with replicated streams: under a steady stream of webhook calls,
+/// the job stream's leader is killed. Every call the api accepted becomes a run that
+/// succeeds; calls refused while the cluster elects a new leader succeed when the caller tries
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_stream_leader_of_a_nats_cluster_loses_no_accepted_run() {
+    let mut cluster = piecework_testkit::NatsCluster::start(3).await.unwrap();
+    let mut fleet = Fleet::start("[nats]\nreplicas = 3\n").await;
+    fleet.env.push(("PW_NATS_URL".into(), cluster.url()));
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    fleet.start_worker("w2", &[]).await;
+    fleet
+        .apply(&webhook_flow(
+            "replicated",
+            "  - { name: one, piece: data, action: set, input: { value: \"{{ trigger.body.n }}\" } }\n  - { name: two, piece: data, action: set, input: { value: \"{{ steps.one.output }}\" }, queue: other }\n",
+        ))
+        .await;
+    fleet.start_worker("w3", &["--queues", "other"]).await;
+
+    let client_nats = async_nats::connect(cluster.url().split(',').collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let jetstream = async_nats::jetstream::new(client_nats);
+    let mut stream = jetstream.get_stream("PW_JOBS").await.unwrap();
+    let info = stream.info().await.unwrap();
+    let leader = info
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .unwrap();
+    assert_eq!(info.config.num_replicas, 3, "the job stream is replicated");
+
+    let send = |n: u32| {
+        let url = format!("{}/v1/webhooks/replicated", fleet.api);
+        async move {
+            // A caller that tries again on 503, as webhook senders do.
+            for _ in 0..60 {
+                let response = client().post(&url).json(&json!({ "n": n })).send().await;
+                if let Ok(response) = response
+                    && response.status() == 202
+                {
+                    let answer: Value = response.json().await.unwrap();
+                    return answer["run_id"].as_str().unwrap().to_owned();
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            panic!("call {n} was never accepted");
+        }
+    };
+    let mut accepted = Vec::new();
+    for n in 0..20 {
+        accepted.push(send(n).await);
+    }
+    cluster.kill(&leader).await;
+    for n in 20..40 {
+        accepted.push(send(n).await);
+    }
+    let mut outputs = BTreeSet::new();
+    for id in &accepted {
+        let run = fleet.finished(id, Duration::from_secs(90)).await;
+        assert_eq!(run["status"], "succeeded", "{run}\n{}", fleet.log_tails());
+        outputs.insert(run["steps"][1]["output"].to_string());
+    }
+    assert_eq!(outputs.len(), 40, "every call's run, with its own input");
+    let info = stream.info().await.unwrap();
+    let new_leader = info
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .unwrap();
+    assert_ne!(new_leader, leader, "another node leads the stream now");
+}

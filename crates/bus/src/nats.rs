@@ -151,7 +151,15 @@ impl NatsBus {
         let mut delay = Duration::from_millis(100);
         let client = loop {
             let options = config.connect_options().await?;
-            match options.connect(config.url.as_str()).await {
+            // Every server of a cluster the URL lists: the client starts at any that answers
+            // (and learns the others from it).
+            let servers: Vec<&str> = config
+                .url
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect();
+            match options.connect(servers).await {
                 Ok(client) => break client,
                 Err(err) if tokio::time::Instant::now() + delay < deadline => {
                     tracing::warn!(url = %redact_url(&config.url), error = %err, retry_in = ?delay, "cannot reach NATS yet");

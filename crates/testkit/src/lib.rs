@@ -475,6 +475,125 @@ impl<K: Kind> Server<K> {
     }
 }
 
+/// `nats-server`s in one JetStream cluster on loopback (`n0`, `n1`, …), each with its own
+/// ports and store, for tests that kill a node (the stream leader) under load.
+pub struct NatsCluster {
+    nodes: Vec<Process>,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes routed to each other and waits until JetStream has a meta leader.
+    pub async fn start(size: usize) -> Result<Self, TestkitError> {
+        let path = find(Nats::BINARY, Nats::PACKAGE)?;
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let routes = ports
+            .iter()
+            .map(|(_, cluster)| format!("nats://127.0.0.1:{cluster}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::with_capacity(size);
+        for (i, (port, cluster)) in ports.iter().enumerate() {
+            let dir = tempfile::Builder::new()
+                .prefix("pw-nats-cluster-")
+                .tempdir()?;
+            let mut args = Nats::args(*port, dir.path());
+            args.extend(
+                [
+                    "--server_name",
+                    &format!("n{i}"),
+                    "--cluster_name",
+                    "pw",
+                    "--cluster",
+                    &format!("nats://127.0.0.1:{cluster}"),
+                    "--routes",
+                    &routes,
+                ]
+                .map(str::to_owned),
+            );
+            let mut process = Process {
+                binary: Nats::BINARY,
+                path: path.clone(),
+                args,
+                port: *port,
+                dir,
+                child: None,
+            };
+            process.spawn()?;
+            nodes.push(process);
+        }
+        let cluster = Self { nodes };
+        for i in 0..size {
+            cluster.wait_healthy(i).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Waits until node `i` answers its health check, which in a cluster needs JetStream's
+    /// meta leader.
+    async fn wait_healthy(&self, i: usize) -> Result<(), TestkitError> {
+        let node = &self.nodes[i];
+        let monitor = monitor_port(node.port);
+        node.wait_ready(async |_| healthz_ok(monitor).await).await
+    }
+
+    /// Every node's URL, comma-separated, as `PW_NATS_URL` takes them.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node `name`'s (`n1`) URL.
+    pub fn node_url(&self, name: &str) -> String {
+        format!("nats://127.0.0.1:{}", self.node(name).port)
+    }
+
+    fn node(&self, name: &str) -> &Process {
+        let i: usize = name
+            .trim_start_matches('n')
+            .parse()
+            .expect("a node name: n0, n1, …");
+        &self.nodes[i]
+    }
+
+    /// SIGKILL of node `name`.
+    pub async fn kill(&mut self, name: &str) {
+        let i: usize = name.trim_start_matches('n').parse().expect("a node name");
+        self.nodes[i].kill().await;
+    }
+
+    /// Starts node `name` again with its store, and waits until it is healthy.
+    pub async fn restart(&mut self, name: &str) -> Result<(), TestkitError> {
+        let i: usize = name.trim_start_matches('n').parse().expect("a node name");
+        self.nodes[i].stop().await;
+        self.nodes[i].spawn()?;
+        self.wait_healthy(i).await
+    }
+}
+
+/// Whether the NATS monitoring endpoint on `port` says the server (and its JetStream) is
+/// healthy.
+async fn healthz_ok(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await else {
+        return false;
+    };
+    let request = b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n";
+    if stream.write_all(request).await.is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer));
+    let status_ok = |answer: &[u8]| {
+        let text = String::from_utf8_lossy(answer);
+        text.lines()
+            .next()
+            .is_some_and(|line| line.contains(" 200 "))
+    };
+    matches!(read.await, Ok(Ok(_))) && status_ok(&answer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
