@@ -1427,3 +1427,72 @@ async fn killing_the_stream_leader_of_a_nats_cluster_loses_no_accepted_run() {
         .unwrap();
     assert_ne!(new_leader, leader, "another node leads the stream now");
 }
+
+/// A caller that sends `Idempotency-Key` and retries on 503, while NATS is away: its call is
+/// refused while the job cannot be published, its retry after NATS is back is the same run,
+/// and the run's step runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_with_an_idempotency_key_are_one_run_even_across_a_nats_outage() {
+    let target = Target::start().await;
+    let mut fleet = Fleet::start("").await;
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    let steps = format!(
+        "  - {{ name: call, piece: http, action: send_request, input: {{ url: \"{}/slow/effect?ms=10\" }} }}\n",
+        target.url
+    );
+    fleet.apply(&webhook_flow("once", &steps)).await;
+    let call = || {
+        client()
+            .post(format!("{}/v1/webhooks/once", fleet.api))
+            .header("Idempotency-Key", "order-4711")
+            .json(&json!({ "order": 4711 }))
+            .send()
+    };
+    let first: Value = call().await.unwrap().json().await.unwrap();
+    let id = first["run_id"].as_str().unwrap().to_owned();
+    fleet.finished(&id, Duration::from_secs(30)).await;
+    // The same key again: the same run, nothing new happens.
+    let again: Value = call().await.unwrap().json().await.unwrap();
+    assert_eq!(again["run_id"], id.as_str());
+
+    // Another order while NATS is down: refused (503), then retried until accepted.
+    fleet.nats.kill().await;
+    let other = || {
+        client()
+            .post(format!("{}/v1/webhooks/once", fleet.api))
+            .header("Idempotency-Key", "order-4712")
+            .json(&json!({ "order": 4712 }))
+            .send()
+    };
+    let refused = other().await.unwrap();
+    assert_eq!(refused.status(), 503, "{}", refused.text().await.unwrap());
+    fleet.nats.restart().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let accepted = loop {
+        let response = other().await.unwrap();
+        if response.status() == 202 {
+            break response.json::<Value>().await.unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            fleet.log_tails()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let other_id = accepted["run_id"].as_str().unwrap().to_owned();
+    let run = fleet.finished(&other_id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    // Settle, then count: one effect per order.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(target.hits("effect").len(), 2, "one call per order");
+    let bad = client()
+        .post(format!("{}/v1/webhooks/once", fleet.api))
+        .header("Idempotency-Key", "x".repeat(300))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}

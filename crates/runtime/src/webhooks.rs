@@ -123,6 +123,34 @@ fn context(flow_id: &str) -> String {
     format!("webhook:{flow_id}")
 }
 
+/// The header a webhook caller sets so that its retries of one call start one run.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The caller's `Idempotency-Key`, if it sent one: printable, at most 255 bytes.
+fn idempotency_key(request: &piecework_sdk::WebhookRequest) -> Result<Option<&str>, RuntimeError> {
+    let Some(key) = request.headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    if key.is_empty() || key.len() > 255 || key.chars().any(|c| c.is_control()) {
+        return Err(RuntimeError::Invalid(
+            "Idempotency-Key must be 1 to 255 printable characters".into(),
+        ));
+    }
+    Ok(Some(key))
+}
+
+/// The id of the run for item `index` of a call: fresh, or with an `Idempotency-Key` the same
+/// for every call carrying it (for as long as the run is kept: `run_retention`).
+fn run_id_for(flow: &piecework_core::FlowVersion, key: Option<&str>, index: usize) -> String {
+    match key {
+        Some(key) => piecework_core::run::deterministic_run_id(
+            &flow.flow_id,
+            &format!("idempotency:{key}:{index}"),
+        ),
+        None => piecework_core::run::new_run_id(),
+    }
+}
+
 /// What a webhook call started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookRuns {
@@ -193,9 +221,10 @@ impl Runtime {
                     held_until,
                 });
             }
+            let key = idempotency_key(request)?;
             let mut run_ids = Vec::with_capacity(items.len());
-            for item in items {
-                let run_id = piecework_core::run::new_run_id();
+            for (i, item) in items.into_iter().enumerate() {
+                let run_id = run_id_for(flow, key, i);
                 let audit = run_ids
                     .is_empty()
                     .then(|| self.receive_audit(flow, received, None));
@@ -242,7 +271,7 @@ impl Runtime {
                     "a synchronous webhook needs exactly one run, the trigger produced {count}"
                 )));
             };
-            let run_id = piecework_core::run::new_run_id();
+            let run_id = run_id_for(flow, idempotency_key(request)?, 0);
             let watch = self.store.watch_run(&run_id).await?;
             let audit = self.receive_audit(flow, received, None);
             self.start_admitted_run(flow, run_id.clone(), item, Some(audit))
@@ -322,7 +351,22 @@ impl Runtime {
                     }
                     Ok(())
                 }
-                piecework_store::Admission::Exists => Ok(()),
+                // The caller's retry of an accepted call (same `Idempotency-Key`): the same
+                // run. Its first job goes out again unless a step ran, in case the first
+                // call's publish was lost; the message id keeps it single.
+                piecework_store::Admission::Exists => {
+                    let fresh = self
+                        .store
+                        .get_run(&run.id)
+                        .await?
+                        .is_some_and(|r| !r.status.is_terminal() && r.steps.is_empty());
+                    if fresh
+                        && let Some(first) = piecework_core::lifecycle::first_step(&flow.definition)
+                    {
+                        self.publish_step(flow, &run.id, &first.name, 0).await?;
+                    }
+                    Ok(())
+                }
                 piecework_store::Admission::Stale => {
                     self.forget_admission(&flow.flow_id);
                     Err(RuntimeError::StaleAdmission(flow.flow_id.clone()))
