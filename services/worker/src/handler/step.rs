@@ -286,7 +286,7 @@ impl Handler {
                     run = *now;
                     step = At::top(around);
                     own_step = false;
-                    // What follows the loop gets a job of its own (see `close_loop`).
+                    // What follows the loop gets a job of its own (see `Next::Join`).
                     budget = 0;
                 }
             }
