@@ -607,7 +607,22 @@ impl Handler {
             out = &mut work => return Ok(out),
             () = tokio::time::sleep(WATCH_RUN_AFTER) => {}
         }
-        match self.runtime.mark_in_flight(run_id, &marker).await {
+        // The step lives long: what follows is boxed, so that the many steps that end sooner
+        // carry none of it in their futures.
+        Box::pin(self.watch_run_during(run_id, &marker, limit, work, marked)).await
+    }
+
+    /// The rest of [`Handler::watch_long_step`], once the step has run a while: mark it in
+    /// flight, then run it unless its run ends first.
+    async fn watch_run_during<T>(
+        &self,
+        run_id: &str,
+        marker: &InFlight,
+        limit: Duration,
+        mut work: std::pin::Pin<&mut impl Future<Output = T>>,
+        marked: &mut bool,
+    ) -> Result<T, RunStatus> {
+        match self.runtime.mark_in_flight(run_id, marker).await {
             Ok(()) => *marked = true,
             Err(err) => {
                 tracing::debug!(run_id, step = %marker.step, error = %err, "cannot mark the step in flight");
