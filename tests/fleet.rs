@@ -1016,6 +1016,17 @@ async fn a_debounced_burst_starts_one_run_per_key_with_its_last_item_despite_a_s
             "{answer}"
         );
     }
+    // A retry of the last call (its `Idempotency-Key`) is the same item: it moves nothing.
+    let retried = |key: &'static str| {
+        client()
+            .post(format!("{}/v1/webhooks/calm", fleet.api))
+            .header("Idempotency-Key", key)
+            .json(&json!({ "ticket": "t-2", "n": 3 }))
+            .send()
+    };
+    let first: Value = retried("t-2-n3").await.unwrap().json().await.unwrap();
+    let again: Value = retried("t-2-n3").await.unwrap().json().await.unwrap();
+    assert_eq!(first["held_until"], again["held_until"], "{first} {again}");
     // A synchronous call cannot wait for a run that starts later.
     let sync = client()
         .post(format!("{}/v1/webhooks/calm/sync", fleet.api))
@@ -1052,7 +1063,7 @@ async fn a_debounced_burst_starts_one_run_per_key_with_its_last_item_despite_a_s
     notes.sort();
     assert_eq!(
         notes,
-        ["t-1#3", "t-2#2"],
+        ["t-1#3", "t-2#3"],
         "one run per ticket, with its last call"
     );
     // Nothing more comes of the burst.
@@ -1067,7 +1078,7 @@ async fn a_debounced_burst_starts_one_run_per_key_with_its_last_item_despite_a_s
         .await
         .unwrap();
     assert!(
-        metrics.contains("piecework_trigger_items_held_total{flow=\"calm\"} 5"),
+        metrics.contains("piecework_trigger_items_held_total{flow=\"calm\"} 7"),
         "{metrics}"
     );
 }

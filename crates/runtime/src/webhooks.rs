@@ -204,15 +204,18 @@ impl Runtime {
         let received = std::time::Instant::now();
         let result = async {
             let items = self.webhook_items(flow, webhook, request).await?;
+            let key = idempotency_key(request)?;
             if flow.definition.debounce.is_some() {
-                // Held back: the call's audit entry goes on its own.
+                // Held back: the call's audit entry goes on its own. A retried call (the same
+                // `Idempotency-Key`) is the same item again, which changes nothing.
                 let started_by =
                     piecework_sdk::Principal::new(format!("webhook:{}", flow.flow_id), None);
                 let mut held_until = None;
-                for item in items {
+                for (i, item) in items.into_iter().enumerate() {
                     let kind = piecework_telemetry::metrics::TriggerKind::webhook;
+                    let item_id = key.map(|key| format!("idempotency:{key}:{i}"));
                     let due = self
-                        .hold_item(flow, item, kind, started_by.clone(), None)
+                        .hold_item(flow, item, kind, started_by.clone(), item_id)
                         .await?;
                     held_until = held_until.max(Some(due));
                 }
@@ -221,7 +224,6 @@ impl Runtime {
                     held_until,
                 });
             }
-            let key = idempotency_key(request)?;
             let mut run_ids = Vec::with_capacity(items.len());
             for (i, item) in items.into_iter().enumerate() {
                 let run_id = run_id_for(flow, key, i);
