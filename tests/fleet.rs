@@ -1069,14 +1069,7 @@ async fn a_debounced_burst_starts_one_run_per_key_with_its_last_item_despite_a_s
     // Nothing more comes of the burst.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(fleet.runs_of("calm").await.len(), 2);
-    let metrics = client()
-        .get(format!("{}/metrics", fleet.api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fleet.metrics().await;
     assert!(
         metrics.contains("piecework_trigger_items_held_total{flow=\"calm\"} 7"),
         "{metrics}"
@@ -1260,14 +1253,7 @@ async fn a_step_lost_with_its_worker_is_back_within_seconds_and_recorded_as_lost
     assert_eq!(attempts[1]["worker"], "rescuer");
     assert_eq!(attempts[1]["attempt"], 2);
     assert_eq!(attempts[1]["status"], "succeeded");
-    let metrics = client()
-        .get(rescuer.replace("/readyz", "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::get_text(&rescuer.replace("/readyz", "/metrics")).await;
     assert!(
         metrics.contains("piecework_attempts_lost_total{flow=\"recover\"} 1"),
         "{metrics}"

@@ -412,6 +412,11 @@ impl Fleet {
         response.json().await.unwrap()
     }
 
+    /// The API's `/metrics` text (with the admin key).
+    pub async fn metrics(&self) -> String {
+        get_text(&format!("{}/metrics", self.api)).await
+    }
+
     /// The runs of `flow`, newest first.
     pub async fn runs_of(&self, flow: &str) -> Vec<Value> {
         let runs = self.get(&format!("/v1/runs?flow={flow}")).await;
@@ -495,6 +500,18 @@ impl Drop for Fleet {
             let _ = child.wait();
         }
     }
+}
+
+/// The body of `GET url` (with the admin key), as text.
+pub async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// An HTTP service flows call, with behaviour the test controls.

@@ -1370,27 +1370,29 @@ impl Store for RedisStore {
                 return Ok(stats);
             }
             // The status alone, unless the starter is asked for: it is in the meta.
+            let with_meta = query.started_by.is_some();
             let mut pipe = redis::pipe();
             for id in &ids {
-                if query.started_by.is_some() {
-                    pipe.cmd("HMGET").arg(run_key(id)).arg("status").arg("meta");
-                } else {
-                    pipe.cmd("HMGET")
-                        .arg(run_key(id))
-                        .arg("status")
-                        .arg("status");
+                let hmget = pipe.cmd("HMGET").arg(run_key(id)).arg("status");
+                if with_meta {
+                    hmget.arg("meta");
                 }
             }
-            let rows: Vec<(Option<String>, Option<String>)> = pipe
+            let rows: Vec<Vec<Option<String>>> = pipe
                 .query_async(&mut self.conn())
                 .await
                 .map_err(unavailable)?;
-            for (id, (status, meta)) in ids.iter().zip(rows) {
+            for (id, row) in ids.iter().zip(rows) {
+                let mut fields = row.into_iter();
                 // A run indexed but expired has no fields left.
-                let Some(status) = status else { continue };
+                let Some(status) = fields.next().flatten() else {
+                    continue;
+                };
                 let key = run_key(id);
-                if query.started_by.is_some() {
-                    let Some(meta) = meta else { continue };
+                if with_meta {
+                    let Some(meta) = fields.next().flatten() else {
+                        continue;
+                    };
                     let meta: RunMeta = from_json(&key, &meta)?;
                     if !query.started_by_matches(&meta.started_by.name) {
                         continue;

@@ -286,8 +286,8 @@ pub struct Metrics {
     pub runs_started: Family<RunStartLabels, Counter>,
     /// Runs ended, by flow and final status.
     pub runs_finished: Family<RunEndLabels, Counter>,
-    /// Trigger items a flow's `debounce` held back, by flow: each replaced the one before it
-    /// in its group, and each group starts one run (in `runs_started`).
+    /// Trigger items a flow's `debounce` held back, by flow (a call retried with the same
+    /// `Idempotency-Key` too); each group of them starts one run (in `runs_started`).
     pub trigger_items_held: Family<FlowLabels, Counter>,
     /// Step attempts whose worker stopped before recording them (found on redelivery), by
     /// flow.
