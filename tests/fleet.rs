@@ -1425,65 +1425,105 @@ async fn killing_the_stream_leader_of_a_nats_cluster_loses_no_accepted_run() {
     assert_ne!(new_leader, leader, "another node leads the stream now");
 }
 
-/// A caller that sends `Idempotency-Key` and retries on 503, while NATS is away: its call is
-/// refused while the job cannot be published, its retry after NATS is back is the same run,
-/// and the run's step runs once.
+/// A caller sending 20 webhook calls a second, each with its own `Idempotency-Key` and
+/// retrying anything but a 202, while NATS is killed (-9) for 5 s: every call is accepted
+/// the first time — runs recorded while NATS is away are answered at once and their jobs
+/// relayed from the outbox when it is back — every order has exactly one effect, and a
+/// retried key answers with the same run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_with_an_idempotency_key_are_one_run_even_across_a_nats_outage() {
+async fn nats_killed_under_webhook_load_loses_no_call_and_repeats_no_effect() {
+    const ORDERS: usize = 200;
     let target = Target::start().await;
     let mut fleet = Fleet::start("").await;
     fleet.start_api().await;
     fleet.start_worker("w1", &[]).await;
     let steps = format!(
-        "  - {{ name: call, piece: http, action: send_request, input: {{ url: \"{}/slow/effect?ms=10\" }} }}\n",
+        "  - {{ name: call, piece: http, action: send_request, input: {{ url: \"{}/slow/order-{{{{ trigger.body.order }}}}?ms=10\" }} }}\n",
         target.url
     );
     fleet.apply(&webhook_flow("once", &steps)).await;
-    let call = || {
+    let api = fleet.api.clone();
+    let call = move |order: usize| {
         client()
-            .post(format!("{}/v1/webhooks/once", fleet.api))
-            .header("Idempotency-Key", "order-4711")
-            .json(&json!({ "order": 4711 }))
+            .post(format!("{api}/v1/webhooks/once"))
+            .header("Idempotency-Key", format!("order-{order}"))
+            .json(&json!({ "order": order }))
+            .timeout(Duration::from_secs(10))
             .send()
     };
-    let first: Value = call().await.unwrap().json().await.unwrap();
-    let id = first["run_id"].as_str().unwrap().to_owned();
-    fleet.finished(&id, Duration::from_secs(30)).await;
-    // The same key again: the same run, nothing new happens.
-    let again: Value = call().await.unwrap().json().await.unwrap();
-    assert_eq!(again["run_id"], id.as_str());
-
-    // Another order while NATS is down: refused (503), then retried until accepted.
-    fleet.nats.kill().await;
-    let other = || {
-        client()
-            .post(format!("{}/v1/webhooks/once", fleet.api))
-            .header("Idempotency-Key", "order-4712")
-            .json(&json!({ "order": 4712 }))
-            .send()
-    };
-    let refused = other().await.unwrap();
-    assert_eq!(refused.status(), 503, "{}", refused.text().await.unwrap());
-    fleet.nats.restart().await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let accepted = loop {
-        let response = other().await.unwrap();
-        if response.status() == 202 {
-            break response.json::<Value>().await.unwrap();
+    // The caller: one call every 50 ms, each retried until accepted.
+    let caller = {
+        let call = call.clone();
+        async move {
+            let mut calls = Vec::new();
+            for order in 0..ORDERS {
+                let call = call.clone();
+                calls.push(tokio::spawn(async move {
+                    let mut tries = 0;
+                    loop {
+                        tries += 1;
+                        match call(order).await {
+                            Ok(response) if response.status() == 202 => {
+                                let body: Value = response.json().await.unwrap();
+                                return (body["run_id"].as_str().unwrap().to_owned(), tries);
+                            }
+                            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+                        }
+                        assert!(tries < 100, "order {order} never accepted");
+                    }
+                }));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            join_all(calls).await
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            fleet.log_tails()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    let other_id = accepted["run_id"].as_str().unwrap().to_owned();
-    let run = fleet.finished(&other_id, Duration::from_secs(60)).await;
-    assert_eq!(run["status"], "succeeded", "{run}");
-    // Settle, then count: one effect per order.
+    let outage = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        fleet.nats.kill().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    let (accepted, ()) = tokio::join!(caller, outage);
+    fleet.nats.restart().await.unwrap();
+    let accepted: Vec<(String, u32)> = accepted.into_iter().map(Result::unwrap).collect();
+    let retried = accepted.iter().filter(|(_, tries)| *tries > 1).count();
+    assert_eq!(retried, 0, "every call is accepted the first time");
+    for (id, _) in &accepted {
+        let run = fleet.finished(id, Duration::from_secs(90)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+    }
+    // Settle, then count: one effect per order, none lost.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(target.hits("effect").len(), 2, "one call per order");
+    for order in 0..ORDERS {
+        assert_eq!(
+            target.hits(&format!("order-{order}")).len(),
+            1,
+            "order {order}: one effect"
+        );
+    }
+    // Calls taken while NATS was away were counted, and their jobs relayed.
+    let metrics = common::get_text(&format!("{}/metrics", fleet.api_health)).await;
+    let count = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|line| line.starts_with(name))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        count("piecework_job_publish_failures_total") > 0.0,
+        "{metrics}"
+    );
+    assert!(count("piecework_outbox_relayed_total") > 0.0, "{metrics}");
+    assert!(
+        fleet.logs("api").contains("waits in the outbox"),
+        "the api says what it could not publish"
+    );
+
+    // A retried key is the same run, and nothing new happens.
+    let again: Value = call(7).await.unwrap().json().await.unwrap();
+    assert_eq!(again["run_id"], accepted[7].0.as_str());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(target.hits("order-7").len(), 1);
     let bad = client()
         .post(format!("{}/v1/webhooks/once", fleet.api))
         .header("Idempotency-Key", "x".repeat(300))

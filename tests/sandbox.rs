@@ -1198,3 +1198,53 @@ steps:
     assert_eq!(again.status(), 409, "a run resumes once");
     sandbox.stop().await.unwrap();
 }
+
+/// A synchronous call whose run outlasts `sync_timeout` is answered 202 with the run's id,
+/// its status and where to follow it, and the run goes on.
+#[tokio::test]
+async fn a_sync_call_that_outlasts_its_timeout_is_answered_with_a_run_to_follow() {
+    let (_sandbox, base) = sandbox_with(|config| {
+        config.api.api_key = None;
+        config.api.sync_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let http = client();
+    let flow = r#"
+apiVersion: piecework/v1
+kind: Flow
+name: approvals
+trigger: { piece: webhook, trigger: catch, auth: none }
+steps:
+  - { name: sign_off, wait_for: approval, timeout: 1h }
+"#;
+    let applied = http
+        .post(format!("{base}/v1/flows"))
+        .body(flow)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 201, "{}", applied.text().await.unwrap());
+    let response = http
+        .post(format!("{base}/v1/webhooks/approvals/sync"))
+        .json(&json!({"amount": 12}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = response.json().await.unwrap();
+    let run_id = body["run_id"].as_str().unwrap();
+    assert_eq!(location, format!("/v1/runs/{run_id}"));
+    assert_eq!(body["status_url"], location.as_str());
+    assert_eq!(body["status"], "waiting", "{body}");
+    let run: Value = http
+        .get(format!("{base}{location}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(run["run"]["status"], "waiting", "{run}");
+}

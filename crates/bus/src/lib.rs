@@ -99,6 +99,13 @@ pub trait Bus: Send + Sync + 'static {
     /// Whether the bus is connected and serving, for `/readyz`.
     async fn ready(&self) -> Result<(), BusError>;
 
+    /// Whether the connection to the broker is up right now, without asking it: a publisher
+    /// that sees it down leaves its jobs in the store's outbox rather than wait for a publish
+    /// that cannot be acknowledged.
+    fn connected(&self) -> bool {
+        true
+    }
+
     /// The queue's backlog, from its shared consumer.
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BusError>;
 

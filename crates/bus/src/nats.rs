@@ -322,6 +322,10 @@ impl Bus for NatsBus {
         }))
     }
 
+    fn connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
     async fn ready(&self) -> Result<(), BusError> {
         if self.client.connection_state() != State::Connected {
             return Err(BusError::Unavailable(format!(

@@ -21,7 +21,7 @@ pub use clock::Clock;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use piecework_bus::Bus;
@@ -33,9 +33,9 @@ use piecework_sdk::{
     Context, DropdownOptions, EgressPolicy, HttpClient, Owner, Piece, PieceError, RunInfo,
     ScopedStore,
 };
-use piecework_store::{Applied, ConnectionRecord, StepUpdate, Store, StoreError, Timer};
+use piecework_store::{Applied, ConnectionRecord, OutboxJob, StepUpdate, Store, StoreError, Timer};
 use piecework_telemetry::Metrics;
-use piecework_telemetry::metrics::TriggerKind;
+use piecework_telemetry::metrics::{QueueLabels, TriggerKind};
 use piecework_telemetry::propagation;
 use serde::Serialize;
 use serde_json::Value;
@@ -116,6 +116,34 @@ pub(crate) const CONNECTION_BINDING: u8 = 1;
 /// so the two forms cannot collide.
 /// How long a piece may take to load a dropdown's options.
 pub const OPTIONS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a job may sit in the outbox before the relay publishes it for its publisher, and
+/// how often the relay looks.
+pub const OUTBOX_GRACE: Duration = Duration::from_secs(2);
+
+/// Outbox jobs the relay reads at once.
+const OUTBOX_BATCH: usize = 256;
+
+/// The queue serving step `step` (a recorded name) of `flow`.
+fn queue_of<'f>(flow: &'f FlowVersion, step: &str) -> &'f str {
+    flow.definition
+        .step(flow::split_instance(step).0)
+        .map_or(flow::DEFAULT_QUEUE, |s| s.queue())
+}
+
+/// The outbox job of a new run's first step (none for a flow without steps).
+fn first_job(flow: &FlowVersion, run_id: &str) -> Vec<OutboxJob> {
+    lifecycle::first_step(&flow.definition)
+        .map(|first| OutboxJob {
+            run_id: run_id.to_owned(),
+            flow_id: flow.flow_id.clone(),
+            flow_version: flow.version,
+            step: first.name.clone(),
+            epoch: 0,
+        })
+        .into_iter()
+        .collect()
+}
 
 /// What [`Runtime::prop_options`] loads.
 #[derive(Debug, Clone)]
@@ -696,20 +724,134 @@ impl Runtime {
         run: Run,
         kind: TriggerKind,
     ) -> Result<bool, RuntimeError> {
-        let created = self.store.create_run(&run).await?;
+        let first = first_job(flow, &run.id);
+        let created = self.store.create_run_queued(&run, &first).await?;
         if created {
             self.metrics.run_started(&flow.flow_id, kind);
-        }
-        let needs_first_step = created
-            || self
-                .store
-                .get_run(&run.id)
-                .await?
-                .is_some_and(|r| !r.status.is_terminal() && r.steps.is_empty());
-        if needs_first_step && let Some(first) = lifecycle::first_step(&flow.definition) {
-            self.publish_step(flow, &run.id, &first.name, 0).await?;
+            self.publish_queued(flow, &first).await;
+        } else {
+            self.republish_first(flow, &run.id, &first).await?;
         }
         Ok(created)
+    }
+
+    /// For a run that existed already (a retried call, a redelivered poll): publishes its
+    /// first job again unless a step ran, in case the creator's publish was lost; the message
+    /// id keeps it single.
+    pub(crate) async fn republish_first(
+        &self,
+        flow: &FlowVersion,
+        run_id: &str,
+        first: &[OutboxJob],
+    ) -> Result<(), RuntimeError> {
+        let fresh = self
+            .store
+            .get_run(run_id)
+            .await?
+            .is_some_and(|r| !r.status.is_terminal() && r.steps.is_empty());
+        if fresh {
+            self.publish_queued(flow, first).await;
+        }
+        Ok(())
+    }
+
+    /// Publishes jobs the store holds in its outbox (written with the run change that called
+    /// for them), then takes them out. A publish that fails — or is not tried, with the bus
+    /// away — is logged and counted and leaves them to the relay ([`Runtime::relay_outbox`]):
+    /// the change is recorded, so its caller has been answered truly.
+    pub(crate) async fn publish_queued(&self, flow: &FlowVersion, jobs: &[OutboxJob]) {
+        if jobs.is_empty() {
+            return;
+        }
+        for job in jobs {
+            let failure = if self.bus.connected() {
+                match self
+                    .publish_job(flow, &job.run_id, &job.step, job.epoch, Duration::ZERO, 0)
+                    .await
+                {
+                    Ok(()) => continue,
+                    Err(err) => err.to_string(),
+                }
+            } else {
+                "the bus is not connected".to_owned()
+            };
+            tracing::warn!(
+                run = %job.run_id,
+                step = %job.step,
+                error = %failure,
+                "could not publish a step job; it waits in the outbox for the relay"
+            );
+            self.metrics
+                .job_publish_failures
+                .get_or_create(&QueueLabels {
+                    queue: queue_of(flow, &job.step).to_owned(),
+                })
+                .inc();
+            return;
+        }
+        if let Err(err) = self.store.outbox_sent(jobs).await {
+            // Published: the relay finds them still there and publishes them again, which the
+            // message ids make harmless.
+            tracing::debug!(error = %err, "could not take published jobs out of the outbox");
+        }
+    }
+
+    /// Publishes the jobs left in the outbox for longer than `grace` — their publisher died
+    /// between recording and publishing, or could not reach the bus — and takes them out;
+    /// jobs of runs that ended or vanished are dropped. Returns how many it published. Safe
+    /// to run in several processes at once: a job's message id keeps it single.
+    pub async fn relay_outbox(&self, grace: Duration) -> Result<usize, RuntimeError> {
+        if !self.bus.connected() {
+            return Ok(0);
+        }
+        let before = Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default();
+        let mut relayed = 0;
+        loop {
+            let jobs = self.store.outbox(before, OUTBOX_BATCH).await?;
+            let batch = jobs.len();
+            for job in jobs {
+                let live = self
+                    .store
+                    .get_run(&job.run_id)
+                    .await?
+                    .is_some_and(|run| !run.status.is_terminal());
+                let flow = if live {
+                    self.flow_version(&job.flow_id, job.flow_version).await?
+                } else {
+                    None
+                };
+                if let Some(flow) = flow {
+                    self.publish_job(&flow, &job.run_id, &job.step, job.epoch, Duration::ZERO, 0)
+                        .await?;
+                    self.metrics
+                        .outbox_relayed
+                        .get_or_create(&QueueLabels {
+                            queue: queue_of(&flow, &job.step).to_owned(),
+                        })
+                        .inc();
+                    tracing::info!(run = %job.run_id, step = %job.step, "relayed a step job from the outbox");
+                    relayed += 1;
+                }
+                self.store.outbox_sent(std::slice::from_ref(&job)).await?;
+            }
+            if batch < OUTBOX_BATCH {
+                return Ok(relayed);
+            }
+        }
+    }
+
+    /// Relays the outbox ([`Runtime::relay_outbox`]) every [`OUTBOX_GRACE`] until `shutdown`
+    /// is cancelled.
+    pub async fn relay_outbox_until(&self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(OUTBOX_GRACE) => {}
+                () = shutdown.cancelled() => return,
+            }
+            if let Err(err) = self.relay_outbox(OUTBOX_GRACE).await {
+                tracing::warn!(error = %err, "cannot relay the outbox; trying again");
+            }
+        }
     }
 
     /// Holds trigger item `item` of `flow`, which debounces (`debounce`), in its group — the
@@ -918,7 +1060,17 @@ impl Runtime {
             })?;
         let plan = lifecycle::retry(&flow.definition, &run)
             .map_err(|refusal| RuntimeError::Conflict(refusal.to_string()))?;
-        match self.store.resume_run(run_id, &plan.step).await? {
+        let jobs: Vec<OutboxJob> = std::iter::once(&plan.step.name)
+            .chain(&plan.lanes)
+            .map(|step| OutboxJob {
+                run_id: run_id.to_owned(),
+                flow_id: flow.flow_id.clone(),
+                flow_version: flow.version,
+                step: step.clone(),
+                epoch: plan.epoch,
+            })
+            .collect();
+        match self.store.resume_run(run_id, &plan.step, &jobs).await? {
             Some(true) => {}
             Some(false) => {
                 return Err(RuntimeError::Conflict(format!(
@@ -927,11 +1079,7 @@ impl Runtime {
             }
             None => return Err(RuntimeError::NoSuchRun(run_id.to_owned())),
         }
-        self.publish_step(&flow, run_id, &plan.step.name, plan.epoch)
-            .await?;
-        for lane in &plan.lanes {
-            self.publish_step(&flow, run_id, lane, plan.epoch).await?;
-        }
+        self.publish_queued(&flow, &jobs).await;
         self.store
             .get_run(run_id)
             .await?
@@ -975,10 +1123,7 @@ impl Runtime {
         delay: std::time::Duration,
         wake_ms: u64,
     ) -> Result<(), RuntimeError> {
-        let queue = flow
-            .definition
-            .step(flow::split_instance(step).0)
-            .map_or(flow::DEFAULT_QUEUE, |s| s.queue());
+        let queue = queue_of(flow, step);
         let job = StepJob {
             run_id: run_id.to_owned(),
             flow_id: flow.flow_id.clone(),

@@ -342,32 +342,24 @@ impl Runtime {
         use piecework_telemetry::metrics::TriggerKind;
         let started_by = piecework_sdk::Principal::new(format!("webhook:{}", flow.flow_id), None);
         let (run, span) = crate::new_run(flow, run_id, trigger, TriggerKind::webhook, started_by);
+        let first = crate::first_job(flow, &run.id);
         async {
-            match self.store.create_admitted_run(&run, audit.as_ref()).await? {
+            match self
+                .store
+                .create_admitted_run(&run, audit.as_ref(), &first)
+                .await?
+            {
                 piecework_store::Admission::Created => {
                     tracing::Span::current().record("piecework.run.created", true);
                     self.metrics
                         .run_started(&flow.flow_id, TriggerKind::webhook);
-                    if let Some(first) = piecework_core::lifecycle::first_step(&flow.definition) {
-                        self.publish_step(flow, &run.id, &first.name, 0).await?;
-                    }
+                    self.publish_queued(flow, &first).await;
                     Ok(())
                 }
                 // The caller's retry of an accepted call (same `Idempotency-Key`): the same
-                // run. Its first job goes out again unless a step ran, in case the first
-                // call's publish was lost; the message id keeps it single.
+                // run.
                 piecework_store::Admission::Exists => {
-                    let fresh = self
-                        .store
-                        .get_run(&run.id)
-                        .await?
-                        .is_some_and(|r| !r.status.is_terminal() && r.steps.is_empty());
-                    if fresh
-                        && let Some(first) = piecework_core::lifecycle::first_step(&flow.definition)
-                    {
-                        self.publish_step(flow, &run.id, &first.name, 0).await?;
-                    }
-                    Ok(())
+                    self.republish_first(flow, &run.id, &first).await
                 }
                 piecework_store::Admission::Stale => {
                     self.forget_admission(&flow.flow_id);

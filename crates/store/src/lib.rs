@@ -255,6 +255,22 @@ pub struct Timer {
     pub due: DateTime<Utc>,
 }
 
+/// A step job the store holds until the bus has it (the outbox): written with the state
+/// change that calls for it — a run's creation, its retry — so that change is never recorded
+/// without its job eventually going out. Whoever publishes it takes it out
+/// ([`Store::outbox_sent`]); a relay publishes those left behind ([`Store::outbox`]), and the
+/// job's message id keeps a second publish single.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OutboxJob {
+    pub run_id: String,
+    pub flow_id: String,
+    pub flow_version: u32,
+    /// The step's recorded name (`double[3]` in a loop).
+    pub step: String,
+    /// The retry epoch the job carries.
+    pub epoch: u32,
+}
+
 /// Whether a flow is enabled after a definition is applied to it: a new flow unless the
 /// definition says `enabled: false`; an existing one as an operator left it, unless a
 /// changed definition says otherwise explicitly.
@@ -376,15 +392,31 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates a run unless one with its id exists; returns whether it was created. This is
     /// what makes deterministic run ids deduplicate redelivered poll jobs.
-    async fn create_run(&self, run: &Run) -> Result<bool, StoreError>;
+    async fn create_run(&self, run: &Run) -> Result<bool, StoreError> {
+        self.create_run_queued(run, &[]).await
+    }
+    /// [`Store::create_run`], putting `jobs` (its first step's) in the outbox in the same
+    /// write: a created run's jobs are never lost to a publisher that dies or a bus that is
+    /// away. Nothing is queued for a run that existed.
+    async fn create_run_queued(&self, run: &Run, jobs: &[OutboxJob]) -> Result<bool, StoreError>;
     /// Creates a webhook's run in one round trip: only while its flow is still enabled at the
-    /// run's version (the caller may have admitted the call on a cached record), and with the
-    /// call's audit entry, if given.
+    /// run's version (the caller may have admitted the call on a cached record), with the
+    /// call's audit entry, if given, and `jobs` in the outbox.
     async fn create_admitted_run(
         &self,
         run: &Run,
         audit: Option<&AuditEvent>,
+        jobs: &[OutboxJob],
     ) -> Result<Admission, StoreError>;
+    /// Jobs put in the outbox before `before` that are still there — their publisher died,
+    /// or could not reach the bus — oldest first, at most `limit`.
+    async fn outbox(
+        &self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<OutboxJob>, StoreError>;
+    /// Takes published jobs out of the outbox.
+    async fn outbox_sent(&self, jobs: &[OutboxJob]) -> Result<(), StoreError>;
     async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError>;
     async fn list_runs(&self, query: &RunQuery) -> Result<Vec<RunSummary>, StoreError>;
     /// How many runs `query` finds (all pages) in each status; its `status`, `after` and
@@ -401,7 +433,13 @@ pub trait Store: Send + Sync + 'static {
     -> Result<Option<bool>, StoreError>;
     /// Sets a failed run running again with `step` (its failed step, marked `retrying`) to be
     /// executed anew: `None` if there is no such run, `Some(false)` if it was not failed.
-    async fn resume_run(&self, run_id: &str, step: &StepState) -> Result<Option<bool>, StoreError>;
+    /// `jobs` (the retried step's and lanes') go in the outbox in the same write.
+    async fn resume_run(
+        &self,
+        run_id: &str,
+        step: &StepState,
+        jobs: &[OutboxJob],
+    ) -> Result<Option<bool>, StoreError>;
     /// Wakes a run waiting on `timer.step` (its timer came due): the run is running again
     /// and the timer is gone. `true` to the one caller that may go on with the run:
     /// the run was waiting, or a wake of this step was claimed before but its step not yet

@@ -14,8 +14,8 @@ use tokio::sync::Notify;
 
 use crate::{
     Admission, ApiKeyRecord, Applied, ConnectionRecord, DEBOUNCE_STEP, Entry, FlowRecord, Held,
-    Pending, RunEnded, RunQuery, RunStats, RunUpdate, RunWatch, StepUpdate, Store, StoreError,
-    Timer,
+    OutboxJob, Pending, RunEnded, RunQuery, RunStats, RunUpdate, RunWatch, StepUpdate, Store,
+    StoreError, Timer,
 };
 
 /// How many finished runs the in-memory store keeps unless told otherwise: enough to look
@@ -100,9 +100,18 @@ struct State {
     lanes: HashMap<(String, String), std::collections::BTreeSet<u32>>,
     /// In-flight places taken, by limit: holders and when their lease lapses.
     in_flight: HashMap<String, HashMap<String, tokio::time::Instant>>,
+    /// Jobs not known to be published, with when they were recorded.
+    outbox: HashMap<OutboxJob, chrono::DateTime<Utc>>,
 }
 
 impl State {
+    /// Puts `jobs` in the outbox, recorded at `at`.
+    fn queue(&mut self, jobs: &[OutboxJob], at: chrono::DateTime<Utc>) {
+        for job in jobs {
+            self.outbox.entry(job.clone()).or_insert(at);
+        }
+    }
+
     /// Whether `run` finished longer than the retention ago.
     fn expired(&self, run: &Run, now: chrono::DateTime<Utc>) -> bool {
         !self.run_retention.is_zero()
@@ -249,6 +258,7 @@ impl MemoryStore {
                 lanes: HashMap::new(),
                 held: HashMap::new(),
                 in_flight: HashMap::new(),
+                outbox: HashMap::new(),
             })),
             timers_added: Arc::new(tokio::sync::watch::channel(0).0),
             kv: Arc::new(MemoryKv::default()),
@@ -365,7 +375,7 @@ impl Store for MemoryStore {
         }))
     }
 
-    async fn create_run(&self, run: &Run) -> Result<bool, StoreError> {
+    async fn create_run_queued(&self, run: &Run, jobs: &[OutboxJob]) -> Result<bool, StoreError> {
         let mut state = self.state.lock().unwrap();
         state.sweep();
         if state.runs.contains_key(&run.id) {
@@ -373,6 +383,7 @@ impl Store for MemoryStore {
         }
         state.runs.insert(run.id.clone(), run.clone());
         self.add_deadline(&mut state, run);
+        state.queue(jobs, run.created_at);
         Ok(true)
     }
 
@@ -380,6 +391,7 @@ impl Store for MemoryStore {
         &self,
         run: &Run,
         audit: Option<&AuditEvent>,
+        jobs: &[OutboxJob],
     ) -> Result<Admission, StoreError> {
         let mut state = self.state.lock().unwrap();
         let admitted = state
@@ -395,10 +407,38 @@ impl Store for MemoryStore {
         }
         state.runs.insert(run.id.clone(), run.clone());
         self.add_deadline(&mut state, run);
+        state.queue(jobs, run.created_at);
         if let Some(event) = audit {
             state.audit.push(event.clone());
         }
         Ok(Admission::Created)
+    }
+
+    async fn outbox(
+        &self,
+        before: chrono::DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<OutboxJob>, StoreError> {
+        let state = self.state.lock().unwrap();
+        let mut due: Vec<_> = state
+            .outbox
+            .iter()
+            .filter(|(_, at)| **at < before)
+            .collect();
+        due.sort_by_key(|(_, at)| **at);
+        Ok(due
+            .into_iter()
+            .take(limit)
+            .map(|(job, _)| job.clone())
+            .collect())
+    }
+
+    async fn outbox_sent(&self, jobs: &[OutboxJob]) -> Result<(), StoreError> {
+        let mut state = self.state.lock().unwrap();
+        for job in jobs {
+            state.outbox.remove(job);
+        }
+        Ok(())
     }
 
     async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError> {
@@ -550,6 +590,7 @@ impl Store for MemoryStore {
         &self,
         run_id: &str,
         step: &piecework_core::StepState,
+        jobs: &[OutboxJob],
     ) -> Result<Option<bool>, StoreError> {
         let mut state = self.state.lock().unwrap();
         let Some(run) = state.runs.get_mut(run_id) else {
@@ -562,6 +603,7 @@ impl Store for MemoryStore {
         run.error = None;
         run.finished_at = None;
         run.upsert_step(step.clone());
+        state.queue(jobs, Utc::now());
         Ok(Some(true))
     }
 

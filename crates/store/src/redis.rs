@@ -13,6 +13,7 @@
 //! | `pw:run:{id}` | hash | `meta` (JSON: ids, trigger, created_at, trace, started_by, deadline, parent, depth), `status` (running, waiting, …), `error`, `finished_at`, `response`, `step:{name}` (JSON per step); expires `run_retention` after the run finished |
 //! | `pw:runs`, `pw:runs:flow:{id}` | sorted set | run ids by creation time; ids older than `run_retention` are trimmed as runs are created |
 //! | `pw:run-done:{id}` | pub/sub channel | a message when the run finishes |
+//! | `pw:outbox` | sorted set | step jobs written with a run's creation or retry and not yet known to be published (`run\nflow\nversion\nstep\nepoch`, by ms written); the publisher takes its job out, a relay publishes the ones left behind |
 //! | `pw:timers` | sorted set and pub/sub channel | timers of waiting runs and run deadlines (`run\nflow\nversion\nstep`, by due ms); a message when one is added |
 //! | `pw:rate:{key}`, `pw:inflight:{key}`, `pw:slots:flow:{id}` | string, sorted sets | fleet-wide step rate limits, in-flight places and run slots |
 //! | `pw:trigger:{flow}` | string | the polling cursor (JSON) |
@@ -52,8 +53,8 @@ use crate::group_commit::GroupCommit;
 use crate::run_done::{self, RunDone};
 use crate::{
     Admission, ApiKeyRecord, Applied, ConnectionRecord, DEBOUNCE_STEP, Entry, FlowRecord, Held,
-    Pending, RunCursor, RunEnded, RunQuery, RunStats, RunUpdate, RunWatch, StepUpdate, Store,
-    StoreError, Timer,
+    OutboxJob, Pending, RunCursor, RunEnded, RunQuery, RunStats, RunUpdate, RunWatch, StepUpdate,
+    Store, StoreError, Timer,
 };
 
 /// A registered waiter for one run's end. The finish notification says how the run ended;
@@ -197,6 +198,9 @@ const AUDIT: &str = "pw:audit";
 const FLOWS: &str = "pw:flows";
 const FLOWS_REVISION: &str = "pw:flows:revision";
 const RUNS: &str = "pw:runs";
+/// Step jobs recorded with a run's creation or retry that are not known to be published:
+/// members `run\nflow\nversion\nstep\nepoch` by when they were recorded (ms).
+const OUTBOX: &str = "pw:outbox";
 const CONNECTIONS: &str = "pw:connections";
 const API_KEYS: &str = "pw:api-keys";
 const LOCK_TTL_MS: u64 = 10_000;
@@ -227,12 +231,16 @@ fn trigger_key(flow: &str) -> String {
 /// The body shared by [`CREATE_RUN`] and [`CREATE_ADMITTED_RUN`]: creates run `KEYS[1]`
 /// (meta `ARGV[1]`) only if its hash does not exist (else returns 0), indexes it in `KEYS[2]`
 /// and `KEYS[3]` at `ARGV[2]` under `ARGV[3]`, drops index entries created before `ARGV[4]`
-/// (ms; `0`: keep all) as their runs have expired, and sets the deadline timer `ARGV[5]` due
-/// at `ARGV[6]` in `KEYS[4]` when it has one.
+/// (ms; `0`: keep all) as their runs have expired, sets the deadline timer `ARGV[5]` due
+/// at `ARGV[6]` in `KEYS[4]` when it has one, and puts the jobs in the local `queued`
+/// ([`OUTBOX_SEPARATOR`]-separated members) in the outbox `outbox` at `ARGV[2]`.
 macro_rules! create_run_lua {
     () => {
         r#"
 if redis.call('HSETNX', KEYS[1], 'meta', ARGV[1]) == 0 then return 0 end
+for member in string.gmatch(queued, '[^\31]+') do
+  redis.call('ZADD', outbox, ARGV[2], member)
+end
 redis.call('HSET', KEYS[1], 'status', 'running')
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
@@ -248,8 +256,16 @@ end
     };
 }
 
-/// Creates a run ([`create_run_lua`]): 1 when created, 0 when it existed.
-const CREATE_RUN: &str = concat!(create_run_lua!(), "return 1\n");
+/// Creates a run ([`create_run_lua`]), with outbox `KEYS[5]` and jobs `ARGV[7]`: 1 when
+/// created, 0 when it existed.
+const CREATE_RUN: &str = concat!(
+    "local outbox, queued = KEYS[5], ARGV[7]\n",
+    create_run_lua!(),
+    "return 1\n"
+);
+
+/// Separates the outbox members passed to a script as one argument.
+const OUTBOX_SEPARATOR: char = '\x1f';
 
 /// Fails run `KEYS[1]` as timed out if it has not ended (`ARGV[1]` the error, `ARGV[2]` the
 /// end as JSON, expiring after `ARGV[3]` ms, `0`: never), tells waiters on `ARGV[4]`, and
@@ -266,9 +282,10 @@ return 1
 
 /// [`CREATE_RUN`] for an admitted webhook call: only while the flow record (`KEYS[5]`) is
 /// enabled at version `ARGV[7]` (-1 otherwise: stale), then the audit entry (fields from
-/// `ARGV[9]` on) appended to `KEYS[6]`, capped at `ARGV[8]`.
+/// `ARGV[10]` on) appended to `KEYS[6]`, capped at `ARGV[8]`; outbox `KEYS[7]`, jobs `ARGV[9]`.
 const CREATE_ADMITTED_RUN: &str = concat!(
     r#"
+local outbox, queued = KEYS[7], ARGV[9]
 local text = redis.call('GET', KEYS[5])
 if not text then return -1 end
 local flow = cjson.decode(text)
@@ -276,9 +293,9 @@ if flow.enabled ~= true or tonumber(flow.latest_version) ~= tonumber(ARGV[7]) th
 "#,
     create_run_lua!(),
     r#"
-if #ARGV > 8 then
+if #ARGV > 9 then
   local fields = {}
-  for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[8], '*', unpack(fields))
 end
 return 1
@@ -297,7 +314,8 @@ redis.call('PUBLISH', ARGV[2], '{"status":"cancelled"}')
 return 1
 "#;
 
-/// Resumes a failed run with its failed step reset. 0: no such run, 1: resumed, 2: not failed.
+/// Resumes a failed run with its failed step reset, its jobs (`ARGV[4]` on) put in the
+/// outbox `KEYS[2]` at `ARGV[3]` ms. 0: no such run, 1: resumed, 2: not failed.
 const RESUME_RUN: &str = r#"
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
@@ -305,6 +323,7 @@ if status ~= 'failed' then return 2 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'error', '', ARGV[1], ARGV[2])
 redis.call('HDEL', KEYS[1], 'finished_at')
 redis.call('PERSIST', KEYS[1])
+for i = 4, #ARGV do redis.call('ZADD', KEYS[2], ARGV[3], ARGV[i]) end
 return 1
 "#;
 
@@ -583,6 +602,34 @@ fn debounce_key(flow_id: &str, slot: &str) -> String {
 /// A timer's member in `pw:timers`.
 fn timer_member(run_id: &str, flow_id: &str, flow_version: u32, step: &str) -> String {
     format!("{run_id}\n{flow_id}\n{flow_version}\n{step}")
+}
+
+/// An outbox member: `run\nflow\nversion\nstep\nepoch`.
+fn outbox_member(job: &OutboxJob) -> String {
+    format!(
+        "{}\n{}\n{}\n{}\n{}",
+        job.run_id, job.flow_id, job.flow_version, job.step, job.epoch
+    )
+}
+
+/// Several outbox members as one script argument.
+fn outbox_members(jobs: &[OutboxJob]) -> String {
+    let members: Vec<String> = jobs.iter().map(outbox_member).collect();
+    members.join(&OUTBOX_SEPARATOR.to_string())
+}
+
+fn outbox_job(member: &str) -> Option<OutboxJob> {
+    let mut parts = member.splitn(4, '\n');
+    let (run_id, flow_id, version, rest) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let (step, epoch) = rest.rsplit_once('\n')?;
+    Some(OutboxJob {
+        run_id: run_id.to_owned(),
+        flow_id: flow_id.to_owned(),
+        flow_version: version.parse().ok()?,
+        step: step.to_owned(),
+        epoch: epoch.parse().ok()?,
+    })
 }
 
 fn timer_from(member: &str, due_ms: f64) -> Option<Timer> {
@@ -1235,19 +1282,21 @@ impl Store for RedisStore {
         .await
     }
 
-    async fn create_run(&self, run: &Run) -> Result<bool, StoreError> {
+    async fn create_run_queued(&self, run: &Run, jobs: &[OutboxJob]) -> Result<bool, StoreError> {
         let created: i64 = self
             .create_run
             .key(run_key(&run.id))
             .key(RUNS)
             .key(runs_of_flow_key(&run.flow_id))
             .key(TIMERS)
+            .key(OUTBOX)
             .arg(to_json(&run_meta(run)))
             .arg(run.created_at.timestamp_millis())
             .arg(&run.id)
             .arg(cutoff(self.config.run_retention))
             .arg(deadline_member(run))
             .arg(run.deadline.map_or(0, |d| d.timestamp_millis()))
+            .arg(outbox_members(jobs))
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
@@ -1258,6 +1307,7 @@ impl Store for RedisStore {
         &self,
         run: &Run,
         audit: Option<&AuditEvent>,
+        jobs: &[OutboxJob],
     ) -> Result<Admission, StoreError> {
         let mut invocation = self.create_admitted_run.prepare_invoke();
         invocation
@@ -1267,6 +1317,7 @@ impl Store for RedisStore {
             .key(TIMERS)
             .key(flow_key(&run.flow_id))
             .key(AUDIT)
+            .key(OUTBOX)
             .arg(to_json(&run_meta(run)))
             .arg(run.created_at.timestamp_millis())
             .arg(&run.id)
@@ -1274,7 +1325,8 @@ impl Store for RedisStore {
             .arg(deadline_member(run))
             .arg(run.deadline.map_or(0, |d| d.timestamp_millis()))
             .arg(run.flow_version)
-            .arg(self.config.stream_maxlen);
+            .arg(self.config.stream_maxlen)
+            .arg(outbox_members(jobs));
         if let Some(event) = audit {
             for (name, value) in audit_fields(event) {
                 invocation.arg(name).arg(value);
@@ -1289,6 +1341,50 @@ impl Store for RedisStore {
             0 => Admission::Exists,
             _ => Admission::Stale,
         })
+    }
+
+    async fn outbox(
+        &self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<OutboxJob>, StoreError> {
+        let members: Vec<String> = self
+            .conn()
+            .zrangebyscore_limit(
+                OUTBOX,
+                "-inf",
+                format!("({}", before.timestamp_millis()),
+                0,
+                isize::try_from(limit).unwrap_or(isize::MAX),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(members
+            .iter()
+            .filter_map(|member| {
+                let job = outbox_job(member);
+                if job.is_none() {
+                    tracing::warn!(
+                        member,
+                        "an outbox entry this version cannot read; left alone"
+                    );
+                }
+                job
+            })
+            .collect())
+    }
+
+    async fn outbox_sent(&self, jobs: &[OutboxJob]) -> Result<(), StoreError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let members: Vec<String> = jobs.iter().map(outbox_member).collect();
+        let _: i64 = self
+            .conn()
+            .zrem(OUTBOX, members)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError> {
@@ -1497,12 +1593,23 @@ impl Store for RedisStore {
         })
     }
 
-    async fn resume_run(&self, run_id: &str, step: &StepState) -> Result<Option<bool>, StoreError> {
-        let outcome: i64 = self
-            .resume_run
+    async fn resume_run(
+        &self,
+        run_id: &str,
+        step: &StepState,
+        jobs: &[OutboxJob],
+    ) -> Result<Option<bool>, StoreError> {
+        let mut invocation = self.resume_run.prepare_invoke();
+        invocation
             .key(run_key(run_id))
+            .key(OUTBOX)
             .arg(format!("step:{}", step.name))
             .arg(to_json(step))
+            .arg(Utc::now().timestamp_millis());
+        for job in jobs {
+            invocation.arg(outbox_member(job));
+        }
+        let outcome: i64 = invocation
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;

@@ -14,7 +14,7 @@ use piecework_store::audit::{self, AuditQuery};
 use piecework_store::memory::MemoryStore;
 use piecework_store::redis::{RedisConfig, RedisStore};
 use piecework_store::{
-    DEBOUNCE_STEP, Held, HeldMeta, Pause, RunQuery, RunUpdate, StepUpdate, Store, Timer,
+    DEBOUNCE_STEP, Held, HeldMeta, OutboxJob, Pause, RunQuery, RunUpdate, StepUpdate, Store, Timer,
 };
 use piecework_testkit::RedisServer;
 use serde_json::json;
@@ -576,14 +576,14 @@ async fn admitted_runs_are_created_only_on_a_current_enabled_flow(store: Arc<dyn
     let run = |id: &str, version: u32| Run::new(id.into(), "hook", version, json!({"n": 1}));
     assert_eq!(
         store
-            .create_admitted_run(&run("h1", applied.version), Some(&event))
+            .create_admitted_run(&run("h1", applied.version), Some(&event), &[])
             .await
             .unwrap(),
         Admission::Created
     );
     assert_eq!(
         store
-            .create_admitted_run(&run("h1", applied.version), None)
+            .create_admitted_run(&run("h1", applied.version), None, &[])
             .await
             .unwrap(),
         Admission::Exists
@@ -598,7 +598,7 @@ async fn admitted_runs_are_created_only_on_a_current_enabled_flow(store: Arc<dyn
     // Another version, a disabled flow, an unknown flow: nothing is written.
     assert_eq!(
         store
-            .create_admitted_run(&run("h2", applied.version + 1), Some(&event))
+            .create_admitted_run(&run("h2", applied.version + 1), Some(&event), &[])
             .await
             .unwrap(),
         Admission::Stale
@@ -606,14 +606,17 @@ async fn admitted_runs_are_created_only_on_a_current_enabled_flow(store: Arc<dyn
     store.set_flow_enabled("hook", false).await.unwrap();
     assert_eq!(
         store
-            .create_admitted_run(&run("h3", applied.version), Some(&event))
+            .create_admitted_run(&run("h3", applied.version), Some(&event), &[])
             .await
             .unwrap(),
         Admission::Stale
     );
     let unknown = Run::new("h4".into(), "nope", 1, json!({}));
     assert_eq!(
-        store.create_admitted_run(&unknown, None).await.unwrap(),
+        store
+            .create_admitted_run(&unknown, None, &[])
+            .await
+            .unwrap(),
         Admission::Stale
     );
     for id in ["h2", "h3", "h4"] {
@@ -737,7 +740,7 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
         .unwrap();
     assert_eq!(
         store
-            .resume_run("c", &step("a", StepStatus::Retrying, 1))
+            .resume_run("c", &step("a", StepStatus::Retrying, 1), &[])
             .await
             .unwrap(),
         Some(false)
@@ -808,7 +811,7 @@ async fn runs_cancel_only_while_running_and_resume_only_when_failed(store: Arc<d
         .unwrap();
     assert_eq!(
         store
-            .resume_run("r", &step("a", StepStatus::Retrying, 2))
+            .resume_run("r", &step("a", StepStatus::Retrying, 2), &[])
             .await
             .unwrap(),
         Some(true)
@@ -1567,6 +1570,101 @@ async fn in_flight_places_are_bounded_leased_and_given_back(store: Arc<dyn Store
     );
 }
 
+fn job(run: &str, step: &str, epoch: u32) -> OutboxJob {
+    OutboxJob {
+        run_id: run.into(),
+        flow_id: "f".into(),
+        flow_version: 1,
+        step: step.into(),
+        epoch,
+    }
+}
+
+async fn jobs_are_held_in_the_outbox_with_their_run_until_sent(store: Arc<dyn Store>) {
+    let applied = store.apply_flow(flow("f", "d", true)).await.unwrap();
+    let mut run = Run::new("o1".into(), "f", applied.version, json!({}));
+    run.created_at = Utc::now() - chrono::Duration::seconds(10);
+    assert!(
+        store
+            .create_run_queued(&run, &[job("o1", "first", 0)])
+            .await
+            .unwrap()
+    );
+    // A run that exists queues nothing new.
+    assert!(
+        !store
+            .create_run_queued(&run, &[job("o1", "other", 0)])
+            .await
+            .unwrap()
+    );
+    let mut admitted = Run::new("o2".into(), "f", applied.version, json!({}));
+    admitted.created_at = Utc::now() - chrono::Duration::seconds(5);
+    store
+        .create_admitted_run(&admitted, None, &[job("o2", "first", 0)])
+        .await
+        .unwrap();
+    // Only jobs recorded before the cut, oldest first, bounded.
+    assert_eq!(
+        store.outbox(Utc::now(), 10).await.unwrap(),
+        [job("o1", "first", 0), job("o2", "first", 0)]
+    );
+    assert_eq!(
+        store.outbox(Utc::now(), 1).await.unwrap(),
+        [job("o1", "first", 0)]
+    );
+    assert_eq!(
+        store
+            .outbox(Utc::now() - chrono::Duration::seconds(7), 10)
+            .await
+            .unwrap(),
+        [job("o1", "first", 0)]
+    );
+    store
+        .outbox_sent(&[job("o1", "first", 0), job("o2", "first", 0)])
+        .await
+        .unwrap();
+    assert!(store.outbox(Utc::now(), 10).await.unwrap().is_empty());
+
+    // A retry queues its step and lanes with the resume.
+    store
+        .update_run(
+            "o1",
+            RunUpdate {
+                status: RunStatus::Failed,
+                error: Some("boom".into()),
+                finished_at: Some(Utc::now()),
+            },
+        )
+        .await
+        .unwrap();
+    let retried = [job("o1", "each[0]", 3), job("o1", "each[1]", 3)];
+    assert_eq!(
+        store
+            .resume_run("o1", &step("each[0]", StepStatus::Retrying, 1), &retried)
+            .await
+            .unwrap(),
+        Some(true)
+    );
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    let mut queued = store.outbox(later, 10).await.unwrap();
+    queued.sort_by(|a, b| a.step.cmp(&b.step));
+    assert_eq!(queued, retried);
+    // A refused resume queues nothing.
+    assert_eq!(
+        store
+            .resume_run(
+                "o1",
+                &step("x", StepStatus::Retrying, 1),
+                &[job("o1", "x", 4)]
+            )
+            .await
+            .unwrap(),
+        Some(false)
+    );
+    store.outbox_sent(&retried).await.unwrap();
+    assert!(store.outbox(later, 10).await.unwrap().is_empty());
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -1592,6 +1690,7 @@ macro_rules! suite {
 }
 
 suite!(
+    jobs_are_held_in_the_outbox_with_their_run_until_sent,
     runs_page_by_cursor_and_filter_by_time_and_starter,
     debounced_items_wait_in_their_group_until_it_is_quiet,
     a_loop_joins_once_every_lane_ended,
@@ -1807,7 +1906,7 @@ async fn finished_runs_expire_after_the_retention(store: Arc<dyn Store>) {
     store.cancel_run("cancelled", Utc::now()).await.unwrap();
     assert_eq!(
         store
-            .resume_run("resumed", &step("a", StepStatus::Retrying, 1))
+            .resume_run("resumed", &step("a", StepStatus::Retrying, 1), &[])
             .await
             .unwrap(),
         Some(true)

@@ -30,6 +30,8 @@ pub const NAMES: &[&str] = &[
     "piecework_runs_finished_total",
     "piecework_trigger_items_held_total",
     "piecework_attempts_lost_total",
+    "piecework_job_publish_failures_total",
+    "piecework_outbox_relayed_total",
     "piecework_poll_gaps_total",
     "piecework_polls_total",
     "piecework_poll_items_total",
@@ -292,6 +294,11 @@ pub struct Metrics {
     /// Step attempts whose worker stopped before recording them (found on redelivery), by
     /// flow.
     pub attempts_lost: Family<FlowLabels, Counter>,
+    /// Step jobs of a run's start or retry that could not be published (the bus was away
+    /// or did not acknowledge), by queue: they wait in the store's outbox for the relay.
+    pub job_publish_failures: Family<QueueLabels, Counter>,
+    /// Step jobs the outbox relay published for a publisher that could not, by queue.
+    pub outbox_relayed: Family<QueueLabels, Counter>,
     /// Polls that did not reach back to the last item emitted before, by flow.
     pub poll_gaps: Family<FlowLabels, Counter>,
     /// Polls of polling triggers, by flow and outcome.
@@ -362,6 +369,8 @@ impl Metrics {
             runs_finished: Family::default(),
             trigger_items_held: Family::default(),
             attempts_lost: Family::default(),
+            job_publish_failures: Family::default(),
+            outbox_relayed: Family::default(),
             poll_gaps: Family::default(),
             polls: Family::default(),
             poll_items: Family::default(),
@@ -419,6 +428,16 @@ impl Metrics {
             "attempts_lost",
             "Step attempts whose worker stopped before recording them, by flow",
             m.attempts_lost.clone(),
+        );
+        r.register(
+            "job_publish_failures",
+            "Step jobs of a run's start or retry that could not be published, left in the outbox, by queue",
+            m.job_publish_failures.clone(),
+        );
+        r.register(
+            "outbox_relayed",
+            "Step jobs the outbox relay published for a publisher that could not, by queue",
+            m.outbox_relayed.clone(),
         );
         r.register(
             "trigger_items_held",
@@ -644,6 +663,8 @@ mod tests {
             .poll_gaps
             .get_or_create(&FlowLabels { flow: "f".into() })
             .inc();
+        metrics.job_publish_failures.get_or_create(&queue).inc();
+        metrics.outbox_relayed.get_or_create(&queue).inc();
         metrics
             .piece_healthy
             .get_or_create(&HealthLabels {

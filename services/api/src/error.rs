@@ -33,8 +33,6 @@ pub enum ApiError {
     Unavailable(String),
     #[error("too many webhook calls: retry in {}s", retry_after.as_secs().max(1))]
     TooManyRequests { retry_after: std::time::Duration },
-    #[error("{message}")]
-    Timeout { message: String, run_id: String },
     /// The caller took too long to send its request (or the request to be answered).
     #[error("{0}")]
     RequestTimeout(String),
@@ -61,7 +59,6 @@ impl ApiError {
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            ApiError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::PieceFailed(_) => (StatusCode::BAD_GATEWAY, "piece_failed"),
@@ -75,7 +72,6 @@ impl IntoResponse for ApiError {
         let mut error = json!({ "code": code, "message": self.to_string() });
         match &self {
             ApiError::InvalidFlow { details, .. } => error["details"] = details.clone(),
-            ApiError::Timeout { run_id, .. } => error["run_id"] = json!(run_id),
             ApiError::Internal(message) => tracing::error!(error = %message, "request failed"),
             _ => {}
         }

@@ -175,9 +175,16 @@ pub async fn serve(
         request: config.request_timeout,
         shutdown_grace: config.shutdown_grace,
     };
+    // Runs this api recorded but could not hand to the bus (it was away) go out from here
+    // once it is back, even with no scheduler running.
+    let relay = {
+        let (runtime, shutdown) = (runtime.clone(), shutdown.clone());
+        tokio::spawn(async move { runtime.relay_outbox_until(shutdown).await })
+    };
     let app = router(runtime, config);
     tracing::info!(addr = %listener.local_addr().map_err(ApiServiceError::Serve)?, "api listening");
     server::serve(listener, app, timeouts, shutdown).await;
+    relay.abort();
     Ok(())
 }
 

@@ -1126,13 +1126,7 @@ async fn webhook_sync(
         .await
         .map_err(ApiError::from)?
     else {
-        return Err(ApiError::Timeout {
-            message: format!(
-                "run did not finish within {:?}; it goes on in the background",
-                state.config.sync_timeout
-            ),
-            run_id,
-        });
+        return still_going(&state, &run_id).await;
     };
     match ended.status {
         RunStatus::Succeeded => Ok(match ended.response {
@@ -1150,6 +1144,40 @@ async fn webhook_sync(
             Ok((StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response())
         }
     }
+}
+
+/// The answer to a synchronous call whose run did not finish within `sync_timeout` (or
+/// whose first job waits in the outbox while NATS is away): `202` with the run's id and
+/// status, where to follow it (`Location`, `status_url`: the run, for a key with the viewer
+/// role) and when to look again (`Retry-After`).
+async fn still_going(state: &AppState, run_id: &str) -> ApiResult<Response> {
+    let status = match state.runtime.run(run_id).await {
+        Ok(Some(run)) => run.status,
+        // Accepted, so a run that cannot be read now is still one the caller can follow.
+        Ok(None) | Err(_) => RunStatus::Running,
+    };
+    let status_url = format!("/v1/runs/{run_id}");
+    let body = json!({
+        "run_id": run_id,
+        "run_ids": [run_id],
+        "status": status,
+        "status_url": status_url,
+        "message": format!(
+            "the run did not finish within {}; it goes on: follow it at {status_url}",
+            humantime::format_duration(state.config.sync_timeout)
+        ),
+    });
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    insert_run_id(&mut response, run_id);
+    let headers = response.headers_mut();
+    if let Ok(location) = HeaderValue::from_str(&status_url) {
+        headers.insert(axum::http::header::LOCATION, location);
+    }
+    headers.insert(
+        axum::http::header::RETRY_AFTER,
+        HeaderValue::from_static("1"),
+    );
+    Ok(response)
 }
 
 fn insert_run_id(response: &mut Response, run_id: &str) {

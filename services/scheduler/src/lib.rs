@@ -15,6 +15,9 @@
 //! Due ticks are kept in time order and published many at once. The flow list is re-read only
 //! when the store's flows revision moved (every apply, enable and disable moves it), checked
 //! every `refresh_interval` with one cheap read, and in full every `full_refresh`.
+//!
+//! Beside the ticks it fires the timers of waiting runs and relays the store's outbox: step
+//! jobs recorded with a run's start or retry that their publisher could not hand to the bus.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -204,6 +207,10 @@ pub async fn run(
         shutdown.clone(),
     ));
     let waking = tokio::spawn(timers(runtime.clone(), config.clone(), shutdown.clone()));
+    let relaying = {
+        let (runtime, shutdown) = (runtime.clone(), shutdown.clone());
+        tokio::spawn(async move { runtime.relay_outbox_until(shutdown).await })
+    };
     tracing::info!("scheduler started");
     loop {
         let now = clock.now();
@@ -247,6 +254,7 @@ pub async fn run(
     }
     refreshing.abort();
     waking.abort();
+    relaying.abort();
     tracing::info!("scheduler stopped");
     Ok(())
 }
