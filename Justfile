@@ -18,6 +18,17 @@ bench *args:
     cargo build --release --locked -p piecework -p piecework-bench -p piecework-piece-probe
     target/release/piecework-bench {{args}}
 
+# A fleet (api, scheduler, 2 workers) under steady webhook load on a release build: reports
+# memory growth per process and lost runs; fails past 5% growth or any lost run.
+soak duration="30m" rate="50":
+    cargo build --release --locked -p piecework -p piecework-bench -p piecework-piece-probe
+    target/release/piecework-bench --soak {{duration}} --soak-rate {{rate}} --out target/bench/soak.json
+
+# The property tests (flow parser, templates, protobuf, piece-protocol frames) with far more
+# cases than CI runs: a million each by default, on an optimized build.
+fuzz cases="1000000":
+    PROPTEST_CASES={{cases}} cargo test --release --locked -p piecework-core -p piecework-sdk -p piecework-proto --test properties
+
 # Formatting and clippy, as CI runs them.
 lint:
     cargo fmt --all -- --check

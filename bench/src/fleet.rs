@@ -199,6 +199,10 @@ impl Process {
         Ok(total)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Resident memory, from `/proc`.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
         rss_bytes(self.child.id())

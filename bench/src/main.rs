@@ -11,7 +11,9 @@
 //! - [`bullmq`]: the same job count through BullMQ on the same Redis (Node.js);
 //! - [`scenarios`]: runs of a 3-step flow through 1 and 2 worker processes and in memory, the
 //!   same no-op flow done by a built-in piece and by a bundle in its own process, the
-//!   synchronous webhook under 2 and 64 clients, and a worker's memory.
+//!   synchronous webhook under 2 and 64 clients, and a worker's memory;
+//! - [`soak`] (`--soak 30m`, `just soak`): a fleet under steady load, for memory growth and
+//!   lost runs.
 
 mod baselines;
 mod bullmq;
@@ -20,6 +22,7 @@ mod jetstream;
 mod report;
 mod scale;
 mod scenarios;
+mod soak;
 mod stats;
 
 use std::path::PathBuf;
@@ -54,6 +57,14 @@ struct Args {
     /// Only the in-binary vs out-of-process comparison (to iterate on the piece host).
     #[arg(long)]
     only_pieces: bool,
+    /// Instead of the benchmarks: a soak of this long (`30m`) — a fleet under steady webhook
+    /// load, reporting memory growth and lost runs; fails past 5% growth (soaks of 5 minutes
+    /// or more) or any lost run.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    soak: Option<Duration>,
+    /// Webhook calls a second during the soak.
+    #[arg(long, default_value_t = 50)]
+    soak_rate: u32,
     /// Internal: serve the bare HTTP baseline on this address (the harness starts itself so).
     #[arg(long, hide = true)]
     serve_bare_http: Option<std::net::SocketAddr>,
@@ -166,6 +177,38 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         None,
     )
     .await?;
+
+    if let Some(duration) = args.soak {
+        eprintln!(
+            "soak: api, scheduler, 2 workers, {} webhook calls a second for {}…",
+            args.soak_rate,
+            humantime::format_duration(duration)
+        );
+        let soak = soak::run(&infra, &runtime, duration, args.soak_rate).await?;
+        let text = serde_json::to_string_pretty(&json!({
+            "date": chrono::Utc::now().to_rfc3339(),
+            "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+            "machine": machine(),
+            "soak": soak,
+        }))?;
+        println!("{text}");
+        if let Some(dir) = args.out.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&args.out, text + "\n")?;
+        if !soak.passed {
+            anyhow::bail!(
+                "the soak missed its targets: {} lost runs, memory growth {}",
+                soak.lost,
+                soak.processes
+                    .iter()
+                    .map(|m| format!("{} {:+.1}%", m.process, m.growth * 100.0))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        return Ok(());
+    }
 
     if args.only_pieces {
         let bundles = scenarios::out_of_process(&infra, &runtime, sizes.runs).await?;
