@@ -114,6 +114,11 @@ impl Config {
                 .parse()
                 .with_context(|| format!("PW_NATS_REPLICAS={replicas:?} is not a number"))?;
         }
+        if let Some(cluster) = env_value("PW_REDIS_CLUSTER") {
+            config.redis.cluster = cluster.parse().with_context(|| {
+                format!("PW_REDIS_CLUSTER={cluster:?} is not `true` or `false`")
+            })?;
+        }
         if let Some(retention) = env_value("PW_RUN_RETENTION") {
             config.redis.run_retention = humantime::parse_duration(&retention)
                 .with_context(|| format!("PW_RUN_RETENTION={retention:?} is not a duration"))?;

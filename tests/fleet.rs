@@ -1533,3 +1533,76 @@ async fn nats_killed_under_webhook_load_loses_no_call_and_repeats_no_effect() {
         .unwrap();
     assert_eq!(bad.status(), 400);
 }
+
+/// On a Redis Cluster (three primaries, a replica each; `PW_REDIS_CLUSTER`) the fleet runs a
+/// flow with steps, a durable delay and a branch; when the primary holding piecework's slot
+/// is killed, its replica takes over, and every call — retried with its `Idempotency-Key`
+/// while the cluster fails over — ends in exactly one successful run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_on_a_redis_cluster_runs_flows_and_survives_losing_its_primary() {
+    let mut cluster = piecework_testkit::RedisCluster::start(3, 1).await.unwrap();
+    let mut fleet = Fleet::start("").await;
+    fleet.env.push(("PW_REDIS_URL".into(), cluster.url()));
+    fleet.env.push(("PW_REDIS_CLUSTER".into(), "true".into()));
+    fleet.start_api().await;
+    fleet.start_scheduler("s1").await;
+    fleet.start_worker("w1", &[]).await;
+    fleet.start_worker("w2", &[]).await;
+    let steps = "  - { name: one, piece: data, action: set, input: { value: \"{{ trigger.body.n }}\" } }\n  - { name: pause, delay: 1s }\n  - name: parity\n    if: \"{{ trigger.body.n % 2 == 0 }}\"\n    then:\n      - { name: even, piece: data, action: set, input: { value: even } }\n    else:\n      - { name: odd, piece: data, action: set, input: { value: odd } }\n";
+    fleet.apply(&webhook_flow("clustered", steps)).await;
+    let api = fleet.api.clone();
+    let accept = |n: u64| {
+        let api = api.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let response = client()
+                    .post(format!("{api}/v1/webhooks/clustered"))
+                    .header("Idempotency-Key", format!("n-{n}"))
+                    .json(&json!({ "n": n }))
+                    .timeout(Duration::from_secs(15))
+                    .send()
+                    .await;
+                let last = match response {
+                    Ok(response) if response.status() == 202 => {
+                        let body: Value = response.json().await.unwrap();
+                        return body["run_id"].as_str().unwrap().to_owned();
+                    }
+                    Ok(response) => response.text().await.unwrap_or_default(),
+                    Err(err) => err.to_string(),
+                };
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "call {n} never accepted: {last}"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    let check = async |ids: &[String], first: u64| {
+        for (n, id) in (first..).zip(ids) {
+            let run = fleet.finished(id, Duration::from_secs(90)).await;
+            assert_eq!(run["status"], "succeeded", "{run}\n{}", fleet.log_tails());
+            let parity = if n % 2 == 0 { "even" } else { "odd" };
+            let branch = run["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["name"] == parity)
+                .unwrap_or_else(|| panic!("run {n} took the {parity} branch: {run}"));
+            assert_eq!(branch["output"], parity);
+        }
+    };
+    let before = join_all((0..10).map(accept)).await;
+    check(&before, 0).await;
+
+    let primary = cluster.primary_of("{pw}").await.unwrap();
+    cluster.kill(primary).await;
+    let after = join_all((10..30).map(accept)).await;
+    check(&after, 10).await;
+    let promoted = cluster.primary_of("{pw}").await.unwrap();
+    assert_ne!(promoted, primary, "a replica took over piecework's slot");
+    // One run per call: the retries of a call were the same run.
+    let stats = fleet.get("/v1/runs/stats?flow=clustered").await;
+    assert_eq!(stats["total"], 30, "{stats}");
+}

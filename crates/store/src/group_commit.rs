@@ -8,7 +8,7 @@
 //! of one each per step. Every command's result comes back (`ignore_errors`), so an update
 //! whose commands failed fails alone, and the others of its batch are unaffected.
 
-use redis::aio::ConnectionManager;
+use crate::connection::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{StoreError, run_status_of};
@@ -32,7 +32,7 @@ pub(crate) struct GroupCommit {
 
 impl GroupCommit {
     /// Starts the committer on `conn`.
-    pub(crate) fn start(conn: ConnectionManager) -> Self {
+    pub(crate) fn start(conn: Connection) -> Self {
         let (inbox, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(commit_loop(conn, rx));
         Self { inbox }
@@ -52,7 +52,7 @@ impl GroupCommit {
     }
 }
 
-async fn commit_loop(mut conn: ConnectionManager, mut inbox: mpsc::Receiver<Pending>) {
+async fn commit_loop(mut conn: Connection, mut inbox: mpsc::Receiver<Pending>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while inbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
         commit(&mut conn, std::mem::take(&mut batch)).await;
@@ -60,7 +60,7 @@ async fn commit_loop(mut conn: ConnectionManager, mut inbox: mpsc::Receiver<Pend
 }
 
 /// Writes one batch and answers each of its callers.
-async fn commit(conn: &mut ConnectionManager, batch: Vec<Pending>) {
+async fn commit(conn: &mut Connection, batch: Vec<Pending>) {
     let mut pipe = redis::pipe();
     pipe.atomic().ignore_errors();
     let mut waiting = Vec::with_capacity(batch.len());

@@ -22,6 +22,7 @@ use serde_json::Value;
 pub const DEFAULT_RUN_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 pub mod audit;
+mod connection;
 mod group_commit;
 pub mod memory;
 pub mod redis;

@@ -30,6 +30,9 @@
 //! ([`crate::group_commit`]); creating a run is one Lua script, so "create only if new" is atomic. Blocking
 //! stream reads use their own connection so they never hold up the shared one. The connection
 //! manager reconnects by itself; while Redis is away, calls fail with `Unavailable`.
+//!
+//! On a Redis Cluster (`cluster = true`) every key starts `{pw}:` instead — one hash tag, so
+//! every script and `MULTI` above stays in one slot — and commands follow the slot map.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,6 +52,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
+use crate::connection::{Connection, PubSubNodes};
 use crate::group_commit::GroupCommit;
 use crate::run_done::{self, RunDone};
 use crate::{
@@ -89,7 +93,7 @@ impl RunWatch for RedisRunWatch {
                     // A look at the status alone: a watch may last as long as a step does.
                     let status: Option<String> = store
                         .conn()
-                        .hget(run_key(&run_id), "status")
+                        .hget(store.keys.run(&run_id), "status")
                         .await
                         .map_err(unavailable)?;
                     let ended = status.is_none_or(|s| {
@@ -113,8 +117,13 @@ impl RunWatch for RedisRunWatch {
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:6379/0`, or `rediss://…` for TLS; a password as `redis://:PASSWORD@host`
-    /// (or `USER:PASSWORD` with ACLs).
+    /// (or `USER:PASSWORD` with ACLs). With `cluster`, some nodes of the cluster,
+    /// comma-separated (`redis://r1:6379,redis://r2:6379`).
     pub url: String,
+    /// Talk to a Redis Cluster (`PW_REDIS_CLUSTER`): commands follow the cluster's slot map
+    /// and every key carries the hash tag `{pw}` (`{pw}:results`, `{pw}:run:…`), so each
+    /// operation stays in one slot.
+    pub cluster: bool,
     /// With `rediss://`: a PEM file of the CA(s) to trust instead of the system's roots.
     pub tls_ca_file: Option<std::path::PathBuf>,
     /// With `rediss://`: a client certificate and its key (PEM), for servers that require one.
@@ -179,6 +188,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            cluster: false,
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -190,42 +200,108 @@ impl Default for RedisConfig {
     }
 }
 
-const RESULTS: &str = "pw:results";
-/// Timers of waiting runs: members `run\nflow\nversion\step`, scored by due time (ms); a
-/// message on the channel of the same name when one is added.
-const TIMERS: &str = "pw:timers";
-const AUDIT: &str = "pw:audit";
-const FLOWS: &str = "pw:flows";
-const FLOWS_REVISION: &str = "pw:flows:revision";
-const RUNS: &str = "pw:runs";
-/// Step jobs recorded with a run's creation or retry that are not known to be published:
-/// members `run\nflow\nversion\nstep\nepoch` by when they were recorded (ms).
-const OUTBOX: &str = "pw:outbox";
-const CONNECTIONS: &str = "pw:connections";
-const API_KEYS: &str = "pw:api-keys";
 const LOCK_TTL_MS: u64 = 10_000;
 const TRIM_EVERY_MS: i64 = 60_000;
 
-fn flow_key(id: &str) -> String {
-    format!("pw:flow:{id}")
+/// Key names. On one Redis they start `pw:`; on a Redis Cluster `{pw}:`, one hash tag, so
+/// every script and transaction — a run with its indexes, timers and outbox, a step with its
+/// results and audit entries — stays in one slot and stays atomic.
+#[derive(Debug, Clone, Copy)]
+struct Keys {
+    prefix: &'static str,
 }
-fn version_key(id: &str, version: u32) -> String {
-    format!("pw:flow:{id}:v:{version}")
+
+impl Keys {
+    fn new(cluster: bool) -> Self {
+        Self {
+            prefix: if cluster { "{pw}" } else { "pw" },
+        }
+    }
+
+    fn key(&self, rest: impl std::fmt::Display) -> String {
+        format!("{}:{rest}", self.prefix)
+    }
+
+    /// One entry per step attempt.
+    fn results(&self) -> String {
+        self.key("results")
+    }
+    /// Timers of waiting runs: members `run\nflow\nversion\nstep`, scored by due time (ms); a
+    /// message on the channel of the same name when one is added.
+    fn timers(&self) -> String {
+        self.key("timers")
+    }
+    fn audit(&self) -> String {
+        self.key("audit")
+    }
+    fn flows(&self) -> String {
+        self.key("flows")
+    }
+    fn flows_revision(&self) -> String {
+        self.key("flows:revision")
+    }
+    fn runs(&self) -> String {
+        self.key("runs")
+    }
+    /// Step jobs recorded with a run's creation or retry that are not known to be published:
+    /// members `run\nflow\nversion\nstep\nepoch` by when they were recorded (ms).
+    fn outbox(&self) -> String {
+        self.key("outbox")
+    }
+    fn connections(&self) -> String {
+        self.key("connections")
+    }
+    fn api_keys(&self) -> String {
+        self.key("api-keys")
+    }
+    fn flow(&self, id: &str) -> String {
+        self.key(format_args!("flow:{id}"))
+    }
+    fn version(&self, id: &str, version: u32) -> String {
+        self.key(format_args!("flow:{id}:v:{version}"))
+    }
+    fn webhook_secret(&self, flow_id: &str) -> String {
+        self.key(format_args!("flow:{flow_id}:webhook-secret"))
+    }
+    /// What every run's key starts with.
+    fn run_prefix(&self) -> String {
+        self.key("run:")
+    }
+    fn run(&self, id: &str) -> String {
+        self.key(format_args!("run:{id}"))
+    }
+    fn runs_of_flow(&self, id: &str) -> String {
+        self.key(format_args!("runs:flow:{id}"))
+    }
+    fn connection(&self, name: &str) -> String {
+        self.key(format_args!("connection:{name}"))
+    }
+    fn trigger(&self, flow: &str) -> String {
+        self.key(format_args!("trigger:{flow}"))
+    }
+    /// The hash of debounce group `slot` of `flow_id`.
+    fn debounce(&self, flow_id: &str, slot: &str) -> String {
+        self.key(format_args!("debounce:{flow_id}:{slot}"))
+    }
+    fn slots(&self, flow_id: &str) -> String {
+        self.key(format_args!("slots:flow:{flow_id}"))
+    }
+    fn in_flight(&self, limit: &str) -> String {
+        self.key(format_args!("inflight:{limit}"))
+    }
+    fn rate(&self, limit: &str) -> String {
+        self.key(format_args!("rate:{limit}"))
+    }
+    fn lease(&self, name: &str) -> String {
+        self.key(format_args!("lease:{name}"))
+    }
+    fn kv(&self, key: &str) -> String {
+        self.key(format_args!("kv:{key}"))
+    }
 }
-fn run_key(id: &str) -> String {
-    format!("pw:run:{id}")
-}
-fn runs_of_flow_key(id: &str) -> String {
-    format!("pw:runs:flow:{id}")
-}
+
 fn done_channel(id: &str) -> String {
     format!("{}{id}", crate::run_done::PREFIX)
-}
-fn connection_key(name: &str) -> String {
-    format!("pw:connection:{name}")
-}
-fn trigger_key(flow: &str) -> String {
-    format!("pw:trigger:{flow}")
 }
 
 /// The body shared by [`CREATE_RUN`] and [`CREATE_ADMITTED_RUN`]: creates run `KEYS[1]`
@@ -385,12 +461,16 @@ return due
 
 /// Bumps `sender` on every message on `pw:timers`, resubscribing when the subscription drops,
 /// until every receiver is gone.
-async fn listen_timers(client: redis::Client, sender: tokio::sync::watch::Sender<u64>) {
+async fn listen_timers(
+    nodes: PubSubNodes,
+    channel: String,
+    sender: tokio::sync::watch::Sender<u64>,
+) {
     use futures::StreamExt as _;
     while !sender.is_closed() {
-        match client.get_async_pubsub().await {
+        match nodes.connect().await {
             Ok(mut pubsub) => {
-                if pubsub.subscribe(TIMERS).await.is_ok() {
+                if pubsub.subscribe(&channel).await.is_ok() {
                     // Timers added while unsubscribed: have the watchers look.
                     sender.send_modify(|n| *n += 1);
                     let mut messages = pubsub.on_message();
@@ -536,7 +616,7 @@ struct IndexPages {
 }
 
 impl IndexPages {
-    fn new(query: &RunQuery, page: usize) -> Self {
+    fn new(keys: Keys, query: &RunQuery, page: usize) -> Self {
         let until = query.until.map(|t| t.timestamp_millis());
         let max = match (&query.after, until) {
             (Some(after), Some(until)) if until <= after.created_ms => format!("({until}"),
@@ -548,7 +628,7 @@ impl IndexPages {
             index: query
                 .flow_id
                 .as_deref()
-                .map_or_else(|| RUNS.to_owned(), runs_of_flow_key),
+                .map_or_else(|| keys.runs(), |id| keys.runs_of_flow(id)),
             max,
             min: query
                 .since
@@ -560,7 +640,7 @@ impl IndexPages {
     }
 
     /// The next page's ids (empty at the end).
-    async fn next(&mut self, conn: &mut ConnectionManager) -> Result<Vec<String>, StoreError> {
+    async fn next(&mut self, conn: &mut Connection) -> Result<Vec<String>, StoreError> {
         loop {
             let rows: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
                 .arg(&self.index)
@@ -592,11 +672,6 @@ impl IndexPages {
             }
         }
     }
-}
-
-/// The hash of debounce group `slot` of `flow_id`.
-fn debounce_key(flow_id: &str, slot: &str) -> String {
-    format!("pw:debounce:{flow_id}:{slot}")
 }
 
 /// A timer's member in `pw:timers`.
@@ -682,9 +757,10 @@ return 0
 /// The Redis [`Store`].
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    keys: Keys,
+    conn: Connection,
     /// For blocking reads only.
-    blocking: Arc<Mutex<ConnectionManager>>,
+    blocking: Arc<Mutex<Connection>>,
     config: RedisConfig,
     create_run: Arc<Script>,
     create_admitted_run: Arc<Script>,
@@ -703,7 +779,8 @@ pub struct RedisStore {
     take_timers: Arc<Script>,
     /// Timer notifications, subscribed on the first `watch_timers`.
     timers: Arc<tokio::sync::OnceCell<tokio::sync::watch::Sender<u64>>>,
-    client: redis::Client,
+    /// Where subscriptions go.
+    pubsub: PubSubNodes,
     unlock: Arc<Script>,
     /// Run-finished notifications, subscribed on the first `wait_run_finished`.
     done: Arc<RunDone>,
@@ -781,30 +858,67 @@ impl RedisStore {
         };
         // redis-rs leaves Nagle's algorithm on; every round trip here is a small request that
         // waits for its answer, so send at once (TCP_NODELAY), as other Redis clients do.
-        let info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
-            .map_err(invalid)?
-            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let client = match config.tls_certificates()? {
-            Some(certificates) => {
-                redis::Client::build_with_tls(info, certificates).map_err(invalid)?
+        let nodes = config
+            .url
+            .split(',')
+            .map(|url| {
+                redis::IntoConnectionInfo::into_connection_info(url.trim()).map(|info| {
+                    info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid)?;
+        if nodes.len() > 1 && !config.cluster {
+            return Err(StoreError::Unavailable(format!(
+                "{} lists {} Redis servers: set `cluster = true` (PW_REDIS_CLUSTER) for a Redis Cluster",
+                piecework_sdk::mask::redact_url(&config.url),
+                nodes.len()
+            )));
+        }
+        let certificates = config.tls_certificates()?;
+        let clients = nodes
+            .iter()
+            .map(|node| match &certificates {
+                Some(certificates) => {
+                    redis::Client::build_with_tls(node.clone(), certificates.clone())
+                }
+                None => redis::Client::open(node.clone()),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid)?;
+        let client = clients[0].clone();
+        let pubsub = PubSubNodes::new(clients);
+        let connect = |response_timeout: Option<Duration>| {
+            let (client, nodes, certificates) =
+                (client.clone(), nodes.clone(), certificates.clone());
+            async move {
+                if config.cluster {
+                    let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+                        .connection_timeout(Duration::from_secs(5))
+                        .retries(2);
+                    if let Some(timeout) = response_timeout {
+                        builder = builder.response_timeout(timeout);
+                    }
+                    if let Some(certificates) = certificates {
+                        builder = builder.certs(certificates);
+                    }
+                    let cluster = builder.build()?;
+                    Ok(Connection::Cluster(cluster.get_async_connection().await?))
+                } else {
+                    let managed = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(Duration::from_secs(5)))
+                        .set_response_timeout(response_timeout)
+                        .set_number_of_retries(2);
+                    ConnectionManager::new_with_config(client, managed)
+                        .await
+                        .map(Connection::One)
+                }
             }
-            None => redis::Client::open(info).map_err(invalid)?,
-        };
-        let managed = |response_timeout: Option<Duration>| {
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(5)))
-                .set_response_timeout(response_timeout)
-                .set_number_of_retries(2)
         };
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
         let mut delay = Duration::from_millis(100);
         let conn = loop {
-            match ConnectionManager::new_with_config(
-                client.clone(),
-                managed(Some(Duration::from_secs(10))),
-            )
-            .await
-            {
+            match connect(Some(Duration::from_secs(10))).await {
                 Ok(conn) => break conn,
                 Err(err) if tokio::time::Instant::now() + delay < deadline => {
                     tracing::warn!(error = %err, retry_in = ?delay, "cannot reach Redis yet");
@@ -818,12 +932,12 @@ impl RedisStore {
                 }
             }
         };
-        let blocking = ConnectionManager::new_with_config(client.clone(), managed(None))
-            .await
-            .map_err(unavailable)?;
+        // For blocking reads only: no response timeout.
+        let blocking = connect(None).await.map_err(unavailable)?;
         Ok(Self {
-            done: Arc::new(RunDone::new(client.clone())),
-            client,
+            keys: Keys::new(config.cluster),
+            done: Arc::new(RunDone::new(pubsub.clone())),
+            pubsub,
             claim_wake: Arc::new(Script::new(CLAIM_WAKE)),
             reserve_rate: Arc::new(Script::new(RESERVE_RATE)),
             expire_run: Arc::new(Script::new(EXPIRE_RUN)),
@@ -850,7 +964,7 @@ impl RedisStore {
         })
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Connection {
         self.conn.clone()
     }
 
@@ -866,7 +980,7 @@ impl RedisStore {
         id: &str,
         work: impl AsyncFnOnce(&Self) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let key = format!("{}:lock", flow_key(id));
+        let key = format!("{}:lock", self.keys.flow(id));
         let token = uuid::Uuid::new_v4().to_string();
         let mut conn = self.conn();
         let mut acquired = false;
@@ -902,7 +1016,7 @@ impl RedisStore {
     }
 
     async fn read_flow(&self, id: &str) -> Result<Option<FlowRecord>, StoreError> {
-        let key = flow_key(id);
+        let key = self.keys.flow(id);
         let text: Option<String> = self.conn().get(&key).await.map_err(unavailable)?;
         text.map(|t| from_json(&key, &t)).transpose()
     }
@@ -911,7 +1025,7 @@ impl RedisStore {
     async fn read_indexed<T: DeserializeOwned>(
         &self,
         index: &str,
-        key_of: fn(&str) -> String,
+        key_of: impl Fn(&str) -> String,
     ) -> Result<Vec<T>, StoreError> {
         let mut conn = self.conn();
         let mut names: Vec<String> = conn.smembers(index).await.map_err(unavailable)?;
@@ -931,8 +1045,12 @@ impl RedisStore {
             .collect()
     }
 
-    fn run_from_hash(id: &str, fields: HashMap<String, String>) -> Result<Option<Run>, StoreError> {
-        let key = run_key(id);
+    fn run_from_hash(
+        &self,
+        id: &str,
+        fields: HashMap<String, String>,
+    ) -> Result<Option<Run>, StoreError> {
+        let key = self.keys.run(id);
         let Some(meta) = fields.get("meta") else {
             return Ok(None);
         };
@@ -1023,6 +1141,7 @@ fn trim_due(last: &std::sync::atomic::AtomicI64) -> bool {
 /// The command that ends run `run_id` (inside a `MULTI`) and tells its waiters, with the last
 /// step's `output`.
 fn finish_run(
+    keys: Keys,
     run_id: &str,
     update: &RunUpdate,
     retention: Duration,
@@ -1031,7 +1150,7 @@ fn finish_run(
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(FINISH_RUN)
         .arg(1)
-        .arg(run_key(run_id))
+        .arg(keys.run(run_id))
         .arg(update.status.as_str())
         .arg(update.error.clone().unwrap_or_default())
         .arg(update.finished_at.map(|f| to_json(&f)).unwrap_or_default())
@@ -1211,16 +1330,16 @@ impl Store for RedisStore {
                     created_at: now,
                 };
                 pipe.cmd("SET")
-                    .arg(version_key(&id, version))
+                    .arg(self.keys.version(&id, version))
                     .arg(to_json(&stored))
                     .ignore();
             }
             pipe.cmd("SET")
-                .arg(flow_key(&id))
+                .arg(self.keys.flow(&id))
                 .arg(to_json(&record))
                 .ignore();
-            pipe.cmd("SADD").arg(FLOWS).arg(&id).ignore();
-            pipe.cmd("INCR").arg(FLOWS_REVISION).ignore();
+            pipe.cmd("SADD").arg(self.keys.flows()).arg(&id).ignore();
+            pipe.cmd("INCR").arg(self.keys.flows_revision()).ignore();
             let () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
             Ok(Applied {
                 record,
@@ -1236,12 +1355,17 @@ impl Store for RedisStore {
     }
 
     async fn flows_revision(&self) -> Result<u64, StoreError> {
-        let revision: Option<u64> = self.conn().get(FLOWS_REVISION).await.map_err(unavailable)?;
+        let revision: Option<u64> = self
+            .conn()
+            .get(self.keys.flows_revision())
+            .await
+            .map_err(unavailable)?;
         Ok(revision.unwrap_or(0))
     }
 
     async fn list_flows(&self) -> Result<Vec<FlowRecord>, StoreError> {
-        self.read_indexed(FLOWS, flow_key).await
+        self.read_indexed(&self.keys.flows(), |id| self.keys.flow(id))
+            .await
     }
 
     async fn get_flow_version(
@@ -1249,7 +1373,7 @@ impl Store for RedisStore {
         id: &str,
         version: u32,
     ) -> Result<Option<FlowVersion>, StoreError> {
-        let key = version_key(id, version);
+        let key = self.keys.version(id, version);
         let text: Option<String> = self.conn().get(&key).await.map_err(unavailable)?;
         text.map(|t| from_json(&key, &t)).transpose()
     }
@@ -1268,11 +1392,11 @@ impl Store for RedisStore {
             let () = redis::pipe()
                 .atomic()
                 .cmd("SET")
-                .arg(flow_key(id))
+                .arg(self.keys.flow(id))
                 .arg(to_json(&record))
                 .ignore()
                 .cmd("INCR")
-                .arg(FLOWS_REVISION)
+                .arg(self.keys.flows_revision())
                 .ignore()
                 .query_async(&mut store.conn())
                 .await
@@ -1285,11 +1409,11 @@ impl Store for RedisStore {
     async fn create_run_queued(&self, run: &Run, jobs: &[OutboxJob]) -> Result<bool, StoreError> {
         let created: i64 = self
             .create_run
-            .key(run_key(&run.id))
-            .key(RUNS)
-            .key(runs_of_flow_key(&run.flow_id))
-            .key(TIMERS)
-            .key(OUTBOX)
+            .key(self.keys.run(&run.id))
+            .key(self.keys.runs())
+            .key(self.keys.runs_of_flow(&run.flow_id))
+            .key(self.keys.timers())
+            .key(self.keys.outbox())
             .arg(to_json(&run_meta(run)))
             .arg(run.created_at.timestamp_millis())
             .arg(&run.id)
@@ -1311,13 +1435,13 @@ impl Store for RedisStore {
     ) -> Result<Admission, StoreError> {
         let mut invocation = self.create_admitted_run.prepare_invoke();
         invocation
-            .key(run_key(&run.id))
-            .key(RUNS)
-            .key(runs_of_flow_key(&run.flow_id))
-            .key(TIMERS)
-            .key(flow_key(&run.flow_id))
-            .key(AUDIT)
-            .key(OUTBOX)
+            .key(self.keys.run(&run.id))
+            .key(self.keys.runs())
+            .key(self.keys.runs_of_flow(&run.flow_id))
+            .key(self.keys.timers())
+            .key(self.keys.flow(&run.flow_id))
+            .key(self.keys.audit())
+            .key(self.keys.outbox())
             .arg(to_json(&run_meta(run)))
             .arg(run.created_at.timestamp_millis())
             .arg(&run.id)
@@ -1351,7 +1475,7 @@ impl Store for RedisStore {
         let members: Vec<String> = self
             .conn()
             .zrangebyscore_limit(
-                OUTBOX,
+                self.keys.outbox(),
                 "-inf",
                 format!("({}", before.timestamp_millis()),
                 0,
@@ -1381,7 +1505,7 @@ impl Store for RedisStore {
         let members: Vec<String> = jobs.iter().map(outbox_member).collect();
         let _: i64 = self
             .conn()
-            .zrem(OUTBOX, members)
+            .zrem(self.keys.outbox(), members)
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -1390,10 +1514,10 @@ impl Store for RedisStore {
     async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError> {
         let fields: HashMap<String, String> = self
             .conn()
-            .hgetall(run_key(id))
+            .hgetall(self.keys.run(id))
             .await
             .map_err(unavailable)?;
-        Self::run_from_hash(id, fields)
+        self.run_from_hash(id, fields)
     }
 
     async fn list_runs(&self, query: &RunQuery) -> Result<Vec<RunSummary>, StoreError> {
@@ -1401,7 +1525,7 @@ impl Store for RedisStore {
         let mut out = Vec::new();
         // Newest first, a page of the index at a time, filtering, until `limit` rows or the end.
         let page = limit.clamp(50, 1000);
-        let mut pages = IndexPages::new(query, page);
+        let mut pages = IndexPages::new(self.keys, query, page);
         while out.len() < limit {
             let ids = pages.next(&mut self.conn()).await?;
             if ids.is_empty() {
@@ -1410,7 +1534,7 @@ impl Store for RedisStore {
             let mut pipe = redis::pipe();
             for id in &ids {
                 pipe.cmd("HMGET")
-                    .arg(run_key(id))
+                    .arg(self.keys.run(id))
                     .arg("meta")
                     .arg("status")
                     .arg("error")
@@ -1427,7 +1551,7 @@ impl Store for RedisStore {
                 .map_err(unavailable)?;
             for (id, (meta, status, error, finished)) in ids.iter().zip(rows) {
                 let Some(meta) = meta else { continue };
-                let key = run_key(id);
+                let key = self.keys.run(id);
                 let meta: RunMeta = from_json(&key, &meta)?;
                 let status = parse_status(&key, status.as_deref())?;
                 if query.status.is_some_and(|s| s != status)
@@ -1459,7 +1583,7 @@ impl Store for RedisStore {
             ..query.clone()
         };
         let mut stats = RunStats::default();
-        let mut pages = IndexPages::new(&query, 1000);
+        let mut pages = IndexPages::new(self.keys, &query, 1000);
         loop {
             let ids = pages.next(&mut self.conn()).await?;
             if ids.is_empty() {
@@ -1469,7 +1593,7 @@ impl Store for RedisStore {
             let with_meta = query.started_by.is_some();
             let mut pipe = redis::pipe();
             for id in &ids {
-                let hmget = pipe.cmd("HMGET").arg(run_key(id)).arg("status");
+                let hmget = pipe.cmd("HMGET").arg(self.keys.run(id)).arg("status");
                 if with_meta {
                     hmget.arg("meta");
                 }
@@ -1484,7 +1608,7 @@ impl Store for RedisStore {
                 let Some(status) = fields.next().flatten() else {
                     continue;
                 };
-                let key = run_key(id);
+                let key = self.keys.run(id);
                 if with_meta {
                     let Some(meta) = fields.next().flatten() else {
                         continue;
@@ -1500,7 +1624,7 @@ impl Store for RedisStore {
     }
 
     async fn record_step(&self, update: StepUpdate) -> Result<RunStatus, StoreError> {
-        let key = run_key(&update.run_id);
+        let key = self.keys.run(&update.run_id);
         let mut commands = Vec::with_capacity(8);
         let mut hset = redis::cmd("HSET");
         hset.arg(&key)
@@ -1522,7 +1646,10 @@ impl Store for RedisStore {
         let retention = self.config.run_retention;
         if let Some(pause) = &update.pause {
             let mut wait = redis::cmd("EVAL");
-            wait.arg(START_WAIT).arg(2).arg(&key).arg(TIMERS);
+            wait.arg(START_WAIT)
+                .arg(2)
+                .arg(&key)
+                .arg(self.keys.timers());
             match &pause.timer {
                 Some(t) => wait
                     .arg(timer_member(&t.run_id, &t.flow_id, t.flow_version, &t.step))
@@ -1534,14 +1661,19 @@ impl Store for RedisStore {
         if let Some(t) = &update.wake {
             let member = timer_member(&t.run_id, &t.flow_id, t.flow_version, &t.step);
             let mut zadd = redis::cmd("ZADD");
-            zadd.arg(TIMERS).arg(t.due.timestamp_millis()).arg(member);
+            zadd.arg(self.keys.timers())
+                .arg(t.due.timestamp_millis())
+                .arg(member);
             commands.push(zadd);
             let mut announce = redis::cmd("PUBLISH");
-            announce.arg(TIMERS).arg(t.due.timestamp_millis());
+            announce
+                .arg(self.keys.timers())
+                .arg(t.due.timestamp_millis());
             commands.push(announce);
         }
         if let Some(run) = &update.run {
             commands.push(finish_run(
+                self.keys,
                 &update.run_id,
                 run,
                 retention,
@@ -1549,14 +1681,20 @@ impl Store for RedisStore {
             ));
         }
         let maxlen = self.config.stream_maxlen;
-        commands.push(xadd(RESULTS, maxlen, result_fields(&update.result)));
+        commands.push(xadd(
+            &self.keys.results(),
+            maxlen,
+            result_fields(&update.result),
+        ));
         if !retention.is_zero() && self.results_trim_due() {
             let mut trim = redis::cmd("XTRIM");
-            trim.arg(RESULTS).arg("MINID").arg(cutoff(retention));
+            trim.arg(self.keys.results())
+                .arg("MINID")
+                .arg(cutoff(retention));
             commands.push(trim);
         }
         if let Some(event) = &update.audit {
-            commands.push(xadd(AUDIT, maxlen, audit_fields(event)));
+            commands.push(xadd(&self.keys.audit(), maxlen, audit_fields(event)));
         }
         let mut status = redis::cmd("HGET");
         status.arg(&key).arg("status");
@@ -1565,7 +1703,7 @@ impl Store for RedisStore {
     }
 
     async fn update_run(&self, run_id: &str, update: RunUpdate) -> Result<(), StoreError> {
-        let _: i64 = finish_run(run_id, &update, self.config.run_retention, None)
+        let _: i64 = finish_run(self.keys, run_id, &update, self.config.run_retention, None)
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
@@ -1579,7 +1717,7 @@ impl Store for RedisStore {
     ) -> Result<Option<bool>, StoreError> {
         let outcome: i64 = self
             .cancel_run
-            .key(run_key(run_id))
+            .key(self.keys.run(run_id))
             .arg(to_json(&at))
             .arg(done_channel(run_id))
             .arg(millis(self.config.run_retention))
@@ -1601,8 +1739,8 @@ impl Store for RedisStore {
     ) -> Result<Option<bool>, StoreError> {
         let mut invocation = self.resume_run.prepare_invoke();
         invocation
-            .key(run_key(run_id))
-            .key(OUTBOX)
+            .key(self.keys.run(run_id))
+            .key(self.keys.outbox())
             .arg(format!("step:{}", step.name))
             .arg(to_json(step))
             .arg(Utc::now().timestamp_millis());
@@ -1623,8 +1761,8 @@ impl Store for RedisStore {
     async fn claim_wake(&self, timer: &Timer) -> Result<bool, StoreError> {
         let claimed: i64 = self
             .claim_wake
-            .key(run_key(&timer.run_id))
-            .key(TIMERS)
+            .key(self.keys.run(&timer.run_id))
+            .key(self.keys.timers())
             .arg(timer_member(
                 &timer.run_id,
                 &timer.flow_id,
@@ -1641,8 +1779,8 @@ impl Store for RedisStore {
     async fn expire_run(&self, timer: &Timer, error: &str) -> Result<bool, StoreError> {
         let ended: i64 = self
             .expire_run
-            .key(run_key(&timer.run_id))
-            .key(TIMERS)
+            .key(self.keys.run(&timer.run_id))
+            .key(self.keys.timers())
             .arg(error)
             .arg(to_json(&Utc::now()))
             .arg(millis(self.config.run_retention))
@@ -1667,7 +1805,7 @@ impl Store for RedisStore {
             &timer.step,
         );
         let _: i64 = redis::cmd("ZREM")
-            .arg(TIMERS)
+            .arg(self.keys.timers())
             .arg(member)
             .query_async(&mut self.conn())
             .await
@@ -1683,9 +1821,9 @@ impl Store for RedisStore {
     ) -> Result<Option<bool>, StoreError> {
         let mut invocation = self.resume_waiting.prepare_invoke();
         invocation
-            .key(run_key(&timer.run_id))
-            .key(TIMERS)
-            .key(RESULTS)
+            .key(self.keys.run(&timer.run_id))
+            .key(self.keys.timers())
+            .key(self.keys.results())
             .arg(format!("step:{}", step.name))
             .arg(to_json(step))
             .arg(timer_member(
@@ -1717,7 +1855,7 @@ impl Store for RedisStore {
     ) -> Result<Vec<Timer>, StoreError> {
         let due: Vec<(String, f64)> = self
             .take_timers
-            .key(TIMERS)
+            .key(self.keys.timers())
             .arg(now.timestamp_millis())
             .arg(limit)
             .arg(millis(again_after))
@@ -1744,10 +1882,10 @@ impl Store for RedisStore {
     ) -> Result<bool, StoreError> {
         let taken: i64 = self
             .acquire_run_slot
-            .key(format!("pw:slots:flow:{flow_id}"))
+            .key(self.keys.slots(flow_id))
             .arg(run_id)
             .arg(max)
-            .arg("pw:run:")
+            .arg(self.keys.run_prefix())
             .arg(Utc::now().timestamp_millis())
             .invoke_async(&mut self.conn())
             .await
@@ -1758,7 +1896,7 @@ impl Store for RedisStore {
     async fn mark_in_flight(&self, run_id: &str, marker: &InFlight) -> Result<(), StoreError> {
         let _: i64 = self
             .mark_in_flight
-            .key(run_key(run_id))
+            .key(self.keys.run(run_id))
             .arg(format!("inflight:{}", marker.step))
             .arg(to_json(marker))
             .invoke_async(&mut self.conn())
@@ -1770,8 +1908,8 @@ impl Store for RedisStore {
     async fn hold_item(&self, held: &Held) -> Result<DateTime<Utc>, StoreError> {
         let due: i64 = self
             .hold_item
-            .key(debounce_key(&held.flow_id, &held.slot))
-            .key(TIMERS)
+            .key(self.keys.debounce(&held.flow_id, &held.slot))
+            .key(self.keys.timers())
             .arg(to_json(&held.item))
             .arg(held.item_id.as_deref().unwrap_or_default())
             .arg(to_json(&held.meta))
@@ -1787,7 +1925,7 @@ impl Store for RedisStore {
     }
 
     async fn pending_item(&self, flow_id: &str, slot: &str) -> Result<Option<Pending>, StoreError> {
-        let key = debounce_key(flow_id, slot);
+        let key = self.keys.debounce(flow_id, slot);
         let fields: HashMap<String, String> =
             self.conn().hgetall(&key).await.map_err(unavailable)?;
         let (Some(item), Some(meta)) = (fields.get("item"), fields.get("meta")) else {
@@ -1815,8 +1953,8 @@ impl Store for RedisStore {
     async fn release_item(&self, flow_id: &str, slot: &str, seq: u64) -> Result<(), StoreError> {
         let _: i64 = self
             .release_item
-            .key(debounce_key(flow_id, slot))
-            .key(TIMERS)
+            .key(self.keys.debounce(flow_id, slot))
+            .key(self.keys.timers())
             .arg(seq)
             .arg(timer_member(slot, flow_id, 0, DEBOUNCE_STEP))
             .invoke_async(&mut self.conn())
@@ -1834,7 +1972,7 @@ impl Store for RedisStore {
     ) -> Result<bool, StoreError> {
         let ended: u32 = self
             .join_lane
-            .key(run_key(run_id))
+            .key(self.keys.run(run_id))
             .arg(format!("lane:{around}:"))
             .arg(lane)
             .arg(lanes)
@@ -1853,7 +1991,7 @@ impl Store for RedisStore {
     ) -> Result<bool, StoreError> {
         let taken: i64 = self
             .acquire_in_flight
-            .key(format!("pw:inflight:{key}"))
+            .key(self.keys.in_flight(key))
             .arg(holder)
             .arg(max)
             .arg(millis(lease))
@@ -1865,7 +2003,7 @@ impl Store for RedisStore {
 
     async fn release_in_flight(&self, key: &str, holder: &str) -> Result<(), StoreError> {
         let _: i64 = redis::cmd("ZREM")
-            .arg(format!("pw:inflight:{key}"))
+            .arg(self.keys.in_flight(key))
             .arg(holder)
             .query_async(&mut self.conn())
             .await
@@ -1876,7 +2014,7 @@ impl Store for RedisStore {
     async fn reserve_rate(&self, key: &str, interval: Duration) -> Result<Duration, StoreError> {
         let wait_us: i64 = self
             .reserve_rate
-            .key(format!("pw:rate:{key}"))
+            .key(self.keys.rate(key))
             .arg(u64::try_from(interval.as_micros()).unwrap_or(u64::MAX))
             .invoke_async(&mut self.conn())
             .await
@@ -1886,7 +2024,7 @@ impl Store for RedisStore {
 
     async fn next_timer(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         let first: Vec<(String, f64)> = redis::cmd("ZRANGE")
-            .arg(TIMERS)
+            .arg(self.keys.timers())
             .arg(0)
             .arg(0)
             .arg("WITHSCORES")
@@ -1904,7 +2042,11 @@ impl Store for RedisStore {
             .timers
             .get_or_init(|| async {
                 let (sender, _) = tokio::sync::watch::channel(0);
-                tokio::spawn(listen_timers(self.client.clone(), sender.clone()));
+                tokio::spawn(listen_timers(
+                    self.pubsub.clone(),
+                    self.keys.timers(),
+                    sender.clone(),
+                ));
                 sender
             })
             .await;
@@ -1945,7 +2087,7 @@ impl Store for RedisStore {
     }
 
     async fn trigger_state(&self, flow_id: &str) -> Result<Option<PollState>, StoreError> {
-        let key = trigger_key(flow_id);
+        let key = self.keys.trigger(flow_id);
         let text: Option<String> = self.conn().get(&key).await.map_err(unavailable)?;
         text.map(|t| from_json(&key, &t)).transpose()
     }
@@ -1953,7 +2095,7 @@ impl Store for RedisStore {
     async fn put_trigger_state(&self, flow_id: &str, state: &PollState) -> Result<(), StoreError> {
         let () = self
             .conn()
-            .set(trigger_key(flow_id), to_json(state))
+            .set(self.keys.trigger(flow_id), to_json(state))
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -1966,7 +2108,7 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let taken: Option<String> = redis::cmd("SET")
-            .arg(format!("pw:lease:{name}"))
+            .arg(self.keys.lease(name))
             .arg(holder)
             .arg("NX")
             .arg("PX")
@@ -1980,7 +2122,7 @@ impl Store for RedisStore {
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
         let _: i64 = self
             .unlock
-            .key(format!("pw:lease:{name}"))
+            .key(self.keys.lease(name))
             .arg(holder)
             .invoke_async(&mut self.conn())
             .await
@@ -1992,11 +2134,11 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("SET")
-            .arg(connection_key(&connection.name))
+            .arg(self.keys.connection(&connection.name))
             .arg(to_json(connection))
             .ignore()
             .cmd("SADD")
-            .arg(CONNECTIONS)
+            .arg(self.keys.connections())
             .arg(&connection.name)
             .ignore();
         let () = pipe
@@ -2012,7 +2154,7 @@ impl Store for RedisStore {
         resealed: &ConnectionRecord,
     ) -> Result<bool, StoreError> {
         let swapped: i64 = Script::new(SWAP_RECORD)
-            .key(connection_key(&current.name))
+            .key(self.keys.connection(&current.name))
             .arg("secret")
             .arg(&current.secret)
             .arg(to_json(resealed))
@@ -2023,22 +2165,23 @@ impl Store for RedisStore {
     }
 
     async fn get_connection(&self, name: &str) -> Result<Option<ConnectionRecord>, StoreError> {
-        let key = connection_key(name);
+        let key = self.keys.connection(name);
         let text: Option<String> = self.conn().get(&key).await.map_err(unavailable)?;
         text.map(|t| from_json(&key, &t)).transpose()
     }
 
     async fn list_connections(&self) -> Result<Vec<ConnectionRecord>, StoreError> {
-        self.read_indexed(CONNECTIONS, connection_key).await
+        self.read_indexed(&self.keys.connections(), |name| self.keys.connection(name))
+            .await
     }
 
     async fn delete_connection(&self, name: &str) -> Result<bool, StoreError> {
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("DEL")
-            .arg(connection_key(name))
+            .arg(self.keys.connection(name))
             .cmd("SREM")
-            .arg(CONNECTIONS)
+            .arg(self.keys.connections())
             .arg(name)
             .ignore();
         let (deleted,): (i64,) = pipe
@@ -2054,7 +2197,7 @@ impl Store for RedisStore {
         sealed: &str,
         replace: bool,
     ) -> Result<bool, StoreError> {
-        let key = format!("pw:flow:{flow_id}:webhook-secret");
+        let key = self.keys.webhook_secret(flow_id);
         let mut conn = self.conn();
         if replace {
             let () = conn.set(&key, sealed).await.map_err(unavailable)?;
@@ -2066,7 +2209,7 @@ impl Store for RedisStore {
 
     async fn get_webhook_secret(&self, flow_id: &str) -> Result<Option<String>, StoreError> {
         self.conn()
-            .get(format!("pw:flow:{flow_id}:webhook-secret"))
+            .get(self.keys.webhook_secret(flow_id))
             .await
             .map_err(unavailable)
     }
@@ -2078,7 +2221,7 @@ impl Store for RedisStore {
         resealed: &str,
     ) -> Result<bool, StoreError> {
         let swapped: i64 = Script::new(SWAP_STRING)
-            .key(format!("pw:flow:{flow_id}:webhook-secret"))
+            .key(self.keys.webhook_secret(flow_id))
             .arg(current)
             .arg(resealed)
             .invoke_async(&mut self.conn())
@@ -2093,7 +2236,7 @@ impl Store for RedisStore {
         rehashed: &ApiKeyRecord,
     ) -> Result<bool, StoreError> {
         let swapped: i64 = Script::new(SWAP_HASH_RECORD)
-            .key(API_KEYS)
+            .key(self.keys.api_keys())
             .arg(&current.name)
             .arg("hash")
             .arg(&current.hash)
@@ -2106,7 +2249,7 @@ impl Store for RedisStore {
 
     async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StoreError> {
         self.conn()
-            .hset_nx(API_KEYS, &key.name, to_json(key))
+            .hset_nx(self.keys.api_keys(), &key.name, to_json(key))
             .await
             .map_err(unavailable)
     }
@@ -2114,40 +2257,53 @@ impl Store for RedisStore {
     async fn get_api_key(&self, name: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
         let text: Option<String> = self
             .conn()
-            .hget(API_KEYS, name)
+            .hget(self.keys.api_keys(), name)
             .await
             .map_err(unavailable)?;
-        text.map(|t| from_json(API_KEYS, &t)).transpose()
+        text.map(|t| from_json(&self.keys.api_keys(), &t))
+            .transpose()
     }
 
     async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        let all: std::collections::BTreeMap<String, String> =
-            self.conn().hgetall(API_KEYS).await.map_err(unavailable)?;
-        all.values().map(|t| from_json(API_KEYS, t)).collect()
+        let all: std::collections::BTreeMap<String, String> = self
+            .conn()
+            .hgetall(self.keys.api_keys())
+            .await
+            .map_err(unavailable)?;
+        all.values()
+            .map(|t| from_json(&self.keys.api_keys(), t))
+            .collect()
     }
 
     async fn delete_api_key(&self, name: &str) -> Result<bool, StoreError> {
         let deleted: i64 = self
             .conn()
-            .hdel(API_KEYS, name)
+            .hdel(self.keys.api_keys(), name)
             .await
             .map_err(unavailable)?;
         Ok(deleted > 0)
     }
 
     fn kv(&self) -> Arc<dyn KvStore> {
-        Arc::new(RedisKv { conn: self.conn() })
+        Arc::new(RedisKv {
+            keys: self.keys,
+            conn: self.conn(),
+        })
     }
 
     async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
         let mut pipe = redis::pipe();
-        pipe.add_command(xadd(AUDIT, self.config.stream_maxlen, audit_fields(&event)))
-            .ignore();
+        pipe.add_command(xadd(
+            &self.keys.audit(),
+            self.config.stream_maxlen,
+            audit_fields(&event),
+        ))
+        .ignore();
         // Trimming by age at most once a minute per process: every append paid for it.
         let retention = self.config.audit_retention;
         if !retention.is_zero() && trim_due(&self.audit_trimmed_at) {
             pipe.cmd("XTRIM")
-                .arg(AUDIT)
+                .arg(self.keys.audit())
                 .arg("MINID")
                 .arg(cutoff(retention))
                 .ignore();
@@ -2168,7 +2324,7 @@ impl Store for RedisStore {
         let limit = limit.max(1);
         let entries: Vec<StreamId> = if block.is_zero() {
             let reply: StreamRangeReply = redis::cmd("XRANGE")
-                .arg(RESULTS)
+                .arg(self.keys.results())
                 .arg(exclusive(after))
                 .arg("+")
                 .arg("COUNT")
@@ -2185,7 +2341,7 @@ impl Store for RedisStore {
                 .arg("BLOCK")
                 .arg(block.as_millis().max(1) as u64)
                 .arg("STREAMS")
-                .arg(RESULTS)
+                .arg(self.keys.results())
                 .arg(after.unwrap_or("0-0"))
                 .query_async(&mut *conn)
                 .await
@@ -2209,7 +2365,7 @@ impl Store for RedisStore {
         limit: usize,
     ) -> Result<Vec<Entry<AuditEvent>>, StoreError> {
         let reply: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(AUDIT)
+            .arg(self.keys.audit())
             .arg(exclusive(after))
             .arg("+")
             .arg("COUNT")
@@ -2249,11 +2405,8 @@ impl Store for RedisStore {
 
 /// The piece key-value store on Redis.
 struct RedisKv {
-    conn: ConnectionManager,
-}
-
-fn kv_key(key: &str) -> String {
-    format!("pw:kv:{key}")
+    keys: Keys,
+    conn: Connection,
 }
 
 fn kv_error(err: redis::RedisError) -> PieceError {
@@ -2263,7 +2416,12 @@ fn kv_error(err: redis::RedisError) -> PieceError {
 #[async_trait]
 impl KvStore for RedisKv {
     async fn get(&self, key: &str) -> Result<Option<Value>, PieceError> {
-        let text: Option<String> = self.conn.clone().get(kv_key(key)).await.map_err(kv_error)?;
+        let text: Option<String> = self
+            .conn
+            .clone()
+            .get(self.keys.kv(key))
+            .await
+            .map_err(kv_error)?;
         text.map(|t| {
             serde_json::from_str(&t)
                 .map_err(|e| PieceError::fatal(format!("stored value of {key:?} is not JSON: {e}")))
@@ -2275,14 +2433,19 @@ impl KvStore for RedisKv {
         let () = self
             .conn
             .clone()
-            .set(kv_key(key), value.to_string())
+            .set(self.keys.kv(key), value.to_string())
             .await
             .map_err(kv_error)?;
         Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<bool, PieceError> {
-        let removed: i64 = self.conn.clone().del(kv_key(key)).await.map_err(kv_error)?;
+        let removed: i64 = self
+            .conn
+            .clone()
+            .del(self.keys.kv(key))
+            .await
+            .map_err(kv_error)?;
         Ok(removed > 0)
     }
 }

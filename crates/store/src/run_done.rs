@@ -13,6 +13,8 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use tokio::sync::{OnceCell, oneshot};
 
+use crate::connection::PubSubNodes;
+
 /// Channel prefix of run-finished notifications: `pw:run-done:{run id}`.
 pub(crate) const PREFIX: &str = "pw:run-done:";
 /// How often a waiter re-reads the run in case a notification was lost.
@@ -24,7 +26,7 @@ const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
 type Waiters = Arc<Mutex<HashMap<String, Vec<oneshot::Sender<String>>>>>;
 
 pub(crate) struct RunDone {
-    client: redis::Client,
+    nodes: PubSubNodes,
     waiters: Waiters,
     subscribed: OnceCell<()>,
 }
@@ -50,9 +52,9 @@ impl Drop for Waiter {
 }
 
 impl RunDone {
-    pub(crate) fn new(client: redis::Client) -> Self {
+    pub(crate) fn new(nodes: PubSubNodes) -> Self {
         Self {
-            client,
+            nodes,
             waiters: Waiters::default(),
             subscribed: OnceCell::new(),
         }
@@ -62,8 +64,8 @@ impl RunDone {
     pub(crate) async fn register(&self, run_id: &str) -> redis::RedisResult<Waiter> {
         self.subscribed
             .get_or_try_init(|| async {
-                let stream = subscribe(&self.client).await?;
-                tokio::spawn(listen(self.client.clone(), stream, self.waiters.clone()));
+                let stream = subscribe(&self.nodes).await?;
+                tokio::spawn(listen(self.nodes.clone(), stream, self.waiters.clone()));
                 redis::RedisResult::Ok(())
             })
             .await?;
@@ -82,14 +84,14 @@ impl RunDone {
     }
 }
 
-async fn subscribe(client: &redis::Client) -> redis::RedisResult<redis::aio::PubSubStream> {
-    let mut pubsub = client.get_async_pubsub().await?;
+async fn subscribe(nodes: &PubSubNodes) -> redis::RedisResult<redis::aio::PubSubStream> {
+    let mut pubsub = nodes.connect().await?;
     pubsub.psubscribe(format!("{PREFIX}*")).await?;
     Ok(pubsub.into_on_message())
 }
 
 /// Wakes the waiters of every run-finished message; reopens the subscription when it drops.
-async fn listen(client: redis::Client, mut stream: redis::aio::PubSubStream, waiters: Waiters) {
+async fn listen(nodes: PubSubNodes, mut stream: redis::aio::PubSubStream, waiters: Waiters) {
     loop {
         while let Some(message) = stream.next().await {
             let Some(run_id) = message.get_channel_name().strip_prefix(PREFIX) else {
@@ -106,7 +108,7 @@ async fn listen(client: redis::Client, mut stream: redis::aio::PubSubStream, wai
         tracing::debug!("run-finished subscription dropped; reopening");
         loop {
             tokio::time::sleep(RESUBSCRIBE_AFTER).await;
-            match subscribe(&client).await {
+            match subscribe(&nodes).await {
                 Ok(reopened) => {
                     stream = reopened;
                     break;

@@ -16,7 +16,7 @@ use piecework_store::redis::{RedisConfig, RedisStore};
 use piecework_store::{
     DEBOUNCE_STEP, Held, HeldMeta, OutboxJob, Pause, RunQuery, RunUpdate, StepUpdate, Store, Timer,
 };
-use piecework_testkit::RedisServer;
+use piecework_testkit::{RedisCluster, RedisServer};
 use serde_json::json;
 
 fn flow(name: &str, description: &str, enabled: bool) -> ValidFlow {
@@ -1681,6 +1681,22 @@ macro_rules! suite {
                 async fn $name() {
                     let server = super::RedisServer::start().await.unwrap();
                     let config = super::RedisConfig { url: server.url(), ..super::RedisConfig::default() };
+                    let store = super::RedisStore::connect(config).await.unwrap();
+                    super::$name(std::sync::Arc::new(store)).await;
+                }
+            )*
+        }
+        /// A Redis Cluster of three primaries: every key carries the hash tag `{pw}`.
+        mod redis_cluster {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let cluster = super::RedisCluster::start(3, 0).await.unwrap();
+                    let config = super::RedisConfig {
+                        url: cluster.url(),
+                        cluster: true,
+                        ..super::RedisConfig::default()
+                    };
                     let store = super::RedisStore::connect(config).await.unwrap();
                     super::$name(std::sync::Arc::new(store)).await;
                 }

@@ -7,7 +7,8 @@
 //! Debian package to install.
 //!
 //! [`Server::start_with`] starts one that requires TLS (certificates from [`tls`]) and a
-//! password, as production installations do.
+//! password, as production installations do. [`NatsCluster`] and [`RedisCluster`] start
+//! several nodes in one cluster, for tests that kill one.
 //!
 //! [`binaries`] builds the workspace's piece programs that tests run as real processes.
 
@@ -571,6 +572,169 @@ impl NatsCluster {
         self.nodes[i].spawn()?;
         self.wait_healthy(i).await
     }
+}
+
+/// `redis-server`s in one Redis Cluster on loopback: `primaries` primaries sharing the 16384
+/// slots, each with `replicas_each` replicas, formed with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    nodes: Vec<Process>,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, forms the cluster and waits until every node says it is `ok`.
+    pub async fn start(primaries: usize, replicas_each: usize) -> Result<Self, TestkitError> {
+        let path = find(Redis::BINARY, Redis::PACKAGE)?;
+        let cli = find("redis-cli", "redis-tools")?;
+        let mut nodes = Vec::new();
+        for _ in 0..primaries * (1 + replicas_each) {
+            let dir = tempfile::Builder::new()
+                .prefix("pw-redis-cluster-")
+                .tempdir()?;
+            let port = free_port();
+            let mut args = Redis::args(port, dir.path());
+            args.extend(
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    // Replicas sync at once, so a primary killed early has one to fail over to.
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ]
+                .map(str::to_owned),
+            );
+            let mut process = Process {
+                binary: Redis::BINARY,
+                path: path.clone(),
+                args,
+                port,
+                dir,
+                child: None,
+            };
+            process.spawn()?;
+            process.wait_ready(redis_pong).await?;
+            nodes.push(process);
+        }
+        let mut create = Command::new(&cli);
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let output = create
+            .args([
+                "--cluster-replicas",
+                &replicas_each.to_string(),
+                "--cluster-yes",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|source| TestkitError::Spawn {
+                binary: "redis-cli",
+                source,
+            })?;
+        let cluster = Self { nodes };
+        if !output.status.success() {
+            return Err(TestkitError::NotReady {
+                binary: "redis-cli",
+                port: cluster.nodes[0].port,
+                timeout: READY_TIMEOUT,
+                log: String::from_utf8_lossy(&output.stdout).into_owned()
+                    + &String::from_utf8_lossy(&output.stderr),
+            });
+        }
+        // Ready when every node sees the cluster whole and every replica has its primary's
+        // data (a replica that never synced cannot take over).
+        for node in &cluster.nodes {
+            let cli = cli.clone();
+            node.wait_ready(async |port| {
+                let ok = cluster_info(&cli, port)
+                    .await
+                    .is_some_and(|info| info.contains("cluster_state:ok"));
+                let port = port.to_string();
+                let synced = redis_cli(&cli, &["-p", &port, "info", "replication"])
+                    .await
+                    .is_some_and(|info| {
+                        info.contains("role:master") || info.contains("master_link_status:up")
+                    });
+                ok && synced
+            })
+            .await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Every node's URL, comma-separated, as `PW_REDIS_URL` takes them with
+    /// `PW_REDIS_CLUSTER=true`.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// The port of the primary that serves `key`'s slot now, as a live node sees it.
+    pub async fn primary_of(&self, key: &str) -> Option<u16> {
+        let cli = find("redis-cli", "redis-tools").ok()?;
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let port = node.port.to_string();
+            let slot = redis_cli(&cli, &["-p", &port, "cluster", "keyslot", key]).await;
+            let nodes = redis_cli(&cli, &["-p", &port, "cluster", "nodes"]).await;
+            let (Some(slot), Some(nodes)) = (slot, nodes) else {
+                continue;
+            };
+            let slot: u16 = slot.trim().parse().ok()?;
+            // `<id> <ip:port@bus> <flags> <primary> <sent> <received> <epoch> <link> <slots>…`
+            return nodes.lines().find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let flags = fields.get(2)?;
+                if !flags.contains("master") || flags.contains("fail") {
+                    return None;
+                }
+                let serves = fields.iter().skip(8).any(|range| {
+                    let (from, to) = range.split_once('-').unwrap_or((range, range));
+                    matches!((from.parse::<u16>(), to.parse::<u16>()), (Ok(from), Ok(to)) if (from..=to).contains(&slot))
+                });
+                let address = fields.get(1)?.split('@').next()?;
+                serves.then(|| address.rsplit(':').next()?.parse().ok()).flatten()
+            });
+        }
+        None
+    }
+
+    /// SIGKILL of the node on `port`.
+    pub async fn kill(&mut self, port: u16) {
+        if let Some(node) = self.nodes.iter_mut().find(|n| n.port == port) {
+            node.kill().await;
+        }
+    }
+}
+
+/// `CLUSTER INFO` of the node on `port`, through `redis-cli`.
+async fn cluster_info(cli: &Path, port: u16) -> Option<String> {
+    redis_cli(cli, &["-p", &port.to_string(), "cluster", "info"]).await
+}
+
+/// What `redis-cli ARGS` prints, if it succeeds.
+async fn redis_cli(cli: &Path, args: &[&str]) -> Option<String> {
+    let output = Command::new(cli)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Whether the NATS monitoring endpoint on `port` says the server (and its JetStream) is
