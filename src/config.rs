@@ -119,6 +119,9 @@ impl Config {
                 format!("PW_REDIS_CLUSTER={cluster:?} is not `true` or `false`")
             })?;
         }
+        if let Some(master) = env_value("PW_REDIS_SENTINEL_MASTER") {
+            config.redis.sentinel_master = Some(master);
+        }
         if let Some(retention) = env_value("PW_RUN_RETENTION") {
             config.redis.run_retention = humantime::parse_duration(&retention)
                 .with_context(|| format!("PW_RUN_RETENTION={retention:?} is not a duration"))?;

@@ -1534,16 +1534,72 @@ async fn nats_killed_under_webhook_load_loses_no_call_and_repeats_no_effect() {
     assert_eq!(bad.status(), 400);
 }
 
-/// On a Redis Cluster (three primaries, a replica each; `PW_REDIS_CLUSTER`) the fleet runs a
-/// flow with steps, a durable delay and a branch; when the primary holding piecework's slot
-/// is killed, its replica takes over, and every call — retried with its `Idempotency-Key`
-/// while the cluster fails over — ends in exactly one successful run.
+/// A Redis that can lose its primary: a cluster (three primaries, a replica each) or a
+/// primary with a replica under Sentinels.
+enum FailingOver {
+    Cluster(piecework_testkit::RedisCluster),
+    Sentinel(piecework_testkit::RedisSentinel),
+}
+
+impl FailingOver {
+    /// What the fleet's processes are told to connect to.
+    fn env(&self) -> Vec<(String, String)> {
+        match self {
+            Self::Cluster(cluster) => vec![
+                ("PW_REDIS_URL".into(), cluster.url()),
+                ("PW_REDIS_CLUSTER".into(), "true".into()),
+            ],
+            Self::Sentinel(sentinels) => vec![
+                ("PW_REDIS_URL".into(), sentinels.url()),
+                (
+                    "PW_REDIS_SENTINEL_MASTER".into(),
+                    piecework_testkit::RedisSentinel::MASTER.into(),
+                ),
+            ],
+        }
+    }
+
+    /// The port of the primary holding piecework's data now.
+    async fn primary(&self) -> u16 {
+        match self {
+            Self::Cluster(cluster) => cluster.primary_of("{pw}").await,
+            Self::Sentinel(sentinels) => sentinels.primary().await,
+        }
+        .expect("a primary")
+    }
+
+    async fn kill(&mut self, port: u16) {
+        match self {
+            Self::Cluster(cluster) => cluster.kill(port).await,
+            Self::Sentinel(sentinels) => {
+                assert_eq!(sentinels.kill_primary().await, Some(port));
+            }
+        }
+    }
+}
+
+/// On a Redis Cluster (`PW_REDIS_CLUSTER`) the fleet runs a flow with steps, a durable delay
+/// and a branch; when the primary holding piecework's slot is killed, its replica takes
+/// over, and every call ends in exactly one successful run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_on_a_redis_cluster_runs_flows_and_survives_losing_its_primary() {
-    let mut cluster = piecework_testkit::RedisCluster::start(3, 1).await.unwrap();
+    let cluster = piecework_testkit::RedisCluster::start(3, 1).await.unwrap();
+    survives_losing_the_redis_primary(FailingOver::Cluster(cluster)).await;
+}
+
+/// The same behind Redis Sentinel (`PW_REDIS_SENTINEL_MASTER`): the Sentinels promote the
+/// replica and the fleet follows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_behind_redis_sentinels_runs_flows_and_survives_losing_its_primary() {
+    let sentinels = piecework_testkit::RedisSentinel::start().await.unwrap();
+    survives_losing_the_redis_primary(FailingOver::Sentinel(sentinels)).await;
+}
+
+/// Runs calls — each retried with its `Idempotency-Key` until accepted — before and after
+/// the primary is killed, and checks every one ends in one successful run.
+async fn survives_losing_the_redis_primary(mut redis: FailingOver) {
     let mut fleet = Fleet::start("").await;
-    fleet.env.push(("PW_REDIS_URL".into(), cluster.url()));
-    fleet.env.push(("PW_REDIS_CLUSTER".into(), "true".into()));
+    fleet.env.extend(redis.env());
     fleet.start_api().await;
     fleet.start_scheduler("s1").await;
     fleet.start_worker("w1", &[]).await;
@@ -1596,12 +1652,11 @@ async fn a_fleet_on_a_redis_cluster_runs_flows_and_survives_losing_its_primary()
     let before = join_all((0..10).map(accept)).await;
     check(&before, 0).await;
 
-    let primary = cluster.primary_of("{pw}").await.unwrap();
-    cluster.kill(primary).await;
+    let primary = redis.primary().await;
+    redis.kill(primary).await;
     let after = join_all((10..30).map(accept)).await;
     check(&after, 10).await;
-    let promoted = cluster.primary_of("{pw}").await.unwrap();
-    assert_ne!(promoted, primary, "a replica took over piecework's slot");
+    assert_ne!(redis.primary().await, primary, "a replica took over");
     // One run per call: the retries of a call were the same run.
     let stats = fleet.get("/v1/runs/stats?flow=clustered").await;
     assert_eq!(stats["total"], 30, "{stats}");

@@ -52,7 +52,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use crate::connection::{Connection, PubSubNodes};
+use crate::connection::{Connection, PubSubNodes, SentinelConnection};
 use crate::group_commit::GroupCommit;
 use crate::run_done::{self, RunDone};
 use crate::{
@@ -124,6 +124,12 @@ pub struct RedisConfig {
     /// and every key carries the hash tag `{pw}` (`{pw}:results`, `{pw}:run:…`), so each
     /// operation stays in one slot.
     pub cluster: bool,
+    /// The name of the primary a group of Redis Sentinels watches (`PW_REDIS_SENTINEL_MASTER`,
+    /// their `sentinel monitor NAME …`): `url` then lists the Sentinels
+    /// (`redis://s1:26379,redis://s2:26379`), and piecework connects to the primary they name,
+    /// asking again after a failover. A password in the URLs is used for the Sentinels and
+    /// the Redis servers both.
+    pub sentinel_master: Option<String>,
     /// With `rediss://`: a PEM file of the CA(s) to trust instead of the system's roots.
     pub tls_ca_file: Option<std::path::PathBuf>,
     /// With `rediss://`: a client certificate and its key (PEM), for servers that require one.
@@ -189,6 +195,7 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             cluster: false,
+            sentinel_master: None,
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -846,6 +853,47 @@ struct RunMeta {
     depth: u32,
 }
 
+/// A client of the Sentinels at `nodes` for the primary they call `master`, with the first
+/// URL's credentials (and the configured certificates) for the Sentinels and the servers.
+fn sentinel_client(
+    nodes: &[redis::ConnectionInfo],
+    master: &str,
+    certificates: Option<&redis::TlsCertificates>,
+) -> redis::RedisResult<redis::sentinel::SentinelClient> {
+    use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+    let first = &nodes[0];
+    let nodelay = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+    let mut builder = SentinelClientBuilder::new(
+        nodes.iter().map(|node| node.addr().clone()),
+        master,
+        SentinelServerType::Master,
+    )?
+    .set_client_to_redis_tcp_settings(nodelay.clone())
+    .set_client_to_sentinel_tcp_settings(nodelay);
+    let settings = first.redis_settings();
+    if let Some(username) = settings.username() {
+        builder = builder
+            .set_client_to_redis_username(username)
+            .set_client_to_sentinel_username(username);
+    }
+    if let Some(password) = settings.password() {
+        builder = builder
+            .set_client_to_redis_password(password)
+            .set_client_to_sentinel_password(password);
+    }
+    if matches!(first.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+        builder = builder
+            .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure);
+    }
+    if let Some(certificates) = certificates {
+        builder = builder
+            .set_client_to_redis_certificates(certificates.clone())
+            .set_client_to_sentinel_certificates(certificates.clone());
+    }
+    builder.build()
+}
+
 impl RedisStore {
     /// Connects (retrying for up to `connect_timeout`).
     pub async fn connect(config: RedisConfig) -> Result<Self, StoreError> {
@@ -868,9 +916,14 @@ impl RedisStore {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(invalid)?;
-        if nodes.len() > 1 && !config.cluster {
+        if config.cluster && config.sentinel_master.is_some() {
+            return Err(StoreError::Unavailable(
+                "`cluster` and `sentinel_master` exclude each other: a Redis Cluster fails over by itself".into(),
+            ));
+        }
+        if nodes.len() > 1 && !config.cluster && config.sentinel_master.is_none() {
             return Err(StoreError::Unavailable(format!(
-                "{} lists {} Redis servers: set `cluster = true` (PW_REDIS_CLUSTER) for a Redis Cluster",
+                "{} lists {} Redis servers: set `cluster = true` (PW_REDIS_CLUSTER) for a Redis Cluster, or `sentinel_master` (PW_REDIS_SENTINEL_MASTER) for Sentinels",
                 piecework_sdk::mask::redact_url(&config.url),
                 nodes.len()
             )));
@@ -887,12 +940,26 @@ impl RedisStore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(invalid)?;
         let client = clients[0].clone();
-        let pubsub = PubSubNodes::new(clients);
+        let sentinels = match &config.sentinel_master {
+            Some(master) => Some(Arc::new(tokio::sync::Mutex::new(
+                sentinel_client(&nodes, master, certificates.as_ref()).map_err(invalid)?,
+            ))),
+            None => None,
+        };
+        let pubsub = match &sentinels {
+            Some(sentinels) => PubSubNodes::Sentinel(sentinels.clone()),
+            None => PubSubNodes::new(clients),
+        };
         let connect = |response_timeout: Option<Duration>| {
             let (client, nodes, certificates) =
                 (client.clone(), nodes.clone(), certificates.clone());
+            let sentinels = sentinels.clone();
             async move {
-                if config.cluster {
+                if let Some(sentinels) = sentinels {
+                    SentinelConnection::connect(sentinels, response_timeout)
+                        .await
+                        .map(Connection::Sentinel)
+                } else if config.cluster {
                     let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
                         .connection_timeout(Duration::from_secs(5))
                         .retries(2);

@@ -1769,6 +1769,74 @@ async fn redis_data_survives_a_restart_and_the_store_reconnects() {
     );
 }
 
+/// Behind Redis Sentinel the store follows a failover: when the primary dies, the replica
+/// the Sentinels promote has the data, takes the writes, and carries the run-finished
+/// notifications.
+#[tokio::test]
+async fn redis_behind_sentinels_follows_a_failover() {
+    let mut sentinels = piecework_testkit::RedisSentinel::start().await.unwrap();
+    let store = RedisStore::connect(RedisConfig {
+        url: sentinels.url(),
+        sentinel_master: Some(piecework_testkit::RedisSentinel::MASTER.into()),
+        ..RedisConfig::default()
+    })
+    .await
+    .unwrap();
+    store.apply_flow(flow("f", "a", true)).await.unwrap();
+    store
+        .create_run(&Run::new("before".into(), "f", 1, json!({})))
+        .await
+        .unwrap();
+    let primary = sentinels.primary().await.unwrap();
+    // Replication is asynchronous: let the replica confirm it has the writes.
+    let mut direct = ::redis::Client::open(format!("redis://127.0.0.1:{primary}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let replicas: i64 = ::redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    assert_eq!(replicas, 1);
+    assert_eq!(sentinels.kill_primary().await, Some(primary));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match store.get_run("before").await {
+            Ok(run) => {
+                assert!(run.is_some(), "the replica had the run");
+                break;
+            }
+            Err(err) => {
+                assert!(tokio::time::Instant::now() < deadline, "no failover: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert_ne!(sentinels.primary().await, Some(primary));
+    let watch = store.watch_run("after").await.unwrap();
+    store
+        .create_run(&Run::new("after".into(), "f", 1, json!({})))
+        .await
+        .unwrap();
+    store
+        .update_run(
+            "after",
+            RunUpdate {
+                status: RunStatus::Succeeded,
+                error: None,
+                finished_at: Some(Utc::now()),
+            },
+        )
+        .await
+        .unwrap();
+    let ended = watch.ended(Duration::from_secs(10)).await.unwrap().unwrap();
+    assert_eq!(ended.status, RunStatus::Succeeded);
+}
+
 /// Sync webhooks share one run-finished subscription per process, and it survives a restart.
 #[tokio::test]
 async fn run_finished_waiters_share_one_subscription_that_survives_a_restart() {

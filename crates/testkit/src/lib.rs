@@ -8,7 +8,8 @@
 //!
 //! [`Server::start_with`] starts one that requires TLS (certificates from [`tls`]) and a
 //! password, as production installations do. [`NatsCluster`] and [`RedisCluster`] start
-//! several nodes in one cluster, for tests that kill one.
+//! several nodes in one cluster, [`RedisSentinel`] a primary and a replica watched by
+//! Sentinels, for tests that kill one.
 //!
 //! [`binaries`] builds the workspace's piece programs that tests run as real processes.
 
@@ -715,6 +716,148 @@ impl RedisCluster {
         if let Some(node) = self.nodes.iter_mut().find(|n| n.port == port) {
             node.kill().await;
         }
+    }
+}
+
+/// A Redis primary with one replica, watched by three Sentinels (quorum 2) as `pw`, on
+/// loopback: a killed primary is failed over to the replica within a few seconds.
+pub struct RedisSentinel {
+    servers: Vec<Process>,
+    sentinels: Vec<Process>,
+}
+
+impl RedisSentinel {
+    /// The name the Sentinels know the primary by.
+    pub const MASTER: &'static str = "pw";
+
+    /// Starts the primary, its replica and the Sentinels, and waits until the replica has
+    /// synced and every Sentinel sees the replica and the other Sentinels.
+    pub async fn start() -> Result<Self, TestkitError> {
+        let path = find(Redis::BINARY, Redis::PACKAGE)?;
+        let cli = find("redis-cli", "redis-tools")?;
+        let mut servers = Vec::new();
+        let mut primary_port = 0;
+        for i in 0..2 {
+            let dir = tempfile::Builder::new()
+                .prefix("pw-redis-sentinel-")
+                .tempdir()?;
+            let port = free_port();
+            let mut args = Redis::args(port, dir.path());
+            args.extend(["--repl-diskless-sync-delay".to_owned(), "0".to_owned()]);
+            if i == 0 {
+                primary_port = port;
+            } else {
+                args.extend([
+                    "--replicaof".to_owned(),
+                    "127.0.0.1".to_owned(),
+                    primary_port.to_string(),
+                ]);
+            }
+            let mut process = Process {
+                binary: Redis::BINARY,
+                path: path.clone(),
+                args,
+                port,
+                dir,
+                child: None,
+            };
+            process.spawn()?;
+            process.wait_ready(redis_pong).await?;
+            servers.push(process);
+        }
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            let dir = tempfile::Builder::new()
+                .prefix("pw-redis-sentinel-")
+                .tempdir()?;
+            let port = free_port();
+            // A Sentinel rewrites its configuration file: it lives in the node's directory.
+            let conf = dir.path().join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\nsentinel monitor {master} 127.0.0.1 {primary_port} 2\nsentinel down-after-milliseconds {master} 1000\nsentinel failover-timeout {master} 5000\nsentinel parallel-syncs {master} 1\n",
+                    dir = dir.path().display(),
+                    master = Self::MASTER,
+                ),
+            )?;
+            let mut process = Process {
+                binary: Redis::BINARY,
+                path: path.clone(),
+                args: vec![conf.display().to_string(), "--sentinel".to_owned()],
+                port,
+                dir,
+                child: None,
+            };
+            process.spawn()?;
+            process.wait_ready(redis_pong).await?;
+            sentinels.push(process);
+        }
+        let setup = Self { servers, sentinels };
+        let replica = setup.servers[1].port.to_string();
+        setup.servers[1]
+            .wait_ready(async |_| {
+                redis_cli(&cli, &["-p", &replica, "info", "replication"])
+                    .await
+                    .is_some_and(|info| info.contains("master_link_status:up"))
+            })
+            .await?;
+        for sentinel in &setup.sentinels {
+            let port = sentinel.port.to_string();
+            sentinel
+                .wait_ready(async |_| {
+                    let master =
+                        redis_cli(&cli, &["-p", &port, "sentinel", "master", Self::MASTER])
+                            .await
+                            .unwrap_or_default();
+                    // `redis-cli` prints the reply's fields one per line: name, then value.
+                    let field = |name: &str| {
+                        let mut lines = master.lines();
+                        lines.find(|l| *l == name)?;
+                        lines.next().and_then(|v| v.parse::<u32>().ok())
+                    };
+                    field("num-slaves") == Some(1) && field("num-other-sentinels") == Some(2)
+                })
+                .await?;
+        }
+        Ok(setup)
+    }
+
+    /// The Sentinels' URLs, comma-separated, as `PW_REDIS_URL` takes them with
+    /// `PW_REDIS_SENTINEL_MASTER`.
+    pub fn url(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The port of the primary as the Sentinels name it now.
+    pub async fn primary(&self) -> Option<u16> {
+        let cli = find("redis-cli", "redis-tools").ok()?;
+        for sentinel in self.sentinels.iter().filter(|s| s.is_running()) {
+            let port = sentinel.port.to_string();
+            let args = [
+                "-p",
+                &port,
+                "sentinel",
+                "get-master-addr-by-name",
+                Self::MASTER,
+            ];
+            if let Some(answer) = redis_cli(&cli, &args).await {
+                return answer.lines().nth(1)?.trim().parse().ok();
+            }
+        }
+        None
+    }
+
+    /// SIGKILL of the primary the Sentinels name now; returns its port.
+    pub async fn kill_primary(&mut self) -> Option<u16> {
+        let port = self.primary().await?;
+        let server = self.servers.iter_mut().find(|s| s.port == port)?;
+        server.kill().await;
+        Some(port)
     }
 }
 
