@@ -584,40 +584,29 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts the nodes, forms the cluster and waits until every node says it is `ok`.
     pub async fn start(primaries: usize, replicas_each: usize) -> Result<Self, TestkitError> {
-        let path = find(Redis::BINARY, Redis::PACKAGE)?;
         let cli = find("redis-cli", "redis-tools")?;
         let mut nodes = Vec::new();
         for _ in 0..primaries * (1 + replicas_each) {
-            let dir = tempfile::Builder::new()
-                .prefix("pw-redis-cluster-")
-                .tempdir()?;
-            let port = free_port();
-            let mut args = Redis::args(port, dir.path());
-            args.extend(
-                [
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "2000",
-                    // Replicas sync at once, so a primary killed early has one to fail over to.
-                    "--repl-diskless-sync-delay",
-                    "0",
-                ]
-                .map(str::to_owned),
-            );
-            let mut process = Process {
-                binary: Redis::BINARY,
-                path: path.clone(),
-                args,
-                port,
-                dir,
-                child: None,
-            };
-            process.spawn()?;
-            process.wait_ready(redis_pong).await?;
-            nodes.push(process);
+            let node = redis_node(|port, dir| {
+                let mut args = Redis::args(port, dir);
+                args.extend(
+                    [
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "2000",
+                        // Replicas sync at once, so a primary killed early has one to take
+                        // over from it.
+                        "--repl-diskless-sync-delay",
+                        "0",
+                    ]
+                    .map(str::to_owned),
+                );
+                Ok(args)
+            });
+            nodes.push(node.await?);
         }
         let mut create = Command::new(&cli);
         create.arg("--cluster").arg("create");
@@ -671,11 +660,7 @@ impl RedisCluster {
     /// Every node's URL, comma-separated, as `PW_REDIS_URL` takes them with
     /// `PW_REDIS_CLUSTER=true`.
     pub fn url(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
-            .collect::<Vec<_>>()
-            .join(",")
+        redis_urls(&self.nodes)
     }
 
     pub fn ports(&self) -> Vec<u16> {
@@ -733,65 +718,43 @@ impl RedisSentinel {
     /// Starts the primary, its replica and the Sentinels, and waits until the replica has
     /// synced and every Sentinel sees the replica and the other Sentinels.
     pub async fn start() -> Result<Self, TestkitError> {
-        let path = find(Redis::BINARY, Redis::PACKAGE)?;
         let cli = find("redis-cli", "redis-tools")?;
-        let mut servers = Vec::new();
-        let mut primary_port = 0;
-        for i in 0..2 {
-            let dir = tempfile::Builder::new()
-                .prefix("pw-redis-sentinel-")
-                .tempdir()?;
-            let port = free_port();
-            let mut args = Redis::args(port, dir.path());
-            args.extend(["--repl-diskless-sync-delay".to_owned(), "0".to_owned()]);
-            if i == 0 {
-                primary_port = port;
-            } else {
-                args.extend([
-                    "--replicaof".to_owned(),
-                    "127.0.0.1".to_owned(),
-                    primary_port.to_string(),
-                ]);
-            }
-            let mut process = Process {
-                binary: Redis::BINARY,
-                path: path.clone(),
-                args,
-                port,
-                dir,
-                child: None,
-            };
-            process.spawn()?;
-            process.wait_ready(redis_pong).await?;
-            servers.push(process);
-        }
+        let fast_sync = || ["--repl-diskless-sync-delay".to_owned(), "0".to_owned()];
+        let primary = redis_node(|port, dir| {
+            let mut args = Redis::args(port, dir);
+            args.extend(fast_sync());
+            Ok(args)
+        })
+        .await?;
+        let primary_port = primary.port;
+        let replica = redis_node(|port, dir| {
+            let mut args = Redis::args(port, dir);
+            args.extend(fast_sync());
+            args.extend([
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                primary_port.to_string(),
+            ]);
+            Ok(args)
+        })
+        .await?;
+        let servers = vec![primary, replica];
         let mut sentinels = Vec::new();
         for _ in 0..3 {
-            let dir = tempfile::Builder::new()
-                .prefix("pw-redis-sentinel-")
-                .tempdir()?;
-            let port = free_port();
-            // A Sentinel rewrites its configuration file: it lives in the node's directory.
-            let conf = dir.path().join("sentinel.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "port {port}\nbind 127.0.0.1\ndir {dir}\nsentinel monitor {master} 127.0.0.1 {primary_port} 2\nsentinel down-after-milliseconds {master} 1000\nsentinel failover-timeout {master} 5000\nsentinel parallel-syncs {master} 1\n",
-                    dir = dir.path().display(),
-                    master = Self::MASTER,
-                ),
-            )?;
-            let mut process = Process {
-                binary: Redis::BINARY,
-                path: path.clone(),
-                args: vec![conf.display().to_string(), "--sentinel".to_owned()],
-                port,
-                dir,
-                child: None,
-            };
-            process.spawn()?;
-            process.wait_ready(redis_pong).await?;
-            sentinels.push(process);
+            let sentinel = redis_node(|port, dir| {
+                // A Sentinel rewrites its configuration file: it lives in the node's directory.
+                let conf = dir.join("sentinel.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {dir}\nsentinel monitor {master} 127.0.0.1 {primary_port} 2\nsentinel down-after-milliseconds {master} 1000\nsentinel failover-timeout {master} 5000\nsentinel parallel-syncs {master} 1\n",
+                        dir = dir.display(),
+                        master = Self::MASTER,
+                    ),
+                )?;
+                Ok(vec![conf.display().to_string(), "--sentinel".to_owned()])
+            });
+            sentinels.push(sentinel.await?);
         }
         let setup = Self { servers, sentinels };
         let replica = setup.servers[1].port.to_string();
@@ -826,11 +789,7 @@ impl RedisSentinel {
     /// The Sentinels' URLs, comma-separated, as `PW_REDIS_URL` takes them with
     /// `PW_REDIS_SENTINEL_MASTER`.
     pub fn url(&self) -> String {
-        self.sentinels
-            .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
-            .collect::<Vec<_>>()
-            .join(",")
+        redis_urls(&self.sentinels)
     }
 
     /// The port of the primary as the Sentinels name it now.
@@ -859,6 +818,37 @@ impl RedisSentinel {
         server.kill().await;
         Some(port)
     }
+}
+
+/// Starts a `redis-server` with `args(port, dir)` on a free port in a directory of its own,
+/// and waits until it answers.
+async fn redis_node(
+    args: impl FnOnce(u16, &Path) -> Result<Vec<String>, TestkitError>,
+) -> Result<Process, TestkitError> {
+    let dir = tempfile::Builder::new()
+        .prefix("pw-redis-node-")
+        .tempdir()?;
+    let port = free_port();
+    let mut process = Process {
+        binary: Redis::BINARY,
+        path: find(Redis::BINARY, Redis::PACKAGE)?,
+        args: args(port, dir.path())?,
+        port,
+        dir,
+        child: None,
+    };
+    process.spawn()?;
+    process.wait_ready(redis_pong).await?;
+    Ok(process)
+}
+
+/// The URLs of `nodes`, comma-separated.
+fn redis_urls(nodes: &[Process]) -> String {
+    nodes
+        .iter()
+        .map(|n| format!("redis://127.0.0.1:{}", n.port))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `CLUSTER INFO` of the node on `port`, through `redis-cli`.
