@@ -121,6 +121,9 @@ pub const OPTIONS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// how often the relay looks.
 pub const OUTBOX_GRACE: Duration = Duration::from_secs(2);
 
+/// How often a relay looks at the outbox when its process left nothing there.
+pub const OUTBOX_SWEEP: Duration = Duration::from_secs(30);
+
 /// Outbox jobs the relay reads at once.
 const OUTBOX_BATCH: usize = 256;
 
@@ -287,6 +290,9 @@ pub struct Runtime {
     /// the run checks the record in the store, and a refusal sends the call back for a fresh
     /// read ([`webhooks`]).
     admissions: Mutex<HashMap<String, piecework_store::FlowRecord>>,
+    /// Set when this process left jobs in the outbox (a publish failed): its relay looks again
+    /// soon instead of at its next sweep.
+    outbox_pending: std::sync::atomic::AtomicBool,
     /// Runs this process's bundles; `None` where none run (some CLI tools).
     host: Option<Arc<piecework_host::PieceHost>>,
     /// The time as this process sees it: wall time advancing with the runtime's monotonic
@@ -314,6 +320,7 @@ impl Runtime {
             keyring: None,
             versions: Mutex::new(HashMap::new()),
             admissions: Mutex::new(HashMap::new()),
+            outbox_pending: std::sync::atomic::AtomicBool::new(false),
             host: None,
         })
     }
@@ -787,6 +794,8 @@ impl Runtime {
                     queue: queue_of(flow, &job.step).to_owned(),
                 })
                 .inc();
+            self.outbox_pending
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             return;
         }
         if let Err(err) = self.store.outbox_sent(jobs).await {
@@ -804,7 +813,7 @@ impl Runtime {
         if !self.bus.connected() {
             return Ok(0);
         }
-        let before = Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default();
+        let before = self.now() - chrono::Duration::from_std(grace).unwrap_or_default();
         let mut relayed = 0;
         loop {
             let jobs = self.store.outbox(before, OUTBOX_BATCH).await?;
@@ -840,16 +849,44 @@ impl Runtime {
         }
     }
 
-    /// Relays the outbox ([`Runtime::relay_outbox`]) every [`OUTBOX_GRACE`] until `shutdown`
-    /// is cancelled.
+    /// Relays the outbox ([`Runtime::relay_outbox`]) until `shutdown` is cancelled: every
+    /// [`OUTBOX_GRACE`] while this process knows of jobs left there (its publish failed, or
+    /// the last look found some), else every [`OUTBOX_SWEEP`] — for publishers that died
+    /// between recording a job and publishing it — so an idle fleet leaves Redis alone.
     pub async fn relay_outbox_until(&self, shutdown: tokio_util::sync::CancellationToken) {
+        use std::sync::atomic::Ordering;
+        let mut swept = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 () = tokio::time::sleep(OUTBOX_GRACE) => {}
                 () = shutdown.cancelled() => return,
             }
-            if let Err(err) = self.relay_outbox(OUTBOX_GRACE).await {
-                tracing::warn!(error = %err, "cannot relay the outbox; trying again");
+            let pending = self.outbox_pending.swap(false, Ordering::Relaxed);
+            if !pending && swept.elapsed() < OUTBOX_SWEEP {
+                continue;
+            }
+            swept = tokio::time::Instant::now();
+            let still = match self.relay_outbox(OUTBOX_GRACE).await {
+                // Looked while the bus is away: nothing could go; look again soon.
+                Ok(_) if !self.bus.connected() => pending,
+                // Relayed some (there may be more), or this process left jobs that are not
+                // due yet: look again soon.
+                Ok(relayed) => {
+                    relayed > 0
+                        || (pending
+                            && self
+                                .store
+                                .outbox(Utc::now() + chrono::Duration::hours(1), 1)
+                                .await
+                                .map_or(true, |left| !left.is_empty()))
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot relay the outbox; trying again");
+                    true
+                }
+            };
+            if still {
+                self.outbox_pending.store(true, Ordering::Relaxed);
             }
         }
     }

@@ -16,8 +16,9 @@
 //! when the store's flows revision moved (every apply, enable and disable moves it), checked
 //! every `refresh_interval` with one cheap read, and in full every `full_refresh`.
 //!
-//! Beside the ticks it fires the timers of waiting runs and relays the store's outbox: step
-//! jobs recorded with a run's start or retry that their publisher could not hand to the bus.
+//! Beside the ticks it fires the timers of waiting runs and, as every process does, relays the
+//! store's outbox: step jobs recorded with a run's start or retry that their publisher could
+//! not hand to the bus.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;

@@ -84,6 +84,11 @@ pub async fn run_with_health(
         pullers.spawn(puller.run(stop_pulling.clone()));
     }
     drop(jobs_tx);
+    // Runs this worker starts (polled items, sub-flows) whose first job it could not publish.
+    let relay = {
+        let (runtime, shutdown) = (runtime.clone(), shutdown.clone());
+        tokio::spawn(async move { runtime.relay_outbox_until(shutdown).await })
+    };
     let handler = Arc::new(Handler::new(config.clone(), runtime, shutdown.clone()));
     let mut tasks = JoinSet::new();
     tracing::info!(worker = %config.id, queues = ?config.queues, concurrency = config.concurrency, "worker started");
@@ -113,6 +118,7 @@ pub async fn run_with_health(
         }
     }
     drain(&mut tasks, config.shutdown_grace).await;
+    relay.abort();
     tracing::info!(worker = %config.id, "worker stopped");
     Ok(())
 }

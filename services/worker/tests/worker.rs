@@ -1156,6 +1156,36 @@ async fn a_condition_that_is_not_a_boolean_fails_the_run_naming_the_branch() {
 }
 
 /// Fires the timers due now, as a scheduler would.
+/// A run recorded with its first job in the outbox by a publisher that died before
+/// publishing it: nothing runs until a relay's sweep (here the worker's) publishes the job,
+/// and then the run completes and the outbox is empty.
+#[tokio::test(start_paused = true)]
+async fn a_run_whose_publisher_died_before_publishing_is_relayed_from_the_outbox() {
+    let probe = Arc::new(Probe::default());
+    let steps = "  - { name: a, piece: test, action: flaky, input: { failures: 0 } }\n";
+    let h = Harness::start(&probe, &flow(steps)).await;
+    let mut run = Run::new("orphan".into(), "f", 1, json!({}));
+    run.created_at = h.runtime.now();
+    let job = piecework_store::OutboxJob {
+        run_id: "orphan".into(),
+        flow_id: "f".into(),
+        flow_version: 1,
+        step: "a".into(),
+        epoch: 0,
+    };
+    assert!(h.store.create_run_queued(&run, &[job]).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let waiting = h.store.get_run("orphan").await.unwrap().unwrap();
+    assert_eq!(waiting.status, RunStatus::Running);
+    assert!(waiting.steps.is_empty(), "nothing published the job yet");
+
+    tokio::time::sleep(piecework_runtime::OUTBOX_SWEEP).await;
+    let run = until_status(&h, "orphan", RunStatus::Succeeded).await;
+    assert_eq!(run.steps[0].attempts.len(), 1);
+    let later = h.runtime.now() + chrono::Duration::hours(1);
+    assert!(h.store.outbox(later, 10).await.unwrap().is_empty());
+}
+
 async fn fire_timers(h: &Harness) -> usize {
     h.runtime
         .fire_due_timers(h.runtime.now(), 100, Duration::from_secs(60))
