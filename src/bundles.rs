@@ -232,6 +232,9 @@ pub struct BuildOptions<'a> {
 /// Builds the piece in `dir` into a bundle. It appears by rename, with its signature already
 /// beside it, so a watched pieces directory never sees it half-written.
 pub async fn build(dir: &Path, options: &BuildOptions<'_>) -> anyhow::Result<Built> {
+    if crate::node::is_node_piece(dir) {
+        return build_node(dir, options).await;
+    }
     let (profile, quiet, sign, out) = (options.profile, options.quiet, options.sign, options.out);
     let dir = dir.to_owned();
     let (package, program) = tokio::task::spawn_blocking(move || {
@@ -270,17 +273,77 @@ pub async fn build(dir: &Path, options: &BuildOptions<'_>) -> anyhow::Result<Bui
         );
     }
     let out = out.map_or_else(|| package.target_dir.join("pieces"), Path::to_owned);
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    write_bundle(&out, &bytes, &manifest, sign)
+}
+
+/// Writes a built bundle (and its signature, with `sign`) into `out`.
+fn write_bundle(
+    out: &Path,
+    bytes: &[u8],
+    manifest: &piecework_bundle::Manifest,
+    sign: Option<&SigningKey>,
+) -> anyhow::Result<Built> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let path = out.join(manifest.file_name());
-    let bundle = Bundle::read(&bytes)?;
+    let bundle = Bundle::read(bytes)?;
     if let Some(key) = sign {
         write_atomically(
             &signature_path(&path),
             &signature_json(&key.sign(&bundle.digest)),
         )?;
     }
-    write_atomically(&path, &bytes)?;
+    write_atomically(&path, bytes)?;
     Ok(Built { path, bundle })
+}
+
+/// `"piecework"` in a TypeScript piece's package.json: what `[package.metadata.piecework]`
+/// says for a Rust one.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeBuildMetadata {
+    #[serde(default)]
+    env: Vec<String>,
+    #[serde(default)]
+    limits: Limits,
+}
+
+/// [`build`] of a TypeScript piece: bundled with the Node host by esbuild (`crate::node`),
+/// packed as a `node` bundle in `dist/` (or `out`).
+async fn build_node(dir: &Path, options: &BuildOptions<'_>) -> anyhow::Result<Built> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot read {}", dir.display()))?;
+    let package: Value = serde_json::from_slice(&std::fs::read(dir.join("package.json"))?)
+        .with_context(|| format!("{}/package.json is not JSON", dir.display()))?;
+    let metadata: NodeBuildMetadata = match package.get("piecework") {
+        Some(section) => {
+            serde_json::from_value(section.clone()).context("\"piecework\" in package.json")?
+        }
+        None => NodeBuildMetadata::default(),
+    };
+    let staging = tempfile::tempdir()?;
+    let script = {
+        let (dir, staging) = (dir.clone(), staging.path().to_owned());
+        tokio::task::spawn_blocking(move || crate::node::bundle(&dir, &staging)).await??
+    };
+    let mut files = Vec::new();
+    if dir.join("README.md").is_file() {
+        files.push(File {
+            path: "README.md".into(),
+            contents: std::fs::read(dir.join("README.md"))?,
+            executable: false,
+        });
+    }
+    let build_options = Options {
+        env: metadata.env,
+        limits: metadata.limits,
+        files,
+    };
+    let (bytes, manifest) = build::bundle_node(&crate::node::node()?, &script, build_options)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let out = options.out.map_or_else(|| dir.join("dist"), Path::to_owned);
+    write_bundle(&out, &bytes, &manifest, options.sign)
 }
 
 fn signature_json(signature: &Signature) -> Vec<u8> {
@@ -511,6 +574,19 @@ pub async fn publish(
 
 /// `piecework piece conformance`: the protocol suite against a program, bundle or directory.
 pub async fn conformance(target: &Path) -> anyhow::Result<()> {
+    let built;
+    let target = if crate::node::is_node_piece(target) {
+        let options = BuildOptions {
+            out: None,
+            profile: Profile::Dev,
+            sign: None,
+            quiet: true,
+        };
+        built = build(target, &options).await?;
+        built.path.as_path()
+    } else {
+        target
+    };
     let (program, dir, _unpacked) = if target.is_dir() && target.join("Cargo.toml").is_file() {
         let package = cargo_package(target)?;
         let program = compile(&package, Profile::Dev, false)?;
@@ -531,7 +607,13 @@ pub async fn conformance(target: &Path) -> anyhow::Result<()> {
         let dir = target.parent().map(Path::to_owned).unwrap_or_default();
         (target.to_owned(), dir, None)
     };
-    let report = piecework_host::conformance::run(&program, &dir).await;
+    // A script for the Node host runs under `node`.
+    let (program, args) = if program.extension().is_some_and(|e| e == "js") {
+        (crate::node::node()?, vec![program.into_os_string()])
+    } else {
+        (program, Vec::new())
+    };
+    let report = piecework_host::conformance::run_with(&program, &args, &dir).await;
     for check in &report.checks {
         match &check.failure {
             None => println!("✓ {}", check.name),
@@ -544,7 +626,7 @@ pub async fn conformance(target: &Path) -> anyhow::Result<()> {
     }
     println!(
         "{} speaks piece protocol {}",
-        program.display(),
+        target.display(),
         piecework_sdk::protocol::VERSION
     );
     Ok(())

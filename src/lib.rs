@@ -19,6 +19,7 @@ pub mod feed;
 pub mod flows;
 pub mod health;
 pub mod infra;
+pub mod node;
 pub mod piece_test;
 pub mod pieces;
 pub mod registry;

@@ -665,3 +665,62 @@ async fn dropdown_options_come_from_the_piece_process_with_the_connection() {
     assert!(message.contains("404"), "{message}");
     assert!(!fleet.all_logs().contains(KEY), "the key reached a log");
 }
+
+/// A TypeScript piece written with the Activepieces framework — the guide's
+/// `examples/ts-pieces/my-company-api`, unmodified — builds into a `node` bundle with the same
+/// `piece build` and runs on the fleet: its action files a ticket through a connection (read
+/// as `context.auth.props`), puts into the flow's store, and its health check reads the
+/// connection as the guide's pieces do (`context.auth.apiKey`).
+#[tokio::test]
+async fn a_typescript_piece_of_the_activepieces_framework_runs_on_the_fleet() {
+    const KEY: &str = "ts-secret-key-4711";
+    let mock = piecework_mock_ticketing::MockTicketing::start("127.0.0.1:0".parse().unwrap(), KEY)
+        .await
+        .unwrap();
+    let mut fleet = Fleet::start("").await;
+    let out = common::piecework_command()
+        .args([
+            "piece",
+            "build",
+            "examples/ts-pieces/my-company-api",
+            "--out",
+        ])
+        .arg(fleet.pieces_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    fleet
+        .save_connection(
+            "tickets",
+            "my-company-api",
+            json!({ "api_key": KEY, "environment": "dev", "base_url": mock.url }),
+        )
+        .await;
+    fleet
+        .apply(
+            "apiVersion: piecework/v1\nkind: Flow\nname: ts-tickets\ntrigger: { piece: webhook, trigger: catch, auth: none }\nsteps:\n  - { name: file, piece: my-company-api, action: create_ticket, connection: tickets, input: { title: \"{{ trigger.body.title }}\", description: from a TypeScript piece } }\n  - { name: health, piece: my-company-api, action: health_check, connection: tickets }\n",
+        )
+        .await;
+    let run = run_once(&fleet, "ts-tickets", json!({ "title": "Printer on fire" })).await;
+    assert_eq!(run["status"], "succeeded", "{run}\n{}", fleet.log_tails());
+    let ticket = &run["steps"][0]["output"];
+    assert!(ticket["id"].as_str().unwrap().starts_with("T-"), "{ticket}");
+    assert_eq!(run["steps"][0]["version"], "1.0.0");
+    assert_eq!(run["steps"][1]["output"]["status"], "healthy", "{run}");
+    assert_eq!(run["steps"][1]["output"]["apiVersion"], "v1");
+    assert!(
+        mock.requests()
+            .iter()
+            .any(|r| r.method == "POST" && r.path == "/v1/tickets"),
+        "the piece called the API"
+    );
+    assert_eq!(mock.tickets().last().unwrap().title, "Printer on fire");
+    // The connection's key went to the API and nowhere into the run.
+    assert!(!run.to_string().contains(KEY));
+}

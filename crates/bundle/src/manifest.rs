@@ -106,6 +106,18 @@ impl Manifest {
         }
     }
 
+    /// A bundle of a script for piecework's Node host: it runs on any platform with Node.
+    pub fn node(piece: PieceMetadata, entrypoint: impl Into<String>) -> Self {
+        Self {
+            runtime: RuntimeSpec {
+                kind: RuntimeKind::Node,
+                entrypoint: entrypoint.into(),
+                platform: None,
+            },
+            ..Self::exec(piece, String::new())
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.piece.name
     }

@@ -23,7 +23,17 @@ pub struct Options {
 
 /// Starts `program` with nothing but a minimal environment and asks it to `describe` itself.
 pub async fn describe(program: &Path, timeout: Duration) -> Result<Described, PieceError> {
-    let dir = program
+    describe_with(program, &[], timeout).await
+}
+
+/// [`describe`] of `program ARGS` (`node piece.js`).
+async fn describe_with(
+    program: &Path,
+    args: &[std::ffi::OsString],
+    timeout: Duration,
+) -> Result<Described, PieceError> {
+    let subject = args.last().map_or(program, Path::new);
+    let dir = subject
         .parent()
         .map_or_else(|| Path::new(".").to_owned(), Path::to_owned);
     let launch = Launch {
@@ -33,10 +43,10 @@ pub async fn describe(program: &Path, timeout: Duration) -> Result<Described, Pi
             digest: String::new(),
         },
         program: program.to_owned(),
-        args: Vec::new(),
+        args: args.to_vec(),
         dir,
         env: vec![("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into())],
-        memory_bytes: 1 << 30,
+        memory_bytes: (1 << 30) + (crate::NODE_ADDRESS_SPACE_MB << 20),
         max_message_bytes: protocol::DEFAULT_MAX_MESSAGE_BYTES,
         concurrency: 1,
         cancel_grace: Duration::from_secs(2),
@@ -61,7 +71,7 @@ pub async fn describe(program: &Path, timeout: Duration) -> Result<Described, Pi
         Err(_) => {
             return Err(PieceError::fatal(format!(
                 "{} did not answer `describe` within {}: is it a piece built with piecework_sdk::serve?",
-                program.display(),
+                subject.display(),
                 humantime::format_duration(timeout)
             )));
         }
@@ -95,3 +105,33 @@ pub async fn bundle_executable(
     let bytes = piecework_bundle::pack(&manifest, &files).map_err(|e| e.to_string())?;
     Ok((bytes, manifest))
 }
+
+/// Packs a piece bundled for piecework's Node host (`piece.js`, from `piecework piece build`
+/// on a TypeScript piece) as a `node` bundle, asking `node piece.js` what it is.
+pub async fn bundle_node(
+    node: &Path,
+    script: &Path,
+    options: Options,
+) -> Result<(Vec<u8>, Manifest), String> {
+    let args = [script.as_os_str().to_owned()];
+    let described = describe_with(node, &args, Duration::from_secs(30))
+        .await
+        .map_err(|e| e.to_string())?;
+    let contents = tokio::fs::read(script)
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", script.display()))?;
+    let mut manifest = Manifest::node(described.piece, NODE_ENTRYPOINT);
+    manifest.env = options.env;
+    manifest.limits = options.limits;
+    let mut files = options.files;
+    files.push(File {
+        path: NODE_ENTRYPOINT.into(),
+        contents,
+        executable: false,
+    });
+    let bytes = piecework_bundle::pack(&manifest, &files).map_err(|e| e.to_string())?;
+    Ok((bytes, manifest))
+}
+
+/// Where a `node` bundle keeps its script.
+pub const NODE_ENTRYPOINT: &str = "piece.js";

@@ -6,6 +6,7 @@
 //! also send what a host never would (a wrong major version, a malformed line, an oversized
 //! frame) and see that the piece survives it.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -49,8 +50,9 @@ struct Peer {
 }
 
 impl Peer {
-    fn start(program: &Path, dir: &Path) -> Result<Self, String> {
+    fn start(program: &Path, args: &[OsString], dir: &Path) -> Result<Self, String> {
         let mut child = Command::new(program)
+            .args(args)
             .current_dir(dir)
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
@@ -136,6 +138,11 @@ fn error_of(frame: &Frame) -> Option<&protocol::WireError> {
 
 /// Runs every check against `program` (started in `dir`).
 pub async fn run(program: &Path, dir: &Path) -> Report {
+    run_with(program, &[], dir).await
+}
+
+/// [`run`] against `program ARGS` (`node piece.js`).
+pub async fn run_with(program: &Path, args: &[OsString], dir: &Path) -> Report {
     let mut checks = Vec::new();
     let mut piece = None;
     let mut check = |name: &'static str, outcome: Result<(), String>| {
@@ -146,7 +153,7 @@ pub async fn run(program: &Path, dir: &Path) -> Report {
     };
 
     // A fresh process per check that may leave it in a bad state.
-    match Peer::start(program, dir) {
+    match Peer::start(program, args, dir) {
         Err(err) => check("starts", Err(err)),
         Ok(mut peer) => {
             check(
@@ -171,7 +178,7 @@ pub async fn run(program: &Path, dir: &Path) -> Report {
         }
     }
 
-    let Ok(mut peer) = Peer::start(program, dir) else {
+    let Ok(mut peer) = Peer::start(program, args, dir) else {
         return Report { checks, piece };
     };
     check(

@@ -438,11 +438,12 @@ impl Prepare for Launcher {
         let refused =
             |why: String| PieceError::fatal(format!("piece {} cannot run: {why}", self.label));
         let runtime = &self.manifest.runtime;
-        if runtime.kind == RuntimeKind::Node {
-            return Err(refused(
-                "it is a `node` bundle, and this piecework has no Node host yet".into(),
-            ));
-        }
+        let node = match runtime.kind {
+            RuntimeKind::Node => Some(node_program().ok_or_else(|| {
+                refused("it is a `node` bundle and this machine has no Node.js: put Node 20 or newer on PATH".into())
+            })?),
+            RuntimeKind::Exec => None,
+        };
         if let Some(platform) = &runtime.platform
             && *platform != current_platform()
         {
@@ -477,13 +478,28 @@ impl Prepare for Launcher {
             .await
             .map_err(|e| PieceError::retryable(format!("cannot create {}: {e}", home.display())))?;
         let limits = &self.manifest.limits;
+        let entrypoint = dir.join(&runtime.entrypoint);
+        let memory_mb = limits.memory_mb.unwrap_or(host.config.memory_mb);
+        let (program, args, memory_bytes) = match node {
+            // V8 reserves far more address space than it uses: its heap is bounded by its own
+            // flag, the address space only loosely.
+            Some(node) => (
+                node,
+                vec![
+                    format!("--max-old-space-size={memory_mb}").into(),
+                    entrypoint.into_os_string(),
+                ],
+                (memory_mb + NODE_ADDRESS_SPACE_MB) << 20,
+            ),
+            None => (entrypoint, Vec::new(), memory_mb << 20),
+        };
         Ok(Launch {
             label: self.label.clone(),
-            program: dir.join(&runtime.entrypoint),
-            args: Vec::new(),
+            program,
+            args,
             dir,
             env: host.env_for(&self.manifest, &home),
-            memory_bytes: limits.memory_mb.unwrap_or(host.config.memory_mb) << 20,
+            memory_bytes,
             max_message_bytes: limits
                 .max_message_bytes
                 .unwrap_or(host.config.max_message_bytes),
@@ -491,6 +507,21 @@ impl Prepare for Launcher {
             cancel_grace: host.config.cancel_grace,
         })
     }
+}
+
+/// Address space a Node process gets beyond its heap limit: V8 reserves large regions up
+/// front (its code range, and about 10 GiB per WebAssembly memory — `fetch` instantiates
+/// one) and fails when it cannot, so for Node the heap flag is the memory bound and the
+/// address space only a loose backstop.
+pub const NODE_ADDRESS_SPACE_MB: u64 = 64 * 1024;
+
+/// `node` on this process's PATH: the Node host runs `node` bundles with it.
+fn node_program() -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("node"))
+            .find(|candidate| candidate.is_file())
+    })
 }
 
 /// Unpacks into a fresh temporary directory, then renames it into place: a half-written
