@@ -236,55 +236,87 @@ impl Fleet {
 
     /// Starts `piecework api` and waits until it is ready; it is the one `Fleet::api` names.
     pub async fn start_api(&mut self) -> String {
-        let health = free_port();
-        self.api = self.start_api_with_health("api", health).await;
-        self.api_health = format!("http://127.0.0.1:{health}");
+        let (api, health) = self.start_api_with_health("api").await;
+        self.api = api;
+        self.api_health = health;
         self.api.clone()
     }
 
     /// Starts another `piecework api` process, named `name`; returns its base URL.
     pub async fn start_api_as(&mut self, name: &str) -> String {
-        self.start_api_with_health(name, free_port()).await
+        self.start_api_with_health(name).await.0
     }
 
-    async fn start_api_with_health(&mut self, name: &str, health: u16) -> String {
-        let port = free_port();
-        let health = format!("127.0.0.1:{health}");
-        self.spawn(
-            name,
-            &[
-                "api",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--health-listen",
-                &health,
-            ],
-        );
-        let url = format!("http://127.0.0.1:{port}");
-        self.wait_ready(name, &format!("{url}/readyz")).await;
-        url
+    /// Starts an api; returns its base URL and its health base URL.
+    async fn start_api_with_health(&mut self, name: &str) -> (String, String) {
+        let (port, health) = self
+            .spawn_ready(name, |port, health| {
+                let args = ["api", "--listen", &format!("127.0.0.1:{port}")]
+                    .into_iter()
+                    .map(str::to_owned)
+                    .chain(["--health-listen".to_owned(), format!("127.0.0.1:{health}")])
+                    .collect();
+                (args, format!("http://127.0.0.1:{port}/readyz"))
+            })
+            .await;
+        (
+            format!("http://127.0.0.1:{port}"),
+            format!("http://127.0.0.1:{health}"),
+        )
     }
 
     /// Starts `piecework worker --id <id>`, waits until it consumes; returns its `/readyz` URL.
     pub async fn start_worker(&mut self, id: &str, extra: &[&str]) -> String {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut args = vec!["worker", "--id", id, "--health-listen", &listen];
-        args.extend_from_slice(extra);
-        self.spawn(id, &args);
-        let ready = format!("http://{listen}/readyz");
-        self.wait_ready(id, &ready).await;
-        ready
+        let (port, _) = self
+            .spawn_ready(id, |port, _| {
+                let mut args: Vec<String> = ["worker", "--id", id, "--health-listen"]
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect();
+                args.push(format!("127.0.0.1:{port}"));
+                args.extend(extra.iter().map(|a| (*a).to_owned()));
+                (args, format!("http://127.0.0.1:{port}/readyz"))
+            })
+            .await;
+        format!("http://127.0.0.1:{port}/readyz")
     }
 
     /// Starts `piecework scheduler`, waits until it is ready; returns its `/readyz` URL.
     pub async fn start_scheduler(&mut self, name: &str) -> String {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        self.spawn(name, &["scheduler", "--health-listen", &listen]);
-        let ready = format!("http://{listen}/readyz");
-        self.wait_ready(name, &ready).await;
-        ready
+        let (port, _) = self
+            .spawn_ready(name, |port, _| {
+                let args = vec![
+                    "scheduler".to_owned(),
+                    "--health-listen".to_owned(),
+                    format!("127.0.0.1:{port}"),
+                ];
+                (args, format!("http://127.0.0.1:{port}/readyz"))
+            })
+            .await;
+        format!("http://127.0.0.1:{port}/readyz")
+    }
+
+    /// Starts process `name` with the arguments and readiness URL `make(port, port)` builds
+    /// for two free ports, and waits until it is ready; returns the ports. A port found free
+    /// can be taken by another test's process before this one binds it: then it starts again
+    /// on other ports.
+    async fn spawn_ready(
+        &mut self,
+        name: &str,
+        make: impl Fn(u16, u16) -> (Vec<String>, String),
+    ) -> (u16, u16) {
+        for attempt in 1.. {
+            let ports = (free_port(), free_port());
+            let (args, ready) = make(ports.0, ports.1);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.spawn(name, &args);
+            match self.wait_ready(name, &ready).await {
+                Ok(()) => return ports,
+                Err(log) if attempt < 3 && log.contains("Address already in use") => continue,
+                Err(log) => panic!("{name} exited:\n{log}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     /// Saves a connection through the API.
@@ -310,21 +342,22 @@ impl Fleet {
         names.into_iter().map(|name| self.logs(name)).collect()
     }
 
-    async fn wait_ready(&mut self, name: &str, url: &str) {
+    /// Waits until `url` answers; the process's log if it exited first.
+    async fn wait_ready(&mut self, name: &str, url: &str) -> Result<(), String> {
         let http = client();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(response) = http.get(url).send().await
                 && response.status().is_success()
             {
-                return;
+                return Ok(());
             }
             if let Some(status) = self
                 .processes
                 .get_mut(name)
                 .and_then(|c| c.try_wait().unwrap())
             {
-                panic!("{name} exited with {status}:\n{}", self.logs(name));
+                return Err(format!("exit {status}:\n{}", self.logs(name)));
             }
             assert!(
                 Instant::now() < deadline,
