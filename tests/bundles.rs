@@ -724,3 +724,55 @@ async fn a_typescript_piece_of_the_activepieces_framework_runs_on_the_fleet() {
     // The connection's key went to the API and nowhere into the run.
     assert!(!run.to_string().contains(KEY));
 }
+
+/// Two pieces published by Activepieces on npm (`@activepieces/piece-data-mapper` and
+/// `@activepieces/piece-store`), wrapped in a package that only re-exports them, build and run
+/// unmodified through a flow: the mapper's output is put in the project-scoped store and read
+/// back by the next run.
+#[tokio::test]
+async fn published_activepieces_pieces_run_unmodified_through_a_flow() {
+    let mut fleet = Fleet::start("").await;
+    for piece in ["ap-store", "ap-data-mapper"] {
+        let out = common::piecework_command()
+            .args([
+                "piece",
+                "build",
+                &format!("examples/ts-pieces/{piece}"),
+                "--out",
+            ])
+            .arg(fleet.pieces_dir())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    fleet
+        .apply(
+            "apiVersion: piecework/v1\nkind: Flow\nname: ap-pieces\ntrigger: { piece: webhook, trigger: catch, auth: none }\nsteps:\n  - { name: before, piece: ap-store, action: get, input: { key: last_order, default_value: none, store_scope: COLLECTION } }\n  - { name: map, piece: ap-data-mapper, action: advanced_mapping, input: { mapping: { order: \"{{ trigger.body.order }}\", total: \"{{ trigger.body.total }}\" } } }\n  - { name: put, piece: ap-store, action: put, input: { key: last_order, value: \"{{ steps.map.output.order }}\", store_scope: COLLECTION } }\n",
+        )
+        .await;
+    let first = run_once(&fleet, "ap-pieces", json!({ "order": "A-1", "total": 12 })).await;
+    assert_eq!(
+        first["status"],
+        "succeeded",
+        "{first}\n{}",
+        fleet.log_tails()
+    );
+    assert_eq!(first["steps"][0]["output"], "none");
+    assert_eq!(
+        first["steps"][1]["output"],
+        json!({ "order": "A-1", "total": 12 })
+    );
+    assert_eq!(first["steps"][2]["output"], "A-1");
+    let second = run_once(&fleet, "ap-pieces", json!({ "order": "A-2", "total": 3 })).await;
+    assert_eq!(second["status"], "succeeded", "{second}");
+    assert_eq!(
+        second["steps"][0]["output"], "A-1",
+        "the store kept the last order"
+    );
+}

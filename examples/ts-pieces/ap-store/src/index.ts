@@ -1,0 +1,2 @@
+// The published piece, as it is: piecework bundles it with its Node host.
+export * from '@activepieces/piece-store';
