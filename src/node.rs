@@ -26,6 +26,7 @@ const HOST_FILES: &[(&str, &str)] = &[
         include_str!("../hosts/node/src/metadata.js"),
     ),
     ("src/names.js", include_str!("../hosts/node/src/names.js")),
+    ("src/egress.js", include_str!("../hosts/node/src/egress.js")),
 ];
 
 /// Whether `dir` holds a TypeScript (or JavaScript) piece rather than a Rust one.

@@ -723,6 +723,21 @@ async fn a_typescript_piece_of_the_activepieces_framework_runs_on_the_fleet() {
     assert_eq!(mock.tickets().last().unwrap().title, "Printer on fire");
     // The connection's key went to the API and nowhere into the run.
     assert!(!run.to_string().contains(KEY));
+
+    // A worker held to the default egress policy (no loopback): the piece's `fetch` is
+    // refused by address, the step fails for good, naming the host.
+    fleet.env.push(("PW_EGRESS_ALLOW".into(), String::new()));
+    fleet.start_worker("guarded", &[]).await;
+    fleet.kill("w1");
+    let refused = run_once(&fleet, "ts-tickets", json!({ "title": "Not filed" })).await;
+    assert_eq!(refused["status"], "failed", "{refused}");
+    let error = refused["steps"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("egress refused") && error.contains("loopback"),
+        "{error}"
+    );
+    assert_eq!(refused["steps"][0]["attempts"].as_array().unwrap().len(), 1);
+    assert!(mock.tickets().iter().all(|t| t.title != "Not filed"));
 }
 
 /// Two pieces published by Activepieces on npm (`@activepieces/piece-data-mapper` and

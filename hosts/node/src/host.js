@@ -166,6 +166,11 @@ class Host {
       throw fatal(`the host speaks piece protocol ${theirs}, this piece speaks ${PROTOCOL}: major versions differ`);
     }
     if (params.max_message_bytes) this.maxMessageBytes = params.max_message_bytes;
+    if (!this.guarded) {
+      // Every connection the piece makes is held to the installation's egress policy.
+      require('./egress').install(params.egress ?? {});
+      this.guarded = true;
+    }
     this.described = describePiece(this.piece, this.pkg);
     return { protocol: PROTOCOL, piece: this.described.metadata };
   }
