@@ -791,3 +791,100 @@ async fn published_activepieces_pieces_run_unmodified_through_a_flow() {
         "the store kept the last order"
     );
 }
+
+/// The TypeScript piece's polling trigger (the framework's `pollingHelper`, last-item
+/// dedupe) on the fleet: the first poll is the baseline, then each new ticket starts one run,
+/// with no gap reported although the helper returns only what is new.
+#[tokio::test]
+async fn a_typescript_polling_trigger_starts_one_run_per_new_item() {
+    const KEY: &str = "ts-poll-key-4711";
+    let mock = piecework_mock_ticketing::MockTicketing::start("127.0.0.1:0".parse().unwrap(), KEY)
+        .await
+        .unwrap();
+    mock.add_ticket("old news", "low", "support");
+    let mut fleet = Fleet::start("").await;
+    let out = common::piecework_command()
+        .args([
+            "piece",
+            "build",
+            "examples/ts-pieces/my-company-api",
+            "--out",
+        ])
+        .arg(fleet.pieces_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fleet.start_api().await;
+    fleet.start_scheduler("s1").await;
+    fleet.start_worker("w1", &[]).await;
+    fleet
+        .save_connection(
+            "tickets",
+            "my-company-api",
+            json!({ "api_key": KEY, "environment": "dev", "base_url": mock.url }),
+        )
+        .await;
+    fleet
+        .apply(
+            "apiVersion: piecework/v1\nkind: Flow\nname: ts-new-tickets\ntrigger: { piece: my-company-api, trigger: new_ticket, connection: tickets, poll_interval: 1s }\nsteps:\n  - { name: note, piece: data, action: set, input: { value: \"{{ trigger.title }}\" } }\n",
+        )
+        .await;
+    let polls = || {
+        mock.requests()
+            .iter()
+            .filter(|r| r.path == "/v1/tickets")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while polls() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            fleet.log_tails()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    mock.add_ticket("first", "high", "support");
+    mock.add_ticket("second", "high", "support");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let titles = loop {
+        let runs = fleet.runs_of("ts-new-tickets").await;
+        let finished: Vec<Value> = runs
+            .iter()
+            .filter(|r| r["status"] == "succeeded")
+            .cloned()
+            .collect();
+        if finished.len() >= 2 {
+            break finished;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{runs:?}\n{}",
+            fleet.log_tails()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // A few more polls: nothing runs twice, the baseline never runs.
+    let seen = polls();
+    while polls() < seen + 3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let runs = fleet.runs_of("ts-new-tickets").await;
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let mut notes: Vec<String> = Vec::new();
+    for run in &titles {
+        let run = fleet.run(run["id"].as_str().unwrap()).await;
+        notes.push(run["steps"][0]["output"].as_str().unwrap().to_owned());
+    }
+    notes.sort();
+    assert_eq!(notes, ["first", "second"]);
+    let audit = fleet.stream("pw:audit").await;
+    assert!(
+        !audit.iter().any(|e| e["action"] == "trigger.gap"),
+        "no gap reported: {audit:?}"
+    );
+}

@@ -7,6 +7,8 @@ const { describe: describePiece, Unsupported } = require('./metadata');
 const { toOwnKeys } = require('./names');
 
 const PROTOCOL = '1.2';
+/** The flow-store key where the host keeps the id of the newest item its last poll returned. */
+const LAST_POLLED = 'piecework:last_polled';
 const DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 
 class PieceError extends Error {
@@ -265,7 +267,16 @@ class Host {
     };
     const items = (await trigger.run(context)) ?? [];
     // Newest first, as the framework's helper returns them; each item's content is its id.
-    return items.map((data) => ({ id: contentId(data), data }));
+    const polled = items.map((data) => ({ id: contentId(data), data }));
+    // The framework's helper returns only what is new since its last poll, but piecework's
+    // dedupe reads a page back to an item it has seen (else it reports a gap): end the page
+    // with the newest item of the last poll, which piecework knows and does not run again.
+    const previous = await context.store.get(LAST_POLLED);
+    if (polled.length > 0) {
+      await context.store.put(LAST_POLLED, polled[0].id);
+      if (previous && !polled.some((item) => item.id === previous)) polled.push({ id: previous, data: null });
+    }
+    return polled;
   }
 
   async webhook(call, params) {
