@@ -200,6 +200,16 @@ pub fn print_table(report: &Value) {
             "<= 30",
             30.0,
         ),
+        figure(
+            "pieces: TypeScript (Node host) / in the binary",
+            n(&["out_of_process", "typescript_steps_ratio"]),
+            "x",
+        ),
+        figure(
+            "  extra CPU per step in TypeScript",
+            n(&["out_of_process", "typescript_extra_cpu_us_per_step"]),
+            "us",
+        ),
         at_most("worker RSS, idle", idle_mb, "MB", "<= 20", 20.0),
         at_most(
             "  memory per in-flight step",

@@ -43,6 +43,46 @@ pub struct OutOfProcess {
     pub steps_ratio: f64,
     /// Extra CPU (worker + piece process) per step, in µs.
     pub extra_cpu_us_per_step: f64,
+    /// The same no-op in TypeScript (the Activepieces framework, under the Node host).
+    pub typescript: Throughput,
+    /// TypeScript steps/s over in-binary steps/s.
+    pub typescript_steps_ratio: f64,
+    /// Extra CPU (worker + node) per step over in-binary, in µs.
+    pub typescript_extra_cpu_us_per_step: f64,
+}
+
+fn three_typescript_steps(name: &str) -> String {
+    three_remote_steps(name).replace("piece: probe", "piece: ts-noop")
+}
+
+/// Builds the no-op TypeScript piece (`bench/ts-noop`) with `piecework piece build` and
+/// publishes it, once per harness run.
+pub async fn publish_ts_noop(runtime: &Runtime) -> anyhow::Result<()> {
+    static PUBLISHED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    PUBLISHED
+        .get_or_try_init(|| async {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ts-noop");
+            let staging = tempfile::tempdir()?;
+            let out = std::process::Command::new(crate::fleet::binary()?)
+                .args(["piece", "build"])
+                .arg(&dir)
+                .arg("--out")
+                .arg(staging.path())
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "building {}: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let bundle = std::fs::read(staging.path().join("ts-noop-1.0.0.piece.tgz"))?;
+            runtime
+                .publish_piece(bundle.into(), None, &Actor::api("bench"))
+                .await?;
+            anyhow::Ok(())
+        })
+        .await
+        .map(drop)
 }
 
 /// The same no-op flow through one worker process, its steps done by a built-in piece and
@@ -55,41 +95,39 @@ pub async fn out_of_process(
     runs: usize,
 ) -> anyhow::Result<OutOfProcess> {
     publish_probe(runtime).await?;
+    publish_ts_noop(runtime).await?;
     let worker = Process::worker(infra, "bench-oop", 64).await?;
     let local = apply(runtime, &three_step_flow("bench-in-binary")).await?;
     let remote = apply(runtime, &three_remote_steps("bench-out-of-process")).await?;
+    let node = apply(runtime, &three_typescript_steps("bench-typescript")).await?;
     let cpu = || worker.cpu_seconds_with_children();
-    // Warm up: the piece process starts on first use.
+    // Warm up: the piece processes start on first use.
     drive(runtime, &remote, 10.min(runs), cpu).await?;
-    let mut best_local: Option<Throughput> = None;
-    let mut best_remote: Option<Throughput> = None;
+    drive(runtime, &node, 10.min(runs), cpu).await?;
+    let mut best: [Option<Throughput>; 3] = [None, None, None];
     for _ in 0..2 {
-        let l = drive(runtime, &local, runs, cpu).await?;
-        let r = drive(runtime, &remote, runs, cpu).await?;
-        if best_local
-            .as_ref()
-            .is_none_or(|b| l.steps_per_sec > b.steps_per_sec)
-        {
-            best_local = Some(l);
-        }
-        if best_remote
-            .as_ref()
-            .is_none_or(|b| r.steps_per_sec > b.steps_per_sec)
-        {
-            best_remote = Some(r);
+        for (slot, flow) in best.iter_mut().zip([&local, &remote, &node]) {
+            let t = drive(runtime, flow, runs, cpu).await?;
+            if slot
+                .as_ref()
+                .is_none_or(|b| t.steps_per_sec > b.steps_per_sec)
+            {
+                *slot = Some(t);
+            }
         }
     }
     drop(worker);
-    let (in_binary, out_of_process) = (
-        best_local.expect("two rounds"),
-        best_remote.expect("two rounds"),
-    );
+    let [in_binary, out_of_process, typescript] = best.map(|b| b.expect("two rounds"));
     Ok(OutOfProcess {
         steps_ratio: out_of_process.steps_per_sec / in_binary.steps_per_sec,
         extra_cpu_us_per_step: out_of_process.worker_cpu_us_per_step
             - in_binary.worker_cpu_us_per_step,
+        typescript_steps_ratio: typescript.steps_per_sec / in_binary.steps_per_sec,
+        typescript_extra_cpu_us_per_step: typescript.worker_cpu_us_per_step
+            - in_binary.worker_cpu_us_per_step,
         in_binary,
         out_of_process,
+        typescript,
     })
 }
 
