@@ -652,7 +652,9 @@ impl Opened {
 /// debug for speed), a built-in piece, or a bundle in the pieces directory — newest version.
 pub async fn open(target: &str, pieces_dir: Option<&Path>) -> anyhow::Result<Opened> {
     let path = Path::new(target);
-    if target.ends_with(".piece.tgz") || (path.is_dir() && path.join("Cargo.toml").is_file()) {
+    let source_dir =
+        path.is_dir() && (path.join("Cargo.toml").is_file() || crate::node::is_node_piece(path));
+    if target.ends_with(".piece.tgz") || source_dir {
         let bytes = if path.is_dir() {
             eprintln!("building {} …", path.display());
             let staging = tempfile::tempdir()?;

@@ -790,6 +790,32 @@ async fn published_activepieces_pieces_run_unmodified_through_a_flow() {
         second["steps"][0]["output"], "A-1",
         "the store kept the last order"
     );
+
+    // The author's tools take the TypeScript piece's directory as they take a Rust one's.
+    let tested = common::piecework_command()
+        .args([
+            "piece",
+            "test",
+            "examples/ts-pieces/ap-data-mapper",
+            "advanced_mapping",
+            "--input",
+            r#"{"mapping": {"a": [1, 2]}}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        tested.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tested.stderr)
+    );
+    let output: Value = serde_json::from_slice(&tested.stdout).unwrap();
+    assert_eq!(output, json!({ "a": [1, 2] }));
+    let docs = common::piecework_command()
+        .args(["piece", "docs", "examples/ts-pieces/ap-store"])
+        .output()
+        .unwrap();
+    let docs = String::from_utf8_lossy(&docs.stdout);
+    assert!(docs.contains("Store Scope (`store_scope`)"), "{docs}");
 }
 
 /// The TypeScript piece's polling trigger (the framework's `pollingHelper`, last-item
