@@ -914,3 +914,82 @@ async fn a_typescript_polling_trigger_starts_one_run_per_new_item() {
         "no gap reported: {audit:?}"
     );
 }
+
+/// What the Node host's context gives a framework piece — props under their own names, the
+/// run's id and step, a secret text connection in both its shapes, the flow's and the
+/// project's store, `files.write` — and what it refuses: `context.run.pause` fails the step
+/// with an error that names it. A framework webhook trigger turns a call into runs.
+#[tokio::test]
+async fn a_typescript_piece_gets_the_framework_context_and_a_clear_error_for_what_is_missing() {
+    let mut fleet = Fleet::start("").await;
+    let out = common::piecework_command()
+        .args(["piece", "build", "tests/fixtures/ts-context", "--out"])
+        .arg(fleet.pieces_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fleet.start_api().await;
+    fleet.start_worker("w1", &[]).await;
+    fleet
+        .save_connection("tok", "ts-context", json!("s3cret-token"))
+        .await;
+    fleet
+        .apply(
+            "apiVersion: piecework/v1\nkind: Flow\nname: ts-context\ntrigger: { piece: webhook, trigger: catch, auth: none }\nsteps:\n  - { name: first, piece: ts-context, action: inspect, connection: tok, input: { some_value: \"{{ trigger.body.v }}\", count: 2 } }\n  - { name: second, piece: ts-context, action: inspect, connection: tok, input: { some_value: again } }\n  - { name: stop, piece: ts-context, action: pause, connection: tok }\n",
+        )
+        .await;
+    let run = run_once(&fleet, "ts-context", json!({ "v": "hello" })).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let first = &run["steps"][0]["output"];
+    assert_eq!(first["props"], json!({ "someValue": "hello", "count": 2 }));
+    assert_eq!(first["runId"], run["id"]);
+    assert_eq!(first["step"], "first");
+    assert_eq!(first["flow"], "ts-context");
+    assert_eq!(first["token"], "both shapes");
+    assert_eq!(first["seen"], 1);
+    assert_eq!(run["steps"][1]["output"]["seen"], 2, "the flow's store");
+    assert!(
+        first["file"]
+            .as_str()
+            .unwrap()
+            .starts_with("data:application/octet-stream;name=hello.txt;base64,aGVsbG8="),
+        "{first}"
+    );
+    let error = run["steps"][2]["error"].as_str().unwrap();
+    assert!(
+        error.contains("`context.run.pause`") && error.contains("not supported"),
+        "{error}"
+    );
+    assert_eq!(run["steps"][2]["attempts"].as_array().unwrap().len(), 1);
+    assert!(!run.to_string().contains("s3cret-token"));
+    // The project-scoped store is shared by the runs of every flow.
+    let again = run_once(&fleet, "ts-context", json!({ "v": "x" })).await;
+    assert_eq!(again["steps"][0]["output"]["everywhere"], 3);
+
+    fleet
+        .apply(
+            "apiVersion: piecework/v1\nkind: Flow\nname: ts-caught\ntrigger: { piece: ts-context, trigger: caught, connection: tok, auth: none }\nsteps:\n  - { name: note, piece: data, action: set, input: { value: \"{{ trigger.n }}\" } }\n",
+        )
+        .await;
+    let response = client()
+        .post(format!("{}/v1/webhooks/ts-caught", fleet.api))
+        .json(&json!({ "items": [{ "n": 1 }, { "n": 2 }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let started: Value = response.json().await.unwrap();
+    let ids = started["run_ids"].as_array().unwrap();
+    assert_eq!(ids.len(), 2, "{started}");
+    for (n, id) in ids.iter().enumerate() {
+        let run = fleet
+            .finished(id.as_str().unwrap(), Duration::from_secs(60))
+            .await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(run["steps"][0]["output"], json!(n + 1));
+    }
+}
