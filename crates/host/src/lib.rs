@@ -11,6 +11,10 @@
 //!   into a mounted volume); [`registry`] follows the piece registry in NATS, so a version
 //!   published once is known to every process without a restart.
 //!
+//! A bundle's program is native (`exec`) or a script for piecework's Node host (`node`,
+//! `hosts/node`: a TypeScript piece of the Activepieces framework), run with the `node` on
+//! PATH, its heap bounded by `--max-old-space-size` instead of the address space.
+//!
 //! Built-in pieces never come here: they run in the process that registered them.
 
 pub mod build;
