@@ -53,6 +53,21 @@ fn publish_with_cli(fleet: &Fleet, bytes: &[u8]) -> String {
     text
 }
 
+/// Builds the piece in `dir` (Rust or TypeScript) with `piecework piece build` into the
+/// fleet's pieces directory.
+fn build_into_pieces(fleet: &Fleet, dir: &str) {
+    let out = common::piecework_command()
+        .args(["piece", "build", dir, "--out"])
+        .arg(fleet.pieces_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 async fn run_once(fleet: &Fleet, flow: &str, body: Value) -> Value {
     let run = fleet.webhook(flow, body).await;
     fleet.finished(&run, Duration::from_secs(60)).await
@@ -678,21 +693,7 @@ async fn a_typescript_piece_of_the_activepieces_framework_runs_on_the_fleet() {
         .await
         .unwrap();
     let mut fleet = Fleet::start("").await;
-    let out = common::piecework_command()
-        .args([
-            "piece",
-            "build",
-            "examples/ts-pieces/my-company-api",
-            "--out",
-        ])
-        .arg(fleet.pieces_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    build_into_pieces(&fleet, "examples/ts-pieces/my-company-api");
     fleet.start_api().await;
     fleet.start_worker("w1", &[]).await;
     fleet
@@ -748,21 +749,7 @@ async fn a_typescript_piece_of_the_activepieces_framework_runs_on_the_fleet() {
 async fn published_activepieces_pieces_run_unmodified_through_a_flow() {
     let mut fleet = Fleet::start("").await;
     for piece in ["ap-store", "ap-data-mapper"] {
-        let out = common::piecework_command()
-            .args([
-                "piece",
-                "build",
-                &format!("examples/ts-pieces/{piece}"),
-                "--out",
-            ])
-            .arg(fleet.pieces_dir())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        build_into_pieces(&fleet, &format!("examples/ts-pieces/{piece}"));
     }
     fleet.start_api().await;
     fleet.start_worker("w1", &[]).await;
@@ -829,21 +816,7 @@ async fn a_typescript_polling_trigger_starts_one_run_per_new_item() {
         .unwrap();
     mock.add_ticket("old news", "low", "support");
     let mut fleet = Fleet::start("").await;
-    let out = common::piecework_command()
-        .args([
-            "piece",
-            "build",
-            "examples/ts-pieces/my-company-api",
-            "--out",
-        ])
-        .arg(fleet.pieces_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    build_into_pieces(&fleet, "examples/ts-pieces/my-company-api");
     fleet.start_api().await;
     fleet.start_scheduler("s1").await;
     fleet.start_worker("w1", &[]).await;
@@ -922,16 +895,7 @@ async fn a_typescript_polling_trigger_starts_one_run_per_new_item() {
 #[tokio::test]
 async fn a_typescript_piece_gets_the_framework_context_and_a_clear_error_for_what_is_missing() {
     let mut fleet = Fleet::start("").await;
-    let out = common::piecework_command()
-        .args(["piece", "build", "tests/fixtures/ts-context", "--out"])
-        .arg(fleet.pieces_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    build_into_pieces(&fleet, "tests/fixtures/ts-context");
     fleet.start_api().await;
     fleet.start_worker("w1", &[]).await;
     fleet
