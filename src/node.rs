@@ -64,7 +64,14 @@ fn host_dir() -> anyhow::Result<PathBuf> {
     let dir = cache
         .join("piecework")
         .join(format!("node-host-{hash:016x}"));
-    if dir.join("node_modules").join("esbuild").is_dir() {
+    let installed = dir.join("node_modules").join("esbuild");
+    if installed.is_dir() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let _lock = InstallLock::take(&dir)?;
+    // Another build may have installed it while this one waited.
+    if installed.is_dir() {
         return Ok(dir);
     }
     for (path, contents) in HOST_FILES {
@@ -75,6 +82,65 @@ fn host_dir() -> anyhow::Result<PathBuf> {
     }
     npm(&dir, &["ci", "--omit=dev"])?;
     Ok(dir)
+}
+
+/// Held while npm installs into a directory, so builds running at once (two CI jobs, two
+/// tests) never install into one `node_modules` together: a lock file created exclusively,
+/// removed when dropped. One left by a build that died is taken over after ten minutes.
+struct InstallLock(PathBuf);
+
+impl InstallLock {
+    fn take(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(".piecework-install.lock");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15 * 60);
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(_) => return Ok(Self(path)),
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let stale = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|at| {
+                            at.elapsed()
+                                .is_ok_and(|age| age > std::time::Duration::from_secs(600))
+                        });
+                    if stale {
+                        let _ = std::fs::remove_file(&path);
+                        continue;
+                    }
+                    if std::time::Instant::now() > deadline {
+                        bail!("{} is still held by another build", path.display());
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                Err(err) => {
+                    return Err(err).with_context(|| format!("cannot create {}", path.display()));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for InstallLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Whether `dir`'s `node_modules` was installed from its current lock file: npm writes
+/// `node_modules/.package-lock.json` when it installs.
+fn installed_from_lock(dir: &Path) -> bool {
+    let modified = |p: PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (
+        modified(dir.join("node_modules").join(".package-lock.json")),
+        modified(dir.join("package-lock.json")),
+    ) {
+        (Some(installed), Some(lock)) => installed >= lock,
+        _ => false,
+    }
 }
 
 /// Runs `npm ARGS` in `dir`, quietly, failing with npm's own words.
@@ -102,10 +168,15 @@ fn npm(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
 pub fn bundle(dir: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     node()?;
     let host = host_dir()?;
-    if dir.join("package-lock.json").is_file() {
-        npm(dir, &["ci"])?;
-    } else {
-        npm(dir, &["install"])?;
+    {
+        let _lock = InstallLock::take(dir)?;
+        if !installed_from_lock(dir) {
+            if dir.join("package-lock.json").is_file() {
+                npm(dir, &["ci"])?;
+            } else {
+                npm(dir, &["install"])?;
+            }
+        }
     }
     let output = Command::new("node")
         .arg(host.join("build.js"))
