@@ -205,8 +205,11 @@ pub enum PieceCommand {
         dir: Option<PathBuf>,
         /// The piecework checkout whose SDK it depends on (default: this binary's, or the
         /// one around the current directory).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "typescript")]
         sdk: Option<PathBuf>,
+        /// A TypeScript piece written with the Activepieces framework, instead of Rust.
+        #[arg(long)]
+        typescript: bool,
     },
     /// Build a piece's directory into a bundle (`NAME-VERSION.piece.tgz`).
     Build {

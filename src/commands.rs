@@ -620,7 +620,21 @@ async fn piece(command: PieceCommand) -> anyhow::Result<()> {
             )
             .await
         }
-        PieceCommand::New { name, dir, sdk } => {
+        PieceCommand::New {
+            name,
+            dir,
+            typescript: true,
+            ..
+        } => {
+            let made = crate::scaffold::create_typescript(&name, dir.as_deref())?;
+            println!("created {} ({})", made.dir.display(), made.crate_name);
+            println!("next:");
+            println!("  cd {}", made.dir.display());
+            println!("  piecework piece test . hello --input '{{\"name\": \"ada\"}}'");
+            println!("  piecework piece build .    # → a bundle to deploy");
+            Ok(())
+        }
+        PieceCommand::New { name, dir, sdk, .. } => {
             let made = crate::scaffold::create(&name, dir.as_deref(), sdk.as_deref())?;
             println!("created {} ({})", made.dir.display(), made.crate_name);
             println!("next:");

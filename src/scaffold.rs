@@ -1,4 +1,5 @@
-//! `piecework piece new <name>`: a new private piece as its own cargo package — a library
+//! `piecework piece new <name>` (`--typescript`: an Activepieces-framework piece instead,
+//! see [`create_typescript`]): a new private piece as its own cargo package — a library
 //! (the piece) and a binary (`serve`s it) — that builds, passes its generated test, runs with
 //! `piece test` and packs into a bundle with `piece build`, without touching piecework.
 //!
@@ -94,6 +95,125 @@ pub fn create(name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> anyhow::Res
         std::fs::write(dir.join("Cargo.lock"), lock)?;
     }
     Ok(Scaffolded { dir, crate_name })
+}
+
+/// `piecework piece new NAME --typescript`: a piece written with the Activepieces framework
+/// (`package.json`, `tsconfig.json`, `src/index.ts` with a `hello` action), which
+/// `piece test`, `piece build` and `piece conformance` take as they take a Rust piece; its
+/// dependencies are installed by the first `piece build` (or `npm install`).
+pub fn create_typescript(name: &str, dir: Option<&Path>) -> anyhow::Result<Scaffolded> {
+    if !piecework_sdk::piece::is_piece_name(name) {
+        bail!(
+            "{name:?} is not a valid piece name: use lowercase letters, digits and '-', starting with a letter (e.g. acme-crm)"
+        );
+    }
+    if crate::registry::pieces().is_ok_and(|r| r.contains(name)) {
+        bail!("`{name}` is a built-in piece; choose another name");
+    }
+    let dir = dir.map_or_else(|| PathBuf::from(name), Path::to_owned);
+    if dir.exists() {
+        bail!("{} already exists", dir.display());
+    }
+    let package = format!("@private/piece-{name}");
+    let title = name
+        .split('-')
+        .map(capitalize)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let export = name
+        .split('-')
+        .enumerate()
+        .map(|(i, w)| if i == 0 { w.to_owned() } else { capitalize(w) })
+        .collect::<String>();
+    let files = [
+        (
+            "package.json",
+            format!(
+                r#"{{
+  "name": "{package}",
+  "version": "0.1.0",
+  "description": "{title}: a private piece",
+  "private": true,
+  "main": "src/index.ts",
+  "dependencies": {{
+    "@activepieces/pieces-framework": "0.32.0"
+  }},
+  "devDependencies": {{
+    "typescript": "5.9.3"
+  }},
+  "piecework": {{
+    "env": [],
+    "limits": {{}}
+  }}
+}}
+"#
+            ),
+        ),
+        (
+            "tsconfig.json",
+            r#"{
+  "compilerOptions": {
+    "target": "ES2022",
+    "module": "commonjs",
+    "moduleResolution": "node",
+    "strict": true,
+    "esModuleInterop": true,
+    "skipLibCheck": true,
+    "noEmit": true
+  },
+  "include": ["src"]
+}
+"#
+            .to_owned(),
+        ),
+        (
+            "src/index.ts",
+            format!(
+                r#"import {{ createAction, createPiece, PieceAuth, Property }} from '@activepieces/pieces-framework';
+
+// An action: its props are its inputs (shown as snake_case in piecework: `name`), `run` its work.
+export const hello = createAction({{
+  name: 'hello',
+  displayName: 'Say hello',
+  description: 'Greets someone by name',
+  props: {{
+    name: Property.ShortText({{ displayName: 'Name', description: 'Who to greet', required: true }}),
+  }},
+  async run(context) {{
+    return {{ greeting: `hello, ${{context.propsValue.name}}` }};
+  }},
+}});
+
+export const {export} = createPiece({{
+  displayName: '{title}',
+  description: '{title}: a private piece',
+  auth: PieceAuth.None(),
+  minimumSupportedRelease: '0.30.0',
+  logoUrl: 'https://cdn.example.com/{name}.png',
+  authors: ['your-team'],
+  actions: [hello],
+  triggers: [],
+}});
+"#
+            ),
+        ),
+        (
+            "README.md",
+            format!(
+                "# {title}\n\nA private piece for piecework, written with the Activepieces framework.\n\n```sh\npiecework piece test . hello --input '{{\"name\": \"ada\"}}'   # run the action as a worker would\nnpx tsc                                                   # type-check (after a first build or npm install)\npiecework piece build .                                   # → dist/{name}-0.1.0.piece.tgz\n```\n\nSee docs/private-pieces.md in piecework for the context a piece gets, deploying and versioning.\n"
+            ),
+        ),
+        ("_gitignore", "node_modules/\ndist/\n".to_owned()),
+    ];
+    for (path, text) in files {
+        let path = dir.join(path.replace("_gitignore", ".gitignore"));
+        std::fs::create_dir_all(path.parent().expect("files are in the piece's folder"))?;
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(Scaffolded {
+        dir,
+        crate_name: package,
+    })
 }
 
 fn capitalize(word: &str) -> String {

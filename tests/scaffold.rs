@@ -201,3 +201,51 @@ async fn a_new_piece_builds_tests_and_deploys_to_a_running_fleet_with_no_rebuild
     dev.kill().unwrap();
     dev.wait().unwrap();
 }
+
+/// `piece new --typescript`: a framework piece its author runs with `piece test`, builds
+/// into a `node` bundle and checks against the protocol, with no Rust involved.
+#[tokio::test]
+async fn a_new_typescript_piece_tests_builds_and_speaks_the_protocol() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("acme-crm");
+    run(
+        work.path(),
+        common::piecework_command().args(["piece", "new", "acme-crm", "--typescript"]),
+    );
+    assert!(dir.join("src/index.ts").is_file());
+    let output = run(
+        &dir,
+        common::piecework_command().args([
+            "piece",
+            "test",
+            ".",
+            "hello",
+            "--input",
+            r#"{"name": "ada"}"#,
+        ]),
+    );
+    assert!(output.contains(r#""greeting": "hello, ada""#), "{output}");
+    run(
+        &dir,
+        common::piecework_command().args(["piece", "build", "."]),
+    );
+    let bundle = dir.join("dist/acme-crm-0.1.0.piece.tgz");
+    assert!(bundle.is_file());
+    let inspected = run(
+        &dir,
+        common::piecework_command()
+            .args(["piece", "inspect"])
+            .arg(&bundle),
+    );
+    assert!(
+        inspected.contains("runtime    node piece.js"),
+        "{inspected}"
+    );
+    let checked = run(
+        &dir,
+        common::piecework_command()
+            .args(["piece", "conformance"])
+            .arg(&bundle),
+    );
+    assert!(checked.contains("speaks piece protocol"), "{checked}");
+}
