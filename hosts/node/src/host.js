@@ -326,6 +326,10 @@ function serve(piece, pkg) {
   // Whatever the piece prints goes to stderr: stdout belongs to the protocol.
   console.log = console.info = console.debug = (...args) => console.error(...args);
   const host = new Host(piece, pkg, process.stdout);
+  // A promise a piece forgot to await must not take down the calls of every other step.
+  process.on('unhandledRejection', (reason) => {
+    host.log(undefined, 'warn', `a promise of the piece failed unobserved: ${reason?.message ?? reason}`);
+  });
   let chunks = [];
   let length = 0;
   let head = null; // the start of a line being skipped
