@@ -437,7 +437,11 @@ fn memchr(bytes: &[u8]) -> Option<usize> {
 
 /// The `id` at the start of an oversized frame, as both sides write it (`{"id":7,…`).
 pub fn id_in_head(head: &[u8]) -> Option<u64> {
-    let text = std::str::from_utf8(head).ok()?;
+    // The head is cut at a byte count, maybe inside a character: read up to the cut.
+    let text = match std::str::from_utf8(head) {
+        Ok(text) => text,
+        Err(err) => std::str::from_utf8(&head[..err.valid_up_to()]).ok()?,
+    };
     let rest = text.trim_start().strip_prefix('{')?.trim_start();
     let rest = rest
         .strip_prefix("\"id\"")?
@@ -455,6 +459,15 @@ pub fn id_in_head(head: &[u8]) -> Option<u64> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_id_of_a_head_cut_inside_a_character_is_still_read() {
+        let line =
+            "{\"id\":100000000000000000,\"method\":\"a\",\"params\":{\"a\":\"\u{a1}\"}}".as_bytes();
+        // Cut between the two bytes of `¡`.
+        let cut = line.iter().position(|b| *b == 0xc2).unwrap() + 1;
+        assert_eq!(id_in_head(&line[..cut]), Some(100_000_000_000_000_000));
+    }
 
     #[test]
     fn versions_of_another_major_are_refused_naming_both() {
