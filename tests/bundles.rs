@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Fleet, client, drop_bundle, probe_bundle};
+use common::{Fleet, Target, client, drop_bundle, probe_bundle};
 use piecework_bundle::{Bundle, Digest, Manifest, SigningKey};
 use serde_json::{Value, json};
 
@@ -894,7 +894,8 @@ async fn a_typescript_polling_trigger_starts_one_run_per_new_item() {
 /// with an error that names it. A framework webhook trigger turns a call into runs.
 #[tokio::test]
 async fn a_typescript_piece_gets_the_framework_context_and_a_clear_error_for_what_is_missing() {
-    let mut fleet = Fleet::start("").await;
+    let target = Target::start().await;
+    let mut fleet = Fleet::start("[egress]\nmax_response_bytes = 1000\n").await;
     build_into_pieces(&fleet, "tests/fixtures/ts-context");
     fleet.start_api().await;
     fleet.start_worker("w1", &[]).await;
@@ -933,6 +934,24 @@ async fn a_typescript_piece_gets_the_framework_context_and_a_clear_error_for_wha
     // The project-scoped store is shared by the runs of every flow.
     let again = run_once(&fleet, "ts-context", json!({ "v": "x" })).await;
     assert_eq!(again["steps"][0]["output"]["everywhere"], 3);
+
+    // `fetch` reads no more than max_response_bytes.
+    fleet
+        .apply(&format!(
+            "apiVersion: piecework/v1\nkind: Flow\nname: ts-fetch\ntrigger: {{ piece: webhook, trigger: catch, auth: none }}\nsteps:\n  - {{ name: get, piece: ts-context, action: fetch_size, connection: tok, input: {{ url: \"{}/big/k?bytes={{{{ trigger.body.bytes }}}}\" }} }}\n",
+            target.url
+        ))
+        .await;
+    let small = run_once(&fleet, "ts-fetch", json!({ "bytes": 100 })).await;
+    assert_eq!(small["status"], "succeeded", "{small}");
+    assert_eq!(small["steps"][0]["output"]["bytes"], 102);
+    let big = run_once(&fleet, "ts-fetch", json!({ "bytes": 5000 })).await;
+    assert_eq!(big["status"], "failed", "{big}");
+    let error = big["steps"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("larger than 1000 bytes (max_response_bytes)"),
+        "{error}"
+    );
 
     fleet
         .apply(

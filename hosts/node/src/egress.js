@@ -7,9 +7,13 @@
 // socket only addresses the policy allows. Plain `http:` is refused by `fetch`, `http.request`
 // and `http.get` when the policy is `https_only`.
 
+const { AsyncLocalStorage } = require('node:async_hooks');
 const dns = require('node:dns');
 const net = require('node:net');
 const http = require('node:http');
+
+/** The call a piece's code runs for, as far as its limits go: `{maxResponseBytes}`. */
+const callLimits = new AsyncLocalStorage();
 
 class EgressDenied extends Error {
   constructor(message) {
@@ -123,6 +127,7 @@ class Guard {
     this.allowHosts = matcher(policy?.allow_hosts);
     this.denyHosts = matcher(policy?.deny_hosts);
     this.httpsOnly = Boolean(policy?.https_only);
+    this.maxResponseBytes = Number(policy?.max_response_bytes) || 0;
   }
 
   /** Refuses a host name by the lists, before any lookup. */
@@ -215,8 +220,10 @@ function install(policy) {
       } catch (err) {
         return Promise.reject(err);
       }
-      // Redirects are followed by hand, so each hop is checked like the first.
-      return followed(fetch, guard, input, init);
+      // Redirects are followed by hand, so each hop is checked like the first; the body
+      // is read no further than the call's (or the installation's) max_response_bytes.
+      const max = callLimits.getStore()?.maxResponseBytes || guard.maxResponseBytes;
+      return followed(fetch, guard, input, init).then((response) => limited(response, max));
     };
   }
   for (const method of ['request', 'get']) {
@@ -227,6 +234,32 @@ function install(policy) {
     };
   }
   return guard;
+}
+
+/** `response`, failing as soon as its body passes `max` bytes (0: no limit). */
+function limited(response, max) {
+  if (!max || !response.body) return response;
+  const host = (() => {
+    try {
+      return new URL(response.url).host;
+    } catch {
+      return 'the server';
+    }
+  })();
+  const tooLarge = () => new Error(`the response from ${host} is larger than ${max} bytes (max_response_bytes)`);
+  const declared = Number(response.headers.get('content-length'));
+  if (declared > max) throw tooLarge();
+  let seen = 0;
+  const counted = response.body.pipeThrough(
+    new TransformStream({
+      transform(chunk, controller) {
+        seen += chunk.byteLength;
+        if (seen > max) controller.error(tooLarge());
+        else controller.enqueue(chunk);
+      },
+    }),
+  );
+  return new Response(counted, { status: response.status, statusText: response.statusText, headers: response.headers });
 }
 
 async function followed(fetch, guard, input, init) {
@@ -249,4 +282,4 @@ async function followed(fetch, guard, input, init) {
   throw new EgressDenied('more than 10 redirects');
 }
 
-module.exports = { install, internalRange, canonical, EgressDenied };
+module.exports = { install, internalRange, canonical, callLimits, EgressDenied };

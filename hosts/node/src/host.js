@@ -5,6 +5,7 @@
 
 const { describe: describePiece, Unsupported } = require('./metadata');
 const { toOwnKeys } = require('./names');
+const { callLimits, install } = require('./egress');
 
 const PROTOCOL = '1.2';
 /** The flow-store key where the host keeps the id of the newest item its last poll returned. */
@@ -130,7 +131,10 @@ class Host {
       const cancelled = new Promise((_, reject) =>
         abort.signal.addEventListener('abort', () => reject(fatal('cancelled: the call was stopped'))),
       );
-      const result = await Promise.race([this.dispatch(frame.id, frame.method, frame.params ?? {}), cancelled]);
+      const params = frame.params ?? {};
+      const limits = { maxResponseBytes: Number(params.context?.limits?.max_response_bytes) || 0 };
+      const work = callLimits.run(limits, () => this.dispatch(frame.id, frame.method, params));
+      const result = await Promise.race([work, cancelled]);
       this.send({ id: frame.id, result: result === undefined ? null : result });
     } catch (err) {
       this.send({ id: frame.id, error: wireError(err) });
@@ -170,7 +174,7 @@ class Host {
     if (params.max_message_bytes) this.maxMessageBytes = params.max_message_bytes;
     if (!this.guarded) {
       // Every connection the piece makes is held to the installation's egress policy.
-      require('./egress').install(params.egress ?? {});
+      install(params.egress ?? {});
       this.guarded = true;
     }
     this.described = describePiece(this.piece, this.pkg);
