@@ -897,6 +897,22 @@ async fn a_typescript_piece_gets_the_framework_context_and_a_clear_error_for_wha
     let target = Target::start().await;
     let mut fleet = Fleet::start("[egress]\nmax_response_bytes = 1000\n").await;
     build_into_pieces(&fleet, "tests/fixtures/ts-context");
+    // Members using what the host lacks are left out; the piece loads without them.
+    let metadata = common::piecework_command()
+        .args(["piece", "metadata", "tests/fixtures/ts-context"])
+        .output()
+        .unwrap();
+    let metadata: Value = serde_json::from_slice(&metadata.stdout).unwrap();
+    let names = |kind: &str| -> Vec<String> {
+        metadata[kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names("actions"), ["inspect", "pause", "fetch_size"]);
+    assert_eq!(names("triggers"), ["caught"]);
     fleet.start_api().await;
     fleet.start_worker("w1", &[]).await;
     fleet

@@ -31,7 +31,9 @@ const { serve } = require(${JSON.stringify(path.join(src, 'host.js'))});
 const piece = findPiece(require(${JSON.stringify(entry)}));
 const about = ${JSON.stringify(about)};
 if (process.argv[2] === '--metadata') {
-  process.stdout.write(JSON.stringify(describe(piece, about).metadata) + '\\n');
+  const described = describe(piece, about);
+  for (const why of described.skipped) console.error(\`left out: \${why}\`);
+  process.stdout.write(JSON.stringify(described.metadata) + '\\n');
 } else {
   serve(piece, about);
 }

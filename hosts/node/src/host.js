@@ -178,6 +178,7 @@ class Host {
       this.guarded = true;
     }
     this.described = describePiece(this.piece, this.pkg);
+    for (const why of this.described.skipped) this.log(undefined, 'warn', `left out: ${why}`);
     return { protocol: PROTOCOL, piece: this.described.metadata };
   }
 

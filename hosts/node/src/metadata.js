@@ -149,7 +149,19 @@ function describe(piece, pkg) {
     triggers: [],
   };
   if (piece.logoUrl) metadata.logo_url = String(piece.logoUrl);
-  for (const action of Object.values(piece.actions())) {
+  // A member using a feature the host lacks is left out (and said so), not the whole piece.
+  const skipped = [];
+  const each = (members, convert) => {
+    for (const member of Object.values(members)) {
+      try {
+        convert(member);
+      } catch (err) {
+        if (!(err instanceof Unsupported)) throw err;
+        skipped.push(err.message);
+      }
+    }
+  };
+  each(piece.actions(), (action) => {
     const name = snake(action.name);
     const converted = props(action.props, `action \`${action.name}\``);
     metadata.actions.push({
@@ -160,9 +172,10 @@ function describe(piece, pkg) {
       require_auth: hasAuth && action.requireAuth !== false,
     });
     actions.set(name, { action, names: converted.names });
-  }
-  for (const trigger of Object.values(piece.triggers())) {
+  });
+  each(piece.triggers(), (trigger) => {
     const name = snake(trigger.name);
+    const kind = triggerKind(trigger);
     const converted = props(trigger.props, `trigger \`${trigger.name}\``);
     metadata.triggers.push({
       name,
@@ -170,11 +183,11 @@ function describe(piece, pkg) {
       description: String(trigger.description ?? ''),
       props: converted.props,
       require_auth: hasAuth && trigger.requireAuth !== false,
-      ...triggerKind(trigger),
+      ...kind,
     });
     triggers.set(name, { trigger, names: converted.names });
-  }
-  return { metadata, actions, triggers, authNames: pieceAuth.names, pieceAuth: piece.auth };
+  });
+  return { metadata, actions, triggers, skipped, authNames: pieceAuth.names, pieceAuth: piece.auth };
 }
 
 /** The piece among a module's exports: the one built by `createPiece`. */
