@@ -36,17 +36,9 @@ pub fn is_node_piece(dir: &Path) -> bool {
 
 /// `node` on PATH, or a clear error.
 pub fn node() -> anyhow::Result<PathBuf> {
-    which("node").context(
+    piecework_host::node_program().context(
         "a TypeScript piece needs Node.js 20 or newer: `node` is not on PATH (apt-get install nodejs npm)",
     )
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|candidate| candidate.is_file())
 }
 
 /// The host, unpacked and with its dependencies installed, in the cache.

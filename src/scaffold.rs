@@ -64,26 +64,11 @@ fn find_checkout(sdk: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 pub fn create(name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> anyhow::Result<Scaffolded> {
-    if !piecework_sdk::piece::is_piece_name(name) {
-        bail!(
-            "{name:?} is not a valid piece name: use lowercase letters, digits and '-', starting with a letter (e.g. acme-crm)"
-        );
-    }
-    if crate::registry::pieces().is_ok_and(|r| r.contains(name)) {
-        bail!("`{name}` is a built-in piece; choose another name");
-    }
-    let dir = dir.map_or_else(|| PathBuf::from(name), Path::to_owned);
-    if dir.exists() {
-        bail!("{} already exists", dir.display());
-    }
+    let dir = new_piece_dir(name, dir)?;
     let checkout = find_checkout(sdk)?;
     let crate_name = format!("piecework-piece-{name}");
     let module = crate_name.replace('-', "_");
-    let title = name
-        .split('-')
-        .map(capitalize)
-        .collect::<Vec<_>>()
-        .join(" ");
+    let title = title_of(name);
     let sdk_path = checkout.join("crates/sdk");
     for (path, text) in files(name, &crate_name, &module, &title, &sdk_path) {
         let path = dir.join(path);
@@ -102,24 +87,9 @@ pub fn create(name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> anyhow::Res
 /// `piece test`, `piece build` and `piece conformance` take as they take a Rust piece; its
 /// dependencies are installed by the first `piece build` (or `npm install`).
 pub fn create_typescript(name: &str, dir: Option<&Path>) -> anyhow::Result<Scaffolded> {
-    if !piecework_sdk::piece::is_piece_name(name) {
-        bail!(
-            "{name:?} is not a valid piece name: use lowercase letters, digits and '-', starting with a letter (e.g. acme-crm)"
-        );
-    }
-    if crate::registry::pieces().is_ok_and(|r| r.contains(name)) {
-        bail!("`{name}` is a built-in piece; choose another name");
-    }
-    let dir = dir.map_or_else(|| PathBuf::from(name), Path::to_owned);
-    if dir.exists() {
-        bail!("{} already exists", dir.display());
-    }
+    let dir = new_piece_dir(name, dir)?;
     let package = format!("@private/piece-{name}");
-    let title = name
-        .split('-')
-        .map(capitalize)
-        .collect::<Vec<_>>()
-        .join(" ");
+    let title = title_of(name);
     let export = name
         .split('-')
         .enumerate()
@@ -214,6 +184,32 @@ export const {export} = createPiece({{
         dir,
         crate_name: package,
     })
+}
+
+/// Checks a new piece's name and returns the directory to create it in (`./NAME` unless
+/// given), which must not exist yet.
+fn new_piece_dir(name: &str, dir: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if !piecework_sdk::piece::is_piece_name(name) {
+        bail!(
+            "{name:?} is not a valid piece name: use lowercase letters, digits and '-', starting with a letter (e.g. acme-crm)"
+        );
+    }
+    if crate::registry::pieces().is_ok_and(|r| r.contains(name)) {
+        bail!("`{name}` is a built-in piece; choose another name");
+    }
+    let dir = dir.map_or_else(|| PathBuf::from(name), Path::to_owned);
+    if dir.exists() {
+        bail!("{} already exists", dir.display());
+    }
+    Ok(dir)
+}
+
+/// `acme-crm` → `Acme Crm`.
+fn title_of(name: &str) -> String {
+    name.split('-')
+        .map(capitalize)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn capitalize(word: &str) -> String {

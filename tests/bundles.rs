@@ -599,13 +599,7 @@ async fn dropdown_options_come_from_the_piece_process_with_the_connection() {
     let mut fleet = Fleet::start("").await;
     fleet.with_demo_piece();
     fleet.start_api().await;
-    fleet
-        .save_connection(
-            "tickets",
-            "my-company-api",
-            json!({ "api_key": KEY, "environment": "dev", "base_url": mock.url }),
-        )
-        .await;
+    fleet.save_tickets_connection(KEY, &mock.url).await;
     let options = |query: &str| {
         let url = format!("{}/v1/pieces/my-company-api/props/{query}", fleet.api);
         async move {
@@ -696,13 +690,7 @@ async fn a_typescript_piece_of_the_activepieces_framework_runs_on_the_fleet() {
     build_into_pieces(&fleet, "examples/ts-pieces/my-company-api");
     fleet.start_api().await;
     fleet.start_worker("w1", &[]).await;
-    fleet
-        .save_connection(
-            "tickets",
-            "my-company-api",
-            json!({ "api_key": KEY, "environment": "dev", "base_url": mock.url }),
-        )
-        .await;
+    fleet.save_tickets_connection(KEY, &mock.url).await;
     fleet
         .apply(
             "apiVersion: piecework/v1\nkind: Flow\nname: ts-tickets\ntrigger: { piece: webhook, trigger: catch, auth: none }\nsteps:\n  - { name: file, piece: my-company-api, action: create_ticket, connection: tickets, input: { title: \"{{ trigger.body.title }}\", description: from a TypeScript piece } }\n  - { name: health, piece: my-company-api, action: health_check, connection: tickets }\n",
@@ -820,13 +808,7 @@ async fn a_typescript_polling_trigger_starts_one_run_per_new_item() {
     fleet.start_api().await;
     fleet.start_scheduler("s1").await;
     fleet.start_worker("w1", &[]).await;
-    fleet
-        .save_connection(
-            "tickets",
-            "my-company-api",
-            json!({ "api_key": KEY, "environment": "dev", "base_url": mock.url }),
-        )
-        .await;
+    fleet.save_tickets_connection(KEY, &mock.url).await;
     fleet
         .apply(
             "apiVersion: piecework/v1\nkind: Flow\nname: ts-new-tickets\ntrigger: { piece: my-company-api, trigger: new_ticket, connection: tickets, poll_interval: 1s }\nsteps:\n  - { name: note, piece: data, action: set, input: { value: \"{{ trigger.title }}\" } }\n",

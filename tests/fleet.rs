@@ -1287,13 +1287,7 @@ async fn a_backlog_filed_while_a_polling_flow_was_paused_gets_one_run_per_item()
     fleet.start_api().await;
     fleet.start_scheduler("s1").await;
     fleet.start_worker("w1", &["--concurrency", "32"]).await;
-    fleet
-        .save_connection(
-            "tickets",
-            "my-company-api",
-            json!({ "api_key": KEY, "environment": "dev", "base_url": mock.url }),
-        )
-        .await;
+    fleet.save_tickets_connection(KEY, &mock.url).await;
     fleet
         .apply(
             "apiVersion: piecework/v1\nkind: Flow\nname: backlog\ntrigger: { piece: my-company-api, trigger: new_ticket, connection: tickets, poll_interval: 1s }\nsteps:\n  - { name: note, piece: data, action: set, input: { value: \"{{ trigger.id }}\" } }\n",

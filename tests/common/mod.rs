@@ -335,6 +335,17 @@ impl Fleet {
         );
     }
 
+    /// Saves connection `tickets` of `my-company-api` to the mock ticketing API at `url`
+    /// with API key `key`.
+    pub async fn save_tickets_connection(&self, key: &str, url: &str) {
+        self.save_connection(
+            "tickets",
+            "my-company-api",
+            json!({ "api_key": key, "environment": "dev", "base_url": url }),
+        )
+        .await;
+    }
+
     /// Every process's log, concatenated.
     pub fn all_logs(&self) -> String {
         let mut names: Vec<&String> = self.processes.keys().collect();

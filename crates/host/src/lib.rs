@@ -520,7 +520,7 @@ impl Prepare for Launcher {
 pub const NODE_ADDRESS_SPACE_MB: u64 = 64 * 1024;
 
 /// `node` on this process's PATH: the Node host runs `node` bundles with it.
-fn node_program() -> Option<std::path::PathBuf> {
+pub fn node_program() -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
             .map(|dir| dir.join("node"))

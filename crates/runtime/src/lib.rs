@@ -876,7 +876,7 @@ impl Runtime {
                         || (pending
                             && self
                                 .store
-                                .outbox(Utc::now() + chrono::Duration::hours(1), 1)
+                                .outbox(self.now() + chrono::Duration::hours(1), 1)
                                 .await
                                 .map_or(true, |left| !left.is_empty()))
                 }
