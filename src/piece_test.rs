@@ -85,7 +85,9 @@ async fn run_member(
         ScopedStore::new(Arc::new(MemoryKv::default()), "local"),
         HttpClient::new(local_egress())?,
     )
-    .with_auth(auth);
+    .with_auth(auth)
+    .with_webhook_url(Some("http://127.0.0.1:8080/v1/webhooks/local".into()))
+    .trial();
 
     let output = if let Some(action) = found.action(name) {
         action.run_json(&ctx, input).await
@@ -102,7 +104,7 @@ async fn run_member(
                     ..WebhookRequest::default()
                 };
                 trigger
-                    .handle_json(Value::Object(Default::default()), &request)
+                    .handle_json(&ctx, Value::Object(Default::default()), &request)
                     .await
                     .map(Value::Array)
             }

@@ -689,7 +689,7 @@ async fn a_typescript_piece_of_the_activepieces_framework_runs_on_the_fleet() {
     let mut fleet = Fleet::start("").await;
     build_into_pieces(&fleet, "examples/ts-pieces/my-company-api");
     fleet.start_api().await;
-    fleet.start_worker("w1", &[]).await;
+    let worker = fleet.start_worker("w1", &[]).await;
     fleet.save_tickets_connection(KEY, &mock.url).await;
     fleet
         .apply(
@@ -703,6 +703,16 @@ async fn a_typescript_piece_of_the_activepieces_framework_runs_on_the_fleet() {
     assert_eq!(run["steps"][0]["version"], "1.0.0");
     assert_eq!(run["steps"][1]["output"]["status"], "healthy", "{run}");
     assert_eq!(run["steps"][1]["output"]["apiVersion"], "v1");
+    // The action named `health_check` is the piece's health check, as in the guide.
+    let metrics = common::get_text(&worker.replace("/readyz", "/metrics")).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("piecework_piece_healthy{")
+                && line.contains("my-company-api")
+                && line.ends_with(" 1")),
+        "{metrics}"
+    );
     assert!(
         mock.requests()
             .iter()
@@ -893,8 +903,17 @@ async fn a_typescript_piece_gets_the_framework_context_and_a_clear_error_for_wha
             .map(|m| m["name"].as_str().unwrap().to_owned())
             .collect()
     };
-    assert_eq!(names("actions"), ["inspect", "pause", "fetch_size"]);
-    assert_eq!(names("triggers"), ["caught"]);
+    assert_eq!(
+        names("actions"),
+        [
+            "inspect",
+            "pause",
+            "fetch_size",
+            "http_size",
+            "slow_then_call"
+        ]
+    );
+    assert_eq!(names("triggers"), ["caught", "registered"]);
     fleet.start_api().await;
     fleet.start_worker("w1", &[]).await;
     fleet
@@ -933,22 +952,40 @@ async fn a_typescript_piece_gets_the_framework_context_and_a_clear_error_for_wha
     let again = run_once(&fleet, "ts-context", json!({ "v": "x" })).await;
     assert_eq!(again["steps"][0]["output"]["everywhere"], 3);
 
-    // `fetch` reads no more than max_response_bytes.
+    // `fetch` and `node:http` read no more than max_response_bytes.
+    for action in ["fetch_size", "http_size"] {
+        fleet
+            .apply(&format!(
+                "apiVersion: piecework/v1\nkind: Flow\nname: ts-fetch\ntrigger: {{ piece: webhook, trigger: catch, auth: none }}\nsteps:\n  - {{ name: get, piece: ts-context, action: {action}, connection: tok, input: {{ url: \"{}/big/k?bytes={{{{ trigger.body.bytes }}}}\" }} }}\n",
+                target.url
+            ))
+            .await;
+        let small = run_once(&fleet, "ts-fetch", json!({ "bytes": 100 })).await;
+        assert_eq!(small["status"], "succeeded", "{action}: {small}");
+        assert_eq!(small["steps"][0]["output"]["bytes"], 102, "{action}");
+        let big = run_once(&fleet, "ts-fetch", json!({ "bytes": 5000 })).await;
+        assert_eq!(big["status"], "failed", "{action}: {big}");
+        let error = big["steps"][0]["error"].as_str().unwrap();
+        assert!(
+            error.contains("larger than 1000 bytes (max_response_bytes)"),
+            "{action}: {error}"
+        );
+    }
+
+    // A cancelled call's requests are aborted: what it would have done next never happens.
     fleet
         .apply(&format!(
-            "apiVersion: piecework/v1\nkind: Flow\nname: ts-fetch\ntrigger: {{ piece: webhook, trigger: catch, auth: none }}\nsteps:\n  - {{ name: get, piece: ts-context, action: fetch_size, connection: tok, input: {{ url: \"{}/big/k?bytes={{{{ trigger.body.bytes }}}}\" }} }}\n",
-            target.url
+            "apiVersion: piecework/v1\nkind: Flow\nname: ts-cancel\ntrigger: {{ piece: webhook, trigger: catch, auth: none }}\nsteps:\n  - {{ name: slow, piece: ts-context, action: slow_then_call, connection: tok, timeout: 1s, retry: {{ max_attempts: 1 }}, input: {{ slow_url: \"{url}/slow/wait?ms=3000\", then_url: \"{url}/flaky/after?fail=0\" }} }}\n",
+            url = target.url
         ))
         .await;
-    let small = run_once(&fleet, "ts-fetch", json!({ "bytes": 100 })).await;
-    assert_eq!(small["status"], "succeeded", "{small}");
-    assert_eq!(small["steps"][0]["output"]["bytes"], 102);
-    let big = run_once(&fleet, "ts-fetch", json!({ "bytes": 5000 })).await;
-    assert_eq!(big["status"], "failed", "{big}");
-    let error = big["steps"][0]["error"].as_str().unwrap();
+    let run = run_once(&fleet, "ts-cancel", json!({})).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(target.hits("wait").len(), 1);
     assert!(
-        error.contains("larger than 1000 bytes (max_response_bytes)"),
-        "{error}"
+        target.hits("after").is_empty(),
+        "the cancelled call went on"
     );
 
     fleet
@@ -973,4 +1010,64 @@ async fn a_typescript_piece_gets_the_framework_context_and_a_clear_error_for_wha
         assert_eq!(run["status"], "succeeded", "{run}");
         assert_eq!(run["steps"][0]["output"], json!(n + 1));
     }
+
+    // A trigger's onEnable runs when its flow starts listening (with the connection, the
+    // flow's store and the flow's webhook URL) and onDisable when it stops; re-applying
+    // the flow with the same trigger runs neither; an onEnable that throws leaves the flow
+    // disabled, saying why.
+    let hooked = |step: &str, refuse: bool| {
+        format!(
+            "apiVersion: piecework/v1\nkind: Flow\nname: ts-hooks\ntrigger: {{ piece: ts-context, trigger: registered, connection: tok, auth: none, input: {{ refuse: {refuse} }} }}\nsteps:\n  - {{ name: {step}, piece: data, action: set, input: {{ value: \"{{{{ trigger }}}}\" }} }}\n"
+        )
+    };
+    let seen = |run: &Value| run["steps"][0]["output"].clone();
+    fleet.apply(&hooked("note", false)).await;
+    let run = run_once(&fleet, "ts-hooks", json!({})).await;
+    let item = seen(&run);
+    let url = format!("{}/v1/webhooks/ts-hooks", fleet.api);
+    assert_eq!(item["webhookUrl"], url.as_str(), "{run}");
+    assert_eq!(
+        item["registration"],
+        json!({ "url": url, "token": true }),
+        "{run}"
+    );
+    assert_eq!(
+        (item["enables"].clone(), item["disables"].clone()),
+        (json!(1), json!(0))
+    );
+    assert_eq!(item["token"], true, "the webhook call gets the connection");
+    fleet.apply(&hooked("renamed", false)).await;
+    let item = seen(&run_once(&fleet, "ts-hooks", json!({})).await);
+    assert_eq!(
+        item["enables"], 1,
+        "the same trigger stays registered: {item}"
+    );
+    for toggle in ["disable", "enable"] {
+        let response = client()
+            .post(format!("{}/v1/flows/ts-hooks/{toggle}", fleet.api))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{toggle}");
+    }
+    let item = seen(&run_once(&fleet, "ts-hooks", json!({})).await);
+    assert_eq!(
+        (item["enables"].clone(), item["disables"].clone()),
+        (json!(2), json!(1))
+    );
+    assert_eq!(item["registration"]["url"], url.as_str());
+    let response = client()
+        .post(format!("{}/v1/flows", fleet.api))
+        .body(hooked("note", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let error = response.text().await.unwrap();
+    assert!(
+        error.contains("is disabled") && error.contains("the source refused the registration"),
+        "{error}"
+    );
+    let flow = fleet.get("/v1/flows/ts-hooks").await;
+    assert_eq!(flow["flow"]["enabled"], false, "{flow}");
 }

@@ -145,6 +145,7 @@ pub async fn run(program: &Path, dir: &Path) -> Report {
 pub async fn run_with(program: &Path, args: &[OsString], dir: &Path) -> Report {
     let mut checks = Vec::new();
     let mut piece = None;
+    let mut minor = 0;
     let mut check = |name: &'static str, outcome: Result<(), String>| {
         checks.push(Check {
             name,
@@ -199,6 +200,7 @@ pub async fn run_with(program: &Path, args: &[OsString], dir: &Path) -> Report {
             let described: protocol::Described = frame.outcome().map_err(|e| e.to_string())?;
             protocol::check_version(&described.protocol, "piece").map_err(|e| e.to_string())?;
             check_metadata(&described.piece)?;
+            minor = protocol::minor_of(&described.protocol).unwrap_or(0);
             piece = Some(described.piece);
             Ok(())
         }
@@ -253,6 +255,18 @@ pub async fn run_with(program: &Path, args: &[OsString], dir: &Path) -> Report {
         peer.send(7, method::RUN_ACTION, &json!({ "action": 7, "context": context })).await?;
         error_of(&peer.answer(7).await?).map(drop).ok_or_else(|| "malformed params were accepted".to_owned())
     }.await);
+    if minor >= 3 {
+        check("refuses to enable a trigger it does not have (1.3)", async {
+            let context = json!({ "run": { "run_id": "enable", "flow_id": "f", "flow_version": 1, "step": "trigger", "attempt": 1, "idempotency_key": "enable:trigger" } });
+            peer.send(8, method::ENABLE, &json!({ "trigger": "no_such_trigger", "input": {}, "context": context })).await?;
+            let frame = peer.answer(8).await?;
+            match error_of(&frame) {
+                Some(error) if error.kind == piecework_sdk::ErrorKind::Fatal => Ok(()),
+                Some(_) => Err("an unknown trigger must be a fatal error".into()),
+                None => Err("it enabled a trigger that does not exist".into()),
+            }
+        }.await);
+    }
     check(
         "answers concurrent requests by id",
         async {

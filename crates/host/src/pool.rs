@@ -190,6 +190,7 @@ impl Pool {
             process.end(Exit::Killed("it is not the piece its bundle says".into()));
             return Err(error);
         }
+        process.set_protocol(&described.protocol);
         tracing::info!(piece = %self.label.piece, version = %self.label.version, digest = %self.label.digest, pid = process.pid(), "piece process ready");
         Ok(process)
     }

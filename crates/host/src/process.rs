@@ -160,6 +160,8 @@ pub struct Process {
     max_message: usize,
     cancel_grace: Duration,
     last_used: Mutex<Instant>,
+    /// The protocol minor the piece answered `describe` with: which optional methods it knows.
+    minor: AtomicU64,
 }
 
 impl std::fmt::Debug for Process {
@@ -240,6 +242,7 @@ impl Process {
             max_message: launch.max_message_bytes,
             cancel_grace: launch.cancel_grace,
             last_used: Mutex::new(Instant::now()),
+            minor: AtomicU64::new(0),
         });
         tokio::spawn(read_frames(process.clone_link(), stdout));
         tracing::debug!(piece = %launch.label.piece, version = %launch.label.version, pid, "piece process started");
@@ -263,6 +266,17 @@ impl Process {
 
     pub fn pid(&self) -> Option<u32> {
         self.pid
+    }
+
+    /// Records the protocol version the piece described itself with.
+    pub fn set_protocol(&self, version: &str) {
+        let minor = piecework_sdk::protocol::minor_of(version).unwrap_or(0);
+        self.minor.store(minor, Ordering::Relaxed);
+    }
+
+    /// Whether the piece speaks protocol 1.`minor` or later.
+    pub fn speaks(&self, minor: u64) -> bool {
+        self.minor.load(Ordering::Relaxed) >= minor
     }
 
     pub fn uptime(&self) -> Duration {

@@ -13,7 +13,9 @@ use piecework_sdk::auth::DynValidateAuth;
 use piecework_sdk::mask::Secrets;
 use piecework_sdk::prop::{DropdownOptions, dynamic_dropdown, validate_props};
 use piecework_sdk::protocol::{self, CallContext, method};
-use piecework_sdk::trigger::{DynPolling, DynSchedule, DynWebhook, TriggerHandle, TriggerSpec};
+use piecework_sdk::trigger::{
+    DynPolling, DynSchedule, DynWebhook, TriggerHandle, TriggerHook, TriggerSpec,
+};
 use piecework_sdk::{
     Context, Piece, PieceAuth, PieceDefinitionError, PieceError, PieceMetadata, PolledItem,
     Schedule, TriggerKind, WebhookRequest,
@@ -175,7 +177,33 @@ impl RemoteTrigger {
     fn input(&self, input: &Value) -> Result<Value, PieceError> {
         Ok(Value::Object(validate_props(&self.spec.props, input)?))
     }
+
+    /// Sends `enable` or `disable`; a piece older than protocol 1.3 has no hooks to run.
+    async fn hook(&self, ctx: &Context, hook: TriggerHook, input: Value) -> Result<(), PieceError> {
+        let process = self.pool.process().await?;
+        if !process.speaks(HOOKS_MINOR) {
+            return Ok(());
+        }
+        let params = protocol::TriggerHookOf {
+            trigger: Cow::Borrowed(&self.spec.name),
+            input: self.input(&input)?,
+            context: call_context(ctx),
+            webhook_url: ctx.webhook_url().map(Cow::Borrowed),
+        };
+        let name = match hook {
+            TriggerHook::Enable => method::ENABLE,
+            TriggerHook::Disable => method::DISABLE,
+        };
+        let scope = Some(scope(ctx, &self.auth));
+        process
+            .call::<Option<Value>>(name, &params, scope)
+            .await
+            .map(drop)
+    }
 }
+
+/// The protocol minor that brought `enable` and `disable`.
+const HOOKS_MINOR: u64 = 3;
 
 impl DynPolling for RemoteTrigger {
     fn spec(&self) -> &TriggerSpec {
@@ -193,6 +221,7 @@ impl DynPolling for RemoteTrigger {
                 input: self.input(&input)?,
                 context: call_context(ctx),
                 cursor: ctx.poll_cursor().map(Cow::Borrowed),
+                trial: ctx.is_trial(),
             };
             self.pool
                 .call(method::POLL, &params, Some(scope(ctx, &self.auth)))
@@ -217,6 +246,15 @@ impl DynPolling for RemoteTrigger {
             input,
         ))
     }
+
+    fn hook_json<'a>(
+        &'a self,
+        ctx: &'a Context,
+        hook: TriggerHook,
+        input: Value,
+    ) -> BoxFuture<'a, Result<(), PieceError>> {
+        Box::pin(self.hook(ctx, hook, input))
+    }
 }
 
 impl DynWebhook for RemoteTrigger {
@@ -226,6 +264,7 @@ impl DynWebhook for RemoteTrigger {
 
     fn handle_json<'a>(
         &'a self,
+        ctx: &'a Context,
         input: Value,
         request: &'a WebhookRequest,
     ) -> BoxFuture<'a, Result<Vec<Value>, PieceError>> {
@@ -234,9 +273,21 @@ impl DynWebhook for RemoteTrigger {
                 trigger: Cow::Borrowed(&self.spec.name),
                 input: self.input(&input)?,
                 request: Cow::Borrowed(request),
+                context: Some(call_context(ctx)),
+                webhook_url: ctx.webhook_url().map(Cow::Borrowed),
             };
-            self.pool.call(method::WEBHOOK, &params, None).await
+            let scope = Some(scope(ctx, &self.auth));
+            self.pool.call(method::WEBHOOK, &params, scope).await
         })
+    }
+
+    fn hook_json<'a>(
+        &'a self,
+        ctx: &'a Context,
+        hook: TriggerHook,
+        input: Value,
+    ) -> BoxFuture<'a, Result<(), PieceError>> {
+        Box::pin(self.hook(ctx, hook, input))
     }
 }
 

@@ -14,8 +14,8 @@ use piecework_host::build::{self, Options};
 use piecework_host::directory::Directory;
 use piecework_host::{HostConfig, PieceHost, Source, conformance};
 use piecework_sdk::{
-    Context, EgressPolicy, HttpClient, KvStore, MemoryKv, Owner, Piece, PieceError, RunInfo,
-    ScopedStore, TriggerHandle, WebhookRequest,
+    Context, EgressPolicy, HttpClient, KvStore, MemoryKv, Owner, Piece, PieceError, RunInfo, Scope,
+    ScopedStore, TriggerHandle, TriggerHook, WebhookRequest,
 };
 use piecework_testkit::binaries;
 use serde_json::{Value, json};
@@ -206,9 +206,29 @@ async fn calls_cross_the_process_boundary_with_validated_input_and_the_flow_stor
         ..WebhookRequest::default()
     };
     assert_eq!(
-        hook.handle_json(json!({}), &request).await.unwrap().len(),
+        hook.handle_json(&ctx, json!({}), &request)
+            .await
+            .unwrap()
+            .len(),
         2
     );
+    // Its hooks reach the piece with the flow's store, its connection and its webhook URL.
+    let registered = h
+        .ctx("hooked", Some(json!({"key": "good-1234"})))
+        .with_webhook_url(Some("https://pw.example/v1/webhooks/hooked".into()));
+    hook.hook_json(&registered, TriggerHook::Enable, json!({}))
+        .await
+        .unwrap();
+    let stored = registered.store.get(Scope::Flow, "registration").await;
+    assert_eq!(
+        stored.unwrap(),
+        Some(json!({"url": "https://pw.example/v1/webhooks/hooked", "has_key": true}))
+    );
+    hook.hook_json(&registered, TriggerHook::Disable, json!({}))
+        .await
+        .unwrap();
+    let stored = registered.store.get(Scope::Flow, "registration").await;
+    assert_eq!(stored.unwrap(), None);
     let Some(TriggerHandle::Schedule(every)) = piece.trigger("every") else {
         panic!()
     };

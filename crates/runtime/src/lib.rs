@@ -14,6 +14,7 @@ mod clock;
 pub mod pieces;
 pub mod rotation;
 pub mod secrets;
+mod trigger_hooks;
 pub mod upgrade;
 pub mod webhooks;
 
@@ -650,9 +651,16 @@ impl Runtime {
         let apply = async {
             let valid = flow::validate(definition, &self.pieces()).await?;
             let trigger = valid.definition.trigger.clone();
+            let before = self.store.get_flow(&valid.definition.name).await?;
             let applied = self.store.apply_flow(valid).await?;
             let webhook_secret = self
                 .ensure_webhook_secret(&applied.record.id, &trigger)
+                .await?;
+            let listening = trigger_hooks::Listening {
+                before: before.filter(|r| r.enabled).map(|r| r.latest_version),
+                after: applied.record.enabled.then_some(applied.version),
+            };
+            self.run_trigger_hooks(&applied.record.id, listening, actor)
                 .await?;
             Ok(AppliedFlow {
                 applied,
@@ -1568,10 +1576,30 @@ impl Runtime {
             "flow.disable"
         };
         let change = async {
-            self.store
+            let before = self
+                .store
+                .get_flow(flow_id)
+                .await?
+                .ok_or_else(|| RuntimeError::NoSuchFlow(flow_id.to_owned()))?;
+            let version = before.latest_version;
+            let listening = trigger_hooks::Listening {
+                before: before.enabled.then_some(version),
+                after: enabled.then_some(version),
+            };
+            if enabled && !before.enabled {
+                // The trigger is enabled before any call is let in; a refusal leaves it off.
+                self.run_trigger_hooks(flow_id, listening, actor).await?;
+            }
+            let record = self
+                .store
                 .set_flow_enabled(flow_id, enabled)
                 .await?
-                .ok_or_else(|| RuntimeError::NoSuchFlow(flow_id.to_owned()))
+                .ok_or_else(|| RuntimeError::NoSuchFlow(flow_id.to_owned()))?;
+            if !enabled && before.enabled {
+                // Calls are refused from here; then the trigger undoes its registration.
+                self.run_trigger_hooks(flow_id, listening, actor).await?;
+            }
+            Ok(record)
         };
         self.audited(actor, action, &format!("flow/{flow_id}"), change)
             .await

@@ -9,6 +9,7 @@
 
 use piecework_core::WebhookAuth;
 use piecework_core::flow::TriggerDef;
+use piecework_sdk::mask::Secrets;
 
 use tracing::Instrument as _;
 
@@ -99,6 +100,16 @@ pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
     signed.extend_from_slice(body);
     let tag = ring::hmac::sign(&key, &signed);
     format!("sha256={}", encode_hex(tag.as_ref()))
+}
+
+/// Every string in `value`.
+fn string_leaves(value: &serde_json::Value) -> Vec<&str> {
+    match value {
+        serde_json::Value::String(text) => vec![text],
+        serde_json::Value::Array(items) => items.iter().flat_map(string_leaves).collect(),
+        serde_json::Value::Object(map) => map.values().flat_map(string_leaves).collect(),
+        _ => Vec::new(),
+    }
 }
 
 fn encode_hex(bytes: &[u8]) -> String {
@@ -378,15 +389,59 @@ impl Runtime {
         webhook: &dyn piecework_sdk::trigger::DynWebhook,
         request: &piecework_sdk::WebhookRequest,
     ) -> Result<Vec<serde_json::Value>, RuntimeError> {
-        let input = serde_json::Value::Object(flow.definition.trigger.input.clone());
-        webhook.handle_json(input, request).await.map_err(|e| {
-            let message = format!("webhook trigger rejected the request: {e}");
-            if e.is_retryable() {
-                RuntimeError::Unavailable(message)
-            } else {
-                RuntimeError::Invalid(message)
-            }
-        })
+        let trigger = &flow.definition.trigger;
+        let input = serde_json::Value::Object(trigger.input.clone());
+        // Only a trigger that names a connection costs a read of it.
+        let (auth, secrets) = match &trigger.connection {
+            Some(name) => self.trigger_connection(flow, name).await?,
+            None => (None, Secrets::default()),
+        };
+        let run = piecework_sdk::RunInfo::new("webhook", &flow.flow_id, flow.version, "trigger", 1)
+            .started_by(piecework_sdk::Principal::new(
+                format!("webhook:{}", flow.flow_id),
+                None,
+            ));
+        let ctx = self
+            .context(run, flow, auth)
+            .with_webhook_url(Some(self.webhook_url(&flow.flow_id)));
+        webhook
+            .handle_json(&ctx, input, request)
+            .await
+            .map_err(|e| {
+                let message = format!(
+                    "webhook trigger rejected the request: {}",
+                    secrets.mask(&e.to_string())
+                );
+                if e.is_retryable() {
+                    RuntimeError::Unavailable(message)
+                } else {
+                    RuntimeError::Invalid(message)
+                }
+            })
+    }
+
+    /// The values of the connection a flow's trigger names, and what of them to mask.
+    pub(crate) async fn trigger_connection(
+        &self,
+        flow: &piecework_core::FlowVersion,
+        name: &str,
+    ) -> Result<(Option<serde_json::Value>, Secrets), RuntimeError> {
+        let trigger = &flow.definition.trigger;
+        let values = self.connection_values(name, &trigger.piece).await?;
+        let piece = match flow.trigger_version() {
+            Some(version) => self
+                .catalog()
+                .get_or_fetch(&trigger.piece, version)
+                .await
+                .map_err(RuntimeError::Unavailable)?,
+            None => None,
+        };
+        // Without the piece's auth kind every string of the connection is masked.
+        let secrets = match &piece {
+            Some(piece) => Secrets::of(piece.auth(), &values),
+            None => Secrets::from_values(string_leaves(&values)),
+        };
+        Ok((Some(values), secrets))
     }
 
     /// Gives a flow whose webhook auth needs a secret one, unless it has one; returns the new

@@ -181,6 +181,8 @@ pub struct Context {
     auth: Option<Value>,
     progress: Option<ProgressSink>,
     poll_cursor: Option<crate::polling::PollCursor>,
+    webhook_url: Option<String>,
+    trial: bool,
 }
 
 impl Context {
@@ -193,7 +195,35 @@ impl Context {
             auth: None,
             progress: None,
             poll_cursor: None,
+            webhook_url: None,
+            trial: false,
         }
+    }
+
+    /// Marks a trial call (`piecework piece test`): nothing depends on its outcome.
+    pub fn trial(mut self) -> Self {
+        self.trial = true;
+        self
+    }
+
+    /// Whether this is a trial call. A polling trigger keeping its own state (as triggers of
+    /// the Activepieces framework do) should answer with the source's recent items and
+    /// leave its state alone.
+    pub fn is_trial(&self) -> bool {
+        self.trial
+    }
+
+    /// Tells a webhook trigger the public URL its flow's calls arrive at.
+    pub fn with_webhook_url(mut self, url: Option<String>) -> Self {
+        self.webhook_url = url;
+        self
+    }
+
+    /// For a webhook trigger (in its call and its enable and disable hooks): the public URL
+    /// the flow's webhook calls arrive at, to register with the system that sends them.
+    /// `None` when the installation has no public URL (`[api] public_url`).
+    pub fn webhook_url(&self) -> Option<&str> {
+        self.webhook_url.as_deref()
     }
 
     /// Tells a polling trigger how far its flow has read the source.
@@ -257,6 +287,8 @@ impl Context {
             auth: None,
             progress: self.progress.clone(),
             poll_cursor: self.poll_cursor.clone(),
+            webhook_url: self.webhook_url.clone(),
+            trial: self.trial,
         }
     }
 }

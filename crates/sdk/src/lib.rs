@@ -46,8 +46,8 @@ pub use prop::{DropdownOption, DropdownOptions, Prop, PropError, PropKind};
 pub use schedule::Schedule;
 pub use serve::serve;
 pub use trigger::{
-    PollingTrigger, ScheduleTrigger, TriggerHandle, TriggerKind, TriggerSpec, WebhookRequest,
-    WebhookTrigger,
+    PollingTrigger, ScheduleTrigger, TriggerHandle, TriggerHook, TriggerKind, TriggerSpec,
+    WebhookRequest, WebhookTrigger,
 };
 
 /// Re-exported so pieces need not depend on these directly.

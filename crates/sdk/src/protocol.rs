@@ -28,7 +28,7 @@ use crate::trigger::WebhookRequest;
 
 /// The protocol version this crate speaks: `major.minor`. Minor versions only add optional
 /// fields and methods; a different major is refused.
-pub const VERSION: &str = "1.2";
+pub const VERSION: &str = "1.3";
 /// The major part of [`VERSION`].
 pub const MAJOR: u64 = 1;
 /// The largest frame either side accepts unless the manifest says otherwise.
@@ -46,6 +46,10 @@ pub mod method {
     pub const HEALTH: &str = "health";
     /// The options of a dynamic dropdown (1.2).
     pub const OPTIONS: &str = "options";
+    /// A trigger's flow starts listening (1.3).
+    pub const ENABLE: &str = "enable";
+    /// A trigger's flow stops listening (1.3).
+    pub const DISABLE: &str = "disable";
     /// A notification: stop working on request `id` and answer it with an error.
     pub const CANCEL: &str = "cancel";
     // piece → host, during a call
@@ -62,6 +66,13 @@ pub fn major_of(version: &str) -> Option<u64> {
     let (major, minor) = version.split_once('.')?;
     minor.parse::<u64>().ok()?;
     major.parse().ok()
+}
+
+/// The minor version of a `major.minor` string, if it is one: what optional methods the
+/// other side knows (`enable` needs 1.3).
+pub fn minor_of(version: &str) -> Option<u64> {
+    major_of(version)?;
+    version.split_once('.')?.1.parse().ok()
 }
 
 /// Checks the other side's version; the error names both, as the contract requires.
@@ -261,6 +272,10 @@ pub struct Poll<'a> {
     /// How far the flow has read the source (1.2; absent on its first poll).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<Cow<'a, crate::polling::PollCursor>>,
+    /// A trial poll from `piece test` (1.3): answer with the source's recent items and keep
+    /// no state of the piece's own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trial: bool,
 }
 
 /// `webhook` params; the result is the list of items that start runs.
@@ -269,6 +284,25 @@ pub struct Webhook<'a> {
     pub trigger: Cow<'a, str>,
     pub input: Value,
     pub request: Cow<'a, WebhookRequest>,
+    /// The flow, its owner and the trigger's connection (1.3; absent from older hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<CallContext<'a>>,
+    /// The public URL the flow's webhook calls arrive at (1.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<Cow<'a, str>>,
+}
+
+/// `enable` and `disable` params (1.3): a polling or webhook trigger's flow starts or stops
+/// listening. `context.run` names the flow and the version whose trigger it is (`run_id` is
+/// `enable` or `disable`); the store is the flow's, as in its polls and webhook calls. The
+/// result is `null`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TriggerHookOf<'a> {
+    pub trigger: Cow<'a, str>,
+    pub input: Value,
+    pub context: CallContext<'a>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<Cow<'a, str>>,
 }
 
 /// `schedule` params; the result is `{"every": "5m"}` or `{"cron": "…"}`.
@@ -473,10 +507,12 @@ mod tests {
     fn versions_of_another_major_are_refused_naming_both() {
         assert!(check_version("1.0", "piece").is_ok());
         assert!(check_version("1.7", "piece").is_ok());
+        assert_eq!(minor_of("1.12"), Some(12));
+        assert_eq!(minor_of("1.x"), None);
         let err = check_version("2.0", "piece").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "the piece speaks piece protocol 2.0, this side speaks 1.2: major versions differ"
+            "the piece speaks piece protocol 2.0, this side speaks 1.3: major versions differ"
         );
         assert!(!err.is_retryable());
         assert!(

@@ -29,12 +29,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::Scope;
-use crate::context::{Context, ScopedKv, ScopedStore};
+use crate::context::{Context, RunInfo, ScopedKv, ScopedStore};
 use crate::error::PieceError;
 use crate::http::HttpClient;
 use crate::piece::{Piece, PieceDefinitionError};
 use crate::protocol::{self, Frame, LogLevel, Read, WireError, method};
-use crate::trigger::TriggerHandle;
+use crate::trigger::{TriggerHandle, TriggerHook};
 
 /// Frames waiting to be written; responses wait for room, logs are dropped when it is full.
 const OUTBOX: usize = 1024;
@@ -233,6 +233,8 @@ impl Session {
             | method::WEBHOOK
             | method::SCHEDULE
             | method::OPTIONS
+            | method::ENABLE
+            | method::DISABLE
             | method::VALIDATE_AUTH => self.start_call(id, frame),
             other => {
                 let err = PieceError::fatal(format!("unknown method `{other}`"));
@@ -295,9 +297,12 @@ impl Session {
                 let Some(TriggerHandle::Polling(trigger)) = piece.trigger(&params.trigger) else {
                     return Err(self.no_trigger(&params.trigger, "polling"));
                 };
-                let ctx = self
+                let mut ctx = self
                     .context(id, params.context)
                     .with_poll_cursor(params.cursor.map(std::borrow::Cow::into_owned));
+                if params.trial {
+                    ctx = ctx.trial();
+                }
                 let items = trigger.poll_json(&ctx, params.input).await?;
                 to_value(&items)
             }
@@ -306,8 +311,41 @@ impl Session {
                 let Some(TriggerHandle::Webhook(trigger)) = piece.trigger(&params.trigger) else {
                     return Err(self.no_trigger(&params.trigger, "webhook"));
                 };
-                let items = trigger.handle_json(params.input, &params.request).await?;
+                // A host before 1.3 sends no context: the call gets an empty one.
+                let context = params.context.unwrap_or_else(|| protocol::CallContext {
+                    run: std::borrow::Cow::Owned(RunInfo::new("webhook", "", 0, "trigger", 1)),
+                    owner: std::borrow::Cow::Owned(Default::default()),
+                    auth: None,
+                    limits: Default::default(),
+                });
+                let ctx = self
+                    .context(id, context)
+                    .with_webhook_url(params.webhook_url.map(std::borrow::Cow::into_owned));
+                let items = trigger
+                    .handle_json(&ctx, params.input, &params.request)
+                    .await?;
                 Ok(Value::Array(items))
+            }
+            method::ENABLE | method::DISABLE => {
+                let hook = if frame.method.as_deref() == Some(method::ENABLE) {
+                    TriggerHook::Enable
+                } else {
+                    TriggerHook::Disable
+                };
+                let params: protocol::TriggerHookOf = frame.params()?;
+                let ctx = self
+                    .context(id, params.context)
+                    .with_webhook_url(params.webhook_url.map(std::borrow::Cow::into_owned));
+                match piece.trigger(&params.trigger) {
+                    Some(TriggerHandle::Polling(trigger)) => {
+                        trigger.hook_json(&ctx, hook, params.input).await?
+                    }
+                    Some(TriggerHandle::Webhook(trigger)) => {
+                        trigger.hook_json(&ctx, hook, params.input).await?
+                    }
+                    _ => return Err(self.no_trigger(&params.trigger, "polling or webhook")),
+                }
+                Ok(Value::Null)
             }
             method::SCHEDULE => {
                 let params: protocol::ScheduleOf = frame.params()?;

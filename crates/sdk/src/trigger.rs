@@ -38,6 +38,16 @@ pub enum TriggerKind {
     Schedule,
 }
 
+/// Which of a trigger's lifecycle hooks runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TriggerHook {
+    /// The flow starts listening (`on_enable`).
+    Enable,
+    /// The flow stops listening (`on_disable`).
+    Disable,
+}
+
 /// A trigger's metadata: the guide's `createTrigger` fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TriggerSpec {
@@ -152,6 +162,29 @@ pub trait PollingTrigger: Send + Sync + 'static {
         ));
         async move { Err(none) }
     }
+
+    /// Runs when the flow starts listening: it was enabled, or applied enabled with a new
+    /// trigger. The place to register with the source (`ctx.webhook_url()`) and keep what
+    /// undoing it needs in `ctx.store`. An error refuses the enable.
+    fn on_enable(
+        &self,
+        ctx: &Context,
+        input: Self::Input,
+    ) -> impl Future<Output = Result<(), PieceError>> + Send {
+        let _ = (ctx, input);
+        std::future::ready(Ok(()))
+    }
+
+    /// Runs when the flow stops listening: it was disabled, or its trigger replaced. An
+    /// error is logged; the flow is disabled all the same.
+    fn on_disable(
+        &self,
+        ctx: &Context,
+        input: Self::Input,
+    ) -> impl Future<Output = Result<(), PieceError>> + Send {
+        let _ = (ctx, input);
+        std::future::ready(Ok(()))
+    }
 }
 
 /// An incoming webhook request, as the webhook trigger sees it.
@@ -203,6 +236,29 @@ pub trait WebhookTrigger: Send + Sync + 'static {
         let _ = input;
         Ok(vec![request.to_item()])
     }
+
+    /// Runs when the flow starts listening: it was enabled, or applied enabled with a new
+    /// trigger. The place to register with the source (`ctx.webhook_url()`) and keep what
+    /// undoing it needs in `ctx.store`. An error refuses the enable.
+    fn on_enable(
+        &self,
+        ctx: &Context,
+        input: Self::Input,
+    ) -> impl Future<Output = Result<(), PieceError>> + Send {
+        let _ = (ctx, input);
+        std::future::ready(Ok(()))
+    }
+
+    /// Runs when the flow stops listening: it was disabled, or its trigger replaced. An
+    /// error is logged; the flow is disabled all the same.
+    fn on_disable(
+        &self,
+        ctx: &Context,
+        input: Self::Input,
+    ) -> impl Future<Output = Result<(), PieceError>> + Send {
+        let _ = (ctx, input);
+        std::future::ready(Ok(()))
+    }
 }
 
 /// A trigger that fires on a schedule its input describes.
@@ -229,6 +285,13 @@ pub trait DynPolling: Send + Sync {
         prop: &'a str,
         input: Value,
     ) -> BoxFuture<'a, Result<DropdownOptions, PieceError>>;
+    /// Runs the trigger's `on_enable` or `on_disable`.
+    fn hook_json<'a>(
+        &'a self,
+        ctx: &'a Context,
+        hook: TriggerHook,
+        input: Value,
+    ) -> BoxFuture<'a, Result<(), PieceError>>;
 }
 
 /// Asynchronous, unlike [`WebhookTrigger::handle`], because a host may run the trigger in
@@ -237,9 +300,17 @@ pub trait DynWebhook: Send + Sync {
     fn spec(&self) -> &TriggerSpec;
     fn handle_json<'a>(
         &'a self,
+        ctx: &'a Context,
         input: Value,
         request: &'a WebhookRequest,
     ) -> BoxFuture<'a, Result<Vec<Value>, PieceError>>;
+    /// Runs the trigger's `on_enable` or `on_disable`.
+    fn hook_json<'a>(
+        &'a self,
+        ctx: &'a Context,
+        hook: TriggerHook,
+        input: Value,
+    ) -> BoxFuture<'a, Result<(), PieceError>>;
 }
 
 /// Asynchronous for the same reason as [`DynWebhook`].
@@ -298,6 +369,21 @@ impl<T: PollingTrigger> DynPolling for Erased<T> {
             self.trigger.options(ctx, prop, input).await
         })
     }
+
+    fn hook_json<'a>(
+        &'a self,
+        ctx: &'a Context,
+        hook: TriggerHook,
+        input: Value,
+    ) -> BoxFuture<'a, Result<(), PieceError>> {
+        Box::pin(async move {
+            let input = typed_input(&self.spec.props, &input)?;
+            match hook {
+                TriggerHook::Enable => self.trigger.on_enable(ctx, input).await,
+                TriggerHook::Disable => self.trigger.on_disable(ctx, input).await,
+            }
+        })
+    }
 }
 
 impl<T: WebhookTrigger> DynWebhook for Erased<T> {
@@ -307,12 +393,28 @@ impl<T: WebhookTrigger> DynWebhook for Erased<T> {
 
     fn handle_json<'a>(
         &'a self,
+        _ctx: &'a Context,
         input: Value,
         request: &'a WebhookRequest,
     ) -> BoxFuture<'a, Result<Vec<Value>, PieceError>> {
         let handled = typed_input(&self.spec.props, &input)
             .and_then(|input| self.trigger.handle(input, request));
         Box::pin(std::future::ready(handled))
+    }
+
+    fn hook_json<'a>(
+        &'a self,
+        ctx: &'a Context,
+        hook: TriggerHook,
+        input: Value,
+    ) -> BoxFuture<'a, Result<(), PieceError>> {
+        Box::pin(async move {
+            let input = typed_input(&self.spec.props, &input)?;
+            match hook {
+                TriggerHook::Enable => self.trigger.on_enable(ctx, input).await,
+                TriggerHook::Disable => self.trigger.on_disable(ctx, input).await,
+            }
+        })
     }
 }
 

@@ -11,8 +11,12 @@ const { AsyncLocalStorage } = require('node:async_hooks');
 const dns = require('node:dns');
 const net = require('node:net');
 const http = require('node:http');
+const https = require('node:https');
 
-/** The call a piece's code runs for, as far as its limits go: `{maxResponseBytes}`. */
+/**
+ * The call a piece's code runs for, as far as its outbound requests go: `{maxResponseBytes,
+ * signal}` — the signal aborts when piecework cancels the call.
+ */
 const callLimits = new AsyncLocalStorage();
 
 class EgressDenied extends Error {
@@ -222,18 +226,64 @@ function install(policy) {
       }
       // Redirects are followed by hand, so each hop is checked like the first; the body
       // is read no further than the call's (or the installation's) max_response_bytes.
-      const max = callLimits.getStore()?.maxResponseBytes || guard.maxResponseBytes;
+      const call = callLimits.getStore();
+      const max = call?.maxResponseBytes || guard.maxResponseBytes;
+      // A cancelled call's requests are aborted, unless the piece brought its own signal.
+      if (call?.signal && !init?.signal) init = { ...init, signal: call.signal };
       return followed(fetch, guard, input, init).then((response) => limited(response, max));
     };
   }
-  for (const method of ['request', 'get']) {
-    const original = http[method];
-    http[method] = function guardedHttp(...args) {
-      if (guard.httpsOnly) throw new EgressDenied('plain http is refused (https_only)');
-      return original.apply(this, args);
-    };
+  for (const module of [http, https]) {
+    for (const method of ['request', 'get']) {
+      const original = module[method];
+      module[method] = function guardedRequest(...args) {
+        if (module === http && guard.httpsOnly) throw new EgressDenied('plain http is refused (https_only)');
+        const request = original.apply(this, args);
+        // Responses read through `http`/`https` (axios, got, the SDKs of most services)
+        // are held to the same limit as fetch's, and end with a cancelled call.
+        const call = callLimits.getStore();
+        const max = call?.maxResponseBytes || guard.maxResponseBytes;
+        if (max) request.on('response', (response) => holdTo(request, response, max));
+        if (call?.signal) abortWith(request, call.signal);
+        return request;
+      };
+    }
   }
   return guard;
+}
+
+/** Destroys `request` when `signal` aborts (the call it was made for was cancelled). */
+function abortWith(request, signal) {
+  const abort = () => request.destroy(new Error('cancelled: the call was stopped'));
+  if (signal.aborted) return process.nextTick(abort);
+  signal.addEventListener('abort', abort, { once: true });
+  request.once('close', () => signal.removeEventListener('abort', abort));
+}
+
+/**
+ * Fails `request` once its `response`'s body passes `max` bytes. The bytes
+ * are counted where the parser pushes them, so how the caller reads the body (events, pipe,
+ * async iteration) is left as it was.
+ */
+function holdTo(request, response, max) {
+  const tooLarge = () => new Error(`the response from ${request.host ?? 'the server'} is larger than ${max} bytes (max_response_bytes)`);
+  // The request fails with the reason: callers listen for its errors, not always for the
+  // response's.
+  let seen = 0;
+  const push = response.push;
+  response.push = function countedPush(chunk, encoding) {
+    // Past the limit nothing more gets through, not even the end of the body: the reader
+    // must see the failure, never a body cut short.
+    if (seen > max) return false;
+    if (chunk) {
+      seen += chunk.length;
+      if (seen > max) {
+        request.destroy(tooLarge());
+        return false;
+      }
+    }
+    return push.call(this, chunk, encoding);
+  };
 }
 
 /** `response`, failing as soon as its body passes `max` bytes (0: no limit). */

@@ -1,13 +1,13 @@
 'use strict';
 // piecework's Node host: serves a piece written with the Activepieces framework over piece
-// protocol 1.2 (docs/piece-protocol.md) on stdin and stdout. Everything the piece prints
+// protocol 1.3 (docs/piece-protocol.md) on stdin and stdout. Everything the piece prints
 // goes to stderr, which the piecework host logs; stdout carries protocol frames only.
 
 const { describe: describePiece, Unsupported } = require('./metadata');
 const { toOwnKeys } = require('./names');
 const { callLimits, install } = require('./egress');
 
-const PROTOCOL = '1.2';
+const PROTOCOL = '1.3';
 /** The flow-store key where the host keeps the id of the newest item its last poll returned. */
 const LAST_POLLED = 'piecework:last_polled';
 const DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
@@ -132,7 +132,10 @@ class Host {
         abort.signal.addEventListener('abort', () => reject(fatal('cancelled: the call was stopped'))),
       );
       const params = frame.params ?? {};
-      const limits = { maxResponseBytes: Number(params.context?.limits?.max_response_bytes) || 0 };
+      const limits = {
+        maxResponseBytes: Number(params.context?.limits?.max_response_bytes) || 0,
+        signal: abort.signal,
+      };
       const work = callLimits.run(limits, () => this.dispatch(frame.id, frame.method, params));
       const result = await Promise.race([work, cancelled]);
       this.send({ id: frame.id, result: result === undefined ? null : result });
@@ -155,6 +158,10 @@ class Host {
         return this.poll(call, params);
       case 'webhook':
         return this.webhook(call, params);
+      case 'enable':
+        return this.hook(call, params, 'onEnable');
+      case 'disable':
+        return this.hook(call, params, 'onDisable');
       case 'options':
         return this.options(call, params);
       case 'health':
@@ -270,7 +277,11 @@ class Host {
       ...this.context(call, params, names),
       setSchedule: unsupported('`context.setSchedule` (set the flow\'s `poll_interval`)'),
     };
-    const items = (await trigger.run(context)) ?? [];
+    // `piece test` asks for the source's recent items: the framework's `test` gives them
+    // without touching the trigger's state.
+    const trial = params.trial && typeof trigger.test === 'function';
+    const items = (await (trial ? trigger.test(context) : trigger.run(context))) ?? [];
+    if (params.trial) return items.map((data) => ({ id: contentId(data), data }));
     // Newest first, as the framework's helper returns them; each item's content is its id.
     const polled = items.map((data) => ({ id: contentId(data), data }));
     // The framework's helper returns only what is new since its last poll, but piecework's
@@ -290,7 +301,7 @@ class Host {
     const request = params.request ?? {};
     const context = {
       ...this.context(call, params, names),
-      webhookUrl: '',
+      webhookUrl: params.webhook_url ?? '',
       payload: {
         method: request.method,
         headers: request.headers ?? {},
@@ -299,6 +310,18 @@ class Host {
       },
     };
     return (await trigger.run(context)) ?? [];
+  }
+
+  /** A trigger's `onEnable` or `onDisable`: its flow starts or stops listening. */
+  async hook(call, params, name) {
+    const { trigger, names } = this.member('trigger', params.trigger);
+    const context = {
+      ...this.context(call, params, names),
+      webhookUrl: params.webhook_url ?? '',
+      setSchedule: unsupported("`context.setSchedule` (set the flow's `poll_interval`)"),
+    };
+    if (typeof trigger[name] === 'function') await trigger[name](context);
+    return null;
   }
 
   async options(call, params) {

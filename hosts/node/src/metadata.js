@@ -170,6 +170,9 @@ function describe(piece, pkg) {
       description: String(action.description ?? ''),
       props: converted.props,
       require_auth: hasAuth && action.requireAuth !== false,
+      // The guide's convention: the action named `health_check` reports the system's health
+      // (`{status: 'healthy'|…}`), which piecework exports as `piecework_piece_healthy`.
+      ...(name === 'health_check' ? { health_check: true } : {}),
     });
     actions.set(name, { action, names: converted.names });
   });

@@ -340,6 +340,22 @@ impl WebhookTrigger for Hook {
             other => Ok(vec![json!({ "body": other, "version": *VERSION })]),
         }
     }
+
+    /// "Registers" the flow's webhook URL, with the connection's key, in the flow's store.
+    async fn on_enable(&self, ctx: &Context, _input: HookIn) -> Result<(), PieceError> {
+        let key = ctx.auth_value().and_then(|a| a.get("key")).cloned();
+        let registration = json!({ "url": ctx.webhook_url(), "has_key": key.is_some() });
+        ctx.store
+            .put(Scope::Flow, "registration", registration)
+            .await
+    }
+
+    async fn on_disable(&self, ctx: &Context, _input: HookIn) -> Result<(), PieceError> {
+        ctx.store
+            .delete(Scope::Flow, "registration")
+            .await
+            .map(drop)
+    }
 }
 
 struct Every;
