@@ -78,6 +78,15 @@ impl Default for MemoryConfig {
 }
 
 impl Config {
+    /// The API's address as callers outside reach it: `[api] public_url`, else its listen
+    /// address.
+    pub fn public_url(&self) -> String {
+        self.api
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.api.listen))
+    }
+
     /// Defaults, then the file (if any), then the infrastructure flags; `overrides` applies
     /// the command's own flags; then everything is validated.
     pub fn load(common: &ConfigArgs, overrides: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {

@@ -101,11 +101,7 @@ pub async fn runtime_with(
     };
     let catalog = Arc::new(piecework_core::Catalog::new(registry));
     let (host, sources) = crate::pieces::load(config, &bus, &catalog, files).await?;
-    let public_url = config
-        .api
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{}", config.api.listen));
+    let public_url = config.public_url();
     let runtime = Runtime::new(store, bus, catalog, config.egress.clone())?
         .with_host(host)
         .with_public_url(public_url);

@@ -34,7 +34,9 @@ pub async fn load(
     catalog: &Arc<Catalog>,
     files: &[std::path::PathBuf],
 ) -> anyhow::Result<(Arc<PieceHost>, Sources)> {
-    let host = PieceHost::new(config.pieces.clone(), config.egress.clone())?;
+    let mut pieces = config.pieces.clone();
+    pieces.public_url = Some(config.public_url());
+    let host = PieceHost::new(pieces, config.egress.clone())?;
     for file in files {
         let bytes =
             std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;

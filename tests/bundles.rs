@@ -887,7 +887,11 @@ async fn a_typescript_polling_trigger_starts_one_run_per_new_item() {
 #[tokio::test]
 async fn a_typescript_piece_gets_the_framework_context_and_a_clear_error_for_what_is_missing() {
     let target = Target::start().await;
-    let mut fleet = Fleet::start("[egress]\nmax_response_bytes = 1000\n").await;
+    const PUBLIC: &str = "https://piecework.example.internal";
+    let mut fleet = Fleet::start(&format!(
+        "[egress]\nmax_response_bytes = 1000\n[api]\npublic_url = \"{PUBLIC}\"\n"
+    ))
+    .await;
     build_into_pieces(&fleet, "tests/fixtures/ts-context");
     // Members using what the host lacks are left out; the piece loads without them.
     let metadata = common::piecework_command()
@@ -931,6 +935,7 @@ async fn a_typescript_piece_gets_the_framework_context_and_a_clear_error_for_wha
     assert_eq!(first["runId"], run["id"]);
     assert_eq!(first["step"], "first");
     assert_eq!(first["flow"], "ts-context");
+    assert_eq!(first["publicUrl"], format!("{PUBLIC}/"));
     assert_eq!(first["token"], "both shapes");
     assert_eq!(first["seen"], 1);
     assert_eq!(run["steps"][1]["output"]["seen"], 2, "the flow's store");
@@ -1024,7 +1029,7 @@ async fn a_typescript_piece_gets_the_framework_context_and_a_clear_error_for_wha
     fleet.apply(&hooked("note", false)).await;
     let run = run_once(&fleet, "ts-hooks", json!({})).await;
     let item = seen(&run);
-    let url = format!("{}/v1/webhooks/ts-hooks", fleet.api);
+    let url = format!("{PUBLIC}/v1/webhooks/ts-hooks");
     assert_eq!(item["webhookUrl"], url.as_str(), "{run}");
     assert_eq!(
         item["registration"],

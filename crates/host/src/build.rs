@@ -58,6 +58,7 @@ async fn describe_with(
         egress: EgressPolicy::default(),
         log_level: protocol::LogLevel::Warn,
         max_message_bytes: protocol::DEFAULT_MAX_MESSAGE_BYTES,
+        public_url: None,
     };
     let described = tokio::time::timeout(
         timeout,

@@ -80,6 +80,10 @@ pub struct HostConfig {
     pub concurrency: usize,
     /// The most verbose level of the pieces' own log lines that reaches this log.
     pub log_level: LogLevel,
+    /// The API's address as callers outside reach it, told to pieces in `describe`: filled
+    /// in from `[api] public_url`, not set here.
+    #[serde(skip)]
+    pub public_url: Option<String>,
 }
 
 impl Default for HostConfig {
@@ -97,6 +101,7 @@ impl Default for HostConfig {
             max_message_bytes: protocol::DEFAULT_MAX_MESSAGE_BYTES,
             concurrency: 64,
             log_level: LogLevel::Info,
+            public_url: None,
         }
     }
 }
@@ -250,6 +255,7 @@ impl PieceHost {
             egress,
             log_level: config.log_level,
             max_message_bytes: config.max_message_bytes,
+            public_url: config.public_url.clone(),
         };
         Ok(Arc::new(Self {
             config,

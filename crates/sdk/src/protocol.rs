@@ -213,6 +213,10 @@ pub struct DescribeParams {
     /// The largest frame the host accepts.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// The installation's API as callers outside reach it (1.3), e.g.
+    /// `https://piecework.company.internal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 fn default_max_message_bytes() -> usize {

@@ -179,6 +179,8 @@ class Host {
       throw fatal(`the host speaks piece protocol ${theirs}, this piece speaks ${PROTOCOL}: major versions differ`);
     }
     if (params.max_message_bytes) this.maxMessageBytes = params.max_message_bytes;
+    // The framework's URLs end with a slash.
+    this.publicUrl = `${String(params.public_url ?? 'http://127.0.0.1:8080').replace(/\/+$/, '')}/`;
     if (!this.guarded) {
       // Every connection the piece makes is held to the installation's egress policy.
       install(params.egress ?? {});
@@ -218,8 +220,8 @@ class Host {
         },
       },
       server: {
-        apiUrl: process.env.PW_PUBLIC_URL ?? 'http://127.0.0.1:8080/',
-        publicUrl: process.env.PW_PUBLIC_URL ?? 'http://127.0.0.1:8080/',
+        apiUrl: this.publicUrl,
+        publicUrl: this.publicUrl,
         get token() {
           throw new Unsupported('`context.server.token` (the Activepieces API)');
         },
