@@ -120,8 +120,15 @@ function triggerKind(trigger) {
       // The framework's polling helper keeps its own place in the store; what it returns is
       // new, and piecework's last-item dedupe only guards against a repeated poll.
       return { type: 'polling', strategy: 'last_item', default_interval: '5m' };
-    case 'WEBHOOK':
+    case 'WEBHOOK': {
+      // A source that must be answered a handshake, or whose registration must be renewed,
+      // would stop calling without a word: refuse such a trigger rather than run it half.
+      const handshake = trigger.handshakeConfiguration?.strategy ?? 'NONE';
+      if (handshake !== 'NONE') throw new Unsupported(`trigger \`${trigger.name}\`: a webhook handshake (\`${handshake}\`)`);
+      const renew = trigger.renewConfiguration?.strategy ?? 'NONE';
+      if (renew !== 'NONE') throw new Unsupported(`trigger \`${trigger.name}\`: renewing its webhook (\`${renew}\`)`);
       return { type: 'webhook' };
+    }
     default:
       throw new Unsupported(`trigger \`${trigger.name}\`: a \`${trigger.type}\` trigger`);
   }
