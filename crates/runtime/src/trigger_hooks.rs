@@ -14,8 +14,8 @@
 
 use std::time::Duration;
 
-use backoff::backoff::Backoff as _;
 use piecework_core::FlowVersion;
+use piecework_core::retry::RetryPolicy;
 use piecework_sdk::mask::Secrets;
 use piecework_sdk::{PieceError, Principal, RunInfo, TriggerHandle, TriggerHook};
 use serde_json::Value;
@@ -137,11 +137,14 @@ impl Runtime {
         // A retryable failure (the piece's process starting, the source answering 503) is
         // tried again while the hook's time lasts; the last failure is the answer.
         let deadline = tokio::time::Instant::now() + HOOK_TIMEOUT;
-        let mut delays = backoff::ExponentialBackoff {
-            max_elapsed_time: None,
-            ..backoff::ExponentialBackoff::default()
+        let policy = RetryPolicy {
+            initial_interval: Duration::from_millis(500),
+            max_interval: Duration::from_secs(8),
+            ..RetryPolicy::default()
         };
+        let mut attempt = 0;
         let error = loop {
+            attempt += 1;
             let error = match tokio::time::timeout_at(deadline, once()).await {
                 Ok(Ok(())) => {
                     tracing::info!(flow = %flow.flow_id, version = flow.version, trigger = %trigger.trigger, hook = name, "trigger hook ran");
@@ -155,8 +158,7 @@ impl Runtime {
             };
             let delay = error
                 .retry_after()
-                .or_else(|| delays.next_backoff())
-                .unwrap_or(HOOK_TIMEOUT);
+                .unwrap_or_else(|| policy.delay_after(attempt));
             if !error.is_retryable() || tokio::time::Instant::now() + delay >= deadline {
                 break secrets.mask(error.message()).into_owned();
             }
