@@ -540,6 +540,20 @@ pub enum FlowCommand {
         #[command(flatten)]
         api: ApiClientArgs,
     },
+    /// Enable a flow through the API: its trigger starts listening (running the trigger's
+    /// enable hook; a hook that fails leaves the flow disabled and says why).
+    Enable {
+        flow: String,
+        #[command(flatten)]
+        api: ApiClientArgs,
+    },
+    /// Disable a flow through the API: no new runs start (its trigger's disable hook runs);
+    /// runs in progress finish.
+    Disable {
+        flow: String,
+        #[command(flatten)]
+        api: ApiClientArgs,
+    },
     /// Print a webhook flow's secret, or replace it with `--rotate` (admin keys only; audited).
     WebhookSecret {
         flow: String,

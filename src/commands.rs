@@ -815,6 +815,23 @@ fn write_output(output: Option<&std::path::Path>, text: &str) -> anyhow::Result<
     }
 }
 
+/// `flow enable` / `flow disable`: `action` is the route's last segment.
+async fn toggle_flow(
+    flow: &str,
+    api: &crate::cli::ApiClientArgs,
+    action: &str,
+) -> anyhow::Result<()> {
+    ApiClient::new(api)?
+        .send(
+            reqwest::Method::POST,
+            &format!("/v1/flows/{flow}/{action}"),
+            None,
+        )
+        .await?;
+    println!("flow `{flow}` {action}d");
+    Ok(())
+}
+
 async fn flow(command: FlowCommand) -> anyhow::Result<()> {
     match command {
         FlowCommand::Validate { files, pieces_dir } => {
@@ -850,6 +867,8 @@ async fn flow(command: FlowCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        FlowCommand::Enable { flow, api } => toggle_flow(&flow, &api, "enable").await,
+        FlowCommand::Disable { flow, api } => toggle_flow(&flow, &api, "disable").await,
         FlowCommand::WebhookSecret { flow, rotate, api } => {
             let client = ApiClient::new(&api)?;
             let answer = if rotate {

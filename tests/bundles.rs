@@ -1048,12 +1048,14 @@ async fn a_typescript_piece_gets_the_framework_context_and_a_clear_error_for_wha
         "the same trigger stays registered: {item}"
     );
     for toggle in ["disable", "enable"] {
-        let response = client()
-            .post(format!("{}/v1/flows/ts-hooks/{toggle}", fleet.api))
-            .send()
-            .await
+        let out = common::piecework_command()
+            .args(["flow", toggle, "ts-hooks", "--api", &fleet.api])
+            .env("PW_API_KEY", common::ADMIN_KEY)
+            .output()
             .unwrap();
-        assert_eq!(response.status(), 200, "{toggle}");
+        assert!(out.status.success(), "{toggle}: {out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(said.trim(), format!("flow `ts-hooks` {toggle}d"));
     }
     let item = seen(&run_once(&fleet, "ts-hooks", json!({})).await);
     assert_eq!(

@@ -22,8 +22,9 @@ use serde_json::Value;
 
 use crate::{Actor, Runtime, RuntimeError};
 
-/// How long a hook may take: it usually makes one call to a third party.
-const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a hook may take, retries included: it usually makes one call to a third party,
+/// and a re-apply may run two hooks within the api's request timeout (60 s).
+const HOOK_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What a flow's listening was before and is after a change: its enabled version, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
