@@ -29,6 +29,10 @@ soak duration="30m" rate="50":
 fuzz cases="1000000":
     PROPTEST_CASES={{cases}} cargo test --release --locked -p piecework-core -p piecework-sdk -p piecework-proto --test properties
 
+# Rewrites docs/openapi.json from the code, after an API change.
+openapi:
+    PW_UPDATE_OPENAPI=1 cargo test -p piecework-api openapi::tests::the_committed_document
+
 # Formatting and clippy, as CI runs them.
 lint:
     cargo fmt --all -- --check

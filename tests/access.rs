@@ -48,6 +48,7 @@ fn create_key(fleet: &Fleet, name: &str, role: Role) -> String {
 const EXPECTED: &[(&str, &str, &str)] = &[
     ("GET", "/healthz", "public"),
     ("GET", "/readyz", "public"),
+    ("GET", "/openapi.json", "public"),
     ("GET", "/metrics", "adov"),
     ("POST", "/v1/webhooks/{flow}", "public"),
     ("POST", "/v1/webhooks/{flow}/sync", "public"),

@@ -41,6 +41,68 @@ pub fn piecework_command() -> Command {
 
 /// A directory holding the `my-company-api` bundle, built once per test binary with the real
 /// `piecework piece build` (dev profile) from `pieces/custom/my-company-api`.
+/// `piecework dev` as a real process on a free port, killed when dropped.
+pub struct Dev {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl Dev {
+    /// Starts `piecework dev` with `args` and waits until its api answers `/readyz`.
+    pub async fn start(args: &[&str]) -> Dev {
+        use std::io::{BufRead, BufReader};
+        let mut child = piecework_command()
+            .args(["dev", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("piecework dev starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // The feed goes on; once the address is read, nobody listens.
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let url = loop {
+            assert!(
+                Instant::now() < deadline,
+                "piecework dev printed no api address"
+            );
+            let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+                continue;
+            };
+            if let Some(rest) = line.trim_start().strip_prefix("api")
+                && let Some(url) = rest.split_whitespace().next()
+            {
+                break url.trim_end_matches('/').to_owned();
+            }
+        };
+        let dev = Dev { child, url };
+        let ready = format!("{}/readyz", dev.url);
+        loop {
+            let answer = client().get(&ready).send().await;
+            if answer.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "piecework dev is not ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        dev
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn demo_pieces() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT

@@ -39,7 +39,7 @@ pub const KIND: &str = "Flow";
 pub const DEFAULT_QUEUE: &str = "default";
 
 /// A flow as written by its author.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FlowDefinition {
     #[serde(rename = "apiVersion")]
@@ -66,6 +66,7 @@ pub struct FlowDefinition {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>")]
     pub timeout: Option<Duration>,
     /// At most this many runs of the flow running or waiting at once, across the fleet;
     /// more wait, unstarted, for a free slot.
@@ -79,6 +80,7 @@ pub struct FlowDefinition {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>")]
     pub debounce: Option<Duration>,
     /// With `debounce`: a template over `trigger` whose value groups items (one pending run
     /// per value, such as a ticket id); without it, all the flow's items are one group.
@@ -91,6 +93,7 @@ pub struct FlowDefinition {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>")]
     pub debounce_max: Option<Duration>,
 }
 
@@ -98,12 +101,13 @@ pub struct FlowDefinition {
 pub const MAX_DEBOUNCE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What starts the flow.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerDef {
     pub piece: String,
     /// A semver range; the newest registered version matching it is used. Default: any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub version: Option<VersionReq>,
     pub trigger: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,6 +120,7 @@ pub struct TriggerDef {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>")]
     pub poll_interval: Option<Duration>,
     /// The queue poll jobs are routed to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,7 +136,9 @@ pub struct TriggerDef {
 
 /// How a webhook flow's callers prove they may start it, with the flow's secret (generated
 /// when the flow is first applied).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum WebhookAuth {
     /// `x-piecework-timestamp: <unix seconds>` and `x-piecework-signature: sha256=<hex
@@ -163,7 +170,9 @@ impl WebhookAuth {
 pub const DEFAULT_TOKEN_HEADER: &str = "x-piecework-token";
 
 /// What to do when a step fails for good.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum OnFailure {
     /// The run fails.
@@ -178,7 +187,7 @@ pub enum OnFailure {
 
 /// One step: a piece's action with its input, or a branch step (`if` with `then`/`else`, or a
 /// `router` with a `default`) whose branches are blocks of steps.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StepDef {
     pub name: String,
@@ -186,6 +195,7 @@ pub struct StepDef {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub piece: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub version: Option<VersionReq>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub action: String,
@@ -201,6 +211,7 @@ pub struct StepDef {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>")]
     pub timeout: Option<Duration>,
     #[serde(default)]
     pub on_failure: OnFailure,
@@ -243,6 +254,7 @@ pub struct StepDef {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>")]
     pub delay: Option<Duration>,
     /// A delay step: the instant the run pauses until, a template that renders to RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -313,7 +325,8 @@ pub fn split_instance(name: &str) -> (&str, Option<u32>) {
 }
 
 /// A rate: `count` starts per `period`, written `10/s`, `600/m` or `5000/h`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(with = "String")]
 pub struct Rate {
     pub count: u32,
     pub period: Duration,
@@ -372,7 +385,7 @@ impl<'de> Deserialize<'de> for Rate {
 }
 
 /// What resumes a wait step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WaitFor {
     /// Someone with the operator role: `POST /v1/runs/{id}/resume` with `{"step", "payload"}`.
@@ -414,7 +427,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(366 * 24 * 3600);
 pub const TIMEOUT_BRANCH: &str = "timeout";
 
 /// One named branch of a `router` step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Branch {
     pub name: String,
@@ -598,7 +611,7 @@ pub enum FlowError {
 }
 
 /// One problem in a flow, located by a path like `steps[1] (assign).input.title`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Issue {
     pub path: String,
     pub message: String,
@@ -836,7 +849,7 @@ fn check_debounce(definition: &FlowDefinition, issue: &mut impl FnMut(String, St
 }
 
 /// An immutable, validated version of a flow, with piece versions resolved.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FlowVersion {
     pub flow_id: String,
     pub version: u32,

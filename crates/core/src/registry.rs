@@ -17,7 +17,7 @@ use semver::{Version, VersionReq};
 use serde::Serialize;
 
 /// Where a registered version comes from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(tag = "source", rename_all = "snake_case")]
 pub enum Origin {
     /// Compiled into this binary.

@@ -16,18 +16,20 @@ use serde::{Deserialize, Serialize};
 pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 /// How often and how patiently a step is retried after a retryable error.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Attempts in total, the first included. 1 disables retries.
     pub max_attempts: u32,
     /// Delay before the second attempt.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub initial_interval: Duration,
     /// Each further delay is the previous one times this.
     pub multiplier: f64,
     /// Upper bound of a single delay.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub max_interval: Duration,
     /// Randomisation of each delay, as a fraction (0.1 = ±10%), so retries of many runs failing
     /// together do not hit the recovering service in lockstep.

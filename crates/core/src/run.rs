@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::flow::{StepDef, instance_name};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     Running,
@@ -48,7 +48,7 @@ impl std::str::FromStr for RunStatus {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
     /// Failed with a retryable error; another attempt is scheduled.
@@ -78,7 +78,7 @@ impl StepStatus {
 }
 
 /// One attempt of a step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Attempt {
     pub attempt: u32,
     pub status: StepStatus,
@@ -92,7 +92,7 @@ pub struct Attempt {
 }
 
 /// The state of one step in a run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StepState {
     pub name: String,
     /// Empty for a branch step.
@@ -128,7 +128,7 @@ fn is_zero(n: &u32) -> bool {
 }
 
 /// One execution of a flow version.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Run {
     pub id: String,
     pub flow_id: String,
@@ -176,7 +176,7 @@ pub struct Run {
 }
 
 /// An attempt in flight, as its worker marks it once it has run for a while.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct InFlight {
     /// The step's recorded name.
     pub step: String,
@@ -188,7 +188,7 @@ pub struct InFlight {
 }
 
 /// The sub-flow step a run was started by.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ParentStep {
     pub run_id: String,
     pub flow_id: String,
@@ -348,7 +348,7 @@ pub struct Iteration<'a> {
 }
 
 /// A summary row for run listings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RunSummary {
     pub id: String,
     pub flow_id: String,

@@ -17,7 +17,7 @@ use crate::{Actor, Runtime, RuntimeError};
 pub const BOOTSTRAP: &str = "bootstrap";
 
 /// What the API shows of a key: never the key, nor its hash.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct ApiKeyInfo {
     pub name: String,
     pub role: Role,

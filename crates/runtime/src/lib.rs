@@ -88,7 +88,7 @@ pub enum RuntimeError {
 }
 
 /// What the API shows of a connection: never its values.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct ConnectionInfo {
     pub name: String,
     pub piece: String,

@@ -20,7 +20,7 @@ pub struct PublishOutcome {
 }
 
 /// One version of a piece as this process knows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct VersionInfo {
     pub version: String,
     #[serde(flatten)]
@@ -30,7 +30,7 @@ pub struct VersionInfo {
     pub published: Option<PublishedInfo>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct PublishedInfo {
     pub publisher: String,
     pub published_at: chrono::DateTime<Utc>,

@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::{Actor, CONNECTION_BINDING, Runtime, RuntimeError, secrets};
 
 /// What a rotation did, per kind of secret.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Resealed {
     /// Re-sealed under the current key.
     pub resealed: usize,
@@ -30,14 +30,14 @@ pub struct Resealed {
 }
 
 /// An API key hashed under another encryption key than the current one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct PendingApiKey {
     pub name: String,
     pub key_id: String,
 }
 
 /// The report of [`Runtime::rotate_keys`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Rotation {
     /// The key everything is sealed under now.
     pub key_id: String,

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::{Actor, Runtime, RuntimeError};
 
 /// One step's move.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct StepMove {
     /// The step's name, or `trigger`.
     pub step: String,
@@ -25,14 +25,14 @@ pub struct StepMove {
     pub breaking: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct ChangeInfo {
     pub bump: String,
     pub what: String,
 }
 
 /// What an upgrade did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Upgraded {
     pub flow: String,
     /// The flow version now latest.

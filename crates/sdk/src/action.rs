@@ -16,7 +16,7 @@ use crate::error::PieceError;
 use crate::prop::{DropdownOptions, Prop, dynamic_dropdown, validate_props};
 
 /// An action's metadata: the guide's `createAction` fields.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ActionSpec {
     pub name: String,
     pub display_name: String,

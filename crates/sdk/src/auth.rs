@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use crate::prop::{Check, Prop, PropError, check_props};
 
 /// The auth a piece declares, mirroring `PieceAuth.*` of the pieces framework.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PieceAuth {
     /// The piece needs no connection.

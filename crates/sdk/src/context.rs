@@ -30,7 +30,7 @@ pub struct RunInfo {
 /// Who started a run, for permission checks inside a piece: an API key (`api:NAME`, with its
 /// role), a webhook (`webhook:FLOW`), the scheduler (`schedule`: scheduled and polling flows).
 /// Empty where nothing started a run (a connection check, `piece test`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Principal {
     pub name: String,
     /// The API key's role (`admin`, `developer`, `operator`, `viewer`); `None` otherwise.

@@ -24,7 +24,7 @@ pub mod category {
 
 /// Everything a catalog, a docs generator or a version check needs to know about a piece.
 /// `piecework piece metadata` writes this as JSON.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PieceMetadata {
     pub name: String,
     pub display_name: String,

@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::error::PieceError;
 
 /// How a polling trigger tells new items from seen ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DedupeStrategy {
     /// Items carry a timestamp; new items are newer than the newest one already emitted.
@@ -28,7 +28,7 @@ pub enum DedupeStrategy {
 }
 
 /// One item a poll returned.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PolledItem {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
@@ -72,7 +72,7 @@ impl PolledItem {
 const RECENT_IDS: usize = 500;
 
 /// The cursor of one flow's polling trigger, as stored between polls.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PollState {
     /// Newest timestamp emitted (`TimeBased`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,7 +86,7 @@ pub struct PollState {
 /// (`ctx.poll_cursor()`): a trigger that reads its source in pages keeps reading older pages
 /// until one [`reaches`](PollCursor::reaches) the cursor, so nothing between is skipped.
 /// Absent on a flow's first poll, which only takes the newest items as its baseline.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PollCursor {
     /// The ids emitted last, newest first (`LastItem`; at most [`CURSOR_IDS`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// One option of a dropdown.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DropdownOption {
     pub label: String,
     pub value: Value,
@@ -18,7 +18,7 @@ pub struct DropdownOption {
 
 /// The options of a dynamic dropdown as its piece loads them, with a connection, while a flow
 /// is written (the framework's `DropdownState`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DropdownOptions {
     pub options: Vec<DropdownOption>,
     /// What to show instead when there are none (or the dropdown is disabled), such as
@@ -78,7 +78,7 @@ pub fn dynamic_dropdown<'p>(
 }
 
 /// What kind of value a prop holds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PropKind {
     ShortText,
@@ -123,7 +123,7 @@ impl PropKind {
 }
 
 /// A declared input.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Prop {
     pub name: String,
     pub display_name: String,

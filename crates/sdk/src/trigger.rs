@@ -25,13 +25,14 @@ use crate::prop::{DropdownOptions, Prop, dynamic_dropdown};
 use crate::schedule::Schedule;
 
 /// How a trigger is driven, as shown in the metadata.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TriggerKind {
     Polling {
         strategy: DedupeStrategy,
         /// Used when the flow sets no `poll_interval`.
         #[serde(with = "humantime_secs")]
+        #[schemars(with = "String")]
         default_interval: Duration,
     },
     Webhook,
@@ -39,7 +40,7 @@ pub enum TriggerKind {
 }
 
 /// Which of a trigger's lifecycle hooks runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TriggerHook {
     /// The flow starts listening (`on_enable`).
@@ -49,7 +50,7 @@ pub enum TriggerHook {
 }
 
 /// A trigger's metadata: the guide's `createTrigger` fields.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TriggerSpec {
     pub name: String,
     pub display_name: String,
@@ -188,7 +189,7 @@ pub trait PollingTrigger: Send + Sync + 'static {
 }
 
 /// An incoming webhook request, as the webhook trigger sees it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct WebhookRequest {
     pub method: String,
     pub headers: BTreeMap<String, String>,

@@ -51,7 +51,7 @@ pub enum StoreError {
 }
 
 /// A flow's current state; its definitions live in its versions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FlowRecord {
     pub id: String,
     pub latest_version: u32,
@@ -144,7 +144,7 @@ impl std::str::FromStr for RunCursor {
 }
 
 /// How many runs are in each status.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RunStats {
     pub counts: std::collections::BTreeMap<String, u64>,
     pub total: u64,
@@ -159,7 +159,7 @@ impl RunStats {
 
 /// How a run ended, as a caller waiting for it needs it: carried by the run-finished
 /// notification itself, so answering a synchronous webhook takes no read.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RunEnded {
     pub status: RunStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -311,7 +311,7 @@ pub struct Held {
 }
 
 /// What a debounced group's run is started with, besides its item.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct HeldMeta {
     /// The flow version the last item came to.
     pub flow_version: u32,
@@ -336,7 +336,7 @@ pub struct Pending {
 
 /// A stored connection. `secret` is the sealed value, opaque to the store: only the worker
 /// (and the API, to validate) hold the key to open it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ConnectionRecord {
     pub name: String,
     pub piece: String,
@@ -349,7 +349,7 @@ pub struct ConnectionRecord {
 
 /// A named API key. Only the keyed hash of its secret is stored; the key itself is shown
 /// once, when it is created.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ApiKeyRecord {
     pub name: String,
     pub role: piecework_core::access::Role,

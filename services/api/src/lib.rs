@@ -8,8 +8,10 @@
 //! with the key's name as the actor.
 
 pub mod access;
+pub mod answers;
 pub mod error;
 pub mod limits;
+pub mod openapi;
 mod pieces;
 mod routes;
 pub mod server;

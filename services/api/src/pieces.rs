@@ -12,12 +12,12 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use piecework_bundle::Signature;
 use semver::Version;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::ApiConfig;
 use crate::access::{Access::Needs, Authorized, Routes};
 use crate::error::ApiError;
 use crate::routes::{ApiResult, AppState, Body, Path, Query};
+use crate::{ApiConfig, answers};
 use piecework_core::access::Permission;
 
 /// The header that carries a bundle's signature on publish.
@@ -67,7 +67,7 @@ async fn prop_options(
     State(state): State<AppState>,
     Path((name, prop)): Path<(String, String)>,
     Query(params): Query<std::collections::BTreeMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<piecework_sdk::DropdownOptions>> {
     let mut input = match params.get("input") {
         None => serde_json::Map::new(),
         Some(text) => match serde_json::from_str(text) {
@@ -93,18 +93,19 @@ async fn prop_options(
         input: Value::Object(input),
     };
     let options = state.runtime.prop_options(query).await?;
-    Ok(Json(json!(options)))
+    Ok(Json(options))
 }
 
-async fn list_pieces(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "pieces": state.runtime.pieces().catalog() }))
+async fn list_pieces(State(state): State<AppState>) -> Response {
+    let registry = state.runtime.pieces();
+    Json(answers::Pieces {
+        pieces: registry.catalog(),
+    })
+    .into_response()
 }
 
 /// The newest version's metadata and every version's number.
-async fn get_piece(
-    State(state): State<AppState>,
-    Path(name): Path<String>,
-) -> ApiResult<Json<Value>> {
+async fn get_piece(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
     let registry = state.runtime.pieces();
     let newest = registry
         .newest(&name)
@@ -117,17 +118,23 @@ async fn get_piece(
         .iter()
         .map(ToString::to_string)
         .collect();
-    Ok(Json(
-        json!({ "piece": newest.metadata(), "origin": origin, "versions": versions }),
-    ))
+    let detail = answers::PieceDetail {
+        piece: newest.metadata(),
+        origin,
+        versions,
+    };
+    Ok(Json(detail).into_response())
 }
 
 async fn list_versions(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<answers::PieceVersions>> {
     let versions = state.runtime.piece_versions(&name).await?;
-    Ok(Json(json!({ "piece": name, "versions": versions })))
+    Ok(Json(answers::PieceVersions {
+        piece: name,
+        versions,
+    }))
 }
 
 fn parse_version(text: &str) -> ApiResult<Version> {
@@ -138,15 +145,17 @@ fn parse_version(text: &str) -> ApiResult<Version> {
 async fn get_version(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let version = parse_version(&version)?;
     let registry = state.runtime.pieces();
     let entry = registry
         .entry(&name, &version)
         .ok_or_else(|| ApiError::NotFound(format!("no piece `{name}` {version}")))?;
-    Ok(Json(
-        json!({ "piece": entry.piece.metadata(), "origin": entry.origin }),
-    ))
+    let found = answers::PieceVersion {
+        piece: entry.piece.metadata(),
+        origin: entry.origin.clone(),
+    };
+    Ok(Json(found).into_response())
 }
 
 async fn publish(
@@ -183,18 +192,18 @@ async fn publish(
         StatusCode::OK
     };
     let piece = &outcome.piece;
-    let body = json!({
-        "piece": {
-            "name": piece.name,
-            "version": piece.version,
-            "digest": piece.digest,
-            "size": piece.size,
-            "publisher": piece.publisher,
-            "published_at": piece.published_at,
-            "signed_by": piece.signature.as_ref().map(|s| &s.key),
+    let body = answers::PiecePublished {
+        piece: answers::PublishedBundle {
+            name: piece.name.clone(),
+            version: piece.version.clone(),
+            digest: piece.digest.to_string(),
+            size: piece.size,
+            publisher: piece.publisher.clone(),
+            published_at: piece.published_at,
+            signed_by: piece.signature.as_ref().map(|s| s.key.clone()),
         },
-        "created": outcome.created,
-    });
+        created: outcome.created,
+    };
     Ok((status, Json(body)).into_response())
 }
 
@@ -202,13 +211,17 @@ async fn yank(
     State(state): State<AppState>,
     Extension(caller): Authorized,
     Path((name, version)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<answers::PieceYanked>> {
     let version = parse_version(&version)?;
     let yanked = state
         .runtime
         .yank_piece(&name, &version, &caller.actor())
         .await?;
-    Ok(Json(
-        json!({ "yanked": { "name": yanked.name, "version": yanked.version, "digest": yanked.digest } }),
-    ))
+    Ok(Json(answers::PieceYanked {
+        yanked: answers::YankedBundle {
+            name: yanked.name,
+            version: yanked.version,
+            digest: yanked.digest.to_string(),
+        },
+    }))
 }

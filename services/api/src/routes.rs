@@ -31,9 +31,9 @@ use serde_json::{Value, json};
 use tracing::Instrument as _;
 use tracing::field::Empty;
 
-use crate::ApiConfig;
 use crate::access::{Access::*, Authorized, RouteInfo, Routes};
 use crate::error::ApiError;
+use crate::{ApiConfig, answers};
 use piecework_core::access::Permission;
 
 const GET: Method = Method::GET;
@@ -120,6 +120,43 @@ pub fn router(runtime: Arc<Runtime>, config: ApiConfig) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(Extension(state.clone()))
         .with_state(state)
+}
+
+/// The types requests are read into, as the OpenAPI document describes them.
+pub(crate) mod requests {
+    pub(crate) use super::{
+        AuditParams, CreateApiKey, ResumeRun, RunsParams, SaveConnection, StartRun, UpgradeRequest,
+    };
+
+    /// `GET /v1/runs/stats`: the listing's filters, without paging.
+    #[derive(schemars::JsonSchema)]
+    #[allow(dead_code)] // described, not read: the handler reads `RunsParams` and refuses the rest
+    pub(crate) struct RunStatsParams {
+        flow: Option<String>,
+        /// RFC 3339 time, or a duration back from now (`15m`, `2h`).
+        since: Option<String>,
+        until: Option<String>,
+        /// What started them: `webhook`, `schedule`, `api`, `flow`.
+        trigger: Option<String>,
+    }
+
+    /// `GET /v1/pieces/{name}/props/{prop}/options`: which member's prop, with which
+    /// connection; the member's other props so far as `input` (a JSON object) or as further
+    /// parameters.
+    #[derive(schemars::JsonSchema)]
+    #[allow(dead_code)] // described, not read: the handler reads every parameter as text
+    pub(crate) struct OptionsParams {
+        /// The action whose prop it is (or `trigger`).
+        action: Option<String>,
+        /// The polling trigger whose prop it is (or `action`).
+        trigger: Option<String>,
+        /// The connection the options are loaded with.
+        connection: Option<String>,
+        /// The piece's version (default: the newest).
+        version: Option<String>,
+        /// The member's other props given so far, as a JSON object.
+        input: Option<String>,
+    }
 }
 
 /// Every route with its access policy (see [`crate::access`]).
@@ -215,6 +252,7 @@ pub(crate) fn all_routes(config: &ApiConfig) -> (Router<AppState>, Vec<RouteInfo
         .add(GET, "/healthz", Public, healthz)
         .add(GET, "/readyz", Public, readyz)
         .add(GET, "/metrics", Needs(Read), metrics)
+        .add(GET, "/openapi.json", Public, openapi)
         .into_parts();
     table.extend(top_table);
     (top.nest("/v1", v1), table)
@@ -295,16 +333,22 @@ pub async fn encode_metrics(runtime: &Runtime) -> String {
     runtime.metrics.encode()
 }
 
+/// `GET /openapi.json`: the API's OpenAPI 3.1 document, made once.
+async fn openapi() -> Response {
+    static DOCUMENT: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    Json(DOCUMENT.get_or_init(crate::openapi::document)).into_response()
+}
+
 async fn healthz() -> &'static str {
     "ok"
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
     let (store, bus) = state.runtime.readiness().await;
-    let body = json!({
-        "store": store.as_deref().unwrap_or("ok"),
-        "bus": bus.as_deref().unwrap_or("ok"),
-    });
+    let body = answers::Readiness {
+        store: store.as_deref().unwrap_or("ok").to_owned(),
+        bus: bus.as_deref().unwrap_or("ok").to_owned(),
+    };
     let status = if store.is_none() && bus.is_none() {
         StatusCode::OK
     } else {
@@ -345,26 +389,28 @@ async fn apply_flow(
     } else {
         StatusCode::OK
     };
-    let mut body =
-        json!({ "flow": applied.record, "version": applied.version, "created": applied.created });
-    if let Some(auth) = result.webhook_auth {
-        body["webhook"] = json!({ "auth": auth });
-        if let Some(secret) = result.webhook_secret {
-            // Shown this once; admins can read it again (GET /v1/flows/{id}/webhook-secret).
-            body["webhook"]["secret"] = json!(secret);
-        }
-    }
+    let body = answers::AppliedFlow {
+        flow: applied.record.clone(),
+        version: applied.version,
+        created: applied.created,
+        // A new flow's secret is shown this once; admins can read it again
+        // (GET /v1/flows/{id}/webhook-secret).
+        webhook: result.webhook_auth.map(|auth| answers::WebhookInfo {
+            auth,
+            secret: result.webhook_secret,
+        }),
+    };
     Ok((status, Json(body)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct UpgradeRequest {
-    piece: String,
+pub(crate) struct UpgradeRequest {
+    pub(crate) piece: String,
     #[serde(default)]
-    to: Option<String>,
+    pub(crate) to: Option<String>,
     #[serde(default)]
-    force: bool,
+    pub(crate) force: bool,
 }
 
 /// Moves a flow's steps of one piece to a newer version, checked; `409` with what breaks.
@@ -391,13 +437,13 @@ async fn upgrade_flow(
     ))
 }
 
-async fn list_flows(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    Ok(Json(
-        json!({ "flows": state.runtime.flow_records().await? }),
-    ))
+async fn list_flows(State(state): State<AppState>) -> ApiResult<Json<answers::Flows>> {
+    Ok(Json(answers::Flows {
+        flows: state.runtime.flow_records().await?,
+    }))
 }
 
-async fn get_flow(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_flow(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let record = state
         .runtime
         .flow_record(&id)
@@ -407,26 +453,30 @@ async fn get_flow(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
         .runtime
         .flow_version(&id, record.latest_version)
         .await?;
-    Ok(Json(json!({ "flow": record, "latest": latest.as_deref() })))
+    let detail = answers::FlowDetail {
+        flow: record,
+        latest: latest.as_deref(),
+    };
+    Ok(Json(detail).into_response())
 }
 
 async fn get_flow_version(
     State(state): State<AppState>,
     Path((id, version)): Path<(String, u32)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let found = state
         .runtime
         .flow_version(&id, version)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no version {version} of flow `{id}`")))?;
-    Ok(Json(json!({ "version": &*found })))
+    Ok(Json(answers::FlowVersionDetail { version: &found }).into_response())
 }
 
 async fn enable_flow(
     state: State<AppState>,
     caller: Authorized,
     id: Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<answers::FlowState>> {
     set_enabled(state, caller, id, true).await
 }
 
@@ -434,7 +484,7 @@ async fn disable_flow(
     state: State<AppState>,
     caller: Authorized,
     id: Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<answers::FlowState>> {
     set_enabled(state, caller, id, false).await
 }
 
@@ -443,27 +493,27 @@ async fn set_enabled(
     Extension(caller): Authorized,
     Path(id): Path<String>,
     enabled: bool,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<answers::FlowState>> {
     let record = state
         .runtime
         .set_flow_enabled(&id, enabled, &caller.actor())
         .await?;
-    Ok(Json(json!({ "flow": record })))
+    Ok(Json(answers::FlowState { flow: record }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct RunsParams {
-    flow: Option<String>,
-    status: Option<String>,
+pub(crate) struct RunsParams {
+    pub(crate) flow: Option<String>,
+    pub(crate) status: Option<String>,
     /// RFC 3339 time, or a duration back from now (`15m`, `2h`).
-    since: Option<String>,
-    until: Option<String>,
+    pub(crate) since: Option<String>,
+    pub(crate) until: Option<String>,
     /// What started them: `webhook`, `schedule`, `api`, `flow`.
-    trigger: Option<String>,
+    pub(crate) trigger: Option<String>,
     /// The `next` of the page before.
-    after: Option<String>,
-    limit: Option<usize>,
+    pub(crate) after: Option<String>,
+    pub(crate) limit: Option<usize>,
 }
 
 impl RunsParams {
@@ -507,37 +557,40 @@ impl RunsParams {
 async fn list_runs(
     State(state): State<AppState>,
     Query(params): Query<RunsParams>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<answers::Runs>> {
     let limit = page_limit(params.limit, 50)?;
     let query = params.query(limit)?;
     let runs = state.runtime.runs(&query).await?;
     let next = (runs.len() == limit)
         .then(|| runs.last().map(|last| RunCursor::after(last).to_string()))
         .flatten();
-    Ok(Json(json!({ "runs": runs, "next": next })))
+    Ok(Json(answers::Runs { runs, next }))
 }
 
 /// How many runs are in each status, over the same filters as the listing.
 async fn run_stats(
     State(state): State<AppState>,
     Query(params): Query<RunsParams>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<piecework_store::RunStats>> {
     if params.status.is_some() || params.after.is_some() || params.limit.is_some() {
         return Err(ApiError::BadRequest(
             "stats take flow, since, until and trigger; they count every status and page".into(),
         ));
     }
     let stats = state.runtime.run_stats(&params.query(1)?).await?;
-    Ok(Json(json!(stats)))
+    Ok(Json(stats))
 }
 
-async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<answers::RunDetail>> {
     let run = state
         .runtime
         .run(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no run `{id}`")))?;
-    Ok(Json(json!({ "run": run })))
+    Ok(Json(answers::RunDetail { run }))
 }
 
 /// A listing's `limit`: 1 to 1000, `default` when absent.
@@ -554,9 +607,9 @@ async fn cancel_run(
     State(state): State<AppState>,
     Extension(caller): Authorized,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<answers::RunDetail>> {
     let run = state.runtime.cancel_run(&id, &caller.actor()).await?;
-    Ok(Json(json!({ "run": run })))
+    Ok(Json(answers::RunDetail { run }))
 }
 
 async fn retry_run(
@@ -565,17 +618,17 @@ async fn retry_run(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let run = state.runtime.retry_run(&id, &caller.actor()).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "run": run }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(answers::RunDetail { run })).into_response())
 }
 
 /// `POST /v1/runs/{id}/resume`: `{"step": "approval", "payload": {…}}` resumes a run waiting on
 /// its wait step `step`; the payload (default `{}`) becomes the step's output.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ResumeRun {
-    step: String,
+pub(crate) struct ResumeRun {
+    pub(crate) step: String,
     #[serde(default = "empty_object")]
-    payload: Value,
+    pub(crate) payload: Value,
 }
 
 async fn resume_run(
@@ -590,7 +643,7 @@ async fn resume_run(
         .runtime
         .resume_waiting_run(&id, &request.step, request.payload, &caller.actor())
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "run": run }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(answers::RunDetail { run })).into_response())
 }
 
 /// `POST /v1/resume/{token}`: a run's resume URL (`{{ run.resume_url }}`), for whoever holds
@@ -610,18 +663,21 @@ async fn resume_by_url(
     let run = state.runtime.resume_by_token(&token, payload).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "run_id": run.id, "status": run.status })),
+        Json(answers::RunResumed {
+            run_id: run.id,
+            status: run.status,
+        }),
     )
         .into_response())
 }
 
 /// `POST /v1/flows/{id}/runs`: `{"trigger": …}` (default `{}`) starts a run of the flow's
 /// current version by hand, as the caller.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct StartRun {
+pub(crate) struct StartRun {
     #[serde(default = "empty_object")]
-    trigger: Value,
+    pub(crate) trigger: Value,
 }
 
 fn empty_object() -> Value {
@@ -651,7 +707,7 @@ async fn start_manual_run(
             start_run_by_hand(&state, &caller, &id, request.trigger),
         )
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": run_id }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(answers::RunStarted { run_id })).into_response())
 }
 
 async fn start_run_by_hand(
@@ -695,7 +751,7 @@ async fn read_webhook_secret(
     State(state): State<AppState>,
     Extension(caller): Authorized,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<answers::WebhookSecret>> {
     let read = async {
         state.runtime.webhook_secret(&id).await?.ok_or_else(|| {
             ApiError::NotFound(format!(
@@ -712,7 +768,7 @@ async fn read_webhook_secret(
             read,
         )
         .await?;
-    Ok(Json(json!({ "flow": id, "secret": secret })))
+    Ok(Json(answers::WebhookSecret { flow: id, secret }))
 }
 
 /// `POST /v1/flows/{id}/webhook-secret/rotate` (admins): a new secret, effective at once.
@@ -720,20 +776,20 @@ async fn rotate_webhook_secret(
     State(state): State<AppState>,
     Extension(caller): Authorized,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<answers::WebhookSecret>> {
     let secret = state
         .runtime
         .rotate_webhook_secret(&id, &caller.actor())
         .await?;
-    Ok(Json(json!({ "flow": id, "secret": secret })))
+    Ok(Json(answers::WebhookSecret { flow: id, secret }))
 }
 
 /// `POST /v1/api-keys`: `{"name", "role"}`; the answer holds the key, shown this once.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateApiKey {
-    name: String,
-    role: String,
+pub(crate) struct CreateApiKey {
+    pub(crate) name: String,
+    pub(crate) role: String,
 }
 
 async fn create_api_key(
@@ -753,7 +809,7 @@ async fn create_api_key(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "api_key": info, "key": key })),
+        Json(answers::ApiKeyCreated { api_key: info, key }),
     )
         .into_response())
 }
@@ -763,15 +819,15 @@ async fn create_api_key(
 async fn rotate_keys(
     State(state): State<AppState>,
     Extension(caller): Authorized,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<piecework_runtime::rotation::Rotation>> {
     let rotation = state.runtime.rotate_keys(&caller.actor()).await?;
-    Ok(Json(json!(rotation)))
+    Ok(Json(rotation))
 }
 
-async fn list_api_keys(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    Ok(Json(
-        json!({ "api_keys": state.runtime.list_api_keys().await? }),
-    ))
+async fn list_api_keys(State(state): State<AppState>) -> ApiResult<Json<answers::ApiKeys>> {
+    Ok(Json(answers::ApiKeys {
+        api_keys: state.runtime.list_api_keys().await?,
+    }))
 }
 
 async fn revoke_api_key(
@@ -784,12 +840,12 @@ async fn revoke_api_key(
 }
 
 /// `POST /v1/connections`: `{"name", "piece", "values"}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SaveConnection {
-    name: String,
-    piece: String,
-    values: Value,
+pub(crate) struct SaveConnection {
+    pub(crate) name: String,
+    pub(crate) piece: String,
+    pub(crate) values: Value,
 }
 
 /// Creates or replaces a connection. The answer never contains the values.
@@ -817,25 +873,25 @@ async fn save_connection(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(json!({ "connection": info }))).into_response())
+    Ok((status, Json(answers::ConnectionDetail { connection: info })).into_response())
 }
 
-async fn list_connections(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    Ok(Json(
-        json!({ "connections": state.runtime.list_connections().await? }),
-    ))
+async fn list_connections(State(state): State<AppState>) -> ApiResult<Json<answers::Connections>> {
+    Ok(Json(answers::Connections {
+        connections: state.runtime.list_connections().await?,
+    }))
 }
 
 async fn get_connection(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<answers::ConnectionDetail>> {
     let info = state
         .runtime
         .connection_info(&name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no connection `{name}`")))?;
-    Ok(Json(json!({ "connection": info })))
+    Ok(Json(answers::ConnectionDetail { connection: info }))
 }
 
 async fn delete_connection(
@@ -851,18 +907,18 @@ async fn delete_connection(
 }
 
 /// `GET /v1/audit` filters: see [`AuditQuery`] for how they match.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct AuditParams {
-    after: Option<String>,
-    limit: Option<usize>,
+pub(crate) struct AuditParams {
+    pub(crate) after: Option<String>,
+    pub(crate) limit: Option<usize>,
     /// RFC 3339 time, or a duration back from now (`15m`, `2h`).
-    since: Option<String>,
-    until: Option<String>,
-    actor: Option<String>,
-    action: Option<String>,
-    resource: Option<String>,
-    outcome: Option<String>,
+    pub(crate) since: Option<String>,
+    pub(crate) until: Option<String>,
+    pub(crate) actor: Option<String>,
+    pub(crate) action: Option<String>,
+    pub(crate) resource: Option<String>,
+    pub(crate) outcome: Option<String>,
 }
 
 /// Parses `since`/`until`: an RFC 3339 time or a duration back from now.
@@ -886,7 +942,7 @@ fn time_param(name: &str, value: Option<&str>) -> ApiResult<Option<i64>> {
 async fn list_audit(
     State(state): State<AppState>,
     Query(params): Query<AuditParams>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<answers::AuditEntries>> {
     let limit = page_limit(params.limit, 100)?;
     if let Some(outcome) = params.outcome.as_deref()
         && !matches!(outcome, "success" | "failure")
@@ -906,25 +962,25 @@ async fn list_audit(
         limit,
     };
     let page = state.runtime.query_audit(&query).await?;
-    let entries: Vec<Value> = page
+    let entries = page
         .entries
         .into_iter()
-        .map(|e| {
-            json!({
-                "id": e.id,
-                "actor": e.event.actor,
-                "action": e.event.action,
-                "resource": e.event.resource,
-                "outcome": e.event.outcome,
-                "time": chrono::DateTime::from_timestamp_millis(e.event.time_unix_ms),
-                "duration_ms": e.event.duration_ms,
-                "error": (!e.event.error.is_empty()).then_some(e.event.error),
-            })
+        .map(|e| answers::AuditEntry {
+            id: e.id,
+            actor: e.event.actor,
+            action: e.event.action,
+            resource: e.event.resource,
+            outcome: e.event.outcome,
+            time: chrono::DateTime::from_timestamp_millis(e.event.time_unix_ms),
+            duration_ms: e.event.duration_ms,
+            error: (!e.event.error.is_empty()).then_some(e.event.error),
         })
         .collect();
-    Ok(Json(
-        json!({ "entries": entries, "next": page.next, "cursor": page.cursor }),
-    ))
+    Ok(Json(answers::AuditEntries {
+        entries,
+        next: page.next,
+        cursor: page.cursor,
+    }))
 }
 
 /// What every refused webhook call gets — unknown, disabled, not a webhook flow, wrong
@@ -1061,15 +1117,13 @@ async fn webhook(
     Body(body): Body,
 ) -> ApiResult<Response> {
     let started = audited_webhook(&state, &flow_id, &headers, query, body).await?;
-    let run_id = started.run_ids.first().cloned();
-    let mut answer = json!({ "run_id": run_id, "run_ids": started.run_ids });
-    if let Some(until) = started.held_until {
+    let answer = answers::WebhookAccepted {
+        run_id: started.run_ids.first().cloned(),
+        run_ids: started.run_ids,
         // The flow debounces: the run starts once the calls stop.
-        answer["held_until"] = json!(until);
-    }
-    if let Some(trace_id) = propagation::trace_id_of(&tracing::Span::current()) {
-        answer["trace_id"] = json!(trace_id);
-    }
+        held_until: started.held_until,
+        trace_id: propagation::trace_id_of(&tracing::Span::current()),
+    };
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 
@@ -1138,9 +1192,14 @@ async fn webhook_sync(
             }
         }),
         _ => {
-            let body = json!({
-                "error": { "code": "run_failed", "message": ended.error.unwrap_or_default(), "run_id": run_id }
-            });
+            let body = answers::ErrorBody {
+                error: answers::ErrorDetail {
+                    code: "run_failed".into(),
+                    message: ended.error.unwrap_or_default(),
+                    details: None,
+                    run_id: Some(run_id),
+                },
+            };
             Ok((StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response())
         }
     }
@@ -1157,16 +1216,16 @@ async fn still_going(state: &AppState, run_id: &str) -> ApiResult<Response> {
         Ok(None) | Err(_) => RunStatus::Running,
     };
     let status_url = format!("/v1/runs/{run_id}");
-    let body = json!({
-        "run_id": run_id,
-        "run_ids": [run_id],
-        "status": status,
-        "status_url": status_url,
-        "message": format!(
+    let body = answers::StillRunning {
+        run_id: run_id.to_owned(),
+        run_ids: vec![run_id.to_owned()],
+        status,
+        message: format!(
             "the run did not finish within {}; it goes on: follow it at {status_url}",
             humantime::format_duration(state.config.sync_timeout)
         ),
-    });
+        status_url: status_url.clone(),
+    };
     let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
     insert_run_id(&mut response, run_id);
     let headers = response.headers_mut();
