@@ -129,7 +129,10 @@ async fn dev(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         "piecework dev: api, scheduler and worker on {}{persisted}",
         infra.describe()
     );
-    println!("  api     http://{addr}   (GET /v1/runs, GET /v1/pieces, POST /v1/flows)");
+    println!(
+        "  api     http://{addr}   (GET /v1/runs, GET /v1/pieces, POST /v1/flows; GET /openapi.json)"
+    );
+    println!("  console http://{addr}/   runs, flows, pieces, connections, audit in the browser");
     match &pieces_dir {
         Some(dir) => println!(
             "  pieces  {} is watched: `piecework piece build DIR -o {}` deploys a piece as you edit it",

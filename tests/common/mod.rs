@@ -51,10 +51,16 @@ pub struct Dev {
 impl Dev {
     /// Starts `piecework dev` with `args` and waits until its api answers `/readyz`.
     pub async fn start(args: &[&str]) -> Dev {
+        Dev::start_with(args, &[]).await
+    }
+
+    /// [`Dev::start`] with environment variables set.
+    pub async fn start_with(args: &[&str], env: &[(&str, &str)]) -> Dev {
         use std::io::{BufRead, BufReader};
         let mut child = piecework_command()
             .args(["dev", "--listen", "127.0.0.1:0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -83,7 +89,7 @@ impl Dev {
             }
         };
         let dev = Dev { child, url };
-        let ready = format!("{}/readyz", dev.url);
+        let ready = format!("{}/healthz", dev.url);
         loop {
             let answer = client().get(&ready).send().await;
             if answer.is_ok_and(|r| r.status().is_success()) {

@@ -14,6 +14,7 @@ mod clock;
 pub mod pieces;
 pub mod rotation;
 pub mod secrets;
+pub mod stats;
 mod trigger_hooks;
 pub mod upgrade;
 pub mod webhooks;

@@ -613,6 +613,9 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         block: Duration,
     ) -> Result<Vec<Entry<StepResult>>, StoreError>;
+    /// A `pw:results` cursor just before the entries recorded at or after `time_ms` (`None`:
+    /// the start of the stream), for [`Store::read_results`].
+    async fn results_cursor_at(&self, time_ms: i64) -> Result<Option<String>, StoreError>;
     /// Reads `pw:audit` after `after`, oldest first. [`audit::query`] filters it.
     async fn read_audit(
         &self,

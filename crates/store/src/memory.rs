@@ -1130,6 +1130,17 @@ impl Store for MemoryStore {
             .map(|(id, _)| id.to_string()))
     }
 
+    async fn results_cursor_at(&self, time_ms: i64) -> Result<Option<String>, StoreError> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .results
+            .entries
+            .iter()
+            .take_while(|(_, result)| result.finished_unix_ms < time_ms)
+            .last()
+            .map(|(id, _)| id.to_string()))
+    }
+
     async fn ready(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -2452,7 +2452,11 @@ impl Store for RedisStore {
 
     /// Stream ids start with their entry's time in ms, so no round trip is needed.
     async fn audit_cursor_at(&self, time_ms: i64) -> Result<Option<String>, StoreError> {
-        Ok((time_ms > 0).then(|| format!("{}-{}", time_ms - 1, u64::MAX)))
+        Ok(stream_cursor_at(time_ms))
+    }
+
+    async fn results_cursor_at(&self, time_ms: i64) -> Result<Option<String>, StoreError> {
+        Ok(stream_cursor_at(time_ms))
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
@@ -2468,6 +2472,12 @@ impl Store for RedisStore {
             )))
         }
     }
+}
+
+/// A stream id just before every entry added at or after `time_ms`: stream ids start with
+/// the time they were added at.
+fn stream_cursor_at(time_ms: i64) -> Option<String> {
+    (time_ms > 0).then(|| format!("{}-{}", time_ms - 1, u64::MAX))
 }
 
 /// The piece key-value store on Redis.

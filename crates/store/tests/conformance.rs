@@ -276,6 +276,20 @@ async fn runs_are_created_once_and_record_steps(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(after.len(), 1);
+    // A cursor by time: everything from before the results, nothing from after them.
+    let before = store.results_cursor_at(1_600_000_000_000).await.unwrap();
+    let all = store
+        .read_results(before.as_deref(), 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 3);
+    let ahead = Utc::now().timestamp_millis() + 60_000;
+    let ahead = store.results_cursor_at(ahead).await.unwrap();
+    let none = store
+        .read_results(ahead.as_deref(), 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "{none:?}");
 }
 
 async fn runs_are_listed_newest_first_with_filters(store: Arc<dyn Store>) {

@@ -239,6 +239,14 @@ pub struct YankedBundle {
     pub digest: String,
 }
 
+/// Who is calling.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct WhoAmI {
+    /// The key's name (`anonymous` on an open API: `piecework dev` on loopback).
+    pub name: String,
+    pub role: piecework_core::access::Role,
+}
+
 /// `/readyz`: `ok`, or what is wrong with each backend.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct Readiness {

@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod answers;
+mod console;
 pub mod error;
 pub mod limits;
 pub mod openapi;

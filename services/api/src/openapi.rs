@@ -128,6 +128,24 @@ fn describe(method: &Method, path: &str) -> Option<Operation> {
                 "application/openmetrics-text",
             )],
         ),
+        "/" if get => op(
+            "The web console",
+            "console",
+            Nothing,
+            &[Text(200, "the console's page", "text/html")],
+        ),
+        "/console/app.js" if get => op(
+            "The console's script",
+            "console",
+            Nothing,
+            &[Text(200, "JavaScript", "text/javascript")],
+        ),
+        "/console/style.css" if get => op(
+            "The console's style sheet",
+            "console",
+            Nothing,
+            &[Text(200, "CSS", "text/css")],
+        ),
         "/openapi.json" if get => op(
             "This document",
             "health",
@@ -162,6 +180,28 @@ fn describe(method: &Method, path: &str) -> Option<Operation> {
                 "the piece",
                 schema::<answers::PieceDetail<'static>>,
             )],
+        ),
+        "/v1/pieces/{name}/docs" if get => op(
+            "A piece's documentation, as `piece docs` writes it",
+            "pieces",
+            Nothing,
+            &[Text(200, "Markdown", "text/markdown")],
+        ),
+        "/v1/stats" if get => op_query(
+            "Executions, error rates and latencies per flow and per piece",
+            "runs",
+            schema::<requests::StatsParams>,
+            &[Reply(
+                200,
+                "the figures",
+                schema::<piecework_runtime::stats::Stats>,
+            )],
+        ),
+        "/v1/whoami" if get => op(
+            "The caller's key and role",
+            "keys",
+            Nothing,
+            &[Reply(200, "the caller", schema::<answers::WhoAmI>)],
         ),
         "/v1/pieces/{name}/versions" if get => op(
             "Every version of a piece, with where it comes from",
@@ -458,6 +498,7 @@ pub fn document() -> Value {
         "audit",
         "keys",
         "health",
+        "console",
     ]
     .map(|name| json!({ "name": name }))
     .into();

@@ -30,6 +30,7 @@ pub(crate) fn routes(config: &ApiConfig) -> Routes {
         .add(Method::GET, "/pieces", Needs(Read), list_pieces)
         .add(Method::POST, "/pieces", Needs(ManagePieces), publish)
         .add(Method::GET, "/pieces/{name}", Needs(Read), get_piece)
+        .add(Method::GET, "/pieces/{name}/docs", Needs(Read), piece_docs)
         .add(
             Method::GET,
             "/pieces/{name}/versions",
@@ -124,6 +125,23 @@ async fn get_piece(State(state): State<AppState>, Path(name): Path<String>) -> A
         versions,
     };
     Ok(Json(detail).into_response())
+}
+
+/// The newest version's documentation, as `piecework piece docs` writes it (Markdown).
+async fn piece_docs(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let registry = state.runtime.pieces();
+    let newest = registry
+        .newest(&name)
+        .ok_or_else(|| ApiError::NotFound(format!("no piece `{name}`")))?;
+    let markdown = piecework_core::docs::markdown(newest.metadata());
+    let content_type = [(
+        axum::http::header::CONTENT_TYPE,
+        "text/markdown; charset=utf-8",
+    )];
+    Ok((content_type, markdown).into_response())
 }
 
 async fn list_versions(

@@ -125,7 +125,8 @@ pub fn router(runtime: Arc<Runtime>, config: ApiConfig) -> Router {
 /// The types requests are read into, as the OpenAPI document describes them.
 pub(crate) mod requests {
     pub(crate) use super::{
-        AuditParams, CreateApiKey, ResumeRun, RunsParams, SaveConnection, StartRun, UpgradeRequest,
+        AuditParams, CreateApiKey, ResumeRun, RunsParams, SaveConnection, StartRun, StatsParams,
+        UpgradeRequest,
     };
 
     /// `GET /v1/runs/stats`: the listing's filters, without paging.
@@ -206,6 +207,8 @@ pub(crate) fn all_routes(config: &ApiConfig) -> (Router<AppState>, Vec<RouteInfo
         .add(POST, "/runs/{id}/retry", Needs(OperateRuns), retry_run)
         .add(POST, "/runs/{id}/resume", Needs(OperateRuns), resume_run)
         .add(GET, "/audit", Needs(Read), list_audit)
+        .add(GET, "/whoami", Needs(Read), whoami)
+        .add(GET, "/stats", Needs(Read), stats)
         .add(GET, "/connections", Needs(Read), list_connections)
         .add(
             POST,
@@ -253,6 +256,9 @@ pub(crate) fn all_routes(config: &ApiConfig) -> (Router<AppState>, Vec<RouteInfo
         .add(GET, "/readyz", Public, readyz)
         .add(GET, "/metrics", Needs(Read), metrics)
         .add(GET, "/openapi.json", Public, openapi)
+        .add(GET, "/", Public, crate::console::index)
+        .add(GET, "/console/app.js", Public, crate::console::app)
+        .add(GET, "/console/style.css", Public, crate::console::style)
         .into_parts();
     table.extend(top_table);
     (top.nest("/v1", v1), table)
@@ -331,6 +337,33 @@ pub async fn encode_metrics(runtime: &Runtime) -> String {
         tracing::warn!(error = %err, "could not count enabled flows per piece for /metrics");
     }
     runtime.metrics.encode()
+}
+
+/// `GET /v1/whoami`: the caller's key name and role (the console asks, to show what it may do).
+async fn whoami(Extension(caller): Authorized) -> Json<answers::WhoAmI> {
+    Json(answers::WhoAmI {
+        name: caller.name.clone(),
+        role: caller.role,
+    })
+}
+
+/// `GET /v1/stats` filter.
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StatsParams {
+    /// RFC 3339 time, or a duration back from now (`15m`, `24h`); default `1h`.
+    since: Option<String>,
+}
+
+/// `GET /v1/stats?since=1h`: executions, error rates and latencies per flow and per piece.
+async fn stats(
+    State(state): State<AppState>,
+    Query(params): Query<StatsParams>,
+) -> ApiResult<Json<piecework_runtime::stats::Stats>> {
+    let since = time_param("since", params.since.as_deref().or(Some("1h")))?
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .unwrap_or_default();
+    Ok(Json(state.runtime.stats(since).await?))
 }
 
 /// `GET /openapi.json`: the API's OpenAPI 3.1 document, made once.
