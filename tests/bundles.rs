@@ -953,6 +953,12 @@ async fn a_typescript_piece_gets_the_framework_context_and_a_clear_error_for_wha
     );
     assert_eq!(run["steps"][2]["attempts"].as_array().unwrap().len(), 1);
     assert!(!run.to_string().contains("s3cret-token"));
+    // The connection's last use is recorded (a step uses it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fleet.get("/v1/connections/tok").await["connection"]["last_used_at"].is_null() {
+        assert!(std::time::Instant::now() < deadline, "no last use recorded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The project-scoped store is shared by the runs of every flow.
     let again = run_once(&fleet, "ts-context", json!({ "v": "x" })).await;
     assert_eq!(again["steps"][0]["output"]["everywhere"], 3);

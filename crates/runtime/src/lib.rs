@@ -96,6 +96,8 @@ pub struct ConnectionInfo {
     pub key_id: String,
     pub created_at: chrono::DateTime<Utc>,
     pub updated_at: chrono::DateTime<Utc>,
+    /// When a step or a trigger last used it (to the minute; `null`: not since it was made).
+    pub last_used_at: Option<chrono::DateTime<Utc>>,
 }
 
 impl From<&ConnectionRecord> for ConnectionInfo {
@@ -106,9 +108,14 @@ impl From<&ConnectionRecord> for ConnectionInfo {
             key_id: record.key_id.clone(),
             created_at: record.created_at,
             updated_at: record.updated_at,
+            last_used_at: None,
         }
     }
 }
+
+/// How often one process records that a connection was used: "last used" is to the minute,
+/// and a busy worker writes it once a minute per connection, not once per step.
+const CONNECTION_USE_EVERY: Duration = Duration::from_secs(60);
 
 /// How connections are bound now: to their name and their piece (1). Connections sealed
 /// before were bound to their name alone (0) and are re-sealed by `piecework key rotate`.
@@ -292,6 +299,8 @@ pub struct Runtime {
     /// the run checks the record in the store, and a refusal sends the call back for a fresh
     /// read ([`webhooks`]).
     admissions: Mutex<HashMap<String, piecework_store::FlowRecord>>,
+    /// When this process last recorded each connection's use.
+    connections_touched: Mutex<HashMap<String, std::time::Instant>>,
     /// Set when this process left jobs in the outbox (a publish failed): its relay looks again
     /// soon instead of at its next sweep.
     outbox_pending: std::sync::atomic::AtomicBool,
@@ -322,6 +331,7 @@ impl Runtime {
             keyring: None,
             versions: Mutex::new(HashMap::new()),
             admissions: Mutex::new(HashMap::new()),
+            connections_touched: Mutex::new(HashMap::new()),
             outbox_pending: std::sync::atomic::AtomicBool::new(false),
             host: None,
         })
@@ -544,7 +554,29 @@ impl Runtime {
                 record.piece
             )));
         }
-        self.open_connection(&record)
+        let values = self.open_connection(&record)?;
+        self.note_connection_use(name);
+        Ok(values)
+    }
+
+    /// Records the use of connection `name`, at most once a minute from this process; a
+    /// failure to record it is logged, never fails the step.
+    fn note_connection_use(&self, name: &str) {
+        let now = std::time::Instant::now();
+        {
+            let mut touched = self.connections_touched.lock().unwrap();
+            match touched.get(name) {
+                Some(at) if now.duration_since(*at) < CONNECTION_USE_EVERY => return,
+                _ => touched.insert(name.to_owned(), now),
+            };
+        }
+        // Off the step's path: the step does not wait for this write.
+        let (store, name, now) = (self.store.clone(), name.to_owned(), self.now());
+        tokio::spawn(async move {
+            if let Err(error) = store.touch_connection(&name, now).await {
+                tracing::debug!(connection = %name, %error, "could not record the connection's use");
+            }
+        });
     }
 
     /// Seals a connection's values under the current key, bound to its name and its piece.
@@ -590,21 +622,27 @@ impl Runtime {
         &self,
         name: &str,
     ) -> Result<Option<ConnectionInfo>, RuntimeError> {
-        Ok(self
-            .store
-            .get_connection(name)
-            .await?
-            .as_ref()
-            .map(ConnectionInfo::from))
+        let Some(record) = self.store.get_connection(name).await? else {
+            return Ok(None);
+        };
+        let used = self.store.connections_used().await?;
+        Ok(Some(ConnectionInfo {
+            last_used_at: used.get(name).copied(),
+            ..ConnectionInfo::from(&record)
+        }))
     }
 
     pub async fn list_connections(&self) -> Result<Vec<ConnectionInfo>, RuntimeError> {
+        let used = self.store.connections_used().await?;
         Ok(self
             .store
             .list_connections()
             .await?
             .iter()
-            .map(ConnectionInfo::from)
+            .map(|record| ConnectionInfo {
+                last_used_at: used.get(&record.name).copied(),
+                ..ConnectionInfo::from(record)
+            })
             .collect())
     }
 

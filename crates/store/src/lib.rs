@@ -6,6 +6,7 @@
 //! round trip per step update, streams with a capped length, blocking reads instead of
 //! polling). [`memory::MemoryStore`] implements it in-process for `piecework dev` and tests.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -558,6 +559,10 @@ pub trait Store: Send + Sync + 'static {
     async fn list_connections(&self) -> Result<Vec<ConnectionRecord>, StoreError>;
     /// Returns whether it existed.
     async fn delete_connection(&self, name: &str) -> Result<bool, StoreError>;
+    /// Records that connection `name` was used at `at` (kept when later than what is there).
+    async fn touch_connection(&self, name: &str, at: DateTime<Utc>) -> Result<(), StoreError>;
+    /// When each connection was last used, by name (never-used ones are absent).
+    async fn connections_used(&self) -> Result<HashMap<String, DateTime<Utc>>, StoreError>;
 
     /// Replaces a connection by `resealed` unless its sealed values are no longer those of
     /// `current` (someone saved it meanwhile): how key rotation writes without losing a

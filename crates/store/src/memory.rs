@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use piecework_core::{FlowVersion, Run, RunStatus, RunSummary, ValidFlow};
 use piecework_proto::v1::{AuditEvent, StepResult};
 use piecework_sdk::{KvStore, MemoryKv, PollState};
@@ -73,6 +73,7 @@ struct State {
     triggers: HashMap<String, PollState>,
     leases: HashMap<String, (String, tokio::time::Instant)>,
     connections: HashMap<String, ConnectionRecord>,
+    connections_used: HashMap<String, DateTime<Utc>>,
     api_keys: std::collections::BTreeMap<String, ApiKeyRecord>,
     webhook_secrets: HashMap<String, String>,
     results: Stream<StepResult>,
@@ -243,6 +244,7 @@ impl MemoryStore {
                 triggers: HashMap::new(),
                 leases: HashMap::new(),
                 connections: HashMap::new(),
+                connections_used: HashMap::new(),
                 api_keys: Default::default(),
                 webhook_secrets: HashMap::new(),
                 results: Stream::new(maxlen),
@@ -982,13 +984,9 @@ impl Store for MemoryStore {
     }
 
     async fn delete_connection(&self, name: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .state
-            .lock()
-            .unwrap()
-            .connections
-            .remove(name)
-            .is_some())
+        let mut state = self.state.lock().unwrap();
+        state.connections_used.remove(name);
+        Ok(state.connections.remove(name).is_some())
     }
 
     async fn put_webhook_secret(
@@ -1128,6 +1126,20 @@ impl Store for MemoryStore {
             .take_while(|(_, event)| event.time_unix_ms < time_ms)
             .last()
             .map(|(id, _)| id.to_string()))
+    }
+
+    async fn touch_connection(&self, name: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut state = self.state.lock().unwrap();
+        if !state.connections.contains_key(name) {
+            return Ok(());
+        }
+        let used = state.connections_used.entry(name.to_owned()).or_insert(at);
+        *used = (*used).max(at);
+        Ok(())
+    }
+
+    async fn connections_used(&self) -> Result<HashMap<String, DateTime<Utc>>, StoreError> {
+        Ok(self.state.lock().unwrap().connections_used.clone())
     }
 
     async fn results_cursor_at(&self, time_ms: i64) -> Result<Option<String>, StoreError> {

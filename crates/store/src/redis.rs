@@ -258,6 +258,10 @@ impl Keys {
     fn connections(&self) -> String {
         self.key("connections")
     }
+    /// Hash: connection name → when it was last used (Unix ms).
+    fn connections_used(&self) -> String {
+        self.key("connections:used")
+    }
     fn api_keys(&self) -> String {
         self.key("api-keys")
     }
@@ -2250,6 +2254,10 @@ impl Store for RedisStore {
             .cmd("SREM")
             .arg(self.keys.connections())
             .arg(name)
+            .ignore()
+            .cmd("HDEL")
+            .arg(self.keys.connections_used())
+            .arg(name)
             .ignore();
         let (deleted,): (i64,) = pipe
             .query_async(&mut self.conn())
@@ -2457,6 +2465,33 @@ impl Store for RedisStore {
 
     async fn results_cursor_at(&self, time_ms: i64) -> Result<Option<String>, StoreError> {
         Ok(stream_cursor_at(time_ms))
+    }
+
+    async fn touch_connection(&self, name: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        // Only ever forward: two workers touching at once keep the later time.
+        const LATER: &str = "local t = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') \
+            if tonumber(ARGV[2]) > t then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end";
+        redis::cmd("EVAL")
+            .arg(LATER)
+            .arg(1)
+            .arg(self.keys.connections_used())
+            .arg(name)
+            .arg(at.timestamp_millis())
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn connections_used(&self) -> Result<HashMap<String, DateTime<Utc>>, StoreError> {
+        let used: HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(self.keys.connections_used())
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(used
+            .into_iter()
+            .filter_map(|(name, ms)| Some((name, DateTime::from_timestamp_millis(ms)?)))
+            .collect())
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

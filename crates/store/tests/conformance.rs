@@ -875,9 +875,24 @@ async fn connections_are_stored_listed_and_deleted(store: Arc<dyn Store>) {
         .map(|c| c.name)
         .collect();
     assert_eq!(names, ["dev", "prod"]);
+    // Last use: only ever forward, and gone with the connection.
+    assert!(store.connections_used().await.unwrap().is_empty());
+    let (earlier, later) = (
+        Utc::now() - chrono::Duration::minutes(5),
+        Utc::now() - chrono::Duration::minutes(1),
+    );
+    store.touch_connection("prod", later).await.unwrap();
+    store.touch_connection("prod", earlier).await.unwrap();
+    let used = store.connections_used().await.unwrap();
+    assert_eq!(
+        used.get("prod").map(|t| t.timestamp_millis()),
+        Some(later.timestamp_millis())
+    );
+    assert!(!used.contains_key("dev"));
     assert!(store.delete_connection("prod").await.unwrap());
     assert!(!store.delete_connection("prod").await.unwrap());
     assert_eq!(store.list_connections().await.unwrap().len(), 1);
+    assert!(store.connections_used().await.unwrap().is_empty());
 }
 
 async fn webhook_secrets_are_kept_unless_replaced(store: Arc<dyn Store>) {

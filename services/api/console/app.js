@@ -382,12 +382,13 @@ async function connectionsPage() {
       h('td', {}, h('a', { href: `#/pieces/${encodeURIComponent(c.piece)}` }, c.piece)),
       h('td', {}, when(c.created_at)),
       h('td', {}, when(c.updated_at)),
+      h('td', {}, c.last_used_at ? when(c.last_used_at) : h('span', { class: 'muted' }, 'never')),
       h('td', {}, c.key_id),
       h('td', {}, may('connections') ? act('Delete', () => api(`/v1/connections/${encodeURIComponent(c.name)}`, { method: 'DELETE' }), { kind: 'secondary', confirmText: `Delete connection ${c.name}?` }) : null)));
   show(
     h('h1', {}, 'Connections'),
     h('p', { class: 'muted' }, 'Values are encrypted at rest and never shown.'),
-    table(['name', 'piece', 'created', 'updated', 'key', ''], rows, 'No connections.'),
+    table(['name', 'piece', 'created', 'updated', 'last used', 'key', ''], rows, 'No connections.'),
     may('connections') ? connectionForm(pieces.filter((p) => p.auth?.type && p.auth.type !== 'none')) : null,
   );
 }
