@@ -1,7 +1,8 @@
 //! The web console in a real browser: headless Chromium (Debian's `chromium`, driven by
 //! playwright-core from npm; `scripts/test` installs both) against a live `piecework dev`
 //! that needs a key. It logs in, opens a run that failed, retries it once the service it
-//! calls is back, sees it succeed, and visits every page; each page's screenshot is kept in
+//! calls is back, sees it succeed, makes a connection with the piece's form, and visits
+//! every page; each page's screenshot is kept in
 //! `target/console-screenshots/` as the run's artifacts.
 
 mod common;
@@ -121,4 +122,14 @@ async fn a_user_logs_in_retries_a_failed_run_and_sees_every_page() {
         .await
         .unwrap();
     assert_eq!(audit["entries"][0]["actor"], "api:bootstrap", "{audit}");
+    // The connection the form made is there, sealed, and never shown.
+    let made: Value = call(reqwest::Method::GET, "/v1/connections/console-http")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(made["connection"]["piece"], "http", "{made}");
+    assert!(!made.to_string().contains("s3cret-console-token"));
 }

@@ -88,8 +88,17 @@ async function main() {
     await page.getByRole('heading', { name: 'Documentation' }).waitFor();
     await page.locator('.docs h2').first().waitFor();
     await shot('piece');
+    // A connection made with the form the piece's auth describes; its secret never shows.
     await page.getByRole('link', { name: 'Connections' }).click();
     await page.getByRole('heading', { name: 'New connection' }).waitFor();
+    const form = page.locator('form', { has: page.getByRole('heading', { name: 'New connection' }) });
+    await form.locator('input[name=name]').fill('console-http');
+    await form.locator('select[name=piece]').selectOption('http');
+    await form.locator('select[name=kind]').selectOption({ label: 'Bearer token' });
+    await form.locator('input[name=token]').fill('s3cret-console-token');
+    await form.getByRole('button', { name: /Save/ }).click();
+    await page.locator('tr[data-connection=console-http]').waitFor();
+    if ((await page.content()).includes('s3cret-console-token')) throw new Error("the connection's secret is on the page");
     await shot('connections');
     await page.getByRole('link', { name: 'Audit' }).click();
     await page.locator('td', { hasText: 'run.retry' }).first().waitFor();

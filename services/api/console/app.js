@@ -396,7 +396,7 @@ async function connectionsPage() {
 /** A form for a new connection, made from the chosen piece's auth. */
 function connectionForm(pieces) {
   const fields = h('div', {});
-  const name = h('input', { name: 'name', required: true, pattern: '[a-z0-9][a-z0-9-]*', placeholder: 'prod-crm' });
+  const name = h('input', { name: 'name', required: true, pattern: '[a-z0-9_\\-]{1,100}', title: 'lowercase letters, digits, - or _', placeholder: 'prod-crm' });
   const piece = h('select', { name: 'piece' }, pieces.map((p) => h('option', { value: p.name }, `${p.display_name} (${p.name})`)));
   const inputs = new Map();
   const render = () => {
