@@ -681,6 +681,32 @@ async fn metrics_of_api_worker_and_scheduler_move_as_runs_succeed_fail_and_retry
         ),
         1.0
     );
+    // The console's figures come from the fleet's records, not one process's metrics: the
+    // health check's verdict and each flow's executions, from the api.
+    let stats = fleet.get("/v1/stats?since=1h").await;
+    let health = &stats["health"];
+    assert!(
+        health
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|check| check["piece"] == "my-company-api"
+                && check["flow"] == "health"
+                && check["healthy"] == true),
+        "{stats}"
+    );
+    let broken = stats["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "broken")
+        .cloned()
+        .unwrap_or_default();
+    assert!(broken["failed"].as_u64().unwrap_or(0) >= 1, "{stats}");
+    assert!(
+        broken["error_rate"].as_f64().unwrap_or(0.0) > 0.0,
+        "{stats}"
+    );
     // Queue gauges come from the consumer at scrape time.
     assert!(
         after.contains_key(&(

@@ -25,7 +25,26 @@ pub struct Stats {
     pub truncated: bool,
     pub flows: Vec<Figures>,
     pub pieces: Vec<Figures>,
+    /// The last verdict of every health-check step of an enabled flow.
+    pub health: Vec<HealthCheck>,
 }
+
+/// What a piece's health check last said: the newest finished run of an enabled flow that
+/// runs it (docs/private-pieces.md §10), read from the run itself, so the whole fleet's.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+pub struct HealthCheck {
+    pub piece: String,
+    pub flow: String,
+    pub step: String,
+    /// The check's `status` output was `healthy`.
+    pub healthy: bool,
+    /// Its `status` output (`healthy`, `unhealthy`, …), or the step's error.
+    pub status: String,
+    pub checked_at: Option<DateTime<Utc>>,
+}
+
+/// How many of a health-check flow's newest runs are looked at for one that ran the check.
+const HEALTH_RUNS_READ: usize = 5;
 
 /// The figures of one flow or one piece.
 #[derive(Debug, Clone, Default, Serialize, schemars::JsonSchema)]
@@ -138,6 +157,66 @@ impl Runtime {
             truncated,
             flows: finish(flows),
             pieces: finish(pieces),
+            health: self.health_checks().await?,
         })
+    }
+
+    /// The last verdict of every health-check step of the enabled flows.
+    pub async fn health_checks(&self) -> Result<Vec<HealthCheck>, RuntimeError> {
+        let registry = self.pieces();
+        let mut checks = Vec::new();
+        for record in self.flow_records().await?.iter().filter(|r| r.enabled) {
+            let Some(flow) = self.flow_version(&record.id, record.latest_version).await? else {
+                continue;
+            };
+            let steps: Vec<&piecework_core::flow::StepDef> = flow
+                .definition
+                .all_steps()
+                .into_iter()
+                .filter(|step| {
+                    flow.step_version(&step.name)
+                        .and_then(|version| registry.get(&step.piece, version))
+                        .and_then(|piece| piece.action(&step.action))
+                        .is_some_and(|action| action.spec().health_check)
+                })
+                .collect();
+            if steps.is_empty() {
+                continue;
+            }
+            let query = piecework_store::RunQuery {
+                flow_id: Some(record.id.clone()),
+                limit: HEALTH_RUNS_READ,
+                ..Default::default()
+            };
+            let mut runs = Vec::new();
+            for summary in self.runs(&query).await? {
+                if let Some(run) = self.run(&summary.id).await? {
+                    runs.push(run);
+                }
+            }
+            for step in steps {
+                let verdict = runs.iter().find_map(|run| {
+                    let state = run.step(&step.name)?;
+                    let status = match (&state.output, &state.error) {
+                        (Some(output), _) => output.get("status")?.as_str()?.to_owned(),
+                        (None, Some(error)) => error.clone(),
+                        (None, None) => return None,
+                    };
+                    Some((status, run.finished_at))
+                });
+                let Some((status, checked_at)) = verdict else {
+                    continue;
+                };
+                checks.push(HealthCheck {
+                    piece: step.piece.clone(),
+                    flow: record.id.clone(),
+                    step: step.name.clone(),
+                    healthy: status == "healthy",
+                    status,
+                    checked_at,
+                });
+            }
+        }
+        Ok(checks)
     }
 }

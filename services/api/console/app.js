@@ -118,7 +118,7 @@ async function overviewPage() {
     api('/v1/flows'),
     api('/metrics').catch(() => ''),
   ]);
-  const health = healthOf(metrics);
+  const health = stats.health;
   const attempts = stats.flows.reduce((n, f) => n + f.attempts, 0);
   const failed = stats.flows.reduce((n, f) => n + f.failed, 0);
   const runs = stats.flows.reduce((n, f) => n + f.runs_succeeded + f.runs_failed, 0);
@@ -150,8 +150,11 @@ async function overviewPage() {
     table(heads.map((x, i) => (i ? x : 'flow')), figureRows(stats.flows, (n) => `#/flows/${encodeURIComponent(n)}`), 'No executions in this window.'),
     h('h2', {}, 'Per piece'),
     table(heads.map((x, i) => (i ? x : 'piece')), figureRows(stats.pieces, (n) => `#/pieces/${encodeURIComponent(n)}`), 'No executions in this window.'),
+    h('h2', {}, 'Adoption'),
+    table(['piece', 'enabled flows using it'], Object.entries(adoptionOf(metrics)).sort((a, b) => b[1] - a[1]).map(([piece, flows]) =>
+      h('tr', {}, h('td', {}, h('a', { href: `#/pieces/${encodeURIComponent(piece)}` }, piece)), h('td', {}, flows))), 'No enabled flow uses a piece yet.'),
     h('h2', {}, 'Health checks'),
-    table(['piece', 'flow', 'status'], health.map((x) => h('tr', {}, h('td', {}, x.piece), h('td', {}, x.flow), h('td', {}, badge(x.healthy ? 'healthy' : 'unhealthy')))),
+    table(['piece', 'flow', 'status', 'checked'], health.map((x) => h('tr', {}, h('td', {}, x.piece), h('td', {}, h('a', { href: `#/flows/${encodeURIComponent(x.flow)}` }, x.flow)), h('td', {}, badge(x.healthy ? 'healthy' : 'unhealthy'), x.healthy ? '' : h('span', { class: 'muted' }, ` ${x.status}`)), h('td', {}, when(x.checked_at)))),
       'No health-check flow has run (see docs/private-pieces.md §10).'),
   );
 }
@@ -166,16 +169,22 @@ function sinceSelect(value, onchange) {
   return select;
 }
 
-/** `piecework_piece_healthy{piece,flow} 1|0` lines of the metrics text. */
-function healthOf(metrics) {
+/** The samples of metric `name` in a Prometheus text: `[{labels, value}]`. */
+function samples(metrics, name) {
   const found = [];
   for (const line of String(metrics).split('\n')) {
-    const m = /^piecework_piece_healthy\{([^}]*)\}\s+(\S+)/.exec(line);
+    if (!line.startsWith(`${name}{`)) continue;
+    const m = /^[^{]+\{([^}]*)\}\s+(\S+)/.exec(line);
     if (!m) continue;
     const labels = Object.fromEntries([...m[1].matchAll(/(\w+)="([^"]*)"/g)].map((x) => [x[1], x[2]]));
-    found.push({ piece: labels.piece, flow: labels.flow, healthy: Number(m[2]) === 1 });
+    found.push({ labels, value: Number(m[2]) });
   }
   return found;
+}
+
+/** Enabled flows using each piece (`piecework_flows_enabled{piece}`): its adoption. */
+function adoptionOf(metrics) {
+  return Object.fromEntries(samples(metrics, 'piecework_flows_enabled').map(({ labels, value }) => [labels.piece, value]));
 }
 
 async function runsPage() {
@@ -302,8 +311,8 @@ async function flowPage(id, version) {
 }
 
 async function piecesPage() {
-  const [{ pieces }, metrics] = await Promise.all([api('/v1/pieces'), api('/metrics').catch(() => '')]);
-  const health = healthOf(metrics);
+  const [{ pieces }, stats] = await Promise.all([api('/v1/pieces'), api('/v1/stats?since=1m')]);
+  const health = stats.health;
   const rows = pieces.map((piece) => {
     const checks = health.filter((x) => x.piece === piece.name);
     return h('tr', { dataset: { piece: piece.name } },
