@@ -77,11 +77,23 @@ async fn a_user_logs_in_retries_a_failed_run_and_sees_every_page() {
     // The service is back: the retry the user clicks succeeds.
     target.set_broken("console", false);
 
+    // A viewer, to see the console hold to the key's role.
+    let viewer: Value = call(reqwest::Method::POST, "/v1/api-keys")
+        .json(&json!({ "name": "console-viewer", "role": "viewer" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let viewer_key = viewer["key"].as_str().unwrap().to_owned();
+
     let screenshots = root.join("target/console-screenshots");
     let output = tokio::process::Command::new("node")
         .arg(browser.join("console.js"))
         .env("PW_CONSOLE_URL", &dev.url)
         .env("PW_CONSOLE_KEY", KEY)
+        .env("PW_VIEWER_KEY", &viewer_key)
         .env("PW_FAILED_RUN", &run_id)
         .env("PW_FLOW", "console-demo")
         .env("PW_SCREENSHOTS", &screenshots)
@@ -106,6 +118,7 @@ async fn a_user_logs_in_retries_a_failed_run_and_sees_every_page() {
         "piece",
         "connections",
         "audit",
+        "viewer-connections",
     ] {
         let shot = screenshots.join(format!("{page}.png"));
         assert!(

@@ -103,6 +103,25 @@ async function main() {
     await page.getByRole('link', { name: 'Audit' }).click();
     await page.locator('td', { hasText: 'run.retry' }).first().waitFor();
     await shot('audit');
+
+    // A viewer's key: the same pages, none of the buttons its role may not use.
+    if (process.env.PW_VIEWER_KEY) {
+      await page.getByRole('button', { name: 'Log out' }).click();
+      await page.locator('input[name=key]').fill(process.env.PW_VIEWER_KEY);
+      await page.getByRole('button', { name: 'Log in' }).click();
+      await page.locator('#who').filter({ hasText: 'viewer' }).waitFor();
+      await page.goto(`${url.origin}/#/runs/${failedRun}`);
+      await page.locator('.timeline li').first().waitFor();
+      await page.goto(`${url.origin}/#/flows`);
+      await page.locator(`tr[data-flow="${flow}"]`).waitFor();
+      await page.goto(`${url.origin}/#/connections`);
+      await page.locator('tr[data-connection=console-http]').waitFor();
+      for (const forbidden of ['Retry from the failed step', 'Cancel', 'Disable', 'Enable', 'Delete']) {
+        if (await page.getByRole('button', { name: forbidden, exact: true }).count()) throw new Error(`a viewer is offered ${forbidden}`);
+      }
+      if (await page.getByRole('heading', { name: 'New connection' }).count()) throw new Error('a viewer is offered a new connection');
+      await shot('viewer-connections');
+    }
   } finally {
     await browser.close();
   }

@@ -38,16 +38,8 @@ async function api(path, options = {}) {
   return body;
 }
 
-const may = (action) => {
-  const role = whoami?.role;
-  const grants = {
-    read: ['admin', 'developer', 'operator', 'viewer'],
-    operate: ['admin', 'operator'],
-    toggle: ['admin', 'operator', 'developer'],
-    connections: ['admin', 'developer'],
-  };
-  return grants[action]?.includes(role);
-};
+/** Whether the logged-in key's role may do `permission` (as the API says in /v1/whoami). */
+const may = (permission) => whoami?.permissions?.includes(permission) ?? false;
 
 // ---- building the page ------------------------------------------------------------------
 
@@ -228,10 +220,10 @@ async function runsPage() {
 async function runPage(id) {
   const { run } = await api(`/v1/runs/${encodeURIComponent(id)}`);
   const actions = [];
-  if (run.status === 'failed' && may('operate')) {
+  if (run.status === 'failed' && may('operate_runs')) {
     actions.push(act('Retry from the failed step', () => api(`/v1/runs/${run.id}/retry`, { method: 'POST' })));
   }
-  if ((run.status === 'running' || run.status === 'waiting') && may('operate')) {
+  if ((run.status === 'running' || run.status === 'waiting') && may('operate_runs')) {
     actions.push(act('Cancel', () => api(`/v1/runs/${run.id}/cancel`, { method: 'POST' }), { kind: 'danger', confirmText: 'Cancel this run?' }));
   }
   const steps = (run.steps ?? []).map((step) =>
@@ -276,7 +268,7 @@ async function flowsPage() {
       h('td', {}, `v${flow.latest_version}`),
       h('td', {}, flow.owner ?? ''),
       h('td', {}, when(flow.updated_at)),
-      h('td', {}, may('toggle') ? toggle(flow) : null)));
+      h('td', {}, may('toggle_flows') ? toggle(flow) : null)));
   show(h('h1', {}, 'Flows'), table(['flow', 'state', 'version', 'owner', 'updated', ''], rows, 'No flows: apply one with `piecework flow apply`.'));
 }
 
@@ -295,7 +287,7 @@ async function flowPage(id, version) {
     versions.push(h('a', { href: `#/flows/${encodeURIComponent(id)}/versions/${v}`, class: shown?.version === v ? 'active' : '' }, `v${v}`), ' ');
   }
   show(
-    h('div', { class: 'row' }, h('h1', { class: 'grow' }, 'Flow ', h('code', {}, flow.id)), may('toggle') ? toggle(flow) : null),
+    h('div', { class: 'row' }, h('h1', { class: 'grow' }, 'Flow ', h('code', {}, flow.id)), may('toggle_flows') ? toggle(flow) : null),
     h('div', { class: 'card' },
       h('div', { class: 'row' }, badge(flow.enabled ? 'enabled' : 'disabled'), h('span', {}, `latest v${flow.latest_version}`), h('span', { class: 'muted' }, `owner ${flow.owner ?? '—'}`), h('span', { class: 'muted' }, `updated ${when(flow.updated_at)}`)),
       flow.description ? h('p', {}, flow.description) : null,
@@ -393,12 +385,12 @@ async function connectionsPage() {
       h('td', {}, when(c.updated_at)),
       h('td', {}, c.last_used_at ? when(c.last_used_at) : h('span', { class: 'muted' }, 'never')),
       h('td', {}, c.key_id),
-      h('td', {}, may('connections') ? act('Delete', () => api(`/v1/connections/${encodeURIComponent(c.name)}`, { method: 'DELETE' }), { kind: 'secondary', confirmText: `Delete connection ${c.name}?` }) : null)));
+      h('td', {}, may('manage_connections') ? act('Delete', () => api(`/v1/connections/${encodeURIComponent(c.name)}`, { method: 'DELETE' }), { kind: 'secondary', confirmText: `Delete connection ${c.name}?` }) : null)));
   show(
     h('h1', {}, 'Connections'),
     h('p', { class: 'muted' }, 'Values are encrypted at rest and never shown.'),
     table(['name', 'piece', 'created', 'updated', 'last used', 'key', ''], rows, 'No connections.'),
-    may('connections') ? connectionForm(pieces.filter((p) => p.auth?.type && p.auth.type !== 'none')) : null,
+    may('manage_connections') ? connectionForm(pieces.filter((p) => p.auth?.type && p.auth.type !== 'none')) : null,
   );
 }
 

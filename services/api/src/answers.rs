@@ -245,6 +245,8 @@ pub struct WhoAmI {
     /// The key's name (`anonymous` on an open API: `piecework dev` on loopback).
     pub name: String,
     pub role: piecework_core::access::Role,
+    /// What the role may do (the console offers only these).
+    pub permissions: Vec<piecework_core::access::Permission>,
 }
 
 /// `/readyz`: `ok`, or what is wrong with each backend.

@@ -341,9 +341,14 @@ pub async fn encode_metrics(runtime: &Runtime) -> String {
 
 /// `GET /v1/whoami`: the caller's key name and role (the console asks, to show what it may do).
 async fn whoami(Extension(caller): Authorized) -> Json<answers::WhoAmI> {
+    let permissions = piecework_core::access::Permission::ALL
+        .into_iter()
+        .filter(|p| caller.role.may(*p))
+        .collect();
     Json(answers::WhoAmI {
         name: caller.name.clone(),
         role: caller.role,
+        permissions,
     })
 }
 
