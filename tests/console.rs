@@ -15,6 +15,11 @@ use serde_json::{Value, json};
 
 const KEY: &str = "console-test-key-0123456789";
 
+/// Sends `request` and reads the answer's JSON.
+async fn fetch(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_user_logs_in_retries_a_failed_run_and_sees_every_page() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -46,25 +51,16 @@ async fn a_user_logs_in_retries_a_failed_run_and_sees_every_page() {
         applied.text().await.unwrap()
     );
     target.set_broken("console", true);
-    let started: Value = client()
-        .post(format!("{}/v1/webhooks/console-demo", dev.url))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let started: Value = fetch(
+        client()
+            .post(format!("{}/v1/webhooks/console-demo", dev.url))
+            .json(&json!({})),
+    )
+    .await;
     let run_id = started["run_id"].as_str().unwrap().to_owned();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let run: Value = call(reqwest::Method::GET, &format!("/v1/runs/{run_id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let run: Value = fetch(call(reqwest::Method::GET, &format!("/v1/runs/{run_id}"))).await;
         if run["run"]["status"] == "failed" {
             break;
         }
@@ -78,14 +74,11 @@ async fn a_user_logs_in_retries_a_failed_run_and_sees_every_page() {
     target.set_broken("console", false);
 
     // A viewer, to see the console hold to the key's role.
-    let viewer: Value = call(reqwest::Method::POST, "/v1/api-keys")
-        .json(&json!({ "name": "console-viewer", "role": "viewer" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let viewer: Value = fetch(
+        call(reqwest::Method::POST, "/v1/api-keys")
+            .json(&json!({ "name": "console-viewer", "role": "viewer" })),
+    )
+    .await;
     let viewer_key = viewer["key"].as_str().unwrap().to_owned();
 
     let screenshots = root.join("target/console-screenshots");
@@ -127,22 +120,10 @@ async fn a_user_logs_in_retries_a_failed_run_and_sees_every_page() {
         );
     }
     // What the browser did went through the API, as the key's actor.
-    let audit: Value = call(reqwest::Method::GET, "/v1/audit?action=run.retry")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit: Value = fetch(call(reqwest::Method::GET, "/v1/audit?action=run.retry")).await;
     assert_eq!(audit["entries"][0]["actor"], "api:bootstrap", "{audit}");
     // The connection the form made is there, sealed, and never shown.
-    let made: Value = call(reqwest::Method::GET, "/v1/connections/console-http")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let made: Value = fetch(call(reqwest::Method::GET, "/v1/connections/console-http")).await;
     assert_eq!(made["connection"]["piece"], "http", "{made}");
     assert!(!made.to_string().contains("s3cret-console-token"));
 }
