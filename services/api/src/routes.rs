@@ -826,7 +826,11 @@ async fn rotate_webhook_secret(
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateApiKey {
+    /// 1–64 lowercase letters, digits and `-`, starting with a letter.
+    #[schemars(pattern(r"^[a-z][a-z0-9-]{0,63}$"))]
     pub(crate) name: String,
+    /// Parsed by the handler, which names the roles when it is none of them.
+    #[schemars(with = "piecework_core::access::Role")]
     pub(crate) role: String,
 }
 
@@ -881,8 +885,12 @@ async fn revoke_api_key(
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SaveConnection {
+    /// 1–100 lowercase letters, digits, `-` and `_`.
+    #[schemars(pattern(r"^[a-z0-9_-]{1,100}$"))]
     pub(crate) name: String,
+    /// The piece the connection is for (its auth says what `values` hold).
     pub(crate) piece: String,
+    /// The connection's values, as the piece's auth describes them (`GET /v1/pieces/{name}`).
     pub(crate) values: Value,
 }
 
