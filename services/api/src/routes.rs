@@ -827,7 +827,7 @@ async fn rotate_webhook_secret(
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateApiKey {
     /// 1–64 lowercase letters, digits and `-`, starting with a letter.
-    #[schemars(pattern(r"^[a-z][a-z0-9-]{0,63}$"))]
+    #[schemars(pattern(r"^[a-z][a-z0-9-]*$"), length(min = 1, max = 64))]
     pub(crate) name: String,
     /// Parsed by the handler, which names the roles when it is none of them.
     #[schemars(with = "piecework_core::access::Role")]
@@ -886,7 +886,7 @@ async fn revoke_api_key(
 #[serde(deny_unknown_fields)]
 pub(crate) struct SaveConnection {
     /// 1–100 lowercase letters, digits, `-` and `_`.
-    #[schemars(pattern(r"^[a-z0-9_-]{1,100}$"))]
+    #[schemars(pattern(r"^[a-z0-9_-]+$"), length(min = 1, max = 100))]
     pub(crate) name: String,
     /// The piece the connection is for (its auth says what `values` hold).
     pub(crate) piece: String,
