@@ -56,7 +56,8 @@ fn demo(args: &[&str]) {
         }
     });
 
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Generous: the first start builds the demo piece, slow on a loaded CI machine.
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut addr = None;
     let mut feed_saw_success = false;
     let mut tickets_assigned = false;
@@ -76,14 +77,19 @@ fn demo(args: &[&str]) {
         }
         printed.push(line);
     }
-    let addr = addr.expect("the api address is printed");
+    let addr = addr.unwrap_or_else(|| {
+        panic!(
+            "the api address is printed; it printed:\n{}",
+            printed.join("\n")
+        )
+    });
     assert!(
         feed_saw_success,
-        "a heartbeat run succeeded in the feed within 30s"
+        "a heartbeat run succeeded in the feed within 120s"
     );
     assert!(
         tickets_assigned,
-        "the auto-assign demo assigned a ticket within 30s; it printed:\n{}",
+        "the auto-assign demo assigned a ticket within 120s; it printed:\n{}",
         printed.join("\n")
     );
 

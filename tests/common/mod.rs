@@ -73,7 +73,8 @@ impl Dev {
                 let _ = tx.send(line);
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // Generous: the first start builds the demo piece, slow on a loaded CI machine.
+        let deadline = Instant::now() + Duration::from_secs(120);
         let url = loop {
             assert!(
                 Instant::now() < deadline,
