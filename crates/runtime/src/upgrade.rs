@@ -53,7 +53,7 @@ impl Runtime {
         actor: &Actor,
     ) -> Result<Upgraded, RuntimeError> {
         let started = std::time::Instant::now();
-        let result = self.upgrade(flow_id, piece, to, force).await;
+        let result = self.upgrade(flow_id, piece, to, force, actor).await;
         let action = match &result {
             Ok(upgraded) if upgraded.forced => "flow.upgrade.forced",
             _ => "flow.upgrade",
@@ -75,6 +75,7 @@ impl Runtime {
         piece: &str,
         to: Option<VersionReq>,
         force: bool,
+        actor: &Actor,
     ) -> Result<Upgraded, RuntimeError> {
         let record = self
             .store
@@ -195,6 +196,13 @@ impl Runtime {
                 resolved,
             })
             .await?;
+        // A trigger moved to another piece version stops listening as the old one and
+        // starts as the new one, as on an apply.
+        let listening = crate::trigger_hooks::Listening {
+            before: record.enabled.then_some(current.version),
+            after: applied.record.enabled.then_some(applied.version),
+        };
+        self.run_trigger_hooks(flow_id, listening, actor).await?;
         Ok(Upgraded {
             flow: flow_id.to_owned(),
             version: applied.version,
