@@ -185,21 +185,34 @@ async function runsPage() {
   const query = new URLSearchParams({ limit: '50' });
   for (const [name, value] of Object.entries(filters)) if (value) query.set(name, value);
   if (params.get('after')) query.set('after', params.get('after'));
-  const [page, flows] = await Promise.all([api(`/v1/runs?${query}`), api('/v1/flows')]);
+  const flows = await api('/v1/flows');
   const go = (change) => {
     const next = new URLSearchParams({ ...filters, ...change });
     for (const [name, value] of [...next]) if (!value) next.delete(name);
     location.hash = `#/runs?${next}`;
   };
-  const rows = page.runs.map((run) =>
-    h('tr', { dataset: { run: run.id, status: run.status } },
-      h('td', {}, h('a', { href: `#/runs/${run.id}` }, run.id.slice(0, 8))),
-      h('td', {}, h('a', { href: `#/flows/${encodeURIComponent(run.flow_id)}` }, run.flow_id), h('span', { class: 'muted' }, ` v${run.flow_version}`)),
-      h('td', {}, badge(run.status)),
-      h('td', {}, run.started_by ?? ''),
-      h('td', {}, when(run.created_at)),
-      h('td', {}, duration(run.created_at, run.finished_at)),
-      h('td', { class: 'muted' }, run.error ?? '')));
+  // The list refreshes in place; the filters above it are left alone while one is in use.
+  const list = h('div', {});
+  const page = location.hash;
+  const fill = async () => {
+    const runs = await api(`/v1/runs?${query}`);
+    if (location.hash !== page) return;
+    const rows = runs.runs.map((run) =>
+      h('tr', { dataset: { run: run.id, status: run.status } },
+        h('td', {}, h('a', { href: `#/runs/${run.id}` }, run.id.slice(0, 8))),
+        h('td', {}, h('a', { href: `#/flows/${encodeURIComponent(run.flow_id)}` }, run.flow_id), h('span', { class: 'muted' }, ` v${run.flow_version}`)),
+        h('td', {}, badge(run.status)),
+        h('td', {}, run.started_by ?? ''),
+        h('td', {}, when(run.created_at)),
+        h('td', {}, duration(run.created_at, run.finished_at)),
+        h('td', { class: 'muted' }, run.error ?? '')));
+    list.replaceChildren(
+      table(['run', 'flow', 'status', 'started by', 'created', 'took', 'error'], rows, 'No runs match.'),
+      runs.next ? h('p', {}, h('a', { href: `#/runs?${new URLSearchParams({ ...filters, after: runs.next })}` }, 'Older runs →')) : '',
+    );
+    refresh = setTimeout(() => fill().catch(() => {}), 3000);
+  };
+  await fill();
   show(
     h('h1', {}, 'Runs'),
     h('div', { class: 'filters' },
@@ -211,10 +224,8 @@ async function runsPage() {
       h('select', { 'aria-label': 'since', onchange: (e) => go({ since: e.target.value }) },
         ['', '15m', '1h', '24h', '7d'].map((s) => h('option', { value: s, selected: s === filters.since }, s ? `last ${s}` : 'any time'))),
       h('span', { class: 'muted' }, 'live: refreshes every 3 s')),
-    table(['run', 'flow', 'status', 'started by', 'created', 'took', 'error'], rows, 'No runs match.'),
-    page.next ? h('p', {}, h('a', { href: `#/runs?${new URLSearchParams({ ...filters, after: page.next })}` }, 'Older runs →')) : null,
+    list,
   );
-  refresh = setTimeout(route, 3000);
 }
 
 async function runPage(id) {
@@ -256,7 +267,24 @@ async function runPage(id) {
     h('h2', {}, 'Steps'),
     steps.length ? h('ol', { class: 'timeline' }, steps) : h('p', { class: 'muted' }, 'No step has run yet.'),
   );
-  if (run.status === 'running' || run.status === 'waiting') refresh = setTimeout(route, 2000);
+  if (run.status === 'running' || run.status === 'waiting') watchRun(id, JSON.stringify(run));
+}
+
+/** Looks at a run in progress every 2 s and shows it again only when it changed, so what the
+ * reader opened stays open meanwhile. */
+function watchRun(id, seen) {
+  const page = location.hash;
+  refresh = setTimeout(async () => {
+    if (location.hash !== page) return;
+    try {
+      const { run } = await api(`/v1/runs/${encodeURIComponent(id)}`);
+      if (location.hash !== page) return;
+      if (JSON.stringify(run) === seen) watchRun(id, seen);
+      else route();
+    } catch {
+      watchRun(id, seen);
+    }
+  }, 2000);
 }
 
 async function flowsPage() {
