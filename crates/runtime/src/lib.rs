@@ -3,8 +3,9 @@
 //! service performs — applying a flow, starting a run, publishing a step, cancelling or
 //! retrying a run, saving and opening connections (sealed by the keyring in [`secrets`],
 //! re-sealed under a new key by [`rotation`]),
-//! publishing and yanking pieces ([`pieces`]), named API keys ([`access`]), recording an audit
-//! event.
+//! publishing and yanking pieces ([`pieces`]), named API keys ([`access`]), running a
+//! trigger's enable and disable hooks when its flow starts or stops listening
+//! (`trigger_hooks`), the figures the console shows ([`stats`]), recording an audit event.
 //!
 //! `piecework dev` builds one `Runtime` on the in-memory adapters and hands it to all three
 //! services; the separate processes each build their own on NATS and Redis.

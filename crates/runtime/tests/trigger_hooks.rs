@@ -21,6 +21,8 @@ type Log = Arc<Mutex<Vec<String>>>;
 struct Listen {
     version: &'static str,
     log: Log,
+    /// Enables to fail as retryable (a source answering 503) before one goes through.
+    unavailable: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +56,12 @@ impl WebhookTrigger for Listen {
         if input.refuse {
             return Err(PieceError::fatal("the source refused the registration"));
         }
+        let left = &self.unavailable;
+        if left.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            self.note(ctx, "unavailable");
+            return Err(PieceError::retryable("HTTP 503: the source is restarting"));
+        }
         self.note(ctx, "enable");
         Ok(())
     }
@@ -65,11 +73,17 @@ impl WebhookTrigger for Listen {
 }
 
 fn hooked(version: &'static str, log: &Log) -> Piece {
+    hooked_unavailable(version, log, 0)
+}
+
+/// [`hooked`], whose first `unavailable` enables fail as retryable.
+fn hooked_unavailable(version: &'static str, log: &Log, unavailable: u32) -> Piece {
     Piece::builder("hooked", "Hooked")
         .version(version)
         .webhook_trigger(Listen {
             version,
             log: log.clone(),
+            unavailable: unavailable.into(),
         })
         .build()
         .unwrap()
@@ -131,9 +145,10 @@ async fn hooks_run_when_the_trigger_starts_or_stops_listening_and_only_then() {
         ]
     );
 
-    // An upgrade that moves the trigger to a new piece version: old off, then new on.
+    // An upgrade that moves the trigger to a new piece version: old off, then new on — the
+    // new one's source is unavailable twice, and the hook is tried again until it answers.
     catalog
-        .update(|registry| registry.register(hooked("1.1.0", &log)))
+        .update(|registry| registry.register(hooked_unavailable("1.1.0", &log, 2)))
         .unwrap();
     let upgraded = runtime
         .upgrade_flow("listening", "hooked", None, false, &actor)
@@ -144,6 +159,8 @@ async fn hooks_run_when_the_trigger_starts_or_stops_listening_and_only_then() {
         taken(&log),
         [
             format!("disable 1.0.0 v2 {url}"),
+            format!("unavailable 1.1.0 v3 {url}"),
+            format!("unavailable 1.1.0 v3 {url}"),
             format!("enable 1.1.0 v3 {url}")
         ]
     );

@@ -1,11 +1,13 @@
 //! The HTTP API (axum): the pieces catalog and registry, flows, runs, webhooks, API keys, the
-//! audit trail, and the health endpoints.
+//! audit trail, the health endpoints, the web console (`console`, at `/`) and the API's
+//! OpenAPI document ([`openapi`], at `/openapi.json`).
 //!
 //! Routes live in `routes` (and the piece routes in `pieces`), each with its access policy
 //! ([`access`]): `/v1/*` needs `Authorization: Bearer <key>` of a role that may do what the
 //! route does, except webhooks, which are addressed by flow id and meant to be called by
-//! other systems. Errors and their status codes are in [`error`]. Every mutation is audited,
-//! with the key's name as the actor.
+//! other systems. Errors and their status codes are in [`error`]; the bodies the handlers
+//! answer with are the types of [`answers`], which the OpenAPI document describes. Every
+//! mutation is audited, with the key's name as the actor.
 
 pub mod access;
 pub mod answers;

@@ -1,5 +1,5 @@
 //! The API's OpenAPI 3.1 document, generated from the code: the route table
-//! ([`crate::routes::all_routes`]: every path, method and access policy), the types the
+//! (`routes::all_routes`: every path, method and access policy), the types the
 //! handlers answer with ([`crate::answers`]) and read (their request bodies and query
 //! parameters), all described by `schemars` as JSON Schema 2020-12 — OpenAPI 3.1's own
 //! dialect. What is written by hand is each operation's summary and which types it uses;
